@@ -1,0 +1,23 @@
+"""The Dagster code location: `dagster dev -m assets.definitions` and the `gpl` CLI load this."""
+
+from __future__ import annotations
+
+from dagster import Definitions, define_asset_job, in_process_executor, load_assets_from_modules
+
+from assets import ingestion
+from assets.partitions import daily_partitions
+from assets.resources import GplSettings
+
+all_assets = load_assets_from_modules([ingestion])
+
+# One process per run: steps share the loaded models and data, and only one process at a time
+# opens the DuckDB file for writing (dagster.yaml also queues runs one at a time).
+daily_job = define_asset_job("gpl_daily", selection=["candidate_events", "user_histories"],
+                             partitions_def=daily_partitions, executor_def=in_process_executor)
+
+defs = Definitions(
+    assets=all_assets,
+    jobs=[daily_job],
+    resources={"gpl": GplSettings()},
+    executor=in_process_executor,
+)

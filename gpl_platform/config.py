@@ -1,0 +1,153 @@
+"""All configuration in one typed place.
+
+Precedence (highest first): explicit overrides (Dagster run config, CLI flags) > environment
+variables (prefix ``GPL_``, nested with ``__``, e.g. ``GPL_MOVIELENS__EXPOSURE_SHARE=0.3``) >
+the defaults below. Paths are resolved to absolute paths because Feast and Dagster code
+servers run with other working directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_ML100K = PROJECT_ROOT.parent / "shared" / "datasets" / "ml-100k"
+
+SourceName = Literal["movielens-100k", "simulator", "contract"]
+
+
+class MovieLensConfig(BaseModel):
+    """Semi-synthetic protocol that turns MovieLens ratings into recalled, partly exposed requests."""
+
+    path: Path | None = Field(
+        default=None,
+        description="Directory with ml-100k.{inter,item,user} or u.{data,item,user}. "
+        "Default: ../shared/datasets/ml-100k if present, else data/datasets/ml-100k (fetched).",
+    )
+    positive_rating: float = Field(4.0, description="rating >= this is a positive (true label 1)")
+    unrated_per_request: int = Field(
+        20, ge=0, description="unrated items a recall-like policy adds to each request as negatives"
+    )
+    recall_popularity_power: float = Field(
+        1.0, ge=0, description="unrated candidates are drawn with weight pop(i)^power"
+    )
+    exposure_share: float = Field(
+        0.3, gt=0, le=1, description="share of each request's candidates the policy exposes"
+    )
+    exposure_popularity_power: float = Field(
+        1.0, ge=0, description="Plackett-Luce exposure weight pop(i)^alpha (the selection bias)"
+    )
+
+
+class SimulatorConfig(BaseModel):
+    """Synthetic world with a known preference model (for tests and scale benchmarks)."""
+
+    n_users: int = Field(500, gt=0)
+    n_items: int = Field(2000, gt=0)
+    n_topics: int = Field(12, gt=1)
+    n_days: int = Field(14, gt=0)
+    start_date: str = Field("2024-01-01", description="first simulated UTC day (YYYY-MM-DD)")
+    requests_per_user_per_day: float = Field(0.5, gt=0)
+    candidates_per_request: int = Field(40, gt=1)
+    exposure_share: float = Field(0.25, gt=0, le=1)
+    exposure_popularity_power: float = Field(1.0, ge=0)
+    preference_strength: float = Field(4.0, ge=0, description="logit weight of user-topic affinity")
+    base_click_logit: float = Field(-2.5)
+
+
+class ContractConfig(BaseModel):
+    path: Path | None = Field(None, description="directory of items/users/events parquet or CSV files")
+
+
+class AnchorConfig(BaseModel):
+    backend: Literal["smollm", "openai", "history"] = "smollm"
+    k: int = Field(5, gt=0, le=20, description="anchors per user")
+    history_max_items: int = Field(10, gt=0, description="recent positives the generator reads")
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0)
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = "SmolLM2-135M-Instruct"
+    openai_timeout_s: float = 30.0
+    openai_max_concurrency: int = 8
+
+
+class ConfidenceConfig(BaseModel):
+    alpha: float = Field(1.0, ge=0, description="exponent of anchor coherence")
+    beta: float = Field(1.0, ge=0, description="exponent of history consistency")
+    gamma: float = Field(0.5, ge=0, description="exponent of generation probability")
+    w_min: float = Field(0.05, ge=0, le=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GPL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    source: SourceName = "movielens-100k"
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="all generated state lives here")
+    warehouse_path: Path | None = Field(None, description="DuckDB file; default <data_dir>/warehouse.duckdb")
+    seed: int = 42
+    history_max_len: int = Field(50, gt=0, description="positives kept per user history")
+    warehouse_lock_timeout_s: float = Field(
+        60.0, ge=0, description="how long to wait for another process's DuckDB lock before failing"
+    )
+
+    movielens: MovieLensConfig = MovieLensConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    contract: ContractConfig = ContractConfig()
+    anchors: AnchorConfig = AnchorConfig()
+    confidence: ConfidenceConfig = ConfidenceConfig()
+    calibration_method: Literal["platt", "isotonic"] = "platt"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return Path(v).expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "Settings":
+        if self.warehouse_path is None:
+            self.warehouse_path = self.data_dir / "warehouse.duckdb"
+        self.warehouse_path = Path(self.warehouse_path).expanduser().resolve()
+        return self
+
+    @property
+    def warehouse(self) -> Path:
+        assert self.warehouse_path is not None
+        return self.warehouse_path
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    def movielens_dir(self) -> Path:
+        if self.movielens.path is not None:
+            return Path(self.movielens.path).expanduser().resolve()
+        if SHARED_ML100K.is_dir():
+            return SHARED_ML100K
+        return self.data_dir / "datasets" / "ml-100k"
+
+    def source_signature(self) -> dict[str, Any]:
+        """What identifies the ingested data: stored with it so a mismatch is detected."""
+        sig: dict[str, Any] = {"source": self.source, "seed": self.seed}
+        if self.source == "movielens-100k":
+            sig["movielens"] = self.movielens.model_dump(mode="json", exclude={"path"})
+        elif self.source == "simulator":
+            sig["simulator"] = self.simulator.model_dump(mode="json")
+        else:
+            sig["contract_path"] = str(self.contract.path)
+        return sig
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from env vars with ``overrides`` (nested dicts allowed) on top.
+
+    pydantic-settings deep-merges init arguments over env values, so a partial nested dict
+    such as ``{"movielens": {"exposure_share": 0.5}}`` keeps the other env/default fields.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return Settings(**overrides)

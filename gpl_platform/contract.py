@@ -1,0 +1,261 @@
+"""The data contract: what items, users and events must look like, and its validation.
+
+Every source (MovieLens, the simulator, a user's own directory of files) produces the same three
+tables and passes through :func:`validate_dataset` before anything is written, so bad input fails
+whole, with a message naming the file, the column and how many rows offend.
+See docs/DATA_CONTRACT.md for the user-facing description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pandas.api import types as ptypes
+
+ITEM_REQUIRED = ("item_id", "text")
+USER_REQUIRED = ("user_id",)
+EVENT_REQUIRED = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
+EVENT_OPTIONAL = ("oracle_label",)
+# Columns that feed training. `oracle_label` is deliberately absent: only evaluation reads it.
+EVENT_TRAINING_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
+ORIGIN = "__origin_file"  # per-row source file name, kept only while validating
+
+
+class ContractError(ValueError):
+    """Input that breaks the data contract. Names the file, column and offending row count."""
+
+    def __init__(self, file: str, column: str | None, n_rows: int | None, problem: str,
+                 examples: list | None = None):
+        self.file, self.column, self.n_rows, self.problem = file, column, n_rows, problem
+        where = f"{file}: column '{column}'" if column else f"{file}"
+        count = f": {n_rows} row(s) {problem}" if n_rows is not None else f": {problem}"
+        ex = f" (e.g. {', '.join(map(repr, examples[:3]))})" if examples else ""
+        super().__init__(where + count + ex)
+
+
+@dataclass
+class Dataset:
+    """The three contract tables of one source, validated and normalized."""
+
+    name: str
+    items: pd.DataFrame
+    users: pd.DataFrame
+    events: pd.DataFrame
+    info: dict = field(default_factory=dict)
+
+    @property
+    def has_oracle(self) -> bool:
+        return "oracle_label" in self.events and self.events["oracle_label"].notna().any()
+
+
+def _origin(df: pd.DataFrame, default: str, mask: pd.Series | np.ndarray | None = None) -> str:
+    """The file(s) the offending rows came from, for error messages."""
+    if ORIGIN not in df:
+        return default
+    files = df.loc[mask, ORIGIN] if mask is not None else df[ORIGIN]
+    names = sorted(set(files.dropna().astype(str)))
+    if not names:
+        return default
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more files)"
+
+
+def _fail(df, file, column, mask, problem):
+    mask = np.asarray(mask, dtype=bool)
+    n = int(mask.sum())
+    if n:
+        examples = df.loc[mask, column].head(3).tolist() if column in df else None
+        raise ContractError(_origin(df, file, mask), column, n, problem, examples)
+
+
+def _require_columns(df: pd.DataFrame, file: str, required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ContractError(file, missing[0], None,
+                            f"missing required column(s) {missing}; found {sorted(map(str, df.columns))}")
+
+
+def _string_ids(df: pd.DataFrame, file: str, column: str) -> pd.Series:
+    col = df[column]
+    if not (ptypes.is_string_dtype(col) or ptypes.is_object_dtype(col)):
+        raise ContractError(_origin(df, file), column, len(col),
+                            f"have type {col.dtype}, expected string ids (cast the column to string)")
+    non_str = col.notna() & ~col.map(lambda v: isinstance(v, str))
+    _fail(df, file, column, non_str, "are not strings")
+    _fail(df, file, column, col.isna() | (col.astype("string").str.strip() == ""), "have a null or empty id")
+    return col.astype(str)
+
+
+def validate_items(items: pd.DataFrame, file: str = "items") -> pd.DataFrame:
+    _require_columns(items, file, ITEM_REQUIRED)
+    out = items.copy()
+    out["item_id"] = _string_ids(out, file, "item_id")
+    text = out["text"]
+    _fail(out, file, "text", text.isna(), "have null text")
+    _fail(out, file, "text", ~text.map(lambda v: isinstance(v, str)), "have non-string text")
+    _fail(out, file, "text", text.str.strip() == "", "have empty text")
+    _fail(out, file, "item_id", out["item_id"].duplicated(keep=False), "have a duplicate item_id")
+    return out.reset_index(drop=True)
+
+
+def validate_users(users: pd.DataFrame, file: str = "users") -> pd.DataFrame:
+    _require_columns(users, file, USER_REQUIRED)
+    out = users.copy()
+    out["user_id"] = _string_ids(out, file, "user_id")
+    _fail(out, file, "user_id", out["user_id"].duplicated(keep=False), "have a duplicate user_id")
+    return out.reset_index(drop=True)
+
+
+def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
+    col = df[column]
+    _fail(df, file, column, col.isna(), "have a null timestamp")
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        return col.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+    if ptypes.is_datetime64_dtype(col):
+        raise ContractError(_origin(df, file), column, len(col),
+                            "are naive timestamps (no time zone); write them as UTC, e.g. 2024-01-31T12:00:00Z")
+    if ptypes.is_object_dtype(col) or ptypes.is_string_dtype(col):
+        text = col.astype(str)
+        # An explicit offset or Z is required: a naive wall-clock time is ambiguous.
+        has_tz = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})\s*$", regex=True)
+        _fail(df, file, column, ~has_tz, "are naive timestamps (no time zone offset); append Z or +00:00")
+        parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+        _fail(df, file, column, parsed.isna(), "are not parseable ISO-8601 timestamps")
+        return parsed.astype("datetime64[us, UTC]")
+    raise ContractError(_origin(df, file), column, len(col),
+                        f"have type {col.dtype}, expected a UTC timestamp")
+
+
+def _boolean(df: pd.DataFrame, file: str, column: str) -> pd.Series:
+    col = df[column]
+    _fail(df, file, column, col.isna(), "are null (expected true/false)")
+    if ptypes.is_bool_dtype(col):
+        return col.astype(bool)
+    mapping = {"true": True, "false": False, "1": True, "0": False, "t": True, "f": False}
+    as_text = col.astype(str).str.strip().str.lower()
+    _fail(df, file, column, ~as_text.isin(mapping), "are not booleans (true/false or 1/0)")
+    return as_text.map(mapping).astype(bool)
+
+
+def _binary_nullable(df: pd.DataFrame, file: str, column: str) -> pd.Series:
+    col = df[column]
+    if ptypes.is_bool_dtype(col):
+        return col.astype("Int8")
+    numeric = pd.to_numeric(col, errors="coerce")
+    _fail(df, file, column, col.notna() & numeric.isna(), "are not numbers (expected 0, 1 or null)")
+    _fail(df, file, column, numeric.notna() & ~numeric.isin([0, 1]), "are not 0, 1 or null")
+    return numeric.astype("Int8")
+
+
+def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None = None,
+                    file: str = "events") -> pd.DataFrame:
+    """Validate and normalize events against the (already validated) items and users."""
+    _require_columns(events, file, EVENT_REQUIRED)
+    out = events.copy()
+    for column in ("request_id", "user_id", "item_id"):
+        out[column] = _string_ids(out, file, column)
+    out["event_time"] = _utc_timestamps(out, file, "event_time")
+    out["exposed"] = _boolean(out, file, "exposed")
+    out["clicked"] = _binary_nullable(out, file, "clicked")
+    _fail(out, file, "clicked", out["exposed"] & out["clicked"].isna(), "are exposed but have no click label")
+    _fail(out, file, "clicked", ~out["exposed"] & out["clicked"].notna(),
+          "are unexposed but carry a click label (must be null: nobody saw them)")
+    if "oracle_label" in out:
+        out["oracle_label"] = _binary_nullable(out, file, "oracle_label")
+    else:
+        out["oracle_label"] = pd.array([pd.NA] * len(out), dtype="Int8")
+    _fail(out, file, "item_id", out.duplicated(["request_id", "item_id"], keep=False),
+          "repeat a (request_id, item_id) pair")
+    _fail(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
+    if users is not None:
+        _fail(out, file, "user_id", ~out["user_id"].isin(users["user_id"]), "name users missing from the users table")
+    per_request = out.groupby("request_id", sort=False).agg(
+        n_users=("user_id", "nunique"), n_times=("event_time", "nunique"))
+    for column, agg, what in (("user_id", "n_users", "user"), ("event_time", "n_times", "event_time")):
+        bad = out["request_id"].map(per_request[agg] > 1)
+        _fail(out, file, column, bad, f"belong to a request that has more than one {what}")
+    return out.reset_index(drop=True)
+
+
+def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
+    """Column order and dtypes every consumer can rely on (adds the UTC `day`)."""
+    out = events[["request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "oracle_label"]].copy()
+    out["day"] = out["event_time"].dt.tz_convert("UTC").dt.date
+    return out
+
+
+def validate_dataset(name: str, items: pd.DataFrame, users: pd.DataFrame | None, events: pd.DataFrame,
+                     files: dict[str, str] | None = None, info: dict | None = None) -> Dataset:
+    """Validate all three tables; users default to the distinct users of the events."""
+    files = files or {}
+    items_v = validate_items(items, files.get("items", "items"))
+    users_v = validate_users(users, files.get("users", "users")) if users is not None else None
+    events_v = validate_events(events, items_v, users_v, files.get("events", "events"))
+    if users_v is None:
+        users_v = pd.DataFrame({"user_id": pd.unique(events_v["user_id"])})
+    for frame in (items_v, users_v, events_v):
+        frame.drop(columns=[ORIGIN], errors="ignore", inplace=True)
+    return Dataset(name, items_v, users_v, normalize_events_frame(events_v), info or {})
+
+
+# ---- reading a contract directory ---------------------------------------------------------
+
+_READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+# CSV ids stay strings (a leading zero or "007" is an id, not a number).
+_CSV_DTYPES = {"item_id": str, "user_id": str, "request_id": str, "text": str}
+
+
+def _read_table_file(path: Path) -> pd.DataFrame:
+    kind = _READERS.get(path.suffix.lower())
+    try:
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        if kind == "csv":
+            return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=True)
+    except Exception as exc:  # unreadable file: say which one
+        raise ContractError(str(path), None, None, f"cannot be read as {kind}: {exc}") from exc
+    raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
+
+
+def contract_files(directory: Path, table: str, required: bool = True) -> list[Path]:
+    """``<table>.parquet|csv`` or a ``<table>/`` folder of such files."""
+    directory = Path(directory)
+    direct = [directory / f"{table}{ext}" for ext in _READERS if (directory / f"{table}{ext}").is_file()]
+    folder = directory / table
+    nested = sorted(p for p in folder.glob("*") if p.suffix.lower() in _READERS) if folder.is_dir() else []
+    found = direct + nested
+    if not found and required:
+        raise ContractError(str(directory), None, None,
+                            f"has no '{table}' table: expected {table}.parquet, {table}.csv or a {table}/ folder")
+    return found
+
+
+def read_contract_table(directory: Path, table: str, required: bool = True) -> tuple[pd.DataFrame | None, str]:
+    files = contract_files(directory, table, required)
+    if not files:
+        return None, table
+    frames = []
+    for path in files:
+        frame = _read_table_file(path)
+        frame[ORIGIN] = path.name if path.parent == Path(directory) else f"{path.parent.name}/{path.name}"
+        frames.append(frame)
+    label = str(files[0]) if len(files) == 1 else f"{Path(directory) / table}/ ({len(files)} files)"
+    if len(frames) > 1:
+        columns = {tuple(sorted(f.columns)) for f in frames}
+        if len(columns) > 1:
+            raise ContractError(label, None, None, "files of one table have different columns")
+    return pd.concat(frames, ignore_index=True), label
+
+
+def read_contract_dir(directory: Path) -> Dataset:
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise ContractError(str(directory), None, None, "is not a directory")
+    items, items_file = read_contract_table(directory, "items")
+    users, users_file = read_contract_table(directory, "users", required=False)
+    events, events_file = read_contract_table(directory, "events")
+    return validate_dataset(f"contract:{directory}", items, users, events,
+                            files={"items": items_file, "users": users_file, "events": events_file},
+                            info={"path": str(directory)})

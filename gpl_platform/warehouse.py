@@ -1,0 +1,179 @@
+"""The embedded DuckDB warehouse: schema, atomic partition replacement, lock handling.
+
+Every write is one DuckDB transaction (delete the partition's rows, insert the new ones, record
+the partition), so a failed or killed run leaves the previous good state and a re-run replaces
+rather than duplicates. DuckDB lets one process hold a file for writing; another process's lock
+makes us wait up to ``lock_timeout_s`` and then fail with a message that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    day DATE NOT NULL, request_id VARCHAR NOT NULL, user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL,
+    event_time TIMESTAMPTZ NOT NULL, exposed BOOLEAN NOT NULL, clicked TINYINT
+);
+-- Kept apart from `events` so nothing that builds training data can read it by accident:
+-- only evaluation code joins it back (tests/test_oracle_isolation.py enforces this).
+CREATE TABLE IF NOT EXISTS oracle_labels (
+    day DATE NOT NULL, request_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, oracle_label TINYINT
+);
+CREATE TABLE IF NOT EXISTS user_histories (
+    day DATE NOT NULL, user_id VARCHAR NOT NULL, history_item_ids VARCHAR[] NOT NULL,
+    n_positives INTEGER NOT NULL, last_positive_time TIMESTAMPTZ, history_hash VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS partitions (
+    table_name VARCHAR NOT NULL, day DATE NOT NULL, n_rows BIGINT NOT NULL,
+    written_at TIMESTAMPTZ NOT NULL, run_id VARCHAR, PRIMARY KEY (table_name, day)
+);
+CREATE TABLE IF NOT EXISTS warehouse_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+"""
+
+_LOCK_PATTERNS = re.compile(r"could not set lock|conflicting lock|lock on file|resource temporarily unavailable",
+                            re.IGNORECASE)
+
+
+class WarehouseLockedError(RuntimeError):
+    """Another process holds the DuckDB file and did not let go within the timeout."""
+
+
+class WarehouseSourceMismatch(RuntimeError):
+    """The warehouse already holds data of another source or protocol."""
+
+
+class Warehouse:
+    def __init__(self, path: Path | str, lock_timeout_s: float = 60.0):
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+
+    def __repr__(self) -> str:
+        return f"Warehouse({str(self.path)!r})"
+
+    # ---- connections ---------------------------------------------------------------------
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                con.execute("SET TimeZone = 'UTC'")
+                return con
+            except duckdb.IOException as exc:
+                if not _LOCK_PATTERNS.search(str(exc)):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise WarehouseLockedError(
+                        f"{self.path} is locked by another process and stayed locked for "
+                        f"{self.lock_timeout_s:.0f}s (DuckDB allows one writer). Wait for the other run "
+                        f"to finish, or raise GPL_WAREHOUSE_LOCK_TIMEOUT_S. DuckDB said: {exc}") from exc
+                log.info("warehouse %s is locked by another process; retrying in %.2fs", self.path, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: the warehouse does not exist yet; materialize the ingestion assets first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._open(read_only)
+        try:
+            if not read_only:
+                con.execute(SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write transaction: committed whole, or rolled back whole on any error."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    # ---- reads ---------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence | None = None) -> pd.DataFrame:
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).df()
+
+    def table_exists(self, name: str) -> bool:
+        if not self.path.exists():
+            return False
+        with self.connect(read_only=True) as con:
+            return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchone()[0])
+
+    def written_days(self, table: str) -> set[date]:
+        if not self.path.exists():
+            return set()
+        frame = self.query("SELECT day FROM partitions WHERE table_name = ?", [table])
+        return set(pd.to_datetime(frame["day"]).dt.date)
+
+    # ---- writes --------------------------------------------------------------------------
+    def replace_table(self, name: str, frame: pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Replace a whole (unpartitioned) table atomically."""
+        if con is None:
+            with self.transaction() as tx:
+                return self.replace_table(name, frame, tx)
+        con.register("_incoming", frame)
+        try:
+            con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM _incoming')
+        finally:
+            con.unregister("_incoming")
+        return len(frame)
+
+    def replace_partitions(self, table: str, frame: pd.DataFrame, days: Sequence[date],
+                           con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> dict[date, int]:
+        """Replace the rows of ``days`` in ``table`` with ``frame`` (whose `day` must lie in ``days``)
+        and record every day, empty ones too, in ``partitions``. Call inside :meth:`transaction`."""
+        days = sorted(set(days))
+        if "day" not in frame:
+            raise ValueError(f"{table}: frame has no 'day' column")
+        frame_days = set(pd.to_datetime(frame["day"]).dt.date) if len(frame) else set()
+        if not frame_days <= set(days):
+            raise ValueError(f"{table}: rows for days {sorted(frame_days - set(days))[:3]} outside the partitions written")
+        columns = [r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()]
+        con.register("_days", pd.DataFrame({"day": pd.to_datetime(pd.Series(days, dtype="object"))}))
+        con.register("_incoming", frame[columns])
+        try:
+            con.execute(f'DELETE FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _days)')
+            con.execute(f'INSERT INTO "{table}" SELECT * FROM _incoming')
+            counts = frame.groupby(pd.to_datetime(frame["day"]).dt.date).size().to_dict() if len(frame) else {}
+            rows = pd.DataFrame({"table_name": table, "day": pd.to_datetime(pd.Series(days, dtype="object")),
+                                 "n_rows": [int(counts.get(d, 0)) for d in days], "run_id": run_id})
+            con.register("_parts", rows)
+            con.execute("INSERT OR REPLACE INTO partitions SELECT table_name, CAST(day AS DATE), n_rows, now(), run_id "
+                        "FROM _parts")
+        finally:
+            for view in ("_days", "_incoming", "_parts"):
+                con.unregister(view)
+        return {d: int(counts.get(d, 0)) for d in days}
+
+    # ---- source identity -----------------------------------------------------------------
+    def claim_source(self, signature: dict, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse to mix data of different sources/protocols in one warehouse."""
+        wanted = json.dumps(signature, sort_keys=True)
+        row = con.execute("SELECT value FROM warehouse_meta WHERE key = 'source_signature'").fetchone()
+        has_events = con.execute("SELECT count(*) FROM partitions").fetchone()[0] > 0
+        if row and row[0] != wanted and has_events:
+            raise WarehouseSourceMismatch(
+                f"{self.path} holds data of another source or protocol:\n  stored: {row[0]}\n  wanted: {wanted}\n"
+                "Use another data_dir (GPL_DATA_DIR) or remove the warehouse with `gpl reset`.")
+        con.execute("INSERT OR REPLACE INTO warehouse_meta VALUES ('source_signature', ?)", [wanted])

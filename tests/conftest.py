@@ -1,0 +1,71 @@
+"""Shared fixtures. The environment is set before any `assets` import: the Dagster partitions are
+derived from the configured source when the code location loads."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="gpl-tests-"))
+os.environ.update({
+    "GPL_SOURCE": "simulator",
+    "GPL_DATA_DIR": str(_SESSION_DIR / "data"),
+    "GPL_SIMULATOR__N_USERS": "60",
+    "GPL_SIMULATOR__N_ITEMS": "300",
+    "GPL_SIMULATOR__N_DAYS": "5",
+    "GPL_SIMULATOR__CANDIDATES_PER_REQUEST": "20",
+    "GPL_SIMULATOR__REQUESTS_PER_USER_PER_DAY": "0.6",
+    "GPL_WAREHOUSE_LOCK_TIMEOUT_S": "5",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DAGSTER_DISABLE_TELEMETRY": "1",
+})
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from gpl_platform.config import SHARED_ML100K, Settings, load_settings  # noqa: E402
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Simulator settings (small world) with a warehouse in a fresh temp dir."""
+    return load_settings({"data_dir": str(tmp_path / "data")})
+
+
+@pytest.fixture
+def ml100k_dir() -> Path:
+    if not SHARED_ML100K.is_dir():
+        pytest.fail(f"{SHARED_ML100K} is missing: tests and CI run with ../shared beside the repo")
+    return SHARED_ML100K
+
+
+def tiny_contract_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Three items, two users, two requests on two UTC days; hand-written so tests can break it."""
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "text": ["Alpha film", "Beta film", "Gamma film"],
+                          "genre": ["x", "y", "x"]})
+    users = pd.DataFrame({"user_id": ["u1", "u2"], "age": [30, 40]})
+    t1 = pd.Timestamp("2024-03-01T23:59:59Z")
+    t2 = pd.Timestamp("2024-03-02T00:00:00Z")
+    events = pd.DataFrame({
+        "request_id": ["r1", "r1", "r1", "r2", "r2"],
+        "user_id": ["u1", "u1", "u1", "u1", "u1"],
+        "item_id": ["a", "b", "c", "a", "c"],
+        "event_time": [t1, t1, t1, t2, t2],
+        "exposed": [True, True, False, True, False],
+        "clicked": pd.array([1, 0, None, 1, None], dtype="Int8"),
+        "oracle_label": pd.array([1, 0, 1, 1, 0], dtype="Int8"),
+    })
+    events["event_time"] = events["event_time"].astype("datetime64[us, UTC]")
+    return items, users, events
+
+
+def write_contract_dir(directory: Path, items, users, events, fmt: str = "parquet") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("items", items), ("users", users), ("events", events)):
+        if frame is None:
+            continue
+        if fmt == "parquet":
+            frame.to_parquet(directory / f"{name}.parquet", index=False)
+        else:
+            frame.to_csv(directory / f"{name}.csv", index=False)
+    return directory

@@ -1,0 +1,84 @@
+"""`oracle_label` is evaluation data: nothing that feeds training may read it.
+
+Two guards: a static one (only allow-listed modules mention it) and a behavioural one (the
+pipeline's outputs are identical when every oracle label is flipped).
+"""
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+
+from gpl_platform.stats import export_contract_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+# Modules allowed to touch oracle labels: the contract and sources produce them, ingestion stores
+# them apart, statistics/evaluation/benchmarks read them. Training code must never be listed here.
+ALLOWED = {
+    "gpl_platform/contract.py", "gpl_platform/sources/movielens.py", "gpl_platform/sources/simulator.py",
+    "gpl_platform/ingest.py", "gpl_platform/warehouse.py", "gpl_platform/stats.py", "gpl_platform/cli.py",
+}
+ALLOWED_PREFIXES = ("gpl_platform/evaluation", "bench/")
+AUDIT_COLUMNS = {"written_at", "created_at", "updated_at", "run_id", "fitted_at"}
+
+
+def test_only_allowed_modules_mention_oracle_labels():
+    offenders = []
+    for path in sorted((ROOT / "gpl_platform").rglob("*.py")) + sorted((ROOT / "assets").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ALLOWED or rel.startswith(ALLOWED_PREFIXES):
+            continue
+        if re.search(r"oracle_label", path.read_text()):
+            offenders.append(rel)
+    assert not offenders, f"modules outside the allow-list read oracle labels: {offenders}"
+
+
+def test_events_table_has_no_oracle_column(settings):
+    from gpl_platform import ingest
+    from gpl_platform.sources import load_source
+    from gpl_platform.warehouse import Warehouse
+
+    ds = load_source(settings)
+    wh = Warehouse(settings.warehouse)
+    ingest.ingest_event_days(wh, ds, sorted(set(ds.events["day"]))[:1], settings.source_signature())
+    assert "oracle_label" not in wh.query("SELECT * FROM events LIMIT 0").columns
+
+
+def _table_digests(warehouse_path: Path) -> dict[str, str]:
+    from gpl_platform.warehouse import Warehouse
+
+    wh = Warehouse(warehouse_path)
+    tables = wh.query("SELECT table_name FROM duckdb_tables() ORDER BY 1")["table_name"].tolist()
+    digests = {}
+    for table in tables:
+        if table in ("oracle_labels", "warehouse_meta"):
+            continue
+        frame = wh.query(f'SELECT * FROM "{table}"')
+        frame = frame.drop(columns=[c for c in frame.columns if c in AUDIT_COLUMNS])
+        frame = frame.astype(str).sort_values(list(frame.columns)).reset_index(drop=True)
+        digests[table] = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+    return digests
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_do_not_depend_on_oracle_labels(tmp_path, settings):
+    """Materialize everything twice, the second time with every oracle label flipped."""
+    from assets.resources import GplSettings
+    from assets.runner import run_pipeline
+    from gpl_platform.sources import load_source
+
+    ds = load_source(settings)
+    flipped = ds.events.copy()
+    flipped["oracle_label"] = 1 - flipped["oracle_label"]
+    real_dir, flipped_dir = tmp_path / "real", tmp_path / "flipped"
+    export_contract_dir(ds, real_dir)
+    export_contract_dir(type(ds)(ds.name, ds.items, ds.users, flipped), flipped_dir)
+    digests = []
+    for contract_dir in (real_dir, flipped_dir):
+        gpl = GplSettings(source="contract", contract_path=str(contract_dir), data_dir=str(contract_dir / "data"),
+                          overrides_json='{"anchors": {"backend": "history"}}')
+        assert run_pipeline(resources={"gpl": gpl}, ephemeral=True).success
+        digests.append(_table_digests(gpl.settings().warehouse))
+    assert digests[0].keys() == digests[1].keys() and "events" in digests[0]
+    assert digests[0] == digests[1]
