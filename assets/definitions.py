@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dagster import Definitions, define_asset_job, in_process_executor, load_assets_from_modules
 
-from assets import ingestion
+from assets import gpl, ingestion
 from assets.partitions import daily_partitions
 from assets.resources import GplSettings
 
-all_assets = load_assets_from_modules([ingestion])
+all_assets = load_assets_from_modules([ingestion, gpl])
 
 # One process per run: steps share the loaded models and data, and only one process at a time
 # opens the DuckDB file for writing (dagster.yaml also queues runs one at a time).
-daily_job = define_asset_job("gpl_daily", selection=["candidate_events", "user_histories"],
+daily_job = define_asset_job("gpl_daily", selection=[a.key for a in all_assets if a.partitions_def is not None],
                              partitions_def=daily_partitions, executor_def=in_process_executor)
 
 defs = Definitions(

@@ -17,6 +17,9 @@ app = typer.Typer(help="gpl-platform: Generative Pseudo-Labeling for pre-rankers
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Data sources and the data contract.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+from gpl_platform.cli_bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
 
 SOURCE_HELP = "movielens-100k | simulator | contract (default: GPL_SOURCE or movielens-100k)"
 

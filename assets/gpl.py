@@ -1,0 +1,155 @@
+"""GPL assets (GPL_METHOD.md steps 1-4): anchors, embeddings, similarities, calibration, pseudo-labels."""
+
+import pandas as pd
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    BackfillPolicy,
+    MaterializeResult,
+    TimeWindowPartitionMapping,
+    asset,
+)
+
+from assets.ingestion import candidate_events, item_catalog, user_histories
+from assets.metadata import histogram_md, span, table_md
+from assets.partitions import daily_partitions, first_partition_day, partition_days
+from assets.resources import GplSettings
+from gpl_platform import labeling
+from gpl_platform.embeddings import update_item_embeddings
+from gpl_platform.models import anchor_generator, sentence_encoder
+
+GROUP = "gpl"
+SAME_DAY = TimeWindowPartitionMapping(start_offset=0, end_offset=0)
+
+
+def _encoder(settings):
+    return sentence_encoder(str(settings.encoder_dir) if settings.encoder_dir else None)
+
+
+@asset(group_name=GROUP, kinds={"duckdb", "sentence_transformers"}, deps=[item_catalog],
+       description="Frozen sentence-encoder vectors of the whole catalog (normalized float32); only new or "
+                   "changed item text is re-encoded.")
+def item_embeddings(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    encoder = _encoder(settings)
+    warehouse = gpl.warehouse()
+    items = warehouse.query("SELECT item_id, text FROM items")
+    with warehouse.connect() as con:  # update_item_embeddings runs its own transaction
+        stats = update_item_embeddings(con, items, encoder, progress=False)
+    context.log.info("item embeddings: %s", stats)
+    return MaterializeResult(metadata={"dagster/row_count": len(items), "encoder_id": encoder.encoder_id,
+                                       "dim": int(encoder.dim), **{k: v for k, v in stats.items()
+                                                                   if isinstance(v, (int, float, str))}})
+
+
+@asset(group_name=GROUP, kinds={"duckdb", "llm"}, partitions_def=daily_partitions,
+       deps=[AssetDep(user_histories, partition_mapping=SAME_DAY), item_catalog],
+       backfill_policy=BackfillPolicy.single_run(),
+       description="K interest anchors per user with a request on the day, generated from the user's history "
+                   "before the day, with their generation log-probability; cached by history + model + prompt.")
+def user_anchors(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    days = partition_days(context.partition_keys)
+    generator = anchor_generator(settings)
+    context.log.info("generating anchors with %s for %s", generator.backend, span(days))
+    anchors, stats = labeling.generate_anchors(gpl.warehouse(), days, generator, settings.anchors.k,
+                                               settings.anchors.history_max_items, progress=True,
+                                               run_id=context.run_id)
+    context.log.info("anchor stats: %s", stats)
+    fallback = anchors[anchors["is_fallback"]]
+    examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
+    return MaterializeResult(metadata={
+        "dagster/row_count": len(anchors), "partition_span": span(days), "backend": generator.backend,
+        "model_id": generator.model_id, "prompt_version": generator.prompt_version or "none",
+        "user_days": stats["user_days"], "cache_hits": int(stats.get("cache_hits", 0)),
+        "cache_misses": int(stats.get("cache_misses", 0)),
+        "fallback_anchor_share": float(len(fallback) / len(anchors)) if len(anchors) else 0.0,
+        "fallback_reasons": table_md(fallback["fallback_reason"].value_counts().rename_axis("reason").reset_index())
+        if len(fallback) else "none",
+        "counters": table_md(pd.Series(stats, name="value").rename_axis("counter").reset_index()),
+        "examples": table_md(examples[["user_id", "anchor_rank", "anchor_text", "gen_prob", "is_fallback"]]),
+    })
+
+
+@asset(group_name=GROUP, kinds={"duckdb", "sentence_transformers"}, partitions_def=daily_partitions,
+       deps=[AssetDep(user_anchors, partition_mapping=SAME_DAY)], backfill_policy=BackfillPolicy.single_run(),
+       description="Anchor vectors from the same frozen encoder as the items.")
+def anchor_embeddings(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    days = partition_days(context.partition_keys)
+    stats = labeling.embed_anchors(gpl.warehouse(), days, _encoder(settings), run_id=context.run_id)
+    return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days), **stats})
+
+
+@asset(group_name=GROUP, kinds={"duckdb", "faiss"}, partitions_def=daily_partitions,
+       deps=[AssetDep(anchor_embeddings, partition_mapping=SAME_DAY),
+             AssetDep(candidate_events, partition_mapping=SAME_DAY), item_embeddings],
+       backfill_policy=BackfillPolicy.single_run(),
+       description="For every candidate of the day: max and mean cosine over the user's anchors, and the arg-max "
+                   "anchor. Exposed rows feed calibration; unexposed rows get pseudo-labels.")
+def candidate_similarities(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    days = partition_days(context.partition_keys)
+    stats = labeling.score_day_candidates(gpl.warehouse(), days, _encoder(settings).encoder_id,
+                                          anchor_generator(settings).cache_signature(), context.run_id)
+    return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
+                                       **stats})
+
+
+@asset(group_name=GROUP, kinds={"sklearn"}, partitions_def=daily_partitions,
+       deps=[AssetDep(candidate_similarities, partition_mapping=TimeWindowPartitionMapping(start_offset=-28,
+                                                                                            end_offset=-1))],
+       backfill_policy=BackfillPolicy.single_run(),
+       description="Similarity -> probability calibration (Platt or isotonic) serving the day, fitted on exposed "
+                   "candidates of earlier days only; refit every N days, stored as a versioned JSON artifact.")
+def similarity_calibration(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    days = partition_days(context.partition_keys)
+    encoder_id = _encoder(settings).encoder_id
+    signature = anchor_generator(settings).cache_signature()
+    rows = []
+    for day in days:
+        for pooling in labeling.POOLINGS:
+            cal = labeling.calibration_for_day(gpl.warehouse(), day, first_partition_day(), settings.calibration,
+                                               pooling, encoder_id, signature, settings.artifacts_dir)
+            rows.append({"day": str(day), "pooling": pooling, "version": cal.version if cal else "none",
+                         "n_train": cal.n_train if cal else 0,
+                         "train_window": " .. ".join(cal.fitted_on.get("train_window", [])) if cal else ""})
+    table = pd.DataFrame(rows)
+    missing = table[table["version"] == "none"]["day"].nunique()
+    if missing:
+        context.log.warning("%d day(s) have no calibration yet (too few exposed candidates before them): their "
+                            "unexposed candidates get no pseudo-labels", missing)
+    return MaterializeResult(metadata={
+        "partition_span": span(days), "method": settings.calibration.method,
+        "versions": ", ".join(sorted(set(table["version"]) - {"none"})) or "none",
+        "days_without_calibration": int(missing), "calibrations": table_md(table.drop_duplicates(["version", "pooling"])),
+    })
+
+
+@asset(group_name=GROUP, kinds={"duckdb"}, partitions_def=daily_partitions,
+       deps=[AssetDep(candidate_similarities, partition_mapping=SAME_DAY),
+             AssetDep(similarity_calibration, partition_mapping=SAME_DAY)],
+       backfill_policy=BackfillPolicy.single_run(),
+       description="Pseudo-label and confidence weight for every unexposed candidate of the day (GPL steps 3-4), "
+                   "with the three confidence factors and the versions of LLM, prompt, encoder and calibration.")
+def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    days = partition_days(context.partition_keys)
+    labels, stats = labeling.pseudo_label_days(
+        gpl.warehouse(), days, first_partition_day(), encoder_id=_encoder(settings).encoder_id,
+        generator=anchor_generator(settings), calibration_cfg=settings.calibration,
+        confidence_cfg=settings.confidence, history_max_items=settings.history_max_len,
+        artifacts_dir=settings.artifacts_dir, run_id=context.run_id)
+    quantiles = labels[["pseudo_label", "confidence"]].quantile([0.05, 0.25, 0.5, 0.75, 0.95]) if len(labels) else None
+    return MaterializeResult(metadata={
+        "dagster/row_count": len(labels), "partition_span": span(days), "coverage": stats["coverage"],
+        "unexposed_candidates": stats["unexposed_candidates"],
+        "days_without_calibration": len(stats["days_without_calibration"]),
+        "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
+        "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
+        "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
+        "histograms": histogram_md({"pseudo_label": labels["pseudo_label"].to_numpy(),
+                                    "confidence": labels["confidence"].to_numpy()},
+                                   f"pseudo-labels {span(days)}"),
+    })

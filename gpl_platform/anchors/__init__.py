@@ -1,0 +1,78 @@
+"""Interest-anchor library (no Dagster imports here).
+
+Backends: ``history`` (no LLM, ablation baseline), ``smollm`` (SmolLM2-135M-Instruct in-process),
+``openai`` (any OpenAI-compatible HTTP server such as vLLM or llama.cpp server).
+
+    from gpl_platform.anchors import make_anchor_generator, UserHistory
+    gen = make_anchor_generator("smollm", batch_size=16)
+    result = gen.generate(histories, k=5)          # AnchorResult(anchors=DataFrame, stats=dict)
+
+    from gpl_platform.anchors.cache import generate_with_cache
+    df, stats = generate_with_cache(duckdb_con, gen, histories, k=5)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .base import ANCHOR_COLUMNS, AnchorGenerator, AnchorResult, UserHistory
+from .history import HistoryAnchorGenerator
+from .parser import ParseResult, parse_anchors
+
+__all__ = [
+    "ANCHOR_COLUMNS",
+    "AnchorGenerator",
+    "AnchorResult",
+    "HistoryAnchorGenerator",
+    "OpenAICompatibleAnchorGenerator",
+    "ParseResult",
+    "SmolLMAnchorGenerator",
+    "UserHistory",
+    "BACKENDS",
+    "make_anchor_generator",
+    "parse_anchors",
+]
+
+
+def _smollm(**kw: Any) -> AnchorGenerator:
+    from .smollm import SmolLMAnchorGenerator  # heavy import (torch, transformers): lazy
+
+    return SmolLMAnchorGenerator(**kw)
+
+
+def _openai(**kw: Any) -> AnchorGenerator:
+    from .openai_http import OpenAICompatibleAnchorGenerator
+
+    return OpenAICompatibleAnchorGenerator(**kw)
+
+
+def _history(**kw: Any) -> AnchorGenerator:
+    return HistoryAnchorGenerator(**kw)
+
+
+BACKENDS: dict[str, Callable[..., AnchorGenerator]] = {
+    "smollm": _smollm,
+    "openai": _openai,
+    "history": _history,
+}
+
+
+def make_anchor_generator(backend: str, **kwargs: Any) -> AnchorGenerator:
+    """Build an anchor generator by backend name ("smollm", "openai", "history")."""
+    try:
+        factory = BACKENDS[backend.lower()]
+    except KeyError:
+        raise ValueError(f"unknown anchor backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+    return factory(**kwargs)
+
+
+def __getattr__(name: str) -> Any:  # lazy access to the heavy backends
+    if name == "SmolLMAnchorGenerator":
+        from .smollm import SmolLMAnchorGenerator
+
+        return SmolLMAnchorGenerator
+    if name == "OpenAICompatibleAnchorGenerator":
+        from .openai_http import OpenAICompatibleAnchorGenerator
+
+        return OpenAICompatibleAnchorGenerator
+    raise AttributeError(name)

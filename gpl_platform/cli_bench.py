@@ -1,0 +1,85 @@
+"""`gpl bench ...`: benchmarks with JSON output (the scripts live in bench/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gpl_platform.config import PROJECT_ROOT
+
+bench_app = typer.Typer(help="Benchmarks: JSON output, ratios against a baseline measured in the same run.",
+                        no_args_is_help=True)
+
+
+def _bench_module(name: str):
+    path = PROJECT_ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"gpl_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _emit(result: dict, out: Path | None) -> None:
+    text = json.dumps(result, indent=2, default=str)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+    typer.echo(text)
+
+
+@bench_app.command("pseudo-labels")
+def bench_pseudo_labels(
+    out: Optional[Path] = typer.Option(None, help="write the JSON report here"),
+    source: str = typer.Option("movielens-100k", help="a source with oracle labels"),
+    skip_pipeline: bool = typer.Option(False, help="use the warehouse as it is (do not materialize first)"),
+) -> None:
+    """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history anchors vs random,
+    max vs mean pooling, and how confidence tracks correctness."""
+    os.environ["GPL_SOURCE"] = source
+    from gpl_platform.config import load_settings
+    from gpl_platform.evaluation.pseudo_label_quality import pseudo_label_quality
+    from gpl_platform.models import anchor_generator, sentence_encoder
+    from gpl_platform.warehouse import Warehouse
+
+    settings = load_settings()
+    if not skip_pipeline:
+        from assets.runner import run_pipeline
+
+        if not run_pipeline(selection=["item_catalog", "users", "candidate_events", "user_histories",
+                                       "item_embeddings", "user_anchors", "anchor_embeddings",
+                                       "candidate_similarities", "similarity_calibration",
+                                       "pseudo_labels"]).success:
+            raise typer.Exit(1)
+    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    days = sorted(warehouse.written_days("user_histories"))
+    encoder = sentence_encoder(str(settings.encoder_dir) if settings.encoder_dir else None)
+    report = pseudo_label_quality(warehouse, days, anchor_generator(settings), anchor_generator(settings, "history"),
+                                  encoder, settings.anchors.k, settings.anchors.history_max_items, settings.seed,
+                                  settings.source)
+    _emit(report, out)
+
+
+@bench_app.command("anchors")
+def bench_anchors(users: int = typer.Option(32, help="users to generate anchors for"),
+                  out: Optional[Path] = typer.Option(None)) -> None:
+    """Anchor generation users/s: the batched backend vs one prompt at a time, same model, same run."""
+    _emit(_bench_module("bench_anchors").run(users, out), None)
+
+
+@bench_app.command("pseudo-label-speed")
+def bench_pseudo_label_speed(candidates: int = typer.Option(1_000_000), out: Optional[Path] = typer.Option(None)) -> None:
+    """Pseudo-label scoring candidates/s: vectorized vs a per-user loop, same data, same run."""
+    _emit(_bench_module("bench_pseudo_label_speed").run(candidates, out), None)
+
+
+@bench_app.command("item-encoding")
+def bench_item_encoding(items: int = typer.Option(2000), out: Optional[Path] = typer.Option(None)) -> None:
+    """Item encoding items/s: batched vs one text at a time."""
+    _emit(_bench_module("bench_item_encoding").run(items, out), None)

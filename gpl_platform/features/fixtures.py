@@ -1,0 +1,61 @@
+"""A complete small feature store from the configured source, for tests and benchmarks.
+
+``build_feature_world(settings)`` ingests the source into the warehouse, fills ``item_embeddings``
+with deterministic random unit vectors (no model load) unless the table is already there,
+writes all feature files, applies the Feast definitions and materializes the online store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from gpl_platform.config import Settings
+from gpl_platform.features.schema import EMBEDDING_DIM
+
+
+class RandomEncoder:
+    """Deterministic pseudo-embeddings: a unit vector seeded by the sha256 of the text."""
+
+    def __init__(self, dim: int = EMBEDDING_DIM, seed: int = 0):
+        self.dim, self.seed = dim, seed  # `dim` and `encoder_id`: the embeddings.Encoder protocol
+
+    @property
+    def encoder_id(self) -> str:
+        return f"random-unit@{self.seed}"
+
+    def encode(self, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for k, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{text}".encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).normal(size=self.dim)
+            out[k] = v / np.linalg.norm(v)
+        return out
+
+
+def build_feature_world(settings: Settings, redis_url: str | None = None, embeddings: bool = True) -> dict:
+    """Ingest, embed (randomly), compute features for every day, apply, materialize. Returns the pieces."""
+    from gpl_platform import ingest
+    from gpl_platform.embeddings import update_item_embeddings
+    from gpl_platform.features import pipeline
+    from gpl_platform.features.store import FeastStore
+    from gpl_platform.sources import load_source
+    from gpl_platform.warehouse import Warehouse
+
+    dataset = load_source(settings)
+    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    ingest.ingest_catalog(warehouse, dataset, settings.source_signature())
+    days = sorted(set(dataset.events["day"]))
+    ingest.ingest_event_days(warehouse, dataset, days, settings.source_signature())
+    if embeddings and not warehouse.table_exists("item_embeddings"):
+        with warehouse.connect() as con:
+            update_item_embeddings(con, dataset.items[["item_id", "text"]], RandomEncoder())
+    pipeline.write_profile_features(settings, warehouse)
+    pipeline.write_user_features(settings, warehouse, days, days[0])
+    pipeline.write_item_features(settings, warehouse, days, days[0])
+    store = FeastStore(settings, redis_url)
+    store.apply_if_changed(pipeline.warehouse_spec(warehouse))
+    store.materialize_days(days)
+    return {"dataset": dataset, "warehouse": warehouse, "days": days, "store": store}

