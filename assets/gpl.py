@@ -153,3 +153,36 @@ def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
                                     "confidence": labels["confidence"].to_numpy()},
                                    f"pseudo-labels {span(days)}"),
     })
+
+
+HISTORY_VARIANT = labeling.StageTables("history")
+
+
+@asset(group_name="gpl_ablation", kinds={"duckdb"}, partitions_def=daily_partitions,
+       deps=[AssetDep(user_histories, partition_mapping=SAME_DAY),
+             AssetDep(candidate_events, partition_mapping=SAME_DAY), item_embeddings],
+       backfill_policy=BackfillPolicy.single_run(),
+       description="Ablation: the same GPL stages with the user's own recent positives as anchors (no LLM), "
+                   "written to the *__history tables; the evaluation's gpl_history_anchors method trains on them.")
+def history_anchor_pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    settings = gpl.settings()
+    days = partition_days(context.partition_keys)
+    warehouse, encoder = gpl.warehouse(), _encoder(settings)
+    generator = anchor_generator(settings, "history")
+    _, anchor_stats = labeling.generate_anchors(warehouse, days, generator, settings.anchors.k,
+                                                settings.anchors.history_max_items, progress=False,
+                                                run_id=context.run_id, tables=HISTORY_VARIANT)
+    labeling.embed_anchors(warehouse, days, encoder, run_id=context.run_id, tables=HISTORY_VARIANT)
+    labeling.score_day_candidates(warehouse, days, encoder.encoder_id, generator.cache_signature(), context.run_id,
+                                  tables=HISTORY_VARIANT)
+    labels, stats = labeling.pseudo_label_days(
+        warehouse, days, first_partition_day(), encoder_id=encoder.encoder_id, generator=generator,
+        calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
+        history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir, run_id=context.run_id,
+        tables=HISTORY_VARIANT)
+    return MaterializeResult(metadata={
+        "dagster/row_count": len(labels), "partition_span": span(days), "table": HISTORY_VARIANT.labels,
+        "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
+        "days_without_calibration": len(stats["days_without_calibration"]),
+        "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
+    })

@@ -143,6 +143,7 @@ def run(n_users: int = 32, out: Path | None = None, k: int = 5, levers: bool = F
 
     torch.set_num_threads(os.cpu_count() or 2)
     histories = synthetic_histories(n_users, seed=seed)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     gen = SmolLMAnchorGenerator()
     gen._ensure_model()
@@ -161,6 +162,10 @@ def run(n_users: int = 32, out: Path | None = None, k: int = 5, levers: bool = F
         "batched_generated_tokens": stats.get("generated_tokens"),
         "baseline_generated_tokens": base_tokens,
         "batched_stats": stats,
+        # the machine is shared: a load average above the core count means the timings are
+        # contended (both sides of the ratio run in the same process, one after the other)
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpu_count": os.cpu_count(),
     }
     if levers:
         variants = {

@@ -30,6 +30,48 @@ from gpl_platform.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 POOLINGS = ("max", "mean")
+STAGE_TABLES = ("user_anchors", "anchor_embeddings", "candidate_similarities", "pseudo_labels")
+
+
+@dataclass(frozen=True)
+class StageTables:
+    """Where a variant of the GPL stages writes. ``main`` is the configured generator; an ablation
+    variant (e.g. ``history`` anchors) gets tables of the same schema with a suffix."""
+
+    variant: str = "main"
+
+    def __post_init__(self) -> None:
+        if not self.variant.isidentifier():
+            raise ValueError(f"variant {self.variant!r} must be an identifier")
+
+    def name(self, base: str) -> str:
+        return base if self.variant == "main" else f"{base}__{self.variant}"
+
+    @property
+    def anchors(self) -> str:
+        return self.name("user_anchors")
+
+    @property
+    def embeddings(self) -> str:
+        return self.name("anchor_embeddings")
+
+    @property
+    def similarities(self) -> str:
+        return self.name("candidate_similarities")
+
+    @property
+    def labels(self) -> str:
+        return self.name("pseudo_labels")
+
+    def ensure(self, warehouse: Warehouse) -> None:
+        if self.variant == "main":
+            return
+        with warehouse.transaction() as con:
+            for base in STAGE_TABLES:
+                con.execute(f'CREATE TABLE IF NOT EXISTS "{self.name(base)}" AS SELECT * FROM "{base}" WHERE false')
+
+
+MAIN = StageTables()
 
 
 def _days_param(days: Sequence[date]) -> pd.DataFrame:
@@ -67,8 +109,8 @@ def load_histories(warehouse: Warehouse, days: Sequence[date], max_items: int) -
 
 
 def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: AnchorGenerator, k: int,
-                     history_max_items: int, progress: bool = True, run_id: str | None = None
-                     ) -> tuple[pd.DataFrame, dict]:
+                     history_max_items: int, progress: bool = True, run_id: str | None = None,
+                     tables: StageTables = MAIN) -> tuple[pd.DataFrame, dict]:
     """Anchors for every (day, user) with a request; a history seen before is a cache hit."""
     from gpl_platform.anchors.cache import cache_key, generate_with_cache
 
@@ -84,8 +126,9 @@ def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: Anch
     anchors["backend"], anchors["model_id"] = generator.backend, generator.model_id
     anchors["prompt_version"], anchors["anchor_signature"] = generator.prompt_version, signature
     anchors = anchors.sort_values(["day", "user_id", "anchor_rank"], ignore_index=True)
+    tables.ensure(warehouse)
     with warehouse.transaction() as con:
-        warehouse.replace_partitions("user_anchors", anchors, days, con, run_id)
+        warehouse.replace_partitions(tables.anchors, anchors, days, con, run_id)
     stats = dict(stats)
     stats.update(user_days=len(histories), distinct_histories=len(unique), anchors=len(anchors))
     return anchors, stats
@@ -94,11 +137,11 @@ def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: Anch
 # ---- step 2: anchor embeddings ----------------------------------------------------------------
 
 def embed_anchors(warehouse: Warehouse, days: Sequence[date], encoder, progress: bool = False,
-                  run_id: str | None = None) -> dict:
+                  run_id: str | None = None, tables: StageTables = MAIN) -> dict:
     days = sorted(set(days))
-    require_days(warehouse, "user_anchors", days, "anchor embedding")
+    require_days(warehouse, tables.anchors, days, "anchor embedding")
     anchors = warehouse.query(
-        "SELECT day, anchor_id, user_id, anchor_text FROM user_anchors WHERE day BETWEEN ? AND ? "
+        f"SELECT day, anchor_id, user_id, anchor_text FROM {tables.anchors} WHERE day BETWEEN ? AND ? "
         "ORDER BY day, user_id, anchor_rank", [days[0], days[-1]])
     anchors["day"] = _as_date(anchors["day"])
     anchors = anchors[anchors["day"].isin(days)].reset_index(drop=True)
@@ -107,7 +150,7 @@ def embed_anchors(warehouse: Warehouse, days: Sequence[date], encoder, progress:
     frame = anchors[["day", "anchor_id", "user_id"]].assign(encoder_id=encoder.encoder_id)
     table = frame_with_vectors(frame, vectors[inverse] if len(anchors) else np.zeros((0, encoder.dim), np.float32))
     with warehouse.transaction() as con:
-        warehouse.replace_partitions("anchor_embeddings", table, days, con, run_id)
+        warehouse.replace_partitions(tables.embeddings, table, days, con, run_id)
     return {"anchors": len(anchors), "distinct_texts": len(texts), "encoder_id": encoder.encoder_id,
             "dim": int(encoder.dim)}
 
@@ -126,15 +169,16 @@ class DayAnchors:
         return self.user_index.get_indexer(pd.MultiIndex.from_arrays([day, user]))
 
 
-def load_day_anchors(warehouse: Warehouse, days: Sequence[date], encoder_id: str, anchor_signature: str) -> DayAnchors:
+def load_day_anchors(warehouse: Warehouse, days: Sequence[date], encoder_id: str, anchor_signature: str,
+                     tables: StageTables = MAIN) -> DayAnchors:
     days = sorted(set(days))
-    require_days(warehouse, "anchor_embeddings", days, "pseudo-labelling")
+    require_days(warehouse, tables.embeddings, days, "pseudo-labelling")
     with warehouse.connect(read_only=True) as con:
         con.register("_days", _days_param(days))
-        meta, vectors = read_vectors(con, """
+        meta, vectors = read_vectors(con, f"""
             SELECT e.day, e.user_id, e.anchor_id, e.encoder_id, a.gen_prob, a.is_fallback, a.fallback_reason,
                    a.anchor_signature, e.vector
-            FROM anchor_embeddings e JOIN user_anchors a USING (day, anchor_id)
+            FROM {tables.embeddings} e JOIN {tables.anchors} a USING (day, anchor_id)
             WHERE e.day IN (SELECT CAST(day AS DATE) FROM _days) ORDER BY e.day, e.user_id, a.anchor_rank""")
     meta["day"] = _as_date(meta["day"])
     for column, wanted, what in (("encoder_id", encoder_id, "encoder"), ("anchor_signature", anchor_signature,
@@ -150,11 +194,11 @@ def load_day_anchors(warehouse: Warehouse, days: Sequence[date], encoder_id: str
 
 
 def score_day_candidates(warehouse: Warehouse, days: Sequence[date], encoder_id: str, anchor_signature: str,
-                         run_id: str | None = None) -> dict:
+                         run_id: str | None = None, tables: StageTables = MAIN) -> dict:
     """Max- and mean-pooled cosine of every candidate (exposed or not) to its user's anchors of that day."""
     days = sorted(set(days))
     require_days(warehouse, "events", days, "candidate scoring")
-    anchors = load_day_anchors(warehouse, days, encoder_id, anchor_signature)
+    anchors = load_day_anchors(warehouse, days, encoder_id, anchor_signature, tables)
     with warehouse.connect(read_only=True) as con:
         con.register("_days", _days_param(days))
         cands = con.execute("SELECT day, request_id, user_id, item_id, exposed FROM events "
@@ -175,7 +219,7 @@ def score_day_candidates(warehouse: Warehouse, days: Sequence[date], encoder_id:
     cands["anchor_id"] = np.where(result.argmax_anchor >= 0, anchor_ids[np.maximum(result.argmax_anchor, 0)], None)
     cands["encoder_id"], cands["anchor_signature"] = encoder_id, anchor_signature
     with warehouse.transaction() as con:
-        warehouse.replace_partitions("candidate_similarities", cands, days, con, run_id)
+        warehouse.replace_partitions(tables.similarities, cands, days, con, run_id)
     covered = ~result.no_anchor
     return {"candidates": len(cands), "covered": int(covered.sum()),
             "coverage": float(covered.mean()) if len(cands) else 0.0,
@@ -190,7 +234,8 @@ def refit_day(day: date, first_day: date, cfg: CalibrationConfig) -> date:
 
 
 def calibration_for_day(warehouse: Warehouse, day: date, first_day: date, cfg: CalibrationConfig, pooling: str,
-                        encoder_id: str, anchor_signature: str, artifacts_dir: Path) -> Calibration | None:
+                        encoder_id: str, anchor_signature: str, artifacts_dir: Path,
+                        tables: StageTables = MAIN) -> Calibration | None:
     """The stored calibration serving ``day``, fitting it if needed on exposed candidates of
     [R - window, R), R being the refit day on the every-N-days grid (nothing of ``day`` or later
     is used). While the grid's fit lacks data (the first days), R = ``day`` itself is tried, so
@@ -199,14 +244,15 @@ def calibration_for_day(warehouse: Warehouse, day: date, first_day: date, cfg: C
     grid = refit_day(day, first_day, cfg)
     for refit in dict.fromkeys((grid, day)):
         calibration = _calibration_at(warehouse, refit, first_day, cfg, pooling, encoder_id, anchor_signature,
-                                      artifacts_dir)
+                                      artifacts_dir, tables)
         if calibration is not None:
             return calibration
     return None
 
 
 def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: CalibrationConfig, pooling: str,
-                    encoder_id: str, anchor_signature: str, artifacts_dir: Path) -> Calibration | None:
+                    encoder_id: str, anchor_signature: str, artifacts_dir: Path,
+                    tables: StageTables = MAIN) -> Calibration | None:
     start = max(first_day, refit - timedelta(cfg.window_days))
     fit_key = "|".join([pooling, cfg.method, str(refit), str(cfg.window_days), str(cfg.min_samples), encoder_id,
                         anchor_signature])
@@ -217,10 +263,10 @@ def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: Cal
     window = [start + timedelta(n) for n in range((refit - start).days)]
     if not window:
         return None
-    require_days(warehouse, "candidate_similarities", window, f"the calibration of refit day {refit}")
+    require_days(warehouse, tables.similarities, window, f"the calibration of refit day {refit}")
     column = f"similarity_{pooling}"
     train = warehouse.query(
-        f"SELECT s.{column} AS similarity, e.clicked FROM candidate_similarities s "
+        f"SELECT s.{column} AS similarity, e.clicked FROM {tables.similarities} s "
         "JOIN events e USING (day, request_id, item_id) "
         f"WHERE s.exposed AND s.day >= ? AND s.day < ? AND s.{column} IS NOT NULL AND s.anchor_signature = ? "
         "AND s.encoder_id = ?", [start, refit, anchor_signature, encoder_id])
@@ -262,23 +308,23 @@ def _history_vectors(warehouse: Warehouse, days: Sequence[date], anchors: DayAnc
 def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: date, *, encoder_id: str,
                       generator: AnchorGenerator, calibration_cfg: CalibrationConfig,
                       confidence_cfg: ConfidenceConfig, history_max_items: int, artifacts_dir: Path,
-                      run_id: str | None = None) -> tuple[pd.DataFrame, dict]:
+                      run_id: str | None = None, tables: StageTables = MAIN) -> tuple[pd.DataFrame, dict]:
     """Pseudo-label every unexposed candidate of ``days`` (GPL steps 3-4)."""
     days = sorted(set(days))
     signature = generator.cache_signature()
-    require_days(warehouse, "candidate_similarities", days, "pseudo-labelling")
+    require_days(warehouse, tables.similarities, days, "pseudo-labelling")
     calibrations: dict[tuple[date, str], Calibration | None] = {
         (d, pooling): calibration_for_day(warehouse, d, first_day, calibration_cfg, pooling, encoder_id, signature,
-                                          artifacts_dir)
+                                          artifacts_dir, tables)
         for d in days for pooling in POOLINGS}
     labelled_days = [d for d in days if calibrations[(d, "max")] is not None and calibrations[(d, "mean")] is not None]
-    anchors = load_day_anchors(warehouse, days, encoder_id, signature)
+    anchors = load_day_anchors(warehouse, days, encoder_id, signature, tables)
     with warehouse.connect(read_only=True) as con:
         con.register("_days", _days_param(labelled_days))
-        cands = con.execute("""
+        cands = con.execute(f"""
             SELECT s.day, s.request_id, s.user_id, s.item_id, e.event_time, s.similarity_max, s.similarity_mean,
                    s.anchor_id
-            FROM candidate_similarities s JOIN events e USING (day, request_id, item_id)
+            FROM {tables.similarities} s JOIN events e USING (day, request_id, item_id)
             WHERE NOT s.exposed AND s.anchor_id IS NOT NULL AND s.day IN (SELECT CAST(day AS DATE) FROM _days)
             ORDER BY s.day, s.request_id, s.item_id""").df()
         n_unexposed = con.execute("SELECT count(*) FROM events WHERE NOT exposed AND day BETWEEN ? AND ?",
@@ -319,7 +365,7 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     cands["prompt_version"] = generator.prompt_version or "none"
     cands["encoder_version"] = encoder_id
     with warehouse.transaction() as con:
-        warehouse.replace_partitions("pseudo_labels", cands, days, con, run_id)
+        warehouse.replace_partitions(tables.labels, cands, days, con, run_id)
     stats = {
         "rows": len(cands), "unexposed_candidates": int(n_unexposed),
         "coverage": float(len(cands) / n_unexposed) if n_unexposed else 0.0,

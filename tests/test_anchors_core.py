@@ -248,3 +248,24 @@ def test_prompt_version_from_name_and_content():
     assert p.prefill == "-"
     with pytest.raises(ValueError):
         parse_template("bad", "=== user ===\nno placeholder")
+
+
+def test_cache_insert_is_atomic(con):
+    from gpl_platform.anchors import cache as cache_mod
+
+    gen = FakeLLM()
+    generate_with_cache(con, gen, [hist("a")], k=3, progress=False)
+    n0 = con.execute("SELECT count(*) FROM anchor_cache").fetchone()[0]
+    # a failing insert leaves the table unchanged (rolled back)
+    bad = pd.DataFrame({"cache_key": ["x", "x"], "user_id": ["z", "z"], "anchor_rank": [0, 0],
+                        "anchor_text": ["a", "b"], "logprob": [0.0, 0.0], "gen_prob": [1.0, 1.0],
+                        "is_fallback": [False, False], "fallback_reason": [None, None]})
+    with pytest.raises(Exception):
+        cache_mod.insert(con, bad, gen)  # duplicate (cache_key, anchor_rank)
+    assert con.execute("SELECT count(*) FROM anchor_cache").fetchone()[0] == n0
+    # inside a caller's transaction: a clear error instead of a silent partial write
+    con.execute("BEGIN TRANSACTION")
+    with pytest.raises(RuntimeError, match="outside an open transaction"):
+        generate_with_cache(con, gen, [hist("b")], k=3, progress=False)
+    con.execute("ROLLBACK")
+    assert con.execute("SELECT count(*) FROM anchor_cache").fetchone()[0] == n0

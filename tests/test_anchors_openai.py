@@ -120,7 +120,9 @@ def test_chat_success_with_logprobs_and_request_shape():
     assert path == "/v1/chat/completions"
     assert body["model"] == "stub-model" and body["logprobs"] is True
     assert body["messages"][0]["role"] == "system"
-    assert "Toy Story (1995): Animation" in body["messages"][-1]["content"]
+    last = body["messages"][-1]["content"]
+    assert "Toy Story: Animation, Children's, Comedy" in last  # compact: no year
+    assert last.endswith("Main genres: Animation, Children's, Comedy")  # ties: first seen
 
 
 def test_retries_5xx_then_success():

@@ -135,3 +135,14 @@ def test_real_smollm_two_days(tmp_path):
     assert llm["gen_prob"].between(0, 1, inclusive="right").all() and (llm["logprob"] < 0).all()
     labels = wh.query("SELECT * FROM pseudo_labels WHERE day = '2024-01-02'")
     assert len(labels) > 0 and labels["llm_version"].str.endswith(".gguf").all()
+
+
+def test_history_ablation_variant_writes_its_own_tables(history_run):
+    """The ablation asset runs the same stages into *__history tables, leaving the main ones alone."""
+    wh, gpl = history_run
+    main_before = wh.query("SELECT count(*) AS n FROM pseudo_labels")["n"].iloc[0]
+    assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=["history_anchor_pseudo_labels"]).success
+    ablation = wh.query("SELECT * FROM pseudo_labels__history")
+    assert len(ablation) > 0 and ablation["pseudo_label"].between(0, 1).all()
+    assert set(ablation.columns) == set(wh.query("SELECT * FROM pseudo_labels LIMIT 0").columns)
+    assert wh.query("SELECT count(*) AS n FROM pseudo_labels")["n"].iloc[0] == main_before

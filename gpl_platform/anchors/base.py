@@ -117,16 +117,47 @@ def history_anchor_texts(history: UserHistory, k: int) -> list[str]:
     return out
 
 
-def compact_item_text(text: str) -> str:
-    """``"Toy Story (1995). Genres: Animation, Comedy"`` -> ``"Toy Story (1995): Animation, Comedy"``."""
+def compact_item_text(text: str, keep_year: bool = False) -> str:
+    """``"Toy Story (1995). Genres: Animation, Comedy"`` -> ``"Toy Story: Animation, Comedy"``.
+
+    Years are dropped by default: the SmolLM2 tokenizer spends one token per digit, so
+    "(1995)" costs 6 prompt tokens per item for little signal.
+    """
     t = " ".join(str(text).split())
     t = re.sub(r"\.\s*Genres?\s*:\s*", ": ", t, flags=re.I)
+    if not keep_year:
+        t = re.sub(r"\s*\(\d{4}\)", "", t)
     return t.replace("|", ", ")
 
 
-def format_history(history: UserHistory, max_items: int) -> str:
-    """Prompt block of a history: one compact item text per line, most recent first."""
-    return "\n".join(compact_item_text(t) for t in history.item_texts[:max_items])
+def main_genres(texts: Sequence[str], n: int = 3) -> list[str]:
+    """Most frequent genres of catalog texts of the form "... Genres: A, B" (ties: first seen)."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        m = re.search(r"Genres?\s*:\s*(.+)$", str(t), flags=re.I)
+        if not m:
+            continue
+        for g in re.split(r"[,|]", m.group(1)):
+            g = g.strip().rstrip(".")
+            if g:
+                counts[g] = counts.get(g, 0) + 1
+    return [g for g, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def format_history(
+    history: UserHistory, max_items: int, keep_year: bool = False, genre_summary: bool = False
+) -> str:
+    """Prompt block of a history: one compact item text per line, most recent first.
+
+    With ``genre_summary`` a last line "Main genres: A, B, C" (over the whole history) is added
+    when the texts carry genres.
+    """
+    lines = [compact_item_text(t, keep_year) for t in history.item_texts[:max_items]]
+    if genre_summary:
+        top = main_genres(history.item_texts)
+        if top:
+            lines.append("Main genres: " + ", ".join(top))
+    return "\n".join(lines)
 
 
 class AnchorGenerator(ABC):

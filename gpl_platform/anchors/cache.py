@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from typing import Sequence
 
+import duckdb
 import pandas as pd
 
 from .base import ANCHOR_COLUMNS, AnchorGenerator, UserHistory, frame_from_rows
@@ -54,7 +55,7 @@ def cache_key(history: UserHistory, signature: str, k: int | None = None) -> str
 
     ``k`` enters the key too when given: anchors made for k=3 are not a valid answer for k=5.
     """
-    payload = {
+    payload: dict[str, object] = {
         "user_id": str(history.user_id),
         "item_ids": [str(i) for i in history.item_ids],
         "item_texts": [str(t) for t in history.item_texts],
@@ -82,7 +83,10 @@ def lookup(con, keys: Sequence[str]) -> pd.DataFrame:
 
 
 def insert(con, rows: pd.DataFrame, generator: AnchorGenerator) -> int:
-    """Insert anchor rows (with a ``cache_key`` column) in one transaction; existing keys are replaced."""
+    """Insert anchor rows (with a ``cache_key`` column) in one transaction; existing keys are replaced.
+
+    Must be called outside an open transaction on ``con`` (DuckDB does not nest transactions).
+    """
     ensure_cache_table(con)
     if rows.empty:
         return 0
@@ -92,7 +96,14 @@ def insert(con, rows: pd.DataFrame, generator: AnchorGenerator) -> int:
     df["prompt_version"] = generator.prompt_version
     df["anchor_rank"] = df["anchor_rank"].astype("int32")
     con.register("_anchor_new", df)
-    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("BEGIN TRANSACTION")
+    except duckdb.TransactionException as e:
+        # DuckDB has no nested transactions, and the failed BEGIN aborts the caller's one
+        raise RuntimeError(
+            "anchor cache insert must run outside an open transaction (it commits its own)"
+        ) from e
+    own_tx = True
     try:
         con.execute(f"DELETE FROM {TABLE} WHERE cache_key IN (SELECT DISTINCT cache_key FROM _anchor_new)")
         con.execute(
@@ -102,12 +113,17 @@ def insert(con, rows: pd.DataFrame, generator: AnchorGenerator) -> int:
                        fallback_reason, backend, model_id, prompt_version, current_timestamp
                 FROM _anchor_new"""
         )
-        con.execute("COMMIT")
+        if own_tx:
+            con.execute("COMMIT")
     except Exception:
-        con.execute("ROLLBACK")
+        if own_tx:
+            con.execute("ROLLBACK")
         raise
     finally:
-        con.unregister("_anchor_new")
+        try:
+            con.unregister("_anchor_new")
+        except duckdb.Error:  # pragma: no cover - connection in an aborted state
+            pass
     return len(df)
 
 

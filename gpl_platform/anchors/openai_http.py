@@ -106,7 +106,9 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         return f"{self.base_url}/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
 
     def build_body(self, hist: UserHistory, k: int, logprobs: bool) -> dict[str, Any]:
-        block = format_history(hist, self.params["max_history_items"])
+        block = format_history(
+            hist, self.params["max_history_items"], genre_summary="Main genres:" in self.template.text
+        )
         body: dict[str, Any] = {
             "model": self.model_id,
             "max_tokens": self.params["max_tokens"],

@@ -74,8 +74,8 @@ def _load_fp32(gguf_path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     conv = _converted_dir(gguf_path)
-    weights = conv / "model.safetensors" if conv is not None else None
-    if weights is not None and weights.exists() and (conv / "config.json").exists():
+    if conv is not None and (conv / "model.safetensors").exists() and (conv / "config.json").exists():
+        weights = conv / "model.safetensors"
         try:
             from safetensors.torch import load_model as st_load
 
@@ -150,6 +150,21 @@ def load_model(gguf_path: Path, quantize: bool = True):
         return model, tok
 
 
+_NEWLINE_TABLES: dict[int, Any] = {}
+_PREFIX_STATES: dict[tuple, Any] = {}  # (model, prompt version, k, cached?) -> (ids, suffix template, kv)
+
+
+def _newline_table(tok):
+    """Bool vector over the vocabulary: does the token's text contain a newline (cached per tokenizer)."""
+    import torch
+
+    key = id(tok)
+    if key not in _NEWLINE_TABLES:
+        pieces = tok.batch_decode([[i] for i in range(len(tok))])
+        _NEWLINE_TABLES[key] = torch.tensor(["\n" in p for p in pieces], dtype=torch.bool)
+    return _NEWLINE_TABLES[key]
+
+
 def _make_prealloc_cache(prefix_kv, batch: int, capacity: int):
     """A KV cache with preallocated buffers seeded with a shared prefix.
 
@@ -165,9 +180,11 @@ def _make_prealloc_cache(prefix_kv, batch: int, capacity: int):
         def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None, B: int, cap: int, shape=None):
             super().__init__()
             self._cap, self._B, self._n = cap, B, 0
-            self._kbuf = self._vbuf = None
+            self._kbuf: Any = None
+            self._vbuf: Any = None
             if keys is not None:
                 self._alloc(keys)
+                assert self._kbuf is not None and self._vbuf is not None
                 n = keys.shape[-2]
                 self._kbuf[:, :, :n] = keys
                 self._vbuf[:, :, :n] = values
@@ -217,7 +234,7 @@ def _make_prealloc_cache(prefix_kv, batch: int, capacity: int):
                 self._B = self._kbuf.shape[0]
                 self._views()
 
-    layers = [_PreallocLayer(k, v, batch, capacity) for k, v in prefix_kv]
+    layers: list[Any] = [_PreallocLayer(k, v, batch, capacity) for k, v in prefix_kv]
     return Cache(layers=layers)
 
 
@@ -244,6 +261,8 @@ class SmolLMAnchorGenerator(AnchorGenerator):
     ) -> None:
         self.gguf_path = Path(gguf_path) if gguf_path else find_packaged_gguf()
         self.template: PromptTemplate = load_prompt(prompt)
+        # templates whose examples carry a "Main genres:" line get one per user too
+        self._genre_summary = "Main genres:" in self.template.text
         self.model_id = self.gguf_path.name
         self.prompt_version = self.template.version
         self.batch_size = int(batch_size)
@@ -261,8 +280,8 @@ class SmolLMAnchorGenerator(AnchorGenerator):
             "seed": int(seed) if temperature > 0 else None,
             "quantize": bool(quantize),
         }
-        self._model = None
-        self._tok = None
+        self._model: Any = None
+        self._tok: Any = None
         self._prefix: dict[int, tuple[list[int], str, Any]] = {}  # k -> (prefix ids, suffix template, kv)
         self._newline_ids: Any = None
         self._timing: Counter = Counter()
@@ -278,13 +297,8 @@ class SmolLMAnchorGenerator(AnchorGenerator):
             torch.set_num_threads(int(self.num_threads))
         self._model, self._tok = load_model(self.gguf_path, quantize=self.params["quantize"])
         tok = self._tok
-        vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
-        nl = torch.zeros(len(tok), dtype=torch.bool)
-        for i in range(len(tok)):
-            piece = tok.decode([i])
-            if "\n" in piece:
-                nl[i] = True
-        self._newline_ids = nl
+        vocab = tok.get_vocab()
+        self._newline_ids = _newline_table(tok)
         stops = {tok.eos_token_id}
         for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"):
             if t in vocab:
@@ -302,6 +316,9 @@ class SmolLMAnchorGenerator(AnchorGenerator):
     def _prefix_state(self, k: int):
         import torch
 
+        key = (id(self._model), self.prompt_version, k, self.use_prefix_cache)
+        if key in _PREFIX_STATES:
+            self._prefix[k] = _PREFIX_STATES[key]
         if k not in self._prefix:
             prefix, suffix_tmpl = self._render(k)
             ids = self._tok(prefix, add_special_tokens=False)["input_ids"]
@@ -312,13 +329,13 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                 with torch.inference_mode():
                     cache = DynamicCache()
                     self._model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-                kv = [(layer.keys, layer.values) for layer in cache.layers]
-            self._prefix[k] = (ids, suffix_tmpl, kv)
+                kv = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
+            self._prefix[k] = _PREFIX_STATES[key] = (ids, suffix_tmpl, kv)
             logger.info("prompt %s: shared prefix of %d tokens (cached=%s)", self.prompt_version, len(ids), kv is not None)
         return self._prefix[k]
 
     def history_block(self, hist: UserHistory) -> str:
-        return format_history(hist, self.params["max_history_items"])
+        return format_history(hist, self.params["max_history_items"], genre_summary=self._genre_summary)
 
     def build_prompt(self, hist: UserHistory, k: int) -> str:
         """Full prompt text of one user (for inspection and the OpenAI backend's chat mode)."""
@@ -429,7 +446,7 @@ class SmolLMAnchorGenerator(AnchorGenerator):
             cache = _make_prealloc_cache([(None, None)] * n_layers, B, capacity)
 
         torch.manual_seed(self.params["seed"] or 0)
-        row_gens = self._row_generators(hists) if temperature > 0 else None
+        row_gens: Any = self._row_generators(hists) if temperature > 0 else None
         active = torch.arange(B)
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_lps: list[list[float]] = [[] for _ in range(B)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROMPT_DIR = Path(__file__).resolve().parent
-DEFAULT_ANCHOR_PROMPT = "anchors_v1"
+DEFAULT_ANCHOR_PROMPT = "anchors_v3"
 HISTORY_PLACEHOLDER = "{history}"
 
 _SECTION = re.compile(r"^===\s*(system|user|assistant)\s*===\s*$", re.M)

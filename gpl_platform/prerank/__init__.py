@@ -1,0 +1,1 @@
+"""The pre-ranker: model, training with actual + pseudo labels, training data per method."""

@@ -1,0 +1,201 @@
+"""The asset checks and the label audit in Dagster, on one GPL run of the small simulator world.
+
+The blocking test corrupts one day of `pseudo_labels` through the Warehouse and shows that the
+pseudo-label checks fail naming that day and why, and that a stand-in training asset downstream
+of `pseudo_labels` does not run on it (in the same run: Dagster's blocking checks; in a later run:
+`quality.require_label_days`).
+"""
+
+import json
+import shutil
+from datetime import date
+
+import pandas as pd
+import pytest
+from dagster import (
+    AssetCheckKey,
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    AssetSelection,
+    BackfillPolicy,
+    DagsterInstance,
+    Definitions,
+    TimeWindowPartitionMapping,
+    asset,
+    materialize,
+)
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from assets.audit import audit_assets
+from assets.checks import all_checks
+from assets.definitions import all_assets, daily_job
+from assets.partitions import daily_partitions, partition_days
+from assets.resources import GplSettings
+from assets.schedules import build_schedules
+from gpl_platform import quality
+
+HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
+PIPELINE = ["candidate_events", "user_histories", "user_anchors", "anchor_embeddings", "candidate_similarities",
+            "similarity_calibration", "pseudo_labels"]
+LABEL_CHECKS = ["pseudo_labels_valid", "pseudo_labels_distribution"]
+CONSUMED: list[list[str]] = []
+
+pytestmark = pytest.mark.slow  # one real GPL run (encoder load) shared by the module: ~30 s
+
+
+@asset(partitions_def=daily_partitions, backfill_policy=BackfillPolicy.single_run(), group_name="training",
+       deps=[AssetDep("pseudo_labels", partition_mapping=TimeWindowPartitionMapping())])
+def training_consumer(context: AssetExecutionContext) -> None:
+    """Stand-in for the training asset: records which days it consumed."""
+    CONSUMED.append(list(context.partition_keys))
+
+
+EVERYTHING = [*all_assets, *audit_assets, *all_checks, training_consumer]
+
+
+def _tags(start, end):
+    return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Ingestion + GPL for all 5 days (with their checks), in one ephemeral instance."""
+    tmp = tmp_path_factory.mktemp("quality")
+    gpl = GplSettings(data_dir=str(tmp / "data"), overrides_json=HISTORY)
+    instance = DagsterInstance.ephemeral()
+    resources = {"gpl": gpl}
+    assert materialize(EVERYTHING, selection=["item_catalog", "users", "item_embeddings"], resources=resources,
+                       instance=instance).success
+    result = materialize(EVERYTHING, selection=AssetSelection.assets(*PIPELINE), resources=resources,
+                         instance=instance, tags=_tags("2024-01-01", "2024-01-05"))
+    assert result.success
+    return gpl, instance, result, tmp
+
+
+def _evaluations(result):
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_definitions_with_checks_audit_and_schedules_load():
+    defs = Definitions(assets=[*all_assets, *audit_assets], asset_checks=all_checks, jobs=[daily_job],
+                       schedules=build_schedules(daily_job), resources={"gpl": GplSettings()})
+    Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    checks = {k.name for k in graph.asset_check_keys}
+    assert set(LABEL_CHECKS) | {"user_anchors_quality", "anchor_embeddings_valid", "item_embeddings_valid",
+                                "candidate_events_contract"} <= checks
+    assert AssetKey("label_audit") in graph.get_all_asset_keys()
+    job_checks = {k.name for k in defs.resolve_job_def("gpl_daily").asset_layer.asset_graph.asset_check_keys}
+    assert set(LABEL_CHECKS) <= job_checks  # the daily job runs the checks of its assets
+
+
+def test_all_checks_pass_on_a_healthy_run(world):
+    gpl, instance, result, _ = world
+    evals = _evaluations(result)
+    assert {"pseudo_labels_valid", "pseudo_labels_distribution", "user_anchors_quality", "anchor_embeddings_valid",
+            "candidate_events_contract"} <= set(evals)
+    for name, ev in evals.items():
+        assert ev.passed, (name, ev.description)
+    dist = evals["pseudo_labels_distribution"]
+    assert dist.metadata["failing_days"].value == "none"
+    assert "2024-01-05" in dist.metadata["per_day"].value  # every day of the range is in the table
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [AssetCheckKey(AssetKey("pseudo_labels"), "pseudo_labels_distribution")])
+    assert record  # stored in the instance: what the UI shows
+
+
+def test_item_embedding_check_and_label_audit(world):
+    gpl, instance, _, _ = world
+    result = materialize(EVERYTHING, selection=["item_embeddings", "label_audit"], resources={"gpl": gpl},
+                         instance=instance)
+    assert result.success
+    assert _evaluations(result)["item_embeddings_valid"].passed
+    meta = instance.fetch_materializations(AssetKey("label_audit"), limit=1).records[0].asset_materialization.metadata
+    assert meta["pairs"].value > 0 and 0 <= meta["later_click_rate"].value <= 1
+    assert "reliability" in meta and "by_lag" in meta and "plot" in meta
+    wh = gpl.warehouse()
+    pairs = wh.query("SELECT * FROM label_audit_pairs")
+    assert len(pairs) == meta["pairs"].value
+    assert (pd.to_datetime(pairs["exposure_day"]) > pd.to_datetime(pairs["label_day"])).all()
+    by_day = wh.query("SELECT * FROM label_audit_by_day")
+    assert by_day["n"].sum() == len(pairs)
+
+
+def _corrupt(gpl, day: str, **values) -> None:
+    wh = gpl.warehouse()
+    sets = ", ".join(f"{col} = {val}" for col, val in values.items())
+    with wh.transaction() as con:
+        con.execute(f"UPDATE pseudo_labels SET {sets} WHERE day = ?", [date.fromisoformat(day)])
+
+
+def test_corrupted_partition_blocks_training(world, tmp_path):
+    gpl, instance, _, world_dir = world
+    # Work on a copy so the other tests keep the healthy warehouse.
+    data = tmp_path / "data"
+    shutil.copytree(world_dir / "data", data)
+    gpl = GplSettings(data_dir=str(data), overrides_json=HISTORY)
+    resources = {"gpl": gpl}
+    selection = AssetSelection.checks_for_assets("pseudo_labels") | AssetSelection.assets(training_consumer)
+
+    # Healthy days: the checks pass and training runs on them.
+    CONSUMED.clear()
+    ok = materialize(EVERYTHING, selection=selection, resources=resources, instance=instance,
+                     tags=_tags("2024-01-03", "2024-01-05"))
+    assert ok.success and CONSUMED == [["2024-01-03", "2024-01-04", "2024-01-05"]]
+
+    # Saturate one day: every pseudo-label 1.0 with full confidence.
+    _corrupt(gpl, "2024-01-04", pseudo_label=1.0, confidence=1.0)
+    CONSUMED.clear()
+    bad = materialize(EVERYTHING, selection=selection, resources=resources, instance=instance,
+                      tags=_tags("2024-01-03", "2024-01-05"), raise_on_error=False)
+    assert not bad.success
+    assert CONSUMED == []  # training did not run on the range that holds the bad day
+    assert not any(e.asset_key == AssetKey("training_consumer") for e in bad.get_asset_materialization_events())
+    evals = _evaluations(bad)
+    dist = evals["pseudo_labels_distribution"]
+    assert not dist.passed and dist.blocking
+    assert dist.metadata["failing_days"].value == "2024-01-04"  # only the bad day is named
+    assert "2024-01-04: pseudo_label_mean: observed 1, expected in [0.01, 0.9]" in dist.description
+    assert "high_confidence_positive_share" in dist.description
+    assert evals["pseudo_labels_valid"].passed  # values are in range: only the distribution is wrong
+    failure = bad.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "blocking asset check" in failure and "pseudo_labels_distribution" in failure
+    logged = [e.message for e in instance.all_logs(bad.run_id) if e.level >= 40]
+    assert any("pseudo-label distribution FAILED on 1 of 3 partition(s)" in (m or "") for m in logged)
+
+    # NaN confidence on a single partition: the value check fails too.
+    _corrupt(gpl, "2024-01-05", confidence="'NaN'::DOUBLE")
+    CONSUMED.clear()
+    nan = materialize(EVERYTHING, selection=selection, resources=resources, instance=instance,
+                      partition_key="2024-01-05", raise_on_error=False)
+    assert not nan.success and CONSUMED == []
+    valid = _evaluations(nan)["pseudo_labels_valid"]
+    assert not valid.passed and "confidence_not_null" in valid.description
+
+    # A later run (training in its own run) refuses the failing days through the same suites.
+    with pytest.raises(quality.QualityGateError, match=r"2024-01-04: pseudo_label_distribution: pseudo_label_mean"):
+        quality.require_label_days(gpl.warehouse(), partition_days(["2024-01-03", "2024-01-04"]))
+    quality.require_label_days(gpl.warehouse(), partition_days(["2024-01-02", "2024-01-03"]))
+
+    # Re-materializing the bad days repairs them; the checks pass and training runs.
+    CONSUMED.clear()
+    fixed = materialize(EVERYTHING, selection=AssetSelection.assets("pseudo_labels", training_consumer),
+                        resources=resources, instance=instance, tags=_tags("2024-01-04", "2024-01-05"))
+    assert fixed.success and CONSUMED == [["2024-01-04", "2024-01-05"]]
+    assert all(e.passed for e in fixed.get_asset_check_evaluations())
+
+
+def test_checks_alone_check_the_days_of_the_run_or_every_written_day(world):
+    """Checks without their asset: a range run checks the range; without a partition (the UI's
+    "Execute" on a check), every day written so far."""
+    gpl, instance, _, _ = world
+    selection = AssetSelection.checks_for_assets("pseudo_labels", "candidate_events")
+    ranged = materialize(EVERYTHING, selection=selection, resources={"gpl": gpl}, instance=instance,
+                         tags=_tags("2024-01-02", "2024-01-03"))
+    assert ranged.success
+    evals = _evaluations(ranged)
+    assert evals["pseudo_labels_distribution"].metadata["days_checked"].value.startswith("2024-01-02 .. 2024-01-03")
+    everything = materialize(EVERYTHING, selection=selection, resources={"gpl": gpl}, instance=instance)
+    assert everything.success
+    assert _evaluations(everything)["candidate_events_contract"].metadata["days_checked"].value.endswith("(5 days)")
