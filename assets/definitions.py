@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dagster import Definitions, define_asset_job, in_process_executor, load_assets_from_modules
 
-from assets import gpl, ingestion
+from assets import gpl, ingestion, training
 from assets.features import feature_assets
 from assets.partitions import daily_partitions
 from assets.resources import GplSettings
 
-all_assets = [*load_assets_from_modules([ingestion, gpl]), *feature_assets]
+all_assets = [*load_assets_from_modules([ingestion, gpl, training]), *feature_assets]
 
 # One process per run: steps share the loaded models and data, and only one process at a time
 # opens the DuckDB file for writing (dagster.yaml also queues runs one at a time).

@@ -31,6 +31,20 @@ def _instance(ephemeral: bool) -> DagsterInstance:
     return DagsterInstance.ephemeral() if ephemeral else DagsterInstance.get()
 
 
+def _downstream_of(keys: set) -> set:
+    """Asset keys that depend, directly or not, on any of ``keys``."""
+    deps = {k: set(a.asset_deps[k]) for a in all_assets for k in a.keys}
+    found: set = set()
+    changed = True
+    while changed:
+        changed = False
+        for key, upstream in deps.items():
+            if key not in found and upstream & (keys | found):
+                found.add(key)
+                changed = True
+    return found
+
+
 def run_pipeline(start: str | None = None, end: str | None = None, resources: dict | None = None,
                  selection: list[str] | None = None, ephemeral: bool = False) -> PipelineResult:
     """Materialize the asset graph (optionally a key selection) over partitions [start, end]."""
@@ -42,10 +56,13 @@ def run_pipeline(start: str | None = None, end: str | None = None, resources: di
     instance = _instance(ephemeral)
     result = PipelineResult(success=True, partition_range=(start, end))
     wanted = AssetSelection.all() if selection is None else AssetSelection.assets(*selection)
-    unpartitioned = [a for a in all_assets if a.partitions_def is None]
     partitioned = [a for a in all_assets if a.partitions_def is not None]
-    stages = [("unpartitioned", unpartitioned, {}),
-              ("partitioned", partitioned, {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end})]
+    after = _downstream_of({k for a in partitioned for k in a.keys})
+    before = [a for a in all_assets if a.partitions_def is None and not set(a.keys) & after]
+    finals = [a for a in all_assets if a.partitions_def is None and set(a.keys) & after]
+    range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+    # Unpartitioned roots (catalog, embeddings), then one run over all days, then what consumes the days.
+    stages = [("unpartitioned", before, {}), ("partitioned", partitioned, range_tags), ("final", finals, {})]
     for name, stage_assets, tags in stages:
         stage_keys = {k for a in stage_assets for k in a.keys}
         chosen = wanted.resolve(all_assets) & stage_keys

@@ -96,6 +96,22 @@ class CalibrationConfig(BaseModel):
     min_samples: int = Field(200, gt=1, description="fewer exposed samples: no calibration, no pseudo-labels")
 
 
+class TrainingConfig(BaseModel):
+    """How training sets are built (GPL_METHOD.md step 5 and the baselines)."""
+
+    test_share: float = Field(0.2, gt=0, lt=1, description="last share of requests (by day) held out for testing")
+    valid_share: float = Field(0.1, gt=0, lt=1, description="share of requests before the test days for early stopping")
+    pseudo_weight: float = Field(1.0, ge=0, description="lambda: weight of the pseudo-label loss")
+    negative_sample_rate: float = Field(0.3, gt=0, le=1, description="unexposed_negative: share of unexposed rows kept")
+    ips_clip: float = Field(20.0, gt=1, description="largest inverse-propensity weight")
+    feature_service: str = "prerank_v1"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    epochs: int = Field(15, gt=0)
+    batch_size: int = Field(2048, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    patience: int = Field(2, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GPL_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -118,6 +134,7 @@ class Settings(BaseSettings):
     anchors: AnchorConfig = AnchorConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    training: TrainingConfig = TrainingConfig()
 
     @field_validator("data_dir")
     @classmethod

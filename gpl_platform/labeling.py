@@ -265,11 +265,15 @@ def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: Cal
         return None
     require_days(warehouse, tables.similarities, window, f"the calibration of refit day {refit}")
     column = f"similarity_{pooling}"
+    # Candidates matched only to a generic anchor (a user without history) say nothing about how
+    # similarity maps to clicks: fitting on them would flatten the calibration, so they are left out.
     train = warehouse.query(
         f"SELECT s.{column} AS similarity, e.clicked FROM {tables.similarities} s "
         "JOIN events e USING (day, request_id, item_id) "
+        f"JOIN {tables.anchors} a ON a.day = s.day AND a.anchor_id = s.anchor_id "
         f"WHERE s.exposed AND s.day >= ? AND s.day < ? AND s.{column} IS NOT NULL AND s.anchor_signature = ? "
-        "AND s.encoder_id = ?", [start, refit, anchor_signature, encoder_id])
+        "AND s.encoder_id = ? AND a.fallback_reason IS DISTINCT FROM ?",
+        [start, refit, anchor_signature, encoder_id, FALLBACK_EMPTY_HISTORY])
     if len(train) < cfg.min_samples or train["clicked"].nunique() < 2:
         log.info("no %s-pool calibration at refit day %s: %d labelled exposed candidates in %s..%s (< %d or one "
                  "class)", pooling, refit, len(train), start, refit - timedelta(1), cfg.min_samples)

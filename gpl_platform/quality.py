@@ -349,6 +349,9 @@ def check_pseudo_label_distribution(labels: pd.DataFrame, previous: pd.DataFrame
         meta["confidence_kl_vs_previous"] = kl_divergence(confidence_histogram(conf, cfg.kl_bins),
                                                           confidence_histogram(prev_conf, cfg.kl_bins),
                                                           cfg.kl_smoothing)
+    gx_kl = next((o.observed for o in outcomes if o.name == "confidence_kl_vs_previous"), None)
+    if isinstance(gx_kl, (int, float)):
+        meta["confidence_kl_vs_previous"] = gx_kl  # the value the rule judged
     if kl_note:
         meta["kl_skipped"] = kl_note
     return _result(suite, outcomes, meta)

@@ -138,7 +138,6 @@ def test_asset_graph_and_failing_check_in_the_ui(tmp_path, monkeypatch):
         folder.mkdir(parents=True)
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     (tmp_path / "ui_defs.py").write_text(UI_DEFS)
-    _materialize_into(home, data, monkeypatch)
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -152,7 +151,13 @@ def test_asset_graph_and_failing_check_in_the_ui(tmp_path, monkeypatch):
                                   env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
+        began = time.monotonic()
+        # The server starts while this process materializes into the same instance (it reads the
+        # instance's storage on every request).
+        _materialize_into(home, data, monkeypatch)
+        materialized = time.monotonic()
         _wait_for_server(url, server, log)
+        print(f"materialized in {materialized - began:.1f}s, server up after {time.monotonic() - began:.1f}s")
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as pw:

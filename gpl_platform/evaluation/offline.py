@@ -12,18 +12,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpl_platform.config import TrainingConfig
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
 from gpl_platform.prerank.data import (
     METHODS,
     TimeSplit,
-    TrainingConfig,
     attach_features,
     exposure_propensity,
     fit_teacher,
     load_candidates,
     load_pseudo_labels,
-    method_rows,
+    method_plan,
     pseudo_label_lineage,
+    rows_from_plan,
     time_split,
 )
 from gpl_platform.prerank.train import TrainConfig, train_preranker
@@ -112,7 +113,11 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
             teacher = fit_teacher(train_x[train_exposed], train.loc[train_exposed, "clicked"].to_numpy(int), seed)
             teacher_scores = teacher.predict_proba(train_x)[:, 1]
         for method in methods:
-            rows = method_rows(method, train, train_x, pseudo, cfg, seed, teacher_scores, propensity)
+            plan = method_plan(method, train, pseudo, cfg, seed, teacher_scores, propensity)
+            if plan.empty:
+                raise ValueError(f"method {method}: no training rows over {split.describe()['train_days']} "
+                                 "(no pseudo-labels on the training days?)")
+            rows = rows_from_plan(plan, train_x)
             model, history = train_preranker(rows, columns, valid_x, valid_y, config=TrainConfig(
                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed))
             scores = model.predict(test_x)

@@ -13,8 +13,8 @@ from datetime import date
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
 
+from gpl_platform.config import TrainingConfig
 from gpl_platform.prerank.train import TrainingRows
 from gpl_platform.warehouse import Warehouse
 
@@ -22,22 +22,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl", "gpl_no_confidence",
            "gpl_mean_pool", "gpl_history_anchors", "pseudo_only")
-
-
-class TrainingConfig(BaseModel):
-    """How training sets are built (GPL_METHOD.md step 5 and the baselines)."""
-
-    test_share: float = Field(0.2, gt=0, lt=1, description="last share of requests (by day) held out for testing")
-    valid_share: float = Field(0.1, gt=0, lt=1, description="share of requests before the test days for early stopping")
-    pseudo_weight: float = Field(1.0, ge=0, description="lambda: weight of the pseudo-label loss")
-    negative_sample_rate: float = Field(0.3, gt=0, le=1, description="unexposed_negative: share of unexposed rows kept")
-    ips_clip: float = Field(20.0, gt=1, description="largest inverse-propensity weight")
-    feature_service: str = "prerank_v1"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    epochs: int = Field(15, gt=0)
-    batch_size: int = Field(2048, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    patience: int = Field(2, gt=0)
 
 
 @dataclass
@@ -51,18 +35,28 @@ class TimeSplit:
 
 
 def time_split(warehouse: Warehouse, test_share: float, valid_share: float) -> TimeSplit:
-    """Days in order; the last ``test_share`` of requests are test, the ``valid_share`` before them validation."""
+    """Days in order: the test part is the shortest run of last days holding ``test_share`` of the
+    requests (at least one day), validation the shortest run before it holding ``valid_share``."""
     per_day = warehouse.query("SELECT day, count(DISTINCT request_id) AS n FROM events GROUP BY day ORDER BY day")
-    if per_day.empty:
-        raise ValueError("no events in the warehouse: materialize the ingestion assets first")
-    per_day["day"] = pd.to_datetime(per_day["day"]).dt.date
-    share = per_day["n"].cumsum() / per_day["n"].sum()
-    test = per_day["day"][share > 1 - test_share].tolist()
-    valid = per_day["day"][(share > 1 - test_share - valid_share) & (share <= 1 - test_share)].tolist()
-    train = per_day["day"][share <= 1 - test_share - valid_share].tolist()
-    if not (train and valid and test):
-        raise ValueError(f"time split left an empty part (train {len(train)}, valid {len(valid)}, test {len(test)} days)")
-    return TimeSplit(train, valid, test)
+    per_day = per_day[per_day["n"] > 0]
+    if len(per_day) < 3:
+        raise ValueError(f"a time split needs at least 3 days with requests, the warehouse has {len(per_day)}")
+    days = pd.to_datetime(per_day["day"]).dt.date.tolist()
+    counts = per_day["n"].to_numpy(float) / per_day["n"].sum()
+
+    def suffix(end: int, share: float) -> int:  # start index of the shortest run ending at `end` with `share`
+        start, total = end, 0.0
+        while start > 0 and total < share:
+            start -= 1
+            total += counts[start]
+        return start
+
+    test_start = min(suffix(len(days), test_share), len(days) - 1)
+    valid_start = min(suffix(test_start, valid_share), test_start - 1)
+    if valid_start < 1:
+        raise ValueError(f"time split left no training days ({len(days)} days with requests; lower "
+                         "training.test_share / valid_share)")
+    return TimeSplit(days[:valid_start], days[valid_start:test_start], days[test_start:])
 
 
 def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
@@ -131,28 +125,30 @@ def fit_teacher(matrix: np.ndarray, labels: np.ndarray, seed: int):
                                           random_state=seed).fit(matrix, labels)
 
 
-def method_rows(method: str, train: pd.DataFrame, matrix: np.ndarray, pseudo: dict[str, pd.DataFrame],
-                cfg: TrainingConfig, seed: int, teacher_scores: np.ndarray | None = None,
-                propensity: np.ndarray | None = None) -> TrainingRows:
-    """TrainingRows of ``method`` over the training candidates ``train`` (rows aligned with ``matrix``).
+def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame], cfg: TrainingConfig,
+                seed: int, teacher_scores: np.ndarray | None = None, propensity: np.ndarray | None = None
+                ) -> pd.DataFrame:
+    """Which training candidates ``method`` learns from, with what label and weight:
+    a frame of (row into ``train``, label in [0, 1], weight, is_pseudo).
 
+    Exposed rows carry their click (weight 1, or an IPS weight); unexposed rows, depending on the
+    method, a sampled 0, the teacher's score, or a pseudo-label with weight lambda * confidence.
     ``pseudo`` maps "main" and "history" to pseudo-label frames keyed by (request_id, item_id).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     exposed = train["exposed"].to_numpy(bool)
     idx_exp = np.flatnonzero(exposed)
-    actual = (idx_exp, train["clicked"].to_numpy(float)[idx_exp], np.ones(len(idx_exp)))
     lam = cfg.pseudo_weight
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
     if method != "pseudo_only":
-        weights = actual[2]
+        weights = np.ones(len(idx_exp))
         if method == "ips":
             if propensity is None:
                 raise ValueError("ips needs propensities")
             w = np.minimum(1.0 / np.maximum(propensity[idx_exp], 1e-6), cfg.ips_clip)
             weights = w / w.mean()
-        parts.append((actual[0], actual[1], weights, False))
+        parts.append((idx_exp, train["clicked"].to_numpy(float)[idx_exp], weights, False))
     idx_unexp = np.flatnonzero(~exposed)
     if method == "unexposed_negative":
         rng = np.random.default_rng(seed)
@@ -169,13 +165,28 @@ def method_rows(method: str, train: pd.DataFrame, matrix: np.ndarray, pseudo: di
         rows = np.flatnonzero((~exposed) & (pos >= 0))
         src = pos[rows]
         label_col = "pseudo_label_mean_pool" if method == "gpl_mean_pool" else "pseudo_label"
-        labels = table[label_col].to_numpy(float)[src]
         conf = table["confidence"].to_numpy(float)[src]
-        weight = np.full(len(rows), lam) if method == "gpl_no_confidence" else lam * conf
-        if method == "pseudo_only":
+        if method == "gpl_no_confidence":
+            weight = np.full(len(rows), lam)
+        elif method == "pseudo_only":
             weight = conf
-        parts.append((rows, labels, weight, True))
-    idx = np.concatenate([p[0] for p in parts])
-    return TrainingRows(matrix[idx], np.concatenate([p[1] for p in parts]).astype(np.float32),
-                        np.concatenate([p[2] for p in parts]).astype(np.float32),
-                        np.concatenate([np.full(len(p[0]), p[3]) for p in parts]))
+        else:
+            weight = lam * conf
+        parts.append((rows, table[label_col].to_numpy(float)[src], weight, True))
+    return pd.DataFrame({
+        "row": np.concatenate([p[0] for p in parts]).astype(np.int64),
+        "label": np.concatenate([p[1] for p in parts]).astype(np.float32),
+        "weight": np.concatenate([p[2] for p in parts]).astype(np.float32),
+        "is_pseudo": np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
+    })
+
+
+def rows_from_plan(plan: pd.DataFrame, matrix: np.ndarray) -> TrainingRows:
+    return TrainingRows(matrix[plan["row"].to_numpy()], plan["label"].to_numpy(np.float32),
+                        plan["weight"].to_numpy(np.float32), plan["is_pseudo"].to_numpy(bool))
+
+
+def plan_frame(plan: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """A plan with the candidate keys it points at: the storable training set (features come later)."""
+    keys = train[["day", "request_id", "user_id", "item_id", "event_time"]].iloc[plan["row"].to_numpy()]
+    return pd.concat([keys.reset_index(drop=True), plan.drop(columns=["row"]).reset_index(drop=True)], axis=1)

@@ -1,0 +1,47 @@
+"""Train the production pre-ranker from the stored training set and save it with its lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from gpl_platform.config import Settings
+from gpl_platform.prerank.data import attach_features, load_candidates, time_split
+from gpl_platform.prerank.model import ModelConfig
+from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker
+from gpl_platform.warehouse import Warehouse
+
+
+def train_from_training_set(warehouse: Warehouse, store, settings: Settings) -> dict:
+    cfg = settings.training
+    rows = warehouse.query("SELECT * FROM training_set ORDER BY day, request_id, item_id")
+    if rows.empty:
+        raise ValueError("the training set is empty: materialize training_set first")
+    stored = warehouse.query("SELECT value FROM warehouse_meta WHERE key = 'training_set_lineage'")
+    set_lineage = json.loads(stored["value"].iloc[0]) if len(stored) else {}
+    split = time_split(warehouse, cfg.test_share, cfg.valid_share)
+    matrix, columns = attach_features(store, rows, cfg.feature_service)
+    valid = load_candidates(warehouse, split.valid_days)
+    valid = valid[valid["exposed"]].reset_index(drop=True)
+    valid_x, _ = attach_features(store, valid, cfg.feature_service)
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                            seed=settings.seed)
+    model, history = train_preranker(
+        TrainingRows(matrix, rows["label"].to_numpy(np.float32), rows["weight"].to_numpy(np.float32),
+                     rows["is_pseudo"].to_numpy(bool)),
+        columns, valid_x, valid["clicked"].to_numpy(int), ModelConfig(), train_cfg)
+    lineage = {
+        "training_set": set_lineage, "split": split.describe(), "feature_service": cfg.feature_service,
+        "feature_spec_digest": store.spec().digest(), "encoder": set_lineage.get("pseudo_labels", {}).get(
+            "encoder_versions"), "hyperparameters": {**train_cfg.__dict__, "model": ModelConfig().__dict__,
+                                                     "pseudo_weight": cfg.pseudo_weight},
+        "metrics": {"best_valid_auc": history["best_valid_auc"], "best_epoch": history["best_epoch"],
+                    "epochs_run": history["epochs_run"]},
+        "n_rows": history["n_rows"], "n_pseudo": history["n_pseudo"],
+    }
+    version = hashlib.sha256(json.dumps(lineage, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    lineage["version"] = version
+    path = model.save(settings.artifacts_dir / "models" / version, lineage)
+    return {"version": version, "path": str(path), "training": history, "lineage": lineage}
