@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from dagster import AssetSelection, DagsterInstance, materialize
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from assets.definitions import all_assets, daily_partitions
+from assets.definitions import all_assets, all_checks, daily_partitions
 from assets.resources import GplSettings
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def run_pipeline(start: str | None = None, end: str | None = None, resources: di
         if not chosen:
             continue
         began = time.perf_counter()
-        run = materialize(all_assets, instance=instance, resources=resources, tags=tags,
+        # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream steps.
+        run = materialize([*all_assets, *all_checks], instance=instance, resources=resources, tags=tags,
                           selection=AssetSelection.assets(*chosen))
         result.seconds[name] = round(time.perf_counter() - began, 2)
         result.runs.append(run.run_id)

@@ -33,25 +33,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-
-def _stats(seconds: list[float]) -> dict:
-    ms = np.asarray(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3), "n": len(ms)}
-
-
-def _time(fn, requests, warmup: int = 10) -> dict:
-    for user, items in requests[:warmup]:
-        fn(user, items)
-    seconds = []
-    for user, items in requests:
-        t0 = time.perf_counter()
-        fn(user, items)
-        seconds.append(time.perf_counter() - t0)
-    return _stats(seconds)
+from _timing import time_calls as _time  # noqa: E402
 
 
 def _free_port() -> int:

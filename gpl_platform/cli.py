@@ -149,6 +149,8 @@ def evaluate(
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
     data_dir: Optional[Path] = typer.Option(None, help="where the warehouse lives (default: GPL_DATA_DIR or ./data"
                                             "; a different source needs its own)"),
+    results_doc: Optional[Path] = typer.Option(None, help="also write the results table into this markdown file "
+                                               "(between generated markers; e.g. docs/RESULTS.md)"),
 ) -> None:
     """Run the whole chain (ingestion, GPL labels, features) and the offline evaluation of every method."""
     if data_dir is None and "GPL_DATA_DIR" not in os.environ and source != "movielens-100k":
@@ -177,6 +179,15 @@ def evaluate(
     if produced.resolve() != out:
         for sibling in produced.parent.glob("offline_eval*"):
             shutil.copy2(sibling, out.parent / sibling.name.replace("offline_eval", out.stem, 1))
+    if results_doc:
+        import subprocess
+
+        from gpl_platform.evaluation.report import update_results_doc
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        report = json.loads(out.read_text())
+        update_results_doc(results_doc, report, "gpl " + " ".join(sys.argv[1:]), commit)
     typer.echo(f"evaluation written to {out} (+ {out.with_suffix('.md').name}) in {time.perf_counter() - began:.0f}s")
 
 

@@ -83,3 +83,17 @@ def bench_pseudo_label_speed(candidates: int = typer.Option(1_000_000), out: Opt
 def bench_item_encoding(items: int = typer.Option(2000), out: Optional[Path] = typer.Option(None)) -> None:
     """Item encoding items/s: batched vs one text at a time."""
     _emit(_bench_module("bench_item_encoding").run(items, out), None)
+
+
+@bench_app.command("online-latency")
+def bench_online_latency(items: int = typer.Option(100, help="candidate items per request"),
+                         out: Optional[Path] = typer.Option(None)) -> None:
+    """Online feature retrieval p50/p99 for 1 user + N items: SQLite, Redis, and the direct-read floor."""
+    _emit(_bench_module("bench_online_latency").run(items, out), None)
+
+
+@bench_app.command("prerank-scoring")
+def bench_prerank_scoring(items: int = typer.Option(1000, help="candidate items per request"),
+                          out: Optional[Path] = typer.Option(None)) -> None:
+    """Serving latency: user + N candidates -> scores with online features (SQLite), vs retrieval alone."""
+    _emit(_bench_module("bench_prerank_scoring").run(items, out), None)

@@ -108,13 +108,12 @@ def load_histories(warehouse: Warehouse, days: Sequence[date], max_items: int) -
     return frame.drop(columns=["history_item_ids"])
 
 
-def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: AnchorGenerator, k: int,
-                     history_max_items: int, progress: bool = True, run_id: str | None = None,
-                     tables: StageTables = MAIN) -> tuple[pd.DataFrame, dict]:
-    """Anchors for every (day, user) with a request; a history seen before is a cache hit."""
+def anchors_for_days(warehouse: Warehouse, days: Sequence[date], generator: AnchorGenerator, k: int,
+                     history_max_items: int, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Anchors of every (day, user) with a request, keyed by ``day``, ``user_id`` and ``cache_key``:
+    each distinct history is generated once, and a history seen in an earlier run is a cache hit."""
     from gpl_platform.anchors.cache import cache_key, generate_with_cache
 
-    days = sorted(set(days))
     histories = load_histories(warehouse, days, history_max_items)
     signature = generator.cache_signature()
     histories["cache_key"] = [cache_key(h, signature, k) for h in histories["history"]]
@@ -122,15 +121,24 @@ def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: Anch
     with warehouse.connect() as con:
         anchors, stats = generate_with_cache(con, generator, list(unique["history"]), k, progress=progress)
     anchors = anchors.drop(columns=["user_id"]).merge(histories[["day", "user_id", "cache_key"]], on="cache_key")
+    stats = dict(stats)
+    stats.update(user_days=len(histories), distinct_histories=len(unique), anchors=len(anchors))
+    return anchors, stats
+
+
+def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: AnchorGenerator, k: int,
+                     history_max_items: int, progress: bool = True, run_id: str | None = None,
+                     tables: StageTables = MAIN) -> tuple[pd.DataFrame, dict]:
+    """Anchors for every (day, user) with a request, written to the anchors table of ``tables``."""
+    days = sorted(set(days))
+    anchors, stats = anchors_for_days(warehouse, days, generator, k, history_max_items, progress)
     anchors["anchor_id"] = anchors["cache_key"].str[:16] + "-" + anchors["anchor_rank"].astype(str)
     anchors["backend"], anchors["model_id"] = generator.backend, generator.model_id
-    anchors["prompt_version"], anchors["anchor_signature"] = generator.prompt_version, signature
+    anchors["prompt_version"], anchors["anchor_signature"] = generator.prompt_version, generator.cache_signature()
     anchors = anchors.sort_values(["day", "user_id", "anchor_rank"], ignore_index=True)
     tables.ensure(warehouse)
     with warehouse.transaction() as con:
         warehouse.replace_partitions(tables.anchors, anchors, days, con, run_id)
-    stats = dict(stats)
-    stats.update(user_days=len(histories), distinct_histories=len(unique), anchors=len(anchors))
     return anchors, stats
 
 

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from gpl_platform.anchors import AnchorGenerator
 from gpl_platform.embeddings import load_item_embeddings
 from gpl_platform.evaluation.metrics import auc, gauc
-from gpl_platform.labeling import load_histories
+from gpl_platform.labeling import anchors_for_days
 from gpl_platform.scoring import score_candidates
 from gpl_platform.warehouse import Warehouse
 
@@ -39,16 +39,9 @@ def variant_similarities(warehouse: Warehouse, days: Sequence[date], candidates:
                          generator: AnchorGenerator, encoder, k: int, history_max_items: int,
                          progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """(similarity_max, similarity_mean, stats) of ``candidates`` under ``generator``'s anchors."""
-    from gpl_platform.anchors.cache import cache_key, generate_with_cache
-
-    histories = load_histories(warehouse, days, history_max_items)
-    signature = generator.cache_signature()
-    histories["cache_key"] = [cache_key(h, signature, k) for h in histories["history"]]
-    unique = histories.drop_duplicates("cache_key")
-    with warehouse.connect() as con:
-        anchors, stats = generate_with_cache(con, generator, list(unique["history"]), k, progress=progress)
+    anchors, stats = anchors_for_days(warehouse, days, generator, k, history_max_items, progress)
+    with warehouse.connect(read_only=True) as con:
         item_ids, item_vectors = load_item_embeddings(con, encoder.encoder_id)
-    anchors = anchors.drop(columns=["user_id"]).merge(histories[["day", "user_id", "cache_key"]], on="cache_key")
     texts, inverse = np.unique(anchors["anchor_text"].to_numpy(dtype=str), return_inverse=True)
     vectors = encoder.encode(list(texts))[inverse]
     users = pd.MultiIndex.from_frame(anchors[["day", "user_id"]].drop_duplicates())
