@@ -123,10 +123,15 @@ def item_features(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
        description="Online store: Feast materialize(start, end) over the partitions' time windows "
                    "(ending on the newest feature day, so re-running an old day keeps the newest values).")
 def online_features(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    from gpl_platform.features import pipeline
     from gpl_platform.features.store import FeastStore
 
     days = partition_days(context.partition_keys)
-    windows = FeastStore(gpl.settings()).materialize_days(days)
+    store = FeastStore(gpl.settings())
+    # A per-day job backfill never runs the unpartitioned feast_registry: make sure the registry matches
+    # the definitions first (a no-op when the digest is unchanged).
+    store.apply_if_changed(pipeline.warehouse_spec(gpl.warehouse()))
+    windows = store.materialize_days(days)
     return MaterializeResult(metadata={"partition_span": span(days), "window_end": windows["end"],
                                        "windows": ", ".join(f"{s}: {'+'.join(v)}" for s, v in windows["windows"].items())})
 

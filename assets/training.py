@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from assets.metadata import table_md
@@ -33,12 +34,15 @@ def training_set(context: AssetExecutionContext, gpl: GplSettings) -> Materializ
     # The blocking label checks judged each partition when it was written; a later run re-checks what it
     # is about to consume, so a partition that failed (or was corrupted since) never reaches training.
     failing = quality.failing_label_days(warehouse, split.train_days, quality.quality_config(settings).pseudo_labels)
-    if failing:
+    for day, why in sorted(failing.items()):
+        context.log.warning("pseudo-labels of %s fail the quality gate and are not consumed: %s", day, why)
+    if len(failing) > cfg.max_failing_label_days_share * len(split.train_days):
         raise quality.QualityGateError(
-            "training_set refuses pseudo-labels that fail the quality gate:\n"
+            f"training_set refuses to train: {len(failing)} of {len(split.train_days)} pseudo-label partitions fail "
+            f"the quality gate (more than training.max_failing_label_days_share={cfg.max_failing_label_days_share}):\n"
             + "\n".join(f"  {d}: {why}" for d, why in sorted(failing.items())))
     train = data.load_candidates(warehouse, split.train_days)
-    pseudo = {"main": data.load_pseudo_labels(warehouse, split.train_days)}
+    pseudo = {"main": data.load_pseudo_labels(warehouse, [d for d in split.train_days if d not in failing])}
     plan = data.method_plan(TRAINING_METHOD, train, pseudo, cfg, settings.seed)
     rows = data.plan_frame(plan, train)
     lineage = data.pseudo_label_lineage(warehouse, split.train_days)
@@ -53,7 +57,10 @@ def training_set(context: AssetExecutionContext, gpl: GplSettings) -> Materializ
         "pseudo_label_mean": float(rows.loc[rows["is_pseudo"], "label"].mean()) if rows["is_pseudo"].any() else 0.0,
         "click_rate_actual": float(rows.loc[~rows["is_pseudo"], "label"].mean()),
         "pseudo_weight_mean": float(rows.loc[rows["is_pseudo"], "weight"].mean()) if rows["is_pseudo"].any() else 0.0,
-        "quality_gate": f"{len(split.train_days)} pseudo-label partitions passed",
+        "label_days_consumed": len(split.train_days) - len(failing), "label_days_refused": len(failing),
+        "refused_days": table_md(pd.DataFrame({"day": [str(d) for d in sorted(failing)],
+                                               "reason": [failing[d] for d in sorted(failing)]}))
+        if failing else "none",
         "lineage": MetadataValue.json(lineage),
     })
 
@@ -84,7 +91,8 @@ def offline_evaluation(context: AssetExecutionContext, gpl: GplSettings) -> Mate
     from gpl_platform.evaluation.report import results_table
 
     settings = gpl.settings()
-    report = run_offline_evaluation(gpl.warehouse(), _store(settings), settings.training, settings.source)
+    report = run_offline_evaluation(gpl.warehouse(), _store(settings), settings.training, settings.source,
+                                    label_gate=quality.quality_config(settings).pseudo_labels)
     paths = write_reports(report, settings.data_dir / "reports" / "offline_eval.json")
     return MaterializeResult(metadata={
         "results": table_md(results_table(report)), "report_json": MetadataValue.path(str(paths["json"])),

@@ -151,6 +151,8 @@ def evaluate(
                                             "; a different source needs its own)"),
     results_doc: Optional[Path] = typer.Option(None, help="also write the results table into this markdown file "
                                                "(between generated markers; e.g. docs/RESULTS.md)"),
+    only_evaluation: bool = typer.Option(False, "--only-evaluation", help="materialize only offline_evaluation "
+                                         "(upstream assets already materialized, e.g. by make demo)"),
 ) -> None:
     """Run the whole chain (ingestion, GPL labels, features) and the offline evaluation of every method."""
     if data_dir is None and "GPL_DATA_DIR" not in os.environ and source != "movielens-100k":
@@ -170,7 +172,7 @@ def evaluate(
     from gpl_platform.config import load_settings
 
     began = time.perf_counter()
-    result = run_pipeline()
+    result = run_pipeline(selection=["offline_evaluation"] if only_evaluation else None)
     if not result.success:
         _fail("pipeline failed; see the Dagster run logs")
     produced = load_settings().data_dir / "reports" / "offline_eval.json"

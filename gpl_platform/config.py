@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpl_platform.quality import QualityConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_ML100K = PROJECT_ROOT.parent / "shared" / "datasets" / "ml-100k"
 
@@ -104,6 +106,9 @@ class TrainingConfig(BaseModel):
     pseudo_weight: float = Field(1.0, ge=0, description="lambda: weight of the pseudo-label loss")
     negative_sample_rate: float = Field(0.3, gt=0, le=1, description="unexposed_negative: share of unexposed rows kept")
     ips_clip: float = Field(20.0, gt=1, description="largest inverse-propensity weight")
+    max_failing_label_days_share: float = Field(
+        0.8, ge=0, le=1, description="pseudo-label days failing the quality gate are left out of training; "
+                                     "above this share of the training days, training refuses to run")
     feature_service: str = "prerank_v1"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     epochs: int = Field(15, gt=0)
@@ -135,6 +140,7 @@ class Settings(BaseSettings):
     confidence: ConfidenceConfig = ConfidenceConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     training: TrainingConfig = TrainingConfig()
+    quality: QualityConfig = QualityConfig()
 
     @field_validator("data_dir")
     @classmethod

@@ -538,12 +538,13 @@ def _day_str(d: Any) -> str:
     return pd.Timestamp(d).date().isoformat()
 
 
-def load_label_days(warehouse: "Warehouse", days: Sequence[date], with_previous: bool = True) -> pd.DataFrame:
+def load_label_days(warehouse: "Warehouse", days: Sequence[date], with_previous: bool = True,
+                    table: str = "pseudo_labels") -> pd.DataFrame:
     """pseudo_label/confidence of ``days`` (and of the day before each, for the KL rule)."""
     wanted = {pd.Timestamp(d).date() for d in days}
     if with_previous:
         wanted |= {d - timedelta(days=1) for d in list(wanted)}
-    frame = warehouse.query("SELECT day, pseudo_label, confidence FROM pseudo_labels "
+    frame = warehouse.query(f"SELECT day, pseudo_label, confidence FROM {table} "
                             "WHERE day IN (SELECT unnest(?::DATE[]))", [sorted(wanted)])
     frame["day"] = pd.to_datetime(frame["day"]).dt.date
     return frame
@@ -574,9 +575,9 @@ def _baseline_ok(previous: pd.DataFrame, cfg: PseudoLabelThresholds) -> bool:
 
 
 def failing_label_days(warehouse: "Warehouse", days: Sequence[date], cfg: PseudoLabelThresholds | None = None,
-                       ) -> dict[date, str]:
-    """Days of ``days`` whose pseudo-labels fail a gate, with the reason (empty: all pass)."""
-    results = check_label_days(load_label_days(warehouse, days), days, cfg)
+                       table: str = "pseudo_labels") -> dict[date, str]:
+    """Days of ``days`` whose pseudo-labels (in ``table``) fail a gate, with the reason (empty: all pass)."""
+    results = check_label_days(load_label_days(warehouse, days, table=table), days, cfg)
     return {d: "; ".join(r.summary() for r in pair if not r.passed)
             for d, pair in results.items() if not all(r.passed for r in pair)}
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.config import TrainingConfig
+from gpl_platform.quality import failing_label_days
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
 from gpl_platform.prerank.data import (
     METHODS,
@@ -75,7 +76,8 @@ def _item_vectors(warehouse: Warehouse) -> dict:
 
 
 def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dataset: str,
-                           methods: Sequence[str] = METHODS, seeds: Sequence[int] | None = None) -> dict:
+                           methods: Sequence[str] = METHODS, seeds: Sequence[int] | None = None,
+                           label_gate=None) -> dict:
     """Train every method under every seed; return the report (JSON shape of the evaluation issue)
     plus details for plots."""
     seeds = list(seeds if seeds is not None else cfg.seeds)
@@ -97,9 +99,15 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
         raise ValueError(f"{int(test['oracle_label'].isna().sum())} test candidates have no oracle label: "
                          "offline evaluation needs a benchmark source")
     test_x = matrix[in_test]
-    pseudo = {"main": load_pseudo_labels(warehouse, split.train_days)}
-    if "gpl_history_anchors" in methods:
-        pseudo["history"] = load_pseudo_labels(warehouse, split.train_days, "pseudo_labels__history")
+    # The same quality gate as training_set: days whose labels fail it are not consumed.
+    refused: dict[str, list[str]] = {}
+    pseudo = {}
+    for name, table in (("main", "pseudo_labels"), ("history", "pseudo_labels__history")):
+        if name == "history" and "gpl_history_anchors" not in methods:
+            continue
+        failing = failing_label_days(warehouse, split.train_days, label_gate, table=table)
+        refused[name] = sorted(str(d) for d in failing)
+        pseudo[name] = load_pseudo_labels(warehouse, [d for d in split.train_days if d not in failing], table)
     propensity = exposure_propensity(train_x, columns, train) if "ips" in methods else None
     longtail = long_tail_items(train)
     item_vectors = _item_vectors(warehouse)
@@ -131,14 +139,16 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
 
     summary = {m: {k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
                    for k in METRICS} for m, rs in runs.items()}
-    pseudo_main = pseudo["main"].merge(load_oracle(warehouse, split.train_days), on=["request_id", "item_id"])
+    pseudo_main = load_pseudo_labels(warehouse, split.train_days).merge(load_oracle(warehouse, split.train_days), on=["request_id", "item_id"])
     return {
         "dataset": dataset, "seeds": seeds, "methods": summary,
         "split": split.describe(),
         "n_test_requests": int(test["request_id"].nunique()), "n_test_candidates": int(len(test)),
         "n_train_candidates": int(len(train)), "feature_service": cfg.feature_service,
         "training_config": cfg.model_dump(), "pseudo_label_lineage": pseudo_label_lineage(warehouse, split.train_days),
-        "long_tail_items": len(longtail), "seconds": round(time.perf_counter() - began, 1),
+        "long_tail_items": len(longtail),
+        "pseudo_label_days_refused_by_quality_gate": {k: len(v) for k, v in refused.items()},
+        "pseudo_label_days_in_training_window": len(split.train_days), "seconds": round(time.perf_counter() - began, 1),
         "runs": runs,
         "_details": {"pseudo_main": pseudo_main[["pseudo_label", "confidence", "oracle_label"]]},
     }

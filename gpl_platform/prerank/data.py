@@ -68,6 +68,8 @@ def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
 
 
 def load_pseudo_labels(warehouse: Warehouse, days: Sequence[date], table: str = "pseudo_labels") -> pd.DataFrame:
+    if not days:
+        days = [date(1970, 1, 1)]  # an empty result with the right columns
     frame = warehouse.query(
         f"SELECT day, request_id, item_id, pseudo_label, pseudo_label_mean_pool, confidence, llm_version, "
         f"prompt_version, encoder_version, calibration_version FROM {table} WHERE day BETWEEN ? AND ?",
