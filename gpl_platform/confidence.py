@@ -37,18 +37,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl_platform.scoring import score_candidates
+from gpl_platform.scoring import _as_index, score_candidates
 
 _TOL = 1e-5
 
 
 def _user_index(a, name: str) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-d")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must hold integers, got {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
+    arr = _as_index(a, name)
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name} must be non-negative user indices")
     return arr

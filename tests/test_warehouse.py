@@ -60,18 +60,29 @@ def test_rows_outside_the_written_days_are_refused(tmp_path):
             wh.replace_partitions("events", _events("2024-01-03", 1), [date(2024, 1, 1)], con)
 
 
-def test_lock_held_by_another_process_waits_then_fails_clearly(tmp_path):
-    path = tmp_path / "w.duckdb"
-    with Warehouse(path).transaction() as con:
-        con.execute("CREATE TABLE t AS SELECT 1 AS x")
+def _hold_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process that opens the DuckDB file for writing, says so, and holds it for ``seconds``."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, sys, time
+        import duckdb, time
         con = duckdb.connect({str(path)!r})
         print("locked", flush=True)
-        time.sleep(30)
+        time.sleep({seconds})
+        con.close()
     """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _table_with_one_row(path):
+    with Warehouse(path).transaction() as con:
+        con.execute("CREATE TABLE t AS SELECT 1 AS x")
+
+
+def test_lock_held_by_another_process_waits_then_fails_clearly(tmp_path):
+    path = tmp_path / "w.duckdb"
+    _table_with_one_row(path)
+    holder = _hold_lock(path, 30)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         began = time.monotonic()
         with pytest.raises(WarehouseLockedError, match="locked by another process"):
             with Warehouse(path, lock_timeout_s=1.0).connect():
@@ -86,16 +97,8 @@ def test_lock_held_by_another_process_waits_then_fails_clearly(tmp_path):
 
 def test_lock_released_in_time_lets_the_run_proceed(tmp_path):
     path = tmp_path / "w.duckdb"
-    with Warehouse(path).transaction() as con:
-        con.execute("CREATE TABLE t AS SELECT 1 AS x")
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(path)!r})
-        print("locked", flush=True)
-        time.sleep(1.0)
-        con.close()
-    """)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
+    _table_with_one_row(path)
+    holder = _hold_lock(path, 1.0)
     with Warehouse(path, lock_timeout_s=20).transaction() as con:
         con.execute("INSERT INTO t VALUES (2)")
     holder.wait()
