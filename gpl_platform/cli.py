@@ -134,6 +134,12 @@ def run(
     status = "succeeded" if result.success else "FAILED"
     typer.echo(f"pipeline {status} over {result.partition_range[0]}..{result.partition_range[1]} "
                f"in {seconds:.1f}s ({stages}); runs: {', '.join(result.runs)}")
+    if result.failed_checks:
+        typer.secho(f"{len(result.failed_checks)} quality check(s) failed; days failing the blocking pseudo-label "
+                    "gate were not consumed downstream (details in the Dagster UI, asset checks):",
+                    fg=typer.colors.YELLOW)
+        for line in result.failed_checks:
+            typer.echo(f"  - {line[:300]}")
     if not result.success:
         raise typer.Exit(1)
 

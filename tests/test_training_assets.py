@@ -68,3 +68,28 @@ def test_training_set_and_model_lineage(chain):
                            "event_time": pd.Timestamp(last).tz_localize("UTC") + pd.Timedelta(hours=23)})
     matrix, _ = attach_features(store, entity, "prerank_v1")
     np.testing.assert_allclose(scored.scores[:20], model.predict(matrix), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_set_leaves_out_a_corrupted_pseudo_label_day(chain):
+    """A day whose pseudo-labels fail the blocking gate (here: saturated after the fact) is not consumed."""
+    from dagster import AssetKey, DagsterInstance
+
+    wh = chain.warehouse()
+    days = wh.query("SELECT DISTINCT day FROM training_set WHERE is_pseudo ORDER BY day")["day"]
+    bad = days.iloc[-1].date()
+    before = wh.query(f"SELECT count(*) AS n FROM training_set WHERE is_pseudo AND day = '{bad}'")["n"].iloc[0]
+    assert before > 0
+    with wh.transaction() as con:
+        con.execute(f"UPDATE pseudo_labels SET pseudo_label = 1.0, confidence = 1.0 WHERE day = '{bad}'")
+    instance = DagsterInstance.ephemeral()
+    from dagster import materialize
+
+    from assets.definitions import all_assets
+
+    assert materialize(all_assets, selection=["training_set"], resources={"gpl": chain}, instance=instance).success
+    after = wh.query(f"SELECT count(*) AS n FROM training_set WHERE is_pseudo AND day = '{bad}'")["n"].iloc[0]
+    assert after == 0
+    meta = instance.fetch_materializations(AssetKey("training_set"), limit=1).records[0].asset_materialization.metadata
+    assert meta["label_days_refused"].value >= 1 and str(bad) in meta["refused_days"].value
+    assert "pseudo_label_mean" in meta["refused_days"].value  # the reason is shown
