@@ -94,3 +94,17 @@ def test_pipeline_outputs_do_not_depend_on_oracle_labels(tmp_path, settings):
         digests.append(_table_digests(gpl.settings().warehouse))
     assert digests[0].keys() == digests[1].keys() and {"events", "pseudo_labels", "training_set"} <= digests[0].keys()
     assert digests[0] == digests[1]
+
+
+def test_library_has_no_dagster_imports():
+    """gpl_platform/ is plain library code; only the CLI reaches the Dagster layer, lazily, inside commands."""
+    offenders = []
+    for path in sorted((ROOT / "gpl_platform").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if re.match(r"(import dagster|from dagster)", stripped):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+            if re.match(r"from assets", stripped) and (not line.startswith("        ") or
+                                                       path.name not in ("cli.py", "cli_bench.py")):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, offenders
