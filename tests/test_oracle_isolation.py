@@ -104,7 +104,7 @@ def test_library_has_no_dagster_imports():
             stripped = line.strip()
             if re.match(r"(import dagster|from dagster)", stripped):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}")
-            if re.match(r"from assets", stripped) and (not line.startswith("        ") or
+            if re.match(r"from assets", stripped) and (not line.startswith("    ") or
                                                        path.name not in ("cli.py", "cli_bench.py")):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}")
     assert not offenders, offenders
