@@ -20,6 +20,10 @@ os.environ.update({
     "DAGSTER_DISABLE_TELEMETRY": "1",
 })
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -69,3 +73,17 @@ def write_contract_dir(directory: Path, items, users, events, fmt: str = "parque
         else:
             frame.to_csv(directory / f"{name}.csv", index=False)
     return directory
+
+
+def hold_duckdb_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process that opens the DuckDB file for writing, says so, and holds it for ``seconds``."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        con = duckdb.connect({str(path)!r})
+        print("locked", flush=True)
+        time.sleep({seconds})
+        con.close()
+        print("released", flush=True)
+    """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

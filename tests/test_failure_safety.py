@@ -22,6 +22,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from assets.definitions import all_assets
 from assets.resources import GplSettings
+from tests.conftest import hold_duckdb_lock
 
 DAY = "2024-01-02"
 
@@ -159,24 +160,11 @@ def test_two_simultaneous_materializations_of_one_partition_leave_no_duplicates(
     assert (parts_after.groupby(["table_name", "day"]).size() == 1).all()
 
 
-def _hold_lock(path, seconds: float) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(path)!r})
-        print("locked", flush=True)
-        time.sleep({seconds})
-        con.close()
-        print("released", flush=True)
-    """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def test_lock_held_by_another_process_fails_the_run_clearly_and_changes_nothing(ingested):
     gpl, data = ingested
     events_before, parts_before = _snapshot(gpl)
     impatient = GplSettings(data_dir=str(data), overrides_json='{"warehouse_lock_timeout_s": 1}')
-    holder = _hold_lock(gpl.settings().warehouse, 60)
+    holder = hold_duckdb_lock(gpl.settings().warehouse, 60)
     try:
         began = time.monotonic()
         result = materialize(all_assets, selection=["candidate_events"], partition_key=DAY,
@@ -198,7 +186,7 @@ def test_lock_released_in_time_lets_the_run_wait_and_succeed(ingested):
     gpl, data = ingested
     events_before, _ = _snapshot(gpl)
     patient = GplSettings(data_dir=str(data), overrides_json='{"warehouse_lock_timeout_s": 30}')
-    holder = _hold_lock(gpl.settings().warehouse, 2.0)
+    holder = hold_duckdb_lock(gpl.settings().warehouse, 2.0)
     try:
         result = materialize(all_assets, selection=["candidate_events"], partition_key=DAY,
                              resources={"gpl": patient}, instance=DagsterInstance.ephemeral())

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-import textwrap
 import time
 from datetime import date
 
@@ -8,6 +5,7 @@ import pandas as pd
 import pytest
 
 from gpl_platform.warehouse import Warehouse, WarehouseLockedError, WarehouseSourceMismatch
+from tests.conftest import hold_duckdb_lock
 
 
 def _events(day: str, n: int, tag: str = "x") -> pd.DataFrame:
@@ -60,19 +58,6 @@ def test_rows_outside_the_written_days_are_refused(tmp_path):
             wh.replace_partitions("events", _events("2024-01-03", 1), [date(2024, 1, 1)], con)
 
 
-def _hold_lock(path, seconds: float) -> subprocess.Popen:
-    """Another process that opens the DuckDB file for writing, says so, and holds it for ``seconds``."""
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(path)!r})
-        print("locked", flush=True)
-        time.sleep({seconds})
-        con.close()
-    """)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def _table_with_one_row(path):
     with Warehouse(path).transaction() as con:
         con.execute("CREATE TABLE t AS SELECT 1 AS x")
@@ -81,7 +66,7 @@ def _table_with_one_row(path):
 def test_lock_held_by_another_process_waits_then_fails_clearly(tmp_path):
     path = tmp_path / "w.duckdb"
     _table_with_one_row(path)
-    holder = _hold_lock(path, 30)
+    holder = hold_duckdb_lock(path, 30)
     try:
         began = time.monotonic()
         with pytest.raises(WarehouseLockedError, match="locked by another process"):
@@ -98,7 +83,7 @@ def test_lock_held_by_another_process_waits_then_fails_clearly(tmp_path):
 def test_lock_released_in_time_lets_the_run_proceed(tmp_path):
     path = tmp_path / "w.duckdb"
     _table_with_one_row(path)
-    holder = _hold_lock(path, 1.0)
+    holder = hold_duckdb_lock(path, 1.0)
     with Warehouse(path, lock_timeout_s=20).transaction() as con:
         con.execute("INSERT INTO t VALUES (2)")
     holder.wait()
