@@ -5,7 +5,6 @@ from dagster import (
     AssetExecutionContext,
     BackfillPolicy,
     MaterializeResult,
-    MetadataValue,
     TimeWindowPartitionMapping,
     AssetDep,
     asset,

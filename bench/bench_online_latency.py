@@ -30,14 +30,13 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from _timing import time_calls as _time  # noqa: E402
+from _timing import random_requests, time_calls as _time, write_json  # noqa: E402
 
 
 def _free_port() -> int:
@@ -139,11 +138,7 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
         world = build_feature_world(settings)
         build_s = time.perf_counter() - t0
         store = world["store"]
-        rng = np.random.default_rng(seed)
-        users = world["dataset"].users["user_id"].astype(str).to_numpy()
-        items = world["dataset"].items["item_id"].astype(str).to_numpy()
-        requests = [(str(rng.choice(users)), rng.choice(items, size=n_items, replace=False).tolist())
-                    for _ in range(n_requests)]
+        requests = random_requests(world["dataset"], n_items, n_requests, seed)
         client = store.online_client()
         results["sqlite"] = _time(client.get, requests)
         results["floor_sqlite"] = _time(_sqlite_floor(store, client.layout), requests)
@@ -167,9 +162,7 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
             redis_proc.wait(timeout=10)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
+    write_json(results, out)
     return results
 
 

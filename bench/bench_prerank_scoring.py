@@ -25,7 +25,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from _timing import time_calls  # noqa: E402
+from _timing import random_requests, time_calls, write_json  # noqa: E402
 
 
 def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 100, seed: int = 0) -> dict:
@@ -53,11 +53,7 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 10
                                    labels[:500].astype(int), config=TrainConfig(epochs=2, seed=seed))
         model_dir = model.save(tmp / "model", {"feature_service": "prerank_v1"})
         scorer = PreRankScorer(model_dir, store)
-        rng = np.random.default_rng(seed)
-        users = world["dataset"].users["user_id"].astype(str).to_numpy()
-        items = world["dataset"].items["item_id"].astype(str).to_numpy()
-        requests = [(str(rng.choice(users)), rng.choice(items, size=n_items, replace=False).tolist())
-                    for _ in range(n_requests)]
+        requests = random_requests(world["dataset"], n_items, n_requests, seed)
         features_only = time_calls(scorer.client.get, requests)
         scoring = time_calls(scorer.score, requests)
         feature_matrix = scorer.client.get(*requests[0]).matrix
@@ -69,9 +65,7 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 10
                   "loadavg_1m": os.getloadavg()[0]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     return result
 
 

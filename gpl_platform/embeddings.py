@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
+from gpl_platform.warehouse import table_exists
+
 if TYPE_CHECKING:  # pragma: no cover
     import duckdb
 
@@ -159,13 +161,6 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = current_schema()",
-        [table],
-    ).fetchone()
-    return bool(row and row[0])
-
 
 def _vector_column_type(con: duckdb.DuckDBPyConnection, table: str) -> str | None:
     for row in con.execute(f'DESCRIBE "{table}"').fetchall():
@@ -234,7 +229,7 @@ def update_item_embeddings(
 
     con.execute("BEGIN TRANSACTION")
     try:
-        if _table_exists(con, table):
+        if table_exists(con, table):
             vtype = _vector_column_type(con, table)
             if vtype is not None and vtype.replace(" ", "").upper() != f"FLOAT[{dim}]":
                 con.execute(f'DROP TABLE "{table}"')
@@ -319,7 +314,7 @@ def load_item_embeddings(
     Rows are ordered by ``item_id``. With ``item_ids`` given, only those (that exist) are returned.
     A missing table or no rows for the encoder gives ``(empty, (0, 0))``.
     """
-    if not _table_exists(con, table):
+    if not table_exists(con, table):
         return np.array([], dtype=object), np.zeros((0, 0), dtype=np.float32)
     vtype = _vector_column_type(con, table) or "FLOAT[0]"
     dim = int(vtype.rsplit("[", 1)[1].rstrip("]"))
@@ -345,3 +340,12 @@ def load_item_embeddings(
     flat = arrow.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), dim)
     return ids, vectors
+
+
+def encode_deduplicated(encoder, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+    """Vectors of ``texts`` in order, each distinct text encoded once (anchors repeat a lot)."""
+    unique, inverse = np.unique(np.asarray(texts, dtype=str), return_inverse=True)
+    if not len(unique):
+        return np.zeros((0, encoder.dim), np.float32)
+    return encoder.encode(list(unique), progress=progress)[inverse.ravel()]
+

@@ -22,7 +22,7 @@ from gpl_platform.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator, U
 from gpl_platform.calibration import Calibration, fit_calibration
 from gpl_platform.config import CalibrationConfig, ConfidenceConfig
 from gpl_platform.confidence import anchor_coherence, confidence_weights, generation_confidence, history_consistency
-from gpl_platform.embeddings import load_item_embeddings
+from gpl_platform.embeddings import encode_deduplicated, load_item_embeddings
 from gpl_platform.ingest import MissingUpstreamDays
 from gpl_platform.scoring import score_candidates
 from gpl_platform.vectors import frame_with_vectors, read_vectors
@@ -153,13 +153,13 @@ def embed_anchors(warehouse: Warehouse, days: Sequence[date], encoder, progress:
         "ORDER BY day, user_id, anchor_rank", [days[0], days[-1]])
     anchors["day"] = _as_date(anchors["day"])
     anchors = anchors[anchors["day"].isin(days)].reset_index(drop=True)
-    texts, inverse = np.unique(anchors["anchor_text"].to_numpy(dtype=str), return_inverse=True)
-    vectors = encoder.encode(list(texts), progress=progress) if len(texts) else np.zeros((0, encoder.dim), np.float32)
+    vectors = encode_deduplicated(encoder, anchors["anchor_text"].tolist(), progress=progress)
     frame = anchors[["day", "anchor_id", "user_id"]].assign(encoder_id=encoder.encoder_id)
-    table = frame_with_vectors(frame, vectors[inverse] if len(anchors) else np.zeros((0, encoder.dim), np.float32))
+    table = frame_with_vectors(frame, vectors)
     with warehouse.transaction() as con:
         warehouse.replace_partitions(tables.embeddings, table, days, con, run_id)
-    return {"anchors": len(anchors), "distinct_texts": len(texts), "encoder_id": encoder.encoder_id,
+    return {"anchors": len(anchors), "distinct_texts": int(anchors["anchor_text"].nunique()),
+            "encoder_id": encoder.encoder_id,
             "dim": int(encoder.dim)}
 
 

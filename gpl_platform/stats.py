@@ -6,7 +6,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 from gpl_platform.contract import Dataset
 

@@ -78,6 +78,12 @@ _LOCK_PATTERNS = re.compile(r"could not set lock|conflicting lock|lock on file|r
                             re.IGNORECASE)
 
 
+def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether ``name`` is a table of the connection's database."""
+    # fetchall, not fetchone: DuckDB 2 keeps a half-read result open and refuses the connection's next call.
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0])
+
+
 class WarehouseLockedError(RuntimeError):
     """Another process holds the DuckDB file and did not let go within the timeout."""
 
@@ -149,7 +155,7 @@ class Warehouse:
         if not self.path.exists():
             return False
         with self.connect(read_only=True) as con:
-            return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchone()[0])
+            return table_exists(con, name)
 
     def written_days(self, table: str) -> set[date]:
         if not self.path.exists():

@@ -213,7 +213,6 @@ def test_completions_endpoint_parses_token_logprobs():
 
 def test_concurrency_and_order_preserved():
     def behavior(n, path, body):
-        uid = body["messages"][-1]["content"].count("\n")  # same for all, use request order
         return 200, chat_payload(f"- anchor {n}"), 0.2
 
     hs = [hist(f"u{i}") for i in range(8)]

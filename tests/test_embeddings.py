@@ -205,3 +205,21 @@ def test_wrong_shape_from_encoder_is_refused():
 def test_load_missing_table():
     ids, vecs = load_item_embeddings(duckdb.connect(), "whatever")
     assert ids.size == 0 and vecs.shape[0] == 0
+
+
+def test_encode_deduplicated_encodes_each_distinct_text_once():
+    from gpl_platform.embeddings import encode_deduplicated
+
+    class CountingEncoder:
+        dim = 2
+        calls: list = []
+
+        def encode(self, texts, progress=False):
+            self.calls.append(list(texts))
+            return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+    enc = CountingEncoder()
+    out = encode_deduplicated(enc, ["bb", "a", "bb", "ccc", "a"])
+    assert enc.calls == [["a", "bb", "ccc"]]
+    assert out[:, 0].tolist() == [2, 1, 2, 3, 1]
+    assert encode_deduplicated(enc, []).shape == (0, 2)

@@ -20,7 +20,7 @@ from gpl_platform.config import load_settings
 from gpl_platform.features import parquet
 from gpl_platform.features.fixtures import build_feature_world
 from gpl_platform.features.schema import EMB
-from gpl_platform.features.serving import _FeastReader, finalize
+from gpl_platform.features.serving import _FeastReader
 
 
 def _free_port() -> int:

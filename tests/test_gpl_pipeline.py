@@ -10,7 +10,6 @@ from dagster import AssetKey, DagsterInstance
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
 from gpl_platform.stats import export_contract_dir
-from gpl_platform.warehouse import Warehouse
 
 GPL_ASSETS = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
               "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels"]

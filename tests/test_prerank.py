@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpl_platform.config import TrainingConfig
-from gpl_platform.prerank.data import METHODS, method_plan, rows_from_plan
+from gpl_platform.prerank.data import METHODS, method_plan
 from gpl_platform.prerank.model import PreRanker
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker, weighted_bce
 

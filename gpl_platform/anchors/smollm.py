@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import AnchorGenerator, RawAnchor, UserHistory, compact_item_text, format_history, stable_hash
+from .base import AnchorGenerator, RawAnchor, UserHistory, format_history, stable_hash
 from .parser import parse_anchors
 from ..prompts import DEFAULT_ANCHOR_PROMPT, PromptTemplate, load_prompt
 
@@ -345,7 +345,6 @@ class SmolLMAnchorGenerator(AnchorGenerator):
 
     # ------------------------------------------------------------------ generation
     def _generate_raw(self, histories: Sequence[UserHistory], k: int, progress: bool, stats: Counter):
-        import torch
         from tqdm.auto import tqdm
 
         self._ensure_model()
@@ -388,7 +387,7 @@ class SmolLMAnchorGenerator(AnchorGenerator):
     def _to_anchors(self, tokens: list[int], lps: list[float], hist: UserHistory, k: int, stats: Counter):
         tok = self._tok
         # char span of every generated token, by incremental decoding
-        ends, prev = [], 0
+        ends = []
         for j in range(len(tokens)):
             s = tok.decode(tokens[: j + 1], skip_special_tokens=False)
             ends.append(len(s))

@@ -44,7 +44,7 @@ def long_tail_items(train: pd.DataFrame, head_share: float = 0.8) -> set[str]:
     return set(train["item_id"].unique()) - head
 
 
-def test_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[str], item_vectors: dict) -> dict:
+def candidate_set_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[str], item_vectors: dict) -> dict:
     y = test["oracle_label"].to_numpy(int)
     req, users, items = test["request_id"].to_numpy(), test["user_id"].to_numpy(), test["item_id"].to_numpy()
     unexp = ~test["exposed"].to_numpy(bool)
@@ -129,7 +129,7 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
             model, history = train_preranker(rows, columns, valid_x, valid_y, config=TrainConfig(
                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed))
             scores = model.predict(test_x)
-            metrics = test_metrics(test, scores, longtail, item_vectors)
+            metrics = candidate_set_metrics(test, scores, longtail, item_vectors)
             runs[method].append({"seed": seed, **metrics, "train": {k: history[k] for k in
                                  ("epochs_run", "best_epoch", "best_valid_auc", "n_rows", "n_pseudo", "seconds")}})
             test_scores.setdefault(method, scores)

@@ -17,7 +17,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from gpl_platform.anchors import AnchorGenerator
-from gpl_platform.embeddings import load_item_embeddings
+from gpl_platform.embeddings import encode_deduplicated, load_item_embeddings
 from gpl_platform.evaluation.metrics import auc, gauc
 from gpl_platform.labeling import anchors_for_days
 from gpl_platform.scoring import score_candidates
@@ -42,14 +42,12 @@ def variant_similarities(warehouse: Warehouse, days: Sequence[date], candidates:
     anchors, stats = anchors_for_days(warehouse, days, generator, k, history_max_items, progress)
     with warehouse.connect(read_only=True) as con:
         item_ids, item_vectors = load_item_embeddings(con, encoder.encoder_id)
-    texts, inverse = np.unique(anchors["anchor_text"].to_numpy(dtype=str), return_inverse=True)
-    vectors = encoder.encode(list(texts))[inverse]
+    vectors = encode_deduplicated(encoder, anchors["anchor_text"].tolist())
     users = pd.MultiIndex.from_frame(anchors[["day", "user_id"]].drop_duplicates())
     anchor_user = users.get_indexer(pd.MultiIndex.from_frame(anchors[["day", "user_id"]]))
     cand_user = users.get_indexer(pd.MultiIndex.from_frame(candidates[["day", "user_id"]]))
     result = score_candidates(cand_user, pd.Index(item_ids).get_indexer(candidates["item_id"]), item_vectors,
                               vectors, anchor_user)
-    stats = dict(stats)
     stats["fallback_anchor_share"] = float(anchors["is_fallback"].mean()) if len(anchors) else 0.0
     return result.similarity_max, result.similarity_mean, stats
 

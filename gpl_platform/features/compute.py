@@ -25,6 +25,7 @@ from gpl_platform.features.schema import (
     FeatureSpec,
     spec_from_columns,
 )
+from gpl_platform.warehouse import table_exists
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ def _days_frame(days: Sequence[date]) -> pd.DataFrame:
     return pd.DataFrame({"fday": pd.to_datetime(pd.Series(sorted(set(days)), dtype="object"))})
 
 
-def _table_exists(con, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0])
-
-
 def _columns(con, table: str) -> dict[str, str]:
     return {r[0]: str(r[1]) for r in con.execute(f'DESCRIBE "{table}"').fetchall()}
 
@@ -48,10 +45,10 @@ def _columns(con, table: str) -> dict[str, str]:
 def spec_from_warehouse(con) -> FeatureSpec:
     """The feature spec of the ingested source: attribute columns of ``users`` and ``items``."""
     for table in ("users", "items"):
-        if not _table_exists(con, table):
+        if not table_exists(con, table):
             raise RuntimeError(f"warehouse has no `{table}` table: materialize item_catalog/users first")
     dim = EMBEDDING_DIM
-    if _table_exists(con, "item_embeddings"):
+    if table_exists(con, "item_embeddings"):
         vtype = _columns(con, "item_embeddings").get("vector", "")
         if "[" in vtype:
             dim = int(vtype.rsplit("[", 1)[1].rstrip("]"))
@@ -158,7 +155,7 @@ def load_content_vectors(con, dim: int = EMBEDDING_DIM) -> dict[str, np.ndarray]
 
     When several encoders are present, the most common ``encoder_id`` wins.
     """
-    if not _table_exists(con, "item_embeddings"):
+    if not table_exists(con, "item_embeddings"):
         return {}
     from gpl_platform.embeddings import load_item_embeddings
 

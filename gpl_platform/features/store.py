@@ -32,7 +32,7 @@ from gpl_platform.features import definitions as definitions_module
 from gpl_platform.features import parquet
 from gpl_platform.features.compute import day_start
 from gpl_platform.features.definitions import DEFAULT_SERVICE, ENTITY_KEYS, build_definitions, service_features
-from gpl_platform.features.schema import PROJECT, FeatureSpec
+from gpl_platform.features.schema import FeatureSpec
 
 log = logging.getLogger(__name__)
 
