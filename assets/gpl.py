@@ -11,6 +11,8 @@ from dagster import (
 )
 
 from assets.ingestion import candidate_events, item_catalog, user_histories
+from dagster import MetadataValue
+
 from assets.metadata import histogram_md, span, table_md
 from assets.partitions import daily_partitions, first_partition_day, partition_days
 from assets.resources import GplSettings
@@ -77,7 +79,8 @@ def user_anchors(context: AssetExecutionContext, gpl: GplSettings) -> Materializ
 def anchor_embeddings(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
-    stats = labeling.embed_anchors(gpl.warehouse(), days, _encoder(settings), run_id=context.run_id)
+    stats = labeling.embed_anchors(gpl.warehouse(), days, _encoder(settings), run_id=context.run_id,
+                                   generator=anchor_generator(settings))
     return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days), **stats})
 
 
@@ -91,7 +94,7 @@ def candidate_similarities(context: AssetExecutionContext, gpl: GplSettings) -> 
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
     stats = labeling.score_day_candidates(gpl.warehouse(), days, _encoder(settings).encoder_id,
-                                          anchor_generator(settings).cache_signature(), context.run_id)
+                                          anchor_generator(settings).lineage_signature(), context.run_id)
     return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
                                        **stats})
 
@@ -106,7 +109,7 @@ def similarity_calibration(context: AssetExecutionContext, gpl: GplSettings) -> 
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
     encoder_id = _encoder(settings).encoder_id
-    signature = anchor_generator(settings).cache_signature()
+    signature = anchor_generator(settings).lineage_signature()
     rows = []
     for day in days:
         for pooling in labeling.POOLINGS:
@@ -155,34 +158,106 @@ def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
     })
 
 
-HISTORY_VARIANT = labeling.StageTables("history")
+@asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, deps=[item_embeddings],
+       description="Semantic IDs of the catalog: an RQ-VAE over the frozen item embeddings gives each item L codes, "
+                   "plus a suffix where items share all of them, so that an ID names one item. Versioned by encoder, "
+                   "items, config and seed; retrained only when one of them changes.")
+def item_semantic_ids(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+    from gpl_platform.sid.store import build_semantic_ids
+
+    settings = gpl.settings()
+    meta = build_semantic_ids(gpl.warehouse(), _encoder(settings).encoder_id, settings.sid.semantic_ids, settings.seed,
+                              settings.artifacts_dir)
+    metrics = meta["metrics"]
+    usage = pd.DataFrame({"level": range(1, len(metrics["codebook_usage"]) + 1),
+                          "codes_used_share": metrics["codebook_usage"], "perplexity": metrics["codebook_perplexity"]})
+    return MaterializeResult(metadata={
+        "dagster/row_count": metrics["n_items"], "version": meta["version"], "encoder_id": meta["encoder_id"],
+        "trained_now": meta["trained"], "artifact": MetadataValue.path(meta["artifact_path"]),
+        "codebook_size": metrics["codebook_size"], "levels": metrics["levels"],
+        "reconstruction_relative_error": metrics["reconstruction_relative_error"],
+        "reconstruction_cosine": metrics["reconstruction_cosine"], "collision_share": metrics["collision_share"],
+        "suffix_vocabulary": metrics["suffix_vocabulary"], "unique_ids": metrics["unique_ids"],
+        "codebook_usage": table_md(usage), "config": MetadataValue.json(meta["config"]),
+    })
 
 
-@asset(group_name="gpl_ablation", kinds={"duckdb"}, partitions_def=daily_partitions,
-       deps=[AssetDep(user_histories, partition_mapping=SAME_DAY),
-             AssetDep(candidate_events, partition_mapping=SAME_DAY), item_embeddings],
+@asset(group_name=GROUP, kinds={"pytorch"}, partitions_def=daily_partitions,
+       deps=[item_semantic_ids, AssetDep(candidate_events, partition_mapping=TimeWindowPartitionMapping(
+           start_offset=-30, end_offset=-1))],
        backfill_policy=BackfillPolicy.single_run(),
-       description="Ablation: the same GPL stages with the user's own recent positives as anchors (no LLM), "
-                   "written to the *__history tables; the evaluation's gpl_history_anchors method trains on them.")
-def history_anchor_pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+       description="The semantic-ID generator serving the day: a small decoder-only transformer trained on users' "
+                   "positive ID sequences of the days before its refit day (every sid.generator.retrain_every_days), "
+                   "popular items down-sampled; weights are a versioned artifact with training metrics.")
+def sid_generator(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
-    warehouse, encoder = gpl.warehouse(), _encoder(settings)
-    generator = anchor_generator(settings, "history")
-    _, anchor_stats = labeling.generate_anchors(warehouse, days, generator, settings.anchors.k,
-                                                settings.anchors.history_max_items, progress=False,
-                                                run_id=context.run_id, tables=HISTORY_VARIANT)
-    labeling.embed_anchors(warehouse, days, encoder, run_id=context.run_id, tables=HISTORY_VARIANT)
-    labeling.score_day_candidates(warehouse, days, encoder.encoder_id, generator.cache_signature(), context.run_id,
-                                  tables=HISTORY_VARIANT)
-    labels, stats = labeling.pseudo_label_days(
-        warehouse, days, first_partition_day(), encoder_id=encoder.encoder_id, generator=generator,
-        calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
-        history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir, run_id=context.run_id,
-        tables=HISTORY_VARIANT)
+    family = anchor_generator(settings, "sid")
+    rows = []
+    for day in days:
+        serving = family.for_day(day)
+        metrics = serving.trained.metrics if serving.trained else {}
+        rows.append({"refit_day": str(serving.refit), "version": serving.model_id,
+                     "users": metrics.get("users", 0), "positives": metrics.get("positives", 0),
+                     "final_train_loss": metrics.get("final_train_loss"),
+                     "valid_recall@10": metrics.get("valid_recall@10"),
+                     "valid_popularity_recall@10": metrics.get("valid_popularity_recall@10"),
+                     "seconds": metrics.get("seconds")})
+    table = pd.DataFrame(rows).drop_duplicates("refit_day")
+    untrained = table[table["version"] == "none"]
+    if len(untrained):
+        context.log.warning("%d refit period(s) have too few positives for a generator: their days get history "
+                            "anchors from the sid backend", len(untrained))
     return MaterializeResult(metadata={
-        "dagster/row_count": len(labels), "partition_span": span(days), "table": HISTORY_VARIANT.labels,
-        "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
-        "days_without_calibration": len(stats["days_without_calibration"]),
-        "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
+        "partition_span": span(days), "models": table_md(table), "serving_models": int((table["version"] != "none").sum()),
+        "periods_without_model": len(untrained),
     })
+
+
+def variant_pseudo_labels_asset(variant: str, backend: str, deps: list, description: str):
+    """An ablation: the same GPL stages with another anchor backend, written to the ``*__<variant>`` tables."""
+    tables = labeling.StageTables(variant)
+
+    @asset(name=f"{variant}_anchor_pseudo_labels", group_name="gpl_ablation", kinds={"duckdb"},
+           partitions_def=daily_partitions,
+           deps=[AssetDep(user_histories, partition_mapping=SAME_DAY),
+                 AssetDep(candidate_events, partition_mapping=SAME_DAY), item_embeddings, *deps],
+           backfill_policy=BackfillPolicy.single_run(), description=description)
+    def _variant(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
+        settings = gpl.settings()
+        days = partition_days(context.partition_keys)
+        warehouse, encoder = gpl.warehouse(), _encoder(settings)
+        generator = anchor_generator(settings, backend)
+        _, anchor_stats = labeling.generate_anchors(warehouse, days, generator, settings.anchors.k,
+                                                    settings.anchors.history_max_items, progress=False,
+                                                    run_id=context.run_id, tables=tables)
+        labeling.embed_anchors(warehouse, days, encoder, run_id=context.run_id, tables=tables, generator=generator)
+        labeling.score_day_candidates(warehouse, days, encoder.encoder_id, generator.lineage_signature(),
+                                      context.run_id, tables=tables)
+        labels, stats = labeling.pseudo_label_days(
+            warehouse, days, first_partition_day(), encoder_id=encoder.encoder_id, generator=generator,
+            calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
+            history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir,
+            run_id=context.run_id, tables=tables)
+        fallback = {k: v for k, v in anchor_stats.items() if k.startswith("fallback_")}
+        return MaterializeResult(metadata={
+            "dagster/row_count": len(labels), "partition_span": span(days), "table": tables.labels,
+            "backend": backend, "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
+            "fallbacks": MetadataValue.json(fallback), "serving_models": anchor_stats.get("serving_models", 1),
+            "days_without_calibration": len(stats["days_without_calibration"]),
+            "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
+        })
+
+    return _variant
+
+
+history_anchor_pseudo_labels = variant_pseudo_labels_asset(
+    "history", "history", [],
+    "Ablation: the same GPL stages with the user's own recent positives as anchors (no LLM), written to the "
+    "*__history tables; the evaluation's gpl_history_anchors method trains on them.")
+
+sid_anchor_pseudo_labels = variant_pseudo_labels_asset(
+    "sid", "sid", [item_semantic_ids, AssetDep(sid_generator, partition_mapping=SAME_DAY)],
+    "The paper's route: anchors are semantic IDs generated by the SID generator from the user's ID history "
+    "(prefix-constrained beam search, with their sequence probabilities), through the same GPL stages into the "
+    "*__sid tables; the evaluation's gpl_sid method trains on them.")

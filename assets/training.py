@@ -83,7 +83,8 @@ def prerank_model(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
 
 
 @asset(group_name=GROUP, kinds={"pytorch"},
-       deps=[AssetKey("pseudo_labels"), AssetKey("history_anchor_pseudo_labels"), *FEATURES],
+       deps=[AssetKey("pseudo_labels"), AssetKey("history_anchor_pseudo_labels"), AssetKey("sid_anchor_pseudo_labels"),
+             *FEATURES],
        description="Every method (baselines, GPL and its ablations) trained on the same rows and features under "
                    "several seeds, scored on the test days against the oracle labels; JSON + markdown report.")
 def offline_evaluation(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:

@@ -40,8 +40,8 @@ def bench_pseudo_labels(
     source: str = typer.Option("movielens-100k", help="a source with oracle labels"),
     skip_pipeline: bool = typer.Option(False, help="use the warehouse as it is (do not materialize first)"),
 ) -> None:
-    """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history anchors vs random,
-    max vs mean pooling, and how confidence tracks correctness."""
+    """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history vs semantic-ID anchors
+    vs random, max vs mean pooling, and how confidence tracks correctness."""
     os.environ["GPL_SOURCE"] = source
     from gpl_platform.config import load_settings
     from gpl_platform.evaluation.pseudo_label_quality import pseudo_label_quality
@@ -55,14 +55,21 @@ def bench_pseudo_labels(
         if not run_pipeline(selection=["item_catalog", "users", "candidate_events", "user_histories",
                                        "item_embeddings", "user_anchors", "anchor_embeddings",
                                        "candidate_similarities", "similarity_calibration",
-                                       "pseudo_labels"]).success:
+                                       "pseudo_labels", "item_semantic_ids", "sid_generator"]).success:
             raise typer.Exit(1)
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
     days = sorted(warehouse.written_days("user_histories"))
     encoder = sentence_encoder(str(settings.encoder_dir) if settings.encoder_dir else None)
-    report = pseudo_label_quality(warehouse, days, anchor_generator(settings), anchor_generator(settings, "history"),
-                                  encoder, settings.anchors.k, settings.anchors.history_max_items, settings.seed,
-                                  settings.source)
+    # The SID anchors under the other anchor-vector mode too (same trained generators, same IDs): which of
+    # "mean of the items under the codes" and "RQ-VAE decoding of the codes" works better is measured here.
+    mode = settings.sid.generator.anchor_vector
+    other = "codebook" if mode == "items" else "items"
+    other_settings = load_settings({"sid": {"generator": {"anchor_vector": other}}})
+    generators = {"llm": anchor_generator(settings), "history": anchor_generator(settings, "history"),
+                  "sid": anchor_generator(settings, "sid"), f"sid_{other}": anchor_generator(other_settings, "sid")}
+    report = pseudo_label_quality(warehouse, days, generators, encoder, settings.anchors.k,
+                                  settings.anchors.history_max_items, settings.seed, settings.source)
+    report["sid_anchor_vector"] = mode
     _emit(report, out)
 
 
@@ -97,3 +104,11 @@ def bench_prerank_scoring(items: int = typer.Option(1000, help="candidate items 
                           out: Optional[Path] = typer.Option(None)) -> None:
     """Serving latency: user + N candidates -> scores with online features (SQLite), vs retrieval alone."""
     _emit(_bench_module("bench_prerank_scoring").run(items, out), None)
+
+
+@bench_app.command("sid")
+def bench_sid(out: Optional[Path] = typer.Option(None),
+              baseline_users: int = typer.Option(100, help="users decoded one at a time for the baseline")) -> None:
+    """Semantic-ID anchors: RQ-VAE and generator training time, and anchors for every distinct history,
+    batched beam search vs one user at a time (needs the warehouse of `make demo`)."""
+    _emit(_bench_module("bench_sid").run(out, baseline_users), None)

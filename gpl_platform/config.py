@@ -66,7 +66,7 @@ class ContractConfig(BaseModel):
 
 
 class AnchorConfig(BaseModel):
-    backend: Literal["smollm", "openai", "history"] = "smollm"
+    backend: Literal["smollm", "openai", "history", "sid"] = "smollm"
     k: int = Field(5, gt=0, le=20, description="anchors per user")
     history_max_items: int = Field(6, gt=0, description="recent positives the generator reads")
     max_new_tokens: int = Field(40, gt=0)
@@ -75,6 +75,61 @@ class AnchorConfig(BaseModel):
     openai_model: str = "SmolLM2-135M-Instruct"
     openai_timeout_s: float = 30.0
     openai_max_concurrency: int = 8
+
+
+class SemanticIdConfig(BaseModel):
+    """RQ-VAE over the frozen item embeddings: each item gets ``levels`` codes plus a suffix that
+    tells apart items sharing all of them (docs/SEMANTIC_IDS.md)."""
+
+    levels: int = Field(3, ge=1, le=6)
+    codebook_size: int | None = Field(
+        None, ge=2, le=1024, description="codes per level; default: the power of two nearest to "
+        "2 * n_items^(1/levels), at least 4 (1,682 MovieLens items -> 32)")
+    latent_dim: int = Field(32, gt=0)
+    hidden_dim: int = Field(256, gt=0)
+    warmup_epochs: int = Field(100, ge=0, description="full-batch autoencoder steps before the k-means codebook init")
+    epochs: int = Field(600, gt=0, description="full-batch steps with quantization")
+    lr: float = Field(2e-3, gt=0)
+    commitment_beta: float = Field(0.25, ge=0)
+
+
+class SidGeneratorConfig(BaseModel):
+    """The generator of semantic IDs: a small decoder-only transformer trained from scratch on the code
+    sequences of users' positives (docs/SEMANTIC_IDS.md says why not LoRA on SmolLM2)."""
+
+    d_model: int = Field(64, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    max_history_items: int = Field(12, gt=0, description="most recent positives in a training window or prompt")
+    epochs: int = Field(40, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    popular_subsample_t: float = Field(
+        1e-3, ge=0, description="an occurrence of item i (share f_i of all positives) is kept in a training history "
+        "with probability min(1, sqrt(t / f_i)), redrawn every epoch; 0 keeps everything")
+    shuffle_within_day: bool = Field(
+        False, description="shuffle a user's positives of the same day in every training epoch: the order within "
+        "a burst of ratings is the website's listing order, not the user's path, and the anchors must predict "
+        "later days")
+    retrain_every_days: int = Field(30, gt=0, description="a model trained on positives before refit day R serves "
+                                    "R .. R+N-1 (refit days are every N days since 1970-01-01)")
+    min_training_positives: int = Field(200, gt=0, description="fewer positives before R: no model, the days it would "
+                                        "serve get history anchors (counted fallback)")
+    beam_size: int = Field(24, gt=0, description="beams of the prefix-constrained search (>= k)")
+    exclude_history: bool = Field(True, description="never return an item the user already has in the history")
+    anchor_vector: Literal["items", "codebook"] = Field(
+        "items", description="anchor vector of a generated ID: mean embedding of the items under its codes, or the "
+        "RQ-VAE decoding of its codebook vectors")
+
+
+#: SidGeneratorConfig fields that only change generation, not the trained model
+SID_GENERATION_FIELDS = frozenset({"beam_size", "exclude_history", "anchor_vector", "min_training_positives"})
+
+
+class SidConfig(BaseModel):
+    semantic_ids: SemanticIdConfig = SemanticIdConfig()
+    generator: SidGeneratorConfig = SidGeneratorConfig()
 
 
 class ConfidenceConfig(BaseModel):
@@ -137,6 +192,7 @@ class Settings(BaseSettings):
     simulator: SimulatorConfig = SimulatorConfig()
     contract: ContractConfig = ContractConfig()
     anchors: AnchorConfig = AnchorConfig()
+    sid: SidConfig = SidConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     training: TrainingConfig = TrainingConfig()

@@ -10,6 +10,7 @@ windows) or the day's own candidates (which are what gets labelled).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpl_platform.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator, UserHistory
+from gpl_platform.anchors.base import ANCHOR_COLUMNS, FALLBACK_EMPTY_HISTORY, AnchorGenerator, UserHistory
 from gpl_platform.calibration import Calibration, fit_calibration
 from gpl_platform.config import CalibrationConfig, ConfidenceConfig
 from gpl_platform.confidence import anchor_coherence, confidence_weights, generation_confidence, history_consistency
@@ -110,19 +111,31 @@ def load_histories(warehouse: Warehouse, days: Sequence[date], max_items: int) -
 
 def anchors_for_days(warehouse: Warehouse, days: Sequence[date], generator: AnchorGenerator, k: int,
                      history_max_items: int, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Anchors of every (day, user) with a request, keyed by ``day``, ``user_id`` and ``cache_key``:
-    each distinct history is generated once, and a history seen in an earlier run is a cache hit."""
+    """Anchors of every (day, user) with a request, keyed by ``day``, ``user_id`` and ``cache_key``, with
+    the ``model_id`` that made them: each distinct history is generated once per serving model (one
+    for most backends; one per refit period for ``sid``), and a history seen in an earlier run is a
+    cache hit."""
     from gpl_platform.anchors.cache import cache_key, generate_with_cache
 
     histories = load_histories(warehouse, days, history_max_items)
-    signature = generator.cache_signature()
-    histories["cache_key"] = [cache_key(h, signature, k) for h in histories["history"]]
-    unique = histories.drop_duplicates("cache_key")
-    with warehouse.connect() as con:
-        anchors, stats = generate_with_cache(con, generator, list(unique["history"]), k, progress=progress)
-    anchors = anchors.drop(columns=["user_id"]).merge(histories[["day", "user_id", "cache_key"]], on="cache_key")
+    serving = {d: generator.for_day(d) for d in sorted(set(histories["day"]))}
+    histories["model_id"] = histories["day"].map(lambda d: serving[d].model_id)
+    parts, stats = [], Counter()
+    for model_id, group in histories.groupby("model_id", sort=False):
+        model = serving[group["day"].iloc[0]]
+        signature = model.cache_signature()
+        group = group.assign(cache_key=[cache_key(h, signature, k) for h in group["history"]])
+        unique = group.drop_duplicates("cache_key")
+        with warehouse.connect() as con:
+            anchors, part_stats = generate_with_cache(con, model, list(unique["history"]), k, progress=progress)
+        stats.update(part_stats)
+        stats["distinct_histories"] += len(unique)
+        parts.append(anchors.drop(columns=["user_id"]).merge(group[["day", "user_id", "cache_key", "model_id"]],
+                                                             on="cache_key"))
+    anchors = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["cache_key", *ANCHOR_COLUMNS, "day", "model_id"])
     stats = dict(stats)
-    stats.update(user_days=len(histories), distinct_histories=len(unique), anchors=len(anchors))
+    stats.update(user_days=len(histories), anchors=len(anchors), serving_models=histories["model_id"].nunique())
     return anchors, stats
 
 
@@ -133,8 +146,8 @@ def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: Anch
     days = sorted(set(days))
     anchors, stats = anchors_for_days(warehouse, days, generator, k, history_max_items, progress)
     anchors["anchor_id"] = anchors["cache_key"].str[:16] + "-" + anchors["anchor_rank"].astype(str)
-    anchors["backend"], anchors["model_id"] = generator.backend, generator.model_id
-    anchors["prompt_version"], anchors["anchor_signature"] = generator.prompt_version, generator.cache_signature()
+    anchors["backend"] = generator.backend
+    anchors["prompt_version"], anchors["anchor_signature"] = generator.prompt_version, generator.lineage_signature()
     anchors = anchors.sort_values(["day", "user_id", "anchor_rank"], ignore_index=True)
     tables.ensure(warehouse)
     with warehouse.transaction() as con:
@@ -145,7 +158,10 @@ def generate_anchors(warehouse: Warehouse, days: Sequence[date], generator: Anch
 # ---- step 2: anchor embeddings ----------------------------------------------------------------
 
 def embed_anchors(warehouse: Warehouse, days: Sequence[date], encoder, progress: bool = False,
-                  run_id: str | None = None, tables: StageTables = MAIN) -> dict:
+                  run_id: str | None = None, tables: StageTables = MAIN,
+                  generator: AnchorGenerator | None = None) -> dict:
+    """Anchor vectors in the encoder's space: encoded texts, or, when ``generator`` says how
+    (semantic-ID anchors), vectors it derives from what the anchor names."""
     days = sorted(set(days))
     require_days(warehouse, tables.anchors, days, "anchor embedding")
     anchors = warehouse.query(
@@ -153,7 +169,10 @@ def embed_anchors(warehouse: Warehouse, days: Sequence[date], encoder, progress:
         "ORDER BY day, user_id, anchor_rank", [days[0], days[-1]])
     anchors["day"] = _as_date(anchors["day"])
     anchors = anchors[anchors["day"].isin(days)].reset_index(drop=True)
-    vectors = encode_deduplicated(encoder, anchors["anchor_text"].tolist(), progress=progress)
+    if generator is not None:
+        vectors = generator.anchor_vectors(anchors["anchor_text"].tolist(), encoder)
+    else:
+        vectors = encode_deduplicated(encoder, anchors["anchor_text"].tolist(), progress=progress)
     frame = anchors[["day", "anchor_id", "user_id"]].assign(encoder_id=encoder.encoder_id)
     table = frame_with_vectors(frame, vectors)
     with warehouse.transaction() as con:
@@ -185,7 +204,7 @@ def load_day_anchors(warehouse: Warehouse, days: Sequence[date], encoder_id: str
         con.register("_days", _days_param(days))
         meta, vectors = read_vectors(con, f"""
             SELECT e.day, e.user_id, e.anchor_id, e.encoder_id, a.gen_prob, a.is_fallback, a.fallback_reason,
-                   a.anchor_signature, e.vector
+                   a.anchor_signature, a.model_id, e.vector
             FROM {tables.embeddings} e JOIN {tables.anchors} a USING (day, anchor_id)
             WHERE e.day IN (SELECT CAST(day AS DATE) FROM _days) ORDER BY e.day, e.user_id, a.anchor_rank""")
     meta["day"] = _as_date(meta["day"])
@@ -323,7 +342,7 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
                       run_id: str | None = None, tables: StageTables = MAIN) -> tuple[pd.DataFrame, dict]:
     """Pseudo-label every unexposed candidate of ``days`` (GPL steps 3-4)."""
     days = sorted(set(days))
-    signature = generator.cache_signature()
+    signature = generator.lineage_signature()
     require_days(warehouse, tables.similarities, days, "pseudo-labelling")
     calibrations: dict[tuple[date, str], Calibration | None] = {
         (d, pooling): calibration_for_day(warehouse, d, first_day, calibration_cfg, pooling, encoder_id, signature,
@@ -354,7 +373,7 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     # A generic anchor (empty history) says nothing about the user: a fixed, lower c_hist.
     consistency = np.where(meta["fallback_reason"].eq(FALLBACK_EMPTY_HISTORY), confidence_cfg.no_history_value,
                            consistency)
-    generation = generation_confidence(meta["gen_prob"].to_numpy(float))
+    generation = generation_confidence(meta["gen_prob"].to_numpy(float), n_tokens=generator.tokens_per_anchor)
     row = pd.Index(meta["anchor_id"] + "@" + meta["day"].astype(str)).get_indexer(
         cands["anchor_id"] + "@" + cands["day"].astype(str))
     cands["c_coherence"], cands["c_history"], cands["c_generation"] = coherence[row], consistency[row], generation[row]
@@ -373,7 +392,8 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
             cal = calibrations[(d, pooling)]
             cands.loc[on_day, label_col] = cal.predict(cands.loc[on_day, f"similarity_{pooling}"].to_numpy(float))
             cands.loc[on_day, version_col] = cal.version
-    cands["llm_version"] = generator.model_id or generator.backend
+    # the model that generated each candidate's arg-max anchor (day-bound backends have one per refit period)
+    cands["llm_version"] = meta["model_id"].fillna(generator.backend).replace("", generator.backend).to_numpy()[row]
     cands["prompt_version"] = generator.prompt_version or "none"
     cands["encoder_version"] = encoder_id
     with warehouse.transaction() as con:

@@ -12,7 +12,31 @@ from gpl_platform.config import AnchorConfig, Settings
 def anchor_generator(settings: Settings, backend: str | None = None) -> AnchorGenerator:
     """The configured anchor generator (``backend`` overrides ``settings.anchors.backend``)."""
     cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
+    if cfg.backend == "sid":
+        return _sid_generator(settings)
     return _generator(cfg.model_dump_json(), settings.seed)
+
+
+_SID_GENERATORS: dict[tuple, AnchorGenerator] = {}
+
+
+def _sid_generator(settings: Settings) -> AnchorGenerator:
+    """The semantic-ID generator family over the warehouse's current semantic IDs (one per process and
+    version: it memoizes the per-refit-day models it loads or trains)."""
+    from gpl_platform.sid.store import load_semantic_ids, stored_semantic_id_meta
+    from gpl_platform.warehouse import Warehouse
+
+    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    meta = stored_semantic_id_meta(warehouse)
+    if meta is None:
+        raise LookupError("anchor backend 'sid' needs semantic IDs: materialize item_semantic_ids first")
+    key = (str(settings.warehouse), meta["version"], settings.sid.generator.model_dump_json(), settings.seed,
+           str(settings.artifacts_dir))
+    if key not in _SID_GENERATORS:
+        _SID_GENERATORS[key] = make_anchor_generator(
+            "sid", warehouse=warehouse, sids=load_semantic_ids(warehouse), cfg=settings.sid.generator,
+            seed=settings.seed, artifacts_dir=settings.artifacts_dir)
+    return _SID_GENERATORS[key]
 
 
 @lru_cache(maxsize=4)

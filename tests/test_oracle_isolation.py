@@ -21,7 +21,8 @@ ALLOWED = {
 }
 ALLOWED_PREFIXES = ("gpl_platform/evaluation", "bench/")
 # Where a file was written and when are not content; a calibration's content is its version (hash of params + window).
-AUDIT_COLUMNS = {"written_at", "created_at", "updated_at", "run_id", "fitted_at", "artifact_path", "calibration_json"}
+AUDIT_COLUMNS = {"written_at", "created_at", "updated_at", "run_id", "fitted_at", "artifact_path", "calibration_json",
+                 "trained_at", "train_seconds"}
 
 
 def test_only_allowed_modules_mention_oracle_labels():

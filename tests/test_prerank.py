@@ -39,7 +39,8 @@ def _train_frame():
                            "pseudo_label": [0.9, 0.1, 0.6, 0.4], "pseudo_label_mean_pool": [0.7, 0.2, 0.5, 0.5],
                            "confidence": [0.5, 1.0, 0.2, 0.8]})
     history = pseudo.assign(pseudo_label=[0.3, 0.3, 0.3, 0.3])
-    return train, {"main": pseudo, "history": history}
+    sid = pseudo.assign(pseudo_label=[0.8, 0.8, 0.8, 0.8])
+    return train, {"main": pseudo, "history": history, "sid": sid}
 
 
 def test_method_plans_use_the_right_labels_and_weights():
@@ -55,6 +56,7 @@ def test_method_plans_use_the_right_labels_and_weights():
     assert plans["gpl_no_confidence"].query("is_pseudo")["weight"].eq(0.5).all()
     assert plans["gpl_mean_pool"].query("is_pseudo").set_index("row")["label"][2] == pytest.approx(0.7)
     assert plans["gpl_history_anchors"].query("is_pseudo")["label"].to_numpy() == pytest.approx([0.3] * 4)
+    assert plans["gpl_sid"].query("is_pseudo")["label"].to_numpy() == pytest.approx([0.8] * 4)
     assert plans["pseudo_only"]["is_pseudo"].all() and len(plans["pseudo_only"]) == 4
     assert plans["pseudo_only"].set_index("row")["weight"][3] == pytest.approx(1.0)  # confidence, no lambda
     assert plans["unexposed_negative"].query("is_pseudo")["label"].eq(0).all()

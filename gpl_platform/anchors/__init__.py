@@ -1,7 +1,8 @@
 """Interest-anchor library (no Dagster imports here).
 
 Backends: ``history`` (no LLM, ablation baseline), ``smollm`` (SmolLM2-135M-Instruct in-process),
-``openai`` (any OpenAI-compatible HTTP server such as vLLM or llama.cpp server).
+``openai`` (any OpenAI-compatible HTTP server such as vLLM or llama.cpp server), ``sid`` (semantic-ID
+anchors from a generator trained on users' ID sequences; needs the warehouse, see anchors/sid.py).
 
     from gpl_platform.anchors import make_anchor_generator, UserHistory
     gen = make_anchor_generator("smollm", batch_size=16)
@@ -50,15 +51,22 @@ def _history(**kw: Any) -> AnchorGenerator:
     return HistoryAnchorGenerator(**kw)
 
 
+def _sid(**kw: Any) -> AnchorGenerator:
+    from .sid import SidAnchorGenerator  # torch: lazy
+
+    return SidAnchorGenerator(**kw)
+
+
 BACKENDS: dict[str, Callable[..., AnchorGenerator]] = {
     "smollm": _smollm,
     "openai": _openai,
     "history": _history,
+    "sid": _sid,
 }
 
 
 def make_anchor_generator(backend: str, **kwargs: Any) -> AnchorGenerator:
-    """Build an anchor generator by backend name ("smollm", "openai", "history")."""
+    """Build an anchor generator by backend name ("smollm", "openai", "history", "sid")."""
     try:
         factory = BACKENDS[backend.lower()]
     except KeyError:

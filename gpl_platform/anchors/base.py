@@ -181,6 +181,27 @@ class AnchorGenerator(ABC):
     #: fill users with fewer than k LLM anchors up to k with their history items (marked fallback)
     pad_with_history: bool = False
 
+    #: tokens of one anchor when ``gen_prob`` is a whole-sequence probability of fixed length (the
+    #: confidence factor then uses the per-token geometric mean); None: use ``gen_prob`` as it is
+    tokens_per_anchor: int | None = None
+
+    def for_day(self, day) -> "AnchorGenerator":
+        """The generator that serves ``day``. Backends whose model is retrained over time (``sid``) return
+        the model trained on data before the day; the others are the same on every day."""
+        return self
+
+    def lineage_signature(self) -> str:
+        """What identifies this generator across days (stored as ``anchor_signature`` and keyed into
+        calibrations): for day-bound backends the family, without the per-day model version."""
+        return self.cache_signature()
+
+    def anchor_vectors(self, texts: Sequence[str], encoder) -> np.ndarray:
+        """Vectors of anchors in the frozen encoder's space: text anchors are encoded (each distinct
+        text once); backends whose anchors name catalog entries override this."""
+        from gpl_platform.embeddings import encode_deduplicated
+
+        return encode_deduplicated(encoder, list(texts))
+
     def cache_signature(self) -> str:
         """Stable hash of everything that changes the anchors: backend, model, prompt, params."""
         return stable_hash(

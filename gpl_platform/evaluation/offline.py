@@ -17,6 +17,7 @@ from gpl_platform.quality import failing_label_days
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
 from gpl_platform.prerank.data import (
     METHODS,
+    PSEUDO_VARIANT_OF_METHOD,
     TimeSplit,
     attach_features,
     exposure_propensity,
@@ -102,9 +103,9 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
     # The same quality gate as training_set: days whose labels fail it are not consumed.
     refused: dict[str, list[str]] = {}
     pseudo = {}
-    for name, table in (("main", "pseudo_labels"), ("history", "pseudo_labels__history")):
-        if name == "history" and "gpl_history_anchors" not in methods:
-            continue
+    variants = ["main"] + [PSEUDO_VARIANT_OF_METHOD[m] for m in methods if m in PSEUDO_VARIANT_OF_METHOD]
+    for name in variants:
+        table = "pseudo_labels" if name == "main" else f"pseudo_labels__{name}"
         failing = failing_label_days(warehouse, split.train_days, label_gate, table=table)
         refused[name] = sorted(str(d) for d in failing)
         pseudo[name] = load_pseudo_labels(warehouse, [d for d in split.train_days if d not in failing], table)

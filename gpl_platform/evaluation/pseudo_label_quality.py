@@ -17,7 +17,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from gpl_platform.anchors import AnchorGenerator
-from gpl_platform.embeddings import encode_deduplicated, load_item_embeddings
+from gpl_platform.embeddings import load_item_embeddings
 from gpl_platform.evaluation.metrics import auc, gauc
 from gpl_platform.labeling import anchors_for_days
 from gpl_platform.scoring import score_candidates
@@ -42,7 +42,7 @@ def variant_similarities(warehouse: Warehouse, days: Sequence[date], candidates:
     anchors, stats = anchors_for_days(warehouse, days, generator, k, history_max_items, progress)
     with warehouse.connect(read_only=True) as con:
         item_ids, item_vectors = load_item_embeddings(con, encoder.encoder_id)
-    vectors = encode_deduplicated(encoder, anchors["anchor_text"].tolist())
+    vectors = generator.anchor_vectors(anchors["anchor_text"].tolist(), encoder)
     users = pd.MultiIndex.from_frame(anchors[["day", "user_id"]].drop_duplicates())
     anchor_user = users.get_indexer(pd.MultiIndex.from_frame(anchors[["day", "user_id"]]))
     cand_user = users.get_indexer(pd.MultiIndex.from_frame(candidates[["day", "user_id"]]))
@@ -52,34 +52,55 @@ def variant_similarities(warehouse: Warehouse, days: Sequence[date], candidates:
     return result.similarity_max, result.similarity_mean, stats
 
 
-def pseudo_label_quality(warehouse: Warehouse, days: Sequence[date], llm: AnchorGenerator,
-                         history: AnchorGenerator, encoder, k: int, history_max_items: int, seed: int,
-                         dataset: str, progress: bool = True) -> dict:
-    """The `gpl bench pseudo-labels` report."""
+def pseudo_label_quality(warehouse: Warehouse, days: Sequence[date], generators: dict[str, AnchorGenerator],
+                         encoder, k: int, history_max_items: int, seed: int, dataset: str,
+                         progress: bool = True) -> dict:
+    """The `gpl bench pseudo-labels` report: for each named generator (e.g. ``llm``, ``history``,
+    ``sid``), AUC and GAUC of max- and mean-pooled similarity as ``<name>_max`` / ``<name>_mean``."""
     cands = unexposed_candidates(warehouse, days)
     if cands.empty:
         raise ValueError("no unexposed candidates with oracle labels in the selected days")
     y = cands["oracle_label"].to_numpy(int)
+    # Users without history get the same generic anchor under every backend, so the variants differ only
+    # on the candidates of users with a history: the AUC restricted to those is reported too.
+    with_history = _has_history(warehouse, days, cands)
     report: dict = {"dataset": dataset, "n_candidates": int(len(cands)), "positive_rate": float(y.mean()),
-                    "days": [str(min(days)), str(max(days))], "auc": {}, "gauc": {}, "variants": {}}
-    for name, generator in (("llm", llm), ("history", history)):
+                    "days": [str(min(days)), str(max(days))], "auc": {}, "gauc": {},
+                    "n_candidates_of_users_with_history": int(with_history.sum()),
+                    "auc_users_with_history": {}, "gauc_users_with_history": {}, "variants": {}}
+    for name, generator in generators.items():
         log.info("scoring %d unexposed candidates with %s anchors", len(cands), generator.backend)
         s_max, s_mean, stats = variant_similarities(warehouse, days, cands, generator, encoder, k,
                                                     history_max_items, progress)
         covered = ~np.isnan(s_max)
         report["variants"][name] = {"backend": generator.backend, "model_id": generator.model_id,
                                     "prompt_version": generator.prompt_version, "coverage": float(covered.mean()),
-                                    "fallback_anchor_share": stats["fallback_anchor_share"]}
+                                    "fallback_anchor_share": stats["fallback_anchor_share"],
+                                    "serving_models": stats["serving_models"],
+                                    "fallbacks": {k_: v for k_, v in stats.items() if k_.startswith("fallback_")}}
         for pooling, scores in (("max", s_max), ("mean", s_mean)):
             filled = np.where(covered, scores, np.nanmin(scores) - 1)  # uncovered rank last
             report["auc"][f"{name}_{pooling}"] = auc(y, filled)
             report["gauc"][f"{name}_{pooling}"] = gauc(cands["user_id"].to_numpy(), y, filled)
+            h = with_history
+            report["auc_users_with_history"][f"{name}_{pooling}"] = auc(y[h], filled[h])
+            report["gauc_users_with_history"][f"{name}_{pooling}"] = gauc(cands["user_id"].to_numpy()[h], y[h],
+                                                                          filled[h])
     rng = np.random.default_rng(seed)
     noise = rng.random(len(cands))
     report["auc"]["random"] = auc(y, noise)
     report["gauc"]["random"] = gauc(cands["user_id"].to_numpy(), y, noise)
+    report["auc_users_with_history"]["random"] = auc(y[with_history], noise[with_history])
     report.update(_pipeline_label_quality(warehouse, days))
     return report
+
+
+def _has_history(warehouse: Warehouse, days: Sequence[date], cands: pd.DataFrame) -> np.ndarray:
+    hist = warehouse.query("SELECT day, user_id, len(history_item_ids) > 0 AS has FROM user_histories "
+                           "WHERE day BETWEEN ? AND ?", [min(days), max(days)])
+    hist["day"] = pd.to_datetime(hist["day"]).dt.date
+    merged = cands[["day", "user_id"]].merge(hist, on=["day", "user_id"], how="left")
+    return merged["has"].fillna(False).to_numpy(bool)
 
 
 def _pipeline_label_quality(warehouse: Warehouse, days: Sequence[date]) -> dict:

@@ -21,7 +21,10 @@ from gpl_platform.warehouse import Warehouse
 log = logging.getLogger(__name__)
 
 METHODS = ("exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl", "gpl_no_confidence",
-           "gpl_mean_pool", "gpl_history_anchors", "pseudo_only")
+           "gpl_mean_pool", "gpl_history_anchors", "gpl_sid", "pseudo_only")
+
+#: methods that train on an ablation variant's pseudo-labels (``pseudo_labels__<variant>``) instead of the main ones
+PSEUDO_VARIANT_OF_METHOD = {"gpl_history_anchors": "history", "gpl_sid": "sid"}
 
 
 @dataclass
@@ -135,7 +138,8 @@ def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame
 
     Exposed rows carry their click (weight 1, or an IPS weight); unexposed rows, depending on the
     method, a sampled 0, the teacher's score, or a pseudo-label with weight lambda * confidence.
-    ``pseudo`` maps "main" and "history" to pseudo-label frames keyed by (request_id, item_id).
+    ``pseudo`` maps "main" and the variants of :data:`PSEUDO_VARIANT_OF_METHOD` to pseudo-label frames keyed
+    by (request_id, item_id).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -161,7 +165,7 @@ def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame
             raise ValueError("ranker_distillation needs teacher scores")
         parts.append((idx_unexp, teacher_scores[idx_unexp], np.full(len(idx_unexp), lam), True))
     elif method.startswith("gpl") or method == "pseudo_only":
-        table = pseudo["history" if method == "gpl_history_anchors" else "main"]
+        table = pseudo[PSEUDO_VARIANT_OF_METHOD.get(method, "main")]
         keys = pd.MultiIndex.from_frame(train[["request_id", "item_id"]])
         pos = pd.MultiIndex.from_frame(table[["request_id", "item_id"]]).get_indexer(keys)
         rows = np.flatnonzero((~exposed) & (pos >= 0))
