@@ -245,3 +245,33 @@ def test_sid_as_the_main_backend_gives_the_ablation_labels(sid_run):
     ablation = sid_run.warehouse().query(f"SELECT {columns} FROM pseudo_labels__sid ORDER BY ALL")
     assert len(main) > 0 and main["llm_version"].str.startswith("sidgen-").any()
     assert main.equals(ablation)
+
+
+def test_training_gives_the_same_result_in_another_process(fitted):
+    """Same inputs, same seed, another process: the same codes and the same generator (CPU kernels that
+    accumulate in parallel are made deterministic while training)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    ids, x, _, fit = fitted
+    vocab = random_catalog()
+    here = train_sid_generator(vocab, cyclic_sequences(), SMALL_GEN, seed=7, version="t")
+    script = textwrap.dedent("""
+        import sys, json, torch
+        sys.path.insert(0, "tests")
+        from test_sid import SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences, random_catalog
+        from gpl_platform.sid.generator import train_sid_generator
+        from gpl_platform.sid.rqvae import fit_semantic_ids
+        ids, x, _ = clustered_vectors()
+        fit = fit_semantic_ids(ids, x, SMALL_RQ, seed=3, encoder_id="enc@test")
+        gen = train_sid_generator(random_catalog(), cyclic_sequences(), SMALL_GEN, seed=7, version="t")
+        print(json.dumps({"codes": fit.codes.tolist(), "weight": float(sum(p.double().sum() for p in gen.model.parameters()))}))
+    """)
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
+    there = json.loads(out.stdout.strip().splitlines()[-1])
+    assert there["codes"] == fit.codes.tolist()
+    assert there["weight"] == float(sum(p.double().sum() for p in here.model.parameters()))

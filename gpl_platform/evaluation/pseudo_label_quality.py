@@ -49,6 +49,8 @@ def variant_similarities(warehouse: Warehouse, days: Sequence[date], candidates:
     result = score_candidates(cand_user, pd.Index(item_ids).get_indexer(candidates["item_id"]), item_vectors,
                               vectors, anchor_user)
     stats["fallback_anchor_share"] = float(anchors["is_fallback"].mean()) if len(anchors) else 0.0
+    # from the anchors themselves (the generator's counters cover only what was not in the cache)
+    stats["fallback_anchors_by_reason"] = {str(k): int(v) for k, v in anchors["fallback_reason"].value_counts().items()}
     return result.similarity_max, result.similarity_mean, stats
 
 
@@ -77,7 +79,7 @@ def pseudo_label_quality(warehouse: Warehouse, days: Sequence[date], generators:
                                     "prompt_version": generator.prompt_version, "coverage": float(covered.mean()),
                                     "fallback_anchor_share": stats["fallback_anchor_share"],
                                     "serving_models": stats["serving_models"],
-                                    "fallbacks": {k_: v for k_, v in stats.items() if k_.startswith("fallback_")}}
+                                    "fallback_anchors_by_reason": stats["fallback_anchors_by_reason"]}
         for pooling, scores in (("max", s_max), ("mean", s_mean)):
             filled = np.where(covered, scores, np.nanmin(scores) - 1)  # uncovered rank last
             report["auc"][f"{name}_{pooling}"] = auc(y, filled)

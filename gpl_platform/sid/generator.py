@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gpl_platform.config import SidGeneratorConfig
+from gpl_platform.sid.rqvae import deterministic_torch
 
 log = logging.getLogger(__name__)
 PAD, BOS, N_SPECIAL = 0, 1, 2
@@ -186,6 +187,13 @@ def train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[
     """Train on users' positives (item ids, oldest first; ``user_sessions`` optionally gives each positive's
     session, e.g. its day, sorted ascending). Each user's last positive is held out for the reported
     validation metrics (next-ID NLL and recall@10 of the constrained beam search)."""
+    with deterministic_torch():
+        return _train_sid_generator(vocab, user_sequences, cfg, seed, version, progress, user_sessions)
+
+
+def _train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[str]], cfg: SidGeneratorConfig,
+                         seed: int, version: str, progress: bool,
+                         user_sessions: Sequence[Sequence[int]] | None) -> TrainedSidGenerator:
     from tqdm.auto import tqdm
 
     began = time.perf_counter()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +30,19 @@ from gpl_platform.config import SemanticIdConfig
 
 log = logging.getLogger(__name__)
 _REVIVE_EVERY = 50
+
+
+@contextmanager
+def deterministic_torch() -> Iterator[None]:
+    """Deterministic kernels while training: the backward pass of a gather (codebook lookup, token
+    embedding) accumulates in parallel on CPU, in an order that changes from one process to the next,
+    and the argmin of the quantizer turns such last-bit differences into other codes."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def auto_codebook_size(n_items: int, levels: int) -> int:
@@ -125,6 +140,12 @@ def assign_suffixes(item_ids: list[str], prefix_codes: np.ndarray) -> np.ndarray
 def fit_semantic_ids(item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str,
                      progress: bool = False) -> SemanticIdFit:
     """Train the RQ-VAE on ``vectors`` (one row per item id) and return collision-free IDs."""
+    with deterministic_torch():
+        return _fit_semantic_ids(item_ids, vectors, cfg, seed, encoder_id, progress)
+
+
+def _fit_semantic_ids(item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str,
+                      progress: bool) -> SemanticIdFit:
     item_ids = [str(i) for i in item_ids]
     x_np = np.asarray(vectors, dtype=np.float32)
     if x_np.ndim != 2 or len(x_np) != len(item_ids):
