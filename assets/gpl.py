@@ -187,8 +187,9 @@ def item_semantic_ids(context: AssetExecutionContext, gpl: GplSettings) -> Mater
            start_offset=-30, end_offset=-1))],
        backfill_policy=BackfillPolicy.single_run(),
        description="The semantic-ID generator serving the day: a small decoder-only transformer trained on users' "
-                   "positive ID sequences of the days before its refit day (every sid.generator.retrain_every_days), "
-                   "popular items down-sampled; weights are a versioned artifact with training metrics.")
+                   "positive ID sequences of the days before its refit day (every sid.generator.retrain_every_days) "
+                   "to predict a day's positives from the days before it, popular items down-sampled in the "
+                   "prompts; weights are a versioned artifact with training metrics.")
 def sid_generator(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
@@ -199,6 +200,7 @@ def sid_generator(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
         metrics = serving.trained.metrics if serving.trained else {}
         rows.append({"refit_day": str(serving.refit), "version": serving.model_id,
                      "users": metrics.get("users", 0), "positives": metrics.get("positives", 0),
+                     "objective": metrics.get("objective"), "training_targets": metrics.get("training_targets"),
                      "final_train_loss": metrics.get("final_train_loss"),
                      "valid_recall@10": metrics.get("valid_recall@10"),
                      "valid_popularity_recall@10": metrics.get("valid_popularity_recall@10"),

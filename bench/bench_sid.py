@@ -2,7 +2,8 @@
 
 Measures, in one run and on the real catalog and clicks:
 - RQ-VAE training time over the frozen item embeddings (not stored);
-- SID generator training time on every positive before the last refit day (not stored);
+- SID generator training time on every positive before the last refit day (not stored), packed (a
+  day's targets behind one prompt) against the same training with the prompt repeated per target;
 - anchor generation for every distinct (user, history) of every day with that one model:
   batched prefix-constrained beam search (users decoded together, the prompt run once and its
   key/value cache shared by the beams) against the same search one user at a time, on a sample,
@@ -63,6 +64,11 @@ def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     trained = train_sid_generator(vocab, sequences, cfg, settings.seed, "bench", user_sessions=sessions)
     train_seconds = time.perf_counter() - t0
+    # baseline: the same training with the prompt repeated for every target instead of packed once per day
+    t0 = time.perf_counter()
+    unpacked = train_sid_generator(vocab, sequences, cfg, settings.seed, "bench", user_sessions=sessions,
+                                   targets_per_row=1)
+    unpacked_seconds = time.perf_counter() - t0
 
     histories = load_histories(warehouse, days, cfg.max_history_items)
     prompts, exclude, seen = [], [], set()
@@ -92,10 +98,16 @@ def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
                   "reconstruction_relative_error": round(fit.metrics["reconstruction_relative_error"], 4),
                   "collision_share": round(fit.metrics["collision_share"], 4)},
         "generator_training": {"refit_day": str(refit), "train_end": str(refit - timedelta(1)),
-                               "users": trained.metrics["users"], "positives": trained.metrics["positives"],
+                               "objective": cfg.objective, "users": trained.metrics["users"],
+                               "positives": trained.metrics["positives"],
+                               "training_targets": trained.metrics["training_targets"],
                                "epochs": cfg.epochs, "seconds": round(train_seconds, 1),
                                "valid_recall@10": round(trained.metrics["valid_recall@10"], 4),
-                               "valid_popularity_recall@10": round(trained.metrics["valid_popularity_recall@10"], 4)},
+                               "valid_popularity_recall@10": round(trained.metrics["valid_popularity_recall@10"], 4),
+                               "valid_nll_per_item": round(trained.metrics["valid_nll_per_item"], 3),
+                               "unpacked_seconds": round(unpacked_seconds, 1),
+                               "packing_speedup": round(unpacked_seconds / train_seconds, 2),
+                               "unpacked_valid_nll_per_item": round(unpacked.metrics["valid_nll_per_item"], 3)},
         "generation": {
             "distinct_histories": len(prompts), "k": k, "beam_size": cfg.beam_size,
             "batched_seconds": round(batched_seconds, 2),

@@ -97,25 +97,30 @@ class SidGeneratorConfig(BaseModel):
     """The generator of semantic IDs: a small decoder-only transformer trained from scratch on the code
     sequences of users' positives (docs/SEMANTIC_IDS.md says why not LoRA on SmolLM2)."""
 
+    objective: Literal["next_day", "next_item"] = Field(
+        "next_day", description="next_day: predict each positive of a day from the user's positives of the days "
+        "before it (what anchors are for); next_item: next-token prediction over the whole sequence, mostly "
+        "within one rating session")
     d_model: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     max_history_items: int = Field(12, gt=0, description="most recent positives in a training window or prompt")
-    epochs: int = Field(40, gt=0)
+    epochs: int = Field(20, gt=0, description="passes over the training examples (the next_item numbers in "
+                        "docs/SEMANTIC_IDS.md were measured at 40)")
     batch_size: int = Field(64, gt=0)
     lr: float = Field(3e-3, gt=0)
     popular_subsample_t: float = Field(
         1e-3, ge=0, description="an occurrence of item i (share f_i of all positives) is kept in a training history "
         "with probability min(1, sqrt(t / f_i)), redrawn every epoch; 0 keeps everything")
     shuffle_within_day: bool = Field(
-        False, description="shuffle a user's positives of the same day in every training epoch: the order within "
-        "a burst of ratings is the website's listing order, not the user's path, and the anchors must predict "
-        "later days")
+        False, description="shuffle a user's positives of the same day before training: the order within a "
+        "burst of ratings is the website's listing order, not the user's path")
     retrain_every_days: int = Field(30, gt=0, description="a model trained on positives before refit day R serves "
                                     "R .. R+N-1 (refit days are every N days since 1970-01-01)")
-    min_training_positives: int = Field(200, gt=0, description="fewer positives before R: no model, the days it would "
-                                        "serve get history anchors (counted fallback)")
+    min_training_positives: int = Field(200, gt=0, description="fewer positives to learn before R (next_day: those "
+                                        "on a user's second or later day): no model, the days it would serve get "
+                                        "history anchors (counted fallback)")
     beam_size: int = Field(24, gt=0, description="beams of the prefix-constrained search (>= k)")
     exclude_history: bool = Field(True, description="never return an item the user already has in the history")
     anchor_vector: Literal["items", "codebook"] = Field(

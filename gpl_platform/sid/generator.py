@@ -3,8 +3,15 @@ sequences of users' positives, and a prefix-constrained beam search that only em
 
 Token layout: ``PAD = 0``, ``BOS = 1``, then one block of tokens per ID position (L code levels and
 the collision suffix), so that "code 3 at level 1" and "code 3 at level 2" are different tokens.
-A history of items [i1, i2, ...] (oldest first) is ``BOS c1(i1) .. cL(i1) s(i1) c1(i2) ...``; the
-model learns next-token prediction over it, i.e. which ID follows a user's recent IDs.
+A history of items [i1, i2, ...] (oldest first) is ``BOS c1(i1) .. cL(i1) s(i1) c1(i2) ...``.
+
+Two training objectives (``SidGeneratorConfig.objective``):
+
+- ``next_day`` (default): the prompt is a user's positives of the days before day d, the targets are
+  the positives of day d; each target is scored as if it alone followed the prompt. This is what the
+  anchors are used for: the IDs a user will want on a later day.
+- ``next_item``: next-token prediction over the whole sequence (each ID from the ones before it,
+  mostly from the same rating session).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from gpl_platform.sid.rqvae import deterministic_torch
 
 log = logging.getLogger(__name__)
 PAD, BOS, N_SPECIAL = 0, 1, 2
+TARGETS_PER_ROW = 16  # a day with more targets spans several packed rows (bounds a row's length)
 
 
 class SidVocabulary:
@@ -87,14 +95,16 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
                                 nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None):
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:  # decoding one token after a cached prefix: it may see everything before it
             if t != 1:
                 raise ValueError("cached decoding takes one token at a time")
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              is_causal=cache is None and attn_mask is None,
                                               dropout_p=self.dropout if self.training else 0.0)
         x = x + F.dropout(self.out(attn.transpose(1, 2).reshape(b, t, d)), self.dropout, self.training)
         return x + self.ff(self.norm2(x)), (k, v)
@@ -114,16 +124,21 @@ class SidTransformer(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, cache: list | None = None, start: int = 0):
-        """Logits (batch, time, vocab) and the per-layer key/value cache. Right padding only: a PAD never
-        precedes a real token, so causal attention keeps it out of every real position's context."""
+    def forward(self, tokens: torch.Tensor, cache: list | None = None, start: int = 0,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
+        """Logits (batch, time, vocab) and the per-layer key/value cache. Without ``attn_mask``: causal
+        attention over right-padded rows (a PAD never precedes a real token, so it stays out of every
+        real position's context). With it (batch, 1, time, time; True = may attend) and ``positions``
+        (batch, time): packed rows, see :func:`packed_batch`."""
         length = tokens.shape[1]
-        if start + length > self.max_len:
-            raise ValueError(f"sequence of {start + length} tokens exceeds the model's {self.max_len}")
-        h = self.tok(tokens) + self.pos(torch.arange(start, start + length))[None]
+        if positions is None:
+            positions = torch.arange(start, start + length)[None]
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's {self.max_len} positions")
+        h = self.tok(tokens) + self.pos(positions)
         new_cache = []
         for layer, block in enumerate(self.blocks):
-            h, kv = block(h, None if cache is None else cache[layer])
+            h, kv = block(h, None if cache is None else cache[layer], attn_mask)
             new_cache.append(kv)
         return self.norm(h) @ self.tok.weight.T, new_cache
 
@@ -153,131 +168,252 @@ def keep_probabilities(sequences: Sequence[Sequence[int]], n_items: int, t: floa
         return np.where(share > 0, np.minimum(1.0, np.sqrt(t / np.maximum(share, 1e-300))), 1.0)
 
 
-def _training_windows(sequences: list[np.ndarray], keep: np.ndarray, cfg: SidGeneratorConfig,
-                      rng: np.random.Generator, sessions: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """One epoch's histories: with ``sessions`` (e.g. the day of each positive) and
-    ``cfg.shuffle_within_day``, items of one session in random order; popular items thinned out (the
-    last item always stays); then a random window of at most max_history_items + 1 items."""
+@dataclass
+class TrainingExample:
+    """A prompt (item rows, oldest first) and the items to predict from it. ``next_item`` examples have no
+    targets: every ID of the prompt is predicted from the ones before it."""
+
+    prompt: np.ndarray
+    targets: np.ndarray
+    history: np.ndarray  # every earlier positive of the user: never a target of the search
+
+
+def day_examples(rows: np.ndarray, days: np.ndarray) -> list[TrainingExample]:
+    """``next_day`` examples of one user (item rows and their days, ascending): for every day after the
+    user's first, the positives before it and the positives of that day."""
+    return [TrainingExample(rows[days < d], rows[days == d], rows[days < d]) for d in np.unique(days)[1:]]
+
+
+def count_training_targets(days: Sequence[Sequence[int]], objective: str) -> int:
+    """How many positives the objective learns to predict: all of them (``next_item``), or those on a day
+    after the user's first (``next_day``)."""
+    if objective == "next_item":
+        return int(sum(len(d) for d in days))
+    return int(sum(np.sum(np.asarray(d) > min(d)) for d in days if len(d)))
+
+
+def _rows_of(example: TrainingExample, targets_per_row: int) -> int:
+    return max(1, -(-len(example.targets) // targets_per_row))
+
+
+def _epoch_rows(examples: list[TrainingExample], keep: np.ndarray, cfg: SidGeneratorConfig,
+                rng: np.random.Generator, targets_per_row: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One epoch's (prompt, targets) rows: popular items thinned out of the prompts (each epoch anew; the
+    last item always stays), the prompt cut to its last max_history_items; ``next_item`` prompts are a
+    random window of max_history_items + 1 items; a day with many targets spans several rows."""
     out = []
-    for n, seq in enumerate(sequences):
-        if sessions is not None and cfg.shuffle_within_day:
-            seq = seq[np.lexsort((rng.random(len(seq)), sessions[n]))]
-        mask = rng.random(len(seq)) < keep[seq]
+    for ex in examples:
+        prompt = ex.prompt
+        mask = rng.random(len(prompt)) < keep[prompt]
         mask[-1] = True
-        seq = seq[mask]
-        span = cfg.max_history_items + 1
-        if len(seq) > span:
-            start = rng.integers(0, len(seq) - span + 1)
-            seq = seq[start: start + span]
-        out.append(seq)
+        prompt = prompt[mask]
+        if len(ex.targets) == 0:
+            span = cfg.max_history_items + 1
+            if len(prompt) > span:
+                begin = rng.integers(0, len(prompt) - span + 1)
+                prompt = prompt[begin: begin + span]
+            out.append((prompt, ex.targets))
+            continue
+        prompt = prompt[-cfg.max_history_items:]
+        for begin in range(0, len(ex.targets), targets_per_row):
+            out.append((prompt, ex.targets[begin: begin + targets_per_row]))
     return out
 
 
-def _batch(token_seqs: list[np.ndarray]) -> torch.Tensor:
-    width = max(len(s) for s in token_seqs)
-    out = np.full((len(token_seqs), width), PAD, dtype=np.int64)
-    for r, s in enumerate(token_seqs):
-        out[r, : len(s)] = s
-    return torch.from_numpy(out)
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # (rows, width)
+    positions: torch.Tensor  # (rows, width)
+    attn_mask: torch.Tensor  # (rows, 1, width, width), True = may attend
+    labels: torch.Tensor  # (rows, width): the next token at each position, -100 where nothing is predicted
+    target_row: torch.Tensor  # (targets,) the row of each target
+    prompt_end: torch.Tensor  # (targets,) the column of its row's last prompt token, which predicts its first token
+    first_token: torch.Tensor  # (targets,) the target's first token
+    target_columns: torch.Tensor  # (targets, positions - 1): the columns holding the target's other tokens
+
+
+def packed_batch(vocab: SidVocabulary, rows: Sequence[tuple[np.ndarray, np.ndarray]], lm_prompt: bool) -> PackedBatch:
+    """Rows of ``BOS + prompt``, then one block per target with its first ``positions - 1`` tokens.
+
+    A block attends to the prompt and to itself, never to another block, and its position ids continue
+    the prompt's, so every target is scored as if it alone followed the prompt; the prompt's last
+    position predicts every target's first token. The prompt runs once for all of a day's targets.
+    ``lm_prompt`` also predicts each prompt token from the ones before it (the ``next_item`` loss)."""
+    span = vocab.positions
+    seqs = [vocab.sequence(p) for p, _ in rows]
+    width = max(len(s) + (span - 1) * len(t) for s, (_, t) in zip(seqs, rows))
+    tokens = np.full((len(rows), width), PAD, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    segment = np.full((len(rows), width), -1, dtype=np.int64)  # 0 prompt, j + 1 the j-th target, -1 padding
+    labels = np.full((len(rows), width), -100, dtype=np.int64)
+    target_row, prompt_end, first_tokens, target_cols = [], [], [], []
+    for r, (seq, (_, targets)) in enumerate(zip(seqs, rows)):
+        n = len(seq)
+        tokens[r, :n], positions[r, :n], segment[r, :n] = seq, np.arange(n), 0
+        if lm_prompt:
+            labels[r, : n - 1] = seq[1:]
+        for j, item in enumerate(targets):
+            item_tokens = vocab.tokens[item]
+            cols = np.arange(n + j * (span - 1), n + (j + 1) * (span - 1))
+            tokens[r, cols], positions[r, cols], segment[r, cols] = item_tokens[:-1], np.arange(n, n + span - 1), j + 1
+            labels[r, cols] = item_tokens[1:]
+            target_row.append(r)
+            prompt_end.append(n - 1)
+            first_tokens.append(item_tokens[0])
+            target_cols.append(cols)
+    seg = torch.from_numpy(segment)
+    col = torch.arange(width)
+    # causal, and a key in a block is visible only from its own block (padding sees prompt and padding)
+    mask = (col[None, None, :] <= col[None, :, None]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), mask[:, None], torch.from_numpy(labels),
+                       *(torch.tensor(v, dtype=torch.long) for v in (target_row, prompt_end, first_tokens)),
+                       torch.from_numpy(np.array(target_cols, dtype=np.int64).reshape(len(target_row), span - 1)))
+
+
+def packed_log_probs(model: SidTransformer, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities of the labelled tokens (rows, width), 0 where unlabelled; log P of each target's
+    first token)."""
+    logp = torch.log_softmax(model(batch.tokens, positions=batch.positions, attn_mask=batch.attn_mask)[0], -1)
+    labelled = batch.labels >= 0
+    token_logp = logp.gather(2, batch.labels.clamp(min=0)[..., None])[..., 0] * labelled
+    first = logp[batch.target_row, batch.prompt_end].gather(1, batch.first_token[:, None])[:, 0]
+    return token_logp, first
+
+
+def target_log_probs(model: SidTransformer, batch: PackedBatch) -> torch.Tensor:
+    """log P(target ID | prompt) of every target of a packed batch (summed over the ID's tokens)."""
+    token_logp, first = packed_log_probs(model, batch)
+    return first + token_logp[batch.target_row[:, None], batch.target_columns].sum(1)
 
 
 def train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[str]], cfg: SidGeneratorConfig,
                         seed: int, version: str, progress: bool = False,
-                        user_sessions: Sequence[Sequence[int]] | None = None) -> TrainedSidGenerator:
-    """Train on users' positives (item ids, oldest first; ``user_sessions`` optionally gives each positive's
-    session, e.g. its day, sorted ascending). Each user's last positive is held out for the reported
-    validation metrics (next-ID NLL and recall@10 of the constrained beam search)."""
+                        user_sessions: Sequence[Sequence[int]] | None = None,
+                        targets_per_row: int = TARGETS_PER_ROW) -> TrainedSidGenerator:
+    """Train on users' positives (item ids, oldest first; ``user_sessions`` gives each positive's day,
+    ascending, which ``next_day`` needs). A seeded tenth of the examples (``next_day``: user-days;
+    ``next_item``: each user's last positive) is held out for the reported validation metrics.
+    ``targets_per_row`` = 1 repeats the prompt for every target (the unpacked baseline of `gpl bench sid`)."""
+    if targets_per_row < 1:
+        raise ValueError(f"targets_per_row must be >= 1, got {targets_per_row}")
     with deterministic_torch():
-        return _train_sid_generator(vocab, user_sequences, cfg, seed, version, progress, user_sessions)
+        return _train_sid_generator(vocab, user_sequences, cfg, seed, version, progress, user_sessions,
+                                    targets_per_row)
 
 
 def _train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[str]], cfg: SidGeneratorConfig,
-                         seed: int, version: str, progress: bool,
-                         user_sessions: Sequence[Sequence[int]] | None) -> TrainedSidGenerator:
+                         seed: int, version: str, progress: bool, user_sessions: Sequence[Sequence[int]] | None,
+                         targets_per_row: int) -> TrainedSidGenerator:
     from tqdm.auto import tqdm
 
     began = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    sessions_in = user_sessions if user_sessions is not None else [[0] * len(s) for s in user_sequences]
+    if user_sessions is None:
+        if cfg.objective == "next_day":
+            raise ValueError("the next_day objective needs the day of every positive (user_sessions)")
+        user_sessions = [[0] * len(s) for s in user_sequences]
     rows, sessions = [], []
-    for seq, sess in zip(user_sequences, sessions_in):
+    for seq, sess in zip(user_sequences, user_sessions):
+        if len(seq) != len(sess):
+            raise ValueError(f"a user has {len(seq)} positives but {len(sess)} days")
         known = [(vocab.item_index[i], d) for i, d in zip(seq, sess) if i in vocab.item_index]
         if known:
-            rows.append(np.array([i for i, _ in known], dtype=np.int64))
-            sessions.append(np.array([d for _, d in known], dtype=np.int64))
+            order = sorted(range(len(known)), key=lambda n: known[n][1])  # stable: keeps the order within a day
+            rows.append(np.array([known[n][0] for n in order], dtype=np.int64))
+            sessions.append(np.array([known[n][1] for n in order], dtype=np.int64))
     unknown = sum(len(s) for s in user_sequences) - sum(len(r) for r in rows)
-    if not rows:
-        raise ValueError("no training sequence has an item with a semantic ID")
-    multi = [n for n, r in enumerate(rows) if len(r) > 1]
-    single = [n for n, r in enumerate(rows) if len(r) == 1]  # single-positive users still teach the first step
-    train_rows = [rows[n][:-1] for n in multi] + [rows[n] for n in single]
-    train_sessions = [sessions[n][:-1] for n in multi] + [sessions[n] for n in single]
-    valid = [(rows[n][:-1], int(rows[n][-1])) for n in multi]
-    keep = keep_probabilities(train_rows, len(vocab.item_ids), cfg.popular_subsample_t)
+    if cfg.shuffle_within_day:  # once, before examples are cut (the order of one day's ratings is the site's)
+        for n in range(len(rows)):
+            order = np.lexsort((rng.random(len(rows[n])), sessions[n]))
+            rows[n], sessions[n] = rows[n][order], sessions[n][order]
+    train, valid = _split_examples(rows, sessions, cfg.objective, rng)
+    if not train:
+        raise ValueError(f"no training example for the {cfg.objective} objective: "
+                         + ("no user has positives on two days" if cfg.objective == "next_day" else
+                            "no training sequence has an item with a semantic ID"))
+    keep = keep_probabilities(rows, len(vocab.item_ids), cfg.popular_subsample_t)
     model = SidTransformer(vocab.size, max_tokens(cfg, vocab.positions), cfg.d_model, cfg.layers, cfg.heads,
                            cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    steps_per_epoch = -(-sum(_rows_of(e, targets_per_row) for e in train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    lm_prompt = cfg.objective == "next_item"
     losses = []
     for _ in tqdm(range(cfg.epochs), desc="SID generator", disable=not progress):
         model.train()
-        windows = _training_windows(train_rows, keep, cfg, rng, train_sessions)
-        order = rng.permutation(len(windows))
+        epoch = _epoch_rows(train, keep, cfg, rng, targets_per_row)
+        order = rng.permutation(len(epoch))
         total, count = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            tokens = _batch([vocab.sequence(windows[j]) for j in order[start: start + cfg.batch_size]])
-            logits, _ = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, vocab.size), tokens[:, 1:].reshape(-1), ignore_index=PAD)
+        for begin in range(0, len(order), cfg.batch_size):
+            batch = packed_batch(vocab, [epoch[j] for j in order[begin: begin + cfg.batch_size]], lm_prompt)
+            token_logp, first = packed_log_probs(model, batch)
+            n = int((batch.labels >= 0).sum()) + len(first)
+            loss = -(token_logp.sum() + first.sum()) / n
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            n = int((tokens[:, 1:] != PAD).sum())
             total, count = total + loss.item() * n, count + n
         losses.append(total / max(count, 1))
     model.eval()
-    metrics = {"train_loss_per_token": losses, "final_train_loss": losses[-1], "users": len(rows),
-               "positives": int(sum(len(r) for r in rows)), "unknown_items_skipped": int(unknown),
+    train_targets = np.concatenate([e.targets if len(e.targets) else e.prompt for e in train])
+    metrics = {"objective": cfg.objective, "train_loss_per_token": losses, "final_train_loss": losses[-1],
+               "users": len(rows), "positives": int(sum(len(r) for r in rows)), "training_examples": len(train),
+               "training_targets": int(len(train_targets)), "unknown_items_skipped": int(unknown),
                "popular_keep_probability_min": float(keep.min()),
                "parameters": int(sum(p.numel() for p in model.parameters())),
-               **_validation_metrics(model, vocab, valid, cfg, np.bincount(np.concatenate(train_rows),
-                                                                           minlength=len(vocab.item_ids)))}
+               **_validation_metrics(model, vocab, valid, cfg,
+                                     np.bincount(train_targets, minlength=len(vocab.item_ids)))}
     metrics["seconds"] = round(time.perf_counter() - began, 1)
-    log.info("SID generator %s: %d users, %d positives, loss %.3f, valid nll/item %.3f, recall@10 %.3f (%.1fs)",
-             version, metrics["users"], metrics["positives"], losses[-1], metrics["valid_nll_per_item"],
-             metrics["valid_recall@10"], metrics["seconds"])
+    log.info("SID generator %s (%s): %d users, %d training targets, loss %.3f, valid nll/item %.3f, "
+             "recall@10 %.3f (popularity %.3f) (%.1fs)", version, cfg.objective, metrics["users"],
+             metrics["training_targets"], losses[-1], metrics["valid_nll_per_item"], metrics["valid_recall@10"],
+             metrics.get("valid_popularity_recall@10", float("nan")), metrics["seconds"])
     return TrainedSidGenerator(model, vocab, cfg, metrics, version)
 
 
-def _validation_metrics(model: SidTransformer, vocab: SidVocabulary, valid: list[tuple[np.ndarray, int]],
+def _split_examples(rows: list[np.ndarray], sessions: list[np.ndarray], objective: str, rng: np.random.Generator
+                    ) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """(training, held-out) examples. ``next_item``: each user's last positive is held out (users with one
+    positive still teach the first step). ``next_day``: a seeded tenth of the user-days, when there are
+    at least ten."""
+    if objective == "next_item":
+        none = np.empty(0, np.int64)
+        train = [TrainingExample(r[:-1] if len(r) > 1 else r, none, none) for r in rows]
+        valid = [TrainingExample(r[:-1], r[-1:], r[:-1]) for r in rows if len(r) > 1]
+        return train, valid
+    if objective != "next_day":
+        raise ValueError(f"unknown SID generator objective {objective!r}: 'next_day' or 'next_item'")
+    examples = [e for r, d in zip(rows, sessions) for e in day_examples(r, d)]
+    held = rng.random(len(examples)) < 0.1 if len(examples) >= 10 else np.zeros(len(examples), bool)
+    return ([e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h])
+
+
+def _validation_metrics(model: SidTransformer, vocab: SidVocabulary, valid: list[TrainingExample],
                         cfg: SidGeneratorConfig, train_counts: np.ndarray) -> dict:
-    """Held-out last positives: NLL of their ID, and recall@10 of the constrained search (history
-    excluded) next to two baselines measured on the same users: random, and the 10 most frequent
-    training positives not in the user's history."""
+    """Held-out targets: NLL of their ID given the prompt, and the share of them in the top 10 of the
+    constrained search (the user's earlier positives excluded), next to two baselines on the same
+    examples: random, and the 10 most frequent training targets not among the user's positives."""
     if not valid:
-        return {"valid_users": 0, "valid_nll_per_item": float("nan"), "valid_recall@10": float("nan")}
-    prompts = [p[-cfg.max_history_items:] for p, _ in valid]
-    targets = np.array([t for _, t in valid])
-    nll = 0.0
+        return {"valid_examples": 0, "valid_targets": 0, "valid_nll_per_item": float("nan"),
+                "valid_recall@10": float("nan")}
+    rows = [(e.prompt[-cfg.max_history_items:], e.targets) for e in valid]
     with torch.no_grad():
-        for start in range(0, len(valid), 256):
-            part = [np.concatenate([p, [t]]) for p, t in zip(prompts[start:start + 256], targets[start:start + 256])]
-            tokens = _batch([vocab.sequence(r) for r in part])
-            logp = torch.log_softmax(model(tokens[:, :-1])[0], -1).gather(2, tokens[:, 1:, None])[..., 0]
-            lengths = torch.tensor([len(r) * vocab.positions for r in part])
-            ends = lengths[:, None] - torch.arange(vocab.positions, 0, -1)[None]  # positions of the target's tokens
-            nll -= float(logp.gather(1, ends).sum())
-    exclude = [set(p.tolist()) for p in prompts]
-    found = beam_search(model, vocab, prompts, k=10, beam_size=max(cfg.beam_size, 10), exclude=exclude)
-    hits = [targets[r] in {row for row, _ in found[r]} for r in range(len(valid))]
+        nll = -float(sum(target_log_probs(model, packed_batch(vocab, rows[b: b + 256], False)).sum()
+                         for b in range(0, len(rows), 256)))
+    exclude = [set(e.history.tolist()) for e in valid]
+    found = beam_search(model, vocab, [p for p, _ in rows], k=10, beam_size=max(cfg.beam_size, 10), exclude=exclude)
     by_count = np.argsort(-train_counts, kind="stable")
-    popular_hits = [targets[r] in [i for i in by_count[: 10 + len(exclude[r])] if i not in exclude[r]][:10]
-                    for r in range(len(valid))]
-    return {"valid_users": len(valid), "valid_nll_per_item": nll / len(valid), "valid_recall@10": float(np.mean(hits)),
-            "valid_popularity_recall@10": float(np.mean(popular_hits)),
+    hits = popular_hits = 0
+    for e, ex, items in zip(valid, exclude, found):
+        targets = set(e.targets.tolist())
+        hits += len(targets & {row for row, _ in items})
+        popular_hits += len(targets & set([i for i in by_count[: 10 + len(ex)] if i not in ex][:10]))
+    n_targets = sum(len(e.targets) for e in valid)
+    return {"valid_examples": len(valid), "valid_targets": n_targets, "valid_nll_per_item": nll / n_targets,
+            "valid_recall@10": hits / n_targets, "valid_popularity_recall@10": popular_hits / n_targets,
             "valid_random_recall@10": 10 / len(vocab.item_ids)}
 
 

@@ -24,8 +24,8 @@ import torch
 
 from gpl_platform.config import SID_GENERATION_FIELDS, SemanticIdConfig, SidGeneratorConfig
 from gpl_platform.embeddings import load_item_embeddings
-from gpl_platform.sid.generator import SidTransformer, SidVocabulary, TrainedSidGenerator, max_tokens, \
-    train_sid_generator
+from gpl_platform.sid.generator import SidTransformer, SidVocabulary, TrainedSidGenerator, count_training_targets, \
+    max_tokens, train_sid_generator
 from gpl_platform.sid.rqvae import fit_semantic_ids, semantic_id_version
 from gpl_platform.vectors import frame_with_vectors, read_vectors
 from gpl_platform.warehouse import Warehouse, table_exists
@@ -176,10 +176,10 @@ def generator_for_day(warehouse: Warehouse, sids: SemanticIds, day: date, cfg: S
     warehouse or trained and stored; None when fewer than ``cfg.min_training_positives`` exist."""
     refit = refit_day(day, cfg.retrain_every_days)
     _, sequences, days = training_sequences(warehouse, refit)
-    positives = sum(len(s) for s in sequences)
-    if positives < cfg.min_training_positives:
-        log.info("no SID generator for refit day %s: %d positives before it (< %d)", refit, positives,
-                 cfg.min_training_positives)
+    targets = count_training_targets(days, cfg.objective)
+    if targets < cfg.min_training_positives:
+        log.info("no SID generator for refit day %s: %d positives to learn (%s) before it (< %d)", refit, targets,
+                 cfg.objective, cfg.min_training_positives)
         return None
     key = _fit_key(sids.version, cfg, seed, refit, sequences)
     vocab = sids.vocabulary()
