@@ -70,7 +70,8 @@ def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
                                    targets_per_row=1)
     unpacked_seconds = time.perf_counter() - t0
 
-    histories = load_histories(warehouse, days, cfg.max_history_items)
+    # the histories the anchors stage gives the sid backend (anchors.history_max_items recent positives)
+    histories = load_histories(warehouse, days, settings.anchors.history_max_items)
     prompts, exclude, seen = [], [], set()
     for history in histories["history"]:
         key = (history.user_id, history.item_ids)

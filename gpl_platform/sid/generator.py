@@ -170,18 +170,18 @@ def keep_probabilities(sequences: Sequence[Sequence[int]], n_items: int, t: floa
 
 @dataclass
 class TrainingExample:
-    """A prompt (item rows, oldest first) and the items to predict from it. ``next_item`` examples have no
+    """A prompt (item rows, oldest first: every earlier positive of the user, so also what the search
+    must not return) and the items to predict from it. ``next_item`` training examples have no
     targets: every ID of the prompt is predicted from the ones before it."""
 
     prompt: np.ndarray
     targets: np.ndarray
-    history: np.ndarray  # every earlier positive of the user: never a target of the search
 
 
 def day_examples(rows: np.ndarray, days: np.ndarray) -> list[TrainingExample]:
     """``next_day`` examples of one user (item rows and their days, ascending): for every day after the
     user's first, the positives before it and the positives of that day."""
-    return [TrainingExample(rows[days < d], rows[days == d], rows[days < d]) for d in np.unique(days)[1:]]
+    return [TrainingExample(rows[days < d], rows[days == d]) for d in np.unique(days)[1:]]
 
 
 def count_training_targets(days: Sequence[Sequence[int]], objective: str) -> int:
@@ -380,9 +380,8 @@ def _split_examples(rows: list[np.ndarray], sessions: list[np.ndarray], objectiv
     positive still teach the first step). ``next_day``: a seeded tenth of the user-days, when there are
     at least ten."""
     if objective == "next_item":
-        none = np.empty(0, np.int64)
-        train = [TrainingExample(r[:-1] if len(r) > 1 else r, none, none) for r in rows]
-        valid = [TrainingExample(r[:-1], r[-1:], r[:-1]) for r in rows if len(r) > 1]
+        train = [TrainingExample(r[:-1] if len(r) > 1 else r, np.empty(0, np.int64)) for r in rows]
+        valid = [TrainingExample(r[:-1], r[-1:]) for r in rows if len(r) > 1]
         return train, valid
     if objective != "next_day":
         raise ValueError(f"unknown SID generator objective {objective!r}: 'next_day' or 'next_item'")
@@ -403,7 +402,7 @@ def _validation_metrics(model: SidTransformer, vocab: SidVocabulary, valid: list
     with torch.no_grad():
         nll = -float(sum(target_log_probs(model, packed_batch(vocab, rows[b: b + 256], False)).sum()
                          for b in range(0, len(rows), 256)))
-    exclude = [set(e.history.tolist()) for e in valid]
+    exclude = [set(e.prompt.tolist()) for e in valid]
     found = beam_search(model, vocab, [p for p, _ in rows], k=10, beam_size=max(cfg.beam_size, 10), exclude=exclude)
     by_count = np.argsort(-train_counts, kind="stable")
     hits = popular_hits = 0
