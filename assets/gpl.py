@@ -143,12 +143,12 @@ def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
         gpl.warehouse(), days, first_partition_day(), encoder_id=_encoder(settings).encoder_id,
         generator=anchor_generator(settings), calibration_cfg=settings.calibration,
         confidence_cfg=settings.confidence, history_max_items=settings.history_max_len,
-        artifacts_dir=settings.artifacts_dir, run_id=context.run_id)
+        artifacts_dir=settings.artifacts_dir, run_id=context.run_id, no_history=settings.pseudo_labels.no_history)
     quantiles = labels[["pseudo_label", "confidence"]].quantile([0.05, 0.25, 0.5, 0.75, 0.95]) if len(labels) else None
     return MaterializeResult(metadata={
         "dagster/row_count": len(labels), "partition_span": span(days), "coverage": stats["coverage"],
         "unexposed_candidates": stats["unexposed_candidates"],
-        "days_without_calibration": len(stats["days_without_calibration"]),
+        **labelling_gaps_metadata(stats),
         "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
         "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
         "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
@@ -216,6 +216,22 @@ def sid_generator(context: AssetExecutionContext, gpl: GplSettings) -> Materiali
     })
 
 
+def labelling_gaps_metadata(stats: dict) -> dict:
+    """Who got no pseudo-labels and why: users without history (by the no-history rule), days without
+    a calibration yet, days whose calibration carries no ranking."""
+    degenerate = stats["days_with_degenerate_calibration"]
+    return {
+        "no_history_rule": stats["no_history_rule"],
+        "no_history_candidates": stats["no_history_candidates"],
+        "no_history_user_days": stats["no_history_user_days"],
+        "no_history_labelled": stats["no_history_labelled"],
+        "days_without_calibration": len(stats["days_without_calibration"]),
+        "days_with_degenerate_calibration": len(degenerate),
+        "degenerate_days": table_md(pd.DataFrame({"day": list(degenerate), "reason": list(degenerate.values())}))
+        if degenerate else "none",
+    }
+
+
 def variant_pseudo_labels_asset(variant: str, backend: str, deps: list, description: str):
     """An ablation: the same GPL stages with another anchor backend, written to the ``*__<variant>`` tables."""
     tables = labeling.StageTables(variant)
@@ -240,13 +256,13 @@ def variant_pseudo_labels_asset(variant: str, backend: str, deps: list, descript
             warehouse, days, first_partition_day(), encoder_id=encoder.encoder_id, generator=generator,
             calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
             history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir,
-            run_id=context.run_id, tables=tables)
+            run_id=context.run_id, tables=tables, no_history=settings.pseudo_labels.no_history)
         fallback = {k: v for k, v in anchor_stats.items() if k.startswith("fallback_")}
         return MaterializeResult(metadata={
             "dagster/row_count": len(labels), "partition_span": span(days), "table": tables.labels,
             "backend": backend, "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
             "fallbacks": MetadataValue.json(fallback), "serving_models": anchor_stats.get("serving_models", 1),
-            "days_without_calibration": len(stats["days_without_calibration"]),
+            **labelling_gaps_metadata(stats),
             "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
         })
 

@@ -93,7 +93,8 @@ def offline_evaluation(context: AssetExecutionContext, gpl: GplSettings) -> Mate
 
     settings = gpl.settings()
     report = run_offline_evaluation(gpl.warehouse(), _store(settings), settings.training, settings.source,
-                                    label_gate=quality.quality_config(settings).pseudo_labels)
+                                    label_gate=quality.quality_config(settings).pseudo_labels,
+                                    evaluation=settings.evaluation)
     paths = write_reports(report, settings.data_dir / "reports" / "offline_eval.json")
     return MaterializeResult(metadata={
         "results": table_md(results_table(report)), "report_json": MetadataValue.path(str(paths["json"])),

@@ -73,6 +73,34 @@ def bench_pseudo_labels(
     _emit(report, out)
 
 
+@bench_app.command("bias-sweep")
+def bench_bias_sweep(
+    source: str = typer.Option(..., help="movielens-100k | simulator"),
+    out: Path = typer.Option(..., help="the sweep's JSON; the lift plot is written beside it"),
+    setting: Optional[list[str]] = typer.Option(None, "--setting", help="run only these settings (repeatable; "
+                                                "default: the whole grid of docs/EVALUATION.md)"),
+    seed: Optional[list[int]] = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
+    method: Optional[list[str]] = typer.Option(None, "--method", help="methods (repeatable; default: the sweep's)"),
+    preranker: Optional[list[str]] = typer.Option(None, "--preranker", help="pre-rankers as shape[:feature_service] "
+                                                  "(repeatable; default: mlp, two_tower, cold)"),
+    data_root: Optional[Path] = typer.Option(None, help="where the settings' warehouses go (default: "
+                                             "data/bias_sweep/<source>)"),
+    results_doc: Optional[Path] = typer.Option(None, help="also write the sweep's tables into this markdown file "
+                                               "(between generated markers; e.g. docs/RESULTS.md)"),
+) -> None:
+    """Protocol settings from no selection bias to a logging policy's feedback loop: every method on each,
+    GPL's lift over exposed_only against the bias strength, and the pseudo-label ceiling."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("dagster", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sweep = _bench_module("bench_bias_sweep").run(source, out, setting, seed, method, preranker, data_root,
+                                                  results_doc=results_doc)
+    typer.echo(json.dumps({"out": str(out), "seconds": sweep["seconds"],
+                           "lift": _bench_module("bench_bias_sweep").lift_summary(sweep)}, indent=2, default=str))
+
+
 @bench_app.command("anchors")
 def bench_anchors(users: int = typer.Option(32, help="users to generate anchors for"),
                   out: Optional[Path] = typer.Option(None)) -> None:

@@ -22,6 +22,41 @@ SHARED_ML100K = PROJECT_ROOT.parent / "shared" / "datasets" / "ml-100k"
 SourceName = Literal["movielens-100k", "simulator", "contract"]
 
 
+class ExposurePolicyConfig(BaseModel):
+    """Which of a request's recalled candidates the simulated logging system shows (docs/EVALUATION.md).
+
+    ``popularity``: Plackett-Luce by ``pop(i)^power``, independent of what the user wants (the first
+    protocol). ``logging``: a logging model trained only on exposed clicks of earlier days scores
+    every candidate and shows its top-k under Gumbel noise (a feedback loop: exposure follows
+    estimated relevance). ``self_selection``: the popularity policy plus ``self_selection_strength``
+    on the log-odds of candidates whose true label is 1 (missing not at random, as in the debiasing
+    literature). Every candidate's true exposure probability is recorded as ``propensity``."""
+
+    policy: Literal["popularity", "logging", "self_selection"] = Field(
+        "popularity", description="popularity | logging | self_selection")
+    max_per_request: int | None = Field(
+        None, ge=1, description="expose at most this many candidates per request (top-k); none: the share alone")
+    temperature: float = Field(
+        0.25, gt=0, description="logging: exposure log-weight = logging-model logit / temperature, plus Gumbel noise "
+        "(higher: more exploration)")
+    retrain_every_days: int = Field(7, gt=0, description="logging: the logging model is refitted every N days")
+    window_days: int = Field(56, gt=0, description="logging: it learns from the exposed clicks of the last N days")
+    min_training_rows: int = Field(
+        200, gt=1, description="logging: fewer exposed rows (or one class) in the window: keep the last model, or "
+        "expose by popularity while there is none (cold start)")
+    self_selection_strength: float = Field(
+        2.0, ge=0, description="self_selection: added to the log-weight of candidates whose true label is 1")
+    propensity_samples: int = Field(
+        200, ge=0, description="Monte-Carlo draws of the policy per request that estimate each candidate's "
+        "exposure probability (0: not estimated, for scale runs)")
+
+
+class SimulatorExposurePolicyConfig(ExposurePolicyConfig):
+    """The simulator's worlds are a few weeks long: its logging model is refitted daily."""
+
+    retrain_every_days: int = Field(1, gt=0, description="logging: the logging model is refitted every N days")
+
+
 class MovieLensConfig(BaseModel):
     """Semi-synthetic protocol that turns MovieLens ratings into recalled, partly exposed requests."""
 
@@ -30,19 +65,28 @@ class MovieLensConfig(BaseModel):
         description="Directory with ml-100k.{inter,item,user} or u.{data,item,user}. "
         "Default: ../shared/datasets/ml-100k if present, else data/datasets/ml-100k (fetched).",
     )
-    positive_rating: float = Field(4.0, description="rating >= this is a positive (true label 1)")
+    positive_rating: float = Field(4.0, description="explicit labels: rating >= this is a positive (true label 1)")
+    labels: Literal["explicit", "implicit"] = Field(
+        "explicit", description="explicit: a rated item is positive when its rating >= positive_rating; implicit: "
+        "any rating is an interaction (positive), the convention of sequential-recommendation benchmarks")
     unrated_per_request: int = Field(
         20, ge=0, description="unrated items a recall-like policy adds to each request as negatives"
     )
     recall_popularity_power: float = Field(
         1.0, ge=0, description="unrated candidates are drawn with weight pop(i)^power"
     )
+    recall_cooccurrence_share: float = Field(
+        0.0, ge=0, le=1, description="share of the unrated candidates drawn by an item co-occurrence recall over "
+        "the ratings of earlier days (items that co-occur with the user's earlier ratings); the rest by popularity"
+    )
+    recall_retrain_every_days: int = Field(7, gt=0, description="the co-occurrence recall is rebuilt every N days")
     exposure_share: float = Field(
         0.3, gt=0, le=1, description="share of each request's candidates the policy exposes"
     )
     exposure_popularity_power: float = Field(
         1.0, ge=0, description="Plackett-Luce exposure weight pop(i)^alpha (the selection bias)"
     )
+    exposure: ExposurePolicyConfig = ExposurePolicyConfig()
 
 
 class SimulatorConfig(BaseModel):
@@ -57,6 +101,7 @@ class SimulatorConfig(BaseModel):
     candidates_per_request: int = Field(40, gt=1)
     exposure_share: float = Field(0.25, gt=0, le=1)
     exposure_popularity_power: float = Field(1.0, ge=0)
+    exposure: "SimulatorExposurePolicyConfig" = Field(default_factory=lambda: SimulatorExposurePolicyConfig())
     preference_strength: float = Field(4.0, ge=0, description="logit weight of user-topic affinity")
     base_click_logit: float = Field(-2.5)
 
@@ -156,6 +201,18 @@ class CalibrationConfig(BaseModel):
     window_days: int = Field(28, gt=0, description="fit on exposed candidates of the days [R - window, R)")
     refit_every_days: int = Field(7, gt=0, description="a fit made on refit day R serves R .. R+N-1")
     min_samples: int = Field(200, gt=1, description="fewer exposed samples: no calibration, no pseudo-labels")
+    min_label_std: float = Field(
+        0.005, ge=0, description="a day whose calibrated labels spread less than this (or whose calibration is "
+        "constant) carries no ranking and gets no pseudo-labels; the same bound as the quality gate's "
+        "pseudo_label_std_min")
+
+
+class PseudoLabelConfig(BaseModel):
+    """Who gets pseudo-labels (GPL_METHOD.md step 3)."""
+
+    no_history: Literal["none", "population"] = Field(
+        "none", description="users without a positive history: none (no pseudo-labels: the generic anchor says "
+        "nothing about them) or population (labels from a calibration fitted on such users' exposed candidates)")
 
 
 class TrainingConfig(BaseModel):
@@ -175,6 +232,26 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(2048, gt=0)
     lr: float = Field(3e-3, gt=0)
     patience: int = Field(2, gt=0)
+    preranker: Literal["mlp", "two_tower", "cold"] = Field(
+        "mlp", description="pre-ranker shape: mlp (dense features only), two_tower or cold (with user and "
+                           "item id embeddings; docs/MODEL.md)")
+    id_embedding_dim: int = Field(16, gt=0, description="user-id and item-id embedding size of the id shapes")
+
+
+class EvaluationConfig(BaseModel):
+    """What the offline evaluation trains and reports (docs/EVALUATION.md)."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl",
+                                 "gpl_no_confidence", "gpl_mean_pool", "gpl_history_anchors", "gpl_sid",
+                                 "pseudo_only"], description="methods trained side by side")
+    prerankers: list[str] = Field(
+        default_factory=list, description="pre-rankers each method is trained with, as 'shape' or "
+        "'shape:feature_service' (e.g. 'two_tower:prerank_scalar_v1'); empty: training.preranker with "
+        "training.feature_service. The first one is the report's headline")
+    rare_exposures_max: int = Field(
+        5, ge=1, description="items exposed 1..N times in the training days are 'rarely exposed', more: 'often'")
+    long_history_min: int = Field(5, ge=1, description="users with at least N positives have a 'long' history")
 
 
 class Settings(BaseSettings):
@@ -200,7 +277,9 @@ class Settings(BaseSettings):
     sid: SidConfig = SidConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
     training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     quality: QualityConfig = QualityConfig()
 
     @field_validator("data_dir")

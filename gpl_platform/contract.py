@@ -18,9 +18,10 @@ from pandas.api import types as ptypes
 ITEM_REQUIRED = ("item_id", "text")
 USER_REQUIRED = ("user_id",)
 EVENT_REQUIRED = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
-EVENT_OPTIONAL = ("oracle_label",)
+EVENT_OPTIONAL = ("oracle_label", "propensity")
 # Columns that feed training. `oracle_label` is deliberately absent: only evaluation reads it.
-EVENT_TRAINING_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
+# `propensity` (the logging policy's probability of showing the candidate) is logged data, like `exposed`.
+EVENT_TRAINING_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity")
 ORIGIN = "__origin_file"  # per-row source file name, kept only while validating
 
 
@@ -149,6 +150,18 @@ def _binary_nullable(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     return numeric.astype("Int8")
 
 
+def _propensity(df: pd.DataFrame, file: str) -> pd.Series:
+    """Optional logging propensities: P(exposed) under the logging policy, in (0, 1], null when unknown."""
+    col = df["propensity"]
+    numeric = pd.to_numeric(col, errors="coerce")
+    _fail(df, file, "propensity", col.notna() & numeric.isna(), "are not numbers (expected a probability or null)")
+    _fail(df, file, "propensity", numeric.notna() & ~((numeric > 0) & (numeric <= 1)),
+          "are not probabilities in (0, 1]")
+    _fail(df, file, "propensity", df["exposed"] & numeric.isna() & numeric.notna().any(),
+          "are exposed but have no propensity while other rows have one (give all exposed rows one, or none)")
+    return numeric.astype("float64")
+
+
 def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None = None,
                     file: str = "events") -> pd.DataFrame:
     """Validate and normalize events against the (already validated) items and users."""
@@ -166,6 +179,7 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFra
         out["oracle_label"] = _binary_nullable(out, file, "oracle_label")
     else:
         out["oracle_label"] = pd.array([pd.NA] * len(out), dtype="Int8")
+    out["propensity"] = _propensity(out, file) if "propensity" in out else np.nan
     _fail(out, file, "item_id", out.duplicated(["request_id", "item_id"], keep=False),
           "repeat a (request_id, item_id) pair")
     _fail(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
@@ -181,7 +195,9 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFra
 
 def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
     """Column order and dtypes every consumer can rely on (adds the UTC `day`)."""
-    out = events[["request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "oracle_label"]].copy()
+    out = events.reindex(columns=["request_id", "user_id", "item_id", "event_time", "exposed", "clicked",
+                                  "oracle_label", "propensity"]).copy()
+    out["propensity"] = pd.to_numeric(out["propensity"], errors="coerce").astype("float64")
     out["day"] = out["event_time"].dt.tz_convert("UTC").dt.date
     return out
 

@@ -35,7 +35,7 @@ def ingest_event_days(warehouse: Warehouse, dataset: Dataset, days: Sequence[dat
     """Replace the events (and, apart, the oracle labels) of ``days``; returns per-day statistics."""
     days = sorted(set(days))
     selected = dataset.events[dataset.events["day"].isin(days)]
-    events = selected[["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked"]]
+    events = selected[["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity"]]
     oracle = selected[["day", "request_id", "item_id", "oracle_label"]]
     with warehouse.transaction() as con:
         warehouse.claim_source(signature, con)

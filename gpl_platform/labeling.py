@@ -31,6 +31,8 @@ from gpl_platform.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 POOLINGS = ("max", "mean")
+CALIBRATION_SEGMENTS = ("history", "no_history")
+NO_HISTORY_RULES = ("none", "population")
 STAGE_TABLES = ("user_anchors", "anchor_embeddings", "candidate_similarities", "pseudo_labels")
 
 
@@ -262,16 +264,22 @@ def refit_day(day: date, first_day: date, cfg: CalibrationConfig) -> date:
 
 def calibration_for_day(warehouse: Warehouse, day: date, first_day: date, cfg: CalibrationConfig, pooling: str,
                         encoder_id: str, anchor_signature: str, artifacts_dir: Path,
-                        tables: StageTables = MAIN) -> Calibration | None:
+                        tables: StageTables = MAIN, segment: str = "history") -> Calibration | None:
     """The stored calibration serving ``day``, fitting it if needed on exposed candidates of
     [R - window, R), R being the refit day on the every-N-days grid (nothing of ``day`` or later
     is used). While the grid's fit lacks data (the first days), R = ``day`` itself is tried, so
     pseudo-labels start as soon as ``cfg.min_samples`` labelled exposed candidates exist.
-    None when even that is not enough."""
+    None when even that is not enough.
+
+    ``segment`` says whose candidates it is fitted on: ``history`` (users with a history; the
+    calibration of personalized labels) or ``no_history`` (users without one, matched to the generic
+    anchor: the population label's own calibration)."""
+    if segment not in CALIBRATION_SEGMENTS:
+        raise ValueError(f"segment must be one of {CALIBRATION_SEGMENTS}, not {segment!r}")
     grid = refit_day(day, first_day, cfg)
     for refit in dict.fromkeys((grid, day)):
         calibration = _calibration_at(warehouse, refit, first_day, cfg, pooling, encoder_id, anchor_signature,
-                                      artifacts_dir, tables)
+                                      artifacts_dir, tables, segment)
         if calibration is not None:
             return calibration
     return None
@@ -279,10 +287,10 @@ def calibration_for_day(warehouse: Warehouse, day: date, first_day: date, cfg: C
 
 def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: CalibrationConfig, pooling: str,
                     encoder_id: str, anchor_signature: str, artifacts_dir: Path,
-                    tables: StageTables = MAIN) -> Calibration | None:
+                    tables: StageTables = MAIN, segment: str = "history") -> Calibration | None:
     start = max(first_day, refit - timedelta(cfg.window_days))
     fit_key = "|".join([pooling, cfg.method, str(refit), str(cfg.window_days), str(cfg.min_samples), encoder_id,
-                        anchor_signature])
+                        anchor_signature] + ([segment] if segment != "history" else []))
     if warehouse.path.exists():
         stored = warehouse.query("SELECT calibration_json FROM calibrations WHERE fit_key = ?", [fit_key])
         if len(stored):
@@ -293,22 +301,26 @@ def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: Cal
     require_days(warehouse, tables.similarities, window, f"the calibration of refit day {refit}")
     column = f"similarity_{pooling}"
     # Candidates matched only to a generic anchor (a user without history) say nothing about how
-    # similarity maps to clicks: fitting on them would flatten the calibration, so they are left out.
+    # similarity maps to clicks for users with one: fitting on them would flatten the calibration, so
+    # each segment is fitted on its own candidates.
+    same_segment = "IS DISTINCT FROM" if segment == "history" else "="
     train = warehouse.query(
         f"SELECT s.{column} AS similarity, e.clicked FROM {tables.similarities} s "
         "JOIN events e USING (day, request_id, item_id) "
         f"JOIN {tables.anchors} a ON a.day = s.day AND a.anchor_id = s.anchor_id "
         f"WHERE s.exposed AND s.day >= ? AND s.day < ? AND s.{column} IS NOT NULL AND s.anchor_signature = ? "
-        "AND s.encoder_id = ? AND a.fallback_reason IS DISTINCT FROM ?",
+        f"AND s.encoder_id = ? AND a.fallback_reason {same_segment} ?",
         [start, refit, anchor_signature, encoder_id, FALLBACK_EMPTY_HISTORY])
     if len(train) < cfg.min_samples or train["clicked"].nunique() < 2:
-        log.info("no %s-pool calibration at refit day %s: %d labelled exposed candidates in %s..%s (< %d or one "
-                 "class)", pooling, refit, len(train), start, refit - timedelta(1), cfg.min_samples)
+        log.info("no %s-pool %s calibration at refit day %s: %d labelled exposed candidates in %s..%s (< %d or one "
+                 "class)", pooling, segment, refit, len(train), start, refit - timedelta(1), cfg.min_samples)
         return None
-    calibration = fit_calibration(
-        train["similarity"].to_numpy(float), train["clicked"].to_numpy(int), method=cfg.method,
-        metadata={"pooling": pooling, "train_window": [str(start), str(refit - timedelta(1))],
-                  "encoder_id": encoder_id, "anchor_signature": anchor_signature}, min_samples=cfg.min_samples)
+    metadata = {"pooling": pooling, "train_window": [str(start), str(refit - timedelta(1))],
+                "encoder_id": encoder_id, "anchor_signature": anchor_signature}
+    if segment != "history":
+        metadata["segment"] = segment
+    calibration = fit_calibration(train["similarity"].to_numpy(float), train["clicked"].to_numpy(int),
+                                  method=cfg.method, metadata=metadata, min_samples=cfg.min_samples)
     path = calibration.save(artifacts_dir / "calibration")
     with warehouse.transaction() as con:
         con.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
@@ -336,19 +348,53 @@ def _history_vectors(warehouse: Warehouse, days: Sequence[date], anchors: DayAnc
     return item_vectors[item_pos[keep]], user_pos[keep]
 
 
+def no_history_counts(warehouse: Warehouse, days: Sequence[date]) -> dict:
+    """Unexposed candidates, and (day, user) pairs, of users with no positive history on ``days``."""
+    row = warehouse.query(
+        "SELECT count(*) AS candidates, count(DISTINCT (e.day, e.user_id)) AS user_days FROM events e "
+        "JOIN user_histories h USING (day, user_id) WHERE NOT e.exposed AND h.n_positives = 0 "
+        "AND e.day BETWEEN ? AND ?", [min(days), max(days)]).iloc[0]
+    return {"no_history_candidates": int(row["candidates"]), "no_history_user_days": int(row["user_days"])}
+
+
+def calibration_degenerate(calibration: Calibration, labels: np.ndarray, min_label_std: float) -> str | None:
+    """Why a day's labels from ``calibration`` carry no ranking (None when they do): a calibration
+    that clamped an anti-correlated fit to a constant, or labels whose spread is below
+    ``min_label_std`` (what the quality gate rejects as collapsed)."""
+    if calibration.method == "platt" and calibration.a <= 0:
+        return f"calibration {calibration.version} is constant (similarity does not rank clicks in its window)"
+    if calibration.method == "isotonic" and np.ptp(calibration.y_thresholds) == 0:
+        return f"calibration {calibration.version} is constant (similarity does not order clicks in its window)"
+    spread = float(np.std(labels)) if len(labels) else 0.0
+    if len(labels) and spread < min_label_std:
+        return f"labels from calibration {calibration.version} are near-constant (std {spread:.4f} < {min_label_std})"
+    return None
+
+
 def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: date, *, encoder_id: str,
                       generator: AnchorGenerator, calibration_cfg: CalibrationConfig,
                       confidence_cfg: ConfidenceConfig, history_max_items: int, artifacts_dir: Path,
-                      run_id: str | None = None, tables: StageTables = MAIN) -> tuple[pd.DataFrame, dict]:
-    """Pseudo-label every unexposed candidate of ``days`` (GPL steps 3-4)."""
+                      run_id: str | None = None, tables: StageTables = MAIN,
+                      no_history: str = "none") -> tuple[pd.DataFrame, dict]:
+    """Pseudo-label every unexposed candidate of ``days`` (GPL steps 3-4).
+
+    Users without a positive history have nothing personal to match: by default (``no_history``
+    "none") their candidates get no pseudo-labels; "population" labels them through a calibration
+    of their own (fitted on exposed candidates of users without history). A day whose personalized
+    calibration carries no ranking (:func:`calibration_degenerate`) gets no labels, with the reason
+    in the returned stats, instead of constant labels."""
+    if no_history not in NO_HISTORY_RULES:
+        raise ValueError(f"no_history must be one of {NO_HISTORY_RULES}, not {no_history!r}")
     days = sorted(set(days))
     signature = generator.lineage_signature()
     require_days(warehouse, tables.similarities, days, "pseudo-labelling")
-    calibrations: dict[tuple[date, str], Calibration | None] = {
-        (d, pooling): calibration_for_day(warehouse, d, first_day, calibration_cfg, pooling, encoder_id, signature,
-                                          artifacts_dir, tables)
-        for d in days for pooling in POOLINGS}
-    labelled_days = [d for d in days if calibrations[(d, "max")] is not None and calibrations[(d, "mean")] is not None]
+    segments = ("history", "no_history") if no_history == "population" else ("history",)
+    calibrations: dict[tuple[date, str, str], Calibration | None] = {
+        (d, pooling, segment): calibration_for_day(warehouse, d, first_day, calibration_cfg, pooling, encoder_id,
+                                                   signature, artifacts_dir, tables, segment)
+        for d in days for pooling in POOLINGS for segment in segments}
+    labelled_days = [d for d in days if calibrations[(d, "max", "history")] is not None
+                     and calibrations[(d, "mean", "history")] is not None]
     anchors = load_day_anchors(warehouse, days, encoder_id, signature, tables)
     with warehouse.connect(read_only=True) as con:
         con.register("_days", _days_param(labelled_days))
@@ -381,19 +427,37 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     cands["confidence"] = confidence_weights(cands["c_coherence"], cands["c_history"], cands["c_generation"],
                                              confidence_cfg.alpha, confidence_cfg.beta, confidence_cfg.gamma,
                                              confidence_cfg.w_min)
+    # the model that generated each candidate's arg-max anchor (day-bound backends have one per refit period)
+    cands["llm_version"] = meta["model_id"].fillna(generator.backend).replace("", generator.backend).to_numpy()[row]
+    # Users without history are matched only to the generic anchor: their own segment.
+    without_history = meta["fallback_reason"].eq(FALLBACK_EMPTY_HISTORY).to_numpy()[row]
+    cands["no_history"] = without_history
     cands["pseudo_label"] = np.nan
     cands["pseudo_label_mean_pool"] = np.nan
     cands["calibration_version"] = ""
     cands["calibration_version_mean_pool"] = ""
+    degenerate: dict[str, str] = {}
     for d in labelled_days:
         on_day = (cands["day"] == d).to_numpy()
-        for pooling, label_col, version_col in (("max", "pseudo_label", "calibration_version"),
-                                                ("mean", "pseudo_label_mean_pool", "calibration_version_mean_pool")):
-            cal = calibrations[(d, pooling)]
-            cands.loc[on_day, label_col] = cal.predict(cands.loc[on_day, f"similarity_{pooling}"].to_numpy(float))
-            cands.loc[on_day, version_col] = cal.version
-    # the model that generated each candidate's arg-max anchor (day-bound backends have one per refit period)
-    cands["llm_version"] = meta["model_id"].fillna(generator.backend).replace("", generator.backend).to_numpy()[row]
+        for segment in segments:
+            rows = on_day & (without_history if segment == "no_history" else ~without_history)
+            for pooling, label_col, version_col in (("max", "pseudo_label", "calibration_version"),
+                                                    ("mean", "pseudo_label_mean_pool", "calibration_version_mean_pool")):
+                cal = calibrations[(d, pooling, segment)]
+                if cal is None:  # a population calibration may lack data: those rows stay unlabelled
+                    continue
+                cands.loc[rows, label_col] = cal.predict(cands.loc[rows, f"similarity_{pooling}"].to_numpy(float))
+                cands.loc[rows, version_col] = cal.version
+        personal = on_day & ~without_history
+        why = calibration_degenerate(calibrations[(d, "max", "history")],
+                                     cands.loc[personal, "pseudo_label"].to_numpy(float), calibration_cfg.min_label_std)
+        if why:
+            degenerate[str(d)] = why
+            cands.loc[on_day, ["pseudo_label", "pseudo_label_mean_pool"]] = np.nan
+    if degenerate:
+        log.warning("%d day(s) get no pseudo-labels because their calibration carries no ranking: %s",
+                    len(degenerate), "; ".join(f"{d}: {why}" for d, why in list(degenerate.items())[:5]))
+    cands = cands[cands["pseudo_label"].notna() & cands["pseudo_label_mean_pool"].notna()].reset_index(drop=True)
     cands["prompt_version"] = generator.prompt_version or "none"
     cands["encoder_version"] = encoder_id
     with warehouse.transaction() as con:
@@ -401,6 +465,9 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     stats = {
         "rows": len(cands), "unexposed_candidates": int(n_unexposed),
         "coverage": float(len(cands) / n_unexposed) if n_unexposed else 0.0,
+        "no_history_rule": no_history, **no_history_counts(warehouse, days),
+        "no_history_labelled": int(cands["no_history"].sum()),
+        "days_with_degenerate_calibration": degenerate,
         "days_without_calibration": [str(d) for d in days if d not in labelled_days],
         "calibration_versions": sorted({c.version for c in calibrations.values() if c is not None}),
         "pseudo_label_mean": float(cands["pseudo_label"].mean()) if len(cands) else float("nan"),

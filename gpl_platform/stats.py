@@ -35,6 +35,7 @@ def dataset_statistics(dataset: Dataset) -> dict:
         "positive_rate_unexposed (oracle)": round(float(oracle_unexp.mean()), 4) if oracle_unexp.notna().any() else None,
         "items_ever_exposed": int(exposed["item_id"].nunique()),
         "items_ever_candidates": int(ev["item_id"].nunique()),
+        "items_never_exposed_share": round(1 - exposed["item_id"].nunique() / max(ev["item_id"].nunique(), 1), 4),
     }
 
 

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     day DATE NOT NULL, request_id VARCHAR NOT NULL, user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL,
-    event_time TIMESTAMPTZ NOT NULL, exposed BOOLEAN NOT NULL, clicked TINYINT
+    event_time TIMESTAMPTZ NOT NULL, exposed BOOLEAN NOT NULL, clicked TINYINT, propensity DOUBLE
 );
+-- warehouses written before logging propensities existed
+ALTER TABLE events ADD COLUMN IF NOT EXISTS propensity DOUBLE;
 -- Kept apart from `events` so nothing that builds training data can read it by accident:
 -- only evaluation code joins it back (tests/test_oracle_isolation.py enforces this).
 CREATE TABLE IF NOT EXISTS oracle_labels (
@@ -207,6 +209,38 @@ class Warehouse:
             for view in ("_days", "_incoming", "_parts"):
                 con.unregister(view)
         return {d: int(counts.get(d, 0)) for d in days}
+
+    def import_caches(self, other: Path | str, tables: Sequence[str] = ("anchor_cache", "item_embeddings")) -> dict:
+        """Copy work another warehouse already did and that does not depend on its events: cached
+        anchors (keyed by history, model, prompt and parameters) and item vectors (keyed by text and
+        encoder). Rows already here win. Returns the rows copied per table."""
+        other = Path(other)
+        if not other.exists() or other.resolve() == self.path.resolve():
+            return {}
+        copied = {}
+        with self.connect() as con:
+            con.execute(f"ATTACH '{other}' AS _other (READ_ONLY)")
+            try:
+                con.execute("BEGIN TRANSACTION")
+                for table in tables:
+                    ddl = con.execute("SELECT sql FROM duckdb_tables() WHERE database_name = '_other' "
+                                      "AND table_name = ?", [table]).fetchall()
+                    if not ddl:
+                        continue
+                    here = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = "
+                                       "current_database() AND table_name = ?", [table]).fetchall()[0][0]
+                    if not here:  # the other's DDL, keys included, so that INSERT OR IGNORE can dedupe
+                        con.execute(ddl[0][0])
+                    before = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+                    con.execute(f'INSERT OR IGNORE INTO "{table}" SELECT * FROM _other."{table}"')
+                    copied[table] = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] - before
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            finally:
+                con.execute("DETACH _other")
+        return copied
 
     # ---- source identity -----------------------------------------------------------------
     def claim_source(self, signature: dict, con: duckdb.DuckDBPyConnection) -> None:

@@ -11,7 +11,7 @@ def test_valid_tables_are_normalized():
     items, users, events = tiny_contract_tables()
     ds = validate_dataset("tiny", items, users, events)
     assert list(ds.events.columns) == ["request_id", "user_id", "item_id", "event_time", "exposed", "clicked",
-                                       "oracle_label", "day"]
+                                       "oracle_label", "propensity", "day"]
     assert str(ds.events["event_time"].dtype) == "datetime64[us, UTC]"
     assert ds.events["clicked"].isna().tolist() == [False, False, True, False, True]
     # UTC day: 23:59:59 belongs to the 1st, 00:00:00 to the 2nd.

@@ -22,6 +22,7 @@ def _events(rows):
     frame = pd.DataFrame(rows, columns=["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked"])
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True, format="ISO8601").astype("datetime64[us, UTC]")
     frame["clicked"] = frame["clicked"].astype("Int8")
+    frame["propensity"] = float("nan")  # no logging propensities in these hand-written logs
     return frame
 
 

@@ -13,7 +13,7 @@ def _events(day: str, n: int, tag: str = "x") -> pd.DataFrame:
     return pd.DataFrame({
         "day": [date.fromisoformat(day)] * n, "request_id": [f"{tag}{k}" for k in range(n)], "user_id": "u",
         "item_id": [f"i{k}" for k in range(n)], "event_time": pd.Series([t] * n).astype("datetime64[us, UTC]"),
-        "exposed": True, "clicked": pd.array([1] * n, dtype="Int8"),
+        "exposed": True, "clicked": pd.array([1] * n, dtype="Int8"), "propensity": 0.5,
     })
 
 

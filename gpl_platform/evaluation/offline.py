@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from gpl_platform.config import TrainingConfig
-from gpl_platform.quality import failing_label_days
+from gpl_platform.config import EvaluationConfig, TrainingConfig
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
 from gpl_platform.prerank.data import (
     METHODS,
@@ -22,6 +23,7 @@ from gpl_platform.prerank.data import (
     attach_features,
     exposure_propensity,
     fit_teacher,
+    id_vocabularies,
     load_candidates,
     load_pseudo_labels,
     method_plan,
@@ -29,12 +31,47 @@ from gpl_platform.prerank.data import (
     rows_from_plan,
     time_split,
 )
+from gpl_platform.prerank.model import ModelConfig
 from gpl_platform.prerank.train import TrainConfig, train_preranker
+from gpl_platform.quality import failing_label_days
 from gpl_platform.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10",
-           "coverage@10", "diversity@10")
+           "coverage@10", "diversity@10", "exposed_auc", "never_exposed_auc", "rarely_exposed_auc",
+           "often_exposed_auc", "valid_auc", "valid_unexposed_auc", "valid_unexposed_hr@10")
+ITEM_SEGMENTS = ("never", "rarely", "often")
+#: the shape's own features when a pre-ranker is named without a feature service
+DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v1", "two_tower": "prerank_scalar_v1", "cold": "prerank_scalar_v1"}
+
+
+@dataclass(frozen=True)
+class PreRankerSpec:
+    """A pre-ranker shape and the feature service it reads."""
+
+    shape: str
+    service: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.shape}:{self.service}"
+
+    @classmethod
+    def parse(cls, text: str) -> "PreRankerSpec":
+        shape, _, service = text.partition(":")
+        if shape not in DEFAULT_SERVICE_OF_SHAPE:
+            raise ValueError(f"pre-ranker {text!r}: the shape must be one of {sorted(DEFAULT_SERVICE_OF_SHAPE)}")
+        return cls(shape, service or DEFAULT_SERVICE_OF_SHAPE[shape])
+
+
+def preranker_specs(cfg: TrainingConfig, evaluation: EvaluationConfig) -> list[PreRankerSpec]:
+    if evaluation.prerankers:
+        specs = [PreRankerSpec.parse(text) for text in evaluation.prerankers]
+    else:
+        specs = [PreRankerSpec(cfg.preranker, cfg.feature_service)]
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"evaluation.prerankers names a pre-ranker twice: {[s.name for s in specs]}")
+    return specs
 
 
 def long_tail_items(train: pd.DataFrame, head_share: float = 0.8) -> set[str]:
@@ -45,11 +82,20 @@ def long_tail_items(train: pd.DataFrame, head_share: float = 0.8) -> set[str]:
     return set(train["item_id"].unique()) - head
 
 
+def item_exposure_segments(items: pd.Series, exposures: pd.Series, rare_max: int) -> np.ndarray:
+    """never / rarely (1..rare_max) / often: how often each item was exposed in the training days."""
+    count = items.map(exposures).fillna(0).to_numpy()
+    return np.where(count == 0, "never", np.where(count <= rare_max, "rarely", "often"))
+
+
 def candidate_set_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[str], item_vectors: dict) -> dict:
+    """Test metrics over the whole candidate set (``test`` has ``oracle_label``, ``exposed`` and an
+    ``item_segment`` column from :func:`item_exposure_segments`)."""
     y = test["oracle_label"].to_numpy(int)
     req, users, items = test["request_id"].to_numpy(), test["user_id"].to_numpy(), test["item_id"].to_numpy()
     unexp = ~test["exposed"].to_numpy(bool)
     tail = test["item_id"].isin(longtail).to_numpy()
+    segment = test["item_segment"].to_numpy()
     return {
         "auc": auc(y, scores), "gauc": gauc(users, y, scores),
         "hr@3": hit_rate_at_k(req, y, scores, 3), "hr@5": hit_rate_at_k(req, y, scores, 5),
@@ -59,13 +105,32 @@ def candidate_set_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[
         "longtail_hr@10": hit_rate_at_k(req[tail], y[tail], scores[tail], 10),
         "coverage@10": coverage_at_k(req, items, scores, 10),
         "diversity@10": diversity_at_k(req, items, scores, item_vectors, 10),
+        "exposed_auc": auc(y[~unexp], scores[~unexp]),
+        **{f"{name}_exposed_auc": auc(y[segment == name], scores[segment == name]) for name in ITEM_SEGMENTS},
     }
+
+
+def validation_metrics(valid: pd.DataFrame, scores: np.ndarray) -> dict:
+    """The metrics defaults are chosen on: validation days, every candidate, against the oracle."""
+    y = valid["oracle_label"].to_numpy(int)
+    unexp = ~valid["exposed"].to_numpy(bool)
+    req = valid["request_id"].to_numpy()
+    return {"valid_auc": auc(y, scores), "valid_unexposed_auc": auc(y[unexp], scores[unexp]),
+            "valid_unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10)}
 
 
 def load_oracle(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
     frame = warehouse.query("SELECT day, request_id, item_id, oracle_label FROM oracle_labels WHERE day BETWEEN ? AND ?",
                             [min(days), max(days)])
     return frame.drop(columns=["day"])
+
+
+def _with_oracle(frame: pd.DataFrame, warehouse: Warehouse, days: Sequence[date], what: str) -> pd.DataFrame:
+    out = frame.merge(load_oracle(warehouse, days), on=["request_id", "item_id"], how="left")
+    if out["oracle_label"].isna().any():
+        raise ValueError(f"{int(out['oracle_label'].isna().sum())} {what} candidates have no oracle label: "
+                         "offline evaluation needs a benchmark source")
+    return out
 
 
 def _item_vectors(warehouse: Warehouse) -> dict:
@@ -76,83 +141,216 @@ def _item_vectors(warehouse: Warehouse) -> dict:
     return dict(zip(meta["item_id"], vectors))
 
 
+def _ips_propensity(train: pd.DataFrame, matrix: np.ndarray, columns: list[str]) -> tuple[np.ndarray, str]:
+    """The logging policy's propensities where the log has them for every exposed row; otherwise an
+    estimate from the logs (item popularity and request size)."""
+    logged = train["propensity"].to_numpy(float) if "propensity" in train else np.full(len(train), np.nan)
+    if np.isfinite(logged[train["exposed"].to_numpy(bool)]).all():
+        return logged, "logged"
+    return exposure_propensity(matrix, columns, train), "estimated"
+
+
+@dataclass
+class _Shared:
+    """What every pre-ranker and method of one evaluation share."""
+
+    split: TimeSplit
+    cands: pd.DataFrame
+    in_train: np.ndarray
+    in_valid: np.ndarray
+    in_test: np.ndarray
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    pseudo: dict[str, pd.DataFrame]
+    refused: dict[str, list[str]]
+    longtail: set[str]
+    item_vectors: dict
+    user_vocab: list[str]
+    item_vocab: list[str]
+
+
 def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dataset: str,
-                           methods: Sequence[str] = METHODS, seeds: Sequence[int] | None = None,
-                           label_gate=None) -> dict:
-    """Train every method under every seed; return the report (JSON shape of the evaluation issue)
-    plus details for plots."""
+                           methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                           label_gate=None, evaluation: EvaluationConfig | None = None,
+                           progress: bool = True) -> dict:
+    """Train every method with every pre-ranker under every seed; return the report (JSON-able but for
+    ``_details``): per pre-ranker the metrics of each method, and the pseudo-label ceiling."""
+    evaluation = evaluation or EvaluationConfig()
+    methods = list(methods if methods is not None else evaluation.methods)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     seeds = list(seeds if seeds is not None else cfg.seeds)
+    specs = preranker_specs(cfg, evaluation)
     began = time.perf_counter()
-    split: TimeSplit = time_split(warehouse, cfg.test_share, cfg.valid_share)
+    shared = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation)
+    matrices: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for service in dict.fromkeys(spec.service for spec in specs):
+        log.info("retrieving point-in-time features (%s) for %d candidates", service, len(shared.cands))
+        matrices[service] = attach_features(store, shared.cands, service)
+
+    results, exposed_only_models = {}, {}
+    total = len(specs) * len(seeds) * len(methods)
+    with tqdm(total=total, desc="offline evaluation", unit="model", disable=not progress) as bar:
+        for spec in specs:
+            matrix, columns = matrices[spec.service]
+            results[spec.name], exposed_only_models[spec.name] = _evaluate_preranker(
+                spec, matrix, columns, shared, cfg, methods, seeds, bar)
+    headline = specs[0].name
+    pseudo_main = shared.pseudo.get("main", pd.DataFrame()).merge(
+        load_oracle(warehouse, shared.split.train_days), on=["request_id", "item_id"])
+    report = {
+        "dataset": dataset, "seeds": seeds, "preranker": headline,
+        "methods": results[headline]["methods"], "runs": results[headline]["runs"],
+        "prerankers": {name: {"methods": r["methods"], "runs": r["runs"], "ips_propensity": r["ips_propensity"]}
+                       for name, r in results.items()},
+        "split": shared.split.describe(),
+        "n_test_requests": int(shared.test["request_id"].nunique()), "n_test_candidates": int(len(shared.test)),
+        "n_train_candidates": int(len(shared.train)),
+        "test_candidates_by_item_exposure": {k: int(v) for k, v in
+                                             shared.test["item_segment"].value_counts().items()},
+        "feature_service": cfg.feature_service,
+        "training_config": cfg.model_dump(), "evaluation_config": evaluation.model_dump(),
+        "pseudo_label_lineage": pseudo_label_lineage(warehouse, shared.split.train_days),
+        "long_tail_items": len(shared.longtail),
+        "pseudo_label_days_refused_by_quality_gate": {k: len(v) for k, v in shared.refused.items()},
+        "pseudo_label_days_in_training_window": len(shared.split.train_days),
+        "_details": {"pseudo_main": pseudo_main[["pseudo_label", "confidence", "oracle_label"]]},
+    }
+    if "exposed_only" in methods:
+        report["ceiling"] = pseudo_label_ceiling(warehouse, shared, exposed_only_models, matrices, evaluation)
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    return report
+
+
+def _shared_inputs(warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[str], label_gate,
+                   evaluation: EvaluationConfig) -> _Shared:
+    split = time_split(warehouse, cfg.test_share, cfg.valid_share)
     days = split.train_days + split.valid_days + split.test_days
     cands = load_candidates(warehouse, days)
-    log.info("retrieving point-in-time features for %d candidates", len(cands))
-    matrix, columns = attach_features(store, cands, cfg.feature_service)
     in_train = cands["day"].isin(set(split.train_days)).to_numpy()
     in_valid = cands["day"].isin(set(split.valid_days)).to_numpy()
     in_test = cands["day"].isin(set(split.test_days)).to_numpy()
-    train, train_x = cands[in_train].reset_index(drop=True), matrix[in_train]
-    valid_exposed = in_valid & cands["exposed"].to_numpy(bool)
-    valid_x, valid_y = matrix[valid_exposed], cands.loc[valid_exposed, "clicked"].to_numpy(int)
-    test = cands[in_test].reset_index(drop=True).merge(load_oracle(warehouse, split.test_days),
-                                                     on=["request_id", "item_id"], how="left")
-    if test["oracle_label"].isna().any():
-        raise ValueError(f"{int(test['oracle_label'].isna().sum())} test candidates have no oracle label: "
-                         "offline evaluation needs a benchmark source")
-    test_x = matrix[in_test]
+    train = cands[in_train].reset_index(drop=True)
+    exposures = train[train["exposed"]].groupby("item_id").size()
+    test = _with_oracle(cands[in_test].reset_index(drop=True), warehouse, split.test_days, "test")
+    test["item_segment"] = item_exposure_segments(test["item_id"], exposures, evaluation.rare_exposures_max)
+    valid = _with_oracle(cands[in_valid].reset_index(drop=True), warehouse, split.valid_days, "validation")
     # The same quality gate as training_set: days whose labels fail it are not consumed.
     refused: dict[str, list[str]] = {}
     pseudo = {}
     variants = ["main"] + [PSEUDO_VARIANT_OF_METHOD[m] for m in methods if m in PSEUDO_VARIANT_OF_METHOD]
-    for name in variants:
+    for name in dict.fromkeys(variants):
         table = "pseudo_labels" if name == "main" else f"pseudo_labels__{name}"
-        failing = failing_label_days(warehouse, split.train_days, label_gate, table=table)
-        refused[name] = sorted(str(d) for d in failing)
-        pseudo[name] = load_pseudo_labels(warehouse, [d for d in split.train_days if d not in failing], table)
-    propensity = exposure_propensity(train_x, columns, train) if "ips" in methods else None
-    longtail = long_tail_items(train)
-    item_vectors = _item_vectors(warehouse)
-    train_exposed = train["exposed"].to_numpy(bool)
+        failing = failing_label_days(warehouse, split.train_days + split.valid_days, label_gate, table=table)
+        refused[name] = sorted(str(d) for d in failing if d in set(split.train_days))
+        pseudo[name] = load_pseudo_labels(warehouse, [d for d in split.train_days + split.valid_days
+                                                      if d not in failing], table)
+    user_vocab, item_vocab = id_vocabularies(warehouse)  # used by the id-embedding pre-ranker shapes
+    return _Shared(split, cands, in_train, in_valid, in_test, train, valid, test, pseudo, refused,
+                   long_tail_items(train), _item_vectors(warehouse), user_vocab, item_vocab)
 
+
+def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[str], shared: _Shared,
+                        cfg: TrainingConfig, methods: Sequence[str], seeds: Sequence[int], bar) -> tuple[dict, object]:
+    """Every method under every seed with one pre-ranker; the seed-0 exposed_only model for the ceiling."""
+    train, train_x = shared.train, matrix[shared.in_train]
+    train_pseudo = {name: frame[frame["day"].isin(set(shared.split.train_days))]
+                    for name, frame in shared.pseudo.items()}
+    valid_x, test_x = matrix[shared.in_valid], matrix[shared.in_test]
+    valid_exposed = shared.valid["exposed"].to_numpy(bool)
+    propensity, propensity_kind = _ips_propensity(train, train_x, columns) if "ips" in methods else (None, None)
+    train_exposed = train["exposed"].to_numpy(bool)
+    model_config = ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    test_scores: dict[str, np.ndarray] = {}
+    exposed_only_model = None
     for seed in seeds:
         teacher_scores = None
         if "ranker_distillation" in methods:
             teacher = fit_teacher(train_x[train_exposed], train.loc[train_exposed, "clicked"].to_numpy(int), seed)
             teacher_scores = teacher.predict_proba(train_x)[:, 1]
         for method in methods:
-            plan = method_plan(method, train, pseudo, cfg, seed, teacher_scores, propensity)
+            plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
             if plan.empty:
-                raise ValueError(f"method {method}: no training rows over {split.describe()['train_days']} "
+                raise ValueError(f"method {method}: no training rows over {shared.split.describe()['train_days']} "
                                  "(no pseudo-labels on the training days?)")
-            rows = rows_from_plan(plan, train_x)
-            model, history = train_preranker(rows, columns, valid_x, valid_y, config=TrainConfig(
-                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed))
-            scores = model.predict(test_x)
-            metrics = candidate_set_metrics(test, scores, longtail, item_vectors)
+            model, history = train_preranker(
+                rows_from_plan(plan, train_x, train), columns, valid_x[valid_exposed],
+                shared.valid.loc[valid_exposed, "clicked"].to_numpy(int), model_config,
+                TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed),
+                valid_user_ids=shared.valid.loc[valid_exposed, "user_id"].to_numpy(),
+                valid_item_ids=shared.valid.loc[valid_exposed, "item_id"].to_numpy(),
+                user_vocab=shared.user_vocab, item_vocab=shared.item_vocab)
+            scores = model.predict(test_x, shared.test["user_id"].to_numpy(), shared.test["item_id"].to_numpy())
+            valid_scores = model.predict(valid_x, shared.valid["user_id"].to_numpy(),
+                                         shared.valid["item_id"].to_numpy())
+            metrics = {**candidate_set_metrics(shared.test, scores, shared.longtail, shared.item_vectors),
+                       **validation_metrics(shared.valid, valid_scores)}
             runs[method].append({"seed": seed, **metrics, "train": {k: history[k] for k in
                                  ("epochs_run", "best_epoch", "best_valid_auc", "n_rows", "n_pseudo", "seconds")}})
-            test_scores.setdefault(method, scores)
-            log.info("seed %d %-20s auc %.4f gauc %.4f hr@10 %.4f unexposed_auc %.4f (%d rows, %.1fs)", seed,
-                     method, metrics["auc"], metrics["gauc"], metrics["hr@10"], metrics["unexposed_auc"],
-                     history["n_rows"], history["seconds"])
-
+            if method == "exposed_only" and exposed_only_model is None:
+                exposed_only_model = model
+            log.info("%s seed %d %-20s auc %.4f unexposed_auc %.4f hr@10 %.4f valid_unexposed_auc %.4f (%d rows, "
+                     "%.1fs)", spec.name, seed, method, metrics["auc"], metrics["unexposed_auc"], metrics["hr@10"],
+                     metrics["valid_unexposed_auc"], history["n_rows"], history["seconds"])
+            bar.update(1)
     summary = {m: {k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
                    for k in METRICS} for m, rs in runs.items()}
-    pseudo_main = load_pseudo_labels(warehouse, split.train_days).merge(load_oracle(warehouse, split.train_days), on=["request_id", "item_id"])
-    return {
-        "dataset": dataset, "seeds": seeds, "methods": summary,
-        "split": split.describe(),
-        "n_test_requests": int(test["request_id"].nunique()), "n_test_candidates": int(len(test)),
-        "n_train_candidates": int(len(train)), "feature_service": cfg.feature_service,
-        "training_config": cfg.model_dump(), "pseudo_label_lineage": pseudo_label_lineage(warehouse, split.train_days),
-        "long_tail_items": len(longtail),
-        "pseudo_label_days_refused_by_quality_gate": {k: len(v) for k, v in refused.items()},
-        "pseudo_label_days_in_training_window": len(split.train_days), "seconds": round(time.perf_counter() - began, 1),
-        "runs": runs,
-        "_details": {"pseudo_main": pseudo_main[["pseudo_label", "confidence", "oracle_label"]]},
-    }
+    return {"methods": summary, "runs": runs, "ips_propensity": propensity_kind}, exposed_only_model
+
+
+# ---- the pseudo-label ceiling -----------------------------------------------------------------
+
+CEILING_SEGMENTS = ("all", "never_exposed_items", "long_tail_items", "long_history_users", "short_history_users")
+
+
+def pseudo_label_ceiling(warehouse: Warehouse, shared: _Shared, exposed_only_models: dict, matrices: dict,
+                         evaluation: EvaluationConfig) -> dict:
+    """Pseudo-label AUC against the oracle on unexposed candidates, next to exposed_only's AUC on the
+    same candidates, per window (training days, where labels are consumed; validation days, where
+    defaults are chosen), anchor kind, pooling and segment. GPL can only add information where its
+    labels rank better than the model's own extrapolation."""
+    days = shared.split.train_days + shared.split.valid_days
+    window_of = {d: "train" for d in shared.split.train_days} | {d: "valid" for d in shared.split.valid_days}
+    in_window = shared.in_train | shared.in_valid
+    unexposed = in_window & ~shared.cands["exposed"].to_numpy(bool)
+    frame = shared.cands[unexposed][["day", "request_id", "user_id", "item_id"]].reset_index(drop=True)
+    frame["window"] = frame["day"].map(window_of)
+    frame = frame.merge(load_oracle(warehouse, days), on=["request_id", "item_id"], how="left")
+    exposures = shared.train[shared.train["exposed"]].groupby("item_id").size()
+    frame["never_exposed_items"] = frame["item_id"].map(exposures).fillna(0).to_numpy() == 0
+    frame["long_tail_items"] = frame["item_id"].isin(shared.longtail)
+    histories = warehouse.query("SELECT day, user_id, n_positives FROM user_histories WHERE day BETWEEN ? AND ?",
+                                [min(days), max(days)])
+    histories["day"] = pd.to_datetime(histories["day"]).dt.date
+    n_pos = frame.merge(histories, on=["day", "user_id"], how="left")["n_positives"].fillna(0).to_numpy()
+    frame["long_history_users"] = n_pos >= evaluation.long_history_min
+    frame["short_history_users"] = (n_pos > 0) & (n_pos < evaluation.long_history_min)
+    frame["all"] = True
+    model_scores = {}
+    for name, model in exposed_only_models.items():
+        if model is None:
+            continue
+        matrix = matrices[PreRankerSpec.parse(name).service][0][unexposed]
+        model_scores[name] = model.predict(matrix, frame["user_id"].to_numpy(), frame["item_id"].to_numpy())
+    rows = []
+    for variant, labels in shared.pseudo.items():
+        joined = frame.reset_index().merge(labels[["request_id", "item_id", "pseudo_label", "pseudo_label_mean_pool"]],
+                                           on=["request_id", "item_id"])
+        for window in ("train", "valid"):
+            for segment in CEILING_SEGMENTS:
+                part = joined[(joined["window"] == window) & joined[segment]]
+                y = part["oracle_label"].to_numpy(int)
+                row = {"window": window, "anchors": variant, "segment": segment, "n": len(part),
+                       "positive_rate": float(y.mean()) if len(y) else float("nan"),
+                       "pseudo_label_auc_max": auc(y, part["pseudo_label"].to_numpy()),
+                       "pseudo_label_auc_mean": auc(y, part["pseudo_label_mean_pool"].to_numpy())}
+                for name, scores in model_scores.items():
+                    row[f"exposed_only_auc[{name}]"] = auc(y, scores[part["index"].to_numpy()])
+                rows.append(row)
+    coverage = {variant: int(len(labels)) for variant, labels in shared.pseudo.items()}
+    return {"rows": rows, "labelled_candidates": coverage, "unexposed_candidates": int(len(frame))}
 
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:

@@ -122,13 +122,22 @@ def results_section(report: dict, invocation: str, commit: str) -> str:
 
 def update_results_doc(path: Path, report: dict, invocation: str, commit: str) -> Path:
     """Replace the generated section of ``path`` (create the file if needed); hand-written text stays."""
+    return replace_generated_section(path, BEGIN, END, results_section(report, invocation, commit))
+
+
+def replace_generated_section(path: Path, begin: str, end: str, section: str) -> Path:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) where those markers stand in
+    ``path``, or append it; everything outside the markers stays. Written atomically."""
+    import os
+
     path = Path(path)
-    section = results_section(report, invocation, commit)
-    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    text = path.read_text() if path.exists() else "# Results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path

@@ -64,7 +64,7 @@ def time_split(warehouse: Warehouse, test_share: float, valid_share: float) -> T
 
 def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
     frame = warehouse.query(
-        "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked FROM events "
+        "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked, propensity FROM events "
         "WHERE day BETWEEN ? AND ? ORDER BY day, request_id, item_id", [min(days), max(days)])
     frame["day"] = pd.to_datetime(frame["day"]).dt.date
     return frame[frame["day"].isin(set(days))].reset_index(drop=True)
@@ -187,9 +187,22 @@ def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame
     })
 
 
-def rows_from_plan(plan: pd.DataFrame, matrix: np.ndarray) -> TrainingRows:
-    return TrainingRows(matrix[plan["row"].to_numpy()], plan["label"].to_numpy(np.float32),
-                        plan["weight"].to_numpy(np.float32), plan["is_pseudo"].to_numpy(bool))
+def rows_from_plan(plan: pd.DataFrame, matrix: np.ndarray, train: pd.DataFrame | None = None) -> TrainingRows:
+    """The plan's rows of ``matrix`` (row-aligned with ``train``), with their user and item ids when
+    ``train`` is given (the id shapes need them)."""
+    rows = plan["row"].to_numpy()
+    ids = {} if train is None else {"user_ids": train["user_id"].to_numpy()[rows],
+                                    "item_ids": train["item_id"].to_numpy()[rows]}
+    return TrainingRows(matrix[rows], plan["label"].to_numpy(np.float32), plan["weight"].to_numpy(np.float32),
+                        plan["is_pseudo"].to_numpy(bool), **ids)
+
+
+def id_vocabularies(warehouse: Warehouse) -> tuple[list[str], list[str]]:
+    """Every user id and every item id of the catalog (the ``users`` and ``items`` tables): the
+    vocabularies of the id-embedding pre-rankers, never-exposed items included."""
+    users = warehouse.query("SELECT user_id FROM users")["user_id"].astype(str).tolist()
+    items = warehouse.query("SELECT item_id FROM items")["item_id"].astype(str).tolist()
+    return users, items
 
 
 def plan_frame(plan: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:

@@ -1,33 +1,57 @@
-"""The pre-ranker: a small MLP over the Feast feature matrix, with two-tower-style embedding projections.
+"""The pre-ranker in three shapes over the Feast feature matrix: ``mlp``, ``two_tower`` and ``cold``.
 
 Input is the float32 matrix of ``gpl_platform.features.serving.feature_matrix`` (the same function
-serves training and online scoring). Scalars get a signed log1p and a standardization fitted on
-the training rows; the user history embedding and the item content embedding are each projected
-to a small space (the "towers") and their elementwise product joins the scalars in a 2-layer MLP.
-Why not a pure two-tower: at this scale the cross features (ui_cosine, user x item counts) carry
-much of the signal and a tiny MLP over them costs nothing at serving time (1,000 candidates are
-one (1000 x ~800) matmul). Why not a large model: a pre-ranker must stay light.
+serves training and online scoring). Every shape reads it through :class:`DenseInputs`: scalars get
+a signed log1p and a standardization fitted on the training rows (stored in the model); the user
+history embedding and the item content embedding are each linearly projected to a small space.
+
+* ``mlp`` (default): the standardized scalars, both projections and their elementwise product in
+  a 2-layer MLP. No per-id parameters. Why not a pure two-tower: at this scale the cross features
+  (ui_cosine, user x item counts) carry much of the signal and a tiny MLP over them costs nothing
+  at serving time (1,000 candidates are one (1000 x ~800) matmul). Why not a large model: a
+  pre-ranker must stay light.
+* ``two_tower``: a user tower (user-id embedding, ``u_*`` scalars, history projection) and an item
+  tower (item-id embedding, ``i_*`` scalars, content projection), each a small MLP to a vector;
+  logit = dot product + per-item bias + global bias. No cross features, so item vectors can be
+  computed once (:meth:`TwoTowerPreRanker.item_vectors`) and reused for every request.
+* ``cold`` (COLD-like): user-id and item-id embeddings, their elementwise product and the ``mlp``
+  shape's dense inputs in one light MLP.
+
+The id shapes carry :class:`IdVocabulary` objects: the item vocabulary is the whole catalog, so an
+item that was never exposed still owns an embedding row, which only pseudo-labelled rows can
+train. Row 0 is the out-of-vocabulary bucket: unknown ids score through it (a zero vector that
+training never updates) instead of failing. The vocabularies are saved beside the weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 USER_EMBEDDING = "u_history_emb"
 ITEM_EMBEDDING = "i_content_emb"
+USER_PREFIX, ITEM_PREFIX = "u_", "i_"
+SHAPES = ("mlp", "two_tower", "cold")
+VOCABULARY_FILE = "vocabulary.json"
+ID_EMBEDDING_INIT_STD = 0.01  # small, so the row of an id no data has reached adds little to a score
 
 
 @dataclass
 class ModelConfig:
-    tower_dim: int = 32
-    hidden: tuple[int, ...] = (64, 32)
+    tower_dim: int = 32                 # size of each embedding projection
+    hidden: tuple[int, ...] = (64, 32)  # MLP hidden sizes; two_tower: towers end in a hidden[-1] vector
     dropout: float = 0.1
+    shape: str = "mlp"                  # one of SHAPES
+    id_dim: int = 16                    # user-id and item-id embedding size (id shapes)
 
 
 @dataclass
@@ -55,6 +79,10 @@ class InputLayout:
         self.scalar_std = np.maximum(scalars.std(axis=0), 1e-6).astype(float).tolist()
         return self
 
+    def scalar_positions(self, prefix: str) -> list[int]:
+        """Positions among the scalars (not matrix columns) of the scalar columns named ``prefix*``."""
+        return [p for p, k in enumerate(self.scalar_idx) if self.columns[k].startswith(prefix)]
+
     def check(self, columns: list[str]) -> None:
         if list(columns) != self.columns:
             missing = sorted(set(self.columns) - set(columns))[:5]
@@ -67,58 +95,182 @@ def _signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-class PreRanker(nn.Module):
-    def __init__(self, layout: InputLayout, config: ModelConfig | None = None):
-        super().__init__()
-        self.layout, self.config = layout, config or ModelConfig()
-        c = self.config
-        self.register_buffer("mean", torch.tensor(layout.scalar_mean or [0.0] * len(layout.scalar_idx)))
-        self.register_buffer("std", torch.tensor(layout.scalar_std or [1.0] * len(layout.scalar_idx)))
-        self.register_buffer("scalar_idx", torch.tensor(layout.scalar_idx, dtype=torch.long))
-        self.register_buffer("user_idx", torch.tensor(layout.user_emb_idx, dtype=torch.long))
-        self.register_buffer("item_idx", torch.tensor(layout.item_emb_idx, dtype=torch.long))
-        self.user_tower = nn.Linear(len(layout.user_emb_idx), c.tower_dim) if layout.user_emb_idx else None
-        self.item_tower = nn.Linear(len(layout.item_emb_idx), c.tower_dim) if layout.item_emb_idx else None
-        width = len(layout.scalar_idx) + (c.tower_dim * 3 if self.user_tower and self.item_tower else
-                                          c.tower_dim * (bool(self.user_tower) + bool(self.item_tower)))
-        layers: list[nn.Module] = []
-        for size in c.hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(c.dropout)]
-            width = size
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+class IdVocabulary:
+    """String ids -> embedding rows. Row 0 (:attr:`OOV_ROW`) is the bucket of every unknown id."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (n,)."""
-        scalars = x.index_select(1, self.scalar_idx)
-        parts = [(torch.sign(scalars) * torch.log1p(scalars.abs()) - self.mean) / self.std]
-        u = self.user_tower(x.index_select(1, self.user_idx)) if self.user_tower is not None else None
-        i = self.item_tower(x.index_select(1, self.item_idx)) if self.item_tower is not None else None
-        parts += [t for t in (u, i) if t is not None]
+    OOV_ROW = 0
+
+    def __init__(self, ids: Sequence[str]):
+        # sorted: the row of an id must not depend on the order a warehouse query returned the ids in
+        self.ids: list[str] = sorted({str(i) for i in ids})
+        self._index = pd.Index(self.ids)
+
+    def __len__(self) -> int:
+        """Embedding rows, the OOV bucket included."""
+        return len(self.ids) + 1
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """int64 embedding rows of ``ids``; unknown ids get :attr:`OOV_ROW`."""
+        keys = np.asarray(ids, dtype=object).astype(str)
+        return (self._index.get_indexer(keys) + 1).astype(np.int64)  # get_indexer: -1 when unknown
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.ids).encode()).hexdigest()[:12]
+
+    def unknown(self, ids: Sequence[str]) -> list[str]:
+        """The distinct ids of ``ids`` that fall into the OOV bucket, in order of first appearance."""
+        ids = list(dict.fromkeys(str(i) for i in ids))
+        return [i for i, r in zip(ids, self.rows(ids)) if r == self.OOV_ROW]
+
+
+def _id_embedding(vocabulary: IdVocabulary, dim: int) -> nn.Embedding:
+    # padding_idx: the OOV row starts at zero and gets no gradient, so an unknown id adds nothing
+    embedding = nn.Embedding(len(vocabulary), dim, padding_idx=IdVocabulary.OOV_ROW)
+    with torch.no_grad():
+        nn.init.normal_(embedding.weight, std=ID_EMBEDDING_INIT_STD)
+        embedding.weight[IdVocabulary.OOV_ROW].zero_()
+    return embedding
+
+
+def _mlp(width: int, hidden: Sequence[int], out: int, dropout: float) -> nn.Sequential:
+    """Linear -> ReLU -> Dropout per hidden size, then a linear layer to ``out``."""
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, out))
+    return nn.Sequential(*layers)
+
+
+class DenseInputs(nn.Module):
+    """The feature matrix as model inputs, shared by every shape: standardized scalars and the two
+    embedding projections."""
+
+    def __init__(self, layout: InputLayout, projection_dim: int):
+        super().__init__()
+        self.register_buffer("scalar_mean", torch.tensor(layout.scalar_mean or [0.0] * len(layout.scalar_idx)))
+        self.register_buffer("scalar_std", torch.tensor(layout.scalar_std or [1.0] * len(layout.scalar_idx)))
+        self.register_buffer("scalar_idx", torch.tensor(layout.scalar_idx, dtype=torch.long))
+        self.register_buffer("user_emb_idx", torch.tensor(layout.user_emb_idx, dtype=torch.long))
+        self.register_buffer("item_emb_idx", torch.tensor(layout.item_emb_idx, dtype=torch.long))
+        self.n_scalars = len(layout.scalar_idx)
+        self.projection_dim = projection_dim
+        self.user_history_proj = (nn.Linear(len(layout.user_emb_idx), projection_dim)
+                                  if layout.user_emb_idx else None)
+        self.item_content_proj = (nn.Linear(len(layout.item_emb_idx), projection_dim)
+                                  if layout.item_emb_idx else None)
+
+    def scalars(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Signed log1p, then standardized; all scalars or those at ``positions`` among them."""
+        idx, mean, std = self.scalar_idx, self.scalar_mean, self.scalar_std
+        if positions is not None:
+            idx, mean, std = idx[positions], mean[positions], std[positions]
+        raw = x.index_select(1, idx)
+        return (torch.sign(raw) * torch.log1p(raw.abs()) - mean) / std
+
+    def user_history(self, x: torch.Tensor) -> torch.Tensor | None:
+        return (self.user_history_proj(x.index_select(1, self.user_emb_idx))
+                if self.user_history_proj is not None else None)
+
+    def item_content(self, x: torch.Tensor) -> torch.Tensor | None:
+        return (self.item_content_proj(x.index_select(1, self.item_emb_idx))
+                if self.item_content_proj is not None else None)
+
+    @property
+    def width(self) -> int:
+        """Width of :meth:`all_inputs`."""
+        n_proj = (self.user_history_proj is not None) + (self.item_content_proj is not None)
+        return self.n_scalars + self.projection_dim * (3 if n_proj == 2 else n_proj)
+
+    def all_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every scalar, both projections and, when both exist, their elementwise product."""
+        u, i = self.user_history(x), self.item_content(x)
+        parts = [self.scalars(x)] + [t for t in (u, i) if t is not None]
         if u is not None and i is not None:
             parts.append(u * i)
-        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        return torch.cat(parts, dim=1)
+
+
+class PreRanker(nn.Module):
+    """What every shape shares: inputs, vocabularies, ``predict``, persistence.
+
+    Build one with :func:`build_preranker`; :meth:`load` restores a saved one of any shape.
+    """
+
+    shape: ClassVar[str]
+    uses_ids: ClassVar[bool] = False
+
+    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
+                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+        super().__init__()
+        self.layout, self.config = layout, config or ModelConfig()
+        if self.uses_ids and (user_vocab is None or item_vocab is None):
+            raise ValueError(f"the {self.shape} pre-ranker needs user_vocab and item_vocab "
+                             "(all user ids and the whole item catalog)")
+        self.user_vocab, self.item_vocab = (user_vocab, item_vocab) if self.uses_ids else (None, None)
+        self.inputs = DenseInputs(layout, self.config.tower_dim)
+
+    def forward(self, x: torch.Tensor, user_rows: torch.Tensor | None = None,
+                item_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, shape (n,). ``user_rows``/``item_rows``: vocabulary rows of each row's ids."""
+        raise NotImplementedError
+
+    def id_rows(self, n: int, user_ids: Sequence[str] | None, item_ids: Sequence[str] | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Vocabulary rows of ``n`` rows' ids (``None, None`` for a shape without ids)."""
+        if not self.uses_ids:
+            return None, None
+        if user_ids is None or item_ids is None:
+            raise ValueError(f"the {self.shape} pre-ranker scores by user and item id: pass user_ids and item_ids")
+        _check_id_count(user_ids, n, "user")
+        _check_id_count(item_ids, n, "item")
+        return (torch.from_numpy(self.user_vocab.rows(user_ids)), torch.from_numpy(self.item_vocab.rows(item_ids)))
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Adam groups: id embeddings without weight decay (decay would move rows no data has reached;
+        with a zero gradient, plain Adam leaves them exactly as they are), the rest with it."""
+        embedding = [p for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+        taken = {id(p) for p in embedding}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in taken], "weight_decay": weight_decay}]
+        if embedding:
+            groups.append({"params": embedding, "weight_decay": 0.0})
+        return groups
 
     @torch.no_grad()
-    def predict(self, matrix: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-        """Click probabilities for a feature matrix (eval mode, no gradient)."""
+    def predict(self, matrix: np.ndarray, user_ids: Sequence[str] | None = None,
+                item_ids: Sequence[str] | None = None, batch_size: int = 65536) -> np.ndarray:
+        """Click probabilities for a feature matrix (eval mode, no gradient); the id shapes need the
+        rows' user and item ids (unknown ids score through the OOV bucket)."""
         self.eval()
-        out = [torch.sigmoid(self(torch.from_numpy(np.ascontiguousarray(matrix[k:k + batch_size],
-                                                                         dtype=np.float32))))
-               for k in range(0, len(matrix), batch_size)]
+        user_rows, item_rows = self.id_rows(len(matrix), user_ids, item_ids)
+        out = []
+        for k in range(0, len(matrix), batch_size):
+            batch = slice(k, k + batch_size)
+            x = torch.from_numpy(np.ascontiguousarray(matrix[batch], dtype=np.float32))
+            ids = (user_rows[batch], item_rows[batch]) if self.uses_ids else (None, None)
+            out.append(torch.sigmoid(self(x, *ids)))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: Path, lineage: dict) -> Path:
-        """``model.pt`` (weights) and ``model.json`` (layout, config, lineage) in ``directory``."""
+        """``model.pt`` (weights), ``model.json`` (layout, config with the shape, lineage) and, for the id
+        shapes, ``vocabulary.json`` in ``directory``; ``model.json`` is replaced last."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "model.pt.tmp"
-        torch.save(self.state_dict(), tmp)
+        staged = {"model.pt": directory / "model.pt.tmp"}
+        torch.save(self.state_dict(), staged["model.pt"])
         meta = {"layout": asdict(self.layout), "config": asdict(self.config), "lineage": lineage}
-        (directory / "model.json.tmp").write_text(json.dumps(meta, indent=2, default=str))
-        tmp.replace(directory / "model.pt")
-        (directory / "model.json.tmp").replace(directory / "model.json")
+        if self.uses_ids:
+            text = json.dumps({"user": self.user_vocab.ids, "item": self.item_vocab.ids})
+            staged[VOCABULARY_FILE] = directory / f"{VOCABULARY_FILE}.tmp"
+            staged[VOCABULARY_FILE].write_text(text)
+            meta["vocabulary"] = {"file": VOCABULARY_FILE, "n_users": len(self.user_vocab.ids),
+                                  "n_items": len(self.item_vocab.ids),
+                                  "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        staged["model.json"] = directory / "model.json.tmp"
+        staged["model.json"].write_text(json.dumps(meta, indent=2, default=str))
+        for name, tmp in staged.items():
+            tmp.replace(directory / name)
         return directory
 
     @classmethod
@@ -127,7 +279,170 @@ class PreRanker(nn.Module):
         meta = json.loads((directory / "model.json").read_text())
         config = meta["config"]
         config["hidden"] = tuple(config["hidden"])
-        model = cls(InputLayout(**meta["layout"]), ModelConfig(**config))
-        model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
+        config = ModelConfig(**config)  # a model.json from before the shapes has none: mlp
+        user_vocab = item_vocab = None
+        if "vocabulary" in meta:
+            text = (directory / meta["vocabulary"]["file"]).read_text()
+            if hashlib.sha256(text.encode()).hexdigest() != meta["vocabulary"]["sha256"]:
+                raise ValueError(f"{directory / meta['vocabulary']['file']} does not match model.json")
+            ids = json.loads(text)
+            user_vocab, item_vocab = IdVocabulary(ids["user"]), IdVocabulary(ids["item"])
+        model = build_preranker(InputLayout(**meta["layout"]), config, user_vocab, item_vocab)
+        state = torch.load(directory / "model.pt", weights_only=True)
+        # only mlp weights can predate the shapes (and two_tower has real ``user_tower.*`` keys)
+        model.load_state_dict(_rename_legacy_keys(state) if config.shape == "mlp" else state)
         model.eval()
         return model, meta["lineage"]
+
+
+def _check_id_count(ids: Sequence[str], n: int, kind: str) -> None:
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} {kind} ids for {n} feature rows")
+
+
+# Weights saved before the shapes existed: the mlp's inputs sat at the top level of the module.
+_LEGACY_KEY_PREFIXES = {"mean": "inputs.scalar_mean", "std": "inputs.scalar_std", "scalar_idx": "inputs.scalar_idx",
+                        "user_idx": "inputs.user_emb_idx", "item_idx": "inputs.item_emb_idx",
+                        "user_tower.": "inputs.user_history_proj.", "item_tower.": "inputs.item_content_proj."}
+
+
+def _rename_legacy_keys(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        for old, new in _LEGACY_KEY_PREFIXES.items():
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+class MlpPreRanker(PreRanker):
+    """Standardized scalars + embedding projections (and their product) -> MLP. No per-id parameters."""
+
+    shape = "mlp"
+
+    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
+                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+        super().__init__(layout, config, user_vocab, item_vocab)
+        c = self.config
+        self.mlp = _mlp(self.inputs.width, c.hidden, 1, c.dropout)
+
+    def forward(self, x, user_rows=None, item_rows=None):
+        return self.mlp(self.inputs.all_inputs(x)).squeeze(1)
+
+
+@dataclass
+class ItemVectors:
+    """Item-side results of a two-tower model for a list of items, computed once per catalog state."""
+
+    item_ids: list[str]
+    vectors: np.ndarray        # float32 (n_items, d)
+    logit_offset: np.ndarray   # float32 (n_items,): item bias + global bias
+
+
+class TwoTowerPreRanker(PreRanker):
+    """logit = <user tower, item tower> + item bias + global bias; no cross features."""
+
+    shape = "two_tower"
+    uses_ids = True
+
+    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
+                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+        super().__init__(layout, config, user_vocab, item_vocab)
+        c = self.config
+        if not c.hidden:
+            raise ValueError("two_tower needs at least one hidden size: the towers end in a hidden[-1] vector")
+        self.register_buffer("user_scalar_pos", torch.tensor(layout.scalar_positions(USER_PREFIX), dtype=torch.long))
+        self.register_buffer("item_scalar_pos", torch.tensor(layout.scalar_positions(ITEM_PREFIX), dtype=torch.long))
+        self.user_id_emb = _id_embedding(self.user_vocab, c.id_dim)
+        self.item_id_emb = _id_embedding(self.item_vocab, c.id_dim)
+        # zeros: an item without data (and the OOV bucket) starts from the global bias alone
+        self.item_bias = nn.Embedding(len(self.item_vocab), 1, padding_idx=IdVocabulary.OOV_ROW)
+        nn.init.zeros_(self.item_bias.weight)
+        self.global_bias = nn.Parameter(torch.zeros(1))
+        proj = c.tower_dim
+        user_width = c.id_dim + len(self.user_scalar_pos) + (proj if self.inputs.user_history_proj is not None else 0)
+        item_width = c.id_dim + len(self.item_scalar_pos) + (proj if self.inputs.item_content_proj is not None else 0)
+        self.user_tower = _mlp(user_width, c.hidden[:-1], c.hidden[-1], c.dropout)
+        self.item_tower = _mlp(item_width, c.hidden[:-1], c.hidden[-1], c.dropout)
+
+    def _tower_inputs(self, ids: torch.Tensor, scalars: torch.Tensor, projection: torch.Tensor | None):
+        return torch.cat([ids, scalars] + ([projection] if projection is not None else []), dim=1)
+
+    def user_vectors(self, x: torch.Tensor, user_rows: torch.Tensor) -> torch.Tensor:
+        return self.user_tower(self._tower_inputs(self.user_id_emb(user_rows),
+                                                  self.inputs.scalars(x, self.user_scalar_pos),
+                                                  self.inputs.user_history(x)))
+
+    def _item_side(self, x: torch.Tensor, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vectors and logit offsets (item bias + global bias)."""
+        vectors = self.item_tower(self._tower_inputs(self.item_id_emb(item_rows),
+                                                     self.inputs.scalars(x, self.item_scalar_pos),
+                                                     self.inputs.item_content(x)))
+        return vectors, self.item_bias(item_rows).squeeze(1) + self.global_bias
+
+    def forward(self, x, user_rows=None, item_rows=None):
+        users = self.user_vectors(x, user_rows)
+        items, offset = self._item_side(x, item_rows)
+        return (users * items).sum(dim=1) + offset
+
+    @torch.no_grad()
+    def item_vectors(self, matrix: np.ndarray, item_ids: Sequence[str]) -> ItemVectors:
+        """Item vectors of ``item_ids``, once: row k of ``matrix`` holds item k's features (only the
+        item-side columns are read, so any user's feature rows for those items will do)."""
+        self.eval()
+        _check_id_count(item_ids, len(matrix), "item")
+        x = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+        vectors, offset = self._item_side(x, torch.from_numpy(self.item_vocab.rows(item_ids)))
+        return ItemVectors([str(i) for i in item_ids], vectors.numpy(), offset.numpy())
+
+    @torch.no_grad()
+    def predict_with_item_vectors(self, matrix: np.ndarray, user_ids: Sequence[str], items: ItemVectors
+                                  ) -> np.ndarray:
+        """Click probabilities (n_users, n_items) of every user row of ``matrix`` (only its user-side
+        columns are read) against precomputed item vectors: one matmul, no item tower."""
+        self.eval()
+        _check_id_count(user_ids, len(matrix), "user")
+        x = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+        users = self.user_vectors(x, torch.from_numpy(self.user_vocab.rows(user_ids)))
+        logits = users @ torch.from_numpy(items.vectors).T + torch.from_numpy(items.logit_offset)
+        return torch.sigmoid(logits).numpy()
+
+
+class ColdPreRanker(PreRanker):
+    """COLD-like: [user-id emb, item-id emb, their product, every dense input] -> light MLP."""
+
+    shape = "cold"
+    uses_ids = True
+
+    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
+                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+        super().__init__(layout, config, user_vocab, item_vocab)
+        c = self.config
+        self.user_id_emb = _id_embedding(self.user_vocab, c.id_dim)
+        self.item_id_emb = _id_embedding(self.item_vocab, c.id_dim)
+        self.mlp = _mlp(3 * c.id_dim + self.inputs.width, c.hidden, 1, c.dropout)
+
+    def forward(self, x, user_rows=None, item_rows=None):
+        u, i = self.user_id_emb(user_rows), self.item_id_emb(item_rows)
+        return self.mlp(torch.cat([u, i, u * i, self.inputs.all_inputs(x)], dim=1)).squeeze(1)
+
+
+_SHAPE_CLASSES: dict[str, type[PreRanker]] = {
+    "mlp": MlpPreRanker, "two_tower": TwoTowerPreRanker, "cold": ColdPreRanker}
+
+
+def build_preranker(layout: InputLayout, config: ModelConfig | None = None,
+                    user_vocab: IdVocabulary | Sequence[str] | None = None,
+                    item_vocab: IdVocabulary | Sequence[str] | None = None) -> PreRanker:
+    """A fresh pre-ranker of ``config.shape``; vocabularies (ids or :class:`IdVocabulary`) are
+    needed by the id shapes and ignored by ``mlp``."""
+    config = config or ModelConfig()
+    if config.shape not in _SHAPE_CLASSES:
+        raise ValueError(f"unknown pre-ranker shape {config.shape!r}; choose from {SHAPES}")
+
+    def vocabulary(ids):
+        return ids if ids is None or isinstance(ids, IdVocabulary) else IdVocabulary(ids)
+
+    return _SHAPE_CLASSES[config.shape](layout, config, vocabulary(user_vocab), vocabulary(item_vocab))

@@ -1,14 +1,16 @@
 """Online scoring for downstream rankers: user id + recalled candidate ids -> pre-rank scores.
 
 Features come from the Feast online store through the same `feature_matrix` as training, so a
-candidate scores online exactly as it would offline at the same feature time.
+candidate scores online exactly as it would offline at the same feature time. The id shapes also
+score by the ids themselves: an id outside the model's vocabulary (a user or item newer than the
+model) scores through the out-of-vocabulary bucket and is reported, never an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -19,8 +21,10 @@ from gpl_platform.prerank.model import PreRanker
 class ScoredCandidates:
     item_ids: list[str]
     scores: np.ndarray
-    unknown_user: bool
-    unknown_items: list[str]
+    unknown_user: bool            # not in the online store: user features are defaults
+    unknown_items: list[str]      # not in the online store: item features are defaults
+    out_of_vocabulary_user: bool = False  # id shapes: the user scored through the OOV embedding
+    out_of_vocabulary_items: list[str] = field(default_factory=list)
 
 
 class PreRankScorer:
@@ -32,5 +36,10 @@ class PreRankScorer:
     def score(self, user_id: str, item_ids: Sequence[str]) -> ScoredCandidates:
         features = self.client.get(user_id, list(item_ids))
         self.model.layout.check(features.columns)
-        return ScoredCandidates(list(item_ids), self.model.predict(features.matrix), bool(features.unknown_user),
-                                list(features.unknown_items))
+        user_ids = [features.user_id] * len(features.item_ids)
+        scored = ScoredCandidates(list(item_ids), self.model.predict(features.matrix, user_ids, features.item_ids),
+                                  bool(features.unknown_user), list(features.unknown_items))
+        if self.model.uses_ids:
+            scored.out_of_vocabulary_user = bool(self.model.user_vocab.unknown([features.user_id]))
+            scored.out_of_vocabulary_items = self.model.item_vocab.unknown(features.item_ids)
+        return scored

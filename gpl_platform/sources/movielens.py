@@ -26,7 +26,8 @@ import pandas as pd
 
 from gpl_platform.config import MovieLensConfig
 from gpl_platform.contract import Dataset, validate_dataset
-from gpl_platform.sampling import gumbel_top_share, sample_per_row_without
+from gpl_platform.exposure import Candidates, category_matrix, day_ordinals, expose
+from gpl_platform.sampling import sample_per_row_without
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,12 @@ def read_movielens(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
     return ratings, items, users
 
 
-def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensConfig, seed: int) -> pd.DataFrame:
-    """Ratings -> contract events under the semi-synthetic recall + exposure protocol."""
+def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensConfig, seed: int,
+                   categories: np.ndarray | None = None) -> pd.DataFrame:
+    """Ratings -> contract events under the semi-synthetic recall + exposure protocol.
+
+    ``categories`` (items x categories, rows summing to 1) feed the logging policy's user-category
+    profile; without them every item is in one category."""
     rng = np.random.default_rng(seed)
     ratings = ratings.copy()
     ratings["event_time"] = pd.to_datetime(ratings["timestamp"], unit="s", utc=True)
@@ -137,13 +142,15 @@ def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensCo
     # One request per (user, UTC day); it happens at the user's first rating time that day.
     ratings["request_time"] = ratings.groupby(["user_id", "day"])["event_time"].transform("min")
     ratings["request_id"] = ratings["user_id"] + "@" + ratings["day"].dt.strftime("%Y-%m-%d")
+    positive = (ratings["rating"] >= cfg.positive_rating) if cfg.labels == "explicit" else pd.Series(True, ratings.index)
     rated = pd.DataFrame({
         "request_id": ratings["request_id"], "user_id": ratings["user_id"], "item_id": ratings["item_id"],
-        "event_time": ratings["request_time"], "oracle_label": (ratings["rating"] >= cfg.positive_rating).astype("int8"),
+        "event_time": ratings["request_time"], "oracle_label": positive.astype("int8"),
     })
 
     item_index = {item: i for i, item in enumerate(item_ids)}
-    popularity = np.bincount(ratings["item_id"].map(item_index).to_numpy(), minlength=len(item_ids)).astype(float)
+    rated_item = ratings["item_id"].map(item_index).to_numpy()
+    popularity = np.bincount(rated_item, minlength=len(item_ids)).astype(float)
     requests = rated.drop_duplicates("request_id")[["request_id", "user_id", "event_time"]].reset_index(drop=True)
 
     unrated = pd.DataFrame(columns=rated.columns)
@@ -151,10 +158,18 @@ def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensCo
         # Never-rated items only: their label (0) is then known with certainty.
         user_codes, user_uniques = pd.factorize(ratings["user_id"])
         seen = np.zeros((len(user_uniques), len(item_ids)), dtype=bool)
-        seen[user_codes, ratings["item_id"].map(item_index).to_numpy()] = True
+        seen[user_codes, rated_item] = True
         req_user = pd.Index(user_uniques).get_indexer(requests["user_id"])
+        n_cooc = int(round(cfg.recall_cooccurrence_share * cfg.unrated_per_request))
         recall_weight = np.power(popularity + 1.0, cfg.recall_popularity_power)
-        picks = sample_per_row_without(rng, recall_weight, seen[req_user], cfg.unrated_per_request)
+        picks = sample_per_row_without(rng, recall_weight, seen[req_user], cfg.unrated_per_request - n_cooc)
+        if n_cooc:
+            excluded = seen[req_user].copy()
+            drawn_rows, drawn_slots = np.nonzero(picks >= 0)
+            excluded[drawn_rows, picks[drawn_rows, drawn_slots]] = True
+            cooc = cooccurrence_recall(ratings, user_codes, rated_item, requests, req_user, excluded, recall_weight,
+                                       n_cooc, cfg.recall_retrain_every_days, seed)
+            picks = np.concatenate([picks, cooc], axis=1)
         rows = np.repeat(np.arange(len(requests)), picks.shape[1])
         flat = picks.ravel()
         keep = flat >= 0
@@ -169,20 +184,71 @@ def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensCo
 
     events = pd.concat([rated, unrated], ignore_index=True).sort_values(["event_time", "request_id", "item_id"],
                                                                         kind="stable", ignore_index=True)
-    exposure_weight = np.power(popularity + 1.0, cfg.exposure_popularity_power)
-    events["exposed"] = gumbel_top_share(rng, events["request_id"].to_numpy(),
-                                         exposure_weight[events["item_id"].map(item_index).to_numpy()],
-                                         cfg.exposure_share)
+    candidates = Candidates(
+        request=pd.factorize(events["request_id"])[0], user=pd.factorize(events["user_id"])[0],
+        item=events["item_id"].map(item_index).to_numpy(), day=day_ordinals(events["event_time"]))
+    exposure = expose(candidates, events["oracle_label"].to_numpy(), popularity,
+                      categories if categories is not None else np.ones((len(item_ids), 1)),
+                      cfg.exposure_share, cfg.exposure_popularity_power, cfg.exposure, seed, rng)
+    events["exposed"] = exposure.exposed
+    events["propensity"] = exposure.propensity
     events["clicked"] = events["oracle_label"].astype("Int8").where(events["exposed"], pd.NA)
+    events.attrs["exposure"] = exposure.info
     return events
+
+
+def cooccurrence_recall(ratings: pd.DataFrame, user_codes: np.ndarray, rated_item: np.ndarray,
+                        requests: pd.DataFrame, req_user: np.ndarray, excluded: np.ndarray,
+                        fallback_weight: np.ndarray, n: int, retrain_every_days: int, seed: int) -> np.ndarray:
+    """``n`` never-rated items per request from an item co-occurrence recall over earlier ratings.
+
+    Rebuilt every ``retrain_every_days``: item-item cosine of the rating matrix of the days before the
+    rebuild. A request's score of item j sums the similarities of j to the items its user rated
+    before the request's day; items are drawn Plackett-Luce by that score. Items it cannot rank (a
+    user's first day, or fewer than ``n`` scored items) come by popularity, with a weight far below
+    any scored item's. Returns (requests, n) item indices (-1 where nothing is left)."""
+    rng = np.random.default_rng([seed, 31])
+    n_users, n_items = int(user_codes.max()) + 1, excluded.shape[1]
+    rating_day = day_ordinals(ratings["event_time"])
+    request_day = day_ordinals(requests["event_time"])
+    first = int(rating_day.min())
+    period = (request_day - first) // retrain_every_days
+    # each request's profile: the items its user rated before the request's own day
+    earlier = pd.DataFrame({"user": user_codes, "item": rated_item, "day": rating_day}).merge(
+        pd.DataFrame({"user": req_user, "request": np.arange(len(requests)), "request_day": request_day}), on="user")
+    earlier = earlier[earlier["day"] < earlier["request_day"]]
+    out = np.full((len(requests), n), -1, dtype=np.int64)
+    fallback = 1e-9 * fallback_weight / fallback_weight.sum()
+    for p in np.unique(period):
+        rebuild = first + int(p) * retrain_every_days
+        before = rating_day < rebuild
+        matrix = np.zeros((n_users, n_items), dtype=np.float32)
+        matrix[user_codes[before], rated_item[before]] = 1.0
+        co = matrix.T @ matrix
+        norm = np.sqrt(np.maximum(np.diag(co), 1.0))
+        co = co / norm[:, None] / norm[None, :]
+        np.fill_diagonal(co, 0.0)
+        in_period = np.flatnonzero(period == p)
+        position = np.full(len(requests), -1)
+        position[in_period] = np.arange(len(in_period))
+        mine = earlier[position[earlier["request"].to_numpy()] >= 0]
+        profile = np.zeros((len(in_period), n_items), dtype=np.float32)
+        profile[position[mine["request"].to_numpy()], mine["item"].to_numpy()] = 1.0
+        score = profile @ co
+        score = score / np.maximum(score.sum(axis=1, keepdims=True), 1e-12)
+        out[in_period] = sample_per_row_without(rng, score + fallback, excluded[in_period], n)
+    return out
 
 
 def load_movielens(directory: Path, cfg: MovieLensConfig, seed: int) -> Dataset:
     ratings, items, users = read_movielens(directory)
-    events = build_requests(ratings, items["item_id"].to_numpy(), cfg, seed)
+    categories = category_matrix([g.split("|") if g else [] for g in items["genres"]])
+    events = build_requests(ratings, items["item_id"].to_numpy(), cfg, seed, categories)
+    exposure_info = events.attrs.pop("exposure", {})
     return validate_dataset("movielens-100k", items, users, events,
                             files={"items": str(directory), "users": str(directory), "events": str(directory)},
-                            info={"path": str(directory), "layout": detect_layout(directory), "n_ratings": len(ratings)})
+                            info={"path": str(directory), "layout": detect_layout(directory), "n_ratings": len(ratings),
+                                  "exposure": exposure_info})
 
 
 # ---- fetching ----------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Items belong to one topic and get a text generated from that topic's vocabulary,
 encoder can see what an item is about. Users have a Dirichlet preference over topics. The true
 click probability is ``sigmoid(base + strength * sqrt(pref[u, topic(i)]) + quality(i))``: content
 explains most of it, which is what GPL's content anchors can recover. Recall mixes popular items
-with items of the user's topics; a popularity-skewed Plackett-Luce policy exposes a share of each
-request. Everything is vectorized: 1M+ events take a few seconds.
+with items of the user's topics; an exposure policy (gpl_platform/exposure.py: popularity-skewed
+Plackett-Luce, a logging model trained on earlier clicks, or self-selection) exposes a share of each
+request and records each candidate's propensity. Everything is vectorized: 1M+ events take a few seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pandas as pd
 
 from gpl_platform.config import SimulatorConfig
 from gpl_platform.contract import Dataset, normalize_events_frame
-from gpl_platform.sampling import gumbel_top_share
+from gpl_platform.exposure import Candidates, expose
 
 TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Space Opera", ("starship", "galaxy", "alien", "planet", "orbit", "rocket", "nebula", "empire")),
@@ -46,9 +47,10 @@ def simulate(cfg: SimulatorConfig, seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     items = _items(cfg, rng)
     users, preference = _users(cfg, rng)
-    events = _events(cfg, rng, items, preference)
+    events = _events(cfg, rng, items, preference, seed)
     info = {"ground_truth": {"preference": preference, "item_topic": items["topic_id"].to_numpy(),
-                             "item_quality": items["quality"].to_numpy()}}
+                             "item_quality": items["quality"].to_numpy()},
+            "exposure": events.attrs.pop("exposure", {})}
     return Dataset("simulator", items.drop(columns=["topic_id"]), users, normalize_events_frame(events), info)
 
 
@@ -80,7 +82,8 @@ def _users(cfg: SimulatorConfig, rng: np.random.Generator) -> tuple[pd.DataFrame
     return users, preference
 
 
-def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame, preference: np.ndarray) -> pd.DataFrame:
+def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame, preference: np.ndarray,
+            seed: int) -> pd.DataFrame:
     n_items, k = cfg.n_items, cfg.candidates_per_request
     counts = rng.poisson(cfg.requests_per_user_per_day, (cfg.n_users, cfg.n_days))
     req_user, req_day = np.nonzero(counts)
@@ -114,15 +117,19 @@ def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame,
     logit = (cfg.base_click_logit + cfg.preference_strength * np.sqrt(preference[req_user[rows], topic_of_item[item_idx]])
              + items["quality"].to_numpy()[item_idx])
     oracle = (rng.random(len(rows)) < 1.0 / (1.0 + np.exp(-logit))).astype("int8")
-    exposed = gumbel_top_share(rng, rows, np.power(popularity[item_idx], cfg.exposure_popularity_power),
-                               cfg.exposure_share)
+    day_zero = int((start - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1))
+    exposure = expose(Candidates(request=rows, user=req_user[rows], item=item_idx, day=day_zero + req_day[rows]),
+                      oracle, popularity, np.eye(cfg.n_topics)[topic_of_item], cfg.exposure_share,
+                      cfg.exposure_popularity_power, cfg.exposure, seed, rng, popularity_offset=0.0)
+    exposed = exposure.exposed
     request_ids = np.array([f"r{r}" for r in range(n_req)], dtype=object)
     user_ids = np.array([f"u{u}" for u in range(cfg.n_users)], dtype=object)
     events = pd.DataFrame({
         "request_id": request_ids[rows], "user_id": user_ids[req_user[rows]],
         "item_id": items["item_id"].to_numpy()[item_idx], "event_time": req_time[rows].astype("datetime64[us, UTC]"),
         "exposed": exposed, "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
-        "oracle_label": pd.array(oracle, dtype="Int8"),
+        "oracle_label": pd.array(oracle, dtype="Int8"), "propensity": exposure.propensity,
     })
     events.loc[~exposed, "clicked"] = pd.NA
+    events.attrs["exposure"] = exposure.info
     return events

@@ -1,0 +1,115 @@
+"""The bias sweep: every protocol setting of a source through the whole asset graph and the offline
+evaluation, GPL's lift against the bias (docs/EVALUATION.md, "The settings of the bias sweep").
+
+    gpl bench bias-sweep --source simulator --out reports/bias_sweep_simulator.json
+
+Each setting gets its own warehouse under ``<data-root>/<setting>`` (default
+``data/bias_sweep/<source>``); anchors of identical histories and the item vectors are copied from
+the setting before (work that does not depend on exposure). Runs go to an ephemeral Dagster
+instance: this is a benchmark, not the product's history of runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("gpl.bias_sweep")
+#: a pre-ranker trains on the exposed part only when training_set / prerank_model run: the sweep skips them
+SKIPPED_ASSETS = ("training_set", "prerank_model", "label_audit")
+DEFAULT_PRERANKERS = ("mlp:prerank_v1", "two_tower:prerank_scalar_v1", "cold:prerank_scalar_v1")
+
+
+def run(source: str, out: Path | None = None, settings: list[str] | None = None, seeds: list[int] | None = None,
+        methods: list[str] | None = None, prerankers: list[str] | None = None, data_root: Path | None = None,
+        extra_overrides: dict | None = None, results_doc: Path | None = None) -> dict:
+    os.environ["GPL_SOURCE"] = source  # before the code location loads: its partitions follow the source
+    from assets.definitions import all_assets
+    from assets.resources import GplSettings
+    from assets.runner import run_pipeline
+    from gpl_platform.config import PROJECT_ROOT, load_settings
+    from gpl_platform.evaluation import bias_sweep
+    from gpl_platform.sources import load_source
+    from gpl_platform.stats import dataset_statistics
+    from gpl_platform.warehouse import Warehouse
+
+    names = settings or list(bias_sweep.SWEEP_SETTINGS[source])
+    root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
+    methods = list(methods or bias_sweep.SWEEP_METHODS)
+    prerankers = list(prerankers or DEFAULT_PRERANKERS)
+    selection = [k.to_user_string() for a in all_assets for k in a.keys if k.to_user_string() not in SKIPPED_ASSETS]
+    began = time.perf_counter()
+    sweep: dict = {"source": source, "seeds": seeds, "methods": methods, "prerankers": prerankers, "settings": {}}
+    previous: Path | None = None
+    for name in names:
+        overrides = bias_sweep.setting_overrides(source, name, root / name, extra_overrides)
+        overrides = bias_sweep.deep_merge(overrides, {"evaluation": {"methods": methods, "prerankers": prerankers}})
+        if seeds:
+            overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
+        settings_obj = load_settings(overrides)
+        warehouse = Warehouse(settings_obj.warehouse, settings_obj.warehouse_lock_timeout_s)
+        reused = warehouse.import_caches(previous) if previous else {}
+        log.info("setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name,
+                 previous, reused)
+        started = time.perf_counter()
+        result = run_pipeline(resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))}, ephemeral=True,
+                              selection=selection)
+        report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
+        if not result.success or not report_path.exists():
+            raise RuntimeError(f"setting {name}: the pipeline did not produce {report_path}")
+        report = json.loads(report_path.read_text())
+        dataset = load_source(settings_obj)
+        protocol = {"overrides": {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation")},
+                    "statistics": dataset_statistics(dataset), "exposure_policy": dataset.info.get("exposure", {}),
+                    "failed_checks": len(result.failed_checks), "reused_work": reused,
+                    "seconds": round(time.perf_counter() - started, 1)}
+        sweep["settings"][name] = bias_sweep.summarize_setting(report, protocol)
+        sweep["seeds"] = report.get("seeds")
+        previous = settings_obj.warehouse
+    sweep["seconds"] = round(time.perf_counter() - began, 1)
+    if out:
+        write(sweep, Path(out), results_doc)
+    return sweep
+
+
+def write(sweep: dict, out: Path, results_doc: Path | None = None) -> dict[str, Path]:
+    """The JSON, the lift plot beside it, and (optionally) the markdown section of a results document."""
+    from gpl_platform.evaluation import bias_sweep
+    from gpl_platform.evaluation.report import replace_generated_section
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(sweep, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    plot = bias_sweep.plot_lift(sweep, out.with_name(f"{out.stem}_lift.png"))
+    paths = {"json": out, "plot": plot}
+    if results_doc:
+        results_doc = Path(results_doc)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip() or "unknown"
+        begin = f"<!-- bias-sweep:{sweep['source']}:begin (generated by gpl bench bias-sweep --results-doc) -->"
+        end = f"<!-- bias-sweep:{sweep['source']}:end -->"
+        command = "gpl bench bias-sweep " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "bias-sweep"]
+                                                      else sys.argv[1:])
+        body = bias_sweep.markdown(sweep, command, commit, os.path.relpath(plot, results_doc.parent))
+        paths["results_doc"] = replace_generated_section(results_doc, begin, end, f"{begin}\n\n{body}\n{end}")
+    return paths
+
+
+def lift_summary(sweep: dict) -> list[dict]:
+    """The lines a person reads first: per setting and pre-ranker, GPL's unexposed-AUC lift in pooled stds."""
+    from gpl_platform.evaluation.bias_sweep import lift_table
+
+    table = lift_table(sweep)
+    keep = ["setting", "preranker", "train_serving_gap", "gpl_lift_unexposed_auc", "gpl_lift_unexposed_auc_in_std",
+            "gpl_lift_unexposed_hr@10_in_std", "best_baseline", "gpl_minus_best_baseline_unexposed_auc"]
+    return table[[c for c in keep if c in table]].round(4).to_dict(orient="records")
