@@ -101,6 +101,23 @@ def bench_bias_sweep(
                            "lift": _bench_module("bench_bias_sweep").lift_summary(sweep)}, indent=2, default=str))
 
 
+@bench_app.command("choose-defaults")
+def bench_choose_defaults(
+    source: str = typer.Option(..., help="movielens-100k | simulator"),
+    selection: Path = typer.Option(..., help="a bias sweep of the source's reference setting (its JSON)"),
+    out: Path = typer.Option(..., help="the decisions, with every number behind them (JSON)"),
+    setting: Optional[str] = typer.Option(None, help="default: the source's reference setting (logging_10)"),
+    data_root: Optional[Path] = typer.Option(None, help="where that sweep put the settings' warehouses"),
+) -> None:
+    """The decision rules of docs/EVALUATION.md on validation days only: anchors and pooling, pre-ranker shape,
+    lambda and confidence exponents."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    decision = _bench_module("bench_choose_defaults").run(source, selection, out, setting, data_root)
+    typer.echo(json.dumps(decision["defaults"], indent=2))
+
+
 @bench_app.command("anchors")
 def bench_anchors(users: int = typer.Option(32, help="users to generate anchors for"),
                   out: Optional[Path] = typer.Option(None)) -> None:

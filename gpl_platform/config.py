@@ -51,6 +51,14 @@ class ExposurePolicyConfig(BaseModel):
         "exposure probability (0: not estimated, for scale runs)")
 
 
+class MovieLensExposurePolicyConfig(ExposurePolicyConfig):
+    """MovieLens' default is the realistic reference setting: a logging policy (a subclass, so that a
+    partial override such as ``exposure.temperature`` keeps this default)."""
+
+    policy: Literal["popularity", "logging", "self_selection"] = Field(
+        "logging", description="popularity | logging | self_selection")
+
+
 class SimulatorExposurePolicyConfig(ExposurePolicyConfig):
     """The simulator's worlds are a few weeks long: its logging model is refitted daily."""
 
@@ -76,17 +84,19 @@ class MovieLensConfig(BaseModel):
         1.0, ge=0, description="unrated candidates are drawn with weight pop(i)^power"
     )
     recall_cooccurrence_share: float = Field(
-        0.0, ge=0, le=1, description="share of the unrated candidates drawn by an item co-occurrence recall over "
+        0.5, ge=0, le=1, description="share of the unrated candidates drawn by an item co-occurrence recall over "
         "the ratings of earlier days (items that co-occur with the user's earlier ratings); the rest by popularity"
     )
     recall_retrain_every_days: int = Field(7, gt=0, description="the co-occurrence recall is rebuilt every N days")
     exposure_share: float = Field(
-        0.3, gt=0, le=1, description="share of each request's candidates the policy exposes"
+        0.1, gt=0, le=1, description="share of each request's candidates the policy exposes"
     )
     exposure_popularity_power: float = Field(
         1.0, ge=0, description="Plackett-Luce exposure weight pop(i)^alpha (the selection bias)"
     )
-    exposure: ExposurePolicyConfig = ExposurePolicyConfig()
+    # the realistic reference setting (logging_10 of docs/EVALUATION.md); the first protocol is
+    # exposure.policy=popularity, exposure_share=0.3, recall_cooccurrence_share=0
+    exposure: "MovieLensExposurePolicyConfig" = Field(default_factory=lambda: MovieLensExposurePolicyConfig())
 
 
 class SimulatorConfig(BaseModel):
@@ -111,7 +121,8 @@ class ContractConfig(BaseModel):
 
 
 class AnchorConfig(BaseModel):
-    backend: Literal["smollm", "openai", "history", "sid"] = "smollm"
+    # chosen by the decision rules of docs/EVALUATION.md on validation days (reports/selection/)
+    backend: Literal["smollm", "openai", "history", "sid"] = "sid"
     k: int = Field(5, gt=0, le=20, description="anchors per user")
     history_max_items: int = Field(6, gt=0, description="recent positives the generator reads")
     max_new_tokens: int = Field(40, gt=0)
@@ -220,7 +231,12 @@ class TrainingConfig(BaseModel):
 
     test_share: float = Field(0.2, gt=0, lt=1, description="last share of requests (by day) held out for testing")
     valid_share: float = Field(0.1, gt=0, lt=1, description="share of requests before the test days for early stopping")
-    pseudo_weight: float = Field(1.0, ge=0, description="lambda: weight of the pseudo-label loss")
+    # lambda and pooling were chosen by the decision rules of docs/EVALUATION.md on validation days
+    # (reports/selection/defaults_movielens.json)
+    pseudo_weight: float = Field(0.3, ge=0, description="lambda: weight of the pseudo-label loss")
+    pseudo_label_pooling: Literal["max", "mean"] = Field(
+        "mean", description="which pooled similarity's calibrated label GPL trains on (the ablations gpl_max_pool "
+        "and gpl_mean_pool fix it)")
     negative_sample_rate: float = Field(0.3, gt=0, le=1, description="unexposed_negative: share of unexposed rows kept")
     ips_clip: float = Field(20.0, gt=1, description="largest inverse-propensity weight")
     max_failing_label_days_share: float = Field(
@@ -243,7 +259,7 @@ class EvaluationConfig(BaseModel):
 
     methods: list[str] = Field(
         default_factory=lambda: ["exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl",
-                                 "gpl_no_confidence", "gpl_mean_pool", "gpl_history_anchors", "gpl_sid",
+                                 "gpl_no_confidence", "gpl_max_pool", "gpl_history_anchors", "gpl_sid",
                                  "pseudo_only"], description="methods trained side by side")
     prerankers: list[str] = Field(
         default_factory=list, description="pre-rankers each method is trained with, as 'shape' or "

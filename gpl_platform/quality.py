@@ -81,6 +81,9 @@ class EventThresholds(BaseModel):
     exposure_rate_max: float = Field(0.95, ge=0, le=1)
     positive_rate_min: float = Field(0.005, ge=0, le=1, description="clicks / exposed candidates")
     positive_rate_max: float = Field(0.8, ge=0, le=1)
+    positive_rate_min_exposed: int = Field(
+        30, ge=0, description="the positive-rate bounds apply to days with at least this many exposed candidates "
+        "(a day that shows 7 items can click 6 of them without anything being wrong)")
     allow_empty: bool = Field(True, description="a day without events passes (written as an empty partition)")
 
 
@@ -520,12 +523,14 @@ def check_events(events: pd.DataFrame, cfg: EventThresholds | None = None) -> Qu
         _Rule("exposure_rate", "ExpectColumnMeanToBeBetween",
               {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
               f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]"),
-        _Rule("positive_rate", "ExpectColumnMeanToBeBetween",
-              {"column": "clicked_exposed", "min_value": cfg.positive_rate_min, "max_value": cfg.positive_rate_max},
-              f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]"),
     ]
-    outcomes = _validate(suite, frame, rules)
     n_exposed = int(exposed.fillna(False).sum())
+    if n_exposed >= cfg.positive_rate_min_exposed:
+        rules.append(_Rule("positive_rate", "ExpectColumnMeanToBeBetween",
+                           {"column": "clicked_exposed", "min_value": cfg.positive_rate_min,
+                            "max_value": cfg.positive_rate_max},
+                           f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]"))
+    outcomes = _validate(suite, frame, rules)
     return _result(suite, outcomes, {
         "rows": len(events), "requests": int(events["request_id"].nunique()),
         "exposure_rate": float(n_exposed / len(events)),

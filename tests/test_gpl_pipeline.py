@@ -136,3 +136,45 @@ def test_real_smollm_three_days(tmp_path):
     labels = wh.query("SELECT * FROM pseudo_labels WHERE day = '2024-01-03'")
     assert len(labels) > 0 and labels["llm_version"].str.endswith(".gguf").all()
     assert labels["prompt_version"].str.startswith("anchors_").all()
+
+
+def _labels_with_history_length(wh):
+    return wh.query("SELECT p.*, h.n_positives FROM pseudo_labels p JOIN user_histories h USING (day, user_id)")
+
+
+def test_users_without_history_get_no_pseudo_labels(history_run):
+    """The default rule: a user with no positive history is matched only to the generic anchor, which
+    says nothing about them, so their candidates stay unlabelled; the asset counts them."""
+    wh, _ = history_run
+    labels = _labels_with_history_length(wh)
+    assert len(labels) and (labels["n_positives"] > 0).all()
+    without = wh.query("SELECT count(*) AS n FROM events e JOIN user_histories h USING (day, user_id) "
+                       "WHERE NOT e.exposed AND h.n_positives = 0")["n"].iloc[0]
+    assert without > 0  # the world has such users: the rule was exercised, not vacuous
+
+
+def test_population_rule_labels_users_without_history_on_their_own_calibration(tmp_path):
+    overrides = json.loads(HISTORY) | {"pseudo_labels": {"no_history": "population"},
+                                       "calibration": {"min_samples": 30}}
+    gpl = GplSettings(data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides))
+    wh = _run(gpl)
+    labels = _labels_with_history_length(wh)
+    cold, warm = labels[labels["n_positives"] == 0], labels[labels["n_positives"] > 0]
+    assert len(cold) and len(warm)
+    segment_versions = set(wh.query("SELECT version FROM calibrations WHERE fit_key LIKE '%|no_history'")["version"])
+    assert segment_versions and set(cold["calibration_version"]) <= segment_versions
+    assert not set(warm["calibration_version"]) & segment_versions
+
+
+def test_degenerate_calibrations_give_no_labels_and_say_why():
+    from gpl_platform.calibration import fit_calibration
+    from gpl_platform.labeling import calibration_degenerate
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=500)
+    anti = fit_calibration(s, (rng.random(500) < 1 / (1 + np.exp(2 * s))).astype(int))  # slope < 0: clamped
+    assert "constant" in calibration_degenerate(anti, anti.predict(s), 0.005)
+    good = fit_calibration(s, (rng.random(500) < 1 / (1 + np.exp(-2 * s))).astype(int))
+    assert calibration_degenerate(good, good.predict(s), 0.005) is None
+    narrow = s * 1e-4  # a real slope, but the day's similarities hardly differ: near-constant labels
+    assert "near-constant" in calibration_degenerate(good, good.predict(narrow), 0.005)

@@ -166,6 +166,9 @@ def test_event_checks():
     assert "exposure_rate" in _failed(check_events(none_exposed))
     all_clicked = events.assign(clicked=events["clicked"].where(~events["exposed"], 1))
     assert _failed(check_events(all_clicked)) == {"positive_rate"}
+    # a day that shows only a few candidates may click most of them: the rate is not judged there
+    few = all_clicked[~all_clicked["exposed"] | (all_clicked.index < all_clicked.index[all_clicked["exposed"]][5])]
+    assert int(few["exposed"].sum()) == 5 and check_events(few).passed
 
 
 def test_quality_config_defaults_and_fallback():

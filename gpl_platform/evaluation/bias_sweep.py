@@ -16,21 +16,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-_REALISTIC_RECALL = {"recall_cooccurrence_share": 0.5}
+# Every setting names all its protocol values, so that the grid does not move when a default does.
+_FIRST_ML = {"labels": "explicit", "recall_cooccurrence_share": 0.0, "exposure_share": 0.30,
+             "exposure": {"policy": "popularity"}}
+_REALISTIC_ML = {"labels": "explicit", "recall_cooccurrence_share": 0.5, "exposure": {"policy": "logging"}}
+_FIRST_SIM = {"exposure_share": 0.25, "exposure": {"policy": "popularity"}}
 
 #: {source: {setting: Settings overrides}}: fixed before the deciding run (docs/EVALUATION.md)
 SWEEP_SETTINGS: dict[str, dict[str, dict]] = {
     "movielens-100k": {
-        "popularity_30": {"movielens": {}},
-        "logging_10": {"movielens": {**_REALISTIC_RECALL, "exposure_share": 0.10, "exposure": {"policy": "logging"}}},
-        "logging_5": {"movielens": {**_REALISTIC_RECALL, "exposure_share": 0.05, "exposure": {"policy": "logging"}}},
-        "implicit_logging_10": {"movielens": {**_REALISTIC_RECALL, "labels": "implicit", "exposure_share": 0.10,
-                                              "exposure": {"policy": "logging"}}},
-        "implicit_logging_5": {"movielens": {**_REALISTIC_RECALL, "labels": "implicit", "exposure_share": 0.05,
-                                             "exposure": {"policy": "logging"}}},
+        "popularity_30": {"movielens": _FIRST_ML},
+        "logging_10": {"movielens": {**_REALISTIC_ML, "exposure_share": 0.10}},
+        "logging_5": {"movielens": {**_REALISTIC_ML, "exposure_share": 0.05}},
+        "implicit_logging_10": {"movielens": {**_REALISTIC_ML, "labels": "implicit", "exposure_share": 0.10}},
+        "implicit_logging_5": {"movielens": {**_REALISTIC_ML, "labels": "implicit", "exposure_share": 0.05}},
     },
     "simulator": {
-        "popularity_25": {"simulator": {}},
+        "popularity_25": {"simulator": _FIRST_SIM},
         "logging_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "logging"}}},
         "logging_5": {"simulator": {"exposure_share": 0.05, "exposure": {"policy": "logging"}}},
         "self_selection_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "self_selection"}}},

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from gpl_platform.config import EvaluationConfig, TrainingConfig
+from gpl_platform.confidence import confidence_weights
+from gpl_platform.config import ConfidenceConfig, EvaluationConfig, TrainingConfig
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
 from gpl_platform.prerank.data import (
     METHODS,
@@ -173,9 +174,14 @@ class _Shared:
 def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dataset: str,
                            methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                            label_gate=None, evaluation: EvaluationConfig | None = None,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, confidence: ConfidenceConfig | None = None,
+                           feature_cache: dict | None = None) -> dict:
     """Train every method with every pre-ranker under every seed; return the report (JSON-able but for
-    ``_details``): per pre-ranker the metrics of each method, and the pseudo-label ceiling."""
+    ``_details``): per pre-ranker the metrics of each method, and the pseudo-label ceiling.
+
+    ``confidence``: recompute every pseudo-label's weight from its stored factors with these exponents
+    (to compare confidence settings without re-materializing the labels). ``feature_cache``: a dict
+    kept across calls on the same warehouse and split, so point-in-time features are retrieved once."""
     evaluation = evaluation or EvaluationConfig()
     methods = list(methods if methods is not None else evaluation.methods)
     unknown = sorted(set(methods) - set(METHODS))
@@ -185,10 +191,16 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
     specs = preranker_specs(cfg, evaluation)
     began = time.perf_counter()
     shared = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation)
-    matrices: dict[str, tuple[np.ndarray, list[str]]] = {}
+    if confidence is not None:
+        for frame in shared.pseudo.values():
+            frame["confidence"] = confidence_weights(frame["c_coherence"], frame["c_history"], frame["c_generation"],
+                                                     confidence.alpha, confidence.beta, confidence.gamma,
+                                                     confidence.w_min)
+    matrices: dict[str, tuple[np.ndarray, list[str]]] = feature_cache if feature_cache is not None else {}
     for service in dict.fromkeys(spec.service for spec in specs):
-        log.info("retrieving point-in-time features (%s) for %d candidates", service, len(shared.cands))
-        matrices[service] = attach_features(store, shared.cands, service)
+        if service not in matrices:
+            log.info("retrieving point-in-time features (%s) for %d candidates", service, len(shared.cands))
+            matrices[service] = attach_features(store, shared.cands, service)
 
     results, exposed_only_models = {}, {}
     total = len(specs) * len(seeds) * len(methods)

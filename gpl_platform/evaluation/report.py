@@ -9,14 +9,18 @@ import pandas as pd
 
 TABLE_METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10",
                  "coverage@10", "diversity@10")
+#: per pre-ranker: where the bias is (exposed vs unexposed, items by exposure history) and the validation days
+SEGMENT_METRICS = ("exposed_auc", "unexposed_auc", "never_exposed_auc", "rarely_exposed_auc", "often_exposed_auc",
+                   "valid_auc", "valid_unexposed_auc")
 BAR_METRICS = ("auc", "gauc", "hr@10", "unexposed_auc", "longtail_hr@10")
 
 
-def results_table(report: dict) -> pd.DataFrame:
+def results_table(report: dict, methods: dict | None = None, metrics: tuple[str, ...] = TABLE_METRICS
+                  ) -> pd.DataFrame:
     rows = []
-    for method, metrics in report["methods"].items():
-        rows.append({"method": method, **{m: f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}"
-                                          for m in TABLE_METRICS if m in metrics}})
+    for method, values in (methods or report["methods"]).items():
+        rows.append({"method": method, **{m: f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}"
+                                          for m in metrics if m in values}})
     return pd.DataFrame(rows)
 
 
@@ -98,6 +102,18 @@ def render_markdown(report: dict, directory: Path, stem: str = "offline_eval") -
              f"lambda {report['training_config']['pseudo_weight']}.", "",
              results_table(report).to_markdown(index=False), "",
              f"![metrics]({bars.name})", "", f"![long-tail lift]({lift.name})", ""]
+    for name, entry in report.get("prerankers", {}).items():
+        lines += [f"## Pre-ranker `{name}`: by exposure and item exposure history, and on validation days", "",
+                  f"Test candidates by the item's exposures in the training days: "
+                  f"{report.get('test_candidates_by_item_exposure')}; ips propensities: "
+                  f"{entry.get('ips_propensity')}.", "",
+                  results_table(report, entry["methods"], SEGMENT_METRICS).to_markdown(index=False), ""]
+    ceiling = report.get("ceiling", {}).get("rows")
+    if ceiling:
+        lines += ["## Pseudo-label ceiling", "",
+                  "AUC of the pseudo-labels against the oracle on unexposed candidates, next to `exposed_only`'s "
+                  "own AUC on the same candidates (seed 0): GPL can add information only where its labels rank "
+                  "better.", "", pd.DataFrame(ceiling).to_markdown(index=False, floatfmt=".4f"), ""]
     pseudo = report.get("_details", {}).get("pseudo_main")
     if pseudo is not None and len(pseudo):
         cal = plot_calibration(pseudo, directory / f"{stem}_calibration.png")

@@ -21,7 +21,7 @@ from gpl_platform.warehouse import Warehouse
 log = logging.getLogger(__name__)
 
 METHODS = ("exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl", "gpl_no_confidence",
-           "gpl_mean_pool", "gpl_history_anchors", "gpl_sid", "pseudo_only")
+           "gpl_mean_pool", "gpl_max_pool", "gpl_history_anchors", "gpl_sid", "pseudo_only")
 
 #: methods that train on an ablation variant's pseudo-labels (``pseudo_labels__<variant>``) instead of the main ones
 PSEUDO_VARIANT_OF_METHOD = {"gpl_history_anchors": "history", "gpl_sid": "sid"}
@@ -74,7 +74,8 @@ def load_pseudo_labels(warehouse: Warehouse, days: Sequence[date], table: str = 
     if not days:
         days = [date(1970, 1, 1)]  # an empty result with the right columns
     frame = warehouse.query(
-        f"SELECT day, request_id, item_id, pseudo_label, pseudo_label_mean_pool, confidence, llm_version, "
+        f"SELECT day, request_id, item_id, pseudo_label, pseudo_label_mean_pool, confidence, c_coherence, "
+        f"c_history, c_generation, llm_version, "
         f"prompt_version, encoder_version, calibration_version FROM {table} WHERE day BETWEEN ? AND ?",
         [min(days), max(days)])
     frame["day"] = pd.to_datetime(frame["day"]).dt.date
@@ -170,7 +171,8 @@ def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame
         pos = pd.MultiIndex.from_frame(table[["request_id", "item_id"]]).get_indexer(keys)
         rows = np.flatnonzero((~exposed) & (pos >= 0))
         src = pos[rows]
-        label_col = "pseudo_label_mean_pool" if method == "gpl_mean_pool" else "pseudo_label"
+        pooling = {"gpl_mean_pool": "mean", "gpl_max_pool": "max"}.get(method, cfg.pseudo_label_pooling)
+        label_col = "pseudo_label_mean_pool" if pooling == "mean" else "pseudo_label"
         conf = table["confidence"].to_numpy(float)[src]
         if method == "gpl_no_confidence":
             weight = np.full(len(rows), lam)
