@@ -126,7 +126,8 @@ def test_real_smollm_three_days(tmp_path):
     """CI runs the real SmolLM2 at least once: three days of the small simulator world (day 1 has only
     users without history, day 2 the first LLM anchors, day 3 the first calibration that can use them)."""
     gpl = GplSettings(data_dir=str(tmp_path / "d"),
-                      overrides_json=json.dumps({"calibration": {"min_samples": 50}, "anchors": {"k": 3}}))
+                      overrides_json=json.dumps({"calibration": {"min_samples": 50},
+                                                 "anchors": {"backend": "smollm", "k": 3}}))
     wh = _run(gpl, "2024-01-01", "2024-01-03")
     anchors = wh.query("SELECT * FROM user_anchors WHERE day >= '2024-01-02'")
     llm = anchors[~anchors["is_fallback"]]

@@ -45,7 +45,7 @@ def _train_frame():
 
 def test_method_plans_use_the_right_labels_and_weights():
     train, pseudo = _train_frame()
-    cfg = TrainingConfig(pseudo_weight=0.5, negative_sample_rate=1.0)
+    cfg = TrainingConfig(pseudo_weight=0.5, negative_sample_rate=1.0, pseudo_label_pooling="max")
     plans = {m: method_plan(m, train, pseudo, cfg, seed=0, teacher_scores=np.linspace(0, 1, 8),
                             propensity=np.array([0.5, 0.1, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5])) for m in METHODS}
     actual_rows = [0, 1, 4]
@@ -55,6 +55,11 @@ def test_method_plans_use_the_right_labels_and_weights():
     assert gpl["weight"].to_dict() == pytest.approx({2: 0.25, 3: 0.5, 5: 0.1, 6: 0.4})  # lambda * confidence
     assert plans["gpl_no_confidence"].query("is_pseudo")["weight"].eq(0.5).all()
     assert plans["gpl_mean_pool"].query("is_pseudo").set_index("row")["label"][2] == pytest.approx(0.7)
+    assert plans["gpl_max_pool"].query("is_pseudo").set_index("row")["label"][2] == pytest.approx(0.9)
+    # the pooling setting decides what gpl trains on
+    mean_cfg = cfg.model_copy(update={"pseudo_label_pooling": "mean"})
+    mean_plan = method_plan("gpl", train, pseudo, mean_cfg, seed=0)
+    assert mean_plan.query("is_pseudo").set_index("row")["label"][2] == pytest.approx(0.7)
     assert plans["gpl_history_anchors"].query("is_pseudo")["label"].to_numpy() == pytest.approx([0.3] * 4)
     assert plans["gpl_sid"].query("is_pseudo")["label"].to_numpy() == pytest.approx([0.8] * 4)
     assert plans["pseudo_only"]["is_pseudo"].all() and len(plans["pseudo_only"]) == 4

@@ -7,6 +7,7 @@ import pytest
 
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
+from gpl_platform.config import EvaluationConfig
 from gpl_platform.prerank.data import METHODS
 
 SPEC_METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10")
@@ -27,11 +28,13 @@ def test_offline_evaluation_report_shape(chain):
     settings = chain.settings()
     report = json.loads((settings.data_dir / "reports" / "offline_eval.json").read_text())
     assert report["dataset"] == "simulator" and report["seeds"] == [0, 1]
-    assert set(report["methods"]) == set(METHODS)
+    assert set(report["methods"]) == set(EvaluationConfig().methods) and set(report["methods"]) <= set(METHODS)
     for method, metrics in report["methods"].items():
-        for key in SPEC_METRICS:
+        for key in (*SPEC_METRICS, "exposed_auc", "never_exposed_auc", "valid_unexposed_auc"):
             assert set(metrics[key]) == {"mean", "std"}, (method, key)
             assert 0 <= metrics[key]["mean"] <= 1 or np.isnan(metrics[key]["mean"]), (method, key)
+    assert set(report["prerankers"]) == {"mlp:prerank_v1"} and report["preranker"] == "mlp:prerank_v1"
+    assert {row["anchors"] for row in report["ceiling"]["rows"]} >= {"main", "history", "sid"}
     assert (settings.data_dir / "reports" / "offline_eval.md").read_text().startswith("# Offline evaluation")
     assert (settings.data_dir / "reports" / "offline_eval_metrics.png").stat().st_size > 1000
     assert "_details" not in report

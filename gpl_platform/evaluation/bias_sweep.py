@@ -21,6 +21,9 @@ _FIRST_ML = {"labels": "explicit", "recall_cooccurrence_share": 0.0, "exposure_s
              "exposure": {"policy": "popularity"}}
 _REALISTIC_ML = {"labels": "explicit", "recall_cooccurrence_share": 0.5, "exposure": {"policy": "logging"}}
 _FIRST_SIM = {"exposure_share": 0.25, "exposure": {"policy": "popularity"}}
+# The semantic-ID generator's 30-day refit grid never has a model inside the simulator's two-week world
+# (every day would fall back to history anchors): there it is refitted every 3 days.
+_SIM_SID = {"sid": {"generator": {"retrain_every_days": 3}}}
 
 #: {source: {setting: Settings overrides}}: fixed before the deciding run (docs/EVALUATION.md)
 SWEEP_SETTINGS: dict[str, dict[str, dict]] = {
@@ -32,10 +35,11 @@ SWEEP_SETTINGS: dict[str, dict[str, dict]] = {
         "implicit_logging_5": {"movielens": {**_REALISTIC_ML, "labels": "implicit", "exposure_share": 0.05}},
     },
     "simulator": {
-        "popularity_25": {"simulator": _FIRST_SIM},
-        "logging_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "logging"}}},
-        "logging_5": {"simulator": {"exposure_share": 0.05, "exposure": {"policy": "logging"}}},
-        "self_selection_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "self_selection"}}},
+        "popularity_25": {"simulator": _FIRST_SIM, **_SIM_SID},
+        "logging_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "logging"}}, **_SIM_SID},
+        "logging_5": {"simulator": {"exposure_share": 0.05, "exposure": {"policy": "logging"}}, **_SIM_SID},
+        "self_selection_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "self_selection"}},
+                              **_SIM_SID},
     },
 }
 #: the realistic reference setting of each source, where defaults are chosen
