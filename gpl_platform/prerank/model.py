@@ -209,6 +209,9 @@ class PreRanker(nn.Module):
                              "(all user ids and the whole item catalog)")
         self.user_vocab, self.item_vocab = (user_vocab, item_vocab) if self.uses_ids else (None, None)
         self.inputs = DenseInputs(layout, self.config.tower_dim)
+        if self.uses_ids:
+            self.user_id_emb = _id_embedding(self.user_vocab, self.config.id_dim)
+            self.item_id_emb = _id_embedding(self.item_vocab, self.config.id_dim)
 
     def forward(self, x: torch.Tensor, user_rows: torch.Tensor | None = None,
                 item_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,8 +358,6 @@ class TwoTowerPreRanker(PreRanker):
             raise ValueError("two_tower needs at least one hidden size: the towers end in a hidden[-1] vector")
         self.register_buffer("user_scalar_pos", torch.tensor(layout.scalar_positions(USER_PREFIX), dtype=torch.long))
         self.register_buffer("item_scalar_pos", torch.tensor(layout.scalar_positions(ITEM_PREFIX), dtype=torch.long))
-        self.user_id_emb = _id_embedding(self.user_vocab, c.id_dim)
-        self.item_id_emb = _id_embedding(self.item_vocab, c.id_dim)
         # zeros: an item without data (and the OOV bucket) starts from the global bias alone
         self.item_bias = nn.Embedding(len(self.item_vocab), 1, padding_idx=IdVocabulary.OOV_ROW)
         nn.init.zeros_(self.item_bias.weight)
@@ -420,8 +421,6 @@ class ColdPreRanker(PreRanker):
                  user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
         super().__init__(layout, config, user_vocab, item_vocab)
         c = self.config
-        self.user_id_emb = _id_embedding(self.user_vocab, c.id_dim)
-        self.item_id_emb = _id_embedding(self.item_vocab, c.id_dim)
         self.mlp = _mlp(3 * c.id_dim + self.inputs.width, c.hidden, 1, c.dropout)
 
     def forward(self, x, user_rows=None, item_rows=None):
