@@ -109,6 +109,14 @@ class SimulatorConfig(BaseModel):
     start_date: str = Field("2024-01-01", description="first simulated UTC day (YYYY-MM-DD)")
     requests_per_user_per_day: float = Field(0.5, gt=0)
     candidates_per_request: int = Field(40, gt=1)
+    recall: Literal["preference", "logged_clicks"] = Field(
+        "preference", description="where the half of each request that is not popularity-drawn comes from: "
+        "'preference': items of topics drawn from the user's true preference (an ideal recall); 'logged_clicks': "
+        "a recall model over the clicks logged on earlier days, item co-occurrence plus the categories the user "
+        "clicked (what a real recall learns from; days are then generated one by one, each after the exposure "
+        "of the days before)")
+    recall_retrain_every_days: int = Field(1, gt=0, description="logged_clicks recall: co-occurrence rebuilt "
+                                           "every N days")
     exposure_share: float = Field(0.25, gt=0, le=1)
     exposure_popularity_power: float = Field(1.0, ge=0)
     exposure: "SimulatorExposurePolicyConfig" = Field(default_factory=lambda: SimulatorExposurePolicyConfig())

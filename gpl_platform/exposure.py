@@ -228,47 +228,79 @@ def _expose_day_by_day(candidates: Candidates, labels: np.ndarray, pop_logw: np.
     n = len(labels)
     exposed, propensity = np.zeros(n, dtype=bool), np.zeros(n)
     n_users = int(candidates.user.max()) + 1 if n else 0
-    counts = LoggedCounts(n_users, n_items, categories)
+    policy = DailyExposure(n_users, n_items, categories, cfg, seed)
     days = np.unique(candidates.day)
     order = np.argsort(candidates.day, kind="stable")
     bounds = np.searchsorted(candidates.day[order], np.r_[days, days[-1] + 1 if len(days) else 0])
-    logged: list[tuple[int, np.ndarray, np.ndarray]] = []  # (day, features, clicks) of exposed rows
-    model: LoggingModel | None = None
-    refits, cold_days = [], 0
     for k, day in enumerate(days):
         rows = order[bounds[k]:bounds[k + 1]]
-        users, items = candidates.user[rows], candidates.item[rows]
-        features = counts.features(users, items) if cfg.policy == "logging" else None
+        exposed[rows], propensity[rows] = policy.serve(
+            int(day), candidates.request[rows], candidates.user[rows], candidates.item[rows], labels[rows],
+            pop_logw[rows], n_exposed[rows])
+    return Exposure(exposed, propensity, policy.info())
+
+
+class DailyExposure:
+    """A policy that serves one day at a time, learning only from what it showed: the logging
+    system of a source whose later candidates depend on earlier exposure (the simulator's
+    co-occurrence recall). Days must come in order. ``popularity`` is served here from per-day
+    random streams (the one-pass draw of :func:`expose` keeps the first protocol's data sets)."""
+
+    def __init__(self, n_users: int, n_items: int, categories: np.ndarray, cfg: ExposurePolicyConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.counts = LoggedCounts(n_users, n_items, categories)
+        self.logged: list[tuple[int, np.ndarray, np.ndarray]] = []  # (day, features, clicks) of exposed rows
+        self.model: LoggingModel | None = None
+        self.refits: list[dict] = []
+        self.cold_days = 0
+        self.first_day: int | None = None
+        self.last_day: int | None = None
+        self.days = 0
+
+    def serve(self, day: int, requests: np.ndarray, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
+              pop_logw: np.ndarray, n_exposed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exposure and true propensity of one day's candidates; their clicks are revealed afterwards."""
+        cfg = self.cfg
+        if self.last_day is not None and day <= self.last_day:
+            raise ValueError(f"days must be served in order: day {day} after {self.last_day}")
+        if self.first_day is None:
+            self.first_day = day
+        labels = np.asarray(labels, dtype=np.int64)
+        features = self.counts.features(users, items) if cfg.policy == "logging" else None
         if cfg.policy == "logging":
-            due = model is None or (int(day - days[0]) % cfg.retrain_every_days == 0)
-            if due and k > 0:
-                model = _refit(model, logged, int(day), cfg) or model
-                if model is not None and model.fitted_day == int(day):
-                    refits.append(model.describe())
-            if model is None:
-                cold_days += 1
-                logw = pop_logw[rows]
+            due = self.model is None or ((day - self.first_day) % cfg.retrain_every_days == 0)
+            if due and self.days > 0:
+                self.model = _refit(self.model, self.logged, day, cfg) or self.model
+                if self.model is not None and self.model.fitted_day == day:
+                    self.refits.append(self.model.describe())
+            if self.model is None:
+                self.cold_days += 1
+                logw = pop_logw
             else:
-                logw = model.logit(features) / cfg.temperature
-        else:  # self_selection
-            logw = pop_logw[rows] + cfg.self_selection_strength * labels[rows]
-        groups = candidates.request[rows]
-        shown = draw_top_n(np.random.default_rng([seed, _DRAW_SALT, int(day)]), groups, logw, n_exposed[rows])
-        exposed[rows] = shown
-        propensity[rows] = inclusion_probability(np.random.default_rng([seed, _PROPENSITY_SALT, int(day)]), groups,
-                                                 logw, n_exposed[rows], cfg.propensity_samples)
-        clicks = labels[rows][shown]  # the only labels the logging system ever sees
-        counts.add(users[shown], items[shown], clicks)
+                logw = self.model.logit(features) / cfg.temperature
+        elif cfg.policy == "self_selection":
+            logw = pop_logw + cfg.self_selection_strength * labels
+        else:
+            logw = pop_logw
+        shown = draw_top_n(np.random.default_rng([self.seed, _DRAW_SALT, day]), requests, logw, n_exposed)
+        propensity = inclusion_probability(np.random.default_rng([self.seed, _PROPENSITY_SALT, day]), requests,
+                                           logw, n_exposed, cfg.propensity_samples)
+        clicks = labels[shown]  # the only labels the logging system ever sees
+        self.counts.add(users[shown], items[shown], clicks)
         if features is not None:
-            logged.append((int(day), features[shown], clicks))
-    info = {"policy": cfg.policy, "days": len(days)}
-    if cfg.policy == "logging":
-        info.update(cold_start_days=cold_days, refits=len(refits), last_model=refits[-1] if refits else None,
-                    temperature=cfg.temperature)
-        if refits:
-            log.info("logging policy: %d refits, %d cold-start day(s); last model %s", len(refits), cold_days,
-                     refits[-1])
-    return Exposure(exposed, propensity, info)
+            self.logged.append((day, features[shown], clicks))
+        self.last_day, self.days = day, self.days + 1
+        return shown, propensity
+
+    def info(self) -> dict:
+        info = {"policy": self.cfg.policy, "days": self.days}
+        if self.cfg.policy == "logging":
+            info.update(cold_start_days=self.cold_days, refits=len(self.refits),
+                        last_model=self.refits[-1] if self.refits else None, temperature=self.cfg.temperature)
+            if self.refits:
+                log.info("logging policy: %d refits, %d cold-start day(s); last model %s", len(self.refits),
+                         self.cold_days, self.refits[-1])
+        return info
 
 
 def _refit(current: LoggingModel | None, logged: list, day: int, cfg: ExposurePolicyConfig) -> LoggingModel | None:
@@ -303,5 +335,5 @@ def day_ordinals(timestamps) -> np.ndarray:
     return ((values - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1)).to_numpy(np.int64)
 
 
-__all__ = ["Candidates", "Exposure", "LoggedCounts", "LoggingModel", "category_matrix", "day_ordinals",
+__all__ = ["Candidates", "DailyExposure", "Exposure", "LoggedCounts", "LoggingModel", "category_matrix", "day_ordinals",
            "draw_top_n", "expose", "exposed_counts", "inclusion_probability", "popularity_log_weights"]

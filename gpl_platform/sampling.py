@@ -1,4 +1,5 @@
-"""Vectorized sampling without replacement (Gumbel top-k = Plackett-Luce), used by the sources."""
+"""Vectorized sampling without replacement (Gumbel top-k = Plackett-Luce) and the item co-occurrence of the
+sources' recall models."""
 
 from __future__ import annotations
 
@@ -54,3 +55,12 @@ def gumbel_top_share(rng: np.random.Generator, groups: np.ndarray, weights: np.n
 def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniques, codes = np.unique(values, return_inverse=True)
     return codes.ravel(), uniques
+
+
+def item_cooccurrence(interactions: np.ndarray) -> np.ndarray:
+    """Item-item cosine of a (users x items) 0/1 interaction matrix, with a zero diagonal (float32)."""
+    co = interactions.T @ interactions
+    norm = np.sqrt(np.maximum(np.diag(co), 1.0))
+    co = co / norm[:, None] / norm[None, :]
+    np.fill_diagonal(co, 0.0)
+    return co.astype(np.float32, copy=False)

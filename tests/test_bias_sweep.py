@@ -36,11 +36,11 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     out, doc = tmp_path / "sweep.json", tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nHand-written text stays.\n")
     extra = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 30}, "training": {"epochs": 2}}
-    sweep = _bench().run("simulator", out, settings=["popularity_25", "self_selection_10"], seeds=[0, 1],
+    sweep = _bench().run("simulator", out, settings=["popularity_25", "logging_10"], seeds=[0, 1],
                          methods=["exposed_only", "ips", "gpl"], prerankers=["mlp", "two_tower"],
                          data_root=tmp_path / "root", extra_overrides=extra, results_doc=doc)
     saved = json.loads(out.read_text())
-    assert saved["source"] == "simulator" and list(saved["settings"]) == ["popularity_25", "self_selection_10"]
+    assert saved["source"] == "simulator" and list(saved["settings"]) == ["popularity_25", "logging_10"]
     for name, entry in saved["settings"].items():
         assert entry["protocol"]["overrides"]["simulator"] == SWEEP_SETTINGS["simulator"][name]["simulator"]
         stats = entry["protocol"]["statistics"]
@@ -53,12 +53,20 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
         assert entry["prerankers"]["mlp:prerank_v1"]["gpl_lift"]["unexposed_auc"]["pooled_std"] >= 0
         rows = entry["ceiling"]["rows"]
         assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v1]" in rows[0]
-    # the self-selection policy is recorded with its true propensities, and ips reads them from the log
-    assert saved["settings"]["self_selection_10"]["protocol"]["exposure_policy"]["policy"] == "self_selection"
-    assert saved["settings"]["self_selection_10"]["prerankers"]["mlp:prerank_v1"]["methods"]["ips"]
+        days = entry["pseudo_label_days"]["timeline"]
+        assert days["days"] > 0 and days["with_labels"] + days["refused_by_gate"] + days["without_labels"] == days["days"]
+    # the logging policy is recorded (its model was refitted on earlier days' exposed clicks), and ips reads
+    # the logged propensities
+    logging_10 = saved["settings"]["logging_10"]
+    assert logging_10["protocol"]["exposure_policy"]["policy"] == "logging"
+    assert logging_10["protocol"]["exposure_policy"]["refits"] > 0
+    assert logging_10["prerankers"]["mlp:prerank_v1"]["methods"]["ips"]
+    # the logging setting shows a smaller share of each request than the popularity one
+    assert logging_10["protocol"]["statistics"]["exposure_rate"] < saved["settings"]["popularity_25"]["protocol"][
+        "statistics"]["exposure_rate"]
     # the second setting reused the first one's item vectors and cached anchors
-    assert saved["settings"]["self_selection_10"]["protocol"]["reused_work"]["item_embeddings"] > 0
+    assert logging_10["protocol"]["reused_work"]["item_embeddings"] > 0
     assert (tmp_path / "sweep_lift.png").stat().st_size > 1000
     text = doc.read_text()
-    assert "Hand-written text stays." in text and "bias-sweep:simulator:begin" in text and "self_selection_10" in text
+    assert "Hand-written text stays." in text and "bias-sweep:simulator:begin" in text and "logging_10" in text
     assert sweep["seconds"] > 0

@@ -133,3 +133,26 @@ def test_logged_counts_see_only_what_is_added():
     # user 0 clicked category a, user 1 only half of a (item 1 is a and b): user 0's affinity to item 0 is higher
     assert features[0, 2] > features[1, 2]
     assert features[2, 2] == 0.0  # an item without category has no affinity
+
+
+def test_serving_day_by_day_equals_the_whole_timeline_and_keeps_days_in_order():
+    """DailyExposure (a source whose candidates depend on earlier exposure serves it day by day) is the
+    same policy as expose(): identical exposure and propensities; a day served twice or late is refused."""
+    from gpl_platform.exposure import DailyExposure, popularity_log_weights
+
+    cands, truth, whole = _expose("logging")
+    _, _, popularity, categories = _world_candidates()
+    config = ExposurePolicyConfig(policy="logging", retrain_every_days=1, min_training_rows=100, propensity_samples=50)
+    policy = DailyExposure(int(cands.user.max()) + 1, len(popularity), categories, config, seed=3)
+    pop_logw = popularity_log_weights(popularity, 1.0, 0.0)[cands.item]
+    n_exposed = exposed_counts(cands.request, 0.1, None)
+    exposed, propensity = np.zeros(len(truth), bool), np.zeros(len(truth))
+    for day in np.unique(cands.day):
+        rows = np.flatnonzero(cands.day == day)
+        exposed[rows], propensity[rows] = policy.serve(int(day), cands.request[rows], cands.user[rows],
+                                                       cands.item[rows], truth[rows], pop_logw[rows], n_exposed[rows])
+    assert np.array_equal(exposed, whole.exposed) and np.array_equal(propensity, whole.propensity)
+    assert policy.info() == whole.info
+    with pytest.raises(ValueError, match="in order"):
+        policy.serve(int(cands.day.min()), cands.request[:1], cands.user[:1], cands.item[:1], truth[:1],
+                     pop_logw[:1], n_exposed[:1])

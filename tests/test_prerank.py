@@ -31,7 +31,7 @@ def test_weighted_bce_matches_the_gpl_formula_by_hand():
 
 def _train_frame():
     train = pd.DataFrame({
-        "request_id": ["r1"] * 4 + ["r2"] * 4, "item_id": list("abcdabcd"),
+        "day": ["d1"] * 4 + ["d2"] * 4, "request_id": ["r1"] * 4 + ["r2"] * 4, "item_id": list("abcdabcd"),
         "exposed": [True, True, False, False, True, False, False, False],
         "clicked": [1, 0, None, None, 0, None, None, None],
     })
@@ -41,6 +41,18 @@ def _train_frame():
     history = pseudo.assign(pseudo_label=[0.3, 0.3, 0.3, 0.3])
     sid = pseudo.assign(pseudo_label=[0.8, 0.8, 0.8, 0.8])
     return train, {"main": pseudo, "history": history, "sid": sid}
+
+
+def test_shuffled_labels_are_a_permutation_within_each_day_that_moves_labels():
+    from gpl_platform.prerank.data import shuffled_within_days
+
+    labels = np.arange(200, dtype=float)
+    days = np.repeat(["a", "b"], 100)
+    out = shuffled_within_days(labels, days, seed=3)
+    assert sorted(out[:100]) == sorted(labels[:100]) and sorted(out[100:]) == sorted(labels[100:])
+    assert (out != labels).mean() > 0.9  # not the identity
+    assert np.array_equal(out, shuffled_within_days(labels, days, seed=3))
+    assert not np.array_equal(out, shuffled_within_days(labels, days, seed=4))
 
 
 def test_method_plans_use_the_right_labels_and_weights():
@@ -65,6 +77,11 @@ def test_method_plans_use_the_right_labels_and_weights():
     assert plans["pseudo_only"]["is_pseudo"].all() and len(plans["pseudo_only"]) == 4
     assert plans["pseudo_only"].set_index("row")["weight"][3] == pytest.approx(1.0)  # confidence, no lambda
     assert plans["unexposed_negative"].query("is_pseudo")["label"].eq(0).all()
+    # the control: gpl's rows and weights, its labels permuted within each day
+    shuffled = plans["gpl_shuffled_labels"].query("is_pseudo").set_index("row")
+    assert shuffled["weight"].to_dict() == pytest.approx(gpl["weight"].to_dict())
+    for day_rows in ([2, 3], [5, 6]):
+        assert sorted(shuffled["label"][day_rows]) == pytest.approx(sorted(gpl["label"][day_rows]))
     distill = plans["ranker_distillation"].query("is_pseudo").set_index("row")
     assert distill["label"][7] == pytest.approx(1.0) and distill["weight"].eq(0.5).all()
     ips = plans["ips"].set_index("row")["weight"]

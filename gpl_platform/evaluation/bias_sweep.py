@@ -40,6 +40,11 @@ SWEEP_SETTINGS: dict[str, dict[str, dict]] = {
         "logging_5": {"simulator": {"exposure_share": 0.05, "exposure": {"policy": "logging"}}, **_SIM_SID},
         "self_selection_10": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "self_selection"}},
                               **_SIM_SID},
+        # follow-up settings (docs/EVALUATION.md): the recall half learns from earlier days' logged clicks
+        "logging_10_logged_recall": {"simulator": {"exposure_share": 0.10, "exposure": {"policy": "logging"},
+                                                   "recall": "logged_clicks"}, **_SIM_SID},
+        "logging_5_logged_recall": {"simulator": {"exposure_share": 0.05, "exposure": {"policy": "logging"},
+                                                  "recall": "logged_clicks"}, **_SIM_SID},
     },
 }
 #: the realistic reference setting of each source, where defaults are chosen
@@ -98,6 +103,7 @@ def summarize_setting(report: dict, protocol: dict) -> dict:
                                "train_serving_gap": train_serving_gap(entry["methods"])}
                        for shape, entry in shapes.items()},
         "ceiling": report.get("ceiling", {}),
+        "pseudo_label_days": report.get("pseudo_label_days", {}),
         "split": report.get("split"), "seeds": report.get("seeds"), "seconds": report.get("seconds"),
     }
 

@@ -227,6 +227,7 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
         "pseudo_label_lineage": pseudo_label_lineage(warehouse, shared.split.train_days),
         "long_tail_items": len(shared.longtail),
         "pseudo_label_days_refused_by_quality_gate": {k: len(v) for k, v in shared.refused.items()},
+        "pseudo_label_days": pseudo_label_day_status(warehouse, shared, label_gate),
         "pseudo_label_days_in_training_window": len(shared.split.train_days),
         "_details": {"pseudo_main": pseudo_main[["pseudo_label", "confidence", "oracle_label"]]},
     }
@@ -234,6 +235,27 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
         report["ceiling"] = pseudo_label_ceiling(warehouse, shared, exposed_only_models, matrices, evaluation)
     report["seconds"] = round(time.perf_counter() - began, 1)
     return report
+
+
+def pseudo_label_day_status(warehouse: Warehouse, shared: "_Shared", label_gate) -> dict:
+    """How many days of the main pseudo-labels carry labels, have none (no calibration yet, no history,
+    or a calibration without ranking: labelling says which in its metadata) or fail the blocking gate;
+    over the training window and over the whole timeline."""
+    split = shared.split
+    all_days = split.train_days + split.valid_days + split.test_days
+    failing = failing_label_days(warehouse, all_days, label_gate)
+    per_day = warehouse.query("SELECT day, count(*) AS n FROM pseudo_labels WHERE day BETWEEN ? AND ? GROUP BY day",
+                              [min(all_days), max(all_days)])
+    labelled = {d for d, n in zip(pd.to_datetime(per_day["day"]).dt.date, per_day["n"]) if n > 0}
+
+    def status(days: list) -> dict:
+        refused = sum(d in failing for d in days)
+        with_labels = sum(d in labelled and d not in failing for d in days)
+        return {"days": len(days), "with_labels": with_labels, "refused_by_gate": refused,
+                "without_labels": len(days) - with_labels - refused,
+                "refused_share": round(refused / len(days), 4) if days else 0.0}
+
+    return {"training_window": status(split.train_days), "timeline": status(all_days)}
 
 
 def _shared_inputs(warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[str], label_gate,

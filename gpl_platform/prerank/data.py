@@ -21,7 +21,7 @@ from gpl_platform.warehouse import Warehouse
 log = logging.getLogger(__name__)
 
 METHODS = ("exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl", "gpl_no_confidence",
-           "gpl_mean_pool", "gpl_max_pool", "gpl_history_anchors", "gpl_sid", "pseudo_only")
+           "gpl_mean_pool", "gpl_max_pool", "gpl_history_anchors", "gpl_sid", "gpl_shuffled_labels", "pseudo_only")
 
 #: methods that train on an ablation variant's pseudo-labels (``pseudo_labels__<variant>``) instead of the main ones
 PSEUDO_VARIANT_OF_METHOD = {"gpl_history_anchors": "history", "gpl_sid": "sid"}
@@ -180,13 +180,29 @@ def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame
             weight = conf
         else:
             weight = lam * conf
-        parts.append((rows, table[label_col].to_numpy(float)[src], weight, True))
+        labels = table[label_col].to_numpy(float)[src]
+        if method == "gpl_shuffled_labels":
+            labels = shuffled_within_days(labels, train["day"].to_numpy()[rows], seed)
+        parts.append((rows, labels, weight, True))
     return pd.DataFrame({
         "row": np.concatenate([p[0] for p in parts]).astype(np.int64),
         "label": np.concatenate([p[1] for p in parts]).astype(np.float32),
         "weight": np.concatenate([p[2] for p in parts]).astype(np.float32),
         "is_pseudo": np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
     })
+
+
+def shuffled_within_days(labels: np.ndarray, days: np.ndarray, seed: int) -> np.ndarray:
+    """``labels`` permuted among the rows of each day: the control that keeps each day's label
+    distribution (its level and spread) and the weights, but no candidate's own label. What GPL gains
+    over this control comes from which candidate gets which label, not from adding unexposed rows
+    with a lower mean label."""
+    rng = np.random.default_rng([seed, 97])
+    out = np.asarray(labels, dtype=float).copy()
+    for day in pd.unique(days):
+        rows = np.flatnonzero(days == day)
+        out[rows] = out[rng.permutation(rows)]
+    return out
 
 
 def rows_from_plan(plan: pd.DataFrame, matrix: np.ndarray, train: pd.DataFrame | None = None) -> TrainingRows:

@@ -27,7 +27,7 @@ import pandas as pd
 from gpl_platform.config import MovieLensConfig
 from gpl_platform.contract import Dataset, validate_dataset
 from gpl_platform.exposure import Candidates, category_matrix, day_ordinals, expose
-from gpl_platform.sampling import sample_per_row_without
+from gpl_platform.sampling import item_cooccurrence, sample_per_row_without
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +224,7 @@ def cooccurrence_recall(ratings: pd.DataFrame, user_codes: np.ndarray, rated_ite
         before = rating_day < rebuild
         matrix = np.zeros((n_users, n_items), dtype=np.float32)
         matrix[user_codes[before], rated_item[before]] = 1.0
-        co = matrix.T @ matrix
-        norm = np.sqrt(np.maximum(np.diag(co), 1.0))
-        co = co / norm[:, None] / norm[None, :]
-        np.fill_diagonal(co, 0.0)
+        co = item_cooccurrence(matrix)
         in_period = np.flatnonzero(period == p)
         position = np.full(len(requests), -1)
         position[in_period] = np.arange(len(in_period))

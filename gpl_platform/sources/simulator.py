@@ -4,9 +4,13 @@ Items belong to one topic and get a text generated from that topic's vocabulary,
 encoder can see what an item is about. Users have a Dirichlet preference over topics. The true
 click probability is ``sigmoid(base + strength * sqrt(pref[u, topic(i)]) + quality(i))``: content
 explains most of it, which is what GPL's content anchors can recover. Recall mixes popular items
-with items of the user's topics; an exposure policy (gpl_platform/exposure.py: popularity-skewed
-Plackett-Luce, a logging model trained on earlier clicks, or self-selection) exposes a share of each
-request and records each candidate's propensity. Everything is vectorized: 1M+ events take a few seconds.
+with either items of the user's topics (``recall="preference"``, an ideal recall) or a recall model
+over the clicks logged on earlier days (``recall="logged_clicks"``: item co-occurrence and the
+categories the user clicked); an exposure policy (gpl_platform/exposure.py: popularity-skewed Plackett-Luce, a
+logging model trained on earlier clicks, or self-selection) exposes a share of each request and
+records each candidate's propensity. The preference recall is vectorized over the whole timeline
+(1M+ events take a few seconds); the logged-click recall goes day by day, since each day's
+candidates depend on what earlier days exposed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import pandas as pd
 
 from gpl_platform.config import SimulatorConfig
 from gpl_platform.contract import Dataset, normalize_events_frame
-from gpl_platform.exposure import Candidates, expose
+from gpl_platform.exposure import Candidates, DailyExposure, Exposure, expose, exposed_counts, popularity_log_weights
+from gpl_platform.sampling import item_cooccurrence, sample_per_row_without
 
 TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Space Opera", ("starship", "galaxy", "alien", "planet", "orbit", "rocket", "nebula", "empire")),
@@ -84,7 +89,6 @@ def _users(cfg: SimulatorConfig, rng: np.random.Generator) -> tuple[pd.DataFrame
 
 def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame, preference: np.ndarray,
             seed: int) -> pd.DataFrame:
-    n_items, k = cfg.n_items, cfg.candidates_per_request
     counts = rng.poisson(cfg.requests_per_user_per_day, (cfg.n_users, cfg.n_days))
     req_user, req_day = np.nonzero(counts)
     req_user, req_day = np.repeat(req_user, counts[req_user, req_day]), np.repeat(req_day, counts[req_user, req_day])
@@ -93,7 +97,43 @@ def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame,
     seconds = req_day * 86400 + rng.integers(0, 86400, n_req)
     req_time = start + pd.to_timedelta(seconds, unit="s")
 
-    # Recall: half popularity-driven, half from the user's topics (uniform item within topic).
+    day_zero = int((start - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1))
+    if cfg.recall == "logged_clicks":
+        rows, item_idx, oracle, exposure = _serve_with_logged_click_recall(cfg, rng, items, preference, seed,
+                                                                          req_user, req_day, day_zero)
+    else:
+        rows, item_idx, oracle, exposure = _serve_with_preference_recall(cfg, rng, items, preference, seed,
+                                                                        req_user, req_day, day_zero)
+    exposed = exposure.exposed
+    request_ids = np.array([f"r{r}" for r in range(n_req)], dtype=object)
+    user_ids = np.array([f"u{u}" for u in range(cfg.n_users)], dtype=object)
+    events = pd.DataFrame({
+        "request_id": request_ids[rows], "user_id": user_ids[req_user[rows]],
+        "item_id": items["item_id"].to_numpy()[item_idx], "event_time": req_time[rows].astype("datetime64[us, UTC]"),
+        "exposed": exposed, "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
+        "oracle_label": pd.array(oracle, dtype="Int8"), "propensity": exposure.propensity,
+    })
+    events.loc[~exposed, "clicked"] = pd.NA
+    events.attrs["exposure"] = exposure.info
+    return events
+
+
+def _true_labels(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame, preference: np.ndarray,
+                 users: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+    logit = (cfg.base_click_logit + cfg.preference_strength
+             * np.sqrt(preference[users, items["topic_id"].to_numpy()[item_idx]]) + items["quality"].to_numpy()[item_idx])
+    return (rng.random(len(item_idx)) < 1.0 / (1.0 + np.exp(-logit))).astype("int8")
+
+
+def _unique_per_request(rows: np.ndarray, item_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A request lists an item once (and an empty recall slot, -1, not at all)."""
+    keep = ~pd.DataFrame({"r": rows, "i": item_idx}).duplicated().to_numpy() & (item_idx >= 0)
+    return rows[keep], item_idx[keep]
+
+
+def _serve_with_preference_recall(cfg, rng, items, preference, seed, req_user, req_day, day_zero):
+    """The whole timeline at once: half of each request popularity-drawn, half from the user's topics."""
+    n_items, k, n_req = cfg.n_items, cfg.candidates_per_request, len(req_user)
     popularity = items["popularity_prior"].to_numpy()
     by_pop = rng.choice(n_items, size=(n_req, k // 2), p=popularity / popularity.sum())
     topic_of_item = items["topic_id"].to_numpy()
@@ -108,28 +148,53 @@ def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame,
     by_topic = order[topic_start[slot_topic] + within]
     cand = np.concatenate([by_pop, by_topic], axis=1)
 
-    rows = np.repeat(np.arange(n_req), k)
-    item_idx = cand.ravel()
-    # A request lists an item once.
-    keep = ~pd.DataFrame({"r": rows, "i": item_idx}).duplicated().to_numpy()
-    rows, item_idx = rows[keep], item_idx[keep]
-
-    logit = (cfg.base_click_logit + cfg.preference_strength * np.sqrt(preference[req_user[rows], topic_of_item[item_idx]])
-             + items["quality"].to_numpy()[item_idx])
-    oracle = (rng.random(len(rows)) < 1.0 / (1.0 + np.exp(-logit))).astype("int8")
-    day_zero = int((start - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1))
+    rows, item_idx = _unique_per_request(np.repeat(np.arange(n_req), k), cand.ravel())
+    oracle = _true_labels(cfg, rng, items, preference, req_user[rows], item_idx)
     exposure = expose(Candidates(request=rows, user=req_user[rows], item=item_idx, day=day_zero + req_day[rows]),
                       oracle, popularity, np.eye(cfg.n_topics)[topic_of_item], cfg.exposure_share,
                       cfg.exposure_popularity_power, cfg.exposure, seed, rng, popularity_offset=0.0)
-    exposed = exposure.exposed
-    request_ids = np.array([f"r{r}" for r in range(n_req)], dtype=object)
-    user_ids = np.array([f"u{u}" for u in range(cfg.n_users)], dtype=object)
-    events = pd.DataFrame({
-        "request_id": request_ids[rows], "user_id": user_ids[req_user[rows]],
-        "item_id": items["item_id"].to_numpy()[item_idx], "event_time": req_time[rows].astype("datetime64[us, UTC]"),
-        "exposed": exposed, "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
-        "oracle_label": pd.array(oracle, dtype="Int8"), "propensity": exposure.propensity,
-    })
-    events.loc[~exposed, "clicked"] = pd.NA
-    events.attrs["exposure"] = exposure.info
-    return events
+    return rows, item_idx, oracle, exposure
+
+
+def _serve_with_logged_click_recall(cfg, rng, items, preference, seed, req_user, req_day, day_zero):
+    """Day by day: half of each request popularity-drawn, half by a two-channel recall over the clicks
+    the logging system saw on earlier days (item co-occurrence with the user's clicked items, and
+    items of the categories the user clicked); then that day's exposure, whose clicks feed the next
+    days' recall. A user without earlier clicks gets popularity draws in the recall half too."""
+    n_items, k = cfg.n_items, cfg.candidates_per_request
+    popularity = items["popularity_prior"].to_numpy()
+    pop_p = popularity / popularity.sum()
+    pop_logw = popularity_log_weights(popularity, cfg.exposure_popularity_power, 0.0)
+    categories = np.eye(cfg.n_topics, dtype=np.float32)[items["topic_id"].to_numpy()]  # observable item metadata
+    in_category = categories / np.maximum(categories.sum(axis=0), 1.0)  # an item's share of its category
+    policy = DailyExposure(cfg.n_users, n_items, categories, cfg.exposure, seed)
+    clicked = np.zeros((cfg.n_users, n_items), dtype=np.float32)  # what the logging system has seen clicked
+    similarity = np.zeros((n_items, n_items), dtype=np.float32)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for day in range(cfg.n_days):
+        requests = np.flatnonzero(req_day == day)
+        if len(requests) == 0:
+            continue
+        if day % cfg.recall_retrain_every_days == 0:
+            similarity = item_cooccurrence(clicked)
+        by_pop = rng.choice(n_items, size=(len(requests), k // 2), p=pop_p)
+        excluded = np.zeros((len(requests), n_items), dtype=bool)
+        np.put_along_axis(excluded, by_pop, True, axis=1)
+        profile = clicked[req_user[requests]]
+        # each channel sums to 1 per user (0 without clicks); popularity far below: it fills what they cannot rank
+        score = (_row_normalized(profile @ similarity)
+                 + _row_normalized((profile @ categories) @ in_category.T) + 1e-9 * pop_p)
+        by_recall = sample_per_row_without(rng, score, excluded, k - k // 2)
+        rows, item_idx = _unique_per_request(np.repeat(requests, k), np.concatenate([by_pop, by_recall], axis=1).ravel())
+        oracle = _true_labels(cfg, rng, items, preference, req_user[rows], item_idx)
+        shown, propensity = policy.serve(day_zero + day, rows, req_user[rows], item_idx, oracle, pop_logw[item_idx],
+                                         exposed_counts(rows, cfg.exposure_share, cfg.exposure.max_per_request))
+        clicked[req_user[rows[shown]], item_idx[shown]] = np.maximum(
+            clicked[req_user[rows[shown]], item_idx[shown]], oracle[shown])
+        parts.append((rows, item_idx, oracle, shown, propensity))
+    rows, item_idx, oracle, shown, propensity = (np.concatenate(p) for p in zip(*parts))
+    return rows, item_idx, oracle, Exposure(shown, propensity, {**policy.info(), "recall": "logged_clicks"})
+
+
+def _row_normalized(scores: np.ndarray) -> np.ndarray:
+    return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
