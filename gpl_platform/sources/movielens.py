@@ -2,9 +2,12 @@
 protocol that turns ratings into recalled, partly exposed candidate requests.
 
 The protocol (docs/EVALUATION.md) follows "Evaluation here" of GPL_METHOD.md: a request is one
-user's ratings on one UTC day; its candidates are the items rated that day (rating >= 4 is a
-positive) plus unrated items drawn by a popularity-weighted recall policy (negatives); a fixed-seed
-Plackett-Luce policy with weights pop(i)^alpha exposes a share of each request's candidates.
+user's ratings on one UTC day; its candidates are the items rated that day (explicit labels:
+rating >= 4 is a positive; implicit: every rating is) plus never-rated items (negatives), drawn by
+popularity and, for ``recall_cooccurrence_share`` of them, by an item co-occurrence recall over
+earlier days' ratings. An exposure policy (gpl_platform/exposure.py) shows a share of each request:
+by default a logging model trained on earlier days' exposed clicks (``logging_10``); the first
+protocol's popularity Plackett-Luce policy is one setting away.
 """
 
 from __future__ import annotations
