@@ -41,8 +41,8 @@ def bench_pseudo_labels(
     skip_pipeline: bool = typer.Option(False, help="use the warehouse as it is (do not materialize first)"),
     llm_engines: bool = typer.Option(False, help="score SmolLM2 anchors of both engines (llm_ctranslate2, "
                                      "llm_transformers) instead of the configured one alone"),
-    last_days: Optional[int] = typer.Option(None, help="only the last N days (LLM anchors of every history take "
-                                            "a while on 2 cores)"),
+    day_range: Optional[str] = typer.Option(None, help="only the days START..END (YYYY-MM-DD..YYYY-MM-DD), e.g. "
+                                            "the validation days: LLM anchors of every history take a while"),
 ) -> None:
     """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history vs semantic-ID anchors
     vs random, max vs mean pooling, and how confidence tracks correctness."""
@@ -63,8 +63,11 @@ def bench_pseudo_labels(
             raise typer.Exit(1)
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
     days = sorted(warehouse.written_days("user_histories"))
-    if last_days:
-        days = days[-last_days:]
+    if day_range:
+        first, _, last = day_range.partition("..")
+        days = [d for d in days if first <= str(d) <= (last or first)]
+        if not days:
+            raise typer.BadParameter(f"no materialized days in {day_range}", param_hint="--day-range")
     encoder = sentence_encoder(str(settings.encoder_dir) if settings.encoder_dir else None)
     # The SID anchors under the other anchor-vector mode too (same trained generators, same IDs): which of
     # "mean of the items under the codes" and "RQ-VAE decoding of the codes" works better is measured here.
