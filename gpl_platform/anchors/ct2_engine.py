@@ -100,7 +100,8 @@ def decode_batch(generator, tokenizer, prefix_ids: Sequence[int], suffixes: Sequ
     began = time.perf_counter()
     generator.generate_batch(starts, static_prompt=prefix, include_prompt_in_result=False,
                              max_length=max_new_tokens, end_token=stop_tokens, beam_size=1,
-                             repetition_penalty=repetition_penalty, callback=on_token)
+                             repetition_penalty=repetition_penalty, return_scores=True,  # per-token log_prob
+                             callback=on_token)
     timing["decode_ms"] += int(1000 * (time.perf_counter() - began))
     timing["prefill_tokens"] += int(sum(len(s) for s in suffixes))
     return rows
