@@ -321,3 +321,23 @@ def test_signature_changes_with_params_not_with_url_or_key():
     assert a.cache_signature() != b.cache_signature()
     assert a.cache_signature() == c.cache_signature()  # neither URL nor key changes the output
     assert a.cache_signature() != d.cache_signature()
+
+
+def test_settings_build_the_backend_with_the_key_masked(monkeypatch):
+    from gpl_platform.config import load_settings
+    from gpl_platform.models import anchor_generator
+
+    monkeypatch.setenv("GPL_ANCHORS__BACKEND", "openai")
+    monkeypatch.setenv("GPL_ANCHORS__OPENAI_API_KEY", "sk-settings-secret-42")
+    monkeypatch.setenv("GPL_ANCHORS__OPENAI_EXTRA_BODY", '{"top_k": 20}')
+    monkeypatch.setenv("GPL_ANCHORS__OPENAI_MAX_RETRIES", "1")
+    settings = load_settings()
+    assert "sk-settings-secret-42" not in settings.model_dump_json()  # `gpl config` shows it masked
+    with Stub(ok()) as stub:
+        monkeypatch.setenv("GPL_ANCHORS__OPENAI_BASE_URL", stub.base_url)
+        gen = anchor_generator(load_settings())
+        res = gen.generate([hist("a")], k=2, progress=False)
+        gen.close()
+    assert not res.anchors.is_fallback.any()
+    assert stub.headers[0]["authorization"] == "Bearer sk-settings-secret-42" and stub.requests[0][1]["top_k"] == 20
+    assert gen.max_retries == 1 and "sk-settings-secret-42" not in repr(gen)
