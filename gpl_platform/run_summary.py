@@ -32,10 +32,11 @@ def results_table(report: dict) -> list[str]:
     if not methods:
         return []
     split = report.get("split") or {}
-    test_days = split.get("test_days") or ["?", "?"]
+    test_days = list(split.get("test_days") or ["?", "?"])  # [first, last, count]
     seeds = report.get("seeds") or []
+    days = f"{test_days[0]}..{test_days[1]}" + (f" ({test_days[2]} days)" if len(test_days) > 2 else "")
     lines = [f"Offline evaluation ({report.get('dataset', '?')}, pre-ranker {report.get('preranker', 'mlp')}, "
-             f"{len(methods)} methods x {len(seeds)} seed(s) {seeds}, test days {test_days[0]}..{test_days[-1]}); "
+             f"{len(methods)} methods x {len(seeds)} seed(s) {seeds}, test days {days}); "
              "mean ± std over seeds:"]
     width = max(len("method"), *(len(m) for m in methods)) + 2
     lines.append("  " + "method".ljust(width) + "".join(h.rjust(20) for h in TABLE_METRICS.values()))

@@ -15,7 +15,7 @@ def metric(mean, std):
 
 REPORT = {
     "dataset": "movielens-100k", "preranker": "mlp:prerank_v1", "seeds": [0, 1],
-    "split": {"test_days": ["1998-03-25", "1998-04-22"]},
+    "split": {"test_days": ["1998-03-25", "1998-04-22", 29]},
     "methods": {
         "exposed_only": {"auc": metric(0.70, 0.002), "unexposed_auc": metric(0.66, 0.003), "hr@10": metric(0.41, 0.01)},
         "gpl": {"auc": metric(0.71, 0.001), "unexposed_auc": metric(0.68, 0.002), "hr@10": metric(0.43, 0.02)},
@@ -35,6 +35,7 @@ def test_summary_has_the_table_sorted_the_lift_the_report_the_ui_and_one_line_pe
     rows = [line for line in lines if line.startswith("  ") and line.split()[0] in REPORT["methods"] and " - " not in line]
     assert [r.split()[0] for r in rows] == ["gpl", "exposed_only", "ips"]  # best unexposed AUC first, NaN last
     assert "0.6800 ± 0.0020" in text and "n/a" in text
+    assert "3 methods x 2 seed(s) [0, 1], test days 1998-03-25..1998-04-22 (29 days)" in text
     assert "gpl - exposed_only: AUC +0.0100, unexposed AUC +0.0200" in text
     assert f"Report: {tmp_path / 'offline_eval.md'}" in text and "offline_eval_metrics.png" in text
     assert "make ui -> http://127.0.0.1:3000" in text and "make evaluate" in text
