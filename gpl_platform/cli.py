@@ -134,34 +134,11 @@ def run(
     status = "succeeded" if result.success else "FAILED"
     typer.echo(f"pipeline {status} over {result.partition_range[0]}..{result.partition_range[1]} "
                f"in {seconds:.1f}s ({stages}); runs: {', '.join(result.runs)}")
-    _print_results_summary(began)
-    if result.failed_checks:
-        typer.secho(f"{len(result.failed_checks)} quality check(s) failed; days failing the blocking pseudo-label "
-                    "gate were not consumed downstream (details in the Dagster UI, asset checks):",
-                    fg=typer.colors.YELLOW)
-        for line in result.failed_checks:
-            typer.echo(f"  - {line[:300]}")
+    from gpl_platform.run_summary import print_run_summary
+
+    print_run_summary(result.failed_checks, began, echo=typer.echo)
     if not result.success:
         raise typer.Exit(1)
-
-
-def _print_results_summary(since: float) -> None:
-    """The numbers a person ran the demo for, if this run produced an evaluation: GPL against the baselines."""
-    from gpl_platform.config import load_settings
-
-    report_path = load_settings().data_dir / "reports" / "offline_eval.json"
-    if not report_path.exists() or report_path.stat().st_mtime < time.time() - (time.perf_counter() - since):
-        return
-    report = json.loads(report_path.read_text())
-    typer.echo(f"\nOffline evaluation ({report['dataset']}, pre-ranker {report.get('preranker', 'mlp')}, "
-               f"seeds {report['seeds']}, test days {report['split']['test_days'][0]}..{report['split']['test_days'][1]}"
-               "), mean ± std over seeds:")
-    typer.echo(f"  {'method':<22}{'AUC':>18}{'unexposed AUC':>18}{'HR@10':>18}")
-    for method, metrics in report["methods"].items():
-        cells = "".join(f"{metrics[m]['mean']:>11.4f} ± {metrics[m]['std']:.3f}" for m in ("auc", "unexposed_auc",
-                                                                                          "hr@10"))
-        typer.echo(f"  {method:<22}{cells}")
-    typer.echo(f"Report and plots: {report_path.with_suffix('.md')}  |  Dagster UI: make ui -> http://127.0.0.1:3000")
 
 
 @app.command("evaluate")

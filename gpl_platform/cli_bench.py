@@ -39,6 +39,10 @@ def bench_pseudo_labels(
     out: Optional[Path] = typer.Option(None, help="write the JSON report here"),
     source: str = typer.Option("movielens-100k", help="a source with oracle labels"),
     skip_pipeline: bool = typer.Option(False, help="use the warehouse as it is (do not materialize first)"),
+    llm_engines: bool = typer.Option(False, help="score SmolLM2 anchors of both engines (llm_ctranslate2, "
+                                     "llm_transformers) instead of the configured one alone"),
+    day_range: Optional[str] = typer.Option(None, help="only the days START..END (YYYY-MM-DD..YYYY-MM-DD), e.g. "
+                                            "the validation days: LLM anchors of every history take a while"),
 ) -> None:
     """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history vs semantic-ID anchors
     vs random, max vs mean pooling, and how confidence tracks correctness."""
@@ -59,13 +63,23 @@ def bench_pseudo_labels(
             raise typer.Exit(1)
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
     days = sorted(warehouse.written_days("user_histories"))
+    if day_range:
+        first, _, last = day_range.partition("..")
+        days = [d for d in days if first <= str(d) <= (last or first)]
+        if not days:
+            raise typer.BadParameter(f"no materialized days in {day_range}", param_hint="--day-range")
     encoder = sentence_encoder(str(settings.encoder_dir) if settings.encoder_dir else None)
     # The SID anchors under the other anchor-vector mode too (same trained generators, same IDs): which of
     # "mean of the items under the codes" and "RQ-VAE decoding of the codes" works better is measured here.
     mode = settings.sid.generator.anchor_vector
     other = "codebook" if mode == "items" else "items"
     other_settings = load_settings({"sid": {"generator": {"anchor_vector": other}}})
-    generators = {"llm": anchor_generator(settings), "history": anchor_generator(settings, "history"),
+    # "llm" is SmolLM2 whatever the default backend is (the default, sid, has its own rows)
+    llm = {"llm": anchor_generator(settings, "smollm")}
+    if llm_engines:
+        llm = {f"llm_{engine}": anchor_generator(load_settings({"anchors": {"smollm_engine": engine}}), "smollm")
+               for engine in ("ctranslate2", "transformers")}
+    generators = {**llm, "history": anchor_generator(settings, "history"),
                   "sid": anchor_generator(settings, "sid"), f"sid_{other}": anchor_generator(other_settings, "sid")}
     report = pseudo_label_quality(warehouse, days, generators, encoder, settings.anchors.k,
                                   settings.anchors.history_max_items, settings.seed, settings.source)
@@ -119,10 +133,15 @@ def bench_choose_defaults(
 
 
 @bench_app.command("anchors")
-def bench_anchors(users: int = typer.Option(32, help="users to generate anchors for"),
+def bench_anchors(users: int = typer.Option(64, help="users to generate anchors for"),
+                  rounds: int = typer.Option(3, help="timed passes per engine (alternating engines)"),
+                  levers: bool = typer.Option(False, help="also time single-lever variants"),
                   out: Optional[Path] = typer.Option(None)) -> None:
-    """Anchor generation users/s: the batched backend vs one prompt at a time, same model, same run."""
-    _emit(_bench_module("bench_anchors").run(users, out), None)
+    """SmolLM2 anchors users/s on both engines (CTranslate2, transformers) and one prompt at a time, same run."""
+    from gpl_platform.config import load_settings
+
+    model_dir = load_settings().artifacts_dir / "models"
+    _emit(_bench_module("bench_anchors").run(users, out, levers=levers, rounds=rounds, model_dir=model_dir), None)
 
 
 @bench_app.command("pseudo-label-speed")

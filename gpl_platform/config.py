@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpl_platform.quality import QualityConfig
@@ -135,10 +135,29 @@ class AnchorConfig(BaseModel):
     history_max_items: int = Field(6, gt=0, description="recent positives the generator reads")
     max_new_tokens: int = Field(40, gt=0)
     batch_size: int = Field(16, gt=0)
+    max_item_tokens: int = Field(48, gt=0, description="a history item's text is cut to this many tokens in a "
+                                 "prompt (counted as prompt_item_truncated)")
+    max_prompt_tokens: int = Field(768, gt=0, description="a whole prompt holds at most this many tokens: the "
+                                   "oldest history items are left out first (counted as prompt_items_dropped)")
+    smollm_engine: Literal["ctranslate2", "transformers"] = Field(
+        "ctranslate2", description="smollm: CTranslate2 int8 (converted once from the packaged model, cached "
+        "under <data_dir>/artifacts/models) or the transformers path (also the fallback when CTranslate2 fails)")
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "SmolLM2-135M-Instruct"
-    openai_timeout_s: float = 30.0
-    openai_max_concurrency: int = 8
+    openai_endpoint: Literal["chat", "completions"] = "chat"
+    openai_api_key: SecretStr | None = Field(
+        None, description="API key (GPL_ANCHORS__OPENAI_API_KEY); none: the variable named by openai_api_key_env")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    openai_extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="fields merged into every request, e.g. {\"top_k\": 20} for vLLM")
+    openai_timeout_s: float = Field(30.0, gt=0, description="read timeout of one request")
+    openai_connect_timeout_s: float = Field(5.0, gt=0)
+    openai_max_retries: int = Field(3, ge=0, description="retries of timeouts, connection errors, 408/409/429 and "
+                                    "5xx (backoff honours Retry-After)")
+    openai_max_concurrency: int = Field(8, gt=0, description="requests in flight (and pooled connections)")
+    openai_max_failure_share: float = Field(
+        0.5, ge=0, le=1, description="users may fall back after failed requests up to this share; above it the "
+        "run fails")
 
 
 class SemanticIdConfig(BaseModel):

@@ -14,7 +14,9 @@ def anchor_generator(settings: Settings, backend: str | None = None) -> AnchorGe
     cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
     if cfg.backend == "sid":
         return _sid_generator(settings)
-    return _generator(cfg.model_dump_json(), settings.seed)
+    key = cfg.openai_api_key.get_secret_value() if cfg.openai_api_key else None
+    model_dir = str(settings.artifacts_dir / "models") if cfg.backend == "smollm" else None
+    return _generator(cfg.model_dump_json(exclude={"openai_api_key"}), settings.seed, key, model_dir)
 
 
 _SID_GENERATORS: dict[tuple, AnchorGenerator] = {}
@@ -40,16 +42,23 @@ def _sid_generator(settings: Settings) -> AnchorGenerator:
 
 
 @lru_cache(maxsize=4)
-def _generator(cfg_json: str, seed: int) -> AnchorGenerator:
+def _generator(cfg_json: str, seed: int, api_key: str | None, model_dir: str | None) -> AnchorGenerator:
+    from gpl_platform.anchors.prompt_budget import PromptBudget
+
     cfg = AnchorConfig(**json.loads(cfg_json))
+    budget = PromptBudget(cfg.max_item_tokens, cfg.max_prompt_tokens)
     if cfg.backend == "smollm":
         return make_anchor_generator("smollm", batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                                     max_history_items=cfg.history_max_items, seed=seed)
+                                     max_history_items=cfg.history_max_items, seed=seed, budget=budget,
+                                     engine=cfg.smollm_engine, model_dir=model_dir)
     if cfg.backend == "openai":
-        return make_anchor_generator("openai", base_url=cfg.openai_base_url, model=cfg.openai_model,
-                                     max_tokens=cfg.max_new_tokens, max_history_items=cfg.history_max_items,
-                                     max_concurrency=cfg.openai_max_concurrency, timeout_s=cfg.openai_timeout_s,
-                                     seed=seed)
+        return make_anchor_generator(
+            "openai", base_url=cfg.openai_base_url, model=cfg.openai_model, endpoint=cfg.openai_endpoint,
+            api_key=api_key, api_key_env=cfg.openai_api_key_env, extra_body=cfg.openai_extra_body,
+            max_tokens=cfg.max_new_tokens, max_history_items=cfg.history_max_items,
+            max_concurrency=cfg.openai_max_concurrency, timeout_s=cfg.openai_timeout_s,
+            connect_timeout_s=cfg.openai_connect_timeout_s, max_retries=cfg.openai_max_retries,
+            max_failure_share=cfg.openai_max_failure_share, budget=budget, seed=seed)
     return make_anchor_generator("history")
 
 

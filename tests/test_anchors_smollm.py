@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct backend on a few users (loads the model: marked slow)."""
+"""The real SmolLM2-135M-Instruct backend on a few users, on both engines (loads the model: marked slow)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ HISTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gen() -> SmolLMAnchorGenerator:
-    return make_anchor_generator("smollm", batch_size=4, max_new_tokens=32)
+@pytest.fixture(scope="module", params=["ctranslate2", "transformers"])
+def gen(request) -> SmolLMAnchorGenerator:
+    return make_anchor_generator("smollm", batch_size=4, max_new_tokens=32, engine=request.param)
 
 
 def test_gguf_found_inside_installed_package():
@@ -69,9 +69,25 @@ def test_real_model_anchors_contract_and_determinism(gen):
     assert by_user(rev) == by_user(df)
 
 
+def test_engine_enters_the_signature_and_defaults_to_ctranslate2(gen):
+    other = "transformers" if gen.engine == "ctranslate2" else "ctranslate2"
+    assert gen.cache_signature() != SmolLMAnchorGenerator(engine=other, batch_size=4, max_new_tokens=32).cache_signature()
+    assert SmolLMAnchorGenerator().engine == "ctranslate2"
+
+
+def test_huge_item_text_is_capped_and_the_batch_still_generates(gen):
+    huge = UserHistory("huge", ("1", "2"), ("A" * 1_000_000 + " (1999). Genres: Drama", HISTS[0].item_texts[0]))
+    res = gen.generate([huge, *HISTS[1:3]], k=3, progress=False)
+    assert res.stats["prompt_item_truncated"] == 1 and res.stats["prompt_capped_users"] == 1
+    assert res.stats.get("generation_errors", 0) == 0
+    assert len(gen.history_block(huge, 3)) < 500
+    assert not res.anchors[res.anchors.user_id != "huge"].is_fallback.all()
+
+
 def test_sampling_is_seeded_per_user(gen):
     a = SmolLMAnchorGenerator(batch_size=4, max_new_tokens=16, temperature=0.8, seed=7)
     b = SmolLMAnchorGenerator(batch_size=2, max_new_tokens=16, temperature=0.8, seed=7)
+    assert a.engine == "transformers"  # sampling, seeded per user, runs on the transformers engine
     ra = a.generate(HISTS[:2], k=3, progress=False).anchors
     rb = b.generate(HISTS[:2], k=3, progress=False).anchors
     assert ra.anchor_text.tolist() == rb.anchor_text.tolist()

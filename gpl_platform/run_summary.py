@@ -1,0 +1,113 @@
+"""The end of `gpl run`: a summary a person reads in ten seconds.
+
+The results table (method, AUC, unexposed AUC, HR@10 as mean ± std over seeds, when this run
+produced an evaluation), where the report and plots are, how to open the UI, how to run the full
+evaluation when the run was the demo's smaller one, and one short line per failed quality check.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+#: the columns of the results table: report key -> header
+TABLE_METRICS = {"auc": "AUC", "unexposed_auc": "unexposed AUC", "hr@10": "HR@10"}
+#: a failed check's line is cut to this many characters (the Dagster UI has the whole text)
+CHECK_LINE_CHARS = 160
+
+
+def _cell(metrics: dict, key: str) -> str:
+    value = metrics.get(key) or {}
+    mean, std = value.get("mean"), value.get("std")
+    if mean is None or mean != mean:  # missing or NaN
+        return "n/a"
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+
+
+def results_table(report: dict) -> list[str]:
+    """Lines of the headline pre-ranker's table, best unexposed AUC first, GPL's lift over exposed_only."""
+    methods: dict = report.get("methods") or {}
+    if not methods:
+        return []
+    split = report.get("split") or {}
+    test_days = list(split.get("test_days") or ["?", "?"])  # [first, last, count]
+    seeds = report.get("seeds") or []
+    days = f"{test_days[0]}..{test_days[1]}" + (f" ({test_days[2]} days)" if len(test_days) > 2 else "")
+    lines = [f"Offline evaluation ({report.get('dataset', '?')}, pre-ranker {report.get('preranker', 'mlp')}, "
+             f"{len(methods)} methods x {len(seeds)} seed(s) {seeds}, test days {days}); "
+             "mean ± std over seeds:"]
+    width = max(len("method"), *(len(m) for m in methods)) + 2
+    lines.append("  " + "method".ljust(width) + "".join(h.rjust(20) for h in TABLE_METRICS.values()))
+
+    def order(item) -> float:
+        value = (item[1].get("unexposed_auc") or {}).get("mean")
+        return -(value if value is not None and value == value else float("-inf"))
+
+    for method, metrics in sorted(methods.items(), key=order):
+        lines.append("  " + method.ljust(width) + "".join(_cell(metrics, k).rjust(20) for k in TABLE_METRICS))
+    gpl, base = methods.get("gpl"), methods.get("exposed_only")
+    if gpl and base:
+        lift = {k: (gpl.get(k) or {}).get("mean", float("nan")) - (base.get(k) or {}).get("mean", float("nan"))
+                for k in ("auc", "unexposed_auc")}
+        spread = (base.get("unexposed_auc") or {}).get("std")
+        note = f" (exposed_only's spread over seeds: {spread:.4f})" if spread is not None else ""
+        lines.append(f"  gpl - exposed_only: AUC {lift['auc']:+.4f}, unexposed AUC {lift['unexposed_auc']:+.4f}"
+                     + note)
+    return lines
+
+
+def check_lines(failed_checks: Sequence[str]) -> list[str]:
+    """One short line per failed check (``asset.check: description``, cut to :data:`CHECK_LINE_CHARS`)."""
+    if not failed_checks:
+        return []
+    lines = [f"{len(failed_checks)} quality check(s) failed; days failing the blocking pseudo-label gate were "
+             "left out downstream (whole texts: Dagster UI, asset checks):"]
+    for text in failed_checks:
+        flat = " ".join(str(text).split())
+        if len(flat) > CHECK_LINE_CHARS:
+            flat = flat[: CHECK_LINE_CHARS - 1].rstrip() + "…"
+        lines.append(f"  - {flat}")
+    return lines
+
+
+def fresh_report(report_path: Path, since_epoch: float) -> dict | None:
+    """The evaluation report if this run wrote it (not one left by an earlier run)."""
+    if not report_path.exists() or report_path.stat().st_mtime < since_epoch:
+        return None
+    try:
+        return json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def render_run_summary(failed_checks: Sequence[str], report: dict | None, report_path: Path,
+                       full_evaluation_hint: bool, ui_url: str = "http://127.0.0.1:3000") -> list[str]:
+    lines = ["", "=" * 30 + " summary " + "=" * 30]
+    if report is not None:
+        lines += results_table(report)
+        plots = sorted(p.name for p in report_path.parent.glob(f"{report_path.stem}*.png"))
+        lines.append(f"Report: {report_path.with_suffix('.md')}" + (f"  plots: {', '.join(plots)} (same folder)"
+                                                                     if plots else ""))
+        if full_evaluation_hint:
+            lines.append("This was the demo's evaluation; the full one (every method, seeds 0-2): make evaluate")
+    else:
+        lines.append("No evaluation in this run (offline_evaluation was not selected).")
+    lines.append(f"Dagster UI (asset graph, runs, checks): make ui -> {ui_url}")
+    lines += check_lines(failed_checks)
+    return lines
+
+
+def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, echo=print) -> None:
+    """Print the summary of a `gpl run` that started at ``began_perf_counter`` (``time.perf_counter()``)."""
+    import os
+
+    from gpl_platform.config import load_settings
+
+    since = time.time() - (time.perf_counter() - began_perf_counter)
+    report_path = load_settings().data_dir / "reports" / "offline_eval.json"
+    report = fresh_report(report_path, since)
+    demo = os.environ.get("GPL_DEMO") == "1"
+    for line in render_run_summary(failed_checks, report, report_path, full_evaluation_hint=demo):
+        echo(line)
