@@ -6,7 +6,9 @@ evaluation, GPL's lift against the bias (docs/EVALUATION.md, "The settings of th
 Each setting gets its own warehouse under ``<data-root>/<setting>`` (default
 ``data/bias_sweep/<source>``); anchors of identical histories and the item vectors are copied from
 the setting before (work that does not depend on exposure). Runs go to an ephemeral Dagster
-instance: this is a benchmark, not the product's history of runs.
+instance: this is a benchmark, not the product's history of runs. With ``resume``, a setting whose
+evaluation report already exists for the same methods, pre-rankers and seeds is read, not run again
+(a sweep takes hours; an interrupted one continues where it stopped).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULT_PRERANKERS = ("mlp:prerank_v1", "two_tower:prerank_scalar_v1", "cold:pre
 
 def run(source: str, out: Path | None = None, settings: list[str] | None = None, seeds: list[int] | None = None,
         methods: list[str] | None = None, prerankers: list[str] | None = None, data_root: Path | None = None,
-        extra_overrides: dict | None = None, results_doc: Path | None = None) -> dict:
+        extra_overrides: dict | None = None, results_doc: Path | None = None, resume: bool = False) -> dict:
     os.environ["GPL_SOURCE"] = source  # before the code location loads: its partitions follow the source
     from assets.definitions import all_assets
     from assets.resources import GplSettings
@@ -61,16 +63,23 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
         log.info("setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name,
                  previous, reused)
         started = time.perf_counter()
-        result = run_pipeline(resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))}, ephemeral=True,
-                              selection=selection)
         report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
-        if not result.success or not report_path.exists():
-            raise RuntimeError(f"setting {name}: the pipeline did not produce {report_path}")
-        report = json.loads(report_path.read_text())
+        report = finished_report(report_path, methods, prerankers, seeds) if resume else None
+        if report is not None:
+            log.info("setting %s: resumed from %s (written %s)", name, report_path,
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(report_path.stat().st_mtime)))
+            failed_checks = None  # the run that wrote the report is not known here
+        else:
+            result = run_pipeline(resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
+                                  ephemeral=True, selection=selection)
+            if not result.success or not report_path.exists():
+                raise RuntimeError(f"setting {name}: the pipeline did not produce {report_path}")
+            report = json.loads(report_path.read_text())
+            failed_checks = len(result.failed_checks)
         dataset = load_source(settings_obj)
         protocol = {"overrides": {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation")},
                     "statistics": dataset_statistics(dataset), "exposure_policy": dataset.info.get("exposure", {}),
-                    "failed_checks": len(result.failed_checks), "reused_work": reused,
+                    "failed_checks": failed_checks, "reused_work": reused, "resumed": failed_checks is None,
                     "seconds": round(time.perf_counter() - started, 1)}
         sweep["settings"][name] = bias_sweep.summarize_setting(report, protocol)
         sweep["seeds"] = report.get("seeds")
@@ -79,6 +88,21 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
     if out:
         write(sweep, Path(out), results_doc)
     return sweep
+
+
+def finished_report(path: Path, methods: list[str], prerankers: list[str], seeds: list[int] | None) -> dict | None:
+    """The setting's evaluation report when it covers exactly these methods, pre-rankers and seeds, else None."""
+    from gpl_platform.evaluation.offline import PreRankerSpec
+
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    wanted = {PreRankerSpec.parse(p).name for p in prerankers}
+    have = set(report.get("prerankers", {}))
+    if set(report.get("methods", {})) != set(methods) or have != wanted or (seeds and report.get("seeds") != seeds):
+        log.info("%s covers other methods, pre-rankers or seeds: the setting runs again", path)
+        return None
+    return report
 
 
 def write(sweep: dict, out: Path, results_doc: Path | None = None) -> dict[str, Path]:

@@ -101,6 +101,8 @@ def bench_bias_sweep(
                                              "data/bias_sweep/<source>)"),
     results_doc: Optional[Path] = typer.Option(None, help="also write the sweep's tables into this markdown file "
                                                "(between generated markers; e.g. docs/RESULTS.md)"),
+    resume: bool = typer.Option(False, help="read a setting's existing evaluation report (same methods, "
+                                "pre-rankers and seeds) instead of running it again"),
 ) -> None:
     """Protocol settings from no selection bias to a logging policy's feedback loop: every method on each,
     GPL's lift over exposed_only against the bias strength, and the pseudo-label ceiling."""
@@ -110,7 +112,7 @@ def bench_bias_sweep(
     for noisy in ("dagster", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     sweep = _bench_module("bench_bias_sweep").run(source, out, setting, seed, method, preranker, data_root,
-                                                  results_doc=results_doc)
+                                                  results_doc=results_doc, resume=resume)
     typer.echo(json.dumps({"out": str(out), "seconds": sweep["seconds"],
                            "lift": _bench_module("bench_bias_sweep").lift_summary(sweep)}, indent=2, default=str))
 

@@ -70,3 +70,15 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     text = doc.read_text()
     assert "Hand-written text stays." in text and "bias-sweep:simulator:begin" in text and "logging_10" in text
     assert sweep["seconds"] > 0
+    # resumed: the reports are read, not run again, and the same numbers come out; other seeds run again
+    bench = _bench()
+    resumed = bench.run("simulator", None, settings=["popularity_25", "logging_10"], seeds=[0, 1],
+                        methods=["exposed_only", "ips", "gpl"], prerankers=["mlp", "two_tower"],
+                        data_root=tmp_path / "root", extra_overrides=extra, resume=True)
+    for name, entry in resumed["settings"].items():
+        assert entry["protocol"]["resumed"] is True and entry["protocol"]["failed_checks"] is None
+        assert entry["methods"] == saved["settings"][name]["methods"]
+    report = tmp_path / "root" / "logging_10" / "reports" / "offline_eval.json"
+    assert bench.finished_report(report, ["exposed_only", "ips", "gpl"], ["mlp", "two_tower"], [0, 2]) is None
+    assert bench.finished_report(report, ["exposed_only", "gpl"], ["mlp", "two_tower"], [0, 1]) is None
+    assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["two_tower", "mlp:prerank_v1"], [0, 1])
