@@ -22,7 +22,7 @@ from dagster import AssetSelection, DagsterInstance, Definitions, materialize
 
 from assets.definitions import build_definitions
 from assets.partitions import range_tags
-from assets.resources import GplSettings
+from assets.resources import GplSettings, gpl_resources
 from assets.run_health import fail_dead_runs
 from gpl_platform.config import Settings
 from gpl_platform.sources import contract_last_day
@@ -79,7 +79,7 @@ def run_pipeline(start: str | None = None, end: str | None = None, resources: di
     gpl = (resources or {}).get("gpl") or GplSettings()
     settings = gpl.settings()
     defs = defs or build_definitions(settings, gpl)
-    resources = resources or dict(defs.resources)
+    resources = {**gpl_resources(gpl), **(resources or {})}
     assets = list(defs.assets)
     partitions = next(a.partitions_def for a in assets if a.partitions_def is not None)
     keys = list(partitions.get_partition_keys())

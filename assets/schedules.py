@@ -25,10 +25,12 @@ def build_schedules(daily_job, partitions: DailyPartitionsDefinition, hour_of_da
               default_status=DefaultScheduleStatus.STOPPED)
     def gpl_daily_schedule(context: ScheduleEvaluationContext):
         """Materializes the GPL daily job (its checks included) for the UTC day that just ended."""
-        day = (context.scheduled_execution_time.astimezone(timezone.utc) - timedelta(days=1)).date().isoformat()
-        if not partitions.has_partition_key(day, current_time=context.scheduled_execution_time):
-            return SkipReason(f"{day} is not a partition ({partitions.get_first_partition_key()} .. "
-                              f"{partitions.get_last_partition_key(current_time=context.scheduled_execution_time)})")
+        now = context.scheduled_execution_time
+        day = (now.astimezone(timezone.utc) - timedelta(days=1)).date().isoformat()
+        keys = partitions.get_partition_keys(current_time=now)
+        if day not in keys:
+            span = f"{keys[0]} .. {keys[-1]}" if keys else "none yet"
+            return SkipReason(f"{day} is not a partition ({span})")
         return RunRequest(run_key=day, partition_key=day)
 
     return [gpl_daily_schedule]

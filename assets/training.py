@@ -108,7 +108,7 @@ def training_assets(automation: Automation) -> list:
         settings = gpl.settings()
         wh = warehouse.get()
         gates = quality.quality_config(settings)
-        if not logged.has_oracle_labels(wh):
+        if not logged.has_ground_truth(wh):
             report, paths = logged.evaluate_and_write(wh, feature_store.get(), settings, gates)
             context.log.info("no oracle labels: logged-data evaluation (%s)", paths["json"])
             return MaterializeResult(metadata={
