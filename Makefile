@@ -45,10 +45,10 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-## Dagster UI (asset graph, runs, backfills, schedules) on http://127.0.0.1:$(PORT)
+## Dagster UI (asset graph, runs, backfills, sensors, automation) on http://127.0.0.1:$(PORT), with the daemon,
+## behind a local proxy that refuses cross-origin requests; Ctrl-C stops everything (assets/ui.py)
 ui: setup
-	mkdir -p $(DAGSTER_HOME)/tmp
-	TMPDIR=$(DAGSTER_HOME)/tmp $(BIN)/dagster dev -m assets.definitions -h 127.0.0.1 -p $(PORT)
+	$(BIN)/python -m assets.ui --host 127.0.0.1 --port $(PORT)
 
 ## Regenerate the lock of every transitive version from the current virtualenv.
 lock:

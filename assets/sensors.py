@@ -37,8 +37,10 @@ DELIVERY_TAG = "gpl/delivery_digest"
 
 
 def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition, cfg: AutomationConfig) -> list:
+    status = DefaultSensorStatus.RUNNING if cfg.sensors_running else DefaultSensorStatus.STOPPED
+
     @sensor(name=NEW_DAYS_SENSOR, jobs=[daily_job, catalog_job], minimum_interval_seconds=cfg.sensor_interval_s,
-            default_status=DefaultSensorStatus.RUNNING)
+            default_status=status)
     def new_contract_days(context: SensorEvaluationContext, gpl: GplSettings):
         """Requests the daily job for every day folder (events/day=YYYY-MM-DD/) of the contract directory
         whose content is new or changed since the last request (and the catalog job when items/users
@@ -90,7 +92,7 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
         return SensorResult(run_requests=requests, cursor=json.dumps(new_state))
 
     @sensor(name=WATCHDOG_SENSOR, minimum_interval_seconds=cfg.watchdog_interval_s,
-            default_status=DefaultSensorStatus.RUNNING)
+            default_status=status)
     def dead_run_watchdog(context: SensorEvaluationContext):
         """Marks failed every STARTED run whose process died (kill -9, OOM) and frees its pool slots, so
         the run queue (max one run at a time) never blocks on it."""
@@ -99,7 +101,7 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
 
     automation = AutomationConditionSensorDefinition(
         AUTOMATION_SENSOR, target=AssetSelection.all() | AssetSelection.all_asset_checks(),
-        default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=cfg.automation_interval_s,
+        default_status=status, minimum_interval_seconds=cfg.automation_interval_s,
         description="Evaluates the automation conditions (assets/automation.py): labels and features follow new "
                     "days, training on its cron, the model and evaluation after training, the label audit daily.")
     return [new_contract_days, dead_run_watchdog, automation]
