@@ -74,7 +74,7 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
             seen[day] = digest
         removed = sorted(set(seen) - set(digests))
         for day in removed:
-            if settings.contract.missing_days == "clear":
+            if settings.contract.missing_days == "clear" and partitions.has_partition_key(day):
                 requests.append(request(day, "removed", job_name=daily_job.name, partition_key=day))
                 context.log.warning(f"{day} is missing from the delivery: re-run as an empty day (missing_days=clear)")
             else:

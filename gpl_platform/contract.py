@@ -365,11 +365,14 @@ def _read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[
         frame[ORIGIN] = str(path.relative_to(directory))
         frames.append(frame)
     label = f"{directory / 'events'}/ ({len(files)} files of {len(wanted)} day folders)"
-    if not frames:  # no delivery for these days: an empty frame with the columns of any delivered file
-        some = next((f for folder in folders.values() for f in _data_files(folder, "events/")), None)
-        if some is None:
-            return pd.DataFrame({c: pd.Series(dtype="object") for c in [*EVENT_REQUIRED, ORIGIN]}), label
-        return _read_table_file(some).iloc[0:0].assign(**{ORIGIN: pd.Series(dtype="object")}), label
+    if not frames:  # no delivery for these days: an empty frame with the columns of a delivered file
+        for folder in folders.values():
+            for some in _data_files(folder, f"events/{folder.name}/"):
+                try:
+                    return _read_table_file(some).iloc[0:0].assign(**{ORIGIN: pd.Series(dtype="object")}), label
+                except ContractError:  # that day's own run reports it
+                    continue
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in [*EVENT_REQUIRED, ORIGIN]}), label
     if len({tuple(sorted(f.columns)) for f in frames}) > 1:
         raise ContractError(label, None, None, "files of one table have different columns")
     return pd.concat(frames, ignore_index=True), label
