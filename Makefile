@@ -29,9 +29,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
-## The main job end to end on the embedded defaults (MovieLens-100K, DuckDB, SmolLM2, SQLite Feast).
+## The main job end to end on the embedded defaults (MovieLens-100K, DuckDB, SmolLM2, SQLite Feast). Many
+## MovieLens days fail the blocking pseudo-label gate by design (docs/RESULTS.md): the demo accepts them.
 demo: setup
-	$(BIN)/gpl run
+	$(BIN)/gpl run --allow-failed-checks
 
 ## Same as demo, with arguments: make run ARGS="--source simulator --start 2024-01-01 --end 2024-01-03"
 run: setup

@@ -92,7 +92,7 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
         return SensorResult(run_requests=requests, cursor=json.dumps(new_state))
 
     @sensor(name=WATCHDOG_SENSOR, minimum_interval_seconds=cfg.watchdog_interval_s,
-            default_status=status)
+            default_status=DefaultSensorStatus.RUNNING)  # a safety net: always on
     def dead_run_watchdog(context: SensorEvaluationContext):
         """Marks failed every STARTED run whose process died (kill -9, OOM) and frees its pool slots, so
         the run queue (max one run at a time) never blocks on it."""

@@ -294,8 +294,8 @@ class AutomationConfig(BaseModel):
         7, ge=1, description="partitioned assets follow upstream changes automatically for the latest N days "
         "(older re-runs: the daily job or a backfill)")
     watchdog_interval_s: int = Field(30, ge=5, description="seconds between checks for runs whose process died")
-    sensors_running: bool = Field(True, description="the sensors (new days, watchdog, automation) start running "
-                                  "with the daemon; false: stopped until turned on in the UI")
+    sensors_running: bool = Field(True, description="the new-days and automation sensors start running with the "
+                                  "daemon; false: stopped until turned on in the UI (the watchdog always runs)")
 
 
 class Settings(BaseSettings):

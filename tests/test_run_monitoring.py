@@ -42,7 +42,7 @@ STUCK_RUN = textwrap.dedent("""
 
 def test_dead_runs_never_block_the_queue(tmp_path, monkeypatch):
     home, data = instance_home(tmp_path), tmp_path / "data"
-    env = live_env(home, data)
+    env = live_env(home, data, GPL_AUTOMATION__SENSORS_RUNNING="false")  # only the watchdog: no automation runs
     # 1. an in-process run killed while it holds the pool slot
     stuck = subprocess.Popen([sys.executable, "-c", STUCK_RUN], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
