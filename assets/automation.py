@@ -1,8 +1,9 @@
 """Declarative automation (executed by the daemon's automation sensor, shown on each asset's
 Automation tab):
 
-- partitioned assets and their per-day checks follow their upstream partitions (``eager`` over the
-  latest ``automation.follow_lookback_days`` days instead of the latest day only);
+- partitioned assets follow their upstream partitions on the latest day (``eager``): after day D's
+  run, tomorrow's features and calibration are ready; the checks run with their asset (not again
+  after a run that already checked it);
 - unpartitioned assets derived from the catalog follow it (``eager``);
 - ``training_set`` refreshes on ``automation.training_cron`` once its labels have new days;
   ``prerank_model`` follows training and ``offline_evaluation`` follows the model;
@@ -14,7 +15,6 @@ New days themselves arrive through the ``new_contract_days`` sensor or the daily
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 from dagster import AssetSelection, AutomationCondition
 
@@ -25,6 +25,8 @@ from gpl_platform.config import AutomationConfig
 class Automation:
     follow_upstream: AutomationCondition
     follow_catalog: AutomationCondition
+    #: checks run with their asset when automation requests it (the jobs and gpl run include them anyway)
+    with_asset: AutomationCondition
     training: AutomationCondition
     audit: AutomationCondition
 
@@ -38,11 +40,15 @@ class Automation:
 
 
 def build_automation(cfg: AutomationConfig) -> Automation:
-    lookback = AutomationCondition.in_latest_time_window(timedelta(days=cfg.follow_lookback_days))
     return Automation(
-        follow_upstream=AutomationCondition.eager().replace("in_latest_time_window", lookback)
-        .with_label(f"eager, latest {cfg.follow_lookback_days} days"),
+        # The latest day only: the daily job (sensor, schedule) materializes whole days, so this is what
+        # follows a day's run: today's features and calibration once yesterday's events are in, and a
+        # partial re-run of the latest day from the UI. Older days: re-run them (a backfill) instead of a
+        # cascade of single-asset runs (seen: one changed day queued a dozen of them).
+        follow_upstream=AutomationCondition.eager(),
         follow_catalog=AutomationCondition.eager(),
+        with_asset=AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()).with_label(
+            "with its asset"),
         training=AutomationCondition.on_cron(cfg.training_cron, "UTC"),
         audit=AutomationCondition.on_cron(cfg.audit_cron, "UTC"),
     )

@@ -112,7 +112,7 @@ def build_checks(partitions: DailyPartitionsDefinition, automation: Automation) 
 
 
 def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
-    per_day = {"partitions_def": partitions, "pool": POOL, "automation_condition": automation.follow_upstream}
+    per_day = {"partitions_def": partitions, "pool": POOL, "automation_condition": automation.with_asset}
 
     def label_results(gpl: GplSettings, warehouse: WarehouseResource, days: list[date]):
         cfg = quality.quality_config(gpl.settings()).pseudo_labels
@@ -176,7 +176,7 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         yield from per_day_evaluations(context, "candidate_events", "candidate_events_contract", False,
                                        "candidate events", {d: [r] for d, r in results.items()})
 
-    @asset_check(asset="item_embeddings", pool=POOL, automation_condition=automation.follow_catalog)
+    @asset_check(asset="item_embeddings", pool=POOL, automation_condition=automation.with_asset)
     def item_embeddings_valid(context: AssetCheckExecutionContext, gpl: GplSettings,
                               warehouse: WarehouseResource) -> AssetCheckResult:
         """GX: every item vector has one dimension (the encoder's), L2 norm ~1 and no NaN."""

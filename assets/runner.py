@@ -66,6 +66,8 @@ def _error_line(error) -> str:
     """The innermost cause of a Dagster step error, as ``ClassName: message`` on one line."""
     while getattr(error, "cause", None) is not None:
         error = error.cause
+    if error.cls_name == "DagsterExecutionInterruptedError":
+        return "interrupted (SIGTERM or Ctrl-C): the run is marked failed; re-run to finish"
     text = (error.message or "").strip().splitlines()
     line = text[0] if text else error.cls_name
     head, sep, rest = line.partition(": ")

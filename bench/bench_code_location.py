@@ -25,8 +25,9 @@ if str(ROOT) not in sys.path:
 
 from bench._timing import write_json  # noqa: E402
 
-SIZES = {"small": {"n_users": 200, "n_items": 500, "n_days": 14}, "large": {"n_users": 20000, "n_items": 5000,
-                                                                          "n_days": 60}}
+# about 56 thousand and 3 million events
+SIZES = {"small": {"n_users": 200, "n_items": 500, "n_days": 14}, "large": {"n_users": 5000, "n_items": 5000,
+                                                                          "n_days": 30}}
 LOAD = "import assets.definitions as d; assert d.defs.resolve_job_def('gpl_daily').partitions_def"
 READ = "import sys; from gpl_platform.contract import read_contract_dir; read_contract_dir(sys.argv[1])"
 

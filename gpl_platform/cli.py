@@ -70,6 +70,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text[0] if text else ''}"
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM stops a run like Ctrl-C does: Dagster records the run as failed instead of leaving it
+    STARTED (which the watchdog would only clean up later)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _error_message(exc: BaseException) -> str:
     # a failed pipeline stage already says it in one line (its details hold the traceback)
     return str(exc) if getattr(exc, "details", "") else _one_line(exc)
@@ -192,11 +203,14 @@ def run(
     for noisy in ("dagster", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     began = time.perf_counter()
+    _interrupt_on_sigterm()
     try:
         _contract_start_from_data()
         from assets.runner import run_pipeline  # Dagster only here: the library stays free of it
 
         result = run_pipeline(start, end, selection=select)
+    except KeyboardInterrupt:
+        _fail("interrupted: the current run is marked failed in the Dagster instance; re-run to finish", 130)
     except Exception as exc:
         if debug:
             raise

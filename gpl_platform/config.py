@@ -290,9 +290,6 @@ class AutomationConfig(BaseModel):
     training_cron: str = Field("0 3 * * 1", description="training_set refreshes after this cron tick (UTC) once "
                                "its upstream labels have new days; prerank_model and offline_evaluation follow")
     audit_cron: str = Field("0 4 * * *", description="label_audit refreshes after this cron tick (UTC)")
-    follow_lookback_days: int = Field(
-        7, ge=1, description="partitioned assets follow upstream changes automatically for the latest N days "
-        "(older re-runs: the daily job or a backfill)")
     watchdog_interval_s: int = Field(30, ge=5, description="seconds between checks for runs whose process died")
     sensors_running: bool = Field(True, description="the new-days and automation sensors start running with the "
                                   "daemon; false: stopped until turned on in the UI (the watchdog always runs)")

@@ -14,7 +14,7 @@ from assets.definitions import build_definitions
 from gpl_platform.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLLOW = "eager, latest 7 days"
+FOLLOW = "eager"
 # key: (group, partitioned, upstream assets, automation condition)
 ASSETS = {
     "item_catalog": ("ingestion", False, [], None),
@@ -47,7 +47,7 @@ ASSETS = {
                                                "sid_anchor_pseudo_labels", "user_features"], "after prerank_model"),
     "label_audit": ("quality", False, ["candidate_events", "pseudo_labels"], "on_cron(0 4 * * *, UTC)"),
 }
-# (asset, check): (blocking, partitioned)
+# (asset, check): (blocking, partitioned); every check runs "with its asset" under automation
 CHECKS = {
     ("pseudo_labels", "pseudo_labels_valid"): (True, True),
     ("pseudo_labels", "pseudo_labels_distribution"): (True, True),
@@ -88,6 +88,7 @@ def test_checks_jobs_schedules_sensors_snapshot(dagster_defs):
     for key in graph.asset_check_keys:
         spec = graph.get_check_spec(key)
         checks[(key.asset_key.to_user_string(), key.name)] = (spec.blocking, spec.partitions_def is not None)
+        assert spec.automation_condition.get_label() == "with its asset", key
     assert checks == CHECKS
     repo = dagster_defs.get_repository_def()
     assert {j.name for j in repo.get_all_jobs() if not j.name.startswith("__")} == JOBS
