@@ -3,7 +3,7 @@
 Simulator logs written as day deliveries (events/day=YYYY-MM-DD/) without oracle labels, as real logs
 arrive, ending today (UTC). A backlog of three days is there when the daemon starts; then five days
 arrive one by one. After each delivery one sensor tick requests exactly the new day, and its run
-materializes the day with its checks. Training (on a one-minute cron here) and the evaluation that
+materializes the day with its checks. Training (on a three-minute cron here) and the evaluation that
 follows it refresh through the automation sensor; the label audit too. The second live day is
 delivered with broken labels (every exposed candidate clicked): its events check fails for that day,
 training leaves it out and says so. A re-delivery with identical content requests nothing.
@@ -30,7 +30,7 @@ SETTINGS = {
     "GPL_ANCHORS__BACKEND": "history", "GPL_CALIBRATION__MIN_SAMPLES": "50",
     "GPL_TRAINING__TEST_SHARE": "0.1", "GPL_TRAINING__VALID_SHARE": "0.1", "GPL_TRAINING__SEEDS": "[0]",
     "GPL_TRAINING__EPOCHS": "3", "GPL_EVALUATION__METHODS": '["exposed_only", "ips", "gpl", "pseudo_only"]',
-    "GPL_AUTOMATION__TRAINING_CRON": "* * * * *", "GPL_AUTOMATION__AUDIT_CRON": "* * * * *",
+    "GPL_AUTOMATION__TRAINING_CRON": "*/3 * * * *", "GPL_AUTOMATION__AUDIT_CRON": "*/3 * * * *",
 }
 
 
