@@ -5,9 +5,10 @@ Automation tab):
   run, tomorrow's features and calibration are ready; the checks run with their asset (not again
   after a run that already checked it);
 - unpartitioned assets derived from the catalog follow it (``eager``);
-- ``training_set`` refreshes on ``automation.training_cron`` once its labels have new days;
+- ``training_set`` refreshes at the first tick of ``automation.training_cron`` after its labels got
+  new days;
   ``prerank_model`` follows training and ``offline_evaluation`` follows the model;
-- ``label_audit`` refreshes on ``automation.audit_cron``.
+- ``label_audit`` refreshes the same way on ``automation.audit_cron``.
 
 New days themselves arrive through the ``new_contract_days`` sensor or the daily schedule.
 """
@@ -49,6 +50,16 @@ def build_automation(cfg: AutomationConfig) -> Automation:
         follow_catalog=AutomationCondition.eager(),
         with_asset=AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()).with_label(
             "with its asset"),
-        training=AutomationCondition.on_cron(cfg.training_cron, "UTC"),
-        audit=AutomationCondition.on_cron(cfg.audit_cron, "UTC"),
+        training=on_cron_after_new_data(cfg.training_cron),
+        audit=on_cron_after_new_data(cfg.audit_cron),
     )
+
+
+def on_cron_after_new_data(cron: str) -> AutomationCondition:
+    """At the first evaluation after a tick of ``cron``, when a dependency was updated since the asset
+    was last requested or updated, and no dependency is being written. (Dagster's ``on_cron`` waits for
+    updates *after* the tick: a day that arrived between two ticks would wait for the next delivery.)"""
+    return (AutomationCondition.cron_tick_passed(cron, "UTC").since_last_handled()
+            & AutomationCondition.any_deps_updated().since_last_handled()
+            & ~AutomationCondition.any_deps_in_progress()
+            & ~AutomationCondition.in_progress()).with_label(f"on {cron} (UTC) after new data")

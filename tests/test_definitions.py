@@ -39,13 +39,13 @@ ASSETS = {
     "item_features": ("features", True, ["candidate_events", "item_catalog"], FOLLOW),
     "online_features": ("features", True, ["feast_registry", "item_features", "profile_features", "user_features"],
                         FOLLOW),
-    "training_set": ("training", False, ["candidate_events", "pseudo_labels"], "on_cron(0 3 * * 1, UTC)"),
+    "training_set": ("training", False, ["candidate_events", "pseudo_labels"], "on 0 3 * * 1 (UTC) after new data"),
     "prerank_model": ("training", False, ["feast_registry", "item_features", "profile_features", "training_set",
                                           "user_features"], "after training_set"),
     "offline_evaluation": ("training", False, ["feast_registry", "history_anchor_pseudo_labels", "item_features",
                                                "prerank_model", "profile_features", "pseudo_labels",
                                                "sid_anchor_pseudo_labels", "user_features"], "after prerank_model"),
-    "label_audit": ("quality", False, ["candidate_events", "pseudo_labels"], "on_cron(0 4 * * *, UTC)"),
+    "label_audit": ("quality", False, ["candidate_events", "pseudo_labels"], "on 0 4 * * * (UTC) after new data"),
 }
 # (asset, check): (blocking, partitioned); every check runs "with its asset" under automation
 CHECKS = {
