@@ -159,3 +159,79 @@ def test_plausible_window_defaults():
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     start, end = plausible_time_window(now=now)
     assert start == datetime(1990, 1, 1, tzinfo=timezone.utc) and end == datetime(2026, 1, 2, tzinfo=timezone.utc)
+
+
+def test_cli_validates_a_day_folder_delivery_in_one_line(tmp_path):
+    directory = _day_delivery(tmp_path / "c")
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "validate", str(directory)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("valid: 3 items, 2 users, 5 events in 2 requests over 2 days (2024-03-01 .. "
+                                    "2024-03-02)")
+    (directory / "events" / "day=2024-03-02" / "late").mkdir()
+    result = runner.invoke(app, ["data", "validate", str(directory)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "day=2024-03-02/late: is a folder inside events/day=2024-03-02/" in result.output
+
+
+def test_day_folders_of_csv_files(tmp_path):
+    items, users, events = tiny_contract_tables()
+    directory = tmp_path / "c"
+    write_contract_dir(directory, items, users, None, fmt="csv")
+    for day, part in events.groupby(events["event_time"].dt.date):
+        folder = directory / "events" / f"day={day}"
+        folder.mkdir(parents=True)
+        part.assign(event_time=part["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")).to_csv(
+            folder / "part-0.csv", index=False)
+    assert contract_day_span(directory) == (date(2024, 3, 1), date(2024, 3, 2))  # from the names, rows unread
+    assert len(read_contract_dir(directory).events) == 5
+    assert set(read_contract_dir(directory, days=[date(2024, 3, 1)]).events["request_id"]) == {"r1"}
+
+
+def test_an_interrupted_day_write_is_invisible_and_a_rewrite_replaces_the_day(tmp_path):
+    directory = _day_delivery(tmp_path / "c")
+    digests, _ = delivery_fingerprints(directory)
+    # What a write killed half-way leaves: the hidden staging folder of a new day, and of an existing one.
+    _, _, events = tiny_contract_tables()
+    for day in ("2024-03-03", "2024-03-02"):
+        staging = directory / "events" / f".day={day}.tmp"
+        staging.mkdir()
+        (staging / "part-0.parquet").write_bytes(b"half a file")
+    assert sorted(event_day_folders(directory)) == [date(2024, 3, 1), date(2024, 3, 2)]
+    assert len(read_contract_dir(directory).events) == 5
+    assert delivery_fingerprints(directory)[0] == digests  # the sensor sees nothing new
+    # The next write of the day cleans its staging folder, and replaces the day's files (not adds to them).
+    day2 = events[events["request_id"] == "r2"]
+    write_event_day(directory, date(2024, 3, 2), day2, name="part-1.parquet")
+    assert sorted(p.name for p in (directory / "events" / "day=2024-03-02").iterdir()) == ["part-1.parquet"]
+    assert not (directory / "events" / ".day=2024-03-02.tmp").exists()
+    assert len(read_contract_dir(directory).events) == 5
+
+
+def test_other_tables_refuse_nested_folders(tmp_path):
+    items, users, events = tiny_contract_tables()
+    directory = write_contract_dir(tmp_path / "c", None, users, events)
+    (directory / "items" / "day=2024-03-01").mkdir(parents=True)
+    items.to_parquet(directory / "items" / "day=2024-03-01" / "part-0.parquet", index=False)
+    with pytest.raises(ContractError, match=r"items/day=2024-03-01: is a folder inside items/: nested folders"):
+        read_contract_dir(directory)
+
+
+def test_the_time_window_is_configured_by_settings(tmp_path, monkeypatch):
+    items, users, events = tiny_contract_tables()
+    events.loc[events["request_id"] == "r2", "event_time"] = pd.Timestamp("1975-06-01T12:00:00Z")
+    directory = write_contract_dir(tmp_path / "c", items, users, events)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["data", "validate", str(directory)])
+    assert refused.exit_code == 1 and "2 row(s) lie outside the plausible window" in refused.output
+    monkeypatch.setenv("GPL_CONTRACT__EARLIEST_EVENT_TIME", "1970-01-01")
+    accepted = runner.invoke(app, ["data", "validate", str(directory)])
+    assert accepted.exit_code == 0 and "(1975-06-01 .. 2024-03-01)" in accepted.output, accepted.output
+    # The future edge: events up to now + max_future_days pass, later ones do not.
+    tomorrow = pd.Timestamp.now(tz="UTC").floor("s") + pd.Timedelta(hours=20)
+    events.loc[events["request_id"] == "r2", "event_time"] = tomorrow
+    write_contract_dir(directory, None, None, events)
+    assert runner.invoke(app, ["data", "validate", str(directory)]).exit_code == 0
+    monkeypatch.setenv("GPL_CONTRACT__MAX_FUTURE_DAYS", "0")
+    result = runner.invoke(app, ["data", "validate", str(directory)])
+    assert result.exit_code == 1 and "'r2 at " in result.output

@@ -2,7 +2,7 @@
 the policy for a day that is missing from a re-delivery."""
 
 import json
-from datetime import date
+from datetime import date, timedelta
 
 import pandas as pd
 import pytest
@@ -125,3 +125,50 @@ def test_ingestion_of_a_day_missing_from_the_delivery(delivery, policy):
         assert rows["n"].tolist() == [3] and meta["days_kept_missing_from_delivery"].value == "none"
     logged = " ".join(e.message or "" for e in instance.all_logs(result.run_id))
     assert "2024-03-02 was delivered before and is missing from the delivery now" in logged
+
+
+def test_a_broken_delivery_is_a_skip_with_its_reason_and_requests_nothing(delivery):
+    directory, events = delivery
+    _deliver(directory, events)
+    ticks = Ticks(directory, start_date="2024-03-01")
+    assert len(ticks.tick()[0]) == 3
+    cursor = ticks.cursor
+    (directory / "events" / "backfill").mkdir()  # not a day=YYYY-MM-DD folder: refused, not skipped
+    requested, result = ticks.tick()
+    assert requested == [] and "events/backfill: is a folder in events/ that is not named day=" in result.skip_message
+    assert ticks.cursor == cursor  # nothing forgotten: the repaired delivery requests only what changed
+    (directory / "events" / "backfill").rmdir()
+    assert ticks.tick()[0] == []
+
+
+def test_a_day_that_is_not_a_partition_yet_is_asked_again_later(delivery):
+    directory, events = delivery
+    _deliver(directory, events)
+    soon = date.today() + timedelta(days=3)  # after the open-ended partitions' last day (today, UTC)
+    write_event_day(directory, soon, events[events["request_id"] == "r2"].assign(
+        event_time=pd.Timestamp(soon.isoformat(), tz="UTC")))
+    ticks = Ticks(directory, start_date="2024-03-01")
+    requested, _ = ticks.tick()
+    assert soon.isoformat() not in {key for _, key in requested} and len(requested) == 3
+    assert soon.isoformat() not in json.loads(ticks.cursor)["days"]  # not remembered: requested once it is a day
+    assert ticks.tick()[0] == []
+
+
+def test_a_day_run_reads_only_its_folder(delivery):
+    """The daily job of one day ingests that day although another day's file is broken (and says nothing
+    about the other day)."""
+    directory, events = delivery
+    _deliver(directory, events)
+    gpl = GplSettings(source="contract", contract_path=str(directory), data_dir=str(directory / "data"))
+    defs = build_definitions(gpl=gpl)
+    instance = DagsterInstance.ephemeral()
+    assert run_assets(defs, gpl, ["item_catalog", "users"], instance).success
+    (directory / "events" / "day=2024-03-01" / "part-0.parquet").write_bytes(b"garbage")
+    day2 = run_assets(defs, gpl, ["candidate_events"], instance, partition_key="2024-03-02")
+    assert day2.success
+    rows = gpl.warehouse().query("SELECT day, count(*) AS n FROM events GROUP BY day")
+    assert rows["n"].tolist() == [2] and str(rows["day"].iloc[0])[:10] == "2024-03-02"
+    day1 = run_assets(defs, gpl, ["candidate_events"], instance, partition_key="2024-03-01", raise_on_error=False)
+    assert not day1.success
+    [failure] = day1.get_step_failure_events()
+    assert "day=2024-03-01/part-0.parquet: cannot be read as parquet" in failure.step_failure_data.error.to_string()
