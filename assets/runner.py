@@ -1,7 +1,9 @@
 """`gpl run`: the asset graph over a range of days, in process, recorded in the Dagster instance.
 
-Public Dagster APIs only (``materialize`` against ``DagsterInstance.get()``, Dagster's documented
-partition-range run tags). The runs obey the same one-writer rule as the daemon's: every asset is in
+Public Dagster APIs only (what ``dagster.materialize`` does: a job ``gpl_run`` over each stage's
+selection, ``execute_in_process`` against ``DagsterInstance.get()``, with Dagster's documented
+partition-range run tags, and a console logger that prints each event on one line; ``--debug``: every
+event in full). The runs obey the same one-writer rule as the daemon's: every asset is in
 the ``duckdb_warehouse`` concurrency pool (dagster.yaml: one slot, op granularity), so a step waits
 while a queued or scheduled run writes, and the other way round. Before starting, runs whose process
 died are marked failed (assets/run_health.py) so their slots are free.
@@ -14,11 +16,12 @@ would), then what consumes the days (training, evaluation, label audit).
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 
-from dagster import AssetSelection, DagsterInstance, Definitions, materialize
+from dagster import AssetSelection, DagsterInstance, Definitions, Field, InitLoggerContext, define_asset_job, logger
 
 from assets.definitions import build_definitions
 from assets.partitions import range_tags
@@ -30,6 +33,36 @@ from gpl_platform.sources import contract_last_day
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
 RUN_TAGS = {"gpl/launched_by": "gpl run", "gpl/host": socket.gethostname()}
+RUN_JOB = "gpl_run"
+
+
+class _FirstLine(logging.Formatter):
+    """A Dagster event as one line: its first line (a step failure's traceback stays in the run's log in
+    the instance, and `gpl run --debug` prints it), without the job name, run id and pid."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        lines = record.getMessage().strip().splitlines()
+        parts = (lines[0] if lines else "").split(" - ")
+        if parts[0] == RUN_JOB and len(parts) > 2:  # "gpl_run - <run id> - [<pid> -] [<step> -] ..."
+            parts = parts[2:]
+            parts = parts[1:] if parts[0].isdigit() and len(parts) > 1 else parts
+        return f"{self.formatTime(record)} {record.levelname} dagster: {' - '.join(parts)}"
+
+
+def _not_a_skip(record: logging.LogRecord) -> bool:
+    """Steps not executed after a failure: the failure and the runner's summary say it already."""
+    return "Not executing." not in record.getMessage()
+
+
+@logger(config_schema={"log_level": Field(str, is_required=False, default_value="INFO")},
+        description="Dagster's events on stderr, one line each (gpl run without --debug).")
+def one_line_console(init_context: InitLoggerContext) -> logging.Logger:
+    out = logging.Logger("gpl.dagster", level=init_context.logger_config["log_level"])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_FirstLine())
+    handler.addFilter(_not_a_skip)
+    out.addHandler(handler)
+    return out
 
 
 class PipelineError(RuntimeError):
@@ -74,10 +107,24 @@ def _error_line(error) -> str:
     return f"{head.rsplit('.', 1)[-1]}: {rest}" if sep and " " not in head else line
 
 
+def _materialize(everything: list, selected, resources: dict, instance: DagsterInstance, tags: dict,
+                 debug: bool):
+    """What ``dagster.materialize`` does (a job over the selection, executed in process), with the
+    one-line console logger unless ``debug`` (Dagster's own console, every event in full)."""
+    # A job's loggers apply only when the run config configures them; without, Dagster logs every event at DEBUG.
+    loggers = {} if debug else {"console": one_line_console}
+    defs = Definitions(jobs=[define_asset_job(RUN_JOB, selection=selected)], assets=everything, resources=resources,
+                       loggers=loggers)
+    run_config = None if debug else {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    return defs.resolve_job_def(RUN_JOB).execute_in_process(run_config=run_config, instance=instance, tags=tags,
+                                                            raise_on_error=False)
+
+
 def run_pipeline(start: str | None = None, end: str | None = None, resources: dict | None = None,
                  selection: list[str] | None = None, ephemeral: bool = False,
-                 defs: Definitions | None = None) -> PipelineResult:
-    """Materialize the asset graph (optionally a key selection) over partitions [start, end]."""
+                 defs: Definitions | None = None, debug: bool = False) -> PipelineResult:
+    """Materialize the asset graph (optionally a key selection) over partitions [start, end]. Dagster's
+    events go to stderr one line each (``debug``: in full, from DEBUG up)."""
     gpl = (resources or {}).get("gpl") or GplSettings()
     settings = gpl.settings()
     defs = defs or build_definitions(settings, gpl)
@@ -117,9 +164,8 @@ def run_pipeline(start: str | None = None, end: str | None = None, resources: di
         # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream
         # steps of the same run. A later stage goes on after a failed *check* (its consumers re-check every day
         # and leave failing days out, e.g. training_set); any other failure stops the pipeline.
-        run = materialize(everything, instance=instance, resources=resources, selection=AssetSelection.assets(*selected),
-                          tags={**tags, **(range_tags(start, end) if name == "partitioned" else {})},
-                          raise_on_error=False)
+        run = _materialize(everything, AssetSelection.assets(*selected), resources, instance,
+                           {**tags, **(range_tags(start, end) if name == "partitioned" else {})}, debug)
         result.seconds[name] = round(time.perf_counter() - began, 2)
         result.runs.append(run.run_id)
         log.info("%s stage: run %s in %.1fs", name, run.run_id, result.seconds[name])

@@ -200,7 +200,7 @@ def run(
     _apply_env(source, data_dir, path)
     _project_dagster_home()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("dagster", "httpx", "filelock"):
+    for noisy in ("dagster", "httpx", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     began = time.perf_counter()
     _interrupt_on_sigterm()
@@ -208,7 +208,7 @@ def run(
         _contract_start_from_data()
         from assets.runner import run_pipeline  # Dagster only here: the library stays free of it
 
-        result = run_pipeline(start, end, selection=select)
+        result = run_pipeline(start, end, selection=select, debug=debug)
     except KeyboardInterrupt:
         _fail("interrupted: the current run is marked failed in the Dagster instance; re-run to finish", 130)
     except Exception as exc:
@@ -299,7 +299,8 @@ def evaluate(
     if seeds:
         os.environ["GPL_TRAINING__SEEDS"] = json.dumps(list(seeds))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dagster").setLevel(logging.WARNING)
+    for noisy in ("dagster", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     _project_dagster_home()
     from gpl_platform.config import load_settings
 
@@ -308,7 +309,7 @@ def evaluate(
         _contract_start_from_data()
         from assets.runner import run_pipeline
 
-        result = run_pipeline(selection=["offline_evaluation"] if only_evaluation else None)
+        result = run_pipeline(selection=["offline_evaluation"] if only_evaluation else None, debug=debug)
     except Exception as exc:
         if debug:
             raise

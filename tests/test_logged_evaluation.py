@@ -1,10 +1,13 @@
 """Evaluation of real logs (no oracle labels): the inverse-propensity estimate against the truth on a
-synthetic log, and a contract without oracle labels end to end through `gpl run` (exit 0)."""
+synthetic log, and a contract without oracle labels end to end through `gpl run` (exit 0). And the CLI
+as a user meets it: one-line errors with their exit codes, the project's Dagster instance by default."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +95,12 @@ def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
 
 
 def test_one_line_errors_and_exit_codes(tmp_path):
-    """A bad contract directory, a reversed range, a wrong source: one line each, non-zero exit."""
+    """A bad contract directory (no items, a clock error, a nested folder), a reversed range, a partition that
+    does not exist, a wrong source: one line each, non-zero exit; --debug shows the traceback."""
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "GPL_DATA_DIR": str(tmp_path / "data"),
            "PYTHONPATH": str(ROOT)}
     (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
 
     def gpl(*args):
         return subprocess.run([sys.executable, "-m", "gpl_platform.cli", *args], env=env, cwd=ROOT,
@@ -103,8 +108,17 @@ def test_one_line_errors_and_exit_codes(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
+    from tests.conftest import tiny_contract_tables, write_contract_dir
+
+    items, users, events = tiny_contract_tables()
+    events.loc[events["request_id"] == "r2", "event_time"] = pd.Timestamp("1970-01-01T00:00:00Z")  # a clock error
+    clock = write_contract_dir(tmp_path / "clock", items, users, events)
+    nested = write_contract_dir(tmp_path / "nested", items, users, None)
+    (nested / "events" / "day=2024-03-01" / "retry").mkdir(parents=True)
     for args, code, fragment in [
         (["run", "--source", "contract", "--path", str(empty)], 1, "has no 'items' table"),
+        (["run", "--source", "contract", "--path", str(clock)], 1, "2 row(s) lie outside the plausible window"),
+        (["run", "--source", "contract", "--path", str(nested)], 1, "day=2024-03-01/retry: is a folder inside"),
         (["run", "--start", "2024-01-04", "--end", "2024-01-02"], 1, "--start 2024-01-04 is after --end 2024-01-02"),
         (["run", "--start", "1999-01-01"], 1, "--start 1999-01-01 is not a partition"),
         (["run", "--source", "movielens"], 2, "--source must be one of"),
@@ -112,7 +126,33 @@ def test_one_line_errors_and_exit_codes(tmp_path):
         out = gpl(*args)
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
         assert out.returncode == code, (args, out.stdout[-2000:], out.stderr[-2000:])
-        assert len(lines) == 1 and fragment in lines[0], (args, out.stderr[-2000:])
-        assert "Traceback" not in out.stderr
+        # The error is the last line; before it only log lines (a failing step: one line each, no traceback).
+        assert fragment in lines[-1], (args, out.stderr[-2000:])
+        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ", line) for line in lines[:-1]), lines
+        assert "Traceback" not in out.stderr and "Stack Trace" not in out.stderr
     debug = gpl("run", "--start", "2024-01-04", "--end", "2024-01-02", "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+    debug = gpl("run", "--source", "contract", "--path", str(clock), "--debug")  # a step's error in full
+    assert debug.returncode == 1 and "Stack Trace" in debug.stderr and "in check_event_times" in debug.stderr
+
+
+def test_the_cli_defaults_to_the_project_instance(tmp_path, monkeypatch):
+    """Without DAGSTER_HOME (`.venv/bin/gpl ...` outside make), runs go to the project's .dagster_home, with
+    the repository's dagster.yaml copied there (and refreshed when it changes)."""
+    from gpl_platform import cli, config
+
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    cli._project_dagster_home()
+    home = tmp_path / ".dagster_home"
+    assert os.environ["DAGSTER_HOME"] == str(home)
+    assert (home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text() and (home / "tmp").is_dir()
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + "\n# changed\n")
+    os.utime(tmp_path / "dagster.yaml", (time.time() + 5, time.time() + 5))
+    monkeypatch.delenv("DAGSTER_HOME")
+    cli._project_dagster_home()
+    assert (home / "dagster.yaml").read_text().endswith("# changed\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))  # an explicit DAGSTER_HOME wins
+    cli._project_dagster_home()
+    assert os.environ["DAGSTER_HOME"] == str(tmp_path / "elsewhere")
