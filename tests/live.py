@@ -32,6 +32,14 @@ def live_env(home: Path, data: Path, **settings: str) -> dict:
     return env
 
 
+def _die_with_the_test() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (PR_SET_PDEATHSIG), so a
+    daemon never outlives a killed pytest (it is in its own process group, which Ctrl-C does not reach)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class Daemon:
     """`dagster-daemon run -m assets.definitions` (its own code server, the default run launcher) in its own
     process group; stop() ends the group."""
@@ -40,7 +48,8 @@ class Daemon:
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "assets.definitions", "-d", str(ROOT)],
-                                         env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                         env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_the_test)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
