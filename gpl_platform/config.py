@@ -8,6 +8,7 @@ servers run with other working directories.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +127,16 @@ class SimulatorConfig(BaseModel):
 
 class ContractConfig(BaseModel):
     path: Path | None = Field(None, description="directory of items/users/events parquet or CSV files")
+    start_date: date | None = Field(
+        None, description="first daily partition (UTC); default: the data's first day, read from the names of "
+        "events/day=YYYY-MM-DD/ folders or from parquet statistics, never from the rows")
+    earliest_event_time: date = Field(
+        date(1990, 1, 1), description="events before this UTC day are refused by validation (clock errors such "
+        "as 1970-01-01)")
+    max_future_days: int = Field(1, ge=0, description="events later than now + N days are refused by validation")
+    missing_days: Literal["keep", "clear"] = Field(
+        "keep", description="a day that was delivered once and is missing from a later delivery: keep its rows "
+        "(warned in the sensor and in candidate_events) or clear it (re-ingested as an empty day)")
 
 
 class AnchorConfig(BaseModel):
@@ -297,6 +308,20 @@ class EvaluationConfig(BaseModel):
     long_history_min: int = Field(5, ge=1, description="users with at least N positives have a 'long' history")
 
 
+class AutomationConfig(BaseModel):
+    """Live daily operation (docs/OPERATIONS.md): how often the daemon looks for new deliveries and when
+    the unpartitioned consumers refresh. Read when the code location loads."""
+
+    sensor_interval_s: int = Field(30, ge=1, description="seconds between ticks of the new_contract_days sensor")
+    automation_interval_s: int = Field(30, ge=1, description="seconds between evaluations of automation conditions")
+    training_cron: str = Field("0 3 * * 1", description="training_set refreshes after this cron tick (UTC) once "
+                               "its upstream labels have new days; prerank_model and offline_evaluation follow")
+    audit_cron: str = Field("0 4 * * *", description="label_audit refreshes after this cron tick (UTC)")
+    watchdog_interval_s: int = Field(30, ge=5, description="seconds between checks for runs whose process died")
+    sensors_running: bool = Field(True, description="the new-days and automation sensors start running with the "
+                                  "daemon; false: stopped until turned on in the UI (the watchdog always runs)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GPL_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -324,6 +349,7 @@ class Settings(BaseSettings):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     quality: QualityConfig = QualityConfig()
+    automation: AutomationConfig = AutomationConfig()
 
     @field_validator("data_dir")
     @classmethod

@@ -1,14 +1,19 @@
-"""Shared fixtures. The environment is set before any `assets` import: the Dagster partitions are
-derived from the configured source when the code location loads."""
+"""Shared fixtures. Every test runs in a small simulator world: its environment is set by a
+session fixture (restored at the end), never at import; the Dagster definitions are built from it
+(``dagster_defs``), not from whatever the environment was when `assets` was imported."""
 
-import os
-import tempfile
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="gpl-tests-"))
-os.environ.update({
+import pandas as pd
+import pytest
+
+from gpl_platform.config import SHARED_ML100K, Settings, load_settings
+
+TEST_ENV = {
     "GPL_SOURCE": "simulator",
-    "GPL_DATA_DIR": str(_SESSION_DIR / "data"),
     "GPL_SIMULATOR__N_USERS": "60",
     "GPL_SIMULATOR__N_ITEMS": "300",
     "GPL_SIMULATOR__N_DAYS": "5",
@@ -24,16 +29,26 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "DAGSTER_DISABLE_TELEMETRY": "1",
-})
+}
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+@pytest.fixture(scope="session", autouse=True)
+def test_environment(tmp_path_factory) -> dict:
+    """The small simulator world (the environment of this process and of the subprocesses it starts)."""
+    with pytest.MonkeyPatch.context() as patch:
+        env = {**TEST_ENV, "GPL_DATA_DIR": str(tmp_path_factory.mktemp("gpl-session") / "data")}
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("GPL_CONTRACT__PATH", raising=False)
+        yield env
 
-from gpl_platform.config import SHARED_ML100K, Settings, load_settings  # noqa: E402
+
+@pytest.fixture(scope="session")
+def dagster_defs():
+    """The project's definitions built in the test world (simulator partitions 2024-01-01 .. 05)."""
+    from assets.definitions import build_definitions
+
+    return build_definitions()
 
 
 @pytest.fixture
@@ -93,3 +108,13 @@ def hold_duckdb_lock(path, seconds: float) -> subprocess.Popen:
     """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
+
+
+def run_assets(defs, gpl, selection, instance=None, **kwargs):
+    """``materialize`` the ``selection`` of ``defs`` (assets and checks) with the resources of ``gpl``."""
+    from dagster import DagsterInstance, materialize
+
+    from assets.resources import gpl_resources
+
+    return materialize([*defs.assets, *defs.asset_checks], selection=selection, resources=gpl_resources(gpl),
+                       instance=instance or DagsterInstance.ephemeral(), **kwargs)

@@ -86,11 +86,10 @@ def test_training_set_leaves_out_a_corrupted_pseudo_label_day(chain):
     with wh.transaction() as con:
         con.execute(f"UPDATE pseudo_labels SET pseudo_label = 1.0, confidence = 1.0 WHERE day = '{bad}'")
     instance = DagsterInstance.ephemeral()
-    from dagster import materialize
+    from assets.definitions import build_definitions
+    from tests.conftest import run_assets
 
-    from assets.definitions import all_assets
-
-    assert materialize(all_assets, selection=["training_set"], resources={"gpl": chain}, instance=instance).success
+    assert run_assets(build_definitions(gpl=chain), chain, ["training_set"], instance).success
     after = wh.query(f"SELECT count(*) AS n FROM training_set WHERE is_pseudo AND day = '{bad}'")["n"].iloc[0]
     assert after == 0
     meta = instance.fetch_materializations(AssetKey("training_set"), limit=1).records[0].asset_materialization.metadata
