@@ -49,13 +49,13 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
         for metric in ("auc", "unexposed_auc", "unexposed_hr@10", "exposed_auc", "never_exposed_auc",
                        "valid_unexposed_auc"):
             assert {"mean", "std"} <= set(entry["methods"]["gpl"][metric]), metric
-        assert set(entry["prerankers"]) == {"mlp:prerank_v1", "two_tower:prerank_scalar_v1"}
-        assert entry["prerankers"]["mlp:prerank_v1"]["gpl_lift"]["unexposed_auc"]["pooled_std"] >= 0
+        assert set(entry["prerankers"]) == {"mlp:prerank_v2", "two_tower:prerank_scalar_v2"}
+        assert entry["prerankers"]["mlp:prerank_v2"]["gpl_lift"]["unexposed_auc"]["pooled_std"] >= 0
         rows = entry["ceiling"]["rows"]
-        assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v1]" in rows[0]
+        assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v2]" in rows[0]
     # the self-selection policy is recorded with its true propensities, and ips reads them from the log
     assert saved["settings"]["self_selection_10"]["protocol"]["exposure_policy"]["policy"] == "self_selection"
-    assert saved["settings"]["self_selection_10"]["prerankers"]["mlp:prerank_v1"]["methods"]["ips"]
+    assert saved["settings"]["self_selection_10"]["prerankers"]["mlp:prerank_v2"]["methods"]["ips"]
     # the second setting reused the first one's item vectors and cached anchors
     assert saved["settings"]["self_selection_10"]["protocol"]["reused_work"]["item_embeddings"] > 0
     assert (tmp_path / "sweep_lift.png").stat().st_size > 1000
