@@ -36,44 +36,57 @@ from gpl_platform.features.schema import (
 )
 
 
-def _missing(values: pd.Series) -> np.ndarray:
-    # embeddings arrive as arrays/lists (present) or None/NaN (missing); pd.isna on an array is elementwise
-    return np.fromiter((v is None or (isinstance(v, float) and v != v) for v in values), dtype=bool,
-                       count=len(values))
+def _is_missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
 
 
-def fill_missing(values: pd.Series, stored: str) -> pd.Series:
-    """The stored feature ``stored`` as a model input: missing values get the default, declared dtype."""
+def fill_missing(values, stored: str) -> np.ndarray:
+    """The stored feature ``stored`` as a model input: missing values (None/NaN) get the default, the
+    declared dtype (int64, float64, object str, object column of float32 arrays)."""
     dtype = stored_type(stored)
     default = default_value(stored, dtype)
     if dtype == EMB:
-        missing = _missing(values)
         out = np.empty(len(values), dtype=object)
-        for k, (v, m) in enumerate(zip(values, missing)):
-            out[k] = default if m else np.asarray(v, dtype=np.float32)
-        return pd.Series(out, index=values.index)
+        for k, v in enumerate(values):
+            out[k] = default if _is_missing(v) else np.asarray(v, dtype=np.float32)
+        return out
     if dtype in (INT, FLOAT):
-        numeric = pd.to_numeric(values, errors="coerce").fillna(default)
-        return numeric.astype("int64" if dtype == INT else "float64")
-    return values.map(lambda v: default if v is None or (isinstance(v, float) and v != v) else str(v)).astype(object)
+        target = np.int64 if dtype == INT else np.float64
+        array = np.asarray(values)
+        if array.dtype.kind in "iub":
+            return array.astype(target)
+        if array.dtype.kind == "f":
+            return np.where(np.isnan(array), default, array).astype(target)
+        return np.array([default if _is_missing(v) else v for v in array], dtype=target)
+    return np.array([default if _is_missing(v) else str(v) for v in values], dtype=object)
+
+
+def entity_input_columns(columns, entity: str) -> dict[str, np.ndarray]:
+    """``{u_x: values}`` (``entity="user"``) or ``{i_x: ...}`` of the entity's stored features among
+    ``columns`` (a mapping of name -> values), every stored feature except the known flag."""
+    prefix, flag = STORED_PREFIX[entity], KNOWN_FLAGS[entity]
+    return {input_name(name): fill_missing(values, name) for name, values in columns.items()
+            if name.startswith(prefix) and name != flag and stored_type(name) is not None}
+
+
+def known_flag_columns(columns) -> dict[str, np.ndarray]:
+    """``{u_known, i_known}``: 1 when the profile view has the id (every catalog id has a row), else 0."""
+    return {input_name(flag): fill_missing(columns[flag], flag) for flag in KNOWN_FLAGS.values() if flag in columns}
 
 
 def entity_inputs(features: pd.DataFrame, entity: str) -> pd.DataFrame:
-    """``u_*`` (``entity="user"``) or ``i_*`` inputs of the entity's stored features in ``features``
-    (every stored feature except the known flag, which :func:`known_flags` turns into its input)."""
-    prefix, flag = STORED_PREFIX[entity], KNOWN_FLAGS[entity]
-    out = {}
-    for column in features.columns:
-        if not column.startswith(prefix) or column == flag or stored_type(column) is None:
-            continue
-        out[input_name(column)] = fill_missing(features[column], column)
-    return pd.DataFrame(out, index=features.index)
+    """:func:`entity_input_columns` of an on-demand view's DataFrame."""
+    return pd.DataFrame(entity_input_columns(_columns(features), entity), index=features.index)
 
 
 def known_flags(features: pd.DataFrame) -> pd.DataFrame:
-    """``u_known``/``i_known``: 1 when the profile view has the id (every catalog id has a row), else 0."""
-    return pd.DataFrame({input_name(flag): fill_missing(features[flag], flag)
-                         for flag in KNOWN_FLAGS.values() if flag in features.columns}, index=features.index)
+    """:func:`known_flag_columns` of an on-demand view's DataFrame."""
+    return pd.DataFrame(known_flag_columns(_columns(features)), index=features.index)
+
+
+def _columns(features: pd.DataFrame) -> dict:
+    # short names only (Feast also passes ``view__feature`` copies); the values as arrays
+    return {c: features[c].to_numpy() for c in features.columns if "__" not in c}
 
 
 def stack_embeddings(values, dim: int = EMBEDDING_DIM) -> np.ndarray:
@@ -81,14 +94,16 @@ def stack_embeddings(values, dim: int = EMBEDDING_DIM) -> np.ndarray:
     values = list(values)
     out = np.zeros((len(values), dim), dtype=np.float32)
     for k, v in enumerate(values):
-        if v is not None and not (isinstance(v, float) and v != v):
+        if not _is_missing(v):
             out[k] = np.asarray(v, dtype=np.float32)
     return out
 
 
 def cosine(user_history: np.ndarray, item_content: np.ndarray) -> np.ndarray:
-    """Row-wise dot product in float64 of two (n, dim) matrices (the vectors are unit or zero)."""
-    return np.einsum("ij,ij->i", user_history.astype(np.float64), item_content.astype(np.float64))
+    """Row-wise dot product in float64 of (n, dim) matrices (the vectors are unit or zero); a (1, dim)
+    user row broadcasts. Products then a sum along each row: the same numbers whether the user row
+    was repeated or broadcast, so the scoring service and Feast agree bit for bit."""
+    return (np.asarray(user_history, np.float64) * np.asarray(item_content, np.float64)).sum(axis=1)
 
 
 def user_item_cosine(features: pd.DataFrame) -> pd.DataFrame:

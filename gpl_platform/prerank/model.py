@@ -244,8 +244,14 @@ class PreRanker(nn.Module):
                 item_ids: Sequence[str] | None = None, batch_size: int = 65536) -> np.ndarray:
         """Click probabilities for a feature matrix (eval mode, no gradient); the id shapes need the
         rows' user and item ids (unknown ids score through the OOV bucket)."""
-        self.eval()
         user_rows, item_rows = self.id_rows(len(matrix), user_ids, item_ids)
+        return self.predict_rows(matrix, user_rows, item_rows, batch_size)
+
+    @torch.no_grad()
+    def predict_rows(self, matrix: np.ndarray, user_rows: torch.Tensor | None = None,
+                     item_rows: torch.Tensor | None = None, batch_size: int = 65536) -> np.ndarray:
+        """:meth:`predict` with the ids' vocabulary rows already looked up (a server caches them)."""
+        self.eval()
         out = []
         for k in range(0, len(matrix), batch_size):
             batch = slice(k, k + batch_size)

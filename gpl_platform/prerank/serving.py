@@ -22,10 +22,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import torch
 
 from gpl_platform.features import derived
 from gpl_platform.features.schema import (
@@ -40,7 +41,7 @@ from gpl_platform.features.schema import (
     input_name,
 )
 from gpl_platform.features.serving import decode_values, matrix_columns
-from gpl_platform.prerank.model import ItemVectors, PreRanker, TwoTowerPreRanker
+from gpl_platform.prerank.model import IdVocabulary, ItemVectors, PreRanker, TwoTowerPreRanker
 
 log = logging.getLogger(__name__)
 ITEM_VIEWS = ("item_activity", "item_profile")
@@ -88,33 +89,30 @@ class InputReader:
         self.entity_features = {e: [(n, t) for n, t in self.features if n.startswith(INPUT_PREFIX[e])]
                                 for e in ENTITY_KEYS}
 
-    def stored(self, entity: str, ids: Sequence[str]) -> pd.DataFrame:
-        """The stored features of ``ids`` (None where the online store has no value)."""
-        frame = pd.DataFrame({ENTITY_KEYS[entity]: list(ids)})
+    def stored(self, entity: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """``{stored feature: values}`` of ``ids`` (None where the online store has no value)."""
         if not self.refs[entity] or not len(ids):
-            return frame.assign(**{n: pd.Series([None] * len(ids), dtype=object) for n in self.types[entity]})
+            return {name: np.full(len(ids), None, dtype=object) for name in self.types[entity]}
         response = self.store.store.get_online_features(features=self.refs[entity],
                                                         entity_rows={ENTITY_KEYS[entity]: list(ids)})
-        for name, values in decode_values(response.proto, self.types[entity]).items():
-            frame[name] = values if np.ndim(values) == 1 else list(values)
-        return frame
+        return decode_values(response.proto, self.types[entity])
 
     def inputs(self, entity: str, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """``({input: (n,) or (n, dim)}, the embeddings the cosine reads (n, dim), known (n,) bool)``."""
         stored = self.stored(entity, ids)
-        frame = pd.concat([derived.entity_inputs(stored, entity), derived.known_flags(stored)], axis=1)
+        columns = {**derived.entity_input_columns(stored, entity), **derived.known_flag_columns(stored)}
         values = {}
         for name, dtype in self.entity_features[entity]:
             if dtype == EMB:
-                values[name] = derived.stack_embeddings(frame[name])
+                values[name] = derived.stack_embeddings(columns[name])
             elif dtype in (INT, FLOAT):
-                values[name] = frame[name].to_numpy(np.float64)
+                values[name] = columns[name]
         cos_source = COSINE_INPUTS[entity]
         vectors = (derived.stack_embeddings(stored[cos_source]) if cos_source in stored
                    else np.zeros((len(ids), EMBEDDING_DIM), np.float32))
-        known = frame[input_name(KNOWN_FLAGS[entity])].to_numpy() if input_name(KNOWN_FLAGS[entity]) in frame \
-            else np.ones(len(ids), np.int64)
-        return values, vectors, known.astype(bool)
+        flag = input_name(KNOWN_FLAGS[entity])
+        known = columns[flag] if flag in columns else np.ones(len(ids), np.int64)
+        return values, vectors, np.asarray(known).astype(bool)
 
 
 @dataclass
@@ -140,6 +138,17 @@ class Layout:
             at += width
         return cls(matrix_columns(features), np.array(user, np.int64), np.array(item, np.int64), cos)
 
+    @cached_property
+    def user_runs(self) -> list[tuple[slice, slice]]:
+        """``(matrix columns, user block columns)`` of each contiguous run of user positions (copies by
+        slice are several times faster than by an index array)."""
+        runs, start = [], 0
+        for k in range(1, len(self.user_pos) + 1):
+            if k == len(self.user_pos) or self.user_pos[k] != self.user_pos[k - 1] + 1:
+                runs.append((slice(int(self.user_pos[start]), int(self.user_pos[k - 1]) + 1), slice(start, k)))
+                start = k
+        return runs
+
     def block(self, values: dict[str, np.ndarray], features: Sequence[tuple[str, str]], n: int) -> np.ndarray:
         """The entity's inputs side by side, in the order of their positions."""
         parts = [values[name].reshape(n, -1) for name, dtype in features if name in values]
@@ -150,18 +159,22 @@ class Layout:
 class ItemSide:
     """The item side of the inputs for a set of items; row ``len(ids)`` is the unknown item (defaults)."""
 
-    ids: pd.Index
-    matrix: np.ndarray          # float32 (n + 1, len(layout.item_pos))
-    content: np.ndarray         # float32 (n + 1, dim): item content embeddings for the cosine
+    ids: list[str]
+    full: np.ndarray            # float32 (n + 1, n_columns): item inputs in place, zeros elsewhere
+    content: np.ndarray         # float64 (n + 1, dim): item content embeddings for the cosine
     known: np.ndarray           # bool (n + 1,)
     version: dict = field(default_factory=dict)
-    tower: ItemVectors | None = None  # two_tower: item vectors of ``ids``
     built_s: float = 0.0
+    vocab_rows: np.ndarray | None = None  # id shapes: the model's vocabulary row of each item (the last: OOV)
+    tower: ItemVectors | None = None      # two_tower: item vectors of ``ids``
+
+    def __post_init__(self) -> None:
+        self.position = {item: k for k, item in enumerate(self.ids)}
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
-        rows = self.ids.get_indexer(pd.Index(list(item_ids)))
-        rows[rows < 0] = len(self.ids)
-        return rows
+        """Row of each id; ids not in the store get the unknown row ``len(ids)``."""
+        get, unknown = self.position.get, len(self.ids)
+        return np.fromiter((get(i, unknown) for i in item_ids), dtype=np.int64, count=len(item_ids))
 
 
 def build_item_side(reader: InputReader, layout: Layout, ids: Sequence[str], version: dict | None = None
@@ -169,9 +182,10 @@ def build_item_side(reader: InputReader, layout: Layout, ids: Sequence[str], ver
     began = time.perf_counter()
     ids = list(ids)
     values, content, known = reader.inputs("item", ids + ["\x00unknown-item"])  # the last row: defaults
-    matrix = layout.block(values, reader.entity_features["item"], len(ids) + 1)
+    full = np.zeros((len(ids) + 1, len(layout.columns)), np.float32)
+    full[:, layout.item_pos] = layout.block(values, reader.entity_features["item"], len(ids) + 1)
     known[-1] = False
-    return ItemSide(pd.Index(ids), matrix, content, known, version or {}, built_s=time.perf_counter() - began)
+    return ItemSide(ids, full, content.astype(np.float64), known, version or {}, time.perf_counter() - began)
 
 
 @dataclass
@@ -185,6 +199,19 @@ class ScoredCandidates:
     model_version: str = ""
     feature_service: str = ""
     features_version: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    """One request's ids, rows and user inputs."""
+
+    user_id: str
+    item_ids: list[str]
+    items: ItemSide
+    rows: np.ndarray
+    user_block: np.ndarray        # float32 (n_user_columns,)
+    user_history: np.ndarray      # float32 (1, dim)
+    user_known: bool
 
 
 class PreRankScorer:
@@ -223,63 +250,79 @@ class PreRankScorer:
             if not force and self.items is not None and self.items.version.get("id") == version["id"]:
                 return False
             reader = self.reader if store is self.store else InputReader(store, self.service)
-            items = build_item_side(reader, self.layout, catalog_item_ids(store), version)
-            items.tower = self._tower(items)
+            items = self._prepared(build_item_side(reader, self.layout, catalog_item_ids(store), version))
             self.items = items  # one assignment: a request sees the old side or the new one, whole
             log.info("item side rebuilt: %d items, materialization %s (through %s), %.2fs", len(items.ids),
                      version["id"], version["through"], items.built_s)
             return True
 
-    def _tower(self, items: ItemSide) -> ItemVectors | None:
-        if not isinstance(self.model, TwoTowerPreRanker) or not len(items.ids):
-            return None
-        x = np.zeros((len(items.ids), len(self.layout.columns)), np.float32)
-        x[:, self.layout.item_pos] = items.matrix[:-1]
-        return self.model.item_vectors(x, list(items.ids))
+    def _prepared(self, items: ItemSide) -> ItemSide:
+        """What the model can compute once per item: vocabulary rows, and the two-tower item vectors."""
+        if self.model.uses_ids:
+            items.vocab_rows = np.append(self.model.item_vocab.rows(items.ids), IdVocabulary.OOV_ROW)
+        if isinstance(self.model, TwoTowerPreRanker) and items.ids:
+            items.tower = self.model.item_vectors(items.full[:-1], items.ids)
+        return items
 
     # ---- scoring ---------------------------------------------------------------------------
-    def _inputs(self, user_id: str, item_ids: list[str]) -> tuple[np.ndarray, ItemSide, np.ndarray, bool]:
-        """The model matrix of the request, the item side and rows it used, and whether the user is known."""
-        items = self.items if self.cache_items else build_item_side(self.reader, self.layout,
-                                                                    list(dict.fromkeys(item_ids)))
-        rows = items.rows(item_ids)
+    def _request(self, user_id, item_ids) -> _Request:
+        user_id, item_ids = str(user_id), [str(i) for i in item_ids]
+        items = self.items if self.cache_items else self._prepared(
+            build_item_side(self.reader, self.layout, list(dict.fromkeys(item_ids))))
         user_values, user_history, user_known = self.reader.inputs("user", [user_id])
-        n = len(item_ids)
-        x = np.empty((n, len(self.layout.columns)), np.float32)
-        x[:, self.layout.user_pos] = self.layout.block(user_values, self.reader.entity_features["user"], 1)
-        x[:, self.layout.item_pos] = items.matrix[rows]
+        user_block = self.layout.block(user_values, self.reader.entity_features["user"], 1)[0]
+        return _Request(user_id, item_ids, items, items.rows(item_ids), user_block, user_history, bool(user_known[0]))
+
+    def _matrix(self, req: _Request, rows: np.ndarray) -> np.ndarray:
+        x = req.items.full[rows]  # a fresh copy with the item inputs in place
+        for columns, part in self.layout.user_runs:
+            x[:, columns] = req.user_block[part]
         if self.layout.cosine_pos is not None:
-            x[:, self.layout.cosine_pos] = derived.cosine(np.broadcast_to(user_history, (n, user_history.shape[1])),
-                                                          items.content[rows])
-        return x, items, rows, bool(user_known[0])
+            x[:, self.layout.cosine_pos] = derived.cosine(req.user_history, req.items.content[rows])
+        return x
 
     def matrix(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
-        """The float32 input matrix the model scores (the training matrix of the same rows)."""
-        return self._inputs(str(user_id), [str(i) for i in item_ids])[0]
+        """The float32 input matrix of a request (what training reads for the same rows)."""
+        req = self._request(user_id, item_ids)
+        return self._matrix(req, req.rows)
 
     def score(self, user_id: str, item_ids: Sequence[str]) -> ScoredCandidates:
-        user_id = str(user_id)
-        item_ids = [str(i) for i in item_ids]
-        x, items, rows, user_known = self._inputs(user_id, item_ids)
-        scores = self._predict(x, user_id, item_ids, items, rows)
-        unknown = list(dict.fromkeys(i for i, r in zip(item_ids, rows) if not items.known[r]))
-        scored = ScoredCandidates(item_ids, scores, not user_known, unknown, model_version=self.model_version,
-                                  feature_service=self.service, features_version=dict(items.version))
-        if self.model.uses_ids:
-            scored.out_of_vocabulary_user = bool(self.model.user_vocab.unknown([user_id]))
-            scored.out_of_vocabulary_items = self.model.item_vocab.unknown(item_ids)
+        req = self._request(user_id, item_ids)
+        items, rows, n = req.items, req.rows, len(req.item_ids)
+        scored = ScoredCandidates(req.item_ids, np.zeros(0, np.float32), not req.user_known,
+                                  [req.item_ids[k] for k in np.flatnonzero(~items.known[rows])],
+                                  model_version=self.model_version, feature_service=self.service,
+                                  features_version=dict(items.version))
+        scored.unknown_items = list(dict.fromkeys(scored.unknown_items))
+        if n == 0:
+            return scored
+        if not self.model.uses_ids:
+            scored.scores = self.model.predict_rows(self._matrix(req, rows))
+            return scored
+        user_rows = torch.from_numpy(self.model.user_vocab.rows([req.user_id]))
+        item_rows = items.vocab_rows[rows]
+        outside = np.flatnonzero(rows == len(items.ids))  # not in the store: their own vocabulary rows
+        if len(outside):
+            item_rows[outside] = self.model.item_vocab.rows([req.item_ids[k] for k in outside])
+        scored.out_of_vocabulary_user = bool(user_rows[0] == IdVocabulary.OOV_ROW)
+        scored.out_of_vocabulary_items = list(dict.fromkeys(
+            req.item_ids[k] for k in np.flatnonzero(item_rows == IdVocabulary.OOV_ROW)))
+        if items.tower is None:
+            scored.scores = self.model.predict_rows(self._matrix(req, rows), user_rows.expand(n),
+                                                    torch.from_numpy(item_rows))
+        else:
+            scored.scores = self._two_tower(req, rows, user_rows, item_rows, outside)
         return scored
 
-    def _predict(self, x: np.ndarray, user_id: str, item_ids: list[str], items: ItemSide, rows: np.ndarray
-                 ) -> np.ndarray:
-        if items.tower is None or not len(item_ids):
-            return self.model.predict(x, [user_id] * len(item_ids), item_ids)
-        vectors = np.empty((len(item_ids), items.tower.vectors.shape[1]), np.float32)
-        offsets = np.empty(len(item_ids), np.float32)
-        cached = rows < len(items.ids)
-        vectors[cached], offsets[cached] = items.tower.vectors[rows[cached]], items.tower.logit_offset[rows[cached]]
-        if not cached.all():  # ids not in the store: the item tower on their default inputs and their own id rows
-            extra = self.model.item_vectors(x[~cached], [i for i, c in zip(item_ids, cached) if not c])
-            vectors[~cached], offsets[~cached] = extra.vectors, extra.logit_offset
-        subset = ItemVectors(item_ids, vectors, offsets)
-        return self.model.predict_with_item_vectors(x[:1], [user_id], subset)[0]
+    @torch.no_grad()
+    def _two_tower(self, req: _Request, rows, user_rows, item_rows, outside) -> np.ndarray:
+        """Only the user tower per request: item vectors come from the item side."""
+        items = req.items
+        vectors = items.tower.vectors[np.minimum(rows, len(items.ids) - 1)]
+        offsets = items.tower.logit_offset[np.minimum(rows, len(items.ids) - 1)]
+        if len(outside):  # the item tower on the default inputs of ids the store does not have
+            extra = self.model.item_vectors(items.full[rows[outside]], [req.item_ids[k] for k in outside])
+            vectors[outside], offsets[outside] = extra.vectors, extra.logit_offset
+        x_user = self._matrix(req, rows[:1])
+        user = self.model.user_vectors(torch.from_numpy(x_user), user_rows).numpy()[0]
+        return torch.sigmoid(torch.from_numpy(vectors @ user + offsets)).numpy()
