@@ -53,7 +53,9 @@ def data_validate(directory: Path = typer.Argument(..., help="directory with ite
     typer.echo(f"valid: {len(dataset.items)} items, {len(dataset.users)} users, {len(ev)} events in "
                f"{ev['request_id'].nunique()} requests over {ev['day'].nunique()} days "
                f"({ev['day'].min()} .. {ev['day'].max()}), exposure rate {ev['exposed'].mean():.3f}, "
-               f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows")
+               f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows"
+               + (f"; {dataset.info['users_only_in_events']} user(s) appear only in events (no attributes)"
+                  if dataset.info.get("users_only_in_events") else ""))
 
 
 @data_app.command("fetch")

@@ -30,6 +30,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -189,3 +190,28 @@ def post_json(url: str, body, timeout: float = 30) -> tuple[int, dict]:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"null")
+
+
+def train_small_model(world, shape: str, seed: int = 0, out=None):
+    """A pre-ranker of ``shape`` after two epochs on a feature world's exposed candidates (scores need
+    not be good, only the same everywhere), saved under the world's models directory."""
+    from gpl_platform.prerank.data import attach_features, load_candidates
+    from gpl_platform.prerank.model import ModelConfig
+    from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker
+
+    store = world["store"]
+    cands = load_candidates(world["warehouse"], world["days"])
+    cands = cands[cands["exposed"]].reset_index(drop=True)
+    matrix, columns = attach_features(store, cands, "prerank_v2")
+    labels = cands["clicked"].to_numpy(np.float32)
+    users = world["dataset"].users["user_id"].tolist()
+    items = world["dataset"].items["item_id"].tolist()
+    model, _ = train_preranker(
+        TrainingRows(matrix, labels, np.ones(len(labels), np.float32), np.zeros(len(labels), bool),
+                     cands["user_id"].to_numpy(), cands["item_id"].to_numpy()),
+        columns, matrix[:200], labels[:200].astype(int), ModelConfig(shape=shape), TrainConfig(epochs=2, seed=seed),
+        valid_user_ids=cands["user_id"][:200].to_numpy(), valid_item_ids=cands["item_id"][:200].to_numpy(),
+        user_vocab=users[:-3], item_vocab=items[:-5])  # some catalog ids outside the vocabulary
+    out = out or world["store"].settings.artifacts_dir / "models" / f"{shape}-{seed}"
+    model.save(out, {"feature_service": "prerank_v2", "version": f"{shape}-{seed}"})
+    return model, out

@@ -18,33 +18,11 @@ import pytest
 from gpl_platform.config import load_settings
 from gpl_platform.features import pipeline
 from gpl_platform.features.fixtures import build_feature_world
-from gpl_platform.prerank.data import attach_features, load_candidates
-from gpl_platform.prerank.model import ModelConfig
+from gpl_platform.prerank.data import attach_features
 from gpl_platform.prerank.serving import PreRankScorer
-from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker
-from tests.conftest import RunningServer, free_port, post_json
+from tests.conftest import RunningServer, free_port, post_json, train_small_model
 
 SHAPES = ("mlp", "two_tower", "cold")
-
-
-def _train(world, shape: str, seed: int = 0, out=None):
-    """A few epochs on the world's exposed candidates (scores need not be good, only the same)."""
-    store = world["store"]
-    cands = load_candidates(world["warehouse"], world["days"])
-    cands = cands[cands["exposed"]].reset_index(drop=True)
-    matrix, columns = attach_features(store, cands, "prerank_v2")
-    labels = cands["clicked"].to_numpy(np.float32)
-    users = world["dataset"].users["user_id"].tolist()
-    items = world["dataset"].items["item_id"].tolist()
-    model, _ = train_preranker(
-        TrainingRows(matrix, labels, np.ones(len(labels), np.float32), np.zeros(len(labels), bool),
-                     cands["user_id"].to_numpy(), cands["item_id"].to_numpy()),
-        columns, matrix[:200], labels[:200].astype(int), ModelConfig(shape=shape), TrainConfig(epochs=2, seed=seed),
-        valid_user_ids=cands["user_id"][:200].to_numpy(), valid_item_ids=cands["item_id"][:200].to_numpy(),
-        user_vocab=users[:-3], item_vocab=items[:-5])  # some catalog ids outside the vocabulary
-    out = out or world["store"].settings.artifacts_dir / "models" / f"{shape}-{seed}"
-    model.save(out, {"feature_service": "prerank_v2", "version": f"{shape}-{seed}"})
-    return model, out
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +34,7 @@ def world(tmp_path_factory):
     all_days = sorted(set(load_source(settings).events["day"]))
     world = build_feature_world(settings, days=all_days[:-2])
     world["all_days"] = all_days
-    world["models"] = {shape: _train(world, shape) for shape in SHAPES}
+    world["models"] = {shape: train_small_model(world, shape) for shape in SHAPES}
     return world
 
 

@@ -147,8 +147,9 @@ def default_value(stored: str, dtype: str, dim: int = EMBEDDING_DIM):
     return ""
 
 
-def _safe(name: str) -> str:
-    out = re.sub(r"[^0-9a-zA-Z_]", "_", str(name)).strip("_").lower()
+def attribute_feature_name(column: str) -> str:
+    """The part of a feature name an attribute column gives: lower case, other characters as ``_``."""
+    out = re.sub(r"[^0-9a-zA-Z_]", "_", str(column)).strip("_").lower()
     return out or "col"
 
 
@@ -233,7 +234,7 @@ def spec_from_columns(user_columns: dict[str, str], item_columns: dict[str, str]
         for column, duckdb_type in columns.items():
             if column in skip:
                 continue
-            safe = _safe(column)
+            safe = attribute_feature_name(column)
             if safe in seen:
                 raise AttributeNameClash(
                     f"{entity}s columns {seen[safe]!r} and {column!r} both become the feature "
