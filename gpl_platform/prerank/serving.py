@@ -167,6 +167,8 @@ class ItemSide:
     built_s: float = 0.0
     vocab_rows: np.ndarray | None = None  # id shapes: the model's vocabulary row of each item (the last: OOV)
     tower: ItemVectors | None = None      # two_tower: item vectors of ``ids``
+    scalars: np.ndarray | None = None     # mlp, cold: the model's scalar columns of each row
+    projection: torch.Tensor | None = None  # mlp, cold: each row's item content projection
 
     def __post_init__(self) -> None:
         self.position = {item: k for k, item in enumerate(self.ids)}
@@ -232,6 +234,11 @@ class PreRankScorer:
         self.reader = InputReader(store, self.service)
         self.model.layout.check(self.reader.columns)
         self.layout = Layout.of(self.reader.features)
+        scalar_idx = np.asarray(self.model.layout.scalar_idx, np.int64)
+        self._scalar_idx = scalar_idx
+        self._user_slots = np.flatnonzero(np.isin(scalar_idx, self.layout.user_pos))
+        self._cosine_slot = (int(np.flatnonzero(scalar_idx == self.layout.cosine_pos)[0])
+                             if self.layout.cosine_pos is not None else None)
         self.cache_items = cache_items
         self._lock = threading.Lock()
         self.items: ItemSide | None = None
@@ -260,8 +267,14 @@ class PreRankScorer:
         """What the model can compute once per item: vocabulary rows, and the two-tower item vectors."""
         if self.model.uses_ids:
             items.vocab_rows = np.append(self.model.item_vocab.rows(items.ids), IdVocabulary.OOV_ROW)
-        if isinstance(self.model, TwoTowerPreRanker) and items.ids:
-            items.tower = self.model.item_vectors(items.full[:-1], items.ids)
+        if isinstance(self.model, TwoTowerPreRanker):
+            if items.ids:
+                items.tower = self.model.item_vectors(items.full[:-1], items.ids)
+            return items
+        items.scalars = np.ascontiguousarray(items.full[:, self._scalar_idx])
+        with torch.no_grad():
+            self.model.eval()
+            items.projection = self.model.inputs.item_content(torch.from_numpy(items.full))
         return items
 
     # ---- scoring ---------------------------------------------------------------------------
@@ -297,7 +310,7 @@ class PreRankScorer:
         if n == 0:
             return scored
         if not self.model.uses_ids:
-            scored.scores = self.model.predict_rows(self._matrix(req, rows))
+            scored.scores = self._dense(req, rows)
             return scored
         user_rows = torch.from_numpy(self.model.user_vocab.rows([req.user_id]))
         item_rows = items.vocab_rows[rows]
@@ -308,11 +321,26 @@ class PreRankScorer:
         scored.out_of_vocabulary_items = list(dict.fromkeys(
             req.item_ids[k] for k in np.flatnonzero(item_rows == IdVocabulary.OOV_ROW)))
         if items.tower is None:
-            scored.scores = self.model.predict_rows(self._matrix(req, rows), user_rows.expand(n),
-                                                    torch.from_numpy(item_rows))
+            scored.scores = self._dense(req, rows, user_rows.expand(n), torch.from_numpy(item_rows))
         else:
             scored.scores = self._two_tower(req, rows, user_rows, item_rows, outside)
         return scored
+
+    @torch.no_grad()
+    def _dense(self, req: _Request, rows: np.ndarray, user_rows=None, item_rows=None) -> np.ndarray:
+        """mlp and cold: the dense inputs from their parts, the user's history projected once and the
+        items' content projections from the item side (the model's ``all_inputs``, without the
+        (n, n_columns) matrix)."""
+        inputs, items = self.model.inputs, req.items
+        x_user = self._matrix(req, rows[:1]) if len(rows) else None
+        raw = items.scalars[rows]
+        raw[:, self._user_slots] = x_user[0, self._scalar_idx[self._user_slots]]
+        if self._cosine_slot is not None:
+            raw[:, self._cosine_slot] = derived.cosine(req.user_history, items.content[rows])
+        user = inputs.user_history(torch.from_numpy(x_user))
+        item = items.projection[torch.from_numpy(rows)] if items.projection is not None else None
+        dense = inputs.assemble(inputs.standardize(torch.from_numpy(raw)), user, item)
+        return torch.sigmoid(self.model.logits(dense, user_rows, item_rows)).numpy()
 
     @torch.no_grad()
     def _two_tower(self, req: _Request, rows, user_rows, item_rows, outside) -> np.ndarray:
