@@ -243,3 +243,16 @@ def test_sql_registry_is_a_setting(world, tmp_path):
     assert np.array_equal(store.online_client().get(users[0], items).matrix,
                           world["store"].online_client().get(users[0], items).matrix)
     assert json.loads(json.dumps(store.materialization_key(["item_activity"])))  # intervals recorded in SQL
+
+
+def test_the_documented_contract_table_is_the_registered_one(world):
+    """docs/FEATURES.md lists every input of prerank_v2 (attribute columns as their patterns)."""
+    import re
+
+    text = (PROJECT_ROOT / "docs" / "FEATURES.md").read_text()
+    section = text.split("## The feature contract", 1)[1].split("\n## ", 1)[0]
+    documented = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9_<>]+)` \| [^|]+\| ([A-Za-z0-9()]+)",
+                                                               section, re.MULTILINE)}
+    registered = {re.sub(r"^([ui])_(num|cat)_.*", r"\1_\2_<column>", n): t
+                  for n, t in world["store"].service_features("prerank_v2")}
+    assert documented == registered
