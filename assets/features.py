@@ -99,8 +99,8 @@ def feature_assets(partitions: DailyPartitionsDefinition, automation: Automation
         act = stats["activity"]
         return MaterializeResult(metadata={
             "dagster/row_count": stats["rows"], "partition_span": span(days),
-            "mean_click_rate": float(act["u_click_rate"].mean()) if len(act) else 0.0,
-            "cold_users_share": float((act["u_exposures"] == 0).mean()) if len(act) else 0.0,
+            "mean_click_rate": float(act["user_click_rate"].mean()) if len(act) else 0.0,
+            "cold_users_share": float((act["user_exposures"] == 0).mean()) if len(act) else 0.0,
             "per_day": table_md(stats["per_day"]),
         })
 
@@ -117,8 +117,8 @@ def feature_assets(partitions: DailyPartitionsDefinition, automation: Automation
         last = act[act["day"] == max(days)]
         return MaterializeResult(metadata={
             "dagster/row_count": stats["rows"], "partition_span": span(days),
-            "long_tail_share_last_day": float(last["i_long_tail"].mean()) if len(last) else 0.0,
-            "never_exposed_share_last_day": float((last["i_exposures"] == 0).mean()) if len(last) else 0.0,
+            "long_tail_share_last_day": float(last["item_long_tail"].mean()) if len(last) else 0.0,
+            "never_exposed_share_last_day": float((last["item_exposures"] == 0).mean()) if len(last) else 0.0,
             "per_day": table_md(stats["per_day"]),
         })
 

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 log = logging.getLogger("gpl.bias_sweep")
 #: a pre-ranker trains on the exposed part only when training_set / prerank_model run: the sweep skips them
 SKIPPED_ASSETS = ("training_set", "prerank_model", "label_audit")
-DEFAULT_PRERANKERS = ("mlp:prerank_v1", "two_tower:prerank_scalar_v1", "cold:prerank_scalar_v1")
+DEFAULT_PRERANKERS = ("mlp:prerank_v2", "two_tower:prerank_scalar_v2", "cold:prerank_scalar_v2")
 
 
 def run(source: str, out: Path | None = None, settings: list[str] | None = None, seeds: list[int] | None = None,

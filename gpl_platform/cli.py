@@ -122,7 +122,9 @@ def data_validate(directory: Path = typer.Argument(..., help="directory with ite
     typer.echo(f"valid: {len(dataset.items)} items, {len(dataset.users)} users, {len(ev)} events in "
                f"{ev['request_id'].nunique()} requests over {ev['day'].nunique()} days "
                f"({ev['day'].min()} .. {ev['day'].max()}), exposure rate {ev['exposed'].mean():.3f}, "
-               f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows")
+               f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows"
+               + (f"; {dataset.info['users_only_in_events']} user(s) appear only in events (no attributes)"
+                  if dataset.info.get("users_only_in_events") else ""))
 
 
 @data_app.command("fetch")
@@ -299,6 +301,31 @@ def evaluate(
         report = json.loads(out.read_text())
         update_results_doc(results_doc, report, "gpl " + " ".join(sys.argv[1:]), commit)
     typer.echo(f"evaluation written to {out} (+ {out.with_suffix('.md').name}) in {time.perf_counter() - began:.0f}s")
+
+
+@app.command("serve")
+def serve(
+    host: Optional[str] = typer.Option(None, help="address to bind (default serving.host: 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default serving.port: 8765)"),
+    model: Optional[Path] = typer.Option(None, help="a model directory (pinned), or a directory of model versions "
+                                         "whose newest is served and hot-reloaded (default <data_dir>/artifacts/models)"),
+    refresh_interval: Optional[float] = typer.Option(None, help="seconds between looks for a newer model and "
+                                                     "newer item features (default serving.refresh_interval_s)"),
+    data_dir: Optional[Path] = typer.Option(None, help="where the warehouse, features and models live"),
+) -> None:
+    """The pre-rank scoring service: POST /score {user_id, item_ids} -> scores; GET /health."""
+    _apply_env(data_dir=data_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("feast", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from gpl_platform.config import load_settings
+    from gpl_platform.prerank.service import ModelNotFound
+    from gpl_platform.prerank.service import serve as run_service
+
+    try:
+        run_service(load_settings(), host, port, model, refresh_interval)
+    except (ModelNotFound, FileNotFoundError, ValueError) as exc:
+        _fail(f"gpl serve: {exc}")
 
 
 @app.command("config")

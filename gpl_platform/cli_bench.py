@@ -167,9 +167,13 @@ def bench_online_latency(items: int = typer.Option(100, help="candidate items pe
 
 @bench_app.command("prerank-scoring")
 def bench_prerank_scoring(items: int = typer.Option(1000, help="candidate items per request"),
+                          requests: int = typer.Option(200, help="timed requests per path"),
+                          clients: int = typer.Option(8, help="load test: concurrent HTTP clients (0: none)"),
+                          seconds: float = typer.Option(30.0, help="load test duration"),
                           out: Optional[Path] = typer.Option(None)) -> None:
-    """Serving latency: user + N candidates -> scores with online features (SQLite), vs retrieval alone."""
-    _emit(_bench_module("bench_prerank_scoring").run(items, out), None)
+    """Scoring latency, user + N candidates: in process with the item side in memory, without it, over HTTP
+    (gpl serve), and a bounded load test (throughput, p99, errors)."""
+    _emit(_bench_module("bench_prerank_scoring").run(items, out, requests, clients=clients, seconds=seconds), None)
 
 
 @bench_app.command("sid")

@@ -280,7 +280,7 @@ class TrainingConfig(BaseModel):
     max_failing_label_days_share: float = Field(
         0.8, ge=0, le=1, description="pseudo-label days failing the quality gate are left out of training; "
                                      "above this share of the training days, training refuses to run")
-    feature_service: str = "prerank_v1"
+    feature_service: str = Field("prerank_v2", description="Feast feature service the pre-ranker reads (feature_repo/definitions.py)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(2048, gt=0)
@@ -301,7 +301,7 @@ class EvaluationConfig(BaseModel):
                                  "pseudo_only"], description="methods trained side by side")
     prerankers: list[str] = Field(
         default_factory=list, description="pre-rankers each method is trained with, as 'shape' or "
-        "'shape:feature_service' (e.g. 'two_tower:prerank_scalar_v1'); empty: training.preranker with "
+        "'shape:feature_service' (e.g. 'two_tower:prerank_scalar_v2'); empty: training.preranker with "
         "training.feature_service. The first one is the report's headline")
     rare_exposures_max: int = Field(
         5, ge=1, description="items exposed 1..N times in the training days are 'rarely exposed', more: 'often'")
@@ -320,6 +320,36 @@ class AutomationConfig(BaseModel):
     watchdog_interval_s: int = Field(30, ge=5, description="seconds between checks for runs whose process died")
     sensors_running: bool = Field(True, description="the new-days and automation sensors start running with the "
                                   "daemon; false: stopped until turned on in the UI (the watchdog always runs)")
+
+
+class FeatureStoreConfig(BaseModel):
+    """The Feast online store and registry every stage uses: materialization, training retrieval, the
+    Python client, `feast serve` and the scoring service (docs/FEATURES.md)."""
+
+    online_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="sqlite: <data_dir>/feast/online_store.db; redis: the server at `redis`")
+    redis: str = Field("127.0.0.1:6379", description="redis connection string: host:port[,db=N][,password=...]")
+    registry: Literal["file", "sql"] = Field("file", description="file: a registry.db protobuf file; sql: a "
+                                             "SQLAlchemy database (registry_url)")
+    registry_url: str | None = Field(
+        None, description="sql registry: SQLAlchemy URL (postgresql://..., sqlite:////abs/path.db); default "
+        "sqlite:///<store dir>/registry.sqlite")
+    registry_cache_ttl_s: int = Field(60, ge=0, description="long-lived readers re-read the registry this often")
+
+
+class ServingConfig(BaseModel):
+    """`gpl serve`: the pre-rank scoring service for downstream rankers."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, gt=0, lt=65536)
+    model: Path | None = Field(None, description="a model directory (pinned), or a directory of model versions "
+                               "(the newest is served and newer ones are hot-reloaded); default "
+                               "<data_dir>/artifacts/models")
+    max_items: int = Field(10_000, gt=0, description="largest candidate list one request may score")
+    refresh_interval_s: float = Field(
+        1.0, gt=0, description="how often the service looks for a newer model and a newer materialization "
+        "of the item features")
+    torch_threads: int = Field(1, gt=0, description="intra-op threads per request (requests run in parallel)")
 
 
 class Settings(BaseSettings):
@@ -350,6 +380,8 @@ class Settings(BaseSettings):
     evaluation: EvaluationConfig = EvaluationConfig()
     quality: QualityConfig = QualityConfig()
     automation: AutomationConfig = AutomationConfig()
+    feature_store: FeatureStoreConfig = FeatureStoreConfig()
+    serving: ServingConfig = ServingConfig()
 
     @field_validator("data_dir")
     @classmethod

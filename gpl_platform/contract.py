@@ -38,7 +38,7 @@ class ContractError(ValueError):
         self.file, self.column, self.n_rows, self.problem = file, column, n_rows, problem
         where = f"{file}: column '{column}'" if column else f"{file}"
         count = f": {n_rows} row(s) {problem}" if n_rows is not None else f": {problem}"
-        ex = f" (e.g. {', '.join(map(repr, examples[:3]))})" if examples else ""
+        ex = f" (e.g. {', '.join(map(_example, examples[:3]))})" if examples else ""
         super().__init__(where + count + ex)
 
 
@@ -103,6 +103,7 @@ def validate_items(items: pd.DataFrame, file: str = "items") -> pd.DataFrame:
     _fail(out, file, "text", ~text.map(lambda v: isinstance(v, str)), "have non-string text")
     _fail(out, file, "text", text.str.strip() == "", "have empty text")
     _fail(out, file, "item_id", out["item_id"].duplicated(keep=False), "have a duplicate item_id")
+    _check_attribute_names(out, file, ("item_id", "text"))
     return out.reset_index(drop=True)
 
 
@@ -111,6 +112,7 @@ def validate_users(users: pd.DataFrame, file: str = "users") -> pd.DataFrame:
     out = users.copy()
     out["user_id"] = _string_ids(out, file, "user_id")
     _fail(out, file, "user_id", out["user_id"].duplicated(keep=False), "have a duplicate user_id")
+    _check_attribute_names(out, file, ("user_id",))
     return out.reset_index(drop=True)
 
 
@@ -123,7 +125,7 @@ def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
         raise ContractError(_origin(df, file), column, len(col),
                             "are naive timestamps (no time zone); write them as UTC, e.g. 2024-01-31T12:00:00Z")
     if ptypes.is_object_dtype(col) or ptypes.is_string_dtype(col):
-        text = col.astype(str)
+        text = _uppercase_utc_suffix(col.astype(str))
         # An explicit offset or Z is required: a naive wall-clock time is ambiguous.
         has_tz = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})\s*$", regex=True)
         _fail(df, file, column, ~has_tz, "are naive timestamps (no time zone offset); append Z or +00:00")
@@ -168,9 +170,12 @@ def _propensity(df: pd.DataFrame, file: str) -> pd.Series:
 
 
 def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None = None,
-                    file: str = "events") -> pd.DataFrame:
-    """Validate and normalize events against the (already validated) items and users."""
+                    file: str = "events", require_rows: bool = True) -> pd.DataFrame:
+    """Validate and normalize events against the (already validated) items and users. ``require_rows``:
+    a delivery without events is refused; a read of some day folders may have none (no delivery yet)."""
     _require_columns(events, file, EVENT_REQUIRED)
+    if require_rows:
+        _require_rows(events, file)
     out = events.copy()
     for column in ("request_id", "user_id", "item_id"):
         out[column] = _string_ids(out, file, column)
@@ -188,8 +193,6 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFra
     _fail(out, file, "item_id", out.duplicated(["request_id", "item_id"], keep=False),
           "repeat a (request_id, item_id) pair")
     _fail(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
-    if users is not None:
-        _fail(out, file, "user_id", ~out["user_id"].isin(users["user_id"]), "name users missing from the users table")
     per_request = out.groupby("request_id", sort=False).agg(
         n_users=("user_id", "nunique"), n_times=("event_time", "nunique"))
     for column, agg, what in (("user_id", "n_users", "user"), ("event_time", "n_times", "event_time")):
@@ -208,17 +211,18 @@ def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate_dataset(name: str, items: pd.DataFrame, users: pd.DataFrame | None, events: pd.DataFrame,
-                     files: dict[str, str] | None = None, info: dict | None = None) -> Dataset:
+                     files: dict[str, str] | None = None, info: dict | None = None,
+                     require_rows: bool = True) -> Dataset:
     """Validate all three tables; users default to the distinct users of the events."""
     files = files or {}
     items_v = validate_items(items, files.get("items", "items"))
     users_v = validate_users(users, files.get("users", "users")) if users is not None else None
-    events_v = validate_events(events, items_v, users_v, files.get("events", "events"))
-    if users_v is None:
-        users_v = pd.DataFrame({"user_id": pd.unique(events_v["user_id"])})
+    events_v = validate_events(events, items_v, users_v, files.get("events", "events"), require_rows)
+    info = dict(info or {})
+    users_v, info["users_only_in_events"] = _with_event_users(users_v, events_v)
     for frame in (items_v, users_v, events_v):
         frame.drop(columns=[ORIGIN], errors="ignore", inplace=True)
-    return Dataset(name, items_v, users_v, normalize_events_frame(events_v), info or {})
+    return Dataset(name, items_v, users_v, normalize_events_frame(events_v), info)
 
 
 # ---- reading a contract directory ---------------------------------------------------------
@@ -234,7 +238,8 @@ def _read_table_file(path: Path) -> pd.DataFrame:
         if kind == "parquet":
             return pd.read_parquet(path)
         if kind == "csv":
-            return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=True)
+            # Only an empty cell is missing: NA, None, null... are text (an id, a country code).
+            return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=False, na_values=[""])
     except Exception as exc:  # unreadable file: say which one
         raise ContractError(str(path), None, None, f"cannot be read as {kind}: {exc}") from exc
     raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
@@ -247,6 +252,14 @@ def contract_files(directory: Path, table: str, required: bool = True) -> list[P
     folder = directory / table
     nested = table_folder_files(folder, table) if folder.is_dir() else []
     found = direct + nested
+    _check_inside(directory, [folder, *found])
+    if len(direct) > 1:
+        raise ContractError(str(directory), None, None,
+                            f"has {' and '.join(p.name for p in direct)}: one table, one file format (remove the "
+                            "stale one, e.g. from an earlier export)")
+    if direct and nested:
+        raise ContractError(str(directory), None, None,
+                            f"has both {direct[0].name} and a {table}/ folder: keep one of them")
     if not found and required:
         raise ContractError(str(directory), None, None,
                             f"has no '{table}' table: expected {table}.parquet, {table}.csv or a {table}/ folder")
@@ -283,14 +296,16 @@ def read_contract_dir(directory: Path, days: Sequence[date] | None = None,
     items, items_file = read_contract_table(directory, "items")
     users, users_file = read_contract_table(directory, "users", required=False)
     folders = event_day_folders(directory)
-    if folders is not None and days is not None:
+    some_days = folders is not None and days is not None
+    if some_days:
         events, events_file = _read_event_days(directory, folders, days)
     else:
         events, events_file = read_contract_table(directory, "events")
     origins = events[ORIGIN].to_numpy() if ORIGIN in events else None
     dataset = validate_dataset(f"contract:{directory}", items, users, events,
                                files={"items": items_file, "users": users_file, "events": events_file},
-                               info={"path": str(directory), "layout": "day folders" if folders is not None else "flat"})
+                               info={"path": str(directory), "layout": "day folders" if folders is not None else "flat"},
+                               require_rows=not some_days)
     check_event_times(dataset.events, origins, time_window or plausible_time_window(), events_file)
     if folders is not None:
         check_day_folders(dataset.events, origins)
@@ -497,3 +512,60 @@ def write_event_day(directory: Path, day: date, events: pd.DataFrame, name: str 
     if old.exists():
         shutil.rmtree(old)
     return target
+
+
+# ---- helpers of the checks above ----------------------------------------------------------
+
+def _example(value) -> str:
+    """An offending value as an error message shows it (a missing one as <empty>, not nan)."""
+    return "<empty>" if value is None or (isinstance(value, float) and value != value) or value is pd.NA else repr(value)
+
+
+def _require_rows(frame: pd.DataFrame, file: str) -> None:
+    if len(frame) == 0:
+        raise ContractError(_origin(frame, file), None, None,
+                            "has no rows: a contract directory needs at least one event")
+
+
+def _uppercase_utc_suffix(text: pd.Series) -> pd.Series:
+    """``...z`` is ``...Z`` (ISO 8601 allows both; pandas parses only the capital)."""
+    return text.str.replace(r"z\s*$", "Z", regex=True)
+
+
+def _check_attribute_names(frame: pd.DataFrame, file: str, keys: tuple[str, ...]) -> None:
+    """Attribute columns whose feature names would collide (``Genre``/``genre``, ``gen re``/``gen-re``)."""
+    from gpl_platform.features.schema import attribute_feature_name
+
+    seen: dict[str, str] = {}
+    for column in frame.columns:
+        if column in keys or column == ORIGIN:
+            continue
+        name = attribute_feature_name(column)
+        if name in seen:
+            raise ContractError(file, str(column), None,
+                                f"and column {seen[name]!r} both become the feature '{name}' (names are lower-cased, "
+                                "other characters become '_'): rename one of them")
+        seen[name] = str(column)
+
+
+def _with_event_users(users: pd.DataFrame | None, events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Users of the events that the users table lacks (or every user, without one) join it with empty
+    attributes; their count is returned and reported (``gpl data validate``, ingestion metadata)."""
+    seen = pd.unique(events["user_id"])
+    if users is None:
+        return pd.DataFrame({"user_id": seen}), len(seen)
+    extra = [u for u in seen if u not in set(users["user_id"])]
+    if not extra:
+        return users, 0
+    return pd.concat([users, pd.DataFrame({"user_id": extra})], ignore_index=True), len(extra)
+
+
+def _check_inside(directory: Path, paths: list[Path]) -> None:
+    """Files (or a table folder) that are symbolic links to somewhere outside the contract directory are
+    refused, not read: a contract directory holds its data."""
+    root = Path(directory).resolve()
+    for path in paths:
+        if path.exists() and path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise ContractError(str(path), None, None,
+                                f"is a symbolic link to {path.resolve()}, outside the contract directory: copy the "
+                                "file into the directory instead")

@@ -63,3 +63,39 @@ def test_feature_assets_range_run_and_idempotent_reruns(tmp_path, dagster_defs):
     # Unchanged definitions: the registry asset does not apply again.
     assert materialize(["feast_registry"]).success
     assert _meta(instance, "feast_registry")["applied"].value is False
+
+
+def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url):
+    """online_store is a setting of the whole pipeline: the Dagster assets materialize into Redis, and the
+    Python client and the scoring service read it; the SQLite store of the same data dir stays empty."""
+    import json
+
+    from gpl_platform.prerank.serving import PreRankScorer
+    from tests.conftest import train_small_model
+
+    overrides = {"feature_store": {"online_store": "redis", "redis": redis_url}}
+    gpl = GplSettings(data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides))
+    resources, instance = {"gpl": gpl}, DagsterInstance.ephemeral()
+    assert materialize(ALL, selection=["item_catalog", "users"], resources=resources, instance=instance).success
+    with gpl.warehouse().connect() as con:
+        update_item_embeddings(con, con.execute("SELECT item_id, text FROM items").df(), RandomEncoder())
+    assert materialize(ALL, selection=["candidate_events"], resources=resources, instance=instance, tags=RANGE).success
+    assert materialize(ALL, selection=["profile_features", "feast_registry", "user_features", "item_features",
+                                       "online_features"], resources=resources, instance=instance, tags=RANGE).success
+    store = FeastStore(gpl.settings())
+    assert store.online_store_type == "redis" and "redis" in str(store.config_path)
+    assert not (sources_dir(gpl.settings()).parent / "online_store.db").exists()
+    users = gpl.warehouse().query("SELECT DISTINCT user_id FROM events ORDER BY 1 LIMIT 2")["user_id"].tolist()
+    items = gpl.warehouse().query("SELECT item_id FROM items ORDER BY 1 LIMIT 30")["item_id"].tolist()
+    got = store.online_client().get(users[0], items)
+    assert not got.unknown_user and got.unknown_items == [] and got.matrix.any()
+    from datetime import date
+
+    from gpl_platform.sources import load_source
+
+    world = {"store": store, "warehouse": gpl.warehouse(), "dataset": load_source(gpl.settings()),
+             "days": [date(2024, 1, d) for d in range(1, 6)]}
+    _, model_dir = train_small_model(world, "mlp")
+    scorer = PreRankScorer(model_dir, store)
+    np.testing.assert_array_equal(scorer.matrix(users[0], items), got.matrix)  # the service's inputs, from Redis
+    assert scorer.score(users[0], items + ["ghost"]).unknown_items == ["ghost"]

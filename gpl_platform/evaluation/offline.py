@@ -43,7 +43,7 @@ METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_h
            "often_exposed_auc", "valid_auc", "valid_unexposed_auc", "valid_unexposed_hr@10")
 ITEM_SEGMENTS = ("never", "rarely", "often")
 #: the shape's own features when a pre-ranker is named without a feature service
-DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v1", "two_tower": "prerank_scalar_v1", "cold": "prerank_scalar_v1"}
+DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v2", "two_tower": "prerank_scalar_v2", "cold": "prerank_scalar_v2"}
 
 
 @dataclass(frozen=True)
