@@ -14,9 +14,14 @@ def anchor_generator(settings: Settings, backend: str | None = None) -> AnchorGe
     cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
     if cfg.backend == "sid":
         return _sid_generator(settings)
+    return _generator(*_generator_args(settings, cfg))
+
+
+def _generator_args(settings: Settings, cfg: AnchorConfig) -> tuple:
+    """The hashable arguments of :func:`_generator` (the API key apart from the config's JSON)."""
     key = cfg.openai_api_key.get_secret_value() if cfg.openai_api_key else None
     model_dir = str(settings.artifacts_dir / "models") if cfg.backend == "smollm" else None
-    return _generator(cfg.model_dump_json(exclude={"openai_api_key"}), settings.seed, key, model_dir)
+    return cfg.model_dump_json(exclude={"openai_api_key"}), settings.seed, key, model_dir
 
 
 _SID_GENERATORS: dict[tuple, AnchorGenerator] = {}
@@ -86,5 +91,5 @@ def build_anchor_generator(settings: Settings, backend: str | None = None) -> An
     per run; ``anchor_generator`` above keeps one per process for scripts and benchmarks)."""
     cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
     if cfg.backend != "sid":
-        return _generator.__wrapped__(cfg.model_dump_json(), settings.seed)
+        return _generator.__wrapped__(*_generator_args(settings, cfg))
     return _new_sid_generator(settings, _semantic_id_source(settings)[0])
