@@ -18,6 +18,7 @@ from assets.partitions import daily_partitions, first_partition_day, partition_d
 from assets.resources import GplSettings
 from gpl_platform import labeling
 from gpl_platform.embeddings import update_item_embeddings
+from gpl_platform.engine import make_engine
 from gpl_platform.models import anchor_generator, sentence_encoder
 
 GROUP = "gpl"
@@ -56,7 +57,7 @@ def user_anchors(context: AssetExecutionContext, gpl: GplSettings) -> Materializ
     context.log.info("generating anchors with %s for %s", generator.backend, span(days))
     anchors, stats = labeling.generate_anchors(gpl.warehouse(), days, generator, settings.anchors.k,
                                                settings.anchors.history_max_items, progress=True,
-                                               run_id=context.run_id)
+                                               run_id=context.run_id, engine=make_engine(settings))
     context.log.info("anchor stats: %s", stats)
     fallback = anchors[anchors["is_fallback"]]
     examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
@@ -80,7 +81,7 @@ def anchor_embeddings(context: AssetExecutionContext, gpl: GplSettings) -> Mater
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
     stats = labeling.embed_anchors(gpl.warehouse(), days, _encoder(settings), run_id=context.run_id,
-                                   generator=anchor_generator(settings))
+                                   generator=anchor_generator(settings), engine=make_engine(settings))
     return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days), **stats})
 
 
@@ -94,7 +95,8 @@ def candidate_similarities(context: AssetExecutionContext, gpl: GplSettings) -> 
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
     stats = labeling.score_day_candidates(gpl.warehouse(), days, _encoder(settings).encoder_id,
-                                          anchor_generator(settings).lineage_signature(), context.run_id)
+                                          anchor_generator(settings).lineage_signature(), context.run_id,
+                                          engine=make_engine(settings))
     return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
                                        **stats})
 
@@ -139,22 +141,23 @@ def similarity_calibration(context: AssetExecutionContext, gpl: GplSettings) -> 
 def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
     settings = gpl.settings()
     days = partition_days(context.partition_keys)
-    labels, stats = labeling.pseudo_label_days(
+    sample, stats = labeling.pseudo_label_days(
         gpl.warehouse(), days, first_partition_day(), encoder_id=_encoder(settings).encoder_id,
         generator=anchor_generator(settings), calibration_cfg=settings.calibration,
         confidence_cfg=settings.confidence, history_max_items=settings.history_max_len,
-        artifacts_dir=settings.artifacts_dir, run_id=context.run_id, no_history=settings.pseudo_labels.no_history)
-    quantiles = labels[["pseudo_label", "confidence"]].quantile([0.05, 0.25, 0.5, 0.75, 0.95]) if len(labels) else None
+        artifacts_dir=settings.artifacts_dir, run_id=context.run_id, no_history=settings.pseudo_labels.no_history,
+        engine=make_engine(settings))
+    quantiles = stats["quantiles"]
     return MaterializeResult(metadata={
-        "dagster/row_count": len(labels), "partition_span": span(days), "coverage": stats["coverage"],
+        "dagster/row_count": stats["rows"], "partition_span": span(days), "coverage": stats["coverage"],
         "unexposed_candidates": stats["unexposed_candidates"],
         **labelling_gaps_metadata(stats),
         "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
         "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
         "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
-        "histograms": histogram_md({"pseudo_label": labels["pseudo_label"].to_numpy(),
-                                    "confidence": labels["confidence"].to_numpy()},
-                                   f"pseudo-labels {span(days)}"),
+        "histograms": histogram_md({"pseudo_label": sample["pseudo_label"].to_numpy(),
+                                    "confidence": sample["confidence"].to_numpy()},
+                                   f"pseudo-labels {span(days)} (a sample of {len(sample):,})"),
     })
 
 
@@ -244,22 +247,23 @@ def variant_pseudo_labels_asset(variant: str, backend: str, deps: list, descript
     def _variant(context: AssetExecutionContext, gpl: GplSettings) -> MaterializeResult:
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
-        warehouse, encoder = gpl.warehouse(), _encoder(settings)
+        warehouse, encoder, engine = gpl.warehouse(), _encoder(settings), make_engine(settings)
         generator = anchor_generator(settings, backend)
         _, anchor_stats = labeling.generate_anchors(warehouse, days, generator, settings.anchors.k,
                                                     settings.anchors.history_max_items, progress=False,
-                                                    run_id=context.run_id, tables=tables)
-        labeling.embed_anchors(warehouse, days, encoder, run_id=context.run_id, tables=tables, generator=generator)
+                                                    run_id=context.run_id, tables=tables, engine=engine)
+        labeling.embed_anchors(warehouse, days, encoder, run_id=context.run_id, tables=tables, generator=generator,
+                               engine=engine)
         labeling.score_day_candidates(warehouse, days, encoder.encoder_id, generator.lineage_signature(),
-                                      context.run_id, tables=tables)
-        labels, stats = labeling.pseudo_label_days(
+                                      context.run_id, tables=tables, engine=engine)
+        _, stats = labeling.pseudo_label_days(
             warehouse, days, first_partition_day(), encoder_id=encoder.encoder_id, generator=generator,
             calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
             history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir,
-            run_id=context.run_id, tables=tables, no_history=settings.pseudo_labels.no_history)
+            run_id=context.run_id, tables=tables, no_history=settings.pseudo_labels.no_history, engine=engine)
         fallback = {k: v for k, v in anchor_stats.items() if k.startswith("fallback_")}
         return MaterializeResult(metadata={
-            "dagster/row_count": len(labels), "partition_span": span(days), "table": tables.labels,
+            "dagster/row_count": stats["rows"], "partition_span": span(days), "table": tables.labels,
             "backend": backend, "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
             "fallbacks": MetadataValue.json(fallback), "serving_models": anchor_stats.get("serving_models", 1),
             **labelling_gaps_metadata(stats),
