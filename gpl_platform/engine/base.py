@@ -75,7 +75,7 @@ class LocalEngine(Engine):
 
     def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[str]:
         for batch in batches:
-            tables = {name: con.execute(sql).to_arrow_table() for name, sql in job.inputs(batch).items()}
+            tables = {name: con.sql(sql).to_arrow_table() for name, sql in job.inputs(batch).items()}
             with registered(con, f"_gpl_out_{job.name}", job.fn(tables, job.context)) as relation:
                 yield relation
 

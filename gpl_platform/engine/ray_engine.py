@@ -190,13 +190,19 @@ def _connect(cfg: RayConfig) -> None:
     address = cfg.address
     runtime_env: dict = {"env_vars": dict(_WORKER_ENV)}
     if address == "local":
+        if "ray" in sys.modules and not os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+            log.warning("ray was imported before the local cluster's settings: the driver may look for it on the "
+                        "machine's address instead of 127.0.0.1 (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 first)")
         if _CLUSTER is None:
+            os.environ.update(_LOCAL_ENV)
             _CLUSTER = LocalRayCluster(num_cpus=cfg.workers).start()
             atexit.register(_shutdown_local)
         os.environ.update(_CLUSTER.env())
         address = _CLUSTER.address
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a single-node cluster bound to loopback
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if address.startswith("ray://"):
             import gpl_platform
 
@@ -233,14 +239,14 @@ class RayEngine(Engine):
         return {**super().describe(), "address": self.cfg.address}
 
     def _pool(self):
-        from ray.util import ActorPool
-
         if not self._actors:
+            _connect(self.cfg)  # first: it sets the variables Ray reads when it is imported
             import ray
 
-            _connect(self.cfg)
             actor = ray.remote(num_cpus=1)(_Worker)
             self._actors = [actor.remote() for _ in range(self.workers)]
+        from ray.util import ActorPool
+
         return ActorPool(self._actors)
 
     @staticmethod
