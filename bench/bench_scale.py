@@ -209,6 +209,45 @@ def _write(report: dict, out: Path) -> None:
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, out)
     plot(report, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The tables of docs/SCALING.md: seconds / peak RSS per stage and size, load average at the stage's start."""
+    runs = [r for r in report["runs"] if "candidates" in r]
+    if not runs:
+        return ""
+    head = "| stage | " + " | ".join(f"{r['candidates']:,} candidates" for r in runs) + " |"
+    lines = [head, "|" + " --- |" * (len(runs) + 1)]
+    names = [s for s in [*STAGES[:2], *BASELINE_STAGES, *STAGES[2:]] if any(s in r["stages"] for r in runs)]
+    for stage in names:
+        cells = []
+        for r in runs:
+            x = r["stages"].get(stage)
+            cells.append(f"{x['seconds']:.1f} s, {x['peak_rss_mb']:,} MB (load {x['load_before'][0]:.1f})" if x else "-")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    totals = [sum(x["seconds"] for k, x in r["stages"].items() if k not in BASELINE_STAGES) for r in runs]
+    lines.append("| **all stages** | " + " | ".join(f"**{t:.0f} s**" for t in totals) + " |")
+    if len(runs) > 1:
+        lines += ["", "| stage | " + " | ".join(f"{r['candidates'] / runs[0]['candidates']:.1f}x the work"
+                                                for r in runs[1:]) + " |",
+                  "|" + " --- |" * len(runs)]
+        for stage in STAGES:
+            base = runs[0]["stages"].get(stage)
+            cells = [f"{r['stages'][stage]['seconds'] / base['seconds']:.1f}x time" if base and stage in r["stages"]
+                     else "-" for r in runs[1:]]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    ray = report.get("ray") or {}
+    if ray.get("stages"):
+        lines += ["", "| stage (Ray, 2-CPU local cluster) | 1 worker | 2 workers | speed-up | local engine |",
+                  "| --- | --- | --- | --- | --- |"]
+        for stage in RAY_STAGES:
+            one, two = ray["stages"][f"{stage}_ray1"], ray["stages"][f"{stage}_ray2"]
+            lines.append(f"| {stage} | {one['seconds']:.1f} s (load {one['load_before'][0]:.1f}) | {two['seconds']:.1f} s "
+                         f"(load {two['load_before'][0]:.1f}) | {one['seconds'] / two['seconds']:.2f}x | "
+                         f"{ray['local_engine_seconds'][stage]:.1f} s |")
+        lines.append(f"| **together** | | | **{ray['speedup_2_vs_1']:.2f}x** | |")
+    return "\n".join(lines) + "\n"
 
 
 def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, items: int = 2000,

@@ -466,6 +466,18 @@ def degenerate_reason(calibration: Calibration, n_labels: int, spread: float, mi
         return f"labels from calibration {calibration.version} are near-constant (std {spread:.4f} < {min_label_std})"
     return None
 
+def day_calibrations(warehouse: Warehouse, days: Sequence[date], first_day: date, cfg: CalibrationConfig,
+                     encoder_id: str, signature: str, artifacts_dir: Path, tables: StageTables,
+                     segments: Sequence[str]) -> tuple[dict[tuple[date, str, str], Calibration | None], list[date]]:
+    """The calibration of every (day, pooling, segment), and the days labelled (both poolings calibrated)."""
+    calibrations = {(d, pooling, segment): calibration_for_day(warehouse, d, first_day, cfg, pooling, encoder_id,
+                                                               signature, artifacts_dir, tables, segment)
+                    for d in days for pooling in POOLINGS for segment in segments}
+    labelled = [d for d in days if calibrations[(d, "max", "history")] is not None
+                and calibrations[(d, "mean", "history")] is not None]
+    return calibrations, labelled
+
+
 def anchor_factors(vectors: np.ndarray, anchor_user: np.ndarray, n_users: int, history_vectors: np.ndarray,
                    history_user: np.ndarray, empty_history: np.ndarray, gen_prob: np.ndarray,
                    cfg: ConfidenceConfig, tokens_per_anchor: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -573,12 +585,8 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     require_days(warehouse, tables.embeddings, days, "pseudo-labelling")
     engine = engine or LocalEngine()
     segments = ("history", "no_history") if no_history == "population" else ("history",)
-    calibrations: dict[tuple[date, str, str], Calibration | None] = {
-        (d, pooling, segment): calibration_for_day(warehouse, d, first_day, calibration_cfg, pooling, encoder_id,
-                                                   signature, artifacts_dir, tables, segment)
-        for d in days for pooling in POOLINGS for segment in segments}
-    labelled_days = [d for d in days if calibrations[(d, "max", "history")] is not None
-                     and calibrations[(d, "mean", "history")] is not None]
+    calibrations, labelled_days = day_calibrations(warehouse, days, first_day, calibration_cfg, encoder_id, signature,
+                                                   artifacts_dir, tables, segments)
     labels_of_days = f"FROM {tables.labels} WHERE {_IN_DAYS}"
     with warehouse.transaction() as con:
         engine.configure(con)

@@ -19,14 +19,13 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator
-from gpl_platform.calibration import Calibration
 from gpl_platform.config import CalibrationConfig, ConfidenceConfig
 from gpl_platform.confidence import confidence_weights
 from gpl_platform.embeddings import load_item_embeddings
 from gpl_platform.ingest import MissingUpstreamDays
 from gpl_platform.labeling import (
-    MAIN, NO_HISTORY_RULES, POOLINGS, StageTables, _as_date, _days_param, anchor_factors, calibration_degenerate,
-    calibration_for_day, no_history_counts, require_days)
+    MAIN, NO_HISTORY_RULES, StageTables, _as_date, _days_param, anchor_factors, calibration_degenerate,
+    day_calibrations, no_history_counts, require_days)
 from gpl_platform.scoring import score_candidates
 from gpl_platform.vectors import read_vectors
 from gpl_platform.warehouse import Warehouse
@@ -137,12 +136,8 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     signature = generator.lineage_signature()
     require_days(warehouse, tables.similarities, days, "pseudo-labelling")
     segments = ("history", "no_history") if no_history == "population" else ("history",)
-    calibrations: dict[tuple[date, str, str], Calibration | None] = {
-        (d, pooling, segment): calibration_for_day(warehouse, d, first_day, calibration_cfg, pooling, encoder_id,
-                                                   signature, artifacts_dir, tables, segment)
-        for d in days for pooling in POOLINGS for segment in segments}
-    labelled_days = [d for d in days if calibrations[(d, "max", "history")] is not None
-                     and calibrations[(d, "mean", "history")] is not None]
+    calibrations, labelled_days = day_calibrations(warehouse, days, first_day, calibration_cfg, encoder_id, signature,
+                                                   artifacts_dir, tables, segments)
     anchors = load_day_anchors(warehouse, days, encoder_id, signature, tables)
     with warehouse.connect(read_only=True) as con:
         con.register("_days", _days_param(labelled_days))
