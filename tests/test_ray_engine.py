@@ -11,6 +11,7 @@ import pytest
 
 from gpl_platform.config import RayConfig, StreamingConfig
 from gpl_platform.engine import BatchJob
+from gpl_platform.engine.base import close_engines
 from gpl_platform.engine.ray_engine import LocalRayCluster, RayEngine
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,7 @@ def ray_cluster():
     finally:
         import ray
 
+        close_engines()
         ray.shutdown()
         cluster.stop()
         for key, value in saved.items():
@@ -83,6 +85,7 @@ def test_ray_engine_writes_the_labels_of_the_local_engine(ray_cluster, tmp_path)
     sid = local["user_anchors__sid"]
     assert sid["anchor_text"].str.startswith("sid ").mean() > 0.3
     assert not any((tmp_path / "staging").iterdir())  # the staged batches are gone
+    close_engines()  # the pipeline's actors hold the cluster's 2 CPUs
 
 
 def _boom(inputs, context):

@@ -63,6 +63,9 @@ class Engine(ABC):
     def describe(self) -> dict:
         return {"engine": self.name, "workers": self.workers, "batch_candidates": self.streaming.batch_candidates}
 
+    def close(self) -> None:
+        """Release workers (nothing to release in this process)."""
+
 
 class LocalEngine(Engine):
     """Everything in this process, one batch after the other (numpy/BLAS use the machine's cores)."""
@@ -111,6 +114,13 @@ def make_engine(settings: Settings) -> Engine:
         else:
             _ENGINES[key] = LocalEngine(settings.streaming)
     return _ENGINES[key]
+
+
+def close_engines() -> None:
+    """Release what the engines of :func:`make_engine` hold (Ray actors keep their CPUs until then)."""
+    for engine in _ENGINES.values():
+        engine.close()
+    _ENGINES.clear()
 
 
 # ---- batch planning ----------------------------------------------------------------------------
