@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,7 +253,8 @@ def markdown(report: dict) -> str:
 
 def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, items: int = 2000,
         baseline_at: int | None = 1_000_000, ray_at: int | None = 1_000_000, work_dir: Path | None = None,
-        batch_candidates: int = 250_000, sid_epochs: int = 2, resume: bool = False, keep: bool = False) -> dict:
+        batch_candidates: int = 250_000, sid_epochs: int = 2, resume: bool = False, keep: bool = False,
+        skip: Sequence[str] = ()) -> dict:
     report = json.loads(out.read_text()) if resume and out.exists() else {"runs": [], "ray": {}}
     report["protocol"] = {"days": days, "candidates_per_request": per_request, "items": items,
                           "batch_candidates": batch_candidates, "sid_generator_epochs": sid_epochs,
@@ -271,7 +273,8 @@ def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, i
         print(f"{size:,} candidates ({env['GPL_SIMULATOR__N_USERS']} users x {days} days)", flush=True)
         entry = {"candidates_target": size, "users": int(env["GPL_SIMULATOR__N_USERS"]), "stages": {}}
         report["runs"].append(entry)
-        order = list(STAGES)
+        order = [s for s in STAGES if s not in skip]
+        entry["skipped"] = [s for s in STAGES if s in skip]
         if size == baseline_at:  # the baseline first, so the streaming stages rewrite what it wrote
             i = order.index("similarities_history")
             order[i:i] = BASELINE_STAGES
