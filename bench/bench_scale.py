@@ -176,30 +176,58 @@ def label_digest(warehouse, table: str) -> str:
     return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
 
 
+def _cpu_seconds() -> float:
+    """user + sys CPU seconds of this process (all its threads) and of its children that were waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def stage_main(stage: str, result_path: str) -> None:
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), _cpu_seconds()
     out = _run_stage(stage)
     out["seconds"] = round(time.perf_counter() - began, 2)
+    out["cpu_seconds"] = round(_cpu_seconds() - cpu_began, 2)
     from gpl_platform.engine.ray_engine import peak_rss_mb
 
     out["peak_rss_mb"] = round(peak_rss_mb())
     Path(result_path).write_text(json.dumps(out, default=str))
 
 
-def run_stage(stage: str, env: dict, log_dir: Path) -> dict:
+def run_stage(stage: str, env: dict, log_dir: Path, profile: bool = False) -> dict:
+    """One stage in a fresh process. ``profile``: under py-spy (sampled Python stacks of every thread,
+    in ``<stage>.pyspy.txt`` as collapsed stacks; its own CPU is not in ``cpu_seconds``)."""
     result = log_dir / f"{stage}.json"
     load_before = os.getloadavg()
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), _children_cpu_seconds()
+    command = [sys.executable, __file__, "--stage", stage, "--result", str(result)]
+    if profile:
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).exists():
+            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        command = [py_spy, "record", "--format", "raw", "--rate", "20", "--nonblocking", "--threads",
+                   "-o", str(log_dir / f"{stage}.pyspy.txt"), "--", *command]
     with open(log_dir / f"{stage}.log", "w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--result", str(result)],
+        proc = subprocess.run(command,
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {log_dir / (stage + '.log')}")
     out = json.loads(result.read_text())
     out["process_seconds"] = round(time.perf_counter() - began, 2)
+    # the whole stage process (imports included): what the kernel charged it and its children, all threads
+    out["process_cpu_seconds"] = round(_children_cpu_seconds() - cpu_began, 2)
     out["load_before"], out["load_after"] = [round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]
-    print(f"  {stage}: {out['seconds']} s, peak {out['peak_rss_mb']} MB, load {out['load_before'][0]}", flush=True)
+    print(f"  {stage}: {out['cpu_seconds']} CPU s, {out['seconds']} wall s, peak {out['peak_rss_mb']} MB, "
+          f"load {out['load_before'][0]}", flush=True)
     return out
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
@@ -254,7 +282,7 @@ def markdown(report: dict) -> str:
 def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, items: int = 2000,
         baseline_at: int | None = 1_000_000, ray_at: int | None = 1_000_000, work_dir: Path | None = None,
         batch_candidates: int = 250_000, sid_epochs: int = 2, resume: bool = False, keep: bool = False,
-        skip: Sequence[str] = ()) -> dict:
+        skip: Sequence[str] = (), profile: bool = False) -> dict:
     report = json.loads(out.read_text()) if resume and out.exists() else {"runs": [], "ray": {}}
     report["protocol"] = {"days": days, "candidates_per_request": per_request, "items": items,
                           "batch_candidates": batch_candidates, "sid_generator_epochs": sid_epochs,
@@ -279,7 +307,7 @@ def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, i
             i = order.index("similarities_history")
             order[i:i] = BASELINE_STAGES
         for stage in order:
-            entry["stages"][stage] = run_stage(stage, env, logs)
+            entry["stages"][stage] = run_stage(stage, env, logs, profile)
             if stage == "ingestion":
                 entry["candidates"] = entry["stages"][stage]["candidates"]
             _write(report, out)

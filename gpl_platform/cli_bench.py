@@ -146,12 +146,15 @@ def bench_scale(
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="stages not to run (repeatable; e.g. the sid "
                                              "stages, whose generator training dominates large sizes)"),
     out: Path = typer.Option(Path("reports/scale/scale.json"), help="JSON; the log-log plot goes beside it"),
+    profile: bool = typer.Option(False, help="sample every stage with py-spy (collapsed stacks in the world's "
+                                 "logs/<stage>.pyspy.txt; needs `pip install py-spy`)"),
 ) -> None:
-    """Time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2 workers."""
+    """CPU time, wall time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2 workers."""
     report = _bench_module("bench_scale").run(candidates, out, days=days, per_request=candidates_per_request,
                                               items=items, baseline_at=baseline_at, ray_at=ray_at or None,
                                               work_dir=work_dir, batch_candidates=batch_candidates,
-                                              sid_epochs=sid_epochs, resume=resume, skip=skip or ())
+                                              sid_epochs=sid_epochs, resume=resume, skip=skip or (),
+                                              profile=profile)
     typer.echo(json.dumps({"out": str(out), "ray": {k: report["ray"].get(k) for k in
                                                     ("identical_labels", "speedup_2_vs_1")}}, indent=2))
 
