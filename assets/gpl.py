@@ -18,7 +18,8 @@ from assets.automation import Automation
 from assets.ingestion import POOL
 from assets.metadata import histogram_md, span, table_md
 from assets.partitions import first_day, partition_days
-from assets.resources import AnchorGeneratorResource, EncoderResource, GplSettings, WarehouseResource
+from assets.resources import (AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings,
+                              WarehouseResource)
 from gpl_platform import labeling
 from gpl_platform.embeddings import update_item_embeddings
 
@@ -48,7 +49,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
     @asset(kinds={"duckdb", "llm"}, deps=[AssetDep("user_histories", partition_mapping=SAME_DAY), "item_catalog"],
            **per_day)
     def user_anchors(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                     anchor_generator: AnchorGeneratorResource) -> MaterializeResult:
+                     anchor_generator: AnchorGeneratorResource, engine: EngineResource) -> MaterializeResult:
         """K interest anchors per user with a request on the day, generated from the user's history before
         the day, with their generation log-probability; cached by history + model + prompt."""
         settings = gpl.settings()
@@ -57,7 +58,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         context.log.info("generating anchors with %s for %s", generator.backend, span(days))
         anchors, stats = labeling.generate_anchors(warehouse.get(), days, generator, settings.anchors.k,
                                                    settings.anchors.history_max_items, progress=True,
-                                                   run_id=context.run_id)
+                                                   run_id=context.run_id, engine=engine.get())
         context.log.info("anchor stats: %s", stats)
         fallback = anchors[anchors["is_fallback"]]
         examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
@@ -76,11 +77,11 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
     @asset(kinds={"duckdb", "sentence_transformers"}, deps=[AssetDep("user_anchors", partition_mapping=SAME_DAY)],
            **per_day)
     def anchor_embeddings(context: AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource,
-                          anchor_generator: AnchorGeneratorResource) -> MaterializeResult:
+                          anchor_generator: AnchorGeneratorResource, engine: EngineResource) -> MaterializeResult:
         """Anchor vectors from the same frozen encoder as the items."""
         days = partition_days(context.partition_keys)
         stats = labeling.embed_anchors(warehouse.get(), days, encoder.get(), run_id=context.run_id,
-                                       generator=anchor_generator.get())
+                                       generator=anchor_generator.get(), engine=engine.get())
         return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days),
                                            **stats})
 
@@ -88,21 +89,22 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
                                             AssetDep("candidate_events", partition_mapping=SAME_DAY),
                                             "item_embeddings"], **per_day)
     def candidate_similarities(context: AssetExecutionContext, warehouse: WarehouseResource,
-                               encoder: EncoderResource, anchor_generator: AnchorGeneratorResource
-                               ) -> MaterializeResult:
+                               encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
+                               engine: EngineResource) -> MaterializeResult:
         """For every candidate of the day: max and mean cosine over the user's anchors, and the arg-max
         anchor. Exposed rows feed calibration; unexposed rows get pseudo-labels."""
         days = partition_days(context.partition_keys)
         stats = labeling.score_day_candidates(warehouse.get(), days, encoder.get().encoder_id,
-                                              anchor_generator.get().lineage_signature(), context.run_id)
+                                              anchor_generator.get().lineage_signature(), context.run_id,
+                                              engine=engine.get())
         return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
                                            **stats})
 
     @asset(kinds={"sklearn"}, deps=[AssetDep("candidate_similarities", partition_mapping=TimeWindowPartitionMapping(
         start_offset=-28, end_offset=-1))], **per_day)
     def similarity_calibration(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                               encoder: EncoderResource, anchor_generator: AnchorGeneratorResource
-                               ) -> MaterializeResult:
+                               encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
+                               engine: EngineResource) -> MaterializeResult:
         """Similarity -> probability calibration (Platt or isotonic) serving the day, fitted on exposed
         candidates of earlier days only; refit every N days, stored as a versioned JSON artifact."""
         settings = gpl.settings()
@@ -132,29 +134,31 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
     @asset(kinds={"duckdb"}, deps=[AssetDep("candidate_similarities", partition_mapping=SAME_DAY),
                                    AssetDep("similarity_calibration", partition_mapping=SAME_DAY)], **per_day)
     def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                      encoder: EncoderResource, anchor_generator: AnchorGeneratorResource) -> MaterializeResult:
+                      encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
+                      engine: EngineResource) -> MaterializeResult:
         """Pseudo-label and confidence weight for every unexposed candidate of the day (GPL steps 3-4), with
         the three confidence factors and the versions of LLM, prompt, encoder and calibration. Gated per
         day by the blocking checks pseudo_labels_valid and pseudo_labels_distribution."""
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
-        labels, stats = labeling.pseudo_label_days(
+        # streamed in batches: a bounded sample comes back for the histograms, the statistics cover all rows
+        sample, stats = labeling.pseudo_label_days(
             warehouse.get(), days, first_day(partitions), encoder_id=encoder.get().encoder_id,
             generator=anchor_generator.get(), calibration_cfg=settings.calibration,
             confidence_cfg=settings.confidence, history_max_items=settings.history_max_len,
-            artifacts_dir=settings.artifacts_dir, run_id=context.run_id, no_history=settings.pseudo_labels.no_history)
-        quantiles = (labels[["pseudo_label", "confidence"]].quantile([0.05, 0.25, 0.5, 0.75, 0.95])
-                     if len(labels) else None)
+            artifacts_dir=settings.artifacts_dir, run_id=context.run_id, no_history=settings.pseudo_labels.no_history,
+            engine=engine.get())
+        quantiles = stats["quantiles"]
         return MaterializeResult(metadata={
-            "dagster/row_count": len(labels), "partition_span": span(days), "coverage": stats["coverage"],
+            "dagster/row_count": stats["rows"], "partition_span": span(days), "coverage": stats["coverage"],
             "unexposed_candidates": stats["unexposed_candidates"],
             **labelling_gaps_metadata(stats),
             "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
             "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
             "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
-            "histograms": histogram_md({"pseudo_label": labels["pseudo_label"].to_numpy(),
-                                        "confidence": labels["confidence"].to_numpy()},
-                                       f"pseudo-labels {span(days)}"),
+            "histograms": histogram_md({"pseudo_label": sample["pseudo_label"].to_numpy(),
+                                        "confidence": sample["confidence"].to_numpy()},
+                                       f"pseudo-labels {span(days)} (a sample of {len(sample):,})"),
         })
 
     @asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, deps=["item_embeddings"], pool=POOL,

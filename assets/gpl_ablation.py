@@ -17,7 +17,8 @@ from assets.gpl import SAME_DAY, labelling_gaps_metadata
 from assets.ingestion import POOL
 from assets.metadata import span
 from assets.partitions import first_day, partition_days
-from assets.resources import AnchorGeneratorResource, EncoderResource, GplSettings, WarehouseResource
+from assets.resources import (AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings,
+                              WarehouseResource)
 from gpl_platform import labeling
 
 GROUP = "gpl_ablation"
@@ -34,25 +35,27 @@ def _variant_asset(partitions: DailyPartitionsDefinition, automation: Automation
            backfill_policy=BackfillPolicy.single_run(), pool=POOL, automation_condition=automation.follow_upstream,
            description=doc)  # made by a factory: the description cannot be a docstring
     def _variant(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                 encoder: EncoderResource, anchor_generator: AnchorGeneratorResource) -> MaterializeResult:
+                 encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
+                 engine: EngineResource) -> MaterializeResult:
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
-        wh, model = warehouse.get(), encoder.get()
+        wh, model, batches = warehouse.get(), encoder.get(), engine.get()
         generator = anchor_generator.get(backend)
         _, anchor_stats = labeling.generate_anchors(wh, days, generator, settings.anchors.k,
                                                     settings.anchors.history_max_items, progress=False,
-                                                    run_id=context.run_id, tables=tables)
-        labeling.embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator)
+                                                    run_id=context.run_id, tables=tables, engine=batches)
+        labeling.embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator,
+                               engine=batches)
         labeling.score_day_candidates(wh, days, model.encoder_id, generator.lineage_signature(), context.run_id,
-                                      tables=tables)
-        labels, stats = labeling.pseudo_label_days(
+                                      tables=tables, engine=batches)
+        _, stats = labeling.pseudo_label_days(
             wh, days, first_day(partitions), encoder_id=model.encoder_id, generator=generator,
             calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
             history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir,
-            run_id=context.run_id, tables=tables, no_history=settings.pseudo_labels.no_history)
+            run_id=context.run_id, tables=tables, no_history=settings.pseudo_labels.no_history, engine=batches)
         fallback = {k: v for k, v in anchor_stats.items() if k.startswith("fallback_")}
         return MaterializeResult(metadata={
-            "dagster/row_count": len(labels), "partition_span": span(days), "table": tables.labels,
+            "dagster/row_count": stats["rows"], "partition_span": span(days), "table": tables.labels,
             "backend": backend, "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
             "fallbacks": MetadataValue.json(fallback), "serving_models": anchor_stats.get("serving_models", 1),
             **labelling_gaps_metadata(stats),

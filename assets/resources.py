@@ -99,8 +99,21 @@ class AnchorGeneratorResource(ConfigurableResource):
         return self._generators[backend]
 
 
+class EngineResource(ConfigurableResource):
+    """Where the GPL stages' batch work runs (``engine: local | ray``, docs/SCALING.md); one engine per
+    process and configuration, so a Ray connection and its actors are reused across the run's steps."""
+
+    gpl: ResourceDependency[GplSettings]
+
+    def get(self):
+        from gpl_platform.engine import make_engine
+
+        return make_engine(self.gpl.settings())
+
+
 def gpl_resources(gpl: GplSettings | None = None) -> dict[str, ConfigurableResource]:
     """Every resource the definitions use, all reading one settings resource."""
     gpl = gpl or GplSettings()
     return {"gpl": gpl, "warehouse": WarehouseResource(gpl=gpl), "feature_store": FeatureStoreResource(gpl=gpl),
-            "encoder": EncoderResource(gpl=gpl), "anchor_generator": AnchorGeneratorResource(gpl=gpl)}
+            "encoder": EncoderResource(gpl=gpl), "anchor_generator": AnchorGeneratorResource(gpl=gpl),
+            "engine": EngineResource(gpl=gpl)}

