@@ -65,7 +65,7 @@ def test_feature_assets_range_run_and_idempotent_reruns(tmp_path, dagster_defs):
     assert _meta(instance, "feast_registry")["applied"].value is False
 
 
-def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url):
+def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url, dagster_defs):
     """online_store is a setting of the whole pipeline: the Dagster assets materialize into Redis, and the
     Python client and the scoring service read it; the SQLite store of the same data dir stays empty."""
     import json
@@ -75,13 +75,17 @@ def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url
 
     overrides = {"feature_store": {"online_store": "redis", "redis": redis_url}}
     gpl = GplSettings(data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides))
-    resources, instance = {"gpl": gpl}, DagsterInstance.ephemeral()
-    assert materialize(ALL, selection=["item_catalog", "users"], resources=resources, instance=instance).success
+    instance = DagsterInstance.ephemeral()
+
+    def materialize(selection, **kwargs):
+        return run_assets(dagster_defs, gpl, selection, instance, **kwargs)
+
+    assert materialize(["item_catalog", "users"]).success
     with gpl.warehouse().connect() as con:
         update_item_embeddings(con, con.execute("SELECT item_id, text FROM items").df(), RandomEncoder())
-    assert materialize(ALL, selection=["candidate_events"], resources=resources, instance=instance, tags=RANGE).success
-    assert materialize(ALL, selection=["profile_features", "feast_registry", "user_features", "item_features",
-                                       "online_features"], resources=resources, instance=instance, tags=RANGE).success
+    assert materialize(["candidate_events"], tags=RANGE).success
+    assert materialize(["profile_features", "feast_registry", "user_features", "item_features", "online_features"],
+                       tags=RANGE).success
     store = FeastStore(gpl.settings())
     assert store.online_store_type == "redis" and "redis" in str(store.config_path)
     assert not (sources_dir(gpl.settings()).parent / "online_store.db").exists()
