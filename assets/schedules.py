@@ -1,31 +1,36 @@
-"""Schedules. ``build_schedules(daily_job)`` is called by assets/definitions.py (importing the job
-from there would be circular).
-
-- ``gpl_daily_schedule``: from the daily-partitioned job; the tick at 02:00 UTC on day D+1 runs
-  partition D (the day that just closed), with run key D (the daemon launches a key once). With
-  the embedded datasets the partition set is the source's fixed span: ticks after its last day
-  ask for that last day again under the same run key, so nothing new runs.
-- ``label_audit_daily``: re-runs the label audit at 04:00 UTC, after the day's labels and events.
+"""The daily schedule, for sources that land by time: ``gpl_daily_schedule`` ticks at 02:00 UTC on
+day D+1 and runs the daily job for partition D (the day that just closed), run key D (the daemon
+launches a key once). A day outside the partitions (after a benchmark source's fixed span) is a
+skipped tick, not a run. Created STOPPED; contract deliveries by day folders use the
+``new_contract_days`` sensor instead.
 """
 
-from __future__ import annotations
 
-from dagster import AssetSelection, DefaultScheduleStatus, ScheduleDefinition, build_schedule_from_partitioned_job
+from datetime import timedelta, timezone
+
+from dagster import (
+    DailyPartitionsDefinition,
+    DefaultScheduleStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SkipReason,
+    schedule,
+)
 
 DAILY_SCHEDULE = "gpl_daily_schedule"
-AUDIT_SCHEDULE = "label_audit_daily"
 
 
-def build_schedules(job, hour_of_day: int = 2, minute_of_hour: int = 0) -> list:
-    daily = build_schedule_from_partitioned_job(
-        job, name=DAILY_SCHEDULE, hour_of_day=hour_of_day, minute_of_hour=minute_of_hour,
-        default_status=DefaultScheduleStatus.STOPPED,
-        description="Materializes the GPL daily job for the UTC day that just ended (its checks included).",
-        tags={"gpl/warehouse": "write"})
-    audit = ScheduleDefinition(
-        name=AUDIT_SCHEDULE, cron_schedule=f"{minute_of_hour} {(hour_of_day + 2) % 24} * * *",
-        execution_timezone="UTC", target=AssetSelection.assets("label_audit"),
-        default_status=DefaultScheduleStatus.STOPPED,
-        description="Refreshes the label audit (pseudo-labels vs later real clicks) after the daily run.",
-        tags={"gpl/warehouse": "write"})
-    return [daily, audit]
+def build_schedules(daily_job, partitions: DailyPartitionsDefinition, hour_of_day: int = 2) -> list:
+    @schedule(name=DAILY_SCHEDULE, job=daily_job, cron_schedule=f"0 {hour_of_day} * * *", execution_timezone="UTC",
+              default_status=DefaultScheduleStatus.STOPPED)
+    def gpl_daily_schedule(context: ScheduleEvaluationContext):
+        """Materializes the GPL daily job (its checks included) for the UTC day that just ended."""
+        now = context.scheduled_execution_time
+        day = (now.astimezone(timezone.utc) - timedelta(days=1)).date().isoformat()
+        keys = partitions.get_partition_keys(current_time=now)
+        if day not in keys:
+            span = f"{keys[0]} .. {keys[-1]}" if keys else "none yet"
+            return SkipReason(f"{day} is not a partition ({span})")
+        return RunRequest(run_key=day, partition_key=day)
+
+    return [gpl_daily_schedule]

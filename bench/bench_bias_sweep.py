@@ -28,14 +28,14 @@ if str(ROOT) not in sys.path:
 log = logging.getLogger("gpl.bias_sweep")
 #: a pre-ranker trains on the exposed part only when training_set / prerank_model run: the sweep skips them
 SKIPPED_ASSETS = ("training_set", "prerank_model", "label_audit")
-DEFAULT_PRERANKERS = ("mlp:prerank_v1", "two_tower:prerank_scalar_v1", "cold:prerank_scalar_v1")
+DEFAULT_PRERANKERS = ("mlp:prerank_v2", "two_tower:prerank_scalar_v2", "cold:prerank_scalar_v2")
 
 
 def run(source: str, out: Path | None = None, settings: list[str] | None = None, seeds: list[int] | None = None,
         methods: list[str] | None = None, prerankers: list[str] | None = None, data_root: Path | None = None,
         extra_overrides: dict | None = None, results_doc: Path | None = None, resume: bool = False) -> dict:
-    os.environ["GPL_SOURCE"] = source  # before the code location loads: its partitions follow the source
-    from assets.definitions import all_assets
+    os.environ["GPL_SOURCE"] = source  # the definitions' partitions follow the configured source
+    from assets.definitions import build_definitions
     from assets.resources import GplSettings
     from assets.runner import run_pipeline
     from gpl_platform.config import PROJECT_ROOT, load_settings
@@ -48,7 +48,8 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
     methods = list(methods or bias_sweep.SWEEP_METHODS)
     prerankers = list(prerankers or DEFAULT_PRERANKERS)
-    selection = [k.to_user_string() for a in all_assets for k in a.keys if k.to_user_string() not in SKIPPED_ASSETS]
+    selection = [k.to_user_string() for k in build_definitions().resolve_all_asset_keys()
+                 if k.to_user_string() not in SKIPPED_ASSETS]
     began = time.perf_counter()
     sweep: dict = {"source": source, "seeds": seeds, "methods": methods, "prerankers": prerankers, "settings": {}}
     previous: Path | None = None

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 log = logging.getLogger("gpl.choose_defaults")
 BACKEND_COST = {"history": 0, "sid": 1, "smollm": 2, "openai": 3}
-SHAPE_COST = {"two_tower:prerank_scalar_v1": 0, "cold:prerank_scalar_v1": 1, "mlp:prerank_v1": 2}
+SHAPE_COST = {"two_tower:prerank_scalar_v2": 0, "cold:prerank_scalar_v2": 1, "mlp:prerank_v2": 2}
 METHOD_OF_VARIANT = {"main": "gpl", "history": "gpl_history_anchors", "sid": "gpl_sid"}
 LAMBDAS = (0.1, 0.3, 1.0, 3.0)
 CONFIDENCE = {"default": None, "none": {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}}

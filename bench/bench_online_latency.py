@@ -5,14 +5,15 @@ against a direct read of the same rows from the same store (the floor), in one r
 
 Builds a simulator world (>= N items, random unit item embeddings, no model load) in a temp data
 dir, materializes it into SQLite and (when ``redis-server`` is installed) into a Redis started
-on 127.0.0.1 for the run, then times ``OnlineFeatureClient.get(user, items)`` (features of the
-``prerank_v1`` service, decoded into the float32 matrix) per store. Entries:
+on 127.0.0.1 for the run, then times per store:
 
-* ``sqlite``: the client on the SQLite store (its default direct reader of Feast's tables)
-* ``sqlite_feast_sdk``: the same client through ``FeatureStore.get_online_features``
-* ``redis``: the client on the Redis store (through ``get_online_features``)
-* ``floor_sqlite`` / ``floor_redis``: fetching the same rows' bytes only (SQL ``IN`` query per
-  view / one pipelined ``HGETALL`` per entity), no decoding
+* ``<store>``: ``OnlineFeatureClient.get(user, items)``: the ``prerank_v2`` service through
+  ``FeatureStore.get_online_features``, on-demand views included (what ``feast serve`` runs),
+  decoded into the float32 matrix
+* ``<store>_stored``: the stored features of the user and the items with the derived inputs
+  computed in process (what the scoring service does when it does not keep the item side)
+* ``floor_<store>``: fetching the same rows' bytes only (SQL ``IN`` query per view / one pipelined
+  ``HGETALL`` per entity), no decoding
 """
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ def _entity_keys(entity: str, ids):
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from gpl_platform.features.definitions import ENTITY_KEYS
+    from gpl_platform.features.schema import ENTITY_KEYS
 
     return [EntityKey(join_keys=[ENTITY_KEYS[entity]], entity_values=[Value(string_val=i)]) for i in ids]
 
 
-def _sqlite_floor(store, layout):
+def _sqlite_floor(store, views_of):
     con = sqlite3.connect(f"file:{store.config['online_store']['path']}?mode=ro", uri=True)
     from feast.infra.key_encoding_utils import serialize_entity_key
 
@@ -89,7 +90,7 @@ def _sqlite_floor(store, layout):
     def read(user, items):
         for entity, ids in (("user", [user]), ("item", items)):
             keys = [key(entity, i) for i in ids]
-            for view in layout.views_of[entity]:
+            for view in views_of[entity]:
                 con.execute(f'SELECT entity_key, feature_name, value FROM "{project}_{view}" '
                             f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
     return read
@@ -123,6 +124,7 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
     from gpl_platform.config import load_settings
     from gpl_platform.features.fixtures import build_feature_world
     from gpl_platform.features.store import FeastStore
+    from gpl_platform.prerank.serving import InputReader
 
     n_requests = n_requests or (300 if n_items <= 200 else 100)
     tmp = None
@@ -132,30 +134,37 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
     settings = load_settings({"source": "simulator", "data_dir": str(data_dir), "seed": seed,
                               "simulator": {"n_items": max(2000, n_items), "n_users": 300, "n_days": 3}})
     redis_proc, redis_url = _start_redis()
-    results: dict = {}
+    results: dict = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         t0 = time.perf_counter()
         world = build_feature_world(settings)
         build_s = time.perf_counter() - t0
-        store = world["store"]
-        requests = random_requests(world["dataset"], n_items, n_requests, seed)
-        client = store.online_client()
-        results["sqlite"] = _time(client.get, requests)
-        results["floor_sqlite"] = _time(_sqlite_floor(store, client.layout), requests)
-        results["sqlite_feast_sdk"] = _time(store.online_client(reader="feast").get, requests)
+        stores = {"sqlite": world["store"]}
         if redis_url:
-            redis_store = FeastStore(settings, redis_url=redis_url)
-            redis_store.apply_if_changed(redis_store.spec())
-            redis_store.materialize_days(world["days"])
-            results["redis"] = _time(redis_store.online_client().get, requests)
-            results["floor_redis"] = _time(_redis_floor(redis_url, redis_store.config["project"]), requests)
+            redis_settings = settings.model_copy(update={"feature_store": settings.feature_store.model_copy(
+                update={"online_store": "redis", "redis": redis_url})})
+            stores["redis"] = FeastStore(redis_settings)
+            stores["redis"].apply_if_changed(world["store"].spec())
+            stores["redis"].materialize_days(world["days"])
+        requests = random_requests(world["dataset"], n_items, n_requests, seed)
+        views_of = {e: [v for v, i in world["store"].spec().views().items() if i["entity"] == e]
+                    for e in ("user", "item")}
+        for name, store in stores.items():
+            client = store.online_client()
+            reader = InputReader(store, "prerank_v2")
+            results[name] = _time(client.get, requests)
+            results[f"{name}_stored"] = _time(lambda u, items: (reader.inputs("user", [u]), reader.inputs("item", items)),
+                                              requests)
+            results[f"floor_{name}"] = _time(_sqlite_floor(store, views_of) if name == "sqlite"
+                                             else _redis_floor(redis_url, store.config["project"]), requests)
         results["n_items"] = n_items
         results["n_requests"] = n_requests
-        results["n_features"] = len(client.get(requests[0][0], requests[0][1][:1]).columns)
+        results["n_features"] = len(stores["sqlite"].online_client().columns)
         results["ratio_to_floor"] = {k: round(results[k]["p50_ms"] / results[f"floor_{k.split('_')[0]}"]["p50_ms"], 2)
-                                     for k in ("sqlite", "sqlite_feast_sdk", "redis") if k in results}
+                                     for k in ("sqlite", "sqlite_stored", "redis", "redis_stored") if k in results}
         results["world_build_s"] = round(build_s, 1)
         results["redis_available"] = bool(redis_url)
+        results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if redis_proc is not None:
             redis_proc.kill()

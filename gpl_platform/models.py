@@ -14,9 +14,14 @@ def anchor_generator(settings: Settings, backend: str | None = None) -> AnchorGe
     cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
     if cfg.backend == "sid":
         return _sid_generator(settings)
+    return _generator(*_generator_args(settings, cfg))
+
+
+def _generator_args(settings: Settings, cfg: AnchorConfig) -> tuple:
+    """The hashable arguments of :func:`_generator` (the API key apart from the config's JSON)."""
     key = cfg.openai_api_key.get_secret_value() if cfg.openai_api_key else None
     model_dir = str(settings.artifacts_dir / "models") if cfg.backend == "smollm" else None
-    return _generator(cfg.model_dump_json(exclude={"openai_api_key"}), settings.seed, key, model_dir)
+    return cfg.model_dump_json(exclude={"openai_api_key"}), settings.seed, key, model_dir
 
 
 _SID_GENERATORS: dict[tuple, AnchorGenerator] = {}
@@ -25,20 +30,31 @@ _SID_GENERATORS: dict[tuple, AnchorGenerator] = {}
 def _sid_generator(settings: Settings) -> AnchorGenerator:
     """The semantic-ID generator family over the warehouse's current semantic IDs (one per process and
     version: it memoizes the per-refit-day models it loads or trains)."""
-    from gpl_platform.sid.store import load_semantic_ids, stored_semantic_id_meta
+    warehouse, meta = _semantic_id_source(settings)
+    key = (str(settings.warehouse), meta["version"], settings.sid.generator.model_dump_json(), settings.seed,
+           str(settings.artifacts_dir))
+    if key not in _SID_GENERATORS:
+        _SID_GENERATORS[key] = _new_sid_generator(settings, warehouse)
+    return _SID_GENERATORS[key]
+
+
+def _semantic_id_source(settings: Settings):
+    """The warehouse and the metadata of its current semantic IDs (which the sid backend needs)."""
+    from gpl_platform.sid.store import stored_semantic_id_meta
     from gpl_platform.warehouse import Warehouse
 
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
     meta = stored_semantic_id_meta(warehouse)
     if meta is None:
         raise LookupError("anchor backend 'sid' needs semantic IDs: materialize item_semantic_ids first")
-    key = (str(settings.warehouse), meta["version"], settings.sid.generator.model_dump_json(), settings.seed,
-           str(settings.artifacts_dir))
-    if key not in _SID_GENERATORS:
-        _SID_GENERATORS[key] = make_anchor_generator(
-            "sid", warehouse=warehouse, sids=load_semantic_ids(warehouse), cfg=settings.sid.generator,
-            seed=settings.seed, artifacts_dir=settings.artifacts_dir)
-    return _SID_GENERATORS[key]
+    return warehouse, meta
+
+
+def _new_sid_generator(settings: Settings, warehouse) -> AnchorGenerator:
+    from gpl_platform.sid.store import load_semantic_ids
+
+    return make_anchor_generator("sid", warehouse=warehouse, sids=load_semantic_ids(warehouse),
+                                 cfg=settings.sid.generator, seed=settings.seed, artifacts_dir=settings.artifacts_dir)
 
 
 @lru_cache(maxsize=4)
@@ -68,3 +84,12 @@ def sentence_encoder(model_dir: str | None = None):
     from gpl_platform.embeddings import SentenceEncoder
 
     return SentenceEncoder(model_dir)
+
+
+def build_anchor_generator(settings: Settings, backend: str | None = None) -> AnchorGenerator:
+    """A new generator, not shared with anything else in the process (the Dagster resource builds one
+    per run; ``anchor_generator`` above keeps one per process for scripts and benchmarks)."""
+    cfg = settings.anchors.model_copy(update={"backend": backend or settings.anchors.backend})
+    if cfg.backend != "sid":
+        return _generator.__wrapped__(*_generator_args(settings, cfg))
+    return _new_sid_generator(settings, _semantic_id_source(settings)[0])

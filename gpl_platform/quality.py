@@ -594,3 +594,26 @@ def require_label_days(warehouse: "Warehouse", days: Sequence[date], cfg: Pseudo
     if failing:
         raise QualityGateError("pseudo-labels of these days failed the quality gate and must not be consumed:\n"
                                + "\n".join(f"  {d}: {why}" for d, why in sorted(failing.items())))
+
+
+EVENT_CHECK_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
+
+
+def check_event_days(warehouse: "Warehouse", days: Sequence[date], cfg: EventThresholds | None = None
+                     ) -> dict[date, QualityResult]:
+    """The events suite for each of ``days`` (an absent or empty day: the suite's empty rule)."""
+    days = sorted({pd.Timestamp(d).date() for d in days})
+    if not days:
+        return {}
+    frame = warehouse.query(f"SELECT day, {', '.join(EVENT_CHECK_COLUMNS)} FROM events "
+                            "WHERE day IN (SELECT unnest(?::DATE[]))", [days])
+    groups = {d: g for d, g in frame.groupby(pd.to_datetime(frame["day"]).dt.date)}
+    empty = frame.iloc[0:0]
+    return {d: check_events(groups.get(d, empty)[list(EVENT_CHECK_COLUMNS)], cfg) for d in days}
+
+
+def failing_event_days(warehouse: "Warehouse", days: Sequence[date], cfg: EventThresholds | None = None
+                       ) -> dict[date, str]:
+    """Days whose events fail the events suite (implausible click or exposure rates, broken labels),
+    with the reason: consumers leave them out like days failing the pseudo-label gate."""
+    return {d: r.summary() for d, r in check_event_days(warehouse, days, cfg).items() if not r.passed}

@@ -82,9 +82,21 @@ def fresh_report(report_path: Path, since_epoch: float) -> dict | None:
         return None
 
 
+def logged_table(report: dict, report_path: Path) -> list[str]:
+    """Without oracle labels the evaluation measures what logs allow: its table and where its report is."""
+    from gpl_platform.evaluation.logged import results_table as logged_results
+
+    return [f"Logged-data evaluation ({report.get('what', 'exposed test clicks')}):",
+            *("  " + line for line in logged_results(report).to_string(index=False).splitlines()),
+            f"Report: {report_path.with_suffix('.md')}"]
+
+
 def render_run_summary(failed_checks: Sequence[str], report: dict | None, report_path: Path,
-                       full_evaluation_hint: bool, ui_url: str = "http://127.0.0.1:3000") -> list[str]:
+                       full_evaluation_hint: bool, ui_url: str = "http://127.0.0.1:3000",
+                       logged: dict | None = None, logged_path: Path | None = None) -> list[str]:
     lines = ["", "=" * 30 + " summary " + "=" * 30]
+    if logged is not None and logged_path is not None:
+        lines += logged_table(logged, logged_path)
     if report is not None:
         lines += results_table(report)
         plots = sorted(p.name for p in report_path.parent.glob(f"{report_path.stem}*.png"))
@@ -92,7 +104,7 @@ def render_run_summary(failed_checks: Sequence[str], report: dict | None, report
                                                                      if plots else ""))
         if full_evaluation_hint:
             lines.append("This was the demo's evaluation; the full one (every method, seeds 0-2): make evaluate")
-    else:
+    elif logged is None:
         lines.append("No evaluation in this run (offline_evaluation was not selected).")
     lines.append(f"Dagster UI (asset graph, runs, checks): make ui -> {ui_url}")
     lines += check_lines(failed_checks)
@@ -108,6 +120,9 @@ def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, e
     since = time.time() - (time.perf_counter() - began_perf_counter)
     report_path = load_settings().data_dir / "reports" / "offline_eval.json"
     report = fresh_report(report_path, since)
+    logged_path = report_path.with_name("logged_eval.json")
+    logged = fresh_report(logged_path, since)
     demo = os.environ.get("GPL_DEMO") == "1"
-    for line in render_run_summary(failed_checks, report, report_path, full_evaluation_hint=demo):
+    for line in render_run_summary(failed_checks, report, report_path, full_evaluation_hint=demo,
+                                   logged=logged, logged_path=logged_path):
         echo(line)

@@ -40,9 +40,18 @@ def dataset_statistics(dataset: Dataset) -> dict:
 
 
 def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False) -> list[Path]:
-    """Write items/users/events in the contract format (atomically per file)."""
+    """Write items/users/events in the contract format (atomically per file).
+
+    A table file of the other format from an earlier export is removed once the new one is in place
+    (both would be read as one table); a ``<table>/`` folder is never touched: the export refuses."""
+    from gpl_platform.contract import ContractError, _READERS
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("items", "users", "events"):
+        if (out / name).is_dir():
+            raise ContractError(str(out / name), None, None, "is a table folder: export into another directory "
+                                "(a folder and a file of the same table would be read together)")
     events = dataset.events.drop(columns=["day"])
     written = []
     for name, frame in (("items", dataset.items), ("users", dataset.users), ("events", events)):
@@ -61,5 +70,9 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False) -> list[
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        for ext in _READERS:
+            stale = out / f"{name}{ext}"
+            if stale != target and stale.exists():
+                stale.unlink()
         written.append(target)
     return written

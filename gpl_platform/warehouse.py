@@ -86,6 +86,10 @@ def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0])
 
 
+def _days_frame(days: Sequence[date]) -> pd.DataFrame:
+    return pd.DataFrame({"day": pd.to_datetime(pd.Series(sorted(set(days)), dtype="object"))})
+
+
 class WarehouseLockedError(RuntimeError):
     """Another process holds the DuckDB file and did not let go within the timeout."""
 
@@ -208,6 +212,31 @@ class Warehouse:
         finally:
             for view in ("_days", "_incoming", "_parts"):
                 con.unregister(view)
+        return {d: int(counts.get(d, 0)) for d in days}
+
+    def clear_partitions(self, table: str, days: Sequence[date], con: duckdb.DuckDBPyConnection) -> None:
+        """Delete the rows of ``days`` from ``table``: the first step of a streamed replacement (then insert the
+        batches and :meth:`record_partitions`, all inside one :meth:`transaction`)."""
+        con.register("_clear_days", _days_frame(days))
+        try:
+            con.execute(f'DELETE FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _clear_days)')
+        finally:
+            con.unregister("_clear_days")
+
+    def record_partitions(self, table: str, days: Sequence[date], con: duckdb.DuckDBPyConnection,
+                          run_id: str | None = None) -> dict[date, int]:
+        """Record every day of ``days`` (empty ones too) in ``partitions`` with its row count in ``table``."""
+        days = sorted(set(days))
+        con.register("_record_days", _days_frame(days))
+        try:
+            counts = dict(con.execute(
+                f'SELECT day, count(*) FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _record_days) '
+                "GROUP BY day").fetchall())
+            con.execute("INSERT OR REPLACE INTO partitions SELECT ?, CAST(day AS DATE), coalesce(c.n, 0), now(), ? "
+                        "FROM _record_days LEFT JOIN (SELECT unnest(?::DATE[]) AS d, unnest(?::BIGINT[]) AS n) c "
+                        "ON c.d = CAST(day AS DATE)", [table, run_id, list(counts), list(counts.values())])
+        finally:
+            con.unregister("_record_days")
         return {d: int(counts.get(d, 0)) for d in days}
 
     def import_caches(self, other: Path | str, tables: Sequence[str] = ("anchor_cache", "item_embeddings")) -> dict:

@@ -1,14 +1,21 @@
-"""Shared fixtures. The environment is set before any `assets` import: the Dagster partitions are
-derived from the configured source when the code location loads."""
+"""Shared fixtures. Every test runs in a small simulator world: its environment is set by a
+session fixture (restored at the end), never at import; the Dagster definitions are built from it
+(``dagster_defs``), not from whatever the environment was when `assets` was imported."""
 
 import os
-import tempfile
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="gpl-tests-"))
-os.environ.update({
+import numpy as np
+import pandas as pd
+import pytest
+
+from gpl_platform.config import SHARED_ML100K, Settings, load_settings
+
+TEST_ENV = {
     "GPL_SOURCE": "simulator",
-    "GPL_DATA_DIR": str(_SESSION_DIR / "data"),
     "GPL_SIMULATOR__N_USERS": "60",
     "GPL_SIMULATOR__N_ITEMS": "300",
     "GPL_SIMULATOR__N_DAYS": "5",
@@ -24,16 +31,26 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "DAGSTER_DISABLE_TELEMETRY": "1",
-})
+}
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+@pytest.fixture(scope="session", autouse=True)
+def test_environment(tmp_path_factory) -> dict:
+    """The small simulator world (the environment of this process and of the subprocesses it starts)."""
+    with pytest.MonkeyPatch.context() as patch:
+        env = {**TEST_ENV, "GPL_DATA_DIR": str(tmp_path_factory.mktemp("gpl-session") / "data")}
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("GPL_CONTRACT__PATH", raising=False)
+        yield env
 
-from gpl_platform.config import SHARED_ML100K, Settings, load_settings  # noqa: E402
+
+@pytest.fixture(scope="session")
+def dagster_defs():
+    """The project's definitions built in the test world (simulator partitions 2024-01-01 .. 05)."""
+    from assets.definitions import build_definitions
+
+    return build_definitions()
 
 
 @pytest.fixture
@@ -93,3 +110,134 @@ def hold_duckdb_lock(path, seconds: float) -> subprocess.Popen:
     """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
+
+
+def run_assets(defs, gpl, selection, instance=None, **kwargs):
+    """``materialize`` the ``selection`` of ``defs`` (assets and checks) with the resources of ``gpl``."""
+    from dagster import DagsterInstance, materialize
+
+    from assets.resources import gpl_resources
+
+    return materialize([*defs.assets, *defs.asset_checks], selection=selection, resources=gpl_resources(gpl),
+                       instance=instance or DagsterInstance.ephemeral(), **kwargs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server on a free port of 127.0.0.1 for the session (CI installs it: .ci/run)."""
+    import shutil
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class RunningServer:
+    """A server subprocess (its own process group) that answers ``ready_url``; stopped with SIGTERM."""
+
+    def __init__(self, args, ready_url: str, env: dict | None = None, timeout_s: float = 120):
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=5).read()
+                return
+            except OSError as exc:
+                if getattr(exc, "code", None) is not None:  # an HTTP error status: it is up
+                    return
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{args[0]} exited: {self.proc.stderr.read().decode()[-3000:]}") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def post_json(url: str, body, timeout: float = 30) -> tuple[int, dict]:
+    """POST a JSON body (or raw bytes); returns (status, parsed JSON answer) for 2xx and 4xx/5xx alike."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def train_small_model(world, shape: str, seed: int = 0, out=None):
+    """A pre-ranker of ``shape`` after two epochs on a feature world's exposed candidates (scores need
+    not be good, only the same everywhere), saved under the world's models directory."""
+    from gpl_platform.prerank.data import attach_features, load_candidates
+    from gpl_platform.prerank.model import ModelConfig
+    from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker
+
+    store = world["store"]
+    cands = load_candidates(world["warehouse"], world["days"])
+    cands = cands[cands["exposed"]].reset_index(drop=True)
+    matrix, columns = attach_features(store, cands, "prerank_v2")
+    labels = cands["clicked"].to_numpy(np.float32)
+    users = world["dataset"].users["user_id"].tolist()
+    items = world["dataset"].items["item_id"].tolist()
+    model, _ = train_preranker(
+        TrainingRows(matrix, labels, np.ones(len(labels), np.float32), np.zeros(len(labels), bool),
+                     cands["user_id"].to_numpy(), cands["item_id"].to_numpy()),
+        columns, matrix[:200], labels[:200].astype(int), ModelConfig(shape=shape), TrainConfig(epochs=2, seed=seed),
+        valid_user_ids=cands["user_id"][:200].to_numpy(), valid_item_ids=cands["item_id"][:200].to_numpy(),
+        user_vocab=users[:-3], item_vocab=items[:-5])  # some catalog ids outside the vocabulary
+    out = out or world["store"].settings.artifacts_dir / "models" / f"{shape}-{seed}"
+    model.save(out, {"feature_service": "prerank_v2", "version": f"{shape}-{seed}"})
+    return model, out

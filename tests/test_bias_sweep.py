@@ -49,10 +49,10 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
         for metric in ("auc", "unexposed_auc", "unexposed_hr@10", "exposed_auc", "never_exposed_auc",
                        "valid_unexposed_auc"):
             assert {"mean", "std"} <= set(entry["methods"]["gpl"][metric]), metric
-        assert set(entry["prerankers"]) == {"mlp:prerank_v1", "two_tower:prerank_scalar_v1"}
-        assert entry["prerankers"]["mlp:prerank_v1"]["gpl_lift"]["unexposed_auc"]["pooled_std"] >= 0
+        assert set(entry["prerankers"]) == {"mlp:prerank_v2", "two_tower:prerank_scalar_v2"}
+        assert entry["prerankers"]["mlp:prerank_v2"]["gpl_lift"]["unexposed_auc"]["pooled_std"] >= 0
         rows = entry["ceiling"]["rows"]
-        assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v1]" in rows[0]
+        assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v2]" in rows[0]
         days = entry["pseudo_label_days"]["timeline"]
         assert days["days"] > 0 and days["with_labels"] + days["refused_by_gate"] + days["without_labels"] == days["days"]
     # the logging policy is recorded (its model was refitted on earlier days' exposed clicks), and ips reads
@@ -60,7 +60,7 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     logging_10 = saved["settings"]["logging_10"]
     assert logging_10["protocol"]["exposure_policy"]["policy"] == "logging"
     assert logging_10["protocol"]["exposure_policy"]["refits"] > 0
-    assert logging_10["prerankers"]["mlp:prerank_v1"]["methods"]["ips"]
+    assert logging_10["prerankers"]["mlp:prerank_v2"]["methods"]["ips"]
     # the logging setting shows a smaller share of each request than the popularity one
     assert logging_10["protocol"]["statistics"]["exposure_rate"] < saved["settings"]["popularity_25"]["protocol"][
         "statistics"]["exposure_rate"]
@@ -81,4 +81,4 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     report = tmp_path / "root" / "logging_10" / "reports" / "offline_eval.json"
     assert bench.finished_report(report, ["exposed_only", "ips", "gpl"], ["mlp", "two_tower"], [0, 2]) is None
     assert bench.finished_report(report, ["exposed_only", "gpl"], ["mlp", "two_tower"], [0, 1]) is None
-    assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["two_tower", "mlp:prerank_v1"], [0, 1])
+    assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["two_tower", "mlp:prerank_v2"], [0, 1])

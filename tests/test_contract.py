@@ -78,14 +78,16 @@ def test_duplicate_request_item_pairs():
     _expect("repeat a (request_id, item_id) pair", "item_id", 2, events=events)
 
 
-def test_unknown_items_and_users():
+def test_unknown_items_fail_and_users_only_in_events_join_the_users():
     _, _, events = tiny_contract_tables()
     events.loc[[0, 3], "item_id"] = "zzz"
     events = events.drop_duplicates(["request_id", "item_id"])
     _expect("missing from the items table", "item_id", 2, events=events)
-    _, _, events = tiny_contract_tables()
-    events.loc[:, "user_id"] = "ghost"
-    _expect("missing from the users table", "user_id", 5, events=events)
+    items, users, events = tiny_contract_tables()
+    events.loc[3:, "user_id"] = "ghost"  # request r2 is ghost's: a user the users table does not have
+    ds = validate_dataset("tiny", items, users, events)
+    assert ds.users["user_id"].tolist() == ["u1", "u2", "ghost"] and pd.isna(ds.users.loc[2, "age"])
+    assert ds.info["users_only_in_events"] == 1
 
 
 def test_naive_timestamps():
@@ -157,3 +159,78 @@ def test_cli_validate_exit_codes(tmp_path):
     assert "events.parquet: column 'user_id': 1 row(s)" in result.output
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "not a directory" in result.output
+
+
+def test_an_events_table_without_rows_is_refused(tmp_path):
+    items, users, events = tiny_contract_tables()
+    write_contract_dir(tmp_path, items, users, events.iloc[0:0])
+    with pytest.raises(ContractError, match="events.parquet: has no rows"):
+        read_contract_dir(tmp_path)
+    result = CliRunner().invoke(app, ["data", "validate", str(tmp_path)])
+    assert result.exit_code == 1 and "has no rows" in result.output and "nan" not in result.output
+
+
+def test_csv_cells_na_none_null_are_text_and_only_empty_cells_are_missing(tmp_path):
+    items, users, events = tiny_contract_tables()
+    items["item_id"] = ["NA", "None", "null"]
+    items["genre"] = ["NA", "", "x"]
+    events["item_id"] = events["item_id"].map({"a": "NA", "b": "None", "c": "null"})
+    events["event_time"] = events["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_contract_dir(tmp_path, items, users, events, "csv")
+    ds = read_contract_dir(tmp_path)
+    assert ds.items["item_id"].tolist() == ["NA", "None", "null"]
+    assert ds.items["genre"].tolist()[0] == "NA" and pd.isna(ds.items["genre"].tolist()[1])
+    assert set(ds.events["item_id"]) == {"NA", "None", "null"}
+    (tmp_path / "users.csv").write_text("user_id,age\nu1,30\n,40\n")  # an empty id cell: missing, said so
+    with pytest.raises(ContractError, match=r"null or empty id \(e.g. <empty>\)"):
+        read_contract_dir(tmp_path)
+
+
+def test_a_lowercase_z_is_utc():
+    items, users, events = tiny_contract_tables()
+    events["event_time"] = ["2024-03-01T23:59:59z"] * 3 + ["2024-03-02T00:00:00z"] * 2
+    ds = validate_dataset("tiny", items, users, events)
+    assert [str(d) for d in ds.events["day"]] == ["2024-03-01"] * 3 + ["2024-03-02"] * 2
+
+
+@pytest.mark.parametrize("columns", [("Genre", "genre"), ("gen re", "gen-re")])
+def test_attribute_columns_that_become_one_feature_are_refused(columns):
+    items, users, _ = tiny_contract_tables()
+    items = items.drop(columns="genre").assign(**{columns[0]: ["x", "y", "z"], columns[1]: ["1", "2", "3"]})
+    _expect(f"and column {columns[0]!r} both become the feature", columns[1], None, items=items, file="items")
+    users = users.assign(**{columns[0]: [1, 2], columns[1]: [3, 4]})
+    _expect("rename one of them", columns[1], None, users=users, file="users")
+
+
+def test_a_file_linked_from_outside_the_directory_is_not_read(tmp_path):
+    items, users, events = tiny_contract_tables()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    contract = write_contract_dir(tmp_path / "contract", items, None, events)
+    (contract / "users.csv").symlink_to(outside / "secret.csv")
+    with pytest.raises(ContractError, match="symbolic link to .*outside the contract directory") as info:
+        read_contract_dir(contract)
+    assert "root:x" not in str(info.value)
+    (contract / "users.csv").unlink()
+    (contract / "users.csv").symlink_to(contract / "items.parquet")  # a link inside the directory is fine to follow
+    with pytest.raises(ContractError, match="users.csv"):  # (here: an items file read as CSV users)
+        read_contract_dir(contract)
+
+
+def test_export_over_an_earlier_export_of_the_other_format_validates(tmp_path):
+    from gpl_platform.stats import export_contract_dir
+
+    items, users, events = tiny_contract_tables()
+    ds = validate_dataset("tiny", items, users, events)
+    export_contract_dir(ds, tmp_path, csv=True)
+    export_contract_dir(ds, tmp_path, csv=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.parquet", "items.parquet", "users.parquet"]
+    assert len(read_contract_dir(tmp_path).events) == 5
+    result = CliRunner().invoke(app, ["data", "export", str(tmp_path), "--source", "simulator", "--csv"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv", "items.csv", "users.csv"]
+    assert CliRunner().invoke(app, ["data", "validate", str(tmp_path)]).exit_code == 0
+    (tmp_path / "items.parquet").write_bytes((tmp_path / "items.csv").read_bytes())  # two formats of one table
+    with pytest.raises(ContractError, match="items.parquet and items.csv: one table, one file format"):
+        read_contract_dir(tmp_path)

@@ -17,12 +17,11 @@ import time
 
 import pandas as pd
 import pytest
-from dagster import DagsterInstance, materialize
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster import DagsterInstance
 
-from assets.definitions import all_assets
+from assets.partitions import range_tags
 from assets.resources import GplSettings
-from tests.conftest import hold_duckdb_lock
+from tests.conftest import hold_duckdb_lock, run_assets
 
 DAY = "2024-01-02"
 
@@ -47,21 +46,19 @@ KILLED_RUN = textwrap.dedent("""
         return out
 
     Warehouse.replace_partitions = hooked
-    from assets.definitions import all_assets
-    from assets.resources import GplSettings
-    materialize(all_assets, selection=["candidate_events"], partition_key=sys.argv[1],
-                resources={"gpl": GplSettings()}, instance=DagsterInstance.ephemeral())
+    from assets.definitions import defs
+    materialize([*defs.assets, *defs.asset_checks], selection=["candidate_events"], partition_key=sys.argv[1],
+                resources=defs.resources, instance=DagsterInstance.ephemeral())
 """)
 
 PLAIN_RUN = textwrap.dedent("""
     import sys, warnings
     warnings.filterwarnings("ignore")
     from dagster import DagsterInstance, materialize
-    from assets.definitions import all_assets
-    from assets.resources import GplSettings
+    from assets.definitions import defs
     print("START", flush=True)
-    result = materialize(all_assets, selection=["candidate_events"], partition_key=sys.argv[1],
-                         resources={"gpl": GplSettings()}, instance=DagsterInstance.ephemeral(), raise_on_error=False)
+    result = materialize([*defs.assets, *defs.asset_checks], selection=["candidate_events"], partition_key=sys.argv[1],
+                         resources=defs.resources, instance=DagsterInstance.ephemeral(), raise_on_error=False)
     print("SUCCESS" if result.success else "FAILURE", flush=True)
     sys.exit(0 if result.success else 1)
 """)
@@ -74,16 +71,14 @@ def _env(data_dir, **extra) -> dict:
 
 
 @pytest.fixture
-def ingested(tmp_path):
+def ingested(tmp_path, dagster_defs):
     """Catalog + events of 2024-01-01..03 in a fresh warehouse."""
     data = tmp_path / "data"
     gpl = GplSettings(data_dir=str(data))
     instance = DagsterInstance.ephemeral()
-    assert materialize(all_assets, selection=["item_catalog", "users"], resources={"gpl": gpl},
-                       instance=instance).success
-    assert materialize(all_assets, selection=["candidate_events"], resources={"gpl": gpl}, instance=instance,
-                       tags={ASSET_PARTITION_RANGE_START_TAG: "2024-01-01",
-                             ASSET_PARTITION_RANGE_END_TAG: "2024-01-03"}).success
+    assert run_assets(dagster_defs, gpl, ["item_catalog", "users"], instance).success
+    assert run_assets(dagster_defs, gpl, ["candidate_events"], instance,
+                      tags=range_tags("2024-01-01", "2024-01-03")).success
     return gpl, data
 
 
@@ -99,7 +94,7 @@ def _no_duplicates(gpl) -> None:
     assert dup.empty, dup.head()
 
 
-def test_run_killed_inside_the_write_transaction_leaves_previous_data(ingested):
+def test_run_killed_inside_the_write_transaction_leaves_previous_data(ingested, dagster_defs):
     gpl, data = ingested
     events_before, parts_before = _snapshot(gpl)
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, DAY], env=_env(data), stdout=subprocess.PIPE,
@@ -127,8 +122,7 @@ def test_run_killed_inside_the_write_transaction_leaves_previous_data(ingested):
     assert not events_after["request_id"].str.startswith("KILLED-").any()
 
     # Re-running the partition succeeds and replaces it: same rows, no duplicates.
-    result = materialize(all_assets, selection=["candidate_events"], partition_key=DAY, resources={"gpl": gpl},
-                         instance=DagsterInstance.ephemeral())
+    result = run_assets(dagster_defs, gpl, ["candidate_events"], partition_key=DAY)
     assert result.success
     events_rerun, parts_rerun = _snapshot(gpl)
     pd.testing.assert_frame_equal(events_before, events_rerun)
@@ -160,21 +154,20 @@ def test_two_simultaneous_materializations_of_one_partition_leave_no_duplicates(
     assert (parts_after.groupby(["table_name", "day"]).size() == 1).all()
 
 
-def test_lock_held_by_another_process_fails_the_run_clearly_and_changes_nothing(ingested):
+def test_lock_held_by_another_process_fails_the_run_clearly_and_changes_nothing(ingested, dagster_defs):
     gpl, data = ingested
     events_before, parts_before = _snapshot(gpl)
     impatient = GplSettings(data_dir=str(data), overrides_json='{"warehouse_lock_timeout_s": 1}')
     holder = hold_duckdb_lock(gpl.settings().warehouse, 60)
     try:
         began = time.monotonic()
-        result = materialize(all_assets, selection=["candidate_events"], partition_key=DAY,
-                             resources={"gpl": impatient}, instance=DagsterInstance.ephemeral(), raise_on_error=False)
+        result = run_assets(dagster_defs, impatient, ["candidate_events"], partition_key=DAY, raise_on_error=False)
         waited = time.monotonic() - began
     finally:
         holder.kill()
         holder.wait()
     assert not result.success and waited >= 1.0
-    error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
+    error = result.get_step_failure_events()[0].step_failure_data.error.to_string()
     assert "WarehouseLockedError" in error and "locked by another process" in error
     assert "GPL_WAREHOUSE_LOCK_TIMEOUT_S" in error  # says what to do
     events_after, parts_after = _snapshot(gpl)
@@ -182,14 +175,13 @@ def test_lock_held_by_another_process_fails_the_run_clearly_and_changes_nothing(
     pd.testing.assert_frame_equal(parts_before, parts_after)
 
 
-def test_lock_released_in_time_lets_the_run_wait_and_succeed(ingested):
+def test_lock_released_in_time_lets_the_run_wait_and_succeed(ingested, dagster_defs):
     gpl, data = ingested
     events_before, _ = _snapshot(gpl)
     patient = GplSettings(data_dir=str(data), overrides_json='{"warehouse_lock_timeout_s": 30}')
     holder = hold_duckdb_lock(gpl.settings().warehouse, 2.0)
     try:
-        result = materialize(all_assets, selection=["candidate_events"], partition_key=DAY,
-                             resources={"gpl": patient}, instance=DagsterInstance.ephemeral())
+        result = run_assets(dagster_defs, patient, ["candidate_events"], partition_key=DAY)
     finally:
         holder.wait(timeout=30)
     assert result.success

@@ -60,15 +60,15 @@ def test_user_activity_uses_only_events_before_the_day(tiny):
         act = compute.compute_user_activity(con, [D1, D2, D3])
     assert len(act) == 3 * 3  # every catalog user, every day
     d1, d2, d3 = (_by(act, "user_id", d) for d in (D1, D2, D3))
-    assert (d1[["u_requests", "u_exposures", "u_clicks"]] == 0).all().all()  # nothing before D1
-    assert d1.loc["u1", "u_days_since_last_request"] == -1
-    assert d2.loc["u1", ["u_requests", "u_exposures", "u_clicks"]].tolist() == [1, 2, 1]
-    assert d2.loc["u1", "u_click_rate"] == 0.5 and d2.loc["u1", "u_days_since_last_request"] == 1
-    assert d2.loc["u2", ["u_exposures", "u_clicks"]].tolist() == [1, 0]  # 23:59:59 of D1 counts for D2
-    assert d3.loc["u1", ["u_requests", "u_exposures", "u_clicks", "u_active_days"]].tolist() == [2, 4, 2, 2]
+    assert (d1[["user_requests", "user_exposures", "user_clicks"]] == 0).all().all()  # nothing before D1
+    assert d1.loc["u1", "user_days_since_last_request"] == -1
+    assert d2.loc["u1", ["user_requests", "user_exposures", "user_clicks"]].tolist() == [1, 2, 1]
+    assert d2.loc["u1", "user_click_rate"] == 0.5 and d2.loc["u1", "user_days_since_last_request"] == 1
+    assert d2.loc["u2", ["user_exposures", "user_clicks"]].tolist() == [1, 0]  # 23:59:59 of D1 counts for D2
+    assert d3.loc["u1", ["user_requests", "user_exposures", "user_clicks", "user_active_days"]].tolist() == [2, 4, 2, 2]
     # smoothed towards the global CTR before the day (D2: 1 click / 3 exposures)
-    assert d2.loc["u3", "u_click_rate_smoothed"] == pytest.approx(1 / 3)
-    assert d2.loc["u1", "u_click_rate_smoothed"] == pytest.approx((1 + 10 / 3) / (2 + 10))
+    assert d2.loc["u3", "user_click_rate_smoothed"] == pytest.approx(1 / 3)
+    assert d2.loc["u1", "user_click_rate_smoothed"] == pytest.approx((1 + 10 / 3) / (2 + 10))
     ts = act.loc[act["day"] == D2, "event_timestamp"].iloc[0]
     assert ts == pd.Timestamp("2024-03-02T00:00:00Z") and str(act["event_timestamp"].dtype) == "datetime64[us, UTC]"
 
@@ -83,7 +83,7 @@ def test_changing_a_days_events_does_not_change_that_days_features(tiny):
     with wh.connect(read_only=True) as con:
         after = compute.compute_item_activity(con, [D2, D3])
     pd.testing.assert_frame_equal(before, after[after["day"] == D2].reset_index(drop=True))
-    assert _by(after, "item_id", D3).loc["d", "i_clicks"] == 1
+    assert _by(after, "item_id", D3).loc["d", "item_clicks"] == 1
 
 
 def test_item_activity_popularity_and_long_tail(tiny):
@@ -91,12 +91,12 @@ def test_item_activity_popularity_and_long_tail(tiny):
     with wh.connect(read_only=True) as con:
         act = compute.compute_item_activity(con, [D1, D3])
     d1, d3 = _by(act, "item_id", D1), _by(act, "item_id", D3)
-    assert (d1["i_long_tail"] == 1).all() and (d1["i_popularity_bucket"] == 0).all()
-    assert d3.loc["b", ["i_candidates", "i_exposures", "i_clicks"]].tolist() == [3, 3, 0]
-    assert d3.loc["c", ["i_candidates", "i_exposures", "i_clicks", "i_ctr"]].tolist() == [2, 1, 1, 1.0]
+    assert (d1["item_long_tail"] == 1).all() and (d1["item_popularity_bucket"] == 0).all()
+    assert d3.loc["b", ["item_candidates", "item_exposures", "item_clicks"]].tolist() == [3, 3, 0]
+    assert d3.loc["c", ["item_candidates", "item_exposures", "item_clicks", "item_ctr"]].tolist() == [2, 1, 1, 1.0]
     # exposures before D3: b 3, a 1, c 1, d 0 (total 5): the head holding 80% is {b, a}
-    assert d3["i_long_tail"].to_dict() == {"a": 0, "b": 0, "c": 1, "d": 1}
-    assert d3.loc["b", "i_popularity_bucket"] == 9 and d3.loc["d", "i_popularity_bucket"] == 0
+    assert d3["item_long_tail"].to_dict() == {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert d3.loc["b", "item_popularity_bucket"] == 9 and d3.loc["d", "item_popularity_bucket"] == 0
 
 
 def test_user_history_is_sparse_and_point_in_time(tiny):
@@ -106,13 +106,13 @@ def test_user_history_is_sparse_and_point_in_time(tiny):
     # only users who clicked the day before get a row: u1 on D2 (clicked a on D1) and D3 (clicked c on D2)
     assert list(zip(hist["day"], hist["user_id"])) == [(D2, "u1"), (D3, "u1")]
     d2, d3 = hist.iloc[0], hist.iloc[1]
-    np.testing.assert_allclose(d2["u_history_emb"], vectors["a"], rtol=1e-6)
+    np.testing.assert_allclose(d2["user_history_emb"], vectors["a"], rtol=1e-6)
     mean = (vectors["a"].astype(np.float64) + vectors["c"]) / 2
-    np.testing.assert_allclose(d3["u_history_emb"], mean / np.linalg.norm(mean), rtol=1e-5)
-    assert d3["u_history_emb"].dtype == np.float32 and d3["u_history_emb_n"] == 2
+    np.testing.assert_allclose(d3["user_history_emb"], mean / np.linalg.norm(mean), rtol=1e-5)
+    assert d3["user_history_emb"].dtype == np.float32 and d3["user_history_emb_n"] == 2
     with wh.connect(read_only=True) as con:  # max_len keeps the most recent clicks
         short = compute.compute_user_history(con, [D3], max_len=1, vectors=vectors, dim=8)
-    np.testing.assert_allclose(short.iloc[0]["u_history_emb"], vectors["c"], rtol=1e-6)
+    np.testing.assert_allclose(short.iloc[0]["user_history_emb"], vectors["c"], rtol=1e-6)
 
 
 def test_spec_and_profiles_follow_the_source_columns(tiny):
@@ -120,12 +120,13 @@ def test_spec_and_profiles_follow_the_source_columns(tiny):
     with wh.connect(read_only=True) as con:
         spec = compute.spec_from_warehouse(con)
         profile = compute.compute_item_profile(con, spec, {k: v for k, v in vectors.items() if k != "d"})
-    assert spec.user_attributes == {"u_attr_age": ("age", "Int64"), "u_attr_country": ("country", "String")}
-    assert spec.item_attributes["i_attr_genre"] == ("genre", "String")
-    assert spec.item_attributes["i_attr_year"][1] in ("Float64", "Int64")
+    assert spec.user_attributes == {"user_num_age": ("age", "Float64"), "user_cat_country": ("country", "String")}
+    assert spec.item_attributes == {"item_cat_genre": ("genre", "String"), "item_num_year": ("year", "Float64")}
     assert FeatureSpec.from_json(spec.to_json()) == spec
     row = profile.set_index("item_id").loc["d"]
-    assert row["i_has_content_emb"] == 0 and not np.any(row["i_content_emb"]) and row["i_attr_genre"] is None
+    assert row["item_has_content_emb"] == 0 and not np.any(row["item_content_emb"]) and row["item_cat_genre"] is None
+    assert row["item_known"] == 1 and profile.set_index("item_id").loc["c", "item_num_year"] != \
+        profile.set_index("item_id").loc["c", "item_num_year"]  # a null year stays null: Feast fills the default
 
 
 def test_parquet_files_have_feast_types_and_reruns_replace_them(tiny, settings):
@@ -137,7 +138,7 @@ def test_parquet_files_have_feast_types_and_reruns_replace_them(tiny, settings):
     assert files == ["2024-03-02.parquet", "2024-03-03.parquet"]  # no temp files left
     schema = pq.read_schema(out / "user_history" / "2024-03-01.parquet")  # empty day: schema only
     assert schema.field("event_timestamp").type == pa.timestamp("us", tz="UTC")
-    assert schema.field("u_history_emb").type == pa.list_(pa.float32())
+    assert schema.field("user_history_emb").type == pa.list_(pa.float32())
     assert pq.read_metadata(out / "user_history" / "2024-03-01.parquet").num_rows == 0
     again = pipeline.write_item_features(settings, wh, [D3], D1)
     assert pq.read_table(out / "item_activity" / "2024-03-03.parquet").equals(

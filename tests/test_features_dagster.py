@@ -2,27 +2,24 @@
 
 import numpy as np
 import pyarrow.parquet as pq
-from dagster import AssetKey, DagsterInstance, Definitions, materialize
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster import AssetKey, DagsterInstance
 
-from assets import ingestion
-from assets.features import feature_assets
+from assets.partitions import range_tags
 from assets.resources import GplSettings
 from gpl_platform.embeddings import update_item_embeddings
 from gpl_platform.features.fixtures import RandomEncoder
 from gpl_platform.features.store import FeastStore, sources_dir
+from tests.conftest import run_assets
 
-ALL = [ingestion.item_catalog, ingestion.users,
-       ingestion.candidate_events, ingestion.user_histories, *feature_assets]
-RANGE = {ASSET_PARTITION_RANGE_START_TAG: "2024-01-01", ASSET_PARTITION_RANGE_END_TAG: "2024-01-05"}
+RANGE = range_tags("2024-01-01", "2024-01-05")
 
 
 def _meta(instance, key):
     return instance.fetch_materializations(AssetKey(key), limit=1).records[0].asset_materialization.metadata
 
 
-def test_definitions_load_with_the_feature_assets():
-    defs = Definitions(assets=ALL, resources={"gpl": GplSettings()})
+def test_definitions_load_with_the_feature_assets(dagster_defs):
+    defs = dagster_defs
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert {"user_features", "item_features", "feast_registry", "profile_features", "online_features"} <= keys
     graph = defs.resolve_asset_graph()
@@ -30,21 +27,23 @@ def test_definitions_load_with_the_feature_assets():
     assert parents == {"feast_registry", "profile_features", "user_features", "item_features"}
 
 
-def test_feature_assets_range_run_and_idempotent_reruns(tmp_path):
+def test_feature_assets_range_run_and_idempotent_reruns(tmp_path, dagster_defs):
     gpl = GplSettings(data_dir=str(tmp_path / "data"))
-    resources, instance = {"gpl": gpl}, DagsterInstance.ephemeral()
-    assert materialize(ALL, selection=["item_catalog", "users"], resources=resources, instance=instance).success
+    instance = DagsterInstance.ephemeral()
+
+    def materialize(selection, **kwargs):
+        return run_assets(dagster_defs, gpl, selection, instance, **kwargs)
+
+    assert materialize(["item_catalog", "users"]).success
     with gpl.warehouse().connect() as con:
         items = con.execute("SELECT item_id, text FROM items").df()
         update_item_embeddings(con, items, RandomEncoder())
-    assert materialize(ALL, selection=["candidate_events"], resources=resources, instance=instance, tags=RANGE).success
-    assert materialize(ALL, selection=["profile_features", "feast_registry"], resources=resources,
-                       instance=instance).success
+    assert materialize(["candidate_events"], tags=RANGE).success
+    assert materialize(["profile_features", "feast_registry"]).success
     assert _meta(instance, "feast_registry")["applied"].value is True
     assert _meta(instance, "profile_features")["items_with_embedding"].value == len(items)
     # One run for the five days of every partitioned feature asset.
-    assert materialize(ALL, selection=["user_features", "item_features", "online_features"], resources=resources,
-                       instance=instance, tags=RANGE).success
+    assert materialize(["user_features", "item_features", "online_features"], tags=RANGE).success
     assert _meta(instance, "user_features")["partition_span"].value.startswith("2024-01-01 .. 2024-01-05")
     out = sources_dir(gpl.settings())
     assert len(list((out / "item_activity").glob("*.parquet"))) == 5
@@ -56,12 +55,51 @@ def test_feature_assets_range_run_and_idempotent_reruns(tmp_path):
 
     # Re-running an old day (features and online store) changes nothing: newest values stay online.
     for _ in range(2):
-        assert materialize(ALL, selection=["user_features", "online_features"], partition_key="2024-01-03",
-                           resources=resources, instance=instance).success
+        assert materialize(["user_features", "online_features"], partition_key="2024-01-03").success
     assert pq.read_table(out / "user_activity" / "2024-01-03.parquet").equals(day3)
     assert "2024-01-06" in _meta(instance, "online_features")["window_end"].value
     for u in users:
         assert np.array_equal(client.get(u, items["item_id"][:20]).matrix, before[u])
     # Unchanged definitions: the registry asset does not apply again.
-    assert materialize(ALL, selection=["feast_registry"], resources=resources, instance=instance).success
+    assert materialize(["feast_registry"]).success
     assert _meta(instance, "feast_registry")["applied"].value is False
+
+
+def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url, dagster_defs):
+    """online_store is a setting of the whole pipeline: the Dagster assets materialize into Redis, and the
+    Python client and the scoring service read it; the SQLite store of the same data dir stays empty."""
+    import json
+
+    from gpl_platform.prerank.serving import PreRankScorer
+    from tests.conftest import train_small_model
+
+    overrides = {"feature_store": {"online_store": "redis", "redis": redis_url}}
+    gpl = GplSettings(data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides))
+    instance = DagsterInstance.ephemeral()
+
+    def materialize(selection, **kwargs):
+        return run_assets(dagster_defs, gpl, selection, instance, **kwargs)
+
+    assert materialize(["item_catalog", "users"]).success
+    with gpl.warehouse().connect() as con:
+        update_item_embeddings(con, con.execute("SELECT item_id, text FROM items").df(), RandomEncoder())
+    assert materialize(["candidate_events"], tags=RANGE).success
+    assert materialize(["profile_features", "feast_registry", "user_features", "item_features", "online_features"],
+                       tags=RANGE).success
+    store = FeastStore(gpl.settings())
+    assert store.online_store_type == "redis" and "redis" in str(store.config_path)
+    assert not (sources_dir(gpl.settings()).parent / "online_store.db").exists()
+    users = gpl.warehouse().query("SELECT DISTINCT user_id FROM events ORDER BY 1 LIMIT 2")["user_id"].tolist()
+    items = gpl.warehouse().query("SELECT item_id FROM items ORDER BY 1 LIMIT 30")["item_id"].tolist()
+    got = store.online_client().get(users[0], items)
+    assert not got.unknown_user and got.unknown_items == [] and got.matrix.any()
+    from datetime import date
+
+    from gpl_platform.sources import load_source
+
+    world = {"store": store, "warehouse": gpl.warehouse(), "dataset": load_source(gpl.settings()),
+             "days": [date(2024, 1, d) for d in range(1, 6)]}
+    _, model_dir = train_small_model(world, "mlp")
+    scorer = PreRankScorer(model_dir, store)
+    np.testing.assert_array_equal(scorer.matrix(users[0], items), got.matrix)  # the service's inputs, from Redis
+    assert scorer.score(users[0], items + ["ghost"]).unknown_items == ["ghost"]

@@ -1,14 +1,13 @@
-"""The Feast store end to end on the small simulator world: apply-if-changed, point-in-time training
-retrieval, offline/online consistency (SQLite and Redis, embeddings and dtypes included), the online
-client's handling of unknown ids, and `feast serve` over HTTP on 127.0.0.1."""
+"""The Feast store end to end on the small simulator world: the repository applies as literal objects,
+apply-if-changed, point-in-time training retrieval, and one feature contract for every consumer:
+`get_historical_features` (training), the Python online client and `feast serve` over HTTP give the
+same model inputs for the same entities at the same feature time, on SQLite and on Redis, known and
+unknown ids included."""
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,17 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform.config import load_settings
+from gpl_platform.config import PROJECT_ROOT, load_settings
 from gpl_platform.features import parquet
 from gpl_platform.features.fixtures import build_feature_world
 from gpl_platform.features.schema import EMB
-from gpl_platform.features.serving import _FeastReader
+from gpl_platform.features.store import FeastStore
+from tests.conftest import RunningServer, free_port, post_json
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVICES = ("prerank_v2", "prerank_scalar_v2")
 
 
 @pytest.fixture(scope="module")
@@ -36,33 +32,18 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def redis_url():
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+def redis_store(world, redis_url):
+    """The same sources in the Redis online store (the settings say so: feature_store.online_store)."""
+    settings = world["store"].settings.model_copy(
+        update={"feature_store": world["store"].settings.feature_store.model_copy(
+            update={"online_store": "redis", "redis": redis_url})})
+    store = FeastStore(settings)
+    assert store.apply_if_changed(world["store"].spec())["applied"] is True
+    store.materialize_days(world["days"])
+    return store
 
 
-def _serving_rows(world, n_users=4, n_items=12):
+def _serving_rows(world, n_users=3, n_items=8):
     """Entities to compare: known users/items plus ids the store has never seen."""
     ds = world["dataset"]
     users = ds.events["user_id"].drop_duplicates().tolist()[:n_users] + ["ghost-user"]
@@ -70,55 +51,82 @@ def _serving_rows(world, n_users=4, n_items=12):
     return users, items
 
 
+def _serving_time(world):
+    return pd.Timestamp(world["days"][-1].isoformat(), tz="UTC") + timedelta(hours=23)
+
+
 def _assert_same(a: pd.DataFrame, b: pd.DataFrame):
     """Identical values and dtypes; embeddings compared element-wise with their float32 dtype."""
     assert list(a.columns) == list(b.columns)
     emb = [c for c in a.columns if len(a) and isinstance(a[c].iloc[0], np.ndarray)]
-    pd.testing.assert_frame_equal(a.drop(columns=emb), b.drop(columns=emb), check_exact=True)
+    pd.testing.assert_frame_equal(a.drop(columns=emb).reset_index(drop=True), b.drop(columns=emb).reset_index(drop=True),
+                                  check_exact=True)
     for c in emb:
         for x, y in zip(a[c], b[c]):
             assert x.dtype == y.dtype == np.float32 and np.array_equal(x, y), c
 
 
-def test_apply_runs_only_when_definitions_change(world):
+def test_repository_objects_are_registered_and_apply_runs_only_when_they_change(world):
     store = world["store"]
     spec = store.spec()
     assert store.apply_if_changed(spec)["applied"] is False
     fs = store.store
-    assert {s.name for s in fs.list_feature_services()} == {"prerank_v1", "prerank_scalar_v1"}
+    assert {s.name for s in fs.list_feature_services()} == set(SERVICES)
     assert {v.name for v in fs.list_feature_views()} == set(spec.views())
-    scalar = fs.get_feature_service("prerank_scalar_v1")
-    scalar_names = {f.name for p in scalar.feature_view_projections for f in p.features}
-    assert not scalar_names & {"i_content_emb", "u_history_emb"} and "i_has_content_emb" in scalar_names
+    assert {v.name for v in fs.list_on_demand_feature_views()} == {"user_inputs", "item_inputs", "known_ids",
+                                                                   "user_item_inputs"}
+    scalar = {n for n, _ in store.service_features("prerank_scalar_v2")}
+    assert not scalar & {"i_content_emb", "u_history_emb", "ui_cosine"} and {"i_has_content_emb", "u_known"} <= scalar
+    full = store.service_features("prerank_v2")
+    assert [n for n, _ in full][-3:] == ["u_known", "i_known", "ui_cosine"]
+    assert ("u_num_age", "Float64") in full and ("u_cat_country", "String") in full  # the generated attributes
+    with pytest.raises(ValueError, match="retired.*prerank_v2"):
+        store.service_features("prerank_v1")
     # A changed spec (a source without the `country` column) is applied, then the original again.
-    changed = type(spec)({k: v for k, v in spec.user_attributes.items() if k != "u_attr_country"},
-                         spec.item_attributes, spec.embedding_dim)
+    changed = type(spec)({k: v for k, v in spec.user_attributes.items() if k != "user_cat_country"},
+                         spec.item_attributes)
     try:
         assert store.apply_if_changed(changed)["applied"] is True
         fs.refresh_registry()
-        names = [f.name for f in fs.get_feature_view("user_profile").features]
-        assert "u_attr_country" not in names
+        assert "user_cat_country" not in [f.name for f in fs.get_feature_view("user_profile").features]
+        assert "u_cat_country" not in [f.name for f in fs.get_on_demand_feature_view("user_inputs").features]
     finally:
         assert store.apply_if_changed(spec)["applied"] is True
+
+
+def test_feast_plan_and_apply_work_on_the_repository_folder_of_a_fresh_clone(tmp_path):
+    """`feast -c feature_repo plan|apply` with nothing generated yet: no data, no attribute file."""
+    clone = tmp_path / "clone"
+    tracked = subprocess.run(["git", "ls-files", "feature_repo"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    files = tracked.stdout.split() or [str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "feature_repo").rglob("*")
+                                       if p.is_file() and "__pycache__" not in p.parts and p.parent.name != "data"]
+    for name in files:  # what a clone has: the tracked files only
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / name, clone / name)
+    feast = str(Path(sys.executable).parent / "feast")
+    env = {"GPL_DATA_DIR": str(clone / "data"), "PATH": str(Path(sys.executable).parent)}
+    for command in ("plan", "apply"):
+        done = subprocess.run([feast, "-c", str(clone / "feature_repo"), command], capture_output=True, text=True,
+                              env={**__import__("os").environ, **env}, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "prerank_v2" in done.stdout and "user_item_inputs" in done.stdout
+    assert (clone / "feature_repo" / "data" / "registry.db").exists()  # as the committed feature_store.yaml says
 
 
 def test_training_features_are_point_in_time_correct(world):
     store, ds = world["store"], world["dataset"]
     events = ds.events[ds.events["day"] == world["days"][2]]
     user, item, t = events.iloc[0][["user_id", "item_id", "event_time"]]
-    sources = store.sources_dir
-    spec = store.spec()
+    views = store.spec().views()
     # A "late" row: written one second after the event, with values no real row has.
-    leak_user = pd.DataFrame({"user_id": [user], "event_timestamp": [t + timedelta(seconds=1)],
-                              **{n: [999_999] if dt == "Int64" else [9.5] for n, dt in
-                                 spec.views()["user_activity"]["features"].items()}})
-    leak_item = pd.DataFrame({"item_id": [item], "event_timestamp": [t + timedelta(seconds=1)],
-                              **{n: [888_888] if dt == "Int64" else [8.5] for n, dt in
-                                 spec.views()["item_activity"]["features"].items()}})
-    leak_files = [parquet.write_atomic(parquet.to_arrow(leak_user, "user_id", spec.views()["user_activity"]["features"]),
-                                       sources / "user_activity" / "zz-late.parquet"),
-                  parquet.write_atomic(parquet.to_arrow(leak_item, "item_id", spec.views()["item_activity"]["features"]),
-                                       sources / "item_activity" / "zz-late.parquet")]
+    late = {"user_activity": ("user_id", user, 999_999), "item_activity": ("item_id", item, 888_888)}
+    leak_files = []
+    for view, (key, entity, marker) in late.items():
+        features = views[view]["features"]
+        frame = pd.DataFrame({key: [entity], "event_timestamp": [t + timedelta(seconds=1)],
+                              **{n: [marker] if dt == "Int64" else [marker + 0.5] for n, dt in features.items()}})
+        leak_files.append(parquet.write_atomic(parquet.to_arrow(frame, key, features),
+                                               store.sources_dir / view / "zz-late.parquet"))
     try:
         entity_df = pd.DataFrame({"user_id": [user] * 3, "item_id": [item] * 3, "label": [0, 1, 2],
                                   "event_time": [t, t + timedelta(seconds=1) - timedelta(microseconds=1),
@@ -128,8 +136,7 @@ def test_training_features_are_point_in_time_correct(world):
         for f in leak_files:
             f.unlink()
     assert out["label"].tolist() == [0, 1, 2]  # input order and extra columns kept
-    assert out.loc[:1, "u_requests"].tolist() != [999_999] * 2 and 999_999 not in out.loc[:1, "u_requests"].tolist()
-    assert 888_888 not in out.loc[:1, "i_exposures"].tolist()
+    assert 999_999 not in out.loc[:1, "u_requests"].tolist() and 888_888 not in out.loc[:1, "i_exposures"].tolist()
     assert out.loc[2, "u_requests"] == 999_999 and out.loc[2, "i_exposures"] == 888_888  # visible once written
     # ...and the value the event does get is the day's snapshot: requests strictly before its day.
     before = ds.events[(ds.events["user_id"] == user) & (ds.events["day"] < world["days"][2])]
@@ -137,113 +144,105 @@ def test_training_features_are_point_in_time_correct(world):
     assert out.loc[0, "u_exposures"] == int(before["exposed"].sum())
 
 
-def _offline_at_serving_time(world, users, items, service="prerank_v1"):
-    store = world["store"]
-    at = pd.Timestamp(world["days"][-1].isoformat(), tz="UTC") + timedelta(hours=23)
-    entity_df = pd.DataFrame([(u, i, at) for u in users for i in items], columns=["user_id", "item_id", "event_time"])
-    return store.historical_features(entity_df, service=service), store.historical_features(
-        entity_df, service=service, fill_defaults=False)
+def _http_frame(answer: dict, users, items, features) -> pd.DataFrame:
+    """The `feast serve` answer as the typed frame the Python client gives."""
+    values = dict(zip(answer["metadata"]["feature_names"], (r["values"] for r in answer["results"])))
+    statuses = {n: r["statuses"] for n, r in zip(answer["metadata"]["feature_names"], answer["results"])}
+    data = {"user_id": users, "item_id": items}
+    for name, dtype in features:
+        assert set(statuses[name]) == {"PRESENT"}, (name, statuses[name])  # defaults, never nulls
+        col = values[name]
+        if dtype == EMB:
+            col = pd.Series([np.asarray(v, dtype=np.float32) for v in col], dtype=object)
+        elif dtype == "Int64":
+            col = np.asarray(col, dtype=np.int64)
+        elif dtype == "Float64":
+            col = np.asarray(col, dtype=np.float64)
+        else:
+            col = np.asarray(col, dtype=object)
+        data[name] = col
+    return pd.DataFrame(data)
 
 
-@pytest.mark.parametrize("service", ["prerank_v1", "prerank_scalar_v1"])
-def test_offline_and_online_features_are_identical(world, service):
-    store = world["store"]
+def _three_paths_agree(store, world, feast_serve_url):
     users, items = _serving_rows(world)
-    offline, offline_raw = _offline_at_serving_time(world, users, items, service)
-    for reader in ("sqlite", "feast"):
-        client = store.online_client(service=service, reader=reader)
+    at = _serving_time(world)
+    for service in SERVICES:
+        features = store.service_features(service)
+        entity_df = pd.DataFrame([(u, i, at) for u in users for i in items], columns=["user_id", "item_id", "event_time"])
+        offline = store.historical_features(entity_df, service=service).drop(columns="event_time")
+        client = store.online_client(service)
         for user in users:
+            want = offline[offline["user_id"] == user].reset_index(drop=True)
             got = client.get(user, items)
-            want = offline[offline["user_id"] == user].drop(columns="event_time").reset_index(drop=True)
             _assert_same(got.frame, want)
-    # Raw values (before defaults) agree too: the Feast online answer vs the point-in-time join.
-    types = store.spec().feature_types()
-    reader = _FeastReader(store.store, store.online_client(service=service, reader="feast").layout)
-    online_items = reader.read("item", items)
-    raw = offline_raw[offline_raw["user_id"] == users[0]].reset_index(drop=True)
-    for name, values in online_items.items():
-        for k, (on, off) in enumerate(zip(values, raw[name])):
-            if on is None:
-                assert items[k] == "ghost-item" and (off is None or pd.isna(off) if not isinstance(off, (list, np.ndarray))
-                                                      else False)
-            elif types[name] == EMB:
-                assert np.asarray(off).dtype == np.float32 and np.array_equal(on, np.asarray(off)), name
-            else:
-                assert on == off and type(on)(off) == on, name
+            assert got.unknown_user == (user == "ghost-user") and got.unknown_items == ["ghost-item"]
+            status, answer = post_json(f"{feast_serve_url}/get-online-features", {
+                "feature_service": service, "entities": {"user_id": [user] * len(items), "item_id": items}})
+            assert status == 200, answer
+            _assert_same(_http_frame(answer, [user] * len(items), items, features), want)
+    # The contract's defaults for unknown ids, as every consumer sees them.
+    ghost = offline[offline["user_id"] == "ghost-user"]
+    assert (ghost["u_known"] == 0).all() and (ghost["u_days_since_last_request"] == -1).all()
+    assert (ghost["u_cat_country"] == "").all() and (ghost["u_num_age"] == 0.0).all()
+    row = offline[offline["item_id"] == "ghost-item"].iloc[0]
+    assert row["i_known"] == 0 and row["i_long_tail"] == 1 and row["i_exposures"] == 0
 
 
-def test_online_client_defaults_and_flags_unknown_ids(world):
+def _feast_serve(store, env):
+    port = free_port()
+    return RunningServer([sys.executable, "-m", "gpl_platform.features", "serve", "--port", str(port)],
+                         f"http://127.0.0.1:{port}/health", env=env), f"http://127.0.0.1:{port}"
+
+
+def test_training_python_and_http_give_the_same_inputs_on_sqlite(world):
+    store = world["store"]
+    server, url = _feast_serve(store, {"GPL_DATA_DIR": str(store.settings.data_dir)})
+    with server:
+        _three_paths_agree(store, world, url)
+
+
+def test_training_python_and_http_give_the_same_inputs_on_redis(world, redis_store, redis_url):
+    assert redis_store.online_store_type == "redis"
+    server, url = _feast_serve(redis_store, {"GPL_DATA_DIR": str(redis_store.settings.data_dir),
+                                             "GPL_FEATURE_STORE__ONLINE_STORE": "redis",
+                                             "GPL_FEATURE_STORE__REDIS": redis_url})
+    with server:
+        _three_paths_agree(redis_store, world, url)
+    # ...and Redis serves exactly what SQLite serves.
+    users, items = _serving_rows(world)
+    a, b = world["store"].online_client().get(users[0], items), redis_store.online_client().get(users[0], items)
+    assert a.columns == b.columns and np.array_equal(a.matrix, b.matrix)
+    redis_store.materialize_days(world["days"][-1:])  # re-materializing a day is idempotent
+    assert np.array_equal(redis_store.online_client().get(users[0], items).matrix, a.matrix)
+
+
+def test_online_client_matrix_and_flags(world):
     client = world["store"].online_client()
     users, items = _serving_rows(world)
     got = client.get("ghost-user", [items[0], "ghost-item", items[0], "ghost-item"])
     assert got.unknown_user and got.unknown_items == ["ghost-item"]
-    assert got.matrix.dtype == np.float32 and got.matrix.shape == (4, len(got.columns))
-    frame = got.frame
-    assert frame["i_known"].tolist() == [1, 0, 1, 0] and (frame["u_known"] == 0).all()
-    assert (frame["u_days_since_last_request"] == -1).all() and frame.loc[1, "i_long_tail"] == 1
-    assert not frame.loc[1, "i_content_emb"].any() and frame.loc[0, "i_content_emb"].any()
+    assert got.matrix.dtype == np.float32 and got.matrix.shape == (4, len(got.columns)) == (4, 794)
     np.testing.assert_array_equal(got.matrix[0], got.matrix[2])
-    col = got.columns.index("i_known")
-    assert got.matrix[:, col].tolist() == [1, 0, 1, 0]
-    known = client.get(users[0], items[:3])
-    assert not known.unknown_user and known.unknown_items == []
-    assert client.get(users[0], []).matrix.shape[0] == 0
+    assert got.matrix[:, got.columns.index("i_known")].tolist() == [1, 0, 1, 0]
+    assert not got.frame.loc[1, "i_content_emb"].any() and got.frame.loc[0, "i_content_emb"].any()
+    assert client.get(users[0], []).matrix.shape == (0, 794)
 
 
-def test_redis_online_store_serves_the_same_features(world, redis_url):
-    from gpl_platform.features.store import FeastStore
-
-    redis_store = FeastStore(world["store"].settings, redis_url=redis_url)
-    assert redis_store.apply_if_changed(redis_store.spec())["applied"] is True
-    redis_store.materialize_days(world["days"])
-    assert redis_store.config["online_store"]["type"] == "redis"
+def test_sql_registry_is_a_setting(world, tmp_path):
+    """The registry in a SQL database (SQLAlchemy URL) instead of a file: same objects, same answers."""
+    base = world["store"].settings
+    settings = base.model_copy(update={"feature_store": base.feature_store.model_copy(
+        update={"registry": "sql", "registry_url": f"sqlite:///{tmp_path / 'registry.sqlite'}"})})
+    store = FeastStore(settings)
+    assert store.config["registry"]["registry_type"] == "sql"
+    assert store.apply_if_changed(world["store"].spec())["applied"] is True
+    assert store.apply_if_changed(world["store"].spec())["applied"] is False
+    store.materialize_days(world["days"])
     users, items = _serving_rows(world)
-    sqlite_client, redis_client = world["store"].online_client(), redis_store.online_client()
-    assert redis_client.reader_name == "feast"
-    for user in users:
-        a, b = sqlite_client.get(user, items), redis_client.get(user, items)
-        assert a.columns == b.columns and np.array_equal(a.matrix, b.matrix)
-        _assert_same(a.frame, b.frame)
-    # Re-materializing a day is idempotent.
-    redis_store.materialize_days(world["days"][-1:])
-    assert np.array_equal(redis_client.get(users[0], items).matrix, sqlite_client.get(users[0], items).matrix)
-
-
-def test_feast_serve_answers_over_http_on_localhost(world):
-    store = world["store"]
-    repo = store.write_repo()
-    port = _free_port()
-    feast = str(Path(sys.executable).parent / "feast")
-    proc = subprocess.Popen([feast, "-c", str(repo), "serve", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    users, items = _serving_rows(world, n_users=1, n_items=3)
-    body = json.dumps({"feature_service": "prerank_scalar_v1",
-                       "entities": {"user_id": [users[0]] * 3, "item_id": items[:3]}}).encode()
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/get-online-features", data=body,
-                                             headers={"Content-Type": "application/json"})
-                answer = json.loads(urllib.request.urlopen(req, timeout=5).read())
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"feast serve exited: {proc.stderr.read().decode()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    names = answer["metadata"]["feature_names"]
-    values = dict(zip(names, (r["values"] for r in answer["results"])))
-    frame = store.online_client(service="prerank_scalar_v1").get(users[0], items[:3]).frame
-    assert values["i_exposures"] == frame["i_exposures"].tolist()
-    assert values["u_requests"] == frame["u_requests"].tolist()
+    assert np.array_equal(store.online_client().get(users[0], items).matrix,
+                          world["store"].online_client().get(users[0], items).matrix)
+    assert json.loads(json.dumps(store.materialization_key(["item_activity"])))  # intervals recorded in SQL
 
 
 def test_feast_calls_leave_no_duckdb_connection_open(world):
@@ -259,3 +258,16 @@ def test_feast_calls_leave_no_duckdb_connection_open(world):
     assert ibis.options.default_backend is None
     store.materialize_days(world["days"][:1])
     assert ibis.options.default_backend is None
+
+
+def test_the_documented_contract_table_is_the_registered_one(world):
+    """docs/FEATURES.md lists every input of prerank_v2 (attribute columns as their patterns)."""
+    import re
+
+    text = (PROJECT_ROOT / "docs" / "FEATURES.md").read_text()
+    section = text.split("## The feature contract", 1)[1].split("\n## ", 1)[0]
+    documented = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9_<>]+)` \| [^|]+\| ([A-Za-z0-9()]+)",
+                                                               section, re.MULTILINE)}
+    registered = {re.sub(r"^([ui])_(num|cat)_.*", r"\1_\2_<column>", n): t
+                  for n, t in world["store"].service_features("prerank_v2")}
+    assert documented == registered

@@ -65,12 +65,10 @@ def test_rematerializing_is_free_and_identical(history_run):
     wh, gpl = history_run
     before = wh.query("SELECT * FROM pseudo_labels ORDER BY request_id, item_id")
     instance = DagsterInstance.ephemeral()
-    from dagster import materialize
+    from assets.definitions import build_definitions
+    from tests.conftest import run_assets
 
-    from assets.definitions import all_assets
-
-    result = materialize(all_assets, selection=GPL_ASSETS[4:], partition_key="2024-01-03", resources={"gpl": gpl},
-                         instance=instance)
+    result = run_assets(build_definitions(gpl=gpl), gpl, GPL_ASSETS[4:], instance, partition_key="2024-01-03")
     assert result.success
     meta = instance.fetch_materializations(AssetKey("user_anchors"), limit=1).records[0].asset_materialization.metadata
     assert meta["cache_misses"].value == 0 and meta["cache_hits"].value > 0

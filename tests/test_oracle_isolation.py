@@ -48,9 +48,9 @@ def test_events_table_has_no_oracle_column(settings):
 
 
 def _training_inputs() -> list[str]:
-    from assets.definitions import all_assets
+    from assets.definitions import build_definitions
 
-    return sorted(k.to_user_string() for a in all_assets for k in a.keys
+    return sorted(k.to_user_string() for k in build_definitions().resolve_all_asset_keys()
                   if k.to_user_string() not in ("offline_evaluation", "prerank_model"))
 
 

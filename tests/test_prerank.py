@@ -124,7 +124,7 @@ def test_saved_model_scores_identically_and_keeps_its_lineage(tmp_path):
     x, y = _toy_rows()
     rows = TrainingRows(x, y, np.ones(len(x), np.float32), np.zeros(len(x), bool))
     model, _ = train_preranker(rows, COLUMNS, x[:100], y[:100].astype(int), config=TrainConfig(epochs=2))
-    lineage = {"partitions": ["2024-01-01", "2024-01-03"], "feature_service": "prerank_v1", "calibration": "abc"}
+    lineage = {"partitions": ["2024-01-01", "2024-01-03"], "feature_service": "prerank_v2", "calibration": "abc"}
     model.save(tmp_path / "m", lineage)
     loaded, lineage_back = PreRanker.load(tmp_path / "m")
     np.testing.assert_array_equal(model.predict(x), loaded.predict(x))

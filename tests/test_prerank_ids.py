@@ -12,13 +12,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from gpl_platform.config import TrainingConfig
-from gpl_platform.features.serving import CandidateFeatures
 from gpl_platform.prerank.data import rows_from_plan
 from gpl_platform.prerank.model import IdVocabulary, InputLayout, ModelConfig, PreRanker, build_preranker
-from gpl_platform.prerank.serving import PreRankScorer
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, model_config_from, train_preranker
 
-COLUMNS = ["u_clicks", "u_known", "u_attr_age", "i_ctr", "i_known", "ui_cosine"] + \
+COLUMNS = ["u_clicks", "u_known", "u_num_age", "i_ctr", "i_known", "ui_cosine"] + \
           [f"u_history_emb[{k}]" for k in range(4)] + [f"i_content_emb[{k}]" for k in range(4)]
 USER_COLS = [k for k, c in enumerate(COLUMNS) if c.startswith("u_")]
 ITEM_COLS = [k for k, c in enumerate(COLUMNS) if c.startswith("i_")]
@@ -142,9 +140,9 @@ def test_id_shapes_are_deterministic_under_a_seed(shape):
 def test_saved_model_of_each_shape_scores_identically(tmp_path, shape):
     rows = _rows_by_item_identity(300, EXPOSED_ITEMS, seed=1)
     model, _ = _train(rows, rows, shape, TrainConfig(epochs=2, batch_size=64))
-    model.save(tmp_path / "m", {"feature_service": "prerank_v1"})
+    model.save(tmp_path / "m", {"feature_service": "prerank_v2"})
     loaded, lineage = PreRanker.load(tmp_path / "m")
-    assert type(loaded) is type(model) and lineage == {"feature_service": "prerank_v1"}
+    assert type(loaded) is type(model) and lineage == {"feature_service": "prerank_v2"}
     ids = (rows.user_ids, np.r_[rows.item_ids[:-1], ["never-seen"]])
     np.testing.assert_array_equal(model.predict(rows.matrix, *ids), loaded.predict(rows.matrix, *ids))
     assert (tmp_path / "m" / "vocabulary.json").exists() == (shape != "mlp")
@@ -246,46 +244,5 @@ def test_rows_from_plan_and_settings_carry_the_ids_and_the_shape():
     with pytest.raises(pydantic.ValidationError):
         TrainingConfig(preranker="wide_and_deep")
 
-
-class _OnlineClient:
-    """Stands in for the Feast online client: a fixed feature row per item, any user."""
-
-    def __init__(self, matrix_of_item):
-        self.matrix_of_item = matrix_of_item
-
-    def get(self, user_id, item_ids):
-        item_ids = [str(i) for i in item_ids]
-        unknown = [i for i in dict.fromkeys(item_ids) if i not in self.matrix_of_item]
-        fallback = np.zeros(len(COLUMNS), np.float32)
-        matrix = np.stack([self.matrix_of_item.get(i, fallback) for i in item_ids])
-        return CandidateFeatures(str(user_id), item_ids, matrix, list(COLUMNS), user_id not in USERS, unknown)
-
-
-class _Store:
-    def __init__(self, client):
-        self.client = client
-
-    def online_client(self, service):
-        assert service == "prerank_v1"
-        return self.client
-
-
-@pytest.mark.parametrize("shape", ("mlp", "cold"))
-def test_online_scorer_passes_ids_and_reports_out_of_vocabulary_ids(tmp_path, shape):
-    rows = _rows_by_item_identity(300, EXPOSED_ITEMS, seed=1)
-    model, _ = _train(rows, rows, shape, TrainConfig(epochs=2, batch_size=64))
-    model.save(tmp_path / "m", {"feature_service": "prerank_v1"})
-    client = _OnlineClient({i: _features(["u0"], [i], seed=k)[0] for k, i in enumerate(ITEMS)})
-    scorer = PreRankScorer(tmp_path / "m", _Store(client))
-    items = ["i2", "i31", "new-item", "i2"]
-    scored = scorer.score("u4", items)
-    features = client.get("u4", items)
-    np.testing.assert_array_equal(scored.scores, model.predict(features.matrix, ["u4"] * 4, items))
-    assert scored.unknown_items == ["new-item"] and not scored.unknown_user
-    if shape == "mlp":
-        assert not scored.out_of_vocabulary_user and scored.out_of_vocabulary_items == []
-        return
-    assert not scored.out_of_vocabulary_user and scored.out_of_vocabulary_items == ["new-item"]
-    new_user = scorer.score("new-user", items)
-    assert new_user.out_of_vocabulary_user and new_user.unknown_user
-    np.testing.assert_array_equal(new_user.scores, model.predict(features.matrix, ["ghost"] * 4, items))
+# The online scorer of every shape (ids, out-of-vocabulary rows, the precomputed two-tower item side) is
+# tested on a real Feast store in tests/test_scoring_service.py.

@@ -25,14 +25,9 @@ from dagster import (
     asset,
     materialize,
 )
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from assets.audit import audit_assets
-from assets.checks import all_checks
-from assets.definitions import all_assets, daily_job
-from assets.partitions import daily_partitions, partition_days
-from assets.resources import GplSettings
-from assets.schedules import build_schedules
+from assets.partitions import partition_days, range_tags
+from assets.resources import GplSettings, gpl_resources
 from gpl_platform import quality
 
 HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
@@ -44,73 +39,77 @@ CONSUMED: list[list[str]] = []
 pytestmark = pytest.mark.slow  # one real GPL run (encoder load) shared by the module: ~30 s
 
 
-@asset(partitions_def=daily_partitions, backfill_policy=BackfillPolicy.single_run(), group_name="training",
-       deps=[AssetDep("pseudo_labels", partition_mapping=TimeWindowPartitionMapping())])
-def training_consumer(context: AssetExecutionContext) -> None:
-    """Stand-in for the training asset: records which days it consumed."""
-    CONSUMED.append(list(context.partition_keys))
+@pytest.fixture(scope="module")
+def everything(dagster_defs):
+    """The project's assets and checks, plus a stand-in training asset that records which days it consumed."""
+    partitions = dagster_defs.resolve_job_def("gpl_daily").partitions_def
+
+    @asset(partitions_def=partitions, backfill_policy=BackfillPolicy.single_run(), group_name="training",
+           deps=[AssetDep("pseudo_labels", partition_mapping=TimeWindowPartitionMapping())])
+    def training_consumer(context: AssetExecutionContext) -> None:
+        """Stand-in for the training asset: records which days it consumed."""
+        CONSUMED.append(list(context.partition_keys))
+
+    return [*dagster_defs.assets, *dagster_defs.asset_checks, training_consumer]
 
 
-EVERYTHING = [*all_assets, *audit_assets, *all_checks, training_consumer]
-
-
-def _tags(start, end):
-    return {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+def _run(everything, gpl, selection, instance, **kwargs):
+    return materialize(everything, selection=selection, resources=gpl_resources(gpl), instance=instance, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, everything):
     """Ingestion + GPL for all 5 days (with their checks), in one ephemeral instance."""
     tmp = tmp_path_factory.mktemp("quality")
     gpl = GplSettings(data_dir=str(tmp / "data"), overrides_json=HISTORY)
     instance = DagsterInstance.ephemeral()
-    resources = {"gpl": gpl}
-    assert materialize(EVERYTHING, selection=["item_catalog", "users", "item_embeddings"], resources=resources,
-                       instance=instance).success
-    result = materialize(EVERYTHING, selection=AssetSelection.assets(*PIPELINE), resources=resources,
-                         instance=instance, tags=_tags("2024-01-01", "2024-01-05"))
+    assert _run(everything, gpl, ["item_catalog", "users", "item_embeddings"], instance).success
+    result = _run(everything, gpl, AssetSelection.assets(*PIPELINE), instance, tags=range_tags("2024-01-01", "2024-01-05"))
     assert result.success
     return gpl, instance, result, tmp
 
 
-def _evaluations(result):
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+def _evaluations(result) -> dict[str, dict[str, object]]:
+    """check name -> {partition: evaluation}."""
+    out: dict[str, dict[str, object]] = {}
+    for e in result.get_asset_check_evaluations():
+        out.setdefault(e.check_name, {})[e.partition] = e
+    return out
 
 
-def test_definitions_with_checks_audit_and_schedules_load():
-    defs = Definitions(assets=[*all_assets, *audit_assets], asset_checks=all_checks, jobs=[daily_job],
-                       schedules=build_schedules(daily_job), resources={"gpl": GplSettings()})
-    Definitions.validate_loadable(defs)
-    graph = defs.resolve_asset_graph()
+def test_definitions_with_checks_audit_and_schedules_load(dagster_defs):
+    Definitions.validate_loadable(dagster_defs)
+    graph = dagster_defs.resolve_asset_graph()
     checks = {k.name for k in graph.asset_check_keys}
     assert set(LABEL_CHECKS) | {"user_anchors_quality", "anchor_embeddings_valid", "item_embeddings_valid",
                                 "candidate_events_contract"} <= checks
     assert AssetKey("label_audit") in graph.get_all_asset_keys()
-    job_checks = {k.name for k in defs.resolve_job_def("gpl_daily").asset_layer.asset_graph.asset_check_keys}
+    job_checks = {k.name for k in dagster_defs.resolve_job_def("gpl_daily").asset_layer.asset_graph.asset_check_keys}
     assert set(LABEL_CHECKS) <= job_checks  # the daily job runs the checks of its assets
 
 
-def test_all_checks_pass_on_a_healthy_run(world):
+def test_all_checks_pass_on_a_healthy_run_with_one_result_per_day(world):
     gpl, instance, result, _ = world
     evals = _evaluations(result)
     assert {"pseudo_labels_valid", "pseudo_labels_distribution", "user_anchors_quality", "anchor_embeddings_valid",
             "candidate_events_contract"} <= set(evals)
-    for name, ev in evals.items():
-        assert ev.passed, (name, ev.description)
-    dist = evals["pseudo_labels_distribution"]
-    assert dist.metadata["failing_days"].value == "none"
-    assert "2024-01-05" in dist.metadata["per_day"].value  # every day of the range is in the table
+    days = [f"2024-01-0{d}" for d in range(1, 6)]
+    for name, by_day in evals.items():
+        assert sorted(by_day) == days, name  # a range run records every day's result separately
+        for day, ev in by_day.items():
+            assert ev.passed, (name, day, ev.description)
+    dist = evals["pseudo_labels_distribution"]["2024-01-05"]
+    assert dist.metadata["day"].value == "2024-01-05" and "rules" in dist.metadata
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [AssetCheckKey(AssetKey("pseudo_labels"), "pseudo_labels_distribution")])
     assert record  # stored in the instance: what the UI shows
 
 
-def test_item_embedding_check_and_label_audit(world):
+def test_item_embedding_check_and_label_audit(world, everything):
     gpl, instance, _, _ = world
-    result = materialize(EVERYTHING, selection=["item_embeddings", "label_audit"], resources={"gpl": gpl},
-                         instance=instance)
+    result = _run(everything, gpl, ["item_embeddings", "label_audit"], instance)
     assert result.success
-    assert _evaluations(result)["item_embeddings_valid"].passed
+    assert _evaluations(result)["item_embeddings_valid"][None].passed
     meta = instance.fetch_materializations(AssetKey("label_audit"), limit=1).records[0].asset_materialization.metadata
     assert meta["pairs"].value > 0 and 0 <= meta["later_click_rate"].value <= 1
     assert "reliability" in meta and "by_lag" in meta and "plot" in meta
@@ -129,48 +128,51 @@ def _corrupt(gpl, day: str, **values) -> None:
         con.execute(f"UPDATE pseudo_labels SET {sets} WHERE day = ?", [date.fromisoformat(day)])
 
 
-def test_corrupted_partition_blocks_training(world, tmp_path):
+def test_corrupted_partition_fails_its_day_and_blocks_training(world, everything, tmp_path):
     gpl, instance, _, world_dir = world
     # Work on a copy so the other tests keep the healthy warehouse.
     data = tmp_path / "data"
     shutil.copytree(world_dir / "data", data)
     gpl = GplSettings(data_dir=str(data), overrides_json=HISTORY)
-    resources = {"gpl": gpl}
-    selection = AssetSelection.checks_for_assets("pseudo_labels") | AssetSelection.assets(training_consumer)
+    selection = AssetSelection.checks_for_assets("pseudo_labels") | AssetSelection.assets("training_consumer")
 
     # Healthy days: the checks pass and training runs on them.
     CONSUMED.clear()
-    ok = materialize(EVERYTHING, selection=selection, resources=resources, instance=instance,
-                     tags=_tags("2024-01-03", "2024-01-05"))
+    ok = _run(everything, gpl, selection, instance, tags=range_tags("2024-01-03", "2024-01-05"))
     assert ok.success and CONSUMED == [["2024-01-03", "2024-01-04", "2024-01-05"]]
 
     # Saturate one day: every pseudo-label 1.0 with full confidence.
     _corrupt(gpl, "2024-01-04", pseudo_label=1.0, confidence=1.0)
     CONSUMED.clear()
-    bad = materialize(EVERYTHING, selection=selection, resources=resources, instance=instance,
-                      tags=_tags("2024-01-03", "2024-01-05"), raise_on_error=False)
+    bad = _run(everything, gpl, selection, instance, tags=range_tags("2024-01-03", "2024-01-05"), raise_on_error=False)
     assert not bad.success
     assert CONSUMED == []  # training did not run on the range that holds the bad day
     assert not any(e.asset_key == AssetKey("training_consumer") for e in bad.get_asset_materialization_events())
-    evals = _evaluations(bad)
-    dist = evals["pseudo_labels_distribution"]
-    assert not dist.passed and dist.blocking
-    assert dist.metadata["failing_days"].value == "2024-01-04"  # only the bad day is named
-    assert "2024-01-04: pseudo_label_mean: observed 1, expected in [0.01, 0.9]" in dist.description
-    assert "high_confidence_positive_share" in dist.description
-    assert evals["pseudo_labels_valid"].passed  # values are in range: only the distribution is wrong
-    failure = bad.get_step_failure_events()[0].event_specific_data.error.to_string()
+    dist = _evaluations(bad)["pseudo_labels_distribution"]
+    # one result per day: only the bad day failed, the others passed, each with its own reasons
+    assert {day: ev.passed for day, ev in dist.items()} == {"2024-01-03": True, "2024-01-04": False,
+                                                            "2024-01-05": True}
+    assert dist["2024-01-04"].blocking
+    assert "pseudo_label_mean: observed 1, expected in [0.01, 0.9]" in dist["2024-01-04"].description
+    assert "high_confidence_positive_share" in dist["2024-01-04"].metadata["reason"].value
+    assert all(e.passed for e in _evaluations(bad)["pseudo_labels_valid"].values())  # values in range
+    failure = bad.get_step_failure_events()[0].step_failure_data.error.to_string()
     assert "blocking asset check" in failure and "pseudo_labels_distribution" in failure
     logged = [e.message for e in instance.all_logs(bad.run_id) if e.level >= 40]
-    assert any("pseudo-label distribution FAILED on 1 of 3 partition(s)" in (m or "") for m in logged)
+    assert any("pseudo-label distribution FAILED on 1 of 3 partition(s): 2024-01-04" in (m or "") for m in logged)
+    # The instance keeps the status per partition (what the UI's partition view of the check shows).
+    key = AssetCheckKey(AssetKey("pseudo_labels"), "pseudo_labels_distribution")
+    status = {info.partition_key: info.latest_execution_status.value for info in
+              instance.event_log_storage.get_asset_check_partition_info([key], partition_keys=["2024-01-03",
+                                                                                               "2024-01-04"])}
+    assert status == {"2024-01-03": "SUCCEEDED", "2024-01-04": "FAILED"}
 
     # NaN confidence on a single partition: the value check fails too.
     _corrupt(gpl, "2024-01-05", confidence="'NaN'::DOUBLE")
     CONSUMED.clear()
-    nan = materialize(EVERYTHING, selection=selection, resources=resources, instance=instance,
-                      partition_key="2024-01-05", raise_on_error=False)
+    nan = _run(everything, gpl, selection, instance, partition_key="2024-01-05", raise_on_error=False)
     assert not nan.success and CONSUMED == []
-    valid = _evaluations(nan)["pseudo_labels_valid"]
+    valid = _evaluations(nan)["pseudo_labels_valid"]["2024-01-05"]
     assert not valid.passed and "confidence_not_null" in valid.description
 
     # A later run (training in its own run) refuses the failing days through the same suites.
@@ -180,22 +182,18 @@ def test_corrupted_partition_blocks_training(world, tmp_path):
 
     # Re-materializing the bad days repairs them; the checks pass and training runs.
     CONSUMED.clear()
-    fixed = materialize(EVERYTHING, selection=AssetSelection.assets("pseudo_labels", training_consumer),
-                        resources=resources, instance=instance, tags=_tags("2024-01-04", "2024-01-05"))
+    fixed = _run(everything, gpl, AssetSelection.assets("pseudo_labels", "training_consumer"), instance,
+                 tags=range_tags("2024-01-04", "2024-01-05"))
     assert fixed.success and CONSUMED == [["2024-01-04", "2024-01-05"]]
     assert all(e.passed for e in fixed.get_asset_check_evaluations())
 
 
-def test_checks_alone_check_the_days_of_the_run_or_every_written_day(world):
-    """Checks without their asset: a range run checks the range; without a partition (the UI's
-    "Execute" on a check), every day written so far."""
+def test_checks_alone_check_the_days_of_the_run(world, everything):
+    """Checks without their asset (the UI's "Execute" on a check, for chosen partitions) check those days."""
     gpl, instance, _, _ = world
     selection = AssetSelection.checks_for_assets("pseudo_labels", "candidate_events")
-    ranged = materialize(EVERYTHING, selection=selection, resources={"gpl": gpl}, instance=instance,
-                         tags=_tags("2024-01-02", "2024-01-03"))
+    ranged = _run(everything, gpl, selection, instance, tags=range_tags("2024-01-02", "2024-01-03"))
     assert ranged.success
     evals = _evaluations(ranged)
-    assert evals["pseudo_labels_distribution"].metadata["days_checked"].value.startswith("2024-01-02 .. 2024-01-03")
-    everything = materialize(EVERYTHING, selection=selection, resources={"gpl": gpl}, instance=instance)
-    assert everything.success
-    assert _evaluations(everything)["candidate_events_contract"].metadata["days_checked"].value.endswith("(5 days)")
+    assert sorted(evals["pseudo_labels_distribution"]) == ["2024-01-02", "2024-01-03"]
+    assert sorted(evals["candidate_events_contract"]) == ["2024-01-02", "2024-01-03"]

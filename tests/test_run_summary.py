@@ -14,7 +14,7 @@ def metric(mean, std):
 
 
 REPORT = {
-    "dataset": "movielens-100k", "preranker": "mlp:prerank_v1", "seeds": [0, 1],
+    "dataset": "movielens-100k", "preranker": "mlp:prerank_v2", "seeds": [0, 1],
     "split": {"test_days": ["1998-03-25", "1998-04-22", 29]},
     "methods": {
         "exposed_only": {"auc": metric(0.70, 0.002), "unexposed_auc": metric(0.66, 0.003), "hr@10": metric(0.41, 0.01)},

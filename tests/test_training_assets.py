@@ -33,7 +33,7 @@ def test_offline_evaluation_report_shape(chain):
         for key in (*SPEC_METRICS, "exposed_auc", "never_exposed_auc", "valid_unexposed_auc"):
             assert set(metrics[key]) == {"mean", "std"}, (method, key)
             assert 0 <= metrics[key]["mean"] <= 1 or np.isnan(metrics[key]["mean"]), (method, key)
-    assert set(report["prerankers"]) == {"mlp:prerank_v1"} and report["preranker"] == "mlp:prerank_v1"
+    assert set(report["prerankers"]) == {"mlp:prerank_v2"} and report["preranker"] == "mlp:prerank_v2"
     assert {row["anchors"] for row in report["ceiling"]["rows"]} >= {"main", "history", "sid"}
     assert (settings.data_dir / "reports" / "offline_eval.md").read_text().startswith("# Offline evaluation")
     assert (settings.data_dir / "reports" / "offline_eval_metrics.png").stat().st_size > 1000
@@ -55,7 +55,7 @@ def test_training_set_and_model_lineage(chain):
     models = sorted((settings.artifacts_dir / "models").iterdir())
     assert len(models) == 1
     model, lineage = PreRanker.load(models[0])
-    assert lineage["feature_service"] == "prerank_v1" and lineage["training_set"]["method"] == "gpl"
+    assert lineage["feature_service"] == "prerank_v2" and lineage["training_set"]["method"] == "gpl"
     assert lineage["training_set"]["pseudo_labels"]["calibration_versions"]
     assert lineage["metrics"]["best_valid_auc"] > 0.5
     # Serving: online features of the latest day give the same scores as the same rows offline.
@@ -69,7 +69,7 @@ def test_training_set_and_model_lineage(chain):
 
     entity = pd.DataFrame({"user_id": user, "item_id": items,
                            "event_time": pd.Timestamp(last).tz_localize("UTC") + pd.Timedelta(hours=23)})
-    matrix, _ = attach_features(store, entity, "prerank_v1")
+    matrix, _ = attach_features(store, entity, "prerank_v2")
     np.testing.assert_allclose(scored.scores[:20], model.predict(matrix), rtol=1e-5, atol=1e-6)
 
 
@@ -86,11 +86,10 @@ def test_training_set_leaves_out_a_corrupted_pseudo_label_day(chain):
     with wh.transaction() as con:
         con.execute(f"UPDATE pseudo_labels SET pseudo_label = 1.0, confidence = 1.0 WHERE day = '{bad}'")
     instance = DagsterInstance.ephemeral()
-    from dagster import materialize
+    from assets.definitions import build_definitions
+    from tests.conftest import run_assets
 
-    from assets.definitions import all_assets
-
-    assert materialize(all_assets, selection=["training_set"], resources={"gpl": chain}, instance=instance).success
+    assert run_assets(build_definitions(gpl=chain), chain, ["training_set"], instance).success
     after = wh.query(f"SELECT count(*) AS n FROM training_set WHERE is_pseudo AND day = '{bad}'")["n"].iloc[0]
     assert after == 0
     meta = instance.fetch_materializations(AssetKey("training_set"), limit=1).records[0].asset_materialization.metadata

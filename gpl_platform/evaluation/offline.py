@@ -43,7 +43,7 @@ METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_h
            "often_exposed_auc", "valid_auc", "valid_unexposed_auc", "valid_unexposed_hr@10")
 ITEM_SEGMENTS = ("never", "rarely", "often")
 #: the shape's own features when a pre-ranker is named without a feature service
-DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v1", "two_tower": "prerank_scalar_v1", "cold": "prerank_scalar_v1"}
+DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v2", "two_tower": "prerank_scalar_v2", "cold": "prerank_scalar_v2"}
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,17 @@ def _shared_inputs(warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[
     test = _with_oracle(cands[in_test].reset_index(drop=True), warehouse, split.test_days, "test")
     test["item_segment"] = item_exposure_segments(test["item_id"], exposures, evaluation.rare_exposures_max)
     valid = _with_oracle(cands[in_valid].reset_index(drop=True), warehouse, split.valid_days, "validation")
-    # The same quality gate as training_set: days whose labels fail it are not consumed.
+    pseudo, refused = gated_pseudo_labels(warehouse, split, methods, label_gate)
+    user_vocab, item_vocab = id_vocabularies(warehouse)  # used by the id-embedding pre-ranker shapes
+    return _Shared(split, cands, in_train, in_valid, in_test, train, valid, test, pseudo, refused,
+                   long_tail_items(train), _item_vectors(warehouse), user_vocab, item_vocab)
+
+
+def gated_pseudo_labels(warehouse: Warehouse, split: TimeSplit, methods: Sequence[str], label_gate
+                        ) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]]]:
+    """The pseudo-labels (main and the variants ``methods`` need) of the training and validation days, and
+    per variant the training days refused: the same quality gate as training_set, failing days are not
+    consumed."""
     refused: dict[str, list[str]] = {}
     pseudo = {}
     variants = ["main"] + [PSEUDO_VARIANT_OF_METHOD[m] for m in methods if m in PSEUDO_VARIANT_OF_METHOD]
@@ -282,9 +292,20 @@ def _shared_inputs(warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[
         refused[name] = sorted(str(d) for d in failing if d in set(split.train_days))
         pseudo[name] = load_pseudo_labels(warehouse, [d for d in split.train_days + split.valid_days
                                                       if d not in failing], table)
-    user_vocab, item_vocab = id_vocabularies(warehouse)  # used by the id-embedding pre-ranker shapes
-    return _Shared(split, cands, in_train, in_valid, in_test, train, valid, test, pseudo, refused,
-                   long_tail_items(train), _item_vectors(warehouse), user_vocab, item_vocab)
+    return pseudo, refused
+
+
+def fit_method(plan: pd.DataFrame, train: pd.DataFrame, train_x: np.ndarray, columns: list[str], valid: pd.DataFrame,
+               valid_x: np.ndarray, cfg: TrainingConfig, model_config: ModelConfig, seed: int, user_vocab: list[str],
+               item_vocab: list[str]):
+    """Train one pre-ranker on ``plan``'s rows, early-stopped on the validation days' exposed clicks."""
+    valid_exposed = valid["exposed"].to_numpy(bool)
+    return train_preranker(
+        rows_from_plan(plan, train_x, train), columns, valid_x[valid_exposed],
+        valid.loc[valid_exposed, "clicked"].to_numpy(int), model_config,
+        TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed),
+        valid_user_ids=valid.loc[valid_exposed, "user_id"].to_numpy(),
+        valid_item_ids=valid.loc[valid_exposed, "item_id"].to_numpy(), user_vocab=user_vocab, item_vocab=item_vocab)
 
 
 def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[str], shared: _Shared,
@@ -294,7 +315,6 @@ def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[s
     train_pseudo = {name: frame[frame["day"].isin(set(shared.split.train_days))]
                     for name, frame in shared.pseudo.items()}
     valid_x, test_x = matrix[shared.in_valid], matrix[shared.in_test]
-    valid_exposed = shared.valid["exposed"].to_numpy(bool)
     propensity, propensity_kind = _ips_propensity(train, train_x, columns) if "ips" in methods else (None, None)
     train_exposed = train["exposed"].to_numpy(bool)
     model_config = ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim)
@@ -311,13 +331,8 @@ def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[s
             if plan.empty:
                 raise ValueError(f"method {method}: no training rows over {shared.split.describe()['train_days']} "
                                  "(no pseudo-labels on the training days?)")
-            model, history = train_preranker(
-                rows_from_plan(plan, train_x, train), columns, valid_x[valid_exposed],
-                shared.valid.loc[valid_exposed, "clicked"].to_numpy(int), model_config,
-                TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed),
-                valid_user_ids=shared.valid.loc[valid_exposed, "user_id"].to_numpy(),
-                valid_item_ids=shared.valid.loc[valid_exposed, "item_id"].to_numpy(),
-                user_vocab=shared.user_vocab, item_vocab=shared.item_vocab)
+            model, history = fit_method(plan, train, train_x, columns, shared.valid, valid_x, cfg, model_config, seed,
+                                        shared.user_vocab, shared.item_vocab)
             scores = model.predict(test_x, shared.test["user_id"].to_numpy(), shared.test["item_id"].to_numpy())
             valid_scores = model.predict(valid_x, shared.valid["user_id"].to_numpy(),
                                          shared.valid["item_id"].to_numpy())

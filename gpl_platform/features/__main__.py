@@ -1,8 +1,10 @@
-"""`python -m gpl_platform.features paths|serve`: where the rendered Feast repo is, and feast serve on 127.0.0.1.
+"""`python -m gpl_platform.features paths|serve`: where the feature store lives, and feast serve on 127.0.0.1.
 
     python -m gpl_platform.features paths                 # JSON of the paths
-    python -m gpl_platform.features paths --feast-dir     # the value for GPL_FEAST_DIR
-    python -m gpl_platform.features serve --port 6566     # feast -c <data_dir>/feast/repo serve -h 127.0.0.1
+    python -m gpl_platform.features paths --config        # the rendered feature_store.yaml (for feast -f)
+    python -m gpl_platform.features serve --port 6566     # feast -c feature_repo -f <config> serve -h 127.0.0.1
+
+The online store and registry are the settings' (GPL_FEATURE_STORE__ONLINE_STORE=redis ...).
 """
 
 import argparse
@@ -11,6 +13,7 @@ import os
 import sys
 
 from gpl_platform.config import load_settings
+from gpl_platform.features.repo import REPO_DIR
 from gpl_platform.features.store import FeastStore, feast_dir
 
 
@@ -18,23 +21,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpl_platform.features")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_paths = sub.add_parser("paths")
-    p_paths.add_argument("--feast-dir", action="store_true")
+    p_paths.add_argument("--config", action="store_true", help="print only the rendered feature_store.yaml path")
     p_serve = sub.add_parser("serve")
     p_serve.add_argument("--port", type=int, default=6566)
-    p_serve.add_argument("--redis-url", default=None)
+    p_serve.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     settings = load_settings()
-    store = FeastStore(settings, getattr(args, "redis_url", None))
+    store = FeastStore(settings)
+    config = store.write_config()
     if args.cmd == "paths":
-        if args.feast_dir:
-            print(feast_dir(settings))
+        if args.config:
+            print(config)
         else:
-            print(json.dumps({"feast_dir": str(feast_dir(settings)), "repo_dir": str(store.write_repo()),
-                              "sources_dir": str(store.sources_dir)}, indent=2))
+            print(json.dumps({"feast_dir": str(feast_dir(settings)), "config": str(config), "repo": str(REPO_DIR),
+                              "sources_dir": str(store.sources_dir),
+                              "online_store": store.online_store_type}, indent=2))
         return 0
-    repo = store.write_repo()
     feast = os.path.join(os.path.dirname(sys.executable), "feast")
-    os.execv(feast, [feast, "-c", str(repo), "serve", "-h", "127.0.0.1", "-p", str(args.port)])
+    os.execv(feast, [feast, "-c", str(REPO_DIR), "-f", str(config), "serve", "-h", "127.0.0.1", "-p", str(args.port),
+                     "--workers", str(args.workers)])
     return 0
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from gpl_platform.features.schema import (
     EMBEDDING_DIM,
+    FLOAT,
     LONG_TAIL_HEAD_SHARE,
     SMOOTHING_STRENGTH,
     STATIC_TIMESTAMP,
@@ -43,16 +44,19 @@ def _columns(con, table: str) -> dict[str, str]:
 
 
 def spec_from_warehouse(con) -> FeatureSpec:
-    """The feature spec of the ingested source: attribute columns of ``users`` and ``items``."""
+    """The feature spec of the ingested source: attribute columns of ``users`` and ``items``.
+
+    Also checks that ``item_embeddings`` (when present) has the contract's embedding size."""
     for table in ("users", "items"):
         if not table_exists(con, table):
             raise RuntimeError(f"warehouse has no `{table}` table: materialize item_catalog/users first")
-    dim = EMBEDDING_DIM
     if table_exists(con, "item_embeddings"):
         vtype = _columns(con, "item_embeddings").get("vector", "")
-        if "[" in vtype:
-            dim = int(vtype.rsplit("[", 1)[1].rstrip("]"))
-    return spec_from_columns(_columns(con, "users"), _columns(con, "items"), dim)
+        if "[" in vtype and int(vtype.rsplit("[", 1)[1].rstrip("]")) != EMBEDDING_DIM:
+            raise ValueError(f"item_embeddings are {vtype.rsplit('[', 1)[1].rstrip(']')}-d vectors; the feature "
+                             f"contract (gpl_platform/features/schema.py EMBEDDING_DIM) has {EMBEDDING_DIM}-d "
+                             "embeddings: another size is another feature-service version")
+    return spec_from_columns(_columns(con, "users"), _columns(con, "items"))
 
 
 # ---- activity snapshots ---------------------------------------------------------------------
@@ -76,13 +80,13 @@ agg AS (
     LEFT JOIN daily d ON d.user_id = u.user_id AND d.day < t.fday
     GROUP BY u.user_id, t.fday)
 SELECT a.user_id, a.fday AS day,
-       CAST(a.req AS BIGINT) AS u_requests, CAST(a.exp AS BIGINT) AS u_exposures, CAST(a.clk AS BIGINT) AS u_clicks,
-       CAST(CASE WHEN a.exp > 0 THEN a.clk / a.exp ELSE 0 END AS DOUBLE) AS u_click_rate,
+       CAST(a.req AS BIGINT) AS user_requests, CAST(a.exp AS BIGINT) AS user_exposures, CAST(a.clk AS BIGINT) AS user_clicks,
+       CAST(CASE WHEN a.exp > 0 THEN a.clk / a.exp ELSE 0 END AS DOUBLE) AS user_click_rate,
        CAST((a.clk + {SMOOTHING_STRENGTH} * CASE WHEN g.exp > 0 THEN g.clk / g.exp ELSE 0 END)
-            / (a.exp + {SMOOTHING_STRENGTH}) AS DOUBLE) AS u_click_rate_smoothed,
-       CAST(a.exp7 AS BIGINT) AS u_exposures_7d, CAST(a.clk7 AS BIGINT) AS u_clicks_7d,
-       CAST(a.active_days AS BIGINT) AS u_active_days,
-       CAST(coalesce(date_diff('day', a.last_day, a.fday), -1) AS BIGINT) AS u_days_since_last_request
+            / (a.exp + {SMOOTHING_STRENGTH}) AS DOUBLE) AS user_click_rate_smoothed,
+       CAST(a.exp7 AS BIGINT) AS user_exposures_7d, CAST(a.clk7 AS BIGINT) AS user_clicks_7d,
+       CAST(a.active_days AS BIGINT) AS user_active_days,
+       CAST(coalesce(date_diff('day', a.last_day, a.fday), -1) AS BIGINT) AS user_days_since_last_request
 FROM agg a JOIN totals g USING (fday)
 ORDER BY day, user_id
 """
@@ -112,14 +116,14 @@ ranked AS (
            sum(exp) OVER (PARTITION BY fday) AS exp_total
     FROM agg)
 SELECT r.item_id, r.fday AS day,
-       CAST(r.cand AS BIGINT) AS i_candidates, CAST(r.exp AS BIGINT) AS i_exposures, CAST(r.clk AS BIGINT) AS i_clicks,
-       CAST(CASE WHEN r.exp > 0 THEN r.clk / r.exp ELSE 0 END AS DOUBLE) AS i_ctr,
+       CAST(r.cand AS BIGINT) AS item_candidates, CAST(r.exp AS BIGINT) AS item_exposures, CAST(r.clk AS BIGINT) AS item_clicks,
+       CAST(CASE WHEN r.exp > 0 THEN r.clk / r.exp ELSE 0 END AS DOUBLE) AS item_ctr,
        CAST((r.clk + {SMOOTHING_STRENGTH} * CASE WHEN g.exp > 0 THEN g.clk / g.exp ELSE 0 END)
-            / (r.exp + {SMOOTHING_STRENGTH}) AS DOUBLE) AS i_ctr_smoothed,
-       CAST(r.exp7 AS BIGINT) AS i_exposures_7d, CAST(r.clk7 AS BIGINT) AS i_clicks_7d,
-       CAST(CASE WHEN r.exp_total = 0 THEN 0 ELSE least(9, floor(10 * r.prank)) END AS BIGINT) AS i_popularity_bucket,
+            / (r.exp + {SMOOTHING_STRENGTH}) AS DOUBLE) AS item_ctr_smoothed,
+       CAST(r.exp7 AS BIGINT) AS item_exposures_7d, CAST(r.clk7 AS BIGINT) AS item_clicks_7d,
+       CAST(CASE WHEN r.exp_total = 0 THEN 0 ELSE least(9, floor(10 * r.prank)) END AS BIGINT) AS item_popularity_bucket,
        CAST(CASE WHEN r.exp > 0 AND r.exp_before < {LONG_TAIL_HEAD_SHARE} * r.exp_total THEN 0 ELSE 1 END AS BIGINT)
-           AS i_long_tail
+           AS item_long_tail
 FROM ranked r JOIN totals g USING (fday)
 ORDER BY day, item_id
 """
@@ -140,12 +144,12 @@ def _run_days(con, sql: str, days: Sequence[date]) -> pd.DataFrame:
 
 
 def compute_user_activity(con, days: Sequence[date]) -> pd.DataFrame:
-    """One row per (catalog user, feature day): ``user_id, day, event_timestamp, u_*``."""
+    """One row per (catalog user, feature day): ``user_id, day, event_timestamp`` and the user_activity features."""
     return _run_days(con, _USER_SQL, days)
 
 
 def compute_item_activity(con, days: Sequence[date]) -> pd.DataFrame:
-    """One row per (catalog item, feature day): ``item_id, day, event_timestamp, i_*``."""
+    """One row per (catalog item, feature day): ``item_id, day, event_timestamp`` and the item_activity features."""
     return _run_days(con, _ITEM_SQL, days)
 
 
@@ -176,7 +180,7 @@ def compute_user_history(con, days: Sequence[date], max_len: int, vectors: dict[
     L2-normalized mean content embedding of their ``max_len`` most recent clicks before D.
 
     Users absent on D keep their latest earlier row (the view has no TTL), which is still their
-    history at D. Columns: ``user_id, day, event_timestamp, u_history_emb, u_history_emb_n``.
+    history at D. Columns: ``user_id, day, event_timestamp, user_history_emb, user_history_emb_n``.
     """
     con.register("_fdays", _days_frame(days))
     try:
@@ -205,8 +209,8 @@ def compute_user_history(con, days: Sequence[date], max_len: int, vectors: dict[
         else:
             vec = np.zeros(dim, dtype=np.float32)
         rows.append((user_id, day, vec, len(found)))
-    frame = pd.DataFrame(rows, columns=["user_id", "day", "u_history_emb", "u_history_emb_n"])
-    frame["u_history_emb_n"] = frame["u_history_emb_n"].astype("int64")
+    frame = pd.DataFrame(rows, columns=["user_id", "day", "user_history_emb", "user_history_emb_n"])
+    frame["user_history_emb_n"] = frame["user_history_emb_n"].astype("int64")
     return _with_timestamp(frame)
 
 
@@ -215,9 +219,7 @@ def _attributes(frame: pd.DataFrame, mapping: dict[str, tuple[str, str]]) -> pd.
     out = pd.DataFrame(index=frame.index)
     for name, (column, dtype) in mapping.items():
         col = frame[column]
-        if dtype == "Int64":
-            out[name] = pd.to_numeric(col, errors="coerce").astype("Int64")
-        elif dtype == "Float64":
+        if dtype == FLOAT:
             out[name] = pd.to_numeric(col, errors="coerce").astype("float64")
         else:
             out[name] = col.astype("string").astype(object).where(col.notna(), None)
@@ -229,19 +231,23 @@ def _static_ts(n: int) -> pd.Series:
 
 
 def compute_user_profile(con, spec: FeatureSpec) -> pd.DataFrame:
+    """One row per catalog user: ``user_known`` = 1 and the attribute columns."""
     users = con.execute("SELECT * FROM users ORDER BY user_id").df()
-    out = pd.concat([users[["user_id"]].astype({"user_id": str}), _attributes(users, spec.user_attributes)], axis=1)
+    out = pd.DataFrame({"user_id": users["user_id"].astype(str), "user_known": np.ones(len(users), dtype="int64")})
+    out = pd.concat([out, _attributes(users, spec.user_attributes)], axis=1)
     out[TIMESTAMP_FIELD] = _static_ts(len(out)).to_numpy()
     return out
 
 
 def compute_item_profile(con, spec: FeatureSpec, vectors: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per catalog item: ``item_known`` = 1, the content embedding (zeros and
+    ``item_has_content_emb`` = 0 when missing) and the attribute columns."""
     items = con.execute("SELECT * FROM items ORDER BY item_id").df()
     zeros = np.zeros(spec.embedding_dim, dtype=np.float32)
     ids = items["item_id"].astype(str)
-    out = pd.DataFrame({"item_id": ids,
-                        "i_content_emb": [vectors.get(i, zeros) for i in ids],
-                        "i_has_content_emb": np.array([int(i in vectors) for i in ids], dtype="int64")})
+    out = pd.DataFrame({"item_id": ids, "item_known": np.ones(len(items), dtype="int64"),
+                        "item_content_emb": [vectors.get(i, zeros) for i in ids],
+                        "item_has_content_emb": np.array([int(i in vectors) for i in ids], dtype="int64")})
     out = pd.concat([out, _attributes(items, spec.item_attributes)], axis=1)
     out[TIMESTAMP_FIELD] = _static_ts(len(out)).to_numpy()
     return out

@@ -2,7 +2,7 @@
 
 ``build_feature_world(settings)`` ingests the source into the warehouse, fills ``item_embeddings``
 with deterministic random unit vectors (no model load) unless the table is already there,
-writes all feature files, applies the Feast definitions and materializes the online store.
+writes the feature files, applies the Feast repository and materializes the online store.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ class RandomEncoder:
         return out
 
 
-def build_feature_world(settings: Settings, redis_url: str | None = None, embeddings: bool = True) -> dict:
-    """Ingest, embed (randomly), compute features for every day, apply, materialize. Returns the pieces."""
+def build_feature_world(settings: Settings, embeddings: bool = True, days: Sequence | None = None) -> dict:
+    """Ingest, embed (randomly), compute features for every day, apply, materialize ``days`` (default:
+    all) into the online store of ``settings.feature_store``. Returns the pieces."""
     from gpl_platform import ingest
     from gpl_platform.embeddings import update_item_embeddings
     from gpl_platform.features import pipeline
@@ -47,15 +48,16 @@ def build_feature_world(settings: Settings, redis_url: str | None = None, embedd
     dataset = load_source(settings)
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
     ingest.ingest_catalog(warehouse, dataset, settings.source_signature())
-    days = sorted(set(dataset.events["day"]))
-    ingest.ingest_event_days(warehouse, dataset, days, settings.source_signature())
+    all_days = sorted(set(dataset.events["day"]))
+    ingest.ingest_event_days(warehouse, dataset, all_days, settings.source_signature())
     if embeddings and not warehouse.table_exists("item_embeddings"):
         with warehouse.connect() as con:
             update_item_embeddings(con, dataset.items[["item_id", "text"]], RandomEncoder())
     pipeline.write_profile_features(settings, warehouse)
-    pipeline.write_user_features(settings, warehouse, days, days[0])
-    pipeline.write_item_features(settings, warehouse, days, days[0])
-    store = FeastStore(settings, redis_url)
+    days = sorted(days) if days is not None else all_days
+    pipeline.write_user_features(settings, warehouse, days, all_days[0])
+    pipeline.write_item_features(settings, warehouse, days, all_days[0])
+    store = FeastStore(settings)
     store.apply_if_changed(pipeline.warehouse_spec(warehouse))
     store.materialize_days(days)
     return {"dataset": dataset, "warehouse": warehouse, "days": days, "store": store}

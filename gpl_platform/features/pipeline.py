@@ -76,5 +76,5 @@ def write_profile_features(settings: Settings, warehouse: Warehouse) -> dict:
     out = sources_dir(settings)
     parquet.write_static(users, out, "user_profile", "user_id", views["user_profile"]["features"])
     parquet.write_static(items, out, "item_profile", "item_id", views["item_profile"]["features"])
-    return {"users": len(users), "items": len(items), "items_with_embedding": int(items["i_has_content_emb"].sum()),
+    return {"users": len(users), "items": len(items), "items_with_embedding": int(items["item_has_content_emb"].sum()),
             "spec": spec}

@@ -1,13 +1,16 @@
-"""The Feast store wrapper: configuration with absolute paths, apply-if-changed, materialize,
+"""The Feast store wrapper: configuration from the settings, apply-if-changed, materialize,
 point-in-time training retrieval.
 
-Paths (all under ``settings.data_dir``)::
+The online store and the registry are settings (``feature_store.*``: SQLite or Redis, file or SQL
+registry); every stage builds its :class:`FeastStore` from the settings it runs with, so
+materialization, training, the Python client, ``feast serve`` and the scoring service all use the
+same store. Paths (all under ``settings.data_dir``)::
 
-    feast/spec.json                      the FeatureSpec (attribute columns of the source)
+    feast/profile_attributes.json        the generated part of the schema (attribute columns)
     feast/sources/<view>/*.parquet       offline sources written by the Dagster feature assets
-    feast/repo/feature_store.yaml        rendered config (SQLite online store): feast -c feast/repo serve
+    feast/feature_store.yaml             rendered config (SQLite online store)
     feast/registry.db, feast/online_store.db
-    feast/redis/...                      the same for the Redis online store (own registry)
+    feast/redis/feature_store.yaml       the same for the Redis online store (own registry)
 
 ``import feast`` takes seconds (it imports torch): it happens inside methods only.
 """
@@ -15,10 +18,9 @@ Paths (all under ``settings.data_dir``)::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
-import string
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
@@ -28,19 +30,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from gpl_platform.config import PROJECT_ROOT, Settings
-from gpl_platform.features import definitions as definitions_module
-from gpl_platform.features import parquet
+from gpl_platform.features import parquet, repo
 from gpl_platform.features.compute import day_start
-from gpl_platform.features.definitions import DEFAULT_SERVICE, ENTITY_KEYS, build_definitions, service_features
-from gpl_platform.features.schema import FeatureSpec
+from gpl_platform.features.repo import feast_dir, sources_dir, spec_path
+from gpl_platform.features.schema import PROJECT, FeatureSpec, ENTITY_KEYS
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = PROJECT_ROOT / "feature_repo" / "feature_store.yaml"
+DEFAULT_SERVICE = "prerank_v2"
+RETIRED_SERVICES = {"prerank_v1": "prerank_v2", "prerank_scalar_v1": "prerank_scalar_v2"}
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_US = timedelta(microseconds=1)
-
 
 @contextmanager
 def ibis_default_backend_closed() -> Iterator[None]:
@@ -61,64 +61,77 @@ def ibis_default_backend_closed() -> Iterator[None]:
                 ibis.options.default_backend = None
 
 
-def feast_dir(settings: Settings) -> Path:
-    return settings.data_dir / "feast"
+__all__ = ["DEFAULT_SERVICE", "FeastStore", "feast_dir", "ibis_default_backend_closed", "render_config", "sources_dir",
+           "spec_path", "store_dir"]
 
 
-def sources_dir(settings: Settings) -> Path:
-    return feast_dir(settings) / "sources"
+def store_dir(settings) -> Path:
+    """Registry and rendered config of the configured online store and registry: ``feast/`` for the
+    default (SQLite, file registry), ``feast/redis/``, ``feast/sql_registry/``, ``feast/redis/sql_registry/``
+    otherwise, so that stores of several settings can live side by side in one data directory."""
+    cfg = settings.feature_store
+    root = feast_dir(settings)
+    if cfg.online_store != "sqlite":
+        root = root / cfg.online_store
+    return root / "sql_registry" if cfg.registry == "sql" else root
 
 
-def spec_path(settings: Settings) -> Path:
-    return feast_dir(settings) / "spec.json"
+def render_config(settings) -> dict:
+    """``feature_store.yaml`` of the configured online store and registry, with absolute paths."""
+    cfg = settings.feature_store
+    root = store_dir(settings)
+    if cfg.registry == "file":
+        registry = {"registry_type": "file", "path": str(root / "registry.db")}
+    else:
+        registry = {"registry_type": "sql", "path": cfg.registry_url or f"sqlite:///{root / 'registry.sqlite'}",
+                    "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
+    registry["cache_ttl_seconds"] = cfg.registry_cache_ttl_s
+    online = ({"type": "sqlite", "path": str(feast_dir(settings) / "online_store.db")} if cfg.online_store == "sqlite"
+              else {"type": "redis", "connection_string": cfg.redis})
+    return {"project": PROJECT, "provider": "local", "registry": registry, "offline_store": {"type": "duckdb"},
+            "online_store": online, "entity_key_serialization_version": 3}
 
 
-def render_config(settings: Settings, redis_url: str | None = None) -> dict:
-    """The feature_store.yaml template with absolute paths; Redis online store if ``redis_url``."""
-    root = feast_dir(settings) / ("redis" if redis_url else "")
-    text = string.Template(TEMPLATE.read_text()).safe_substitute(GPL_FEAST_DIR=str(root))
-    config = yaml.safe_load(text)
-    if redis_url:
-        config["online_store"] = {"type": "redis", "connection_string": redis_url}
-    return config
+def _quiet_feast() -> None:
+    warnings.filterwarnings("ignore", message=".*On demand feature view is an experimental feature.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(feast|ibis)\..*")
 
 
 class FeastStore:
-    """One Feast feature store (registry + online store) over the parquet sources of ``settings``.
+    """One Feast feature store (registry + online store) over the parquet sources of ``settings``."""
 
-    ``redis_url`` (``"127.0.0.1:6379"``) selects the Redis online store; it gets its own registry
-    under ``feast/redis/`` so that SQLite and Redis stores can live side by side.
-    """
-
-    def __init__(self, settings: Settings, redis_url: str | None = None):
+    def __init__(self, settings):
         self.settings = settings
-        self.redis_url = redis_url
-        self.config = render_config(settings, redis_url)
-        self.repo_dir = feast_dir(settings) / ("redis" if redis_url else "") / "repo"
+        self.config = render_config(settings)
+        self.config_path = store_dir(settings) / "feature_store.yaml"
         self.sources_dir = sources_dir(settings)
 
     def __repr__(self) -> str:
-        return f"FeastStore({str(self.repo_dir)!r}, online={self.config['online_store']['type']})"
+        return f"FeastStore({str(self.config_path)!r}, online={self.config['online_store']['type']})"
+
+    @property
+    def online_store_type(self) -> str:
+        return self.config["online_store"]["type"]
 
     # ---- configuration -------------------------------------------------------------------
-    def write_repo(self) -> Path:
-        """Write the rendered feature_store.yaml (for ``feast -c <repo_dir> serve``); returns the dir."""
-        self.repo_dir.mkdir(parents=True, exist_ok=True)
-        target = self.repo_dir / "feature_store.yaml"
-        text = "# Rendered from feature_repo/feature_store.yaml by gpl_platform.features.store: do not edit.\n" + \
-            yaml.safe_dump(self.config, sort_keys=False)
-        if not target.exists() or target.read_text() != text:
-            tmp = target.with_name(".feature_store.yaml.tmp")
+    def write_config(self) -> Path:
+        """Write the rendered feature_store.yaml (``feast -c feature_repo -f <it> plan|serve``); returns it."""
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        text = ("# Rendered by gpl_platform.features.store from the settings (feature_store.*): do not edit.\n"
+                + yaml.safe_dump(self.config, sort_keys=False))
+        if not self.config_path.exists() or self.config_path.read_text() != text:
+            tmp = self.config_path.with_name(".feature_store.yaml.tmp")
             tmp.write_text(text)
-            tmp.replace(target)
-        return self.repo_dir
+            tmp.replace(self.config_path)
+        return self.config_path
 
     @cached_property
     def store(self):
         """The ``feast.FeatureStore`` (imports Feast on first use)."""
+        _quiet_feast()
         from feast import FeatureStore
 
-        return FeatureStore(repo_path=str(self.write_repo()))
+        return FeatureStore(repo_path=str(self.config_path.parent), fs_yaml_file=self.write_config())
 
     def spec(self) -> FeatureSpec:
         path = spec_path(self.settings)
@@ -128,39 +141,43 @@ class FeastStore:
 
     # ---- apply ---------------------------------------------------------------------------
     def definitions_digest(self, spec: FeatureSpec) -> str:
-        """Hash of what apply would register: the spec, the definitions code and the config."""
+        """Hash of what apply would register: the spec, the repository files, the schema tables, the config."""
+        from gpl_platform.features import schema
+
         h = hashlib.sha256()
-        for part in (spec.to_json(), inspect.getsource(definitions_module), json.dumps(self.config, sort_keys=True),
-                     str(self.sources_dir)):
+        parts = [spec.to_json(), json.dumps(self.config, sort_keys=True), str(self.sources_dir),
+                 Path(schema.__file__).read_text()]
+        parts += [f"{p.name}\n{p.read_text()}" for p in repo.repo_files()]
+        for part in parts:
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()
 
     def apply_if_changed(self, spec: FeatureSpec, force: bool = False) -> dict:
-        """``feast apply`` the definitions when their digest changed (or the registry is missing).
-
-        Objects registered earlier but no longer defined are removed. Returns
-        ``{"applied": bool, "digest": str, "objects": [names]}``.
-        """
+        """``feast apply`` of ``feature_repo/`` (with ``spec``'s attribute columns) when the digest changed
+        or the registry is missing. Objects registered earlier but no longer defined are removed.
+        Returns ``{"applied": bool, "digest": str, "objects": [names]}``."""
         spec.save(spec_path(self.settings))
         digest = self.definitions_digest(spec)
-        marker = self.repo_dir / "applied.sha256"
-        registry = Path(self.config["registry"]["path"])
-        objects = build_definitions(spec, self.sources_dir)
+        marker = self.config_path.parent / "applied.sha256"
+        objects = repo.load_objects(self.settings)
         names = [o.name for o in objects]
-        if not force and registry.exists() and marker.exists() and marker.read_text().strip() == digest:
+        if not force and marker.exists() and marker.read_text().strip() == digest and self._registry_exists():
             return {"applied": False, "digest": digest, "objects": names}
         store = self.store
-        stale = []
-        if registry.exists():
-            stale = [o for o in (*store.list_feature_services(), *store.list_feature_views(), *store.list_entities())
-                     if o.name not in names]
+        registered = [*store.list_feature_services(), *store.list_on_demand_feature_views(),
+                      *store.list_feature_views(), *store.list_entities()]
+        stale = [o for o in registered if o.name not in names]
         store.apply(objects, objects_to_delete=stale, partial=not stale)
         store.refresh_registry()
-        self.write_repo()
         marker.write_text(digest)
         log.info("feast apply: %d objects (%d removed), digest %s", len(objects), len(stale), digest[:12])
         return {"applied": True, "digest": digest, "objects": names, "removed": [o.name for o in stale]}
+
+    def _registry_exists(self) -> bool:
+        if self.config["registry"]["registry_type"] == "file":
+            return Path(self.config["registry"]["path"]).exists()
+        return bool(self.store.registry.list_feature_services(PROJECT, allow_cache=False))
 
     # ---- materialize ---------------------------------------------------------------------
     def materialize(self, start: datetime, end: datetime, views: Sequence[str] | None = None) -> None:
@@ -192,19 +209,46 @@ class FeastStore:
             self.materialize(start, end, views)
         return {"end": end.isoformat(), "windows": {s.isoformat(): v for s, v in windows.items()}}
 
+    def materialization_key(self, views: Sequence[str]) -> tuple:
+        """What identifies the online rows of ``views``: every materialization interval the registry
+        recorded for them (a re-run of a day appends one), read afresh."""
+        self.store.refresh_registry()
+        out = []
+        for name in views:
+            view = self.store.get_feature_view(name, allow_registry_cache=True)
+            out.append((name, tuple((s.isoformat(), e.isoformat()) for s, e in view.materialization_intervals)))
+        return tuple(out)
+
+    # ---- feature services ----------------------------------------------------------------
+    def feature_service(self, service: str = DEFAULT_SERVICE):
+        """The registered ``FeatureService`` (a clear error for a retired or unknown name)."""
+        if service in RETIRED_SERVICES:
+            raise ValueError(f"feature service {service!r} is retired (the Python client alone applied its defaults "
+                             f"and derived inputs); use {RETIRED_SERVICES[service]!r}, which gives every consumer "
+                             "the same inputs, and retrain models trained on it")
+        from feast.errors import FeatureServiceNotFoundException
+
+        try:
+            return self.store.get_feature_service(service, allow_cache=True)
+        except FeatureServiceNotFoundException:
+            names = sorted(s.name for s in self.store.list_feature_services())
+            raise ValueError(f"no feature service {service!r} in the registry; registered: {names}") from None
+
+    def service_features(self, service: str = DEFAULT_SERVICE) -> list[tuple[str, str]]:
+        """``[(feature, dtype)]`` of a service's model inputs, in the service's order."""
+        return [(f.name, repo.dtype_name(f.dtype)) for p in self.feature_service(service).feature_view_projections
+                for f in p.features]
+
     # ---- training retrieval --------------------------------------------------------------
-    def historical_features(self, entity_df: pd.DataFrame, service: str = DEFAULT_SERVICE,
-                            fill_defaults: bool = True) -> pd.DataFrame:
-        """Point-in-time-correct features for rows of ``(user_id, item_id, event_time)``.
+    def historical_features(self, entity_df: pd.DataFrame, service: str = DEFAULT_SERVICE) -> pd.DataFrame:
+        """Point-in-time-correct model inputs for rows of ``(user_id, item_id, event_time)``.
 
-        Each row gets, per view, the newest feature row with ``event_timestamp <= event_time``
-        (and within the view's TTL): features written after an event never reach it. The result
-        has the input rows in the input order (extra input columns kept), then the service's
-        features; with ``fill_defaults`` missing values are filled and flagged
-        (``u_known``, ``i_known``) exactly as the online client does.
+        Each row gets, per stored view, the newest row with ``event_timestamp <= event_time`` (and
+        within the view's TTL): features written after an event never reach it; then Feast's
+        on-demand views turn them into the service's inputs (defaults, flags, cosine), as online.
+        The result has the input rows in the input order (extra input columns kept), then the
+        service's features in the service's order.
         """
-        from gpl_platform.features.serving import finalize
-
         missing = {"user_id", "item_id", "event_time"} - set(entity_df.columns)
         if missing:
             raise ValueError(f"entity_df lacks column(s) {sorted(missing)}")
@@ -213,23 +257,19 @@ class FeastStore:
         frame["user_id"] = frame["user_id"].astype(str)
         frame["item_id"] = frame["item_id"].astype(str)
         frame["_row"] = range(len(frame))
-        fs = self.store
+        names = [n for n, _ in self.service_features(service)]
         with ibis_default_backend_closed():
-            job = fs.get_historical_features(entity_df=frame, features=fs.get_feature_service(service))
-            out = job.to_df().sort_values("_row").drop(columns="_row").reset_index(drop=True)
-        out = out.rename(columns={"event_timestamp": "event_time"})
-        if not fill_defaults:
-            return out
-        return finalize(out, self.spec(), service)
+            job = self.store.get_historical_features(entity_df=frame, features=self.feature_service(service))
+            out = job.to_df().sort_values("_row").reset_index(drop=True)
+        keep = [c for c in frame.columns if c != "_row"]
+        out = out[keep + names].rename(columns={"event_timestamp": "event_time"})
+        return out
 
-    def online_client(self, service: str = DEFAULT_SERVICE, reader: str = "auto"):
+    def online_client(self, service: str = DEFAULT_SERVICE):
         """An :class:`~gpl_platform.features.serving.OnlineFeatureClient` over this store."""
         from gpl_platform.features.serving import OnlineFeatureClient
 
-        return OnlineFeatureClient(self, service, reader)
-
-    def service_features(self, service: str = DEFAULT_SERVICE) -> dict[str, list[str]]:
-        return service_features(self.spec(), service)
+        return OnlineFeatureClient(self, service)
 
     @staticmethod
     def entity_key(view_entity: str) -> str:

@@ -104,7 +104,7 @@ def attach_features(store, candidates: pd.DataFrame, service: str) -> tuple[np.n
 
     entity = candidates[["user_id", "item_id", "event_time"]]
     frame = store.historical_features(entity, service=service)
-    return feature_matrix(frame, store.spec(), service)
+    return feature_matrix(frame, store.service_features(service))
 
 
 # ---- per-method training rows -----------------------------------------------------------------

@@ -168,6 +168,10 @@ class DenseInputs(nn.Module):
         raw = x.index_select(1, idx)
         return (torch.sign(raw) * torch.log1p(raw.abs()) - mean) / std
 
+    def standardize(self, raw: torch.Tensor) -> torch.Tensor:
+        """:meth:`scalars` of raw scalar values already taken out of the matrix (all of them, in order)."""
+        return (torch.sign(raw) * torch.log1p(raw.abs()) - self.scalar_mean) / self.scalar_std
+
     def user_history(self, x: torch.Tensor) -> torch.Tensor | None:
         return (self.user_history_proj(x.index_select(1, self.user_emb_idx))
                 if self.user_history_proj is not None else None)
@@ -184,10 +188,17 @@ class DenseInputs(nn.Module):
 
     def all_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every scalar, both projections and, when both exist, their elementwise product."""
-        u, i = self.user_history(x), self.item_content(x)
-        parts = [self.scalars(x)] + [t for t in (u, i) if t is not None]
-        if u is not None and i is not None:
-            parts.append(u * i)
+        return self.assemble(self.scalars(x), self.user_history(x), self.item_content(x))
+
+    @staticmethod
+    def assemble(scalars: torch.Tensor, user: torch.Tensor | None, item: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`all_inputs` from its parts; a (1, d) user projection broadcasts over the rows (a server
+        projects one user once and caches the items' projections)."""
+        n = len(scalars)
+        user = user.expand(n, -1) if user is not None and len(user) != n else user
+        parts = [scalars] + [t for t in (user, item) if t is not None]
+        if user is not None and item is not None:
+            parts.append(user * item)
         return torch.cat(parts, dim=1)
 
 
@@ -244,8 +255,14 @@ class PreRanker(nn.Module):
                 item_ids: Sequence[str] | None = None, batch_size: int = 65536) -> np.ndarray:
         """Click probabilities for a feature matrix (eval mode, no gradient); the id shapes need the
         rows' user and item ids (unknown ids score through the OOV bucket)."""
-        self.eval()
         user_rows, item_rows = self.id_rows(len(matrix), user_ids, item_ids)
+        return self.predict_rows(matrix, user_rows, item_rows, batch_size)
+
+    @torch.no_grad()
+    def predict_rows(self, matrix: np.ndarray, user_rows: torch.Tensor | None = None,
+                     item_rows: torch.Tensor | None = None, batch_size: int = 65536) -> np.ndarray:
+        """:meth:`predict` with the ids' vocabulary rows already looked up (a server caches them)."""
+        self.eval()
         out = []
         for k in range(0, len(matrix), batch_size):
             batch = slice(k, k + batch_size)
@@ -332,7 +349,11 @@ class MlpPreRanker(PreRanker):
         self.mlp = _mlp(self.inputs.width, c.hidden, 1, c.dropout)
 
     def forward(self, x, user_rows=None, item_rows=None):
-        return self.mlp(self.inputs.all_inputs(x)).squeeze(1)
+        return self.logits(self.inputs.all_inputs(x))
+
+    def logits(self, dense: torch.Tensor, user_rows=None, item_rows=None) -> torch.Tensor:
+        """Logits from :meth:`DenseInputs.all_inputs` (or its :meth:`~DenseInputs.assemble`)."""
+        return self.mlp(dense).squeeze(1)
 
 
 @dataclass
@@ -424,8 +445,12 @@ class ColdPreRanker(PreRanker):
         self.mlp = _mlp(3 * c.id_dim + self.inputs.width, c.hidden, 1, c.dropout)
 
     def forward(self, x, user_rows=None, item_rows=None):
+        return self.logits(self.inputs.all_inputs(x), user_rows, item_rows)
+
+    def logits(self, dense: torch.Tensor, user_rows: torch.Tensor, item_rows: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`DenseInputs.all_inputs` (or its :meth:`~DenseInputs.assemble`) and the id rows."""
         u, i = self.user_id_emb(user_rows), self.item_id_emb(item_rows)
-        return self.mlp(torch.cat([u, i, u * i, self.inputs.all_inputs(x)], dim=1)).squeeze(1)
+        return self.mlp(torch.cat([u, i, u * i, dense], dim=1)).squeeze(1)
 
 
 _SHAPE_CLASSES: dict[str, type[PreRanker]] = {

@@ -1,0 +1,65 @@
+"""Runs whose process died (kill -9, OOM, a crashed machine) stay STARTED for ever in Dagster's run
+storage: with ``max_concurrent_runs: 1`` the queue then never starts another run, and the dead run's
+slot of the ``duckdb_warehouse`` pool is never given back.
+
+Dagster's own run monitoring covers runs that never start (``start_timeout_seconds``) and, through
+the code server, runs it launched itself. It cannot see an in-process run (``gpl run``) or a run
+whose code server died with it. This watchdog covers those: a STARTED run whose worker process (the
+pid of its RUN_START event, on this machine: runs here use the default run launcher or run in
+process) no longer exists, or is a different process that reused the pid, is marked failed and its
+pool slots are freed. The ``dead_run_watchdog`` sensor runs it under the daemon; ``gpl run`` runs it
+before it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+log = logging.getLogger(__name__)
+START_SLACK_S = 2.0  # the run's start time is recorded a moment after its process began
+
+
+def _worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.RUN_START, limit=1).records
+    if not records or records[0].event_log_entry.dagster_event is None:
+        return None
+    return records[0].event_log_entry.dagster_event.pid
+
+
+def _alive(pid: int, started_at: float | None) -> bool:
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started_at is None or process.create_time() <= started_at + START_SLACK_S
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def dead_runs(instance: DagsterInstance) -> list[tuple[str, int]]:
+    """(run id, pid) of every STARTED run whose worker process is gone."""
+    found = []
+    for record in instance.get_run_records(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+        pid = _worker_pid(instance, record.dagster_run.run_id)
+        if pid is not None and not _alive(pid, record.start_time):
+            found.append((record.dagster_run.run_id, pid))
+    return found
+
+
+def fail_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Mark every dead STARTED run failed and free its concurrency slots; returns their ids."""
+    failed = []
+    for run_id, pid in dead_runs(instance):
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.status != DagsterRunStatus.STARTED:
+            continue
+        message = (f"The run's process (pid {pid}) is gone (killed or crashed) while the run was STARTED: marked "
+                   "failed by the gpl watchdog (assets/run_health.py) so that queued runs can start.")
+        instance.report_run_failed(run, message)
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+        log.warning("run %s: %s", run_id, message)
+        failed.append(run_id)
+    return failed

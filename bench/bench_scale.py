@@ -1,0 +1,418 @@
+"""`gpl bench scale`: wall time and peak resident memory of every stage as the work grows.
+
+Protocol (docs/SCALING.md): for each size N, a simulator world of about N candidates over ``days`` days
+(``candidates_per_request`` per request, one request per user and day on average, so the users grow
+with N; a fixed catalog of ``items``; popularity exposure without Monte-Carlo propensities) goes
+through every stage, each in a fresh process (its peak RSS is that process's VmHWM): ingestion,
+item embeddings, anchors / embeddings / similarities / pseudo-labels with the ``history`` backend
+(the main tables) and with the ``sid`` backend (the ``__sid`` tables, after training its semantic
+IDs and generator), features, Feast materialization, the training set. At ``baseline_at`` the
+whole-range code (gpl_platform/labeling_in_memory.py) runs the similarities and pseudo-labels
+first, as the baseline of the same run, and the streaming labels are compared with it. At
+``ray_at`` a local Ray cluster of 2 CPUs (started here) runs the parallel stages with 1 and with 2
+workers on a copy of the warehouse; its labels are compared with the local engine's.
+
+The JSON is rewritten after every stage (``--resume`` skips sizes already done); the log-log plot
+of seconds against candidates goes beside it. Numbers on a shared machine: every stage records the
+load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HISTORY_STAGES = ["anchors_history", "embeddings_history", "similarities_history", "pseudo_labels_history"]
+SID_STAGES = ["sid_training", "anchors_sid", "embeddings_sid", "similarities_sid", "pseudo_labels_sid"]
+STAGES = ["ingestion", "item_embeddings", *HISTORY_STAGES, *SID_STAGES, "features", "materialization",
+          "training_set"]
+BASELINE_STAGES = ["similarities_in_memory", "pseudo_labels_in_memory"]
+RAY_STAGES = ["anchors_sid", "embeddings_history", "similarities_history", "pseudo_labels_history"]
+
+
+# ---- the world and its settings ---------------------------------------------------------------
+
+def world_env(candidates: int, days: int, per_request: int, items: int, data_dir: Path, extra: dict) -> dict:
+    users = max(10, round(candidates / (per_request * days)))
+    env = {
+        "GPL_SOURCE": "simulator", "GPL_DATA_DIR": str(data_dir), "GPL_SEED": "0",
+        "GPL_SIMULATOR__N_USERS": str(users), "GPL_SIMULATOR__N_ITEMS": str(items),
+        "GPL_SIMULATOR__N_DAYS": str(days), "GPL_SIMULATOR__CANDIDATES_PER_REQUEST": str(per_request),
+        "GPL_SIMULATOR__REQUESTS_PER_USER_PER_DAY": "1.0",
+        # 2024-01-04 is a refit day of a 7-day grid: days 4..7 get a generator trained on days 1..3
+        "GPL_SIMULATOR__START_DATE": "2024-01-01", "GPL_SID__GENERATOR__RETRAIN_EVERY_DAYS": "7",
+        "GPL_SIMULATOR__EXPOSURE__PROPENSITY_SAMPLES": "0",
+        "GPL_ANCHORS__BACKEND": "history", "GPL_WAREHOUSE_LOCK_TIMEOUT_S": "600",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1",
+        "TQDM_DISABLE": "1",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+# ---- one stage, in its own process --------------------------------------------------------------
+
+def _run_stage(stage: str) -> dict:
+    from datetime import timedelta
+
+    from gpl_platform import labeling, labeling_in_memory
+    from gpl_platform.config import load_settings
+    from gpl_platform.engine import make_engine
+    from gpl_platform.models import anchor_generator, sentence_encoder
+    from gpl_platform.warehouse import Warehouse
+
+    settings = load_settings()
+    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    engine = make_engine(settings)
+    encoder = sentence_encoder(None)
+    start = settings.simulator.start_date
+    from datetime import date
+
+    first = date.fromisoformat(start)
+    days = [first + timedelta(n) for n in range(settings.simulator.n_days)]
+    out: dict = {}
+    variant, backend = ("sid", "sid") if stage.endswith("_sid") else ("main", "history")
+    tables = labeling.StageTables(variant)
+
+    def generator():
+        return anchor_generator(settings, backend)
+
+    if stage == "ingestion":
+        from gpl_platform import ingest
+        from gpl_platform.sources import load_source
+
+        began = time.perf_counter()
+        dataset = load_source(settings)
+        out["simulate_seconds"] = round(time.perf_counter() - began, 2)
+        signature = settings.source_signature()
+        ingest.ingest_catalog(warehouse, dataset, signature)
+        for day in days:  # one partition at a time, as a daily schedule would
+            ingest.ingest_event_days(warehouse, dataset, [day], signature)
+        del dataset
+        ingest.build_user_histories(warehouse, days, first, settings.history_max_len)
+        out["candidates"] = int(warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0])
+        out["user_days"] = int(warehouse.query("SELECT count(*) AS n FROM user_histories")["n"].iloc[0])
+    elif stage == "item_embeddings":
+        from gpl_platform.embeddings import update_item_embeddings
+
+        items = warehouse.query("SELECT item_id, text FROM items")
+        with warehouse.connect() as con:
+            out.update({k: v for k, v in update_item_embeddings(con, items, encoder).items() if k != "encoder_id"})
+    elif stage == "sid_training":
+        from gpl_platform.sid.store import build_semantic_ids
+
+        build_semantic_ids(warehouse, encoder.encoder_id, settings.sid.semantic_ids, settings.seed,
+                           settings.artifacts_dir)
+        family = anchor_generator(settings, "sid")
+        out["models"] = sorted({family.for_day(d).model_id for d in days})
+    elif stage.startswith("anchors_"):
+        anchors, stats = labeling.generate_anchors(warehouse, days, generator(), settings.anchors.k,
+                                                   settings.anchors.history_max_items, progress=False,
+                                                   tables=tables, engine=engine)
+        out.update(anchors=len(anchors), cache_hits=stats.get("cache_hits", 0),
+                   cache_misses=stats.get("cache_misses", 0))
+    elif stage.startswith("embeddings_"):
+        out.update(labeling.embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(),
+                                          engine=engine))
+    elif stage.startswith("similarities_"):
+        module = labeling_in_memory if stage.endswith("in_memory") else labeling
+        kwargs = {} if module is labeling_in_memory else {"engine": engine}
+        out.update(module.score_day_candidates(warehouse, days, encoder.encoder_id, generator().lineage_signature(),
+                                               tables=tables, **kwargs))
+    elif stage.startswith("pseudo_labels_"):
+        module = labeling_in_memory if stage.endswith("in_memory") else labeling
+        kwargs = {} if module is labeling_in_memory else {"engine": engine}
+        _, stats = module.pseudo_label_days(
+            warehouse, days, first, encoder_id=encoder.encoder_id, generator=generator(),
+            calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
+            history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir, tables=tables,
+            no_history=settings.pseudo_labels.no_history, **kwargs)
+        out.update(rows=stats["rows"], batches=stats.get("batches", 1), digest=label_digest(warehouse, tables.labels))
+    elif stage == "features":
+        from gpl_platform.features import pipeline
+
+        pipeline.write_profile_features(settings, warehouse)
+        out["user_rows"] = pipeline.write_user_features(settings, warehouse, days, first)["rows"]
+        out["item_rows"] = pipeline.write_item_features(settings, warehouse, days, first)["rows"]
+    elif stage == "materialization":
+        from gpl_platform.features import pipeline
+        from gpl_platform.features.store import FeastStore
+
+        store = FeastStore(settings)
+        store.apply_if_changed(pipeline.warehouse_spec(warehouse))
+        store.materialize_days(days)
+    elif stage == "training_set":
+        from assets.resources import GplSettings
+        from assets.runner import run_pipeline
+
+        result = run_pipeline(resources={"gpl": GplSettings()}, selection=["training_set"], ephemeral=True)
+        if not result.success:
+            raise RuntimeError("training_set failed")
+        out["rows"] = int(warehouse.query("SELECT count(*) AS n FROM training_set")["n"].iloc[0])
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    if engine.name == "ray":
+        out["worker_peak_rss_mb"] = [round(x) for x in engine.worker_peak_rss_mb()]
+        out["workers"] = engine.workers
+    return out
+
+
+def label_digest(warehouse, table: str) -> str:
+    """sha256 of the labels, rounded to 1e-9 (a digest of what training reads, in a fixed order)."""
+    rows = warehouse.query(
+        f"SELECT day, request_id, item_id, anchor_id, round(pseudo_label, 9), round(pseudo_label_mean_pool, 9), "
+        f"round(confidence, 9) FROM {table} ORDER BY day, request_id, item_id")
+    return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def _cpu_seconds() -> float:
+    """user + sys CPU seconds of this process (all its threads) and of its children that were waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def stage_main(stage: str, result_path: str) -> None:
+    began, cpu_began = time.perf_counter(), _cpu_seconds()
+    out = _run_stage(stage)
+    out["seconds"] = round(time.perf_counter() - began, 2)
+    out["cpu_seconds"] = round(_cpu_seconds() - cpu_began, 2)
+    from gpl_platform.engine.ray_engine import peak_rss_mb
+
+    out["peak_rss_mb"] = round(peak_rss_mb())
+    Path(result_path).write_text(json.dumps(out, default=str))
+
+
+def run_stage(stage: str, env: dict, log_dir: Path, profile: bool = False) -> dict:
+    """One stage in a fresh process. ``profile``: under py-spy (sampled Python stacks of every thread,
+    in ``<stage>.pyspy.txt`` as collapsed stacks; its own CPU is not in ``cpu_seconds``)."""
+    result = log_dir / f"{stage}.json"
+    load_before = os.getloadavg()
+    began, cpu_began = time.perf_counter(), _children_cpu_seconds()
+    command = [sys.executable, __file__, "--stage", stage, "--result", str(result)]
+    if profile:
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).exists():
+            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        command = [py_spy, "record", "--format", "raw", "--rate", "20", "--nonblocking", "--threads",
+                   "-o", str(log_dir / f"{stage}.pyspy.txt"), "--", *command]
+    with open(log_dir / f"{stage}.log", "w") as log:
+        proc = subprocess.run(command,
+                              env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {log_dir / (stage + '.log')}")
+    out = json.loads(result.read_text())
+    out["process_seconds"] = round(time.perf_counter() - began, 2)
+    # the whole stage process (imports included): what the kernel charged it and its children, all threads
+    out["process_cpu_seconds"] = round(_children_cpu_seconds() - cpu_began, 2)
+    out["load_before"], out["load_after"] = [round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]
+    print(f"  {stage}: {out['cpu_seconds']} CPU s, {out['seconds']} wall s, peak {out['peak_rss_mb']} MB, "
+          f"load {out['load_before'][0]}", flush=True)
+    return out
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+def _write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    plot(report, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The tables of docs/SCALING.md: seconds / peak RSS per stage and size, load average at the stage's start."""
+    runs = [r for r in report["runs"] if "candidates" in r]
+    if not runs:
+        return ""
+    head = "| stage | " + " | ".join(f"{r['candidates']:,} candidates" for r in runs) + " |"
+    lines = [head, "|" + " --- |" * (len(runs) + 1)]
+    names = [s for s in [*STAGES[:2], *BASELINE_STAGES, *STAGES[2:]] if any(s in r["stages"] for r in runs)]
+    for stage in names:
+        cells = []
+        for r in runs:
+            x = r["stages"].get(stage)
+            cells.append(f"{x['seconds']:.1f} s, {x['peak_rss_mb']:,} MB (load {x['load_before'][0]:.1f})" if x else "-")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    totals = [sum(x["seconds"] for k, x in r["stages"].items() if k not in BASELINE_STAGES) for r in runs]
+    lines.append("| **all stages** | " + " | ".join(f"**{t:.0f} s**" for t in totals) + " |")
+    if len(runs) > 1:
+        lines += ["", "| stage | " + " | ".join(f"{r['candidates'] / runs[0]['candidates']:.1f}x the work"
+                                                for r in runs[1:]) + " |",
+                  "|" + " --- |" * len(runs)]
+        for stage in STAGES:
+            base = runs[0]["stages"].get(stage)
+            cells = [f"{r['stages'][stage]['seconds'] / base['seconds']:.1f}x time" if base and stage in r["stages"]
+                     else "-" for r in runs[1:]]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    ray = report.get("ray") or {}
+    if ray.get("stages"):
+        lines += ["", "| stage (Ray, 2-CPU local cluster) | 1 worker | 2 workers | speed-up | local engine |",
+                  "| --- | --- | --- | --- | --- |"]
+        for stage in RAY_STAGES:
+            one, two = ray["stages"][f"{stage}_ray1"], ray["stages"][f"{stage}_ray2"]
+            lines.append(f"| {stage} | {one['seconds']:.1f} s (load {one['load_before'][0]:.1f}) | {two['seconds']:.1f} s "
+                         f"(load {two['load_before'][0]:.1f}) | {one['seconds'] / two['seconds']:.2f}x | "
+                         f"{ray['local_engine_seconds'][stage]:.1f} s |")
+        lines.append(f"| **together** | | | **{ray['speedup_2_vs_1']:.2f}x** | |")
+    return "\n".join(lines) + "\n"
+
+
+def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, items: int = 2000,
+        baseline_at: int | None = 1_000_000, ray_at: int | None = 1_000_000, work_dir: Path | None = None,
+        batch_candidates: int = 250_000, sid_epochs: int = 2, resume: bool = False, keep: bool = False,
+        skip: Sequence[str] = (), profile: bool = False) -> dict:
+    report = json.loads(out.read_text()) if resume and out.exists() else {"runs": [], "ray": {}}
+    report["protocol"] = {"days": days, "candidates_per_request": per_request, "items": items,
+                          "batch_candidates": batch_candidates, "sid_generator_epochs": sid_epochs,
+                          "cpu_count": os.cpu_count(), "stages": STAGES}
+    work_dir = Path(work_dir or ROOT / "data" / "bench_scale")
+    extra = {"GPL_STREAMING__BATCH_CANDIDATES": batch_candidates, "GPL_SID__GENERATOR__EPOCHS": sid_epochs}
+    done = {r["candidates_target"] for r in report["runs"]}
+    for size in sizes:
+        if size in done:
+            continue
+        data_dir = work_dir / f"n{size}"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        env = world_env(size, days, per_request, items, data_dir, extra)
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True)
+        print(f"{size:,} candidates ({env['GPL_SIMULATOR__N_USERS']} users x {days} days)", flush=True)
+        entry = {"candidates_target": size, "users": int(env["GPL_SIMULATOR__N_USERS"]), "stages": {}}
+        report["runs"].append(entry)
+        order = [s for s in STAGES if s not in skip]
+        entry["skipped"] = [s for s in STAGES if s in skip]
+        if size == baseline_at:  # the baseline first, so the streaming stages rewrite what it wrote
+            i = order.index("similarities_history")
+            order[i:i] = BASELINE_STAGES
+        for stage in order:
+            entry["stages"][stage] = run_stage(stage, env, logs, profile)
+            if stage == "ingestion":
+                entry["candidates"] = entry["stages"][stage]["candidates"]
+            _write(report, out)
+        if size == baseline_at:
+            base, streamed = entry["stages"]["pseudo_labels_in_memory"], entry["stages"]["pseudo_labels_history"]
+            entry["baseline"] = {
+                "identical_labels": base["digest"] == streamed["digest"],
+                "note": "label digests rounded to 1e-9; in batches the float32 similarities round differently in "
+                        "their last bits (BLAS tiles), so equality is not expected at that precision",
+                **_baseline_table(entry)}
+        if size == ray_at:
+            report["ray"] = ray_comparison(entry, data_dir, env, logs)
+        _write(report, out)
+        if not keep:
+            shutil.rmtree(data_dir / "feast", ignore_errors=True)
+    return report
+
+
+def _baseline_table(entry: dict) -> dict:
+    rows = {}
+    for stage in ("similarities", "pseudo_labels"):
+        base, new = entry["stages"][f"{stage}_in_memory"], entry["stages"][f"{stage}_history"]
+        rows[stage] = {"in_memory": {"seconds": base["seconds"], "peak_rss_mb": base["peak_rss_mb"]},
+                       "streaming": {"seconds": new["seconds"], "peak_rss_mb": new["peak_rss_mb"]}}
+    return rows
+
+
+def ray_comparison(entry: dict, data_dir: Path, env: dict, logs: Path) -> dict:
+    """The parallel stages on a local 2-CPU Ray cluster with 1 and 2 workers, each on a fresh copy of the
+    warehouse after the local run (the sid anchor cache emptied, so that anchors are generated)."""
+    from gpl_platform.engine.ray_engine import LocalRayCluster
+
+    import duckdb
+
+    local = entry["stages"]
+    result: dict = {"stages": {}}
+    with LocalRayCluster(num_cpus=2) as cluster:
+        for workers in (1, 2):
+            copy = data_dir.parent / f"{data_dir.name}-ray{workers}"
+            shutil.rmtree(copy, ignore_errors=True)
+            copy.mkdir()
+            shutil.copy2(data_dir / "warehouse.duckdb", copy / "warehouse.duckdb")
+            shutil.copytree(data_dir / "artifacts", copy / "artifacts")
+            with duckdb.connect(str(copy / "warehouse.duckdb")) as con:
+                con.execute("DELETE FROM anchor_cache WHERE backend = 'sid'")
+            ray_env = {**env, **cluster.env(), "GPL_DATA_DIR": str(copy), "GPL_ENGINE": "ray",
+                       "GPL_RAY__ADDRESS": cluster.address, "GPL_RAY__WORKERS": str(workers),
+                       "GPL_STREAMING__ENCODE_BATCH_TEXTS": "512"}
+            for stage in RAY_STAGES:
+                result["stages"][f"{stage}_ray{workers}"] = run_stage(stage, ray_env, logs)
+            shutil.rmtree(copy, ignore_errors=True)
+    stages = result["stages"]
+    result["identical_labels"] = stages["pseudo_labels_history_ray2"]["digest"] == local["pseudo_labels_history"]["digest"]
+    total = {w: sum(stages[f"{s}_ray{w}"]["seconds"] for s in RAY_STAGES) for w in (1, 2)}
+    result["speedup_2_vs_1"] = round(total[1] / total[2], 3)
+    result["speedup_by_stage"] = {s: round(stages[f"{s}_ray1"]["seconds"] / stages[f"{s}_ray2"]["seconds"], 3)
+                                  for s in RAY_STAGES}
+    n = entry["candidates"]
+    result["candidates_per_s_per_worker"] = {
+        s: {w: round(n / stages[f"{s}_ray{w}"]["seconds"] / w) for w in (1, 2)}
+        for s in ("similarities_history", "pseudo_labels_history")}
+    result["local_engine_seconds"] = {s: local[s]["seconds"] for s in RAY_STAGES}
+    result["note"] = ("Ray encodes anchor texts in chunks of 512 (the local column: one chunk of up to 8,192); both "
+                      "generate the sid anchors without a cache")
+    return result
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if "candidates" in r]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for stage in STAGES:
+        points = [(r["candidates"], r["stages"][stage]["seconds"]) for r in runs if stage in r["stages"]]
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, marker="o", label=stage)
+    if len(runs) > 1:  # the linear reference through the smallest size's total
+        x0 = runs[0]["candidates"]
+        t0 = sum(s["seconds"] for s in runs[0]["stages"].values())
+        xs = [r["candidates"] for r in runs]
+        ax.plot(xs, [t0 * x / x0 for x in xs], "k--", lw=1, label="linear (sum of stages)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("candidates")
+    ax.set_ylabel("seconds (wall, shared 2-core machine)")
+    ax.set_title("gpl bench scale: time per stage")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage")
+    ap.add_argument("--result")
+    args = ap.parse_args()
+    stage_main(args.stage, args.result)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

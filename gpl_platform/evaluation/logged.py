@@ -1,0 +1,192 @@
+"""Evaluation on logged data, for real logs that carry no oracle labels.
+
+What logs allow: the click labels of the *exposed* test candidates (AUC, GAUC, HR@K among a request's
+exposed candidates), and, where the log carries the logging policy's propensities, an inverse-
+propensity estimate over the whole candidate set: IPS recall@K, the share of a request's positives
+(exposed or not) that the model's top K of all candidates holds, estimated by weighting each exposed
+click by 1/propensity (self-normalized, weights clipped at ``training.ips_clip``). It is unbiased when
+exposure depends only on what the propensities describe; it cannot see unexposed positives directly.
+The label audit (pseudo-labels against later real clicks) is reported next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
+from gpl_platform.evaluation.offline import _ips_propensity, fit_method, gated_pseudo_labels, preranker_specs
+from gpl_platform.prerank.data import (
+    attach_features,
+    fit_teacher,
+    id_vocabularies,
+    load_candidates,
+    method_plan,
+    time_split,
+)
+from gpl_platform.prerank.model import ModelConfig
+from gpl_platform.quality import failing_event_days
+from gpl_platform.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+K = 10
+LOGGED_METRICS = ("exposed_auc", "exposed_gauc", "exposed_hr@3", "exposed_hr@10", "ips_recall@10")
+
+
+def has_ground_truth(warehouse: Warehouse) -> bool:
+    """True when every ingested candidate has an oracle label (a benchmark source)."""
+    if not warehouse.table_exists("oracle_labels"):
+        return False
+    counts = warehouse.query("SELECT count(*) AS n, count(oracle_label) AS known FROM oracle_labels")
+    return bool(counts["n"].iloc[0]) and int(counts["known"].iloc[0]) == int(counts["n"].iloc[0])
+
+
+def ips_recall_at_k(requests: np.ndarray, exposed: np.ndarray, clicked: np.ndarray, propensity: np.ndarray,
+                    scores: np.ndarray, k: int = K, clip: float = 20.0) -> float:
+    """IPS estimate of recall@k over every candidate of each request: sum over exposed clicks in the
+    top k of 1/p, over the sum over all exposed clicks of 1/p (pooled over requests)."""
+    frame = pd.DataFrame({"r": requests, "s": np.asarray(scores, float), "e": np.asarray(exposed, bool),
+                          "y": np.nan_to_num(np.asarray(clicked, float)),
+                          "w": np.minimum(1.0 / np.maximum(np.asarray(propensity, float), 1e-6), clip)})
+    frame = frame.sort_values(["r", "s"], ascending=[True, False], kind="stable")
+    frame["top"] = frame.groupby("r").cumcount() < k
+    positive = frame["e"] & (frame["y"] > 0)
+    total = float(frame.loc[positive, "w"].sum())
+    return float(frame.loc[positive & frame["top"], "w"].sum() / total) if total > 0 else float("nan")
+
+
+def logged_metrics(test: pd.DataFrame, scores: np.ndarray, propensity_known: bool, clip: float) -> dict:
+    exposed = test["exposed"].to_numpy(bool)
+    y = test.loc[exposed, "clicked"].to_numpy(int)
+    s, req, users = scores[exposed], test.loc[exposed, "request_id"].to_numpy(), test.loc[exposed, "user_id"].to_numpy()
+    out = {"exposed_auc": auc(y, s), "exposed_gauc": gauc(users, y, s),
+           "exposed_hr@3": hit_rate_at_k(req, y, s, 3), "exposed_hr@10": hit_rate_at_k(req, y, s, K)}
+    out["ips_recall@10"] = (ips_recall_at_k(test["request_id"].to_numpy(), exposed, test["clicked"].to_numpy(float),
+                                            test["propensity"].to_numpy(float), scores, K, clip)
+                            if propensity_known else float("nan"))
+    return out
+
+
+def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress: bool = False) -> dict:
+    """Every method that has training rows, under every seed, scored on logged test data."""
+    cfg, evaluation = settings.training, settings.evaluation
+    began = time.perf_counter()
+    split = time_split(warehouse, cfg.test_share, cfg.valid_share)
+    bad_event_days = failing_event_days(warehouse, split.train_days, gates.events)
+    split.train_days[:] = [d for d in split.train_days if d not in bad_event_days]
+    if not split.train_days:
+        raise ValueError(f"every training day fails the events gate ({len(bad_event_days)} days): nothing to train on")
+    days = split.train_days + split.valid_days + split.test_days
+    cands = load_candidates(warehouse, days)
+    masks = {name: cands["day"].isin(set(part)).to_numpy() for name, part in
+             (("train", split.train_days), ("valid", split.valid_days), ("test", split.test_days))}
+    train, valid, test = (cands[masks[n]].reset_index(drop=True) for n in ("train", "valid", "test"))
+    if not test["exposed"].any() or test.loc[test["exposed"], "clicked"].nunique() < 2:
+        raise ValueError(f"the test days {split.describe()['test_days']} need exposed candidates with both clicks and "
+                         "non-clicks to measure anything: deliver more days (or raise training.test_share)")
+    propensity_known = bool(test.loc[test["exposed"], "propensity"].notna().all())
+    methods = list(evaluation.methods)
+    pseudo, refused = gated_pseudo_labels(warehouse, split, methods, gates.pseudo_labels)
+    train_pseudo = {name: frame[frame["day"].isin(set(split.train_days))] for name, frame in pseudo.items()}
+    user_vocab, item_vocab = id_vocabularies(warehouse)
+    spec = preranker_specs(cfg, evaluation)[0]
+    matrix, columns = attach_features(store, cands, spec.service)
+    train_x, valid_x, test_x = (matrix[masks[n]] for n in ("train", "valid", "test"))
+    propensity, propensity_kind = (_ips_propensity(train, train_x, columns) if "ips" in methods else (None, None))
+    model_config = ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim)
+    runs: dict[str, list[dict]] = {}
+    skipped: dict[str, str] = {}
+    for seed in cfg.seeds:
+        teacher_scores = None
+        if "ranker_distillation" in methods and train["exposed"].any():
+            exposed = train["exposed"].to_numpy(bool)
+            teacher = fit_teacher(train_x[exposed], train.loc[exposed, "clicked"].to_numpy(int), seed)
+            teacher_scores = teacher.predict_proba(train_x)[:, 1]
+        for method in methods:
+            if method in skipped:
+                continue
+            if method == "ranker_distillation" and teacher_scores is None:
+                skipped[method] = "no exposed training rows for the teacher"
+                continue
+            plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
+            if plan.empty or plan["label"].nunique() < 2:
+                skipped[method] = ("no training rows" if plan.empty else "training rows of one class only") + (
+                    " (no pseudo-labels passed the gate on the training days)" if method.startswith(("gpl", "pseudo"))
+                    else "")
+                log.warning("logged evaluation: %s skipped: %s", method, skipped[method])
+                continue
+            model, history = fit_method(plan, train, train_x, columns, valid, valid_x, cfg, model_config, seed,
+                                        user_vocab, item_vocab)
+            scores = model.predict(test_x, test["user_id"].to_numpy(), test["item_id"].to_numpy())
+            metrics = logged_metrics(test, scores, propensity_known, cfg.ips_clip)
+            runs.setdefault(method, []).append({"seed": seed, **metrics, "rows": history["n_rows"],
+                                                "pseudo_rows": history["n_pseudo"]})
+    if not runs:
+        raise ValueError(f"no method has training rows over the {len(split.train_days)} training days: "
+                         + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
+    summary = {m: {k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
+                   for k in LOGGED_METRICS} for m, rs in runs.items()}
+    return {
+        "kind": "logged", "dataset": settings.source, "seeds": list(cfg.seeds), "preranker": spec.name,
+        "what": "no oracle labels: metrics on the exposed test candidates' clicks; ips_recall@10 estimates recall "
+                "over every candidate from exposed clicks weighted by 1/propensity"
+                + ("" if propensity_known else " (not available: the log has no propensities)"),
+        "methods": summary, "runs": runs, "skipped_methods": skipped, "split": split.describe(),
+        "n_test_requests": int(test["request_id"].nunique()), "n_test_exposed": int(test["exposed"].sum()),
+        "n_test_candidates": int(len(test)), "propensities": "logged" if propensity_known else "none",
+        "ips_training_propensity": propensity_kind,
+        "days_refused": {"events": sorted(map(str, bad_event_days)), **{f"pseudo_labels:{k}": v
+                                                                         for k, v in refused.items()}},
+        "label_audit": label_audit_summary(warehouse),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+
+
+def label_audit_summary(warehouse: Warehouse) -> dict:
+    """The label audit's headline numbers (pseudo-labels against later real clicks)."""
+    from gpl_platform.label_audit import audit_warehouse
+
+    try:
+        summary = audit_warehouse(warehouse).summary
+    except Exception as exc:  # no pseudo-labels yet: the report says so instead of failing
+        return {"unavailable": str(exc).splitlines()[0]}
+    return {k: (float(v) if isinstance(v, (float, np.floating)) and np.isfinite(v) else
+                int(v) if isinstance(v, (int, np.integer)) else str(v)) for k, v in summary.items()}
+
+
+def results_table(report: dict) -> pd.DataFrame:
+    rows = [{"method": m, **{k: f"{v[k]['mean']:.4f} ± {v[k]['std']:.4f}" for k in LOGGED_METRICS}}
+            for m, v in report["methods"].items()]
+    rows += [{"method": m, LOGGED_METRICS[0]: f"skipped: {why}"} for m, why in report["skipped_methods"].items()]
+    return pd.DataFrame(rows)
+
+
+def render_markdown(report: dict) -> str:
+    audit = report.get("label_audit") or {}
+    lines = [f"# Logged-data evaluation ({report['dataset']}, no oracle labels)", "",
+             report["what"] + ".", "",
+             f"Pre-ranker {report['preranker']}, seeds {report['seeds']}, split {json.dumps(report['split'])}; "
+             f"{report['n_test_requests']} test requests, {report['n_test_exposed']} exposed test candidates of "
+             f"{report['n_test_candidates']}.", "",
+             results_table(report).to_markdown(index=False), "",
+             "## Label audit (pseudo-labels vs later real clicks)", ""]
+    lines += [f"- {k}: {v}" for k, v in audit.items()] or ["- no audit yet"]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_and_write(warehouse: Warehouse, store, settings, gates) -> tuple[dict, dict[str, Path]]:
+    report = run_logged_evaluation(warehouse, store, settings, gates)
+    out = settings.data_dir / "reports" / "logged_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(report, indent=2, default=str) + "\n"),
+                       (out.with_suffix(".md"), render_markdown(report))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return report, {"json": out, "markdown": out.with_suffix(".md")}
