@@ -59,3 +59,28 @@ def test_blocking_check_refusals_exit_3_unless_allowed(tmp_path):
     healthy = _gpl({**strict, "GPL_QUALITY__PSEUDO_LABELS__PSEUDO_LABEL_MEAN_MAX": "0.9"}, "--select", "pseudo_labels")
     assert healthy.returncode == 0, healthy.stdout[-3000:] + healthy.stderr[-3000:]
     assert "pseudo_labels_distribution" not in healthy.stdout and REFUSED_LINE not in healthy.stderr
+
+
+def _logged_contract(directory: Path, n_days: int) -> Path:
+    """The simulator world over ``n_days`` days as a contract directory without oracle labels (real logs)."""
+    from gpl_platform.config import load_settings
+    from gpl_platform.sources import load_source
+    from gpl_platform.stats import export_contract_dir
+
+    export_contract_dir(load_source(load_settings({"simulator": {"n_days": n_days}})), directory)
+    events = pd.read_parquet(directory / "events.parquet").drop(columns=["oracle_label"])
+    events.to_parquet(directory / "events.parquet", index=False)
+    return directory
+
+
+def test_a_contract_too_small_for_a_time_split_says_so_in_one_line(tmp_path):
+    """Two valid days of logs: every per-day asset runs, then training says in one line that a time split needs
+    three days (exit 1, no traceback). Five days run end to end (test_logged_evaluation.py)."""
+    contract = _logged_contract(tmp_path / "logs", n_days=2)
+    out = _gpl(_instance(tmp_path, GPL_TRAINING__SEEDS="[0]", GPL_TRAINING__EPOCHS="1"), "--source", "contract",
+               "--path", str(contract))
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "a time split needs at least 3 days with requests, the warehouse has 2" \
+        in last, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Stack Trace" not in out.stderr
