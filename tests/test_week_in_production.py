@@ -70,7 +70,7 @@ def test_a_week_in_production(tmp_path, monkeypatch):
                    GPL_CONTRACT__START_DATE=days[0].isoformat(), **SETTINGS)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get():
-        pass  # its SQLite tables exist before the daemon opens it (both creating them at once: "table jobs already exists")
+        pass  # create its SQLite tables before the daemon does (both at once: "table jobs already exists")
     daemon = Daemon(home, env, tmp_path / "daemon.log")
     latencies = {}
     try:
