@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo evaluate run test test-fast ui bench clean lock
+.PHONY: setup demo evaluate run backfill test test-fast ui bench clean lock
 
 # What the demo evaluates: GPL against the four baselines over two seeds (10 models), so that a fresh
 # clone finishes in minutes. Every asset still runs; `make evaluate` trains the full set (every method
@@ -48,6 +48,11 @@ evaluate: setup
 ## Same as demo, with arguments: make run ARGS="--source simulator --start 2024-01-01 --end 2024-01-03"
 run: setup
 	$(BIN)/gpl run $(ARGS)
+
+## A backfill of the daily job through the daemon (`make ui` runs it) into the project's instance:
+## make backfill ARGS="--from 1997-09-27 --to 1997-09-29"
+backfill: setup
+	$(BIN)/dagster job backfill -m assets.definitions -j gpl_daily --noprompt $(ARGS)
 
 ## All tests, including the ones that load the real models.
 test: setup

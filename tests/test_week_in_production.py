@@ -69,6 +69,8 @@ def test_a_week_in_production(tmp_path, monkeypatch):
     env = live_env(home, data, GPL_SOURCE="contract", GPL_CONTRACT__PATH=str(contract),
                    GPL_CONTRACT__START_DATE=days[0].isoformat(), **SETTINGS)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get():
+        pass  # create its SQLite tables before the daemon does (both at once: "table jobs already exists")
     daemon = Daemon(home, env, tmp_path / "daemon.log")
     latencies = {}
     try:
