@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo evaluate run backfill test test-fast ui bench clean lock
+.PHONY: setup demo evaluate run backfill test test-fast ui clean lock
 
 # What the demo evaluates: GPL against the four baselines over two seeds (10 models), so that a fresh
 # clone finishes in minutes. Every asset still runs; `make evaluate` trains the full set (every method
