@@ -226,23 +226,23 @@ class FeastStore:
         tmp.replace(self._stamp_path)
 
     def materialization_stamp(self) -> tuple:
-        """A cheap change marker of :meth:`materialization_key` (a stat and a tiny read, microseconds; no
-        registry read): the token :meth:`materialize` writes after each materialization and, for a file
-        registry, the registry file's stat (which also catches a ``feast materialize`` run outside this
-        class). It changes whenever a materialization was recorded; it may also change without one (an
-        apply), so a change means "read the key", not "rebuild"."""
-        try:
-            token = self._stamp_path.read_text()
-        except FileNotFoundError:
-            token = None
-        registry = None
+        """A cheap change marker of :meth:`materialization_key` (one or two ``stat`` calls, microseconds;
+        no registry read): the stamp file :meth:`materialize` replaces after each materialization (a new
+        inode and time each time) and, for a file registry, the registry file (which also catches a
+        ``feast materialize`` run outside this class). It changes whenever a materialization was
+        recorded; it may also change without one (an apply), so a change means "read the key", not
+        "rebuild"."""
+        paths = [self._stamp_path]
         if self.config["registry"]["registry_type"] == "file":
+            paths.append(self.config["registry"]["path"])
+        stamp = []
+        for path in paths:
             try:
-                st = os.stat(self.config["registry"]["path"])
-                registry = (st.st_mtime_ns, st.st_size, st.st_ino)
+                st = os.stat(path)
+                stamp.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
             except FileNotFoundError:
-                pass
-        return token, registry
+                stamp.append(None)
+        return tuple(stamp)
 
     def materialization_key(self, views: Sequence[str]) -> tuple:
         """What identifies the online rows of ``views``: every materialization interval the registry
