@@ -10,14 +10,16 @@ for the cosine, and for ``two_tower`` its item-tower vector) is computed once pe
 and kept in memory (:class:`ItemSide`, keyed by the item views' materialization intervals in the
 registry); a request reads only the user's stored features.
 
-Freshness: after reading the user's row, every request checks the store's materialization stamp (a
-stat and a tiny read, :meth:`FeastStore.materialization_stamp`); when it changed, the registry's key
+Freshness: after reading the user's row, every request checks the store's materialization stamp
+(``stat`` calls, :meth:`FeastStore.materialization_stamp`); when it changed, the registry's key
 is read and, if a newer materialization was recorded, the item side is rebuilt before the request is
 scored. So a response never pairs a user row with an item side older than the last materialization
 recorded when that row was read (the request that sees a new materialization first waits for the
-rebuild, once per materialization). Unknown item ids get the contract's
-defaults (``i_known = 0``) and are reported; ids outside an id-shape model's vocabulary score through
-its out-of-vocabulary row and are reported too, never an error.
+rebuild, once per materialization).
+
+Unknown item ids get the contract's defaults (``i_known = 0``) and are reported; ids outside an
+id-shape model's vocabulary score through its out-of-vocabulary row and are reported too, never an
+error.
 """
 
 from __future__ import annotations
