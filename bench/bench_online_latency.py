@@ -1,7 +1,7 @@
 """Online feature retrieval latency: one user plus N candidate items, SQLite and Redis online stores,
 against a direct read of the same rows from the same store (the floor), in one run.
 
-    python bench/bench_online_latency.py --items 100 --out reports/online_latency_100.json
+    gpl bench online-latency --items 100 --out reports/online_100.json
 
 Builds a simulator world (>= N items, random unit item embeddings, no model load) in a temp data
 dir, materializes it into SQLite and (when ``redis-server`` is installed) into a Redis started

@@ -12,7 +12,8 @@
 
 Builds a simulator world with >= N items (random unit item embeddings, no model load), trains each
 pre-ranker for two epochs on its point-in-time features (latency does not depend on quality). The
-machine is shared: ``loadavg`` is recorded before and after; read the numbers with it.
+machine is shared: the load average is recorded before, after and every 5 s during the run
+(``loadavg_1m_during``; the load test itself adds about 2 to it); read the numbers with it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 20
     from gpl_platform.prerank.serving import PreRankScorer
 
     loadavg_before = os.getloadavg()
+    samples, sampling = [], threading.Event()
+
+    def sample_load():  # the 1-minute load average every 5 s: the machine is shared, read the numbers with it
+        while not sampling.wait(5.0):
+            samples.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
     tmp = Path(tempfile.mkdtemp(prefix="gpl-bench-scoring-"))
     server = None
     try:
@@ -182,8 +191,13 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 20
                                                                  / result["in_process"]["p50_ms"], 2),
                        "loadavg_before": [round(x, 2) for x in loadavg_before],
                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                       "loadavg_1m_during": {"min": round(min(samples, default=0.0), 2),
+                                             "max": round(max(samples, default=0.0), 2),
+                                             "mean": round(float(np.mean(samples)) if samples else 0.0, 2),
+                                             "samples": len(samples)},
                        "cpu_count": os.cpu_count()})
     finally:
+        sampling.set()
         if server is not None and server.poll() is None:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)

@@ -18,7 +18,8 @@ import pytest
 from gpl_platform.config import PROJECT_ROOT, load_settings
 from gpl_platform.features import parquet
 from gpl_platform.features.fixtures import build_feature_world
-from gpl_platform.features.schema import EMB
+from gpl_platform.features import derived
+from gpl_platform.features.schema import EMB, EMBEDDING_DIM, USER_ITEM_COSINE, default_value, stored_type
 from gpl_platform.features.store import FeastStore
 from tests.conftest import RunningServer, free_port, post_json
 
@@ -271,3 +272,26 @@ def test_the_documented_contract_table_is_the_registered_one(world):
     registered = {re.sub(r"^([ui])_(num|cat)_.*", r"\1_\2_<column>", n): t
                   for n, t in world["store"].service_features("prerank_v2")}
     assert documented == registered
+    # ... and each documented default is the value the schema gives a missing stored feature (for
+    # ui_cosine: what the on-demand function returns when both embeddings are missing)
+    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for line in section.splitlines() if line.startswith("| `")]
+    assert {row[0].strip("`") for row in rows} == set(registered)
+    for name, _, dtype_cell, default_cell, *_ in rows:
+        name = name.strip("`")
+        if name == USER_ITEM_COSINE:
+            expected = derived.user_item_cosine(pd.DataFrame({"user_history_emb": [None],
+                                                              "item_content_emb": [None]}))[name].iloc[0]
+        else:
+            stored = ("user_" if name.startswith("u_") else "item_") + name[2:].replace("<column>", "x")
+            expected = default_value(stored, stored_type(stored))
+        documented_default = default_cell.split(" (")[0]
+        if documented_default == "zeros":
+            assert dtype_cell == f"{EMB}, {EMBEDDING_DIM}", name
+            assert isinstance(expected, np.ndarray) and expected.shape == (EMBEDDING_DIM,) and not expected.any(), name
+        elif documented_default == '`""`':
+            assert expected == "", name
+        else:  # a number: the same value and the same kind (0 for Int64, 0.0 for Float64)
+            kind = (float,) if "." in documented_default else (int, np.integer)
+            assert isinstance(expected, kind) and expected == float(documented_default), \
+                (name, documented_default, expected)

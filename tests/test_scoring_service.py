@@ -27,12 +27,12 @@ SHAPES = ("mlp", "two_tower", "cold")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The simulator world with every day but the last two in the online store (newer days come later)."""
+    """The world with every day but the last three in the online store (newer days come later)."""
     settings = load_settings({"data_dir": str(tmp_path_factory.mktemp("scoring") / "data")})
     from gpl_platform.sources import load_source
 
     all_days = sorted(set(load_source(settings).events["day"]))
-    world = build_feature_world(settings, days=all_days[:-2])
+    world = build_feature_world(settings, days=all_days[:-3])
     world["all_days"] = all_days
     world["models"] = {shape: train_small_model(world, shape) for shape in SHAPES}
     return world
@@ -82,21 +82,58 @@ def _materialize_day(world, day):
     world["store"].materialize_days([day])
 
 
+def _materialize_next_day(world):
+    """Write and materialize the day after the newest one in the online store; that day."""
+    new_day = world["all_days"][len(world["days"])]
+    _materialize_day(world, new_day)
+    world["days"] = world["all_days"][:len(world["days"]) + 1]
+    return new_day
+
+
+def _newest_materialization(world) -> dict:
+    from gpl_platform.prerank.serving import ITEM_VIEWS, materialization_version
+
+    return materialization_version(world["store"].materialization_key(ITEM_VIEWS))
+
+
 def test_item_side_is_rebuilt_when_a_newer_day_is_materialized(world, tmp_path):
     _, model_dir = world["models"]["mlp"]
     scorer = PreRankScorer(model_dir, world["store"])
     before = scorer.items.version
     assert scorer.refresh_items() is False  # nothing new: the same item side
     user, items = _request(world)
-    new_day = world["all_days"][-2]
     old = _offline_matrix(world, user, items, world["days"][-1])
-    _materialize_day(world, new_day)
-    world["days"] = world["all_days"][:-1]
+    new_day = _materialize_next_day(world)
     assert scorer.refresh_items() is True
     assert scorer.items.version["id"] != before["id"] and scorer.items.version["through"] > before["through"]
     new = _offline_matrix(world, user, items, new_day)
     assert not np.array_equal(new, old)  # the day changed item activity...
     np.testing.assert_array_equal(scorer.matrix(user, items), new)  # ...and the scorer serves the new values
+
+
+def test_the_first_score_after_a_materialization_uses_it(world):
+    """No poll in between: a request right after a newer day is materialized (or a day re-run) is scored
+    on the item side of that materialization, never on the older one with the newer user row."""
+    from gpl_platform.prerank.service import ScoringService
+
+    model, model_dir = world["models"]["mlp"]
+    scorer = PreRankScorer(model_dir, world["store"])
+    service = ScoringService(world["store"].settings, model=model_dir, refresh_interval_s=3600)  # not started
+    before = scorer.items.version
+    user, items = _request(world)
+    assert scorer.score(user, items).features_version == before  # an unchanged stamp: no rebuild
+    new_day = _materialize_next_day(world)
+    newest = _newest_materialization(world)
+    assert newest["through"] > before["through"]
+    assert scorer.score(user, items).features_version == newest
+    answer = service.score(user, items)
+    assert answer["features_version"] == newest and service.health()["items_rebuilt_on_request"] == 1
+    np.testing.assert_allclose(answer["scores"], model.predict(_offline_matrix(world, user, items, new_day)),
+                               rtol=1e-5, atol=1e-7)
+    _materialize_day(world, new_day)  # a re-run of the day: a newer materialization with the same end
+    rerun = _newest_materialization(world)
+    assert rerun["id"] != newest["id"] and scorer.score(user, items).features_version == rerun
+    assert scorer.refreshes_on_request == 2 and scorer.refresh_errors_on_request == 0
 
 
 def test_bad_requests_get_a_clear_4xx(world):
@@ -158,14 +195,11 @@ def test_http_service_follows_a_newer_materialization(world, served):
     url = served["url"]
     before = _health(url)["features_version"]
     user, items = _request(world)
-    new_day = world["all_days"][-1]
-    _materialize_day(world, new_day)
-    world["days"] = world["all_days"]
-    deadline = time.monotonic() + 120
-    while _health(url)["features_version"]["id"] == before["id"]:
-        assert time.monotonic() < deadline, _health(url)
-        time.sleep(0.2)
+    new_day = _materialize_next_day(world)
+    # at once, not after the service's poll: the request itself sees the newer materialization
     status, answer = post_json(f"{url}/score", {"user_id": user, "item_ids": items})
+    assert status == 200, answer
+    assert answer["features_version"] == _newest_materialization(world)
     assert answer["features_version"]["through"] > before["through"]
     model, _ = world["models"]["mlp"]
     expected = model.predict(_offline_matrix(world, user, items, new_day))

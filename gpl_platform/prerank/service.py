@@ -9,6 +9,10 @@ A background thread looks every ``serving.refresh_interval_s`` for (1) a newer m
 models directory and (2) a newer materialization of the item views; each is loaded or rebuilt
 beside the one in use and swapped in with one assignment, so requests in flight finish on the old
 one and none is dropped. A model that fails to load is logged and counted; the old one stays.
+The poll is not what keeps items and users consistent: each request also checks the materialization
+stamp after reading its user row and, when a newer materialization was recorded, waits for the item
+side of it (``PreRankScorer.current_items``), so a response never scores a user row of day D+1
+against item rows of day D (``items_rebuilt_on_request`` in /health counts those waits).
 
 Bad requests (malformed JSON, missing fields, wrong types, empty or oversized candidate lists,
 duplicate or empty ids) get a 4xx with ``{"error": ..., "detail": ...}``, never a 500.
@@ -126,7 +130,9 @@ class ScoringService:
                 "item_side_build_s": round(scorer.items.built_s, 3),
                 "online_store": self.store.online_store_type, "max_items": self.max_items,
                 "refresh_interval_s": self.refresh_interval_s, "pinned_model": self.pinned,
-                "uptime_s": round(time.time() - self.started_at, 1), "requests": self.requests, **self.stats}
+                "uptime_s": round(time.time() - self.started_at, 1), "requests": self.requests,
+                "items_rebuilt_on_request": scorer.refreshes_on_request,
+                "item_rebuild_errors_on_request": scorer.refresh_errors_on_request, **self.stats}
 
     def score(self, user_id: str, item_ids: list[str]) -> dict:
         scorer = self.scorer  # one model and one item side for the whole request

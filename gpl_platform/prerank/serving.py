@@ -8,9 +8,18 @@ feature time (``tests/test_scoring_service.py`` compares with ``get_historical_f
 Latency: the item side of the inputs (every catalog item's ``i_*`` inputs, its content embedding
 for the cosine, and for ``two_tower`` its item-tower vector) is computed once per materialization
 and kept in memory (:class:`ItemSide`, keyed by the item views' materialization intervals in the
-registry); a request reads only the user's stored features. Unknown item ids get the contract's
-defaults (``i_known = 0``) and are reported; ids outside an id-shape model's vocabulary score through
-its out-of-vocabulary row and are reported too, never an error.
+registry); a request reads only the user's stored features.
+
+Freshness: after reading the user's row, every request checks the store's materialization stamp
+(``stat`` calls, :meth:`FeastStore.materialization_stamp`); when it changed, the registry's key
+is read and, if a newer materialization was recorded, the item side is rebuilt before the request is
+scored. So a response never pairs a user row with an item side older than the last materialization
+recorded when that row was read (the request that sees a new materialization first waits for the
+rebuild, once per materialization).
+
+Unknown item ids get the contract's defaults (``i_known = 0``) and are reported; ids outside an
+id-shape model's vocabulary score through its out-of-vocabulary row and are reported too, never an
+error.
 """
 
 from __future__ import annotations
@@ -18,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -219,10 +227,11 @@ class _Request:
 class PreRankScorer:
     """Scores one user's candidates with a saved pre-ranker of any shape.
 
-    ``cache_items=True`` keeps the item side in memory (:meth:`refresh_items` rebuilds it when the
-    item views were materialized again; ``registry_store``: another FeastStore of the same settings
-    to read the registry and the items with, so a background refresher never touches ``store``);
-    ``False`` reads the candidates' stored features per request.
+    ``cache_items=True`` keeps the item side in memory and :meth:`score` keeps it current (see the
+    module's "Freshness"; :meth:`refresh_items` rebuilds it on demand); ``registry_store``: another
+    FeastStore of the same settings to read the registry and the items with, so that rebuilds never
+    touch ``store``, the one requests read users with. ``False`` reads the candidates' stored
+    features per request.
     """
 
     def __init__(self, model_dir: Path, store, cache_items: bool = True, registry_store=None):
@@ -240,28 +249,54 @@ class PreRankScorer:
         self._cosine_slot = (int(np.flatnonzero(scalar_idx == self.layout.cosine_pos)[0])
                              if self.layout.cosine_pos is not None else None)
         self.cache_items = cache_items
-        self._lock = threading.Lock()
+        self.registry_store = registry_store or store
+        self._stamp = None                 # the materialization stamp the item side was checked against
+        self.refreshes_on_request = 0      # item sides rebuilt because a request saw a newer materialization
+        self.refresh_errors_on_request = 0
         self.items: ItemSide | None = None
         if cache_items:
-            self.refresh_items(registry_store)
+            self.refresh_items()
 
     # ---- the item side -------------------------------------------------------------------
-    def refresh_items(self, store=None, force: bool = False) -> bool:
+    def refresh_items(self, store=None, force: bool = False, _if_stamp_changed: bool = False) -> bool:
         """Rebuild the item side when the item views' materialization changed; True when it did.
 
-        ``store``: the Feast store to read the registry with (a background thread passes its own)."""
-        store = store or self.store
-        with self._lock:
+        ``store``: the Feast store to read the registry with (default ``registry_store``)."""
+        store = store or self.registry_store
+        with store.lock:
+            stamp = store.materialization_stamp()  # before the key: a later materialization changes it again
+            if _if_stamp_changed and stamp == self._stamp:
+                return False  # another request rebuilt it while this one waited
             key = store.materialization_key(ITEM_VIEWS)
             version = materialization_version(key)
             if not force and self.items is not None and self.items.version.get("id") == version["id"]:
+                self._stamp = stamp
                 return False
             reader = self.reader if store is self.store else InputReader(store, self.service)
             items = self._prepared(build_item_side(reader, self.layout, catalog_item_ids(store), version))
             self.items = items  # one assignment: a request sees the old side or the new one, whole
+            self._stamp = stamp
             log.info("item side rebuilt: %d items, materialization %s (through %s), %.2fs", len(items.ids),
                      version["id"], version["through"], items.built_s)
             return True
+
+    def current_items(self) -> ItemSide:
+        """The item side of the newest recorded materialization (checked by its stamp on each call).
+
+        A rebuild that fails (say, a source file half-deleted) is logged and counted and the request
+        scored on the side in use (its ``features_version`` says which): one failure must not fail every
+        request; :meth:`refresh_items` (the service's poll) retries."""
+        stamp = self.registry_store.materialization_stamp()
+        if stamp != self._stamp:
+            try:
+                if self.refresh_items(_if_stamp_changed=True):
+                    self.refreshes_on_request += 1
+            except Exception as exc:
+                self._stamp = stamp
+                self.refresh_errors_on_request += 1
+                log.error("item side rebuild for a newer materialization failed; still serving %s: %s",
+                          self.items.version, exc)
+        return self.items
 
     def _prepared(self, items: ItemSide) -> ItemSide:
         """What the model can compute once per item: vocabulary rows, and the two-tower item vectors."""
@@ -280,9 +315,10 @@ class PreRankScorer:
     # ---- scoring ---------------------------------------------------------------------------
     def _request(self, user_id, item_ids) -> _Request:
         user_id, item_ids = str(user_id), [str(i) for i in item_ids]
-        items = self.items if self.cache_items else self._prepared(
-            build_item_side(self.reader, self.layout, list(dict.fromkeys(item_ids))))
         user_values, user_history, user_known = self.reader.inputs("user", [user_id])
+        # the items after the user: the check sees every materialization recorded before the user's row was read
+        items = self.current_items() if self.cache_items else self._prepared(
+            build_item_side(self.reader, self.layout, list(dict.fromkeys(item_ids))))
         user_block = self.layout.block(user_values, self.reader.entity_features["user"], 1)[0]
         return _Request(user_id, item_ids, items, items.rows(item_ids), user_block, user_history, bool(user_known[0]))
 
