@@ -131,3 +131,28 @@ def test_saved_model_scores_identically_and_keeps_its_lineage(tmp_path):
     assert lineage_back == lineage
     with pytest.raises(ValueError, match="feature columns differ"):
         loaded.layout.check(COLUMNS[:-1])
+
+
+def test_time_split_leaves_excluded_days_out_of_every_part(tmp_path):
+    """Days that fail their events gate are out of training and of measurement: the test part moves to
+    the latest days that pass."""
+    from datetime import date
+
+    from gpl_platform.prerank.data import time_split
+    from gpl_platform.warehouse import Warehouse
+
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    with warehouse.connect() as con:  # 10 days with 10 requests each
+        con.execute("INSERT INTO events BY NAME SELECT CAST(DATE '2024-01-01' + CAST(i // 10 AS INTEGER) AS DATE) AS day, "
+                    "'r' || i AS request_id, 'u' || i AS user_id, 'i1' AS item_id, "
+                    "TIMESTAMPTZ '2024-01-01 12:00:00+00' + to_days(CAST(i // 10 AS INTEGER)) AS event_time, "
+                    "false AS exposed FROM range(100) t(i)")
+    plain = time_split(warehouse, 0.2, 0.1)
+    assert plain.test_days == [date(2024, 1, 9), date(2024, 1, 10)] and plain.valid_days == [date(2024, 1, 8)]
+    broken = {date(2024, 1, 10), date(2024, 1, 3)}
+    split = time_split(warehouse, 0.2, 0.1, exclude=broken)
+    assert split.test_days == [date(2024, 1, 8), date(2024, 1, 9)] and split.valid_days == [date(2024, 1, 7)]
+    assert not broken & set(split.train_days + split.valid_days + split.test_days)
+    assert len(split.train_days) == 5
+    with pytest.raises(ValueError, match="at least 3 days"):
+        time_split(warehouse, 0.2, 0.1, exclude={date(2024, 1, d) for d in range(1, 9)})

@@ -78,10 +78,16 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
     cfg, evaluation = settings.training, settings.evaluation
     began = time.perf_counter()
     split = time_split(warehouse, cfg.test_share, cfg.valid_share)
-    bad_event_days = failing_event_days(warehouse, split.train_days, gates.events)
-    split.train_days[:] = [d for d in split.train_days if d not in bad_event_days]
-    if not split.train_days:
-        raise ValueError(f"every training day fails the events gate ({len(bad_event_days)} days): nothing to train on")
+    # Days whose events fail their gate (broken labels) are left out of training and of measurement alike:
+    # the split is made again without them, so the test days are the latest days that pass.
+    bad_event_days = failing_event_days(warehouse, split.train_days + split.valid_days + split.test_days,
+                                        gates.events)
+    if bad_event_days:
+        try:
+            split = time_split(warehouse, cfg.test_share, cfg.valid_share, exclude=bad_event_days)
+        except ValueError as exc:
+            raise ValueError(f"{len(bad_event_days)} day(s) fail the events gate and the rest is too small: {exc}"
+                             ) from None
     days = split.train_days + split.valid_days + split.test_days
     cands = load_candidates(warehouse, days)
     masks = {name: cands["day"].isin(set(part)).to_numpy() for name, part in

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
 
@@ -37,11 +37,15 @@ class TimeSplit:
         return {name: [str(days[0]), str(days[-1]), len(days)] if days else [] for name, days in asdict(self).items()}
 
 
-def time_split(warehouse: Warehouse, test_share: float, valid_share: float) -> TimeSplit:
+def time_split(warehouse: Warehouse, test_share: float, valid_share: float,
+               exclude: Collection[date] = ()) -> TimeSplit:
     """Days in order: the test part is the shortest run of last days holding ``test_share`` of the
-    requests (at least one day), validation the shortest run before it holding ``valid_share``."""
+    requests (at least one day), validation the shortest run before it holding ``valid_share``.
+    ``exclude``: days left out of every part (e.g. days whose events fail their gate)."""
     per_day = warehouse.query("SELECT day, count(DISTINCT request_id) AS n FROM events GROUP BY day ORDER BY day")
     per_day = per_day[per_day["n"] > 0]
+    if exclude:
+        per_day = per_day[~pd.to_datetime(per_day["day"]).dt.date.isin(set(exclude))]
     if len(per_day) < 3:
         raise ValueError(f"a time split needs at least 3 days with requests, the warehouse has {len(per_day)}")
     days = pd.to_datetime(per_day["day"]).dt.date.tolist()
