@@ -23,6 +23,7 @@ import pandas as pd
 from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
 from gpl_platform.evaluation.offline import _ips_propensity, fit_method, gated_pseudo_labels, preranker_specs
 from gpl_platform.prerank.data import (
+    PSEUDO_VARIANT_OF_METHOD,
     attach_features,
     fit_teacher,
     id_vocabularies,
@@ -71,6 +72,13 @@ def logged_metrics(test: pd.DataFrame, scores: np.ndarray, propensity_known: boo
                                             test["propensity"].to_numpy(float), scores, K, clip)
                             if propensity_known else float("nan"))
     return out
+
+
+def _pseudo_label_reason(refused_days: list[str]) -> str:
+    """Why a GPL method had no pseudo-labelled rows: the gate refused days, or no day had labels at all."""
+    if refused_days:
+        return f" (the blocking gate refused {len(refused_days)} training day(s) of pseudo-labels)"
+    return " (no training day has pseudo-labels, e.g. no calibration yet: too few exposed clicks before them)"
 
 
 def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress: bool = False) -> dict:
@@ -123,8 +131,8 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
             plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
             if plan.empty or plan["label"].nunique() < 2:
                 skipped[method] = ("no training rows" if plan.empty else "training rows of one class only") + (
-                    " (no pseudo-labels passed the gate on the training days)" if method.startswith(("gpl", "pseudo"))
-                    else "")
+                    _pseudo_label_reason(refused.get(PSEUDO_VARIANT_OF_METHOD.get(method, "main"), []))
+                    if method.startswith(("gpl", "pseudo")) else "")
                 log.warning("logged evaluation: %s skipped: %s", method, skipped[method])
                 continue
             model, history = fit_method(plan, train, train_x, columns, valid, valid_x, cfg, model_config, seed,
