@@ -25,6 +25,17 @@ from tests.conftest import RunningServer, free_port, post_json, train_small_mode
 SHAPES = ("mlp", "two_tower", "cold")
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """The service sets torch's intra-op threads for its process (serving.torch_threads): in the test
+    process that would change every later test's float rounding, so the count is put back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The world with every day but the last three in the online store (newer days come later)."""

@@ -318,17 +318,21 @@ def test_sid_as_the_main_backend_gives_the_ablation_labels(sid_run):
 
 
 def test_training_gives_the_same_result_in_another_process(fitted):
-    """Same inputs, same seed, another process: the same codes and the same generator (CPU kernels that
-    accumulate in parallel are made deterministic while training)."""
+    """Same inputs, same seed, another process with the same torch thread count: the same codes and the
+    same generator (CPU kernels that accumulate in parallel are made deterministic while training; the
+    thread count changes float rounding, and earlier tests may have set this process's)."""
     import subprocess
     import sys
     import textwrap
+
+    import torch
 
     ids, x, _, fit = fitted
     vocab = random_catalog()
     here = train_sid_generator(vocab, cyclic_sequences(), SMALL_GEN, seed=7, version="t")
     script = textwrap.dedent("""
         import sys, json, torch
+        torch.set_num_threads(int(sys.argv[1]))
         sys.path.insert(0, "tests")
         from test_sid import SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences, random_catalog
         from gpl_platform.sid.generator import train_sid_generator
@@ -341,7 +345,8 @@ def test_training_gives_the_same_result_in_another_process(fitted):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
+    out = subprocess.run([sys.executable, "-c", script, str(torch.get_num_threads())], capture_output=True, text=True,
+                         cwd=root, check=True)
     there = json.loads(out.stdout.strip().splitlines()[-1])
     assert there["codes"] == fit.codes.tolist()
     assert there["weight"] == float(sum(p.double().sum() for p in here.model.parameters()))
