@@ -59,18 +59,18 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
         if seeds:
             overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
         settings_obj = load_settings(overrides)
-        warehouse = Warehouse(settings_obj.warehouse, settings_obj.warehouse_lock_timeout_s)
-        reused = warehouse.import_caches(previous) if previous else {}
-        log.info("setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name,
-                 previous, reused)
         started = time.perf_counter()
         report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
         report = finished_report(report_path, methods, prerankers, seeds) if resume else None
-        if report is not None:
+        resumed, reused, failed_checks = report is not None, {}, None  # a resumed run's checks are not known here
+        if resumed:
             log.info("setting %s: resumed from %s (written %s)", name, report_path,
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(report_path.stat().st_mtime)))
-            failed_checks = None  # the run that wrote the report is not known here
         else:
+            warehouse = Warehouse(settings_obj.warehouse, settings_obj.warehouse_lock_timeout_s)
+            reused = warehouse.import_caches(previous) if previous else {}
+            log.info("setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name,
+                     previous, reused)
             result = run_pipeline(resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
                                   ephemeral=True, selection=selection)
             if not result.success or not report_path.exists():
@@ -80,7 +80,7 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
         dataset = load_source(settings_obj)
         protocol = {"overrides": {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation")},
                     "statistics": dataset_statistics(dataset), "exposure_policy": dataset.info.get("exposure", {}),
-                    "failed_checks": failed_checks, "reused_work": reused, "resumed": failed_checks is None,
+                    "failed_checks": failed_checks, "reused_work": reused, "resumed": resumed,
                     "seconds": round(time.perf_counter() - started, 1)}
         sweep["settings"][name] = bias_sweep.summarize_setting(report, protocol)
         sweep["seeds"] = report.get("seeds")

@@ -186,15 +186,9 @@ class RunningServer:
                 time.sleep(0.3)
 
     def stop(self) -> None:
-        import signal
+        from tests.processes import stop_process_group
 
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, grace_s=20)
 
     def __enter__(self):
         return self

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from tests.processes import stop_process_group
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -56,16 +58,7 @@ class Daemon:
             raise AssertionError(f"the daemon exited ({self.proc.returncode}):\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # run workers or a code server left in the group
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc, grace_s=60, kill_leftovers=True)  # run workers or a code server left
 
 
 def wait_for(what: str, condition: Callable[[], object], timeout: float, daemon: Daemon | None = None,
