@@ -8,17 +8,17 @@ import duckdb
 import pandas as pd
 import pytest
 
-from gpl_platform.anchors import (
+from gpl_platform.pseudo_labels.anchors import (
     ANCHOR_COLUMNS,
     AnchorGenerator,
     HistoryAnchorGenerator,
     UserHistory,
     make_anchor_generator,
 )
-from gpl_platform.anchors.base import GENERIC_ANCHOR_TEXT, RawAnchor
-from gpl_platform.anchors.cache import cache_key, generate_with_cache
-from gpl_platform.anchors.parser import parse_anchors
-from gpl_platform.prompts import load_prompt, parse_template
+from gpl_platform.pseudo_labels.anchors.base import GENERIC_ANCHOR_TEXT, RawAnchor
+from gpl_platform.pseudo_labels.anchors.cache import cache_key, generate_with_cache
+from gpl_platform.pseudo_labels.anchors.parser import parse_anchors
+from gpl_platform.pseudo_labels.prompts import load_prompt, parse_template
 
 TEXTS = [
     "Toy Story (1995). Genres: Animation, Children's, Comedy",
@@ -121,7 +121,7 @@ def test_garbage_model_still_gives_every_user_an_anchor(caplog):
     }
     gen = FakeLLM(outputs=garbage)
     hs = [hist(f"u{i}", 3) for i in range(6)] + [UserHistory("empty", (), ())]
-    with caplog.at_level(logging.INFO, logger="gpl_platform.anchors.base"):
+    with caplog.at_level(logging.INFO, logger="gpl_platform.pseudo_labels.anchors.base"):
         res = gen.generate(hs, k=3, progress=False)
     df = res.anchors
     check_frame(df, [h.user_id for h in hs], 3)
@@ -250,7 +250,7 @@ def test_prompt_version_from_name_and_content():
 
 
 def test_cache_insert_is_atomic(con):
-    from gpl_platform.anchors import cache as cache_mod
+    from gpl_platform.pseudo_labels.anchors import cache as cache_mod
 
     gen = FakeLLM()
     generate_with_cache(con, gen, [hist("a")], k=3, progress=False)

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gpl_platform.anchors import UserHistory
-from gpl_platform.anchors.openai_http import AnchorBackendError, OpenAICompatibleAnchorGenerator
+from gpl_platform.pseudo_labels.anchors import UserHistory
+from gpl_platform.pseudo_labels.anchors.openai_backend import AnchorBackendError, OpenAICompatibleAnchorGenerator
 
 TEXTS = (
     "Toy Story (1995). Genres: Animation, Children's, Comedy",
@@ -325,7 +325,7 @@ def test_signature_changes_with_params_not_with_url_or_key():
 
 def test_settings_build_the_backend_with_the_key_masked(monkeypatch):
     from gpl_platform.config import load_settings
-    from gpl_platform.models import anchor_generator
+    from gpl_platform.pseudo_labels.model_loading import anchor_generator
 
     monkeypatch.setenv("GPL_ANCHORS__BACKEND", "openai")
     monkeypatch.setenv("GPL_ANCHORS__OPENAI_API_KEY", "sk-settings-secret-42")

@@ -1,6 +1,6 @@
 """Parser of raw LLM output into anchor phrases: nasty outputs from small models."""
 
-from gpl_platform.anchors.parser import normalize_key, parse_anchors, title_keys
+from gpl_platform.pseudo_labels.anchors.parser import normalize_key, parse_anchors, title_keys
 
 HIST = (
     "Toy Story (1995). Genres: Animation, Children's, Comedy",

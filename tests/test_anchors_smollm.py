@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from gpl_platform.anchors import UserHistory, make_anchor_generator
-from gpl_platform.anchors.smollm import SmolLMAnchorGenerator, find_packaged_gguf
+from gpl_platform.pseudo_labels.anchors import UserHistory, make_anchor_generator
+from gpl_platform.pseudo_labels.anchors.smollm import SmolLMAnchorGenerator
+from gpl_platform.pseudo_labels.anchors.smollm_weights import find_packaged_gguf
 
 pytestmark = pytest.mark.slow
 

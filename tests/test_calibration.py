@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gpl_platform.calibration import Calibration, fit_calibration, load_calibration
+from gpl_platform.pseudo_labels.calibration import Calibration, fit_calibration, load_calibration
 
 
 def _data(n=2000, seed=0, slope=6.0):

@@ -27,7 +27,7 @@ def _instance(tmp_path: Path, **settings: str) -> dict:
 
 
 def _gpl(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpl_platform.cli", "run", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "gpl_platform.cli.main", "run", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=1800)
 
 
@@ -64,8 +64,8 @@ def test_blocking_check_refusals_exit_3_unless_allowed(tmp_path):
 def _logged_contract(directory: Path, n_days: int) -> Path:
     """The simulator world over ``n_days`` days as a contract directory without oracle labels (real logs)."""
     from gpl_platform.config import load_settings
-    from gpl_platform.sources import load_source
-    from gpl_platform.stats import export_contract_dir
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.data.stats import export_contract_dir
 
     export_contract_dir(load_source(load_settings({"simulator": {"n_days": n_days}})), directory)
     events = pd.read_parquet(directory / "events.parquet").drop(columns=["oracle_label"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpl_platform.confidence import (
+from gpl_platform.pseudo_labels.confidence import (
     anchor_coherence,
     confidence_weights,
     generation_confidence,

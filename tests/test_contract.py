@@ -2,8 +2,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from gpl_platform.cli import app
-from gpl_platform.contract import ContractError, read_contract_dir, validate_dataset
+from gpl_platform.cli.main import app
+from gpl_platform.data.contract import ContractError, read_contract_dir, validate_dataset
 from tests.conftest import tiny_contract_tables, write_contract_dir
 
 
@@ -219,7 +219,7 @@ def test_a_file_linked_from_outside_the_directory_is_not_read(tmp_path):
 
 
 def test_export_over_an_earlier_export_of_the_other_format_validates(tmp_path):
-    from gpl_platform.stats import export_contract_dir
+    from gpl_platform.data.stats import export_contract_dir
 
     items, users, events = tiny_contract_tables()
     ds = validate_dataset("tiny", items, users, events)

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from gpl_platform.cli import app
+from gpl_platform.cli.main import app
 from gpl_platform.config import load_settings
-from gpl_platform.contract import (
+from gpl_platform.data.contract import (
     ContractError,
     contract_day_span,
     delivery_fingerprints,
@@ -19,7 +19,7 @@ from gpl_platform.contract import (
     read_contract_dir,
     write_event_day,
 )
-from gpl_platform.sources import partition_span
+from gpl_platform.data.sources import partition_span
 from tests.conftest import tiny_contract_tables, write_contract_dir
 
 

@@ -12,8 +12,8 @@ import pytest
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
 from gpl_platform.config import load_settings
+from gpl_platform.data.sources import load_source
 from gpl_platform.features.store import FeastStore
-from gpl_platform.sources import load_source
 
 STAGES = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
           "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels",

@@ -7,8 +7,8 @@ from dagster import AssetKey, DagsterInstance
 from assets.partitions import range_tags
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
-from gpl_platform.stats import export_contract_dir
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.data.stats import export_contract_dir
+from gpl_platform.data.warehouse import Warehouse
 from tests.conftest import run_assets
 
 INGESTION = ["item_catalog", "users", "candidate_events", "user_histories"]
@@ -61,7 +61,7 @@ def test_histories_before_events_fail_with_a_clear_error(tmp_path, dagster_defs)
 
 def test_range_run_and_failed_rerun_keeps_previous_data(tmp_path, settings):
     """One run covers the whole range; a later run on bad input fails whole, in one line, and changes nothing."""
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.sources import load_source
 
     contract_dir = tmp_path / "contract"
     export_contract_dir(load_source(settings), contract_dir)

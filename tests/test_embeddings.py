@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform.embeddings import (
+from gpl_platform.pseudo_labels.encoder import (
     SentenceEncoder,
     default_encoder_dir,
     load_item_embeddings,
@@ -208,7 +208,7 @@ def test_load_missing_table():
 
 
 def test_encode_deduplicated_encodes_each_distinct_text_once():
-    from gpl_platform.embeddings import encode_deduplicated
+    from gpl_platform.pseudo_labels.encoder import encode_deduplicated
 
     class CountingEncoder:
         dim = 2

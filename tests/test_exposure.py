@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from gpl_platform.config import ExposurePolicyConfig, SimulatorConfig, load_settings
-from gpl_platform.exposure import (
+from gpl_platform.data.exposure import (
     Candidates,
     LoggedCounts,
     category_matrix,
@@ -15,7 +15,7 @@ from gpl_platform.exposure import (
     exposed_counts,
     inclusion_probability,
 )
-from gpl_platform.sources.simulator import simulate
+from gpl_platform.data.sources.simulator import simulate
 
 WORLD = SimulatorConfig(n_users=150, n_items=400, n_days=10, candidates_per_request=30, requests_per_user_per_day=0.8)
 
@@ -113,7 +113,7 @@ def test_recorded_propensities_are_calibrated_on_a_source():
     settings = load_settings({"source": "simulator", "simulator": {
         "n_users": 300, "n_items": 600, "n_days": 6, "exposure_share": 0.1,
         "exposure": {"policy": "logging", "propensity_samples": 100}}})
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.sources import load_source
 
     ev = load_source(settings).events
     assert ev["propensity"].between(0, 1).all()
@@ -138,7 +138,7 @@ def test_logged_counts_see_only_what_is_added():
 def test_serving_day_by_day_equals_the_whole_timeline_and_keeps_days_in_order():
     """DailyExposure (a source whose candidates depend on earlier exposure serves it day by day) is the
     same policy as expose(): identical exposure and propensities; a day served twice or late is refused."""
-    from gpl_platform.exposure import DailyExposure, popularity_log_weights
+    from gpl_platform.data.exposure import DailyExposure, popularity_log_weights
 
     cands, truth, whole = _expose("logging")
     _, _, popularity, categories = _world_candidates()

@@ -32,7 +32,7 @@ KILLED_RUN = textwrap.dedent("""
     import sys, time, warnings
     warnings.filterwarnings("ignore")
     from dagster import DagsterInstance, materialize
-    from gpl_platform.warehouse import Warehouse
+    from gpl_platform.data.warehouse import Warehouse
 
     original = Warehouse.replace_partitions
 

@@ -6,9 +6,9 @@ from dagster import AssetKey, DagsterInstance
 
 from assets.partitions import range_tags
 from assets.resources import GplSettings
-from gpl_platform.embeddings import update_item_embeddings
 from gpl_platform.features.fixtures import RandomEncoder
 from gpl_platform.features.store import FeastStore, sources_dir
+from gpl_platform.pseudo_labels.encoder import update_item_embeddings
 from tests.conftest import run_assets
 
 RANGE = range_tags("2024-01-01", "2024-01-05")
@@ -95,7 +95,7 @@ def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url
     assert not got.unknown_user and got.unknown_items == [] and got.matrix.any()
     from datetime import date
 
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.sources import load_source
 
     world = {"store": store, "warehouse": gpl.warehouse(), "dataset": load_source(gpl.settings()),
              "days": [date(2024, 1, d) for d in range(1, 6)]}

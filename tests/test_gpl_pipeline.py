@@ -9,7 +9,7 @@ from dagster import AssetKey, DagsterInstance
 
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
-from gpl_platform.stats import export_contract_dir
+from gpl_platform.data.stats import export_contract_dir
 
 GPL_ASSETS = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
               "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels"]
@@ -79,7 +79,7 @@ def test_rematerializing_is_free_and_identical(history_run):
 @pytest.mark.slow
 def test_labels_for_day_d_ignore_clicks_of_day_d_and_later(tmp_path, settings):
     """Flip every click of days >= D: nothing computed for days <= D may change; D+1 must."""
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.sources import load_source
 
     ds = load_source(settings)
     days = sorted(set(ds.events["day"]))
@@ -166,8 +166,8 @@ def test_population_rule_labels_users_without_history_on_their_own_calibration(t
 
 
 def test_degenerate_calibrations_give_no_labels_and_say_why():
-    from gpl_platform.calibration import fit_calibration
-    from gpl_platform.labeling import calibration_degenerate
+    from gpl_platform.pseudo_labels.calibration import fit_calibration
+    from gpl_platform.pseudo_labels.day_calibration import calibration_degenerate
 
     rng = np.random.default_rng(0)
     s = rng.normal(size=500)

@@ -3,9 +3,10 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from gpl_platform import ingest
-from gpl_platform.contract import validate_dataset
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.data import ingestion
+from gpl_platform.data.contract import validate_dataset
+from gpl_platform.data.errors import MissingUpstreamDays
+from gpl_platform.data.warehouse import Warehouse
 from tests.conftest import tiny_contract_tables
 
 
@@ -24,8 +25,8 @@ def test_histories_use_only_clicks_strictly_before_the_utc_day(tmp_path):
     ds = validate_dataset("tiny", items, users, pd.concat([events, extra.astype(events.dtypes.to_dict())], ignore_index=True))
     wh = Warehouse(tmp_path / "w.duckdb")
     days = [date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)]
-    ingest.ingest_event_days(wh, ds, days, {"source": "tiny"})
-    h = ingest.build_user_histories(wh, days, days[0], max_len=10).set_index("day")
+    ingestion.ingest_event_days(wh, ds, days, {"source": "tiny"})
+    h = ingestion.build_user_histories(wh, days, days[0], max_len=10).set_index("day")
     assert h.loc[date(2024, 3, 1), "history_item_ids"].tolist() == []        # nothing before the first day
     assert h.loc[date(2024, 3, 2), "history_item_ids"].tolist() == ["a"]     # r1's click at 23:59:59 on 03-01
     # On 03-03: a was clicked again on 03-02 (latest click counts once); b was not clicked.
@@ -34,13 +35,13 @@ def test_histories_use_only_clicks_strictly_before_the_utc_day(tmp_path):
 
 
 def test_history_order_and_length_cap(tmp_path, settings):
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.sources import load_source
 
     ds = load_source(settings)
     wh = Warehouse(settings.warehouse)
     days = sorted(set(ds.events["day"]))
-    ingest.ingest_event_days(wh, ds, days, settings.source_signature())
-    h = ingest.build_user_histories(wh, days[-1:], days[0], max_len=3)
+    ingestion.ingest_event_days(wh, ds, days, settings.source_signature())
+    h = ingestion.build_user_histories(wh, days[-1:], days[0], max_len=3)
     assert h["history_item_ids"].map(len).max() <= 3
     row = h[h["n_positives"] > 3].iloc[0]
     clicks = ds.events[(ds.events["user_id"] == row["user_id"]) & (ds.events["clicked"] == 1)
@@ -53,13 +54,13 @@ def test_history_order_and_length_cap(tmp_path, settings):
 def test_histories_refuse_missing_earlier_days(tmp_path):
     ds = _dataset()
     wh = Warehouse(tmp_path / "w.duckdb")
-    ingest.ingest_event_days(wh, ds, [date(2024, 3, 2)], {"source": "tiny"})
-    with pytest.raises(ingest.MissingUpstreamDays, match="first: 2024-03-01"):
-        ingest.build_user_histories(wh, [date(2024, 3, 2)], date(2024, 3, 1), max_len=10)
+    ingestion.ingest_event_days(wh, ds, [date(2024, 3, 2)], {"source": "tiny"})
+    with pytest.raises(MissingUpstreamDays, match="first: 2024-03-01"):
+        ingestion.build_user_histories(wh, [date(2024, 3, 2)], date(2024, 3, 1), max_len=10)
 
 
 def test_event_stats_cover_empty_days():
     ds = _dataset()
-    stats = ingest.event_day_stats(ds.events, [date(2024, 3, 1), date(2024, 3, 5)])
+    stats = ingestion.event_day_stats(ds.events, [date(2024, 3, 1), date(2024, 3, 5)])
     assert stats.loc[date(2024, 3, 5), "events"] == 0
     assert stats.loc[date(2024, 3, 1), "exposure_rate"] == pytest.approx(2 / 3)

@@ -66,8 +66,8 @@ def test_logged_metrics_use_only_what_logs_have():
 @pytest.mark.slow
 def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
     """Real logs: no oracle_label column. `gpl run` exits 0 and the evaluation says what it measured."""
-    from gpl_platform.sources import load_source
-    from gpl_platform.stats import export_contract_dir
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.data.stats import export_contract_dir
 
     contract = tmp_path / "logs"
     export_contract_dir(load_source(settings), contract)
@@ -79,7 +79,7 @@ def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
            "GPL_TRAINING__EPOCHS": "3", "GPL_TRAINING__TEST_SHARE": "0.15", "GPL_TRAINING__VALID_SHARE": "0.15"}
     home.mkdir()
     (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
-    out = subprocess.run([sys.executable, "-m", "gpl_platform.cli", "run", "--source", "contract", "--path",
+    out = subprocess.run([sys.executable, "-m", "gpl_platform.cli.main", "run", "--source", "contract", "--path",
                           str(contract), "--allow-failed-checks"], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_one_line_errors_and_exit_codes(tmp_path):
     (tmp_path / "home" / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
 
     def gpl(*args):
-        return subprocess.run([sys.executable, "-m", "gpl_platform.cli", *args], env=env, cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "gpl_platform.cli.main", *args], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
 
     empty = tmp_path / "empty"
@@ -139,20 +139,21 @@ def test_one_line_errors_and_exit_codes(tmp_path):
 def test_the_cli_defaults_to_the_project_instance(tmp_path, monkeypatch):
     """Without DAGSTER_HOME (`.venv/bin/gpl ...` outside make), runs go to the project's .dagster_home, with
     the repository's dagster.yaml copied there (and refreshed when it changes)."""
-    from gpl_platform import cli, config
+    from gpl_platform import config
+    from gpl_platform.cli import main as cli_main
 
     (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
     monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    cli._project_dagster_home()
+    cli_main._project_dagster_home()
     home = tmp_path / ".dagster_home"
     assert os.environ["DAGSTER_HOME"] == str(home)
     assert (home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text() and (home / "tmp").is_dir()
     (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + "\n# changed\n")
     os.utime(tmp_path / "dagster.yaml", (time.time() + 5, time.time() + 5))
     monkeypatch.delenv("DAGSTER_HOME")
-    cli._project_dagster_home()
+    cli_main._project_dagster_home()
     assert (home / "dagster.yaml").read_text().endswith("# changed\n")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))  # an explicit DAGSTER_HOME wins
-    cli._project_dagster_home()
+    cli_main._project_dagster_home()
     assert os.environ["DAGSTER_HOME"] == str(tmp_path / "elsewhere")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from gpl_platform.config import MovieLensConfig
-from gpl_platform.sources import movielens as ml
+from gpl_platform.data.sources import movielens as ml
 
 
 def _grouplens_copy(src, dest):

@@ -28,7 +28,7 @@ def test_gpl_run_waits_for_the_warehouse_slot(tmp_path, monkeypatch):
     gpl = None
     try:
         assert holder.stdout.readline().strip() == "INSIDE"  # its candidate_events step holds the slot
-        gpl = subprocess.Popen([sys.executable, "-m", "gpl_platform.cli", "run", "--select", "item_catalog"],
+        gpl = subprocess.Popen([sys.executable, "-m", "gpl_platform.cli.main", "run", "--select", "item_catalog"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with DagsterInstance.get() as instance:
             mine = wait_for("gpl run's run", lambda: [r for r in runs(instance)

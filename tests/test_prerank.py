@@ -138,8 +138,8 @@ def test_time_split_leaves_excluded_days_out_of_every_part(tmp_path):
     the latest days that pass."""
     from datetime import date
 
+    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.prerank.data import time_split
-    from gpl_platform.warehouse import Warehouse
 
     warehouse = Warehouse(tmp_path / "warehouse.duckdb")
     with warehouse.connect() as con:  # 10 days with 10 requests each

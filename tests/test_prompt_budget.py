@@ -1,4 +1,4 @@
-"""Token caps of prompts (gpl_platform/anchors/prompt_budget.py), with a real tokenizer-like counter."""
+"""Token caps of prompts (gpl_platform/pseudo_labels/anchors/prompt_budget.py), with a real tokenizer-like counter."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from gpl_platform.anchors import UserHistory
-from gpl_platform.anchors.base import format_history
-from gpl_platform.anchors.prompt_budget import ApproxTokenizer, PromptBudget, bounded_history_block
+from gpl_platform.pseudo_labels.anchors import UserHistory
+from gpl_platform.pseudo_labels.anchors.base import format_history
+from gpl_platform.pseudo_labels.anchors.prompt_budget import ApproxTokenizer, PromptBudget, bounded_history_block
 
 
 class WordTokenizer:

@@ -6,17 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform import label_audit, quality
-from gpl_platform.quality import (
-    AnchorThresholds,
-    EmbeddingThresholds,
-    PseudoLabelThresholds,
-    QualityConfig,
+from gpl_platform.pseudo_labels.audit import audit, expected_calibration_error, join_later_exposures
+from gpl_platform.quality.gate import check_label_days
+from gpl_platform.quality.suites import (
     check_anchors,
     check_embeddings,
     check_events,
     check_pseudo_label_distribution,
     check_pseudo_label_values,
+    confidence_histogram,
+    kl_divergence,
+)
+from gpl_platform.quality.thresholds import (
+    AnchorThresholds,
+    EmbeddingThresholds,
+    PseudoLabelThresholds,
+    QualityConfig,
+    quality_config,
 )
 
 
@@ -77,16 +83,16 @@ def test_kl_vs_previous_day_catches_a_shift():
     # the GX observed value (shown in the metadata) and our own smoothed KL agree
     gx_kl = next(e.observed for e in result.expectations if e.name == "confidence_kl_vs_previous")
     assert result.metadata["confidence_kl_vs_previous"] == gx_kl
-    own = quality.kl_divergence(quality.confidence_histogram(shifted["confidence"]),
-                                quality.confidence_histogram(prev["confidence"]))
+    own = kl_divergence(confidence_histogram(shifted["confidence"]),
+                                confidence_histogram(prev["confidence"]))
     assert gx_kl == pytest.approx(own, rel=0.1)
 
 
 def test_kl_divergence_helper():
-    p = quality.confidence_histogram([0.1, 0.2, 0.2, 0.9], bins=10)
-    assert p.sum() == 4 and quality.kl_divergence(p, p) == pytest.approx(0.0)
-    assert quality.kl_divergence(p, quality.confidence_histogram([0.95] * 10)) > 0.5
-    assert np.isfinite(quality.kl_divergence(np.array([5.0, 0]), np.array([0, 5.0])))  # smoothed, never inf
+    p = confidence_histogram([0.1, 0.2, 0.2, 0.9], bins=10)
+    assert p.sum() == 4 and kl_divergence(p, p) == pytest.approx(0.0)
+    assert kl_divergence(p, confidence_histogram([0.95] * 10)) > 0.5
+    assert np.isfinite(kl_divergence(np.array([5.0, 0]), np.array([0, 5.0])))  # smoothed, never inf
 
 
 def test_empty_partition_is_skipped_or_fails_by_config():
@@ -178,13 +184,13 @@ def test_quality_config_defaults_and_fallback():
     class NoQuality:  # Settings before `quality` is added to it
         pass
 
-    assert quality.quality_config(NoQuality()) == cfg
+    assert quality_config(NoQuality()) == cfg
     custom = QualityConfig(events={"exposure_rate_min": 0.5})
 
     class WithQuality:
         quality = custom
 
-    assert quality.quality_config(WithQuality()).events.exposure_rate_min == 0.5
+    assert quality_config(WithQuality()).events.exposure_rate_min == 0.5
 
 
 # ---- label audit -----------------------------------------------------------------------------
@@ -210,7 +216,7 @@ def _audit_frames():
 
 def test_join_later_exposures_takes_the_first_later_exposure_of_the_same_user():
     labels, events = _audit_frames()
-    pairs = label_audit.join_later_exposures(labels, events)
+    pairs = join_later_exposures(labels, events)
     got = {(r.user_id, r.item_id, str(r.label_day)): (str(r.exposure_day), r.lag_days, r.clicked)
            for r in pairs.itertuples()}
     assert got == {
@@ -218,13 +224,13 @@ def test_join_later_exposures_takes_the_first_later_exposure_of_the_same_user():
         ("u1", "b", "2024-01-01"): ("2024-01-03", 2, 0),
         ("u2", "a", "2024-01-03"): ("2024-01-04", 1, 0),
     }  # c: only same-day/unexposed later; d: exposed later to another user
-    within = label_audit.join_later_exposures(labels, events, horizon_days=1)
+    within = join_later_exposures(labels, events, horizon_days=1)
     assert set(within["item_id"] + within["user_id"]) == {"au1", "au2"}
 
 
 def test_audit_tables():
     labels, events = _audit_frames()
-    result = label_audit.audit(label_audit.join_later_exposures(labels, events), n_bins=10, n_labels=len(labels))
+    result = audit(join_later_exposures(labels, events), n_bins=10, n_labels=len(labels))
     assert result.summary["pairs"] == 3 and result.summary["later_click_rate"] == pytest.approx(1 / 3)
     rel = result.reliability.set_index("pseudo_label_bin")
     assert rel.loc["[0.90, 1.00]", "click_rate"] == 1.0 and rel.loc["[0.10, 0.20)", "click_rate"] == 0.0
@@ -238,19 +244,19 @@ def test_perfectly_calibrated_labels_have_small_ece():
     p = rng.uniform(size=20000)
     pairs = pd.DataFrame({"label_day": date(2024, 1, 1), "pseudo_label": p, "confidence": 1.0,
                           "clicked": (rng.uniform(size=p.size) < p).astype(int), "lag_days": 1})
-    assert label_audit.expected_calibration_error(pairs) < 0.03
-    assert label_audit.expected_calibration_error(pairs.assign(pseudo_label=0.99)) > 0.4
+    assert expected_calibration_error(pairs) < 0.03
+    assert expected_calibration_error(pairs.assign(pseudo_label=0.99)) > 0.4
 
 
 def test_empty_audit():
     labels, events = _audit_frames()
-    result = label_audit.audit(label_audit.join_later_exposures(labels, events.iloc[0:0]))
+    result = audit(join_later_exposures(labels, events.iloc[0:0]))
     assert result.summary["pairs"] == 0 and result.reliability.empty and result.by_day.empty
 
 
 def test_a_broken_previous_day_is_no_kl_baseline():
     d1, d2 = date(2024, 1, 1), date(2024, 1, 2)
     frame = pd.concat([_labels(label=1.0, confidence=1.0).assign(day=d1), _labels(seed=7).assign(day=d2)])
-    results = quality.check_label_days(frame, [d1, d2])
+    results = check_label_days(frame, [d1, d2])
     assert not results[d1][1].passed
     assert results[d2][1].passed and "no baseline" in results[d2][1].metadata["kl_skipped"]

@@ -3,7 +3,7 @@
 The blocking test corrupts one day of `pseudo_labels` through the Warehouse and shows that the
 pseudo-label checks fail naming that day and why, and that a stand-in training asset downstream
 of `pseudo_labels` does not run on it (in the same run: Dagster's blocking checks; in a later run:
-`quality.require_label_days`).
+`require_label_days`).
 """
 
 import json
@@ -28,7 +28,8 @@ from dagster import (
 
 from assets.partitions import partition_days, range_tags
 from assets.resources import GplSettings, gpl_resources
-from gpl_platform import quality
+from gpl_platform.quality.gate import require_label_days
+from gpl_platform.quality.results import QualityGateError
 
 HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
 PIPELINE = ["candidate_events", "user_histories", "user_anchors", "anchor_embeddings", "candidate_similarities",
@@ -176,9 +177,9 @@ def test_corrupted_partition_fails_its_day_and_blocks_training(world, everything
     assert not valid.passed and "confidence_not_null" in valid.description
 
     # A later run (training in its own run) refuses the failing days through the same suites.
-    with pytest.raises(quality.QualityGateError, match=r"2024-01-04: pseudo_label_distribution: pseudo_label_mean"):
-        quality.require_label_days(gpl.warehouse(), partition_days(["2024-01-03", "2024-01-04"]))
-    quality.require_label_days(gpl.warehouse(), partition_days(["2024-01-02", "2024-01-03"]))
+    with pytest.raises(QualityGateError, match=r"2024-01-04: pseudo_label_distribution: pseudo_label_mean"):
+        require_label_days(gpl.warehouse(), partition_days(["2024-01-03", "2024-01-04"]))
+    require_label_days(gpl.warehouse(), partition_days(["2024-01-02", "2024-01-03"]))
 
     # Re-materializing the bad days repairs them; the checks pass and training runs.
     CONSUMED.clear()

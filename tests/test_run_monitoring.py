@@ -26,13 +26,13 @@ STUCK_RUN = textwrap.dedent("""
     import time, warnings
     warnings.filterwarnings("ignore")
     from dagster import DagsterInstance, materialize
-    from gpl_platform import ingest
+    from gpl_platform.data import ingestion
 
     def stuck(*args, **kwargs):
         print("INSIDE", flush=True)
         time.sleep(600)
 
-    ingest.ingest_event_days = stuck
+    ingestion.ingest_event_days = stuck
     from assets.definitions import defs
     with DagsterInstance.get() as instance:
         materialize([*defs.assets, *defs.asset_checks], selection=["candidate_events"], partition_key="2024-01-02",

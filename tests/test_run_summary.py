@@ -1,4 +1,4 @@
-"""The end-of-run summary of `gpl run` (gpl_platform/run_summary.py)."""
+"""The end-of-run summary of `gpl run` (gpl_platform/cli/summary.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from gpl_platform.run_summary import CHECK_LINE_CHARS, check_lines, fresh_report, render_run_summary
+from gpl_platform.cli.summary import CHECK_LINE_CHARS, check_lines, fresh_report, render_run_summary
 
 
 def metric(mean, std):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpl_platform.scoring import (
+from gpl_platform.pseudo_labels.similarity import (
     build_item_index,
     score_candidates,
     score_candidates_loop,

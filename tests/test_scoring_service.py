@@ -40,7 +40,7 @@ def torch_threads_restored():
 def world(tmp_path_factory):
     """The world with every day but the last three in the online store (newer days come later)."""
     settings = load_settings({"data_dir": str(tmp_path_factory.mktemp("scoring") / "data")})
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.sources import load_source
 
     all_days = sorted(set(load_source(settings).events["day"]))
     world = build_feature_world(settings, days=all_days[:-3])

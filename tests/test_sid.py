@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpl_platform.config import SemanticIdConfig, SidGeneratorConfig
-from gpl_platform.sid.generator import (
+from gpl_platform.pseudo_labels.semantic_ids.generator import (
     SidTransformer,
     SidVocabulary,
     beam_search,
@@ -18,7 +18,7 @@ from gpl_platform.sid.generator import (
     target_log_probs,
     train_sid_generator,
 )
-from gpl_platform.sid.rqvae import assign_suffixes, auto_codebook_size, fit_semantic_ids
+from gpl_platform.pseudo_labels.semantic_ids.rqvae import assign_suffixes, auto_codebook_size, fit_semantic_ids
 
 SMALL_RQ = SemanticIdConfig(levels=2, codebook_size=8, latent_dim=8, hidden_dim=32, warmup_epochs=30, epochs=150)
 SMALL_GEN = SidGeneratorConfig(d_model=32, layers=1, heads=2, epochs=25, batch_size=16, lr=5e-3, max_history_items=6,
@@ -247,7 +247,7 @@ def sid_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sid_assets_store_versioned_ids_and_leak_free_generators(sid_run):
-    from gpl_platform.sid.store import stored_generators, stored_semantic_id_meta
+    from gpl_platform.pseudo_labels.semantic_ids.store import stored_generators, stored_semantic_id_meta
 
     wh = sid_run.warehouse()
     meta = stored_semantic_id_meta(wh)
@@ -276,7 +276,7 @@ def test_sid_assets_store_versioned_ids_and_leak_free_generators(sid_run):
 @pytest.mark.slow
 def test_sid_anchors_beat_random_on_the_simulator_and_rerun_from_cache(sid_run):
     from gpl_platform.evaluation.pseudo_label_quality import pseudo_label_quality
-    from gpl_platform.models import anchor_generator, sentence_encoder
+    from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
     settings, wh = sid_run.settings(), sid_run.warehouse()
     days = sorted(wh.written_days("user_histories"))[1:]  # day 1: nobody has a history yet
@@ -290,10 +290,9 @@ def test_sid_anchors_beat_random_on_the_simulator_and_rerun_from_cache(sid_run):
     assert quality["sid_max"] > quality["random"] + 0.02, quality
     assert quality["sid_mean"] > quality["random"] + 0.02, quality
     # the same anchors again: every history is a cache hit, nothing is generated or trained
-    from gpl_platform import labeling
-
+    from gpl_platform.pseudo_labels.anchor_stages import anchors_for_days
     before = wh.query("SELECT count(*) AS n FROM sid_generators")["n"].iloc[0]
-    _, stats = labeling.anchors_for_days(wh, days, anchor_generator(settings, "sid"), settings.anchors.k,
+    _, stats = anchors_for_days(wh, days, anchor_generator(settings, "sid"), settings.anchors.k,
                                          settings.anchors.history_max_items, progress=False)
     assert stats["cache_misses"] == 0 and stats["cache_hits"] == stats["distinct_histories"]
     assert wh.query("SELECT count(*) AS n FROM sid_generators")["n"].iloc[0] == before
@@ -335,8 +334,8 @@ def test_training_gives_the_same_result_in_another_process(fitted):
         torch.set_num_threads(int(sys.argv[1]))
         sys.path.insert(0, "tests")
         from test_sid import SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences, random_catalog
-        from gpl_platform.sid.generator import train_sid_generator
-        from gpl_platform.sid.rqvae import fit_semantic_ids
+        from gpl_platform.pseudo_labels.semantic_ids.generator import train_sid_generator
+        from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids
         ids, x, _ = clustered_vectors()
         fit = fit_semantic_ids(ids, x, SMALL_RQ, seed=3, encoder_id="enc@test")
         gen = train_sid_generator(random_catalog(), cyclic_sequences(), SMALL_GEN, seed=7, version="t")

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.config import SimulatorConfig
-from gpl_platform.contract import validate_dataset
-from gpl_platform.sources.simulator import simulate
+from gpl_platform.data.contract import validate_dataset
+from gpl_platform.data.sources.simulator import simulate
 
 
 def test_simulator_output_satisfies_the_contract():

@@ -9,12 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform import labeling, labeling_in_memory
 from gpl_platform.config import StreamingConfig, load_settings
+from gpl_platform.data.errors import MissingUpstreamDays
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import LocalEngine
 from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
-from gpl_platform.models import anchor_generator, sentence_encoder
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.pseudo_labels import in_memory, pipeline
+from gpl_platform.pseudo_labels.anchor_stages import embed_anchors
+from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
 UPSTREAM = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
             "anchor_embeddings"]
@@ -75,25 +77,25 @@ def _assert_same_rows(expected, actual, exact_columns):
 
 def test_one_batch_scores_exactly_like_the_whole_range_code(world):
     _, warehouse, *_ = world
-    _score(labeling_in_memory, world)
+    _score(in_memory, world)
     reference = _table(warehouse, "candidate_similarities")
-    stats = _score(labeling, world, engine=LocalEngine(StreamingConfig(batch_candidates=10**9)))
+    stats = _score(pipeline, world, engine=LocalEngine(StreamingConfig(batch_candidates=10**9)))
     assert stats["batches"] == 1
     pd.testing.assert_frame_equal(reference, _table(warehouse, "candidate_similarities"), check_exact=True)
 
 
 def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
     settings, warehouse, days, *_ = world
-    _score(labeling_in_memory, world)
-    reference_labels, reference_stats = _label(labeling_in_memory, world)
+    _score(in_memory, world)
+    reference_labels, reference_stats = _label(in_memory, world)
     reference = _table(warehouse, "pseudo_labels")
     assert len(reference) > 0
 
     engine = LocalEngine(StreamingConfig(batch_candidates=300))
-    scored = _score(labeling, world, engine=engine)
+    scored = _score(pipeline, world, engine=engine)
     n_candidates = warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0]
     assert scored["batches"] >= n_candidates // 300 > 3
-    sample, stats = _label(labeling, world, engine=engine, sample_rows=100)
+    sample, stats = _label(pipeline, world, engine=engine, sample_rows=100)
     assert stats["batches"] > 1
     labels = _table(warehouse, "pseudo_labels")
     # same rows, same arg-max anchors and versions (the calibrations were stored by the reference run)
@@ -115,7 +117,7 @@ def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
 def test_streamed_embeddings_match_and_chunked_encoding_changes_nothing(world):
     settings, warehouse, days, generator, encoder = world
     before = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
-    stats = labeling.embed_anchors(warehouse, days, encoder, generator=generator,
+    stats = embed_anchors(warehouse, days, encoder, generator=generator,
                                    engine=LocalEngine(StreamingConfig(encode_batch_texts=7)))
     after = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
     assert stats["anchors"] == len(before) == len(after) and stats["distinct_texts"] > 7
@@ -155,28 +157,28 @@ class FailingEngine(LocalEngine):
 def test_a_failed_batch_leaves_the_previous_labels(world):
     settings, warehouse, *_ = world
     engine = LocalEngine(StreamingConfig(batch_candidates=300))
-    _score(labeling, world, engine=engine)
-    _label(labeling, world, engine=engine)
+    _score(pipeline, world, engine=engine)
+    _label(pipeline, world, engine=engine)
     before = _table(warehouse, "pseudo_labels")
     parts = warehouse.query("SELECT * FROM partitions WHERE table_name IN ('pseudo_labels', 'candidate_similarities')")
     with pytest.raises(RuntimeError, match="worker lost"):
-        _label(labeling, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
+        _label(pipeline, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
     with pytest.raises(RuntimeError, match="worker lost"):
-        _score(labeling, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
+        _score(pipeline, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
     pd.testing.assert_frame_equal(before, _table(warehouse, "pseudo_labels"))
     pd.testing.assert_frame_equal(parts, warehouse.query(
         "SELECT * FROM partitions WHERE table_name IN ('pseudo_labels', 'candidate_similarities')"))
     # and a re-run replaces the range: no duplicates
-    _label(labeling, world, engine=engine)
+    _label(pipeline, world, engine=engine)
     pd.testing.assert_frame_equal(before, _table(warehouse, "pseudo_labels"))
 
 
 def test_similarities_from_replaced_anchors_are_refused(world):
     settings, warehouse, days, generator, encoder = world
-    _score(labeling, world)
-    _label(labeling, world)  # fits and stores the calibrations
+    _score(pipeline, world)
+    _label(pipeline, world)  # fits and stores the calibrations
     with warehouse.transaction() as con:  # anchors re-made since the similarities were computed
         con.execute("UPDATE anchor_embeddings SET anchor_id = anchor_id || '-new'")
         con.execute("UPDATE user_anchors SET anchor_id = anchor_id || '-new'")
-    with pytest.raises(labeling.MissingUpstreamDays, match="no longer exist"):
-        _label(labeling, world)
+    with pytest.raises(MissingUpstreamDays, match="no longer exist"):
+        _label(pipeline, world)

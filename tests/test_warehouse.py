@@ -4,7 +4,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from gpl_platform.warehouse import Warehouse, WarehouseLockedError, WarehouseSourceMismatch
+from gpl_platform.data.warehouse import Warehouse, WarehouseLockedError, WarehouseSourceMismatch
 from tests.conftest import hold_duckdb_lock
 
 

@@ -22,8 +22,8 @@ import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
 from gpl_platform.config import load_settings
-from gpl_platform.contract import write_event_day
-from gpl_platform.sources import load_source
+from gpl_platform.data.contract import write_event_day
+from gpl_platform.data.sources import load_source
 from tests.live import Daemon, finished, instance_home, live_env, materializations, run_status, runs, wait_for
 
 pytestmark = pytest.mark.slow

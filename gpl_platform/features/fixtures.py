@@ -38,18 +38,18 @@ class RandomEncoder:
 def build_feature_world(settings: Settings, embeddings: bool = True, days: Sequence | None = None) -> dict:
     """Ingest, embed (randomly), compute features for every day, apply, materialize ``days`` (default:
     all) into the online store of ``settings.feature_store``. Returns the pieces."""
-    from gpl_platform import ingest
-    from gpl_platform.embeddings import update_item_embeddings
+    from gpl_platform.data import ingestion
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.features import pipeline
     from gpl_platform.features.store import FeastStore
-    from gpl_platform.sources import load_source
-    from gpl_platform.warehouse import Warehouse
+    from gpl_platform.pseudo_labels.encoder import update_item_embeddings
 
     dataset = load_source(settings)
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
-    ingest.ingest_catalog(warehouse, dataset, settings.source_signature())
+    ingestion.ingest_catalog(warehouse, dataset, settings.source_signature())
     all_days = sorted(set(dataset.events["day"]))
-    ingest.ingest_event_days(warehouse, dataset, all_days, settings.source_signature())
+    ingestion.ingest_event_days(warehouse, dataset, all_days, settings.source_signature())
     if embeddings and not warehouse.table_exists("item_embeddings"):
         with warehouse.connect() as con:
             update_item_embeddings(con, dataset.items[["item_id", "text"]], RandomEncoder())
