@@ -108,7 +108,7 @@ def _range_query(warehouse: WarehouseResource, sql: str, days: Sequence[date]) -
 def build_checks(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
     with warnings.catch_warnings():
         # Partitioned asset checks are a Dagster 1.13 preview: the per-partition results are what the UI
-        # needs to show which day failed (tests/test_quality_dagster.py pins the behaviour we rely on).
+        # needs to show which day failed (tests/orchestration/test_quality_dagster.py pins the behaviour we rely on).
         warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
         return _build_checks(partitions, automation)
 

@@ -46,7 +46,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         context.log.info("item embeddings: %s", stats)
         return MaterializeResult(metadata={"dagster/row_count": len(items), "encoder_id": model.encoder_id,
                                            "dim": int(model.dim), **{k: v for k, v in stats.items()
-                                                                      if isinstance(v, (int, float, str))}})
+                                                                     if isinstance(v, (int, float, str))}})
 
     @asset(kinds={"duckdb", "llm"}, deps=[AssetDep("user_histories", partition_mapping=SAME_DAY), "item_catalog"],
            **per_day)
@@ -59,8 +59,8 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         generator = anchor_generator.get()
         context.log.info("generating anchors with %s for %s", generator.backend, span(days))
         anchors, stats = generate_anchors(warehouse.get(), days, generator, settings.anchors.k,
-                                                   settings.anchors.history_max_items, progress=True,
-                                                   run_id=context.run_id, engine=engine.get())
+                                          settings.anchors.history_max_items, progress=True,
+                                          run_id=context.run_id, engine=engine.get())
         context.log.info("anchor stats: %s", stats)
         fallback = anchors[anchors["is_fallback"]]
         examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
@@ -83,7 +83,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         """Anchor vectors from the same frozen encoder as the items."""
         days = partition_days(context.partition_keys)
         stats = embed_anchors(warehouse.get(), days, encoder.get(), run_id=context.run_id,
-                                       generator=anchor_generator.get(), engine=engine.get())
+                              generator=anchor_generator.get(), engine=engine.get())
         return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days),
                                            **stats})
 
@@ -97,8 +97,8 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         anchor. Exposed rows feed calibration; unexposed rows get pseudo-labels."""
         days = partition_days(context.partition_keys)
         stats = score_day_candidates(warehouse.get(), days, encoder.get().encoder_id,
-                                              anchor_generator.get().lineage_signature(), context.run_id,
-                                              engine=engine.get())
+                                     anchor_generator.get().lineage_signature(), context.run_id,
+                                     engine=engine.get())
         return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
                                            **stats})
 
@@ -117,7 +117,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         for day in days:
             for pooling in POOLINGS:
                 cal = calibration_for_day(warehouse.get(), day, first_day(partitions), settings.calibration,
-                                                   pooling, encoder_id, signature, settings.artifacts_dir)
+                                          pooling, encoder_id, signature, settings.artifacts_dir)
                 rows.append({"day": str(day), "pooling": pooling, "version": cal.version if cal else "none",
                              "n_train": cal.n_train if cal else 0,
                              "train_window": " .. ".join(cal.fitted_on.get("train_window", [])) if cal else ""})

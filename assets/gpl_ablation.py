@@ -43,12 +43,12 @@ def _variant_asset(partitions: DailyPartitionsDefinition, automation: Automation
         wh, model, batches = warehouse.get(), encoder.get(), engine.get()
         generator = anchor_generator.get(backend)
         _, anchor_stats = generate_anchors(wh, days, generator, settings.anchors.k,
-                                                    settings.anchors.history_max_items, progress=False,
-                                                    run_id=context.run_id, tables=tables, engine=batches)
+                                           settings.anchors.history_max_items, progress=False,
+                                           run_id=context.run_id, tables=tables, engine=batches)
         embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator,
-                               engine=batches)
+                      engine=batches)
         score_day_candidates(wh, days, model.encoder_id, generator.lineage_signature(), context.run_id,
-                                      tables=tables, engine=batches)
+                             tables=tables, engine=batches)
         _, stats = pseudo_label_days(
             wh, days, first_day(partitions), encoder_id=model.encoder_id, generator=generator,
             calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,

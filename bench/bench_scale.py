@@ -119,13 +119,13 @@ def _run_stage(stage: str) -> dict:
         out["models"] = sorted({family.for_day(d).model_id for d in days})
     elif stage.startswith("anchors_"):
         anchors, stats = generate_anchors(warehouse, days, generator(), settings.anchors.k,
-                                                   settings.anchors.history_max_items, progress=False,
-                                                   tables=tables, engine=engine)
+                                          settings.anchors.history_max_items, progress=False,
+                                          tables=tables, engine=engine)
         out.update(anchors=len(anchors), cache_hits=stats.get("cache_hits", 0),
                    cache_misses=stats.get("cache_misses", 0))
     elif stage.startswith("embeddings_"):
         out.update(embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(),
-                                          engine=engine))
+                                 engine=engine))
     elif stage.startswith("similarities_"):
         module = in_memory if stage.endswith("in_memory") else label_pipeline
         kwargs = {} if module is in_memory else {"engine": engine}

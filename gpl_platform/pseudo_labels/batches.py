@@ -145,7 +145,7 @@ class LabelContext:
 
 
 LABEL_COLUMNS = ("day", "request_id", "user_id", "item_id", "event_time", "similarity_max", "similarity_mean",
-                  "anchor_id")
+                 "anchor_id")
 
 
 def label_batch(inputs: dict[str, pa.Table], ctx: LabelContext) -> pa.Table:

@@ -2,7 +2,7 @@
 
 Kept for two reasons: it is the baseline of ``gpl bench scale`` (how time and memory grew before
 :mod:`gpl_platform.pseudo_labels.pipeline` streamed batches of users), and the reference the streaming stages are
-tested against (tests/test_streaming.py: same similarities, confidences and labels). Nothing in the
+tested against (tests/pseudo_labels/test_streaming.py: same similarities, confidences and labels). Nothing in the
 pipeline calls it. Same arguments and outputs as the streaming functions (``pseudo_label_days`` here
 returns every label as a frame).
 """

@@ -82,7 +82,7 @@ def score_day_candidates(warehouse: Warehouse, days: Sequence[date], encoder_id:
         job = BatchJob("similarities", score_batch, ScoreContext(item_vectors), lambda b: {
             # a user's candidates in the events' own order, as the whole-range code scored them
             "candidates": batch_rows(CANDIDATES_TABLE, "day, request_id, user_id, item_id, exposed, user_code, item_row",
-                                      b, "user_code, event_row"),
+                                     b, "user_code, event_row"),
             "anchors": batch_rows(ANCHORS_TABLE, "user_code, anchor_id, vector", b, "anchor_row")})
         warehouse.clear_partitions(tables.similarities, days, con)
         for relation in progress_of(engine.run(con, job, range(n_batches)), n_batches, "similarities"):
@@ -175,9 +175,9 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
                                segments, confidence_cfg, generator.tokens_per_anchor, generator.backend)
         job = BatchJob("pseudo_labels", label_batch, context, lambda b: {
             "candidates": batch_rows(CANDIDATES_TABLE, ", ".join(LABEL_COLUMNS) + ", anchor_row", b,
-                                      "user_code, request_id, item_id"),
+                                     "user_code, request_id, item_id"),
             "anchors": batch_rows(ANCHORS_TABLE, "user_code, anchor_row, gen_prob, is_fallback, fallback_reason, model_id, "
-                                   "vector", b, "anchor_row"),
+                                  "vector", b, "anchor_row"),
             "histories": batch_rows(HISTORY_TABLE, "user_code, item_row", b, "user_code, position")})
         con.register("_days", days_param(days))
         warehouse.clear_partitions(tables.labels, days, con)

@@ -63,7 +63,7 @@ def check_pseudo_label_values(labels: pd.DataFrame, cfg: PseudoLabelThresholds |
     for col in ("pseudo_label", "confidence"):
         rules += [Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
                   Rule(f"{col}_in_0_1", "ExpectColumnValuesToBeBetween",
-                        {"column": col, "min_value": 0.0, "max_value": 1.0}, "every value in [0, 1]")]
+                       {"column": col, "min_value": 0.0, "max_value": 1.0}, "every value in [0, 1]")]
     frame = labels[["pseudo_label", "confidence"]].astype(float)
     outcomes = validate_rules(suite, frame, rules)
     return suite_result(suite, outcomes, {"rows": len(labels)})
@@ -84,24 +84,24 @@ def check_pseudo_label_distribution(labels: pd.DataFrame, previous: pd.DataFrame
                                          & (frame["confidence"] >= cfg.high_confidence)).astype(float)
     rules = [
         Rule("pseudo_label_mean", "ExpectColumnMeanToBeBetween",
-              {"column": "pseudo_label", "min_value": cfg.pseudo_label_mean_min, "max_value": cfg.pseudo_label_mean_max},
-              f"in [{cfg.pseudo_label_mean_min}, {cfg.pseudo_label_mean_max}]"),
+             {"column": "pseudo_label", "min_value": cfg.pseudo_label_mean_min, "max_value": cfg.pseudo_label_mean_max},
+             f"in [{cfg.pseudo_label_mean_min}, {cfg.pseudo_label_mean_max}]"),
         Rule("pseudo_label_std", "ExpectColumnStdevToBeBetween",
-              {"column": "pseudo_label", "min_value": cfg.pseudo_label_std_min},
-              f">= {cfg.pseudo_label_std_min} (not collapsed)"),
+             {"column": "pseudo_label", "min_value": cfg.pseudo_label_std_min},
+             f">= {cfg.pseudo_label_std_min} (not collapsed)"),
         Rule("confidence_mean", "ExpectColumnMeanToBeBetween",
-              {"column": "confidence", "min_value": cfg.confidence_mean_min, "max_value": cfg.confidence_mean_max},
-              f"in [{cfg.confidence_mean_min}, {cfg.confidence_mean_max}]"),
+             {"column": "confidence", "min_value": cfg.confidence_mean_min, "max_value": cfg.confidence_mean_max},
+             f"in [{cfg.confidence_mean_min}, {cfg.confidence_mean_max}]"),
         Rule("confidence_quantiles", "ExpectColumnQuantileValuesToBeBetween",
-              {"column": "confidence", "quantile_ranges": {"quantiles": list(cfg.confidence_quantiles),
-                                                           "value_ranges": [list(r) for r in cfg.confidence_quantile_ranges]}},
-              "q" + "/".join(f"{q:g}" for q in cfg.confidence_quantiles) + " in "
-              + ", ".join(f"[{a:g}, {b:g}]" for a, b in cfg.confidence_quantile_ranges)),
+             {"column": "confidence", "quantile_ranges": {"quantiles": list(cfg.confidence_quantiles),
+                                                          "value_ranges": [list(r) for r in cfg.confidence_quantile_ranges]}},
+             "q" + "/".join(f"{q:g}" for q in cfg.confidence_quantiles) + " in "
+             + ", ".join(f"[{a:g}, {b:g}]" for a, b in cfg.confidence_quantile_ranges)),
         Rule("high_confidence_positive_share", "ExpectColumnMeanToBeBetween",
-              {"column": "high_confidence_positive", "min_value": 0.0,
-               "max_value": cfg.high_confidence_positive_share_max},
-              f"<= {cfg.high_confidence_positive_share_max} (label >= {cfg.high_label}, "
-              f"confidence >= {cfg.high_confidence})"),
+             {"column": "high_confidence_positive", "min_value": 0.0,
+              "max_value": cfg.high_confidence_positive_share_max},
+             f"<= {cfg.high_confidence_positive_share_max} (label >= {cfg.high_label}, "
+             f"confidence >= {cfg.high_confidence})"),
     ]
     kl_note = None
     prev_conf = previous["confidence"].astype(float) if previous is not None and len(previous) else None
@@ -114,10 +114,10 @@ def check_pseudo_label_distribution(labels: pd.DataFrame, previous: pd.DataFrame
     else:
         prev_hist = confidence_histogram(prev_conf, cfg.kl_bins) + cfg.kl_smoothing
         rules.append(Rule("confidence_kl_vs_previous", "ExpectColumnKLDivergenceToBeLessThan",
-                           {"column": "confidence", "threshold": cfg.kl_max,
-                            "partition_object": {"bins": np.linspace(0, 1, cfg.kl_bins + 1).tolist(),
-                                                 "weights": (prev_hist / prev_hist.sum()).tolist()}},
-                           f"< {cfg.kl_max}"))
+                          {"column": "confidence", "threshold": cfg.kl_max,
+                           "partition_object": {"bins": np.linspace(0, 1, cfg.kl_bins + 1).tolist(),
+                                                "weights": (prev_hist / prev_hist.sum()).tolist()}},
+                          f"< {cfg.kl_max}"))
     outcomes = validate_rules(suite, frame, rules)
     conf = frame["confidence"]
     meta: dict[str, Any] = {
@@ -163,8 +163,8 @@ def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Data
     per_user = anchors.groupby(anchors["user_id"].astype(str)).size().rename("n_anchors")
     users = users.merge(per_user, left_on="user_id", right_index=True, how="left").fillna({"n_anchors": 0})
     rules = [Rule("every_user_has_anchors", "ExpectColumnValuesToBeBetween",
-                   {"column": "n_anchors", "min_value": cfg.min_anchors_per_user},
-                   f">= {cfg.min_anchors_per_user} anchor per user with a request")]
+                  {"column": "n_anchors", "min_value": cfg.min_anchors_per_user},
+                  f">= {cfg.min_anchors_per_user} anchor per user with a request")]
     outcomes = validate_rules(f"{suite}_users", users, rules) if len(users) else []
 
     reasons = anchors["fallback_reason"].astype(object)
@@ -175,8 +175,8 @@ def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Data
         frame = pd.DataFrame({"is_fallback": warm["is_fallback"].astype(bool).astype(float).to_numpy()})
         outcomes += validate_rules(f"{suite}_fallback", frame, [
             Rule("fallback_rate", "ExpectColumnMeanToBeBetween",
-                  {"column": "is_fallback", "min_value": 0.0, "max_value": cfg.fallback_rate_max},
-                  f"<= {cfg.fallback_rate_max} among users with a history")])
+                 {"column": "is_fallback", "min_value": 0.0, "max_value": cfg.fallback_rate_max},
+                 f"<= {cfg.fallback_rate_max} among users with a history")])
 
     backends = sorted(set(anchors["backend"].dropna().astype(str))) if "backend" in anchors else []
     generated = anchors[~anchors["is_fallback"].astype(bool).to_numpy()]
@@ -188,8 +188,8 @@ def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Data
         copy_rate = float(copied.mean())
         outcomes += validate_rules(f"{suite}_verbatim", pd.DataFrame({"verbatim_copy": copied.astype(float)}), [
             Rule("verbatim_copy_rate", "ExpectColumnMeanToBeBetween",
-                  {"column": "verbatim_copy", "min_value": 0.0, "max_value": cfg.verbatim_copy_rate_max},
-                  f"<= {cfg.verbatim_copy_rate_max} of generated anchors repeat a history title")])
+                 {"column": "verbatim_copy", "min_value": 0.0, "max_value": cfg.verbatim_copy_rate_max},
+                 f"<= {cfg.verbatim_copy_rate_max} of generated anchors repeat a history title")])
     meta = {
         "anchors": len(anchors), "users_with_request": len(users),
         "users_without_anchor": int((users["n_anchors"] < cfg.min_anchors_per_user).sum()) if len(users) else 0,
@@ -248,11 +248,11 @@ def check_embeddings(frame: pd.DataFrame, cfg: EmbeddingThresholds | None = None
     tol = cfg.norm_tolerance
     rules = [
         Rule("dimension", "ExpectColumnValuesToBeInSet", {"column": "dim", "value_set": [expected_dim]},
-              f"== {expected_dim}"),
+             f"== {expected_dim}"),
         Rule("no_nan", "ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]},
-              "no NaN/inf component"),
+             "no NaN/inf component"),
         Rule("unit_norm", "ExpectColumnValuesToBeBetween",
-              {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol}, f"L2 norm in [{1 - tol:g}, {1 + tol:g}]"),
+             {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol}, f"L2 norm in [{1 - tol:g}, {1 + tol:g}]"),
     ]
     outcomes = validate_rules(suite, checked, rules)
     finite_norms = norms[np.isfinite(norms)]
@@ -284,22 +284,22 @@ def check_events(events: pd.DataFrame, cfg: EventThresholds | None = None) -> Qu
              for c in ("request_id", "user_id", "item_id", "event_time", "exposed")]
     rules += [
         Rule("unique_request_item", "ExpectCompoundColumnsToBeUnique", {"column_list": ["request_id", "item_id"]},
-              "one row per (request_id, item_id)"),
+             "one row per (request_id, item_id)"),
         Rule("click_label_on_exposed_only", "ExpectColumnValuesToBeInSet",
-              {"column": "click_label_consistent", "value_set": [True]},
-              "clicked set exactly on exposed rows"),
+             {"column": "click_label_consistent", "value_set": [True]},
+             "clicked set exactly on exposed rows"),
         Rule("clicked_binary", "ExpectColumnValuesToBeInSet", {"column": "clicked_exposed", "value_set": [0.0, 1.0]},
-              "clicked in {0, 1}"),
+             "clicked in {0, 1}"),
         Rule("exposure_rate", "ExpectColumnMeanToBeBetween",
-              {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
-              f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]"),
+             {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
+             f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]"),
     ]
     n_exposed = int(exposed.fillna(False).sum())
     if n_exposed >= cfg.positive_rate_min_exposed:
         rules.append(Rule("positive_rate", "ExpectColumnMeanToBeBetween",
-                           {"column": "clicked_exposed", "min_value": cfg.positive_rate_min,
-                            "max_value": cfg.positive_rate_max},
-                           f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]"))
+                          {"column": "clicked_exposed", "min_value": cfg.positive_rate_min,
+                           "max_value": cfg.positive_rate_max},
+                          f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]"))
     outcomes = validate_rules(suite, frame, rules)
     return suite_result(suite, outcomes, {
         "rows": len(events), "requests": int(events["request_id"].nunique()),

@@ -10,9 +10,9 @@ in tokens, and every cut is counted.
 Speed levers of the transformers engine (measured in ``bench/bench_anchors.py``, numbers in the module report):
 
 * **shared-prefix KV cache**: the system prompt and few-shot examples are the same for every
-  user; their keys/values are computed once per (k, prompt) and copied into each batch, so only
-  the per-user history is prefilled. Pads sit between prefix and suffix (masked out, explicit
-  ``position_ids``), which keeps the prefix cache valid under left padding.
+  user; their keys/values are computed once per (k, prompt) and copied into each batch (preallocated
+  buffers, ``kv_cache.py``), so only the per-user history is prefilled. Pads sit between prefix and
+  suffix (masked out, explicit ``position_ids``), which keeps the prefix cache valid under left padding.
 * **dynamic int8 quantization** of all ``nn.Linear`` layers (``quantize_dynamic``), about 2x on
   prefill on 2 cores.
 * **batched decoding with early exit**: a row stops after k anchor lines or at end of turn and

@@ -20,7 +20,7 @@ from gpl_platform.data.contract import (
     write_event_day,
 )
 from gpl_platform.data.sources import partition_span
-from tests.conftest import tiny_contract_tables, write_contract_dir
+from tests.helpers import tiny_contract_tables, write_contract_dir
 
 
 def _day_delivery(directory, events=None):

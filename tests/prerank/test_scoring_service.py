@@ -17,10 +17,9 @@ import pytest
 
 from gpl_platform.config import load_settings
 from gpl_platform.features import pipeline
-from gpl_platform.features.fixtures import build_feature_world
 from gpl_platform.prerank.data import attach_features
 from gpl_platform.prerank.serving import PreRankScorer
-from tests.conftest import RunningServer, free_port, post_json, train_small_model
+from tests.helpers import RunningServer, build_feature_world, free_port, post_json, train_small_model
 
 SHAPES = ("mlp", "two_tower", "cold")
 

@@ -66,7 +66,7 @@ def test_rematerializing_is_free_and_identical(history_run):
     before = wh.query("SELECT * FROM pseudo_labels ORDER BY request_id, item_id")
     instance = DagsterInstance.ephemeral()
     from assets.definitions import build_definitions
-    from tests.conftest import run_assets
+    from tests.helpers import run_assets
 
     result = run_assets(build_definitions(gpl=gpl), gpl, GPL_ASSETS[4:], instance, partition_key="2024-01-03")
     assert result.success

@@ -10,7 +10,7 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance
 
 from tests.live import instance_home, live_env, run_status, runs, wait_for
-from tests.test_run_monitoring import STUCK_RUN
+from tests.orchestration.test_run_monitoring import STUCK_RUN
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,10 @@ import pandas as pd
 import pytest
 
 from gpl_platform.config import PROJECT_ROOT, load_settings
-from gpl_platform.features import parquet
-from gpl_platform.features.fixtures import build_feature_world
-from gpl_platform.features import derived
+from gpl_platform.features import derived, parquet
 from gpl_platform.features.schema import EMB, EMBEDDING_DIM, USER_ITEM_COSINE, default_value, stored_type
 from gpl_platform.features.store import FeastStore
-from tests.conftest import RunningServer, free_port, post_json
+from tests.helpers import RunningServer, build_feature_world, free_port, post_json
 
 SERVICES = ("prerank_v2", "prerank_scalar_v2")
 

@@ -6,10 +6,9 @@ from dagster import AssetKey, DagsterInstance
 
 from assets.partitions import range_tags
 from assets.resources import GplSettings
-from gpl_platform.features.fixtures import RandomEncoder
 from gpl_platform.features.store import FeastStore, sources_dir
 from gpl_platform.pseudo_labels.encoder import update_item_embeddings
-from tests.conftest import run_assets
+from tests.helpers import RandomEncoder, run_assets
 
 RANGE = range_tags("2024-01-01", "2024-01-05")
 
@@ -71,7 +70,7 @@ def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url
     import json
 
     from gpl_platform.prerank.serving import PreRankScorer
-    from tests.conftest import train_small_model
+    from tests.helpers import train_small_model
 
     overrides = {"feature_store": {"online_store": "redis", "redis": redis_url}}
     gpl = GplSettings(data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides))

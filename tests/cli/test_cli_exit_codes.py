@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GPL_UP_TO_LABELS = ["item_catalog", "users", "item_embeddings", "candidate_events", "user_histories", "user_anchors",
                     "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels"]
 REFUSED_LINE = "day(s) refused by blocking checks: exit 3"

@@ -29,7 +29,7 @@ import pytest
 from assets.ui import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
 PIPELINE = ["candidate_events", "user_histories", "user_anchors", "anchor_embeddings", "candidate_similarities",
             "similarity_calibration", "pseudo_labels"]
@@ -50,7 +50,7 @@ def _materialize_into(home: Path, data: Path, monkeypatch) -> str:
     from assets.definitions import build_definitions
     from assets.partitions import range_tags
     from assets.resources import GplSettings
-    from tests.conftest import run_assets
+    from tests.helpers import run_assets
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     gpl = GplSettings(data_dir=str(data), overrides_json=HISTORY)

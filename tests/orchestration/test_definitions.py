@@ -13,7 +13,7 @@ import pytest
 from assets.definitions import build_definitions
 from gpl_platform.config import load_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FOLLOW = "eager"
 # key: (group, partitioned, upstream assets, automation condition)
 ASSETS = {

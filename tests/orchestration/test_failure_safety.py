@@ -21,7 +21,7 @@ from dagster import DagsterInstance
 
 from assets.partitions import range_tags
 from assets.resources import GplSettings
-from tests.conftest import hold_duckdb_lock, run_assets
+from tests.helpers import hold_duckdb_lock, run_assets
 
 DAY = "2024-01-02"
 

@@ -87,7 +87,7 @@ def test_training_set_leaves_out_a_corrupted_pseudo_label_day(chain):
         con.execute(f"UPDATE pseudo_labels SET pseudo_label = 1.0, confidence = 1.0 WHERE day = '{bad}'")
     instance = DagsterInstance.ephemeral()
     from assets.definitions import build_definitions
-    from tests.conftest import run_assets
+    from tests.helpers import run_assets
 
     assert run_assets(build_definitions(gpl=chain), chain, ["training_set"], instance).success
     after = wh.query(f"SELECT count(*) AS n FROM training_set WHERE is_pseudo AND day = '{bad}'")["n"].iloc[0]

@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from gpl_platform.cli.main import app
 from gpl_platform.data.contract import ContractError, read_contract_dir, validate_dataset
-from tests.conftest import tiny_contract_tables, write_contract_dir
+from tests.helpers import tiny_contract_tables, write_contract_dir
 
 
 def test_valid_tables_are_normalized():

@@ -11,9 +11,9 @@ import pytest
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.features import compute, parquet, pipeline
-from gpl_platform.features.fixtures import RandomEncoder
 from gpl_platform.features.schema import FeatureSpec
 from gpl_platform.features.store import sources_dir
+from tests.helpers import RandomEncoder
 
 D1, D2, D3 = date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)
 

@@ -13,7 +13,7 @@ from assets.partitions import range_tags
 from assets.resources import GplSettings
 from assets.sensors import NEW_DAYS_SENSOR
 from gpl_platform.data.contract import write_event_day
-from tests.conftest import run_assets, tiny_contract_tables, write_contract_dir
+from tests.helpers import run_assets, tiny_contract_tables, write_contract_dir
 
 
 def _deliver(directory, events, days=None):

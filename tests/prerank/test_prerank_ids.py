@@ -245,4 +245,4 @@ def test_rows_from_plan_and_settings_carry_the_ids_and_the_shape():
         TrainingConfig(preranker="wide_and_deep")
 
 # The online scorer of every shape (ids, out-of-vocabulary rows, the precomputed two-tower item side) is
-# tested on a real Feast store in tests/test_scoring_service.py.
+# tested on a real Feast store in tests/prerank/test_scoring_service.py.

@@ -7,7 +7,7 @@ from gpl_platform.data import ingestion
 from gpl_platform.data.contract import validate_dataset
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
-from tests.conftest import tiny_contract_tables
+from tests.helpers import tiny_contract_tables
 
 
 def _dataset(events=None):

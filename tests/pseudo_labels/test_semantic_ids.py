@@ -293,7 +293,7 @@ def test_sid_anchors_beat_random_on_the_simulator_and_rerun_from_cache(sid_run):
     from gpl_platform.pseudo_labels.anchor_stages import anchors_for_days
     before = wh.query("SELECT count(*) AS n FROM sid_generators")["n"].iloc[0]
     _, stats = anchors_for_days(wh, days, anchor_generator(settings, "sid"), settings.anchors.k,
-                                         settings.anchors.history_max_items, progress=False)
+                                settings.anchors.history_max_items, progress=False)
     assert stats["cache_misses"] == 0 and stats["cache_hits"] == stats["distinct_histories"]
     assert wh.query("SELECT count(*) AS n FROM sid_generators")["n"].iloc[0] == before
 
@@ -332,8 +332,7 @@ def test_training_gives_the_same_result_in_another_process(fitted):
     script = textwrap.dedent("""
         import sys, json, torch
         torch.set_num_threads(int(sys.argv[1]))
-        sys.path.insert(0, "tests")
-        from test_sid import SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences, random_catalog
+        from tests.pseudo_labels.test_semantic_ids import SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences, random_catalog
         from gpl_platform.pseudo_labels.semantic_ids.generator import train_sid_generator
         from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids
         ids, x, _ = clustered_vectors()
@@ -343,7 +342,7 @@ def test_training_gives_the_same_result_in_another_process(fitted):
     """)
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", script, str(torch.get_num_threads())], capture_output=True, text=True,
                          cwd=root, check=True)
     there = json.loads(out.stdout.strip().splitlines()[-1])

@@ -118,7 +118,7 @@ def test_streamed_embeddings_match_and_chunked_encoding_changes_nothing(world):
     settings, warehouse, days, generator, encoder = world
     before = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
     stats = embed_anchors(warehouse, days, encoder, generator=generator,
-                                   engine=LocalEngine(StreamingConfig(encode_batch_texts=7)))
+                          engine=LocalEngine(StreamingConfig(encode_batch_texts=7)))
     after = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
     assert stats["anchors"] == len(before) == len(after) and stats["distinct_texts"] > 7
     pd.testing.assert_frame_equal(before.drop(columns="vector"), after.drop(columns="vector"))

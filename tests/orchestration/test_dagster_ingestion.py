@@ -9,7 +9,7 @@ from assets.resources import GplSettings
 from assets.runner import run_pipeline
 from gpl_platform.data.stats import export_contract_dir
 from gpl_platform.data.warehouse import Warehouse
-from tests.conftest import run_assets
+from tests.helpers import run_assets
 
 INGESTION = ["item_catalog", "users", "candidate_events", "user_histories"]
 

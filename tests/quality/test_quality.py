@@ -84,7 +84,7 @@ def test_kl_vs_previous_day_catches_a_shift():
     gx_kl = next(e.observed for e in result.expectations if e.name == "confidence_kl_vs_previous")
     assert result.metadata["confidence_kl_vs_previous"] == gx_kl
     own = kl_divergence(confidence_histogram(shifted["confidence"]),
-                                confidence_histogram(prev["confidence"]))
+                        confidence_histogram(prev["confidence"]))
     assert gx_kl == pytest.approx(own, rel=0.1)
 
 

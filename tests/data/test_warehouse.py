@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from gpl_platform.data.warehouse import Warehouse, WarehouseLockedError, WarehouseSourceMismatch
-from tests.conftest import hold_duckdb_lock
+from tests.helpers import hold_duckdb_lock
 
 
 def _events(day: str, n: int, tag: str = "x") -> pd.DataFrame:

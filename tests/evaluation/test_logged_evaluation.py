@@ -16,7 +16,7 @@ import pytest
 
 from gpl_platform.evaluation.logged import ips_recall_at_k, logged_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _synthetic_log(n_requests=4000, n_candidates=20, seed=0):
@@ -108,7 +108,7 @@ def test_one_line_errors_and_exit_codes(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    from tests.conftest import tiny_contract_tables, write_contract_dir
+    from tests.helpers import tiny_contract_tables, write_contract_dir
 
     items, users, events = tiny_contract_tables()
     events.loc[events["request_id"] == "r2", "event_time"] = pd.Timestamp("1970-01-01T00:00:00Z")  # a clock error
