@@ -166,11 +166,17 @@ def bench_scale(
     resume: bool = typer.Option(False, help="keep the sizes already in --out"),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="stages not to run (repeatable; e.g. the sid "
                                              "stages, whose generator training dominates large sizes)"),
-    out: Path = typer.Option(Path("reports/scale/scale.json"), help="JSON; the log-log plot goes beside it"),
+    out: Optional[Path] = typer.Option(None, help="JSON; the log-log plot goes beside it (default "
+                                       "<data_dir>/reports/scale/scale.json; --out reports/scale/scale.json updates "
+                                       "the committed result)"),
     profile: bool = typer.Option(False, help="sample every stage with py-spy (collapsed stacks in the world's "
                                  "logs/<stage>.pyspy.txt; needs `pip install py-spy`)"),
 ) -> None:
     """CPU time, wall time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2 workers."""
+    if out is None:
+        from gpl_platform.config import load_settings
+
+        out = load_settings().data_dir / "reports" / "scale" / "scale.json"
     report = _bench_module("bench_scale").run(candidates, out, days=days, per_request=candidates_per_request,
                                               items=items, baseline_at=baseline_at, ray_at=ray_at or None,
                                               work_dir=work_dir, batch_candidates=batch_candidates,

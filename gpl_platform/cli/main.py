@@ -248,8 +248,10 @@ def evaluate(
                                "contract)"),
     path: Optional[Path] = typer.Option(None, help="dataset directory (for contract: items/users/events files "
                                         "with oracle_label)"),
-    out: Path = typer.Option(Path("reports/offline_eval.json"), help="JSON report; the markdown report and plots "
-                             "are written beside it"),
+    out: Optional[Path] = typer.Option(None, help="also copy the JSON report, with the markdown report and plots "
+                                       "beside it, to this path (default: only <data_dir>/reports/, where the "
+                                       "evaluation writes them; e.g. --out reports/offline_eval.json to update the "
+                                       "committed result)"),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
     data_dir: Optional[Path] = typer.Option(None, help="where the warehouse lives (default: GPL_DATA_DIR or ./data"
                                             "; a different source needs its own)"),
@@ -292,7 +294,7 @@ def evaluate(
     stem = "offline_eval" if (reports / "offline_eval.json").exists() and (reports / "offline_eval.json").stat(
         ).st_mtime >= time.time() - (time.perf_counter() - began) else "logged_eval"
     produced = reports / f"{stem}.json"
-    out = out.resolve()
+    out = (out or produced).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     if produced.resolve() != out:
         for sibling in produced.parent.glob(f"{stem}*"):
