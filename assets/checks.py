@@ -1,11 +1,11 @@
-"""Asset checks: the Great Expectations suites of gpl_platform/quality.py, one result per day.
+"""Asset checks: the Great Expectations suites of gpl_platform/quality/ (suites and gate), one result per day.
 
 The per-day checks are partitioned like their assets and record one evaluation per partition, also
 in a single run over a range of days (a single-run backfill, ``gpl run``): the UI's partition view of
 a check shows which days passed and which failed, each with its reasons and rule table. The two
 pseudo-label checks are blocking: when one fails on any day of the run, no asset downstream of
 `pseudo_labels` runs in that run. Consumers in later runs (training_set, the evaluation) re-run the
-same suites through `gpl_platform.quality` and leave failing days out.
+same suites through `gpl_platform.quality.gate` and leave failing days out.
 """
 
 
@@ -31,8 +31,10 @@ from assets.ingestion import POOL
 from assets.metadata import span, table_md
 from assets.partitions import partition_days
 from assets.resources import GplSettings, WarehouseResource
-from gpl_platform import quality
-from gpl_platform.quality import QualityResult
+from gpl_platform.quality.gate import check_event_days, check_label_days, load_label_days
+from gpl_platform.quality.results import QualityResult
+from gpl_platform.quality.suites import check_anchors, check_embeddings
+from gpl_platform.quality.thresholds import quality_config
 
 NUMERIC_KEYS_MAX = 12
 
@@ -106,7 +108,7 @@ def _range_query(warehouse: WarehouseResource, sql: str, days: Sequence[date]) -
 def build_checks(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
     with warnings.catch_warnings():
         # Partitioned asset checks are a Dagster 1.13 preview: the per-partition results are what the UI
-        # needs to show which day failed (tests/test_quality_dagster.py pins the behaviour we rely on).
+        # needs to show which day failed (tests/orchestration/test_quality_dagster.py pins the behaviour we rely on).
         warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
         return _build_checks(partitions, automation)
 
@@ -115,8 +117,8 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
     per_day = {"partitions_def": partitions, "pool": POOL, "automation_condition": automation.with_asset}
 
     def label_results(gpl: GplSettings, warehouse: WarehouseResource, days: list[date]):
-        cfg = quality.quality_config(gpl.settings()).pseudo_labels
-        return quality.check_label_days(quality.load_label_days(warehouse.get(), days), days, cfg)
+        cfg = quality_config(gpl.settings()).pseudo_labels
+        return check_label_days(load_label_days(warehouse.get(), days), days, cfg)
 
     @asset_check(asset="pseudo_labels", blocking=True, **per_day)
     def pseudo_labels_valid(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
@@ -141,7 +143,7 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         """GX: every user with a request has at least one anchor; fallback rate among users with a history
         under a threshold; generated anchors mostly not verbatim history titles."""
         days = _run_days(context)
-        cfg = quality.quality_config(gpl.settings()).anchors
+        cfg = quality_config(gpl.settings()).anchors
         anchors = _range_query(warehouse, "SELECT day, user_id, anchor_id, anchor_text, is_fallback, fallback_reason, "
                                           "backend FROM user_anchors", days)
         histories = _range_query(warehouse, "SELECT day, user_id, history_item_ids FROM user_histories", days)
@@ -149,7 +151,7 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         empty_a = pd.DataFrame(columns=["day", "user_id", "anchor_id", "anchor_text", "is_fallback", "fallback_reason",
                                         "backend"])
         empty_h = pd.DataFrame(columns=["day", "user_id", "history_item_ids"])
-        results = {d: [quality.check_anchors(anchors.get(d, empty_a), histories.get(d, empty_h), items, cfg)]
+        results = {d: [check_anchors(anchors.get(d, empty_a), histories.get(d, empty_h), items, cfg)]
                    for d in days}
         yield from per_day_evaluations(context, "user_anchors", "user_anchors_quality", False, "anchors", results)
 
@@ -158,9 +160,9 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
                                 warehouse: WarehouseResource):
         """GX: every anchor vector has the encoder's dimension, L2 norm ~1 and no NaN."""
         days = _run_days(context)
-        cfg = quality.quality_config(gpl.settings()).embeddings
+        cfg = quality_config(gpl.settings()).embeddings
         frames = _range_query(warehouse, "SELECT day, vector FROM anchor_embeddings", days)
-        results = {d: [quality.check_embeddings(frames.get(d, pd.DataFrame(columns=["vector"])), cfg,
+        results = {d: [check_embeddings(frames.get(d, pd.DataFrame(columns=["vector"])), cfg,
                                                 name="anchor_embeddings")] for d in days}
         yield from per_day_evaluations(context, "anchor_embeddings", "anchor_embeddings_valid", False,
                                        "anchor embeddings", results)
@@ -171,8 +173,8 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         """GX: the events contract (ids/times present, one row per request and item, click label exactly on
         exposed rows, in {0, 1}) and plausible exposure and click rates. A failing day is left out of
         training (training_set re-runs this suite)."""
-        cfg = quality.quality_config(gpl.settings()).events
-        results = quality.check_event_days(warehouse.get(), _run_days(context), cfg)
+        cfg = quality_config(gpl.settings()).events
+        results = check_event_days(warehouse.get(), _run_days(context), cfg)
         yield from per_day_evaluations(context, "candidate_events", "candidate_events_contract", False,
                                        "candidate events", {d: [r] for d, r in results.items()})
 
@@ -180,10 +182,10 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
     def item_embeddings_valid(context: AssetCheckExecutionContext, gpl: GplSettings,
                               warehouse: WarehouseResource) -> AssetCheckResult:
         """GX: every item vector has one dimension (the encoder's), L2 norm ~1 and no NaN."""
-        cfg = quality.quality_config(gpl.settings()).embeddings
+        cfg = quality_config(gpl.settings()).embeddings
         frame = warehouse.get().query("SELECT item_id, encoder_id, vector FROM item_embeddings")
-        results = {f"encoder {enc}": quality.check_embeddings(g, cfg, name="item_embeddings")
-                   for enc, g in frame.groupby("encoder_id")} or {"all": quality.check_embeddings(frame, cfg)}
+        results = {f"encoder {enc}": check_embeddings(g, cfg, name="item_embeddings")
+                   for enc, g in frame.groupby("encoder_id")} or {"all": check_embeddings(frame, cfg)}
         passed = all(r.passed for r in results.values())
         description = "item embeddings: " + ("passed" if passed else "FAILED: " + " | ".join(
             f"{k}: " + "; ".join(_reasons([r])) for k, r in results.items() if not r.passed))

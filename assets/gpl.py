@@ -18,10 +18,12 @@ from assets.automation import Automation
 from assets.ingestion import POOL
 from assets.metadata import histogram_md, span, table_md
 from assets.partitions import first_day, partition_days
-from assets.resources import (AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings,
-                              WarehouseResource)
-from gpl_platform import labeling
-from gpl_platform.embeddings import update_item_embeddings
+from assets.resources import AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings, WarehouseResource
+from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
+from gpl_platform.pseudo_labels.day_calibration import calibration_for_day
+from gpl_platform.pseudo_labels.encoder import update_item_embeddings
+from gpl_platform.pseudo_labels.pipeline import pseudo_label_days, score_day_candidates
+from gpl_platform.pseudo_labels.stages import POOLINGS
 
 GROUP = "gpl"
 SAME_DAY = TimeWindowPartitionMapping(start_offset=0, end_offset=0)
@@ -44,7 +46,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         context.log.info("item embeddings: %s", stats)
         return MaterializeResult(metadata={"dagster/row_count": len(items), "encoder_id": model.encoder_id,
                                            "dim": int(model.dim), **{k: v for k, v in stats.items()
-                                                                      if isinstance(v, (int, float, str))}})
+                                                                     if isinstance(v, (int, float, str))}})
 
     @asset(kinds={"duckdb", "llm"}, deps=[AssetDep("user_histories", partition_mapping=SAME_DAY), "item_catalog"],
            **per_day)
@@ -56,9 +58,9 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         days = partition_days(context.partition_keys)
         generator = anchor_generator.get()
         context.log.info("generating anchors with %s for %s", generator.backend, span(days))
-        anchors, stats = labeling.generate_anchors(warehouse.get(), days, generator, settings.anchors.k,
-                                                   settings.anchors.history_max_items, progress=True,
-                                                   run_id=context.run_id, engine=engine.get())
+        anchors, stats = generate_anchors(warehouse.get(), days, generator, settings.anchors.k,
+                                          settings.anchors.history_max_items, progress=True,
+                                          run_id=context.run_id, engine=engine.get())
         context.log.info("anchor stats: %s", stats)
         fallback = anchors[anchors["is_fallback"]]
         examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
@@ -80,8 +82,8 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
                           anchor_generator: AnchorGeneratorResource, engine: EngineResource) -> MaterializeResult:
         """Anchor vectors from the same frozen encoder as the items."""
         days = partition_days(context.partition_keys)
-        stats = labeling.embed_anchors(warehouse.get(), days, encoder.get(), run_id=context.run_id,
-                                       generator=anchor_generator.get(), engine=engine.get())
+        stats = embed_anchors(warehouse.get(), days, encoder.get(), run_id=context.run_id,
+                              generator=anchor_generator.get(), engine=engine.get())
         return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days),
                                            **stats})
 
@@ -94,9 +96,9 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         """For every candidate of the day: max and mean cosine over the user's anchors, and the arg-max
         anchor. Exposed rows feed calibration; unexposed rows get pseudo-labels."""
         days = partition_days(context.partition_keys)
-        stats = labeling.score_day_candidates(warehouse.get(), days, encoder.get().encoder_id,
-                                              anchor_generator.get().lineage_signature(), context.run_id,
-                                              engine=engine.get())
+        stats = score_day_candidates(warehouse.get(), days, encoder.get().encoder_id,
+                                     anchor_generator.get().lineage_signature(), context.run_id,
+                                     engine=engine.get())
         return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
                                            **stats})
 
@@ -113,9 +115,9 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         signature = anchor_generator.get().lineage_signature()
         rows = []
         for day in days:
-            for pooling in labeling.POOLINGS:
-                cal = labeling.calibration_for_day(warehouse.get(), day, first_day(partitions), settings.calibration,
-                                                   pooling, encoder_id, signature, settings.artifacts_dir)
+            for pooling in POOLINGS:
+                cal = calibration_for_day(warehouse.get(), day, first_day(partitions), settings.calibration,
+                                          pooling, encoder_id, signature, settings.artifacts_dir)
                 rows.append({"day": str(day), "pooling": pooling, "version": cal.version if cal else "none",
                              "n_train": cal.n_train if cal else 0,
                              "train_window": " .. ".join(cal.fitted_on.get("train_window", [])) if cal else ""})
@@ -142,7 +144,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
         # streamed in batches: a bounded sample comes back for the histograms, the statistics cover all rows
-        sample, stats = labeling.pseudo_label_days(
+        sample, stats = pseudo_label_days(
             warehouse.get(), days, first_day(partitions), encoder_id=encoder.get().encoder_id,
             generator=anchor_generator.get(), calibration_cfg=settings.calibration,
             confidence_cfg=settings.confidence, history_max_items=settings.history_max_len,
@@ -168,7 +170,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         """Semantic IDs of the catalog: an RQ-VAE over the frozen item embeddings gives each item L codes,
         plus a suffix where items share all of them, so that an ID names one item. Versioned by encoder,
         items, config and seed; retrained only when one of them changes."""
-        from gpl_platform.sid.store import build_semantic_ids
+        from gpl_platform.pseudo_labels.semantic_ids.store import build_semantic_ids
 
         settings = gpl.settings()
         meta = build_semantic_ids(warehouse.get(), encoder.get().encoder_id, settings.sid.semantic_ids, settings.seed,

@@ -17,9 +17,10 @@ from assets.gpl import SAME_DAY, labelling_gaps_metadata
 from assets.ingestion import POOL
 from assets.metadata import span
 from assets.partitions import first_day, partition_days
-from assets.resources import (AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings,
-                              WarehouseResource)
-from gpl_platform import labeling
+from assets.resources import AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings, WarehouseResource
+from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
+from gpl_platform.pseudo_labels.pipeline import pseudo_label_days, score_day_candidates
+from gpl_platform.pseudo_labels.stages import StageTables
 
 GROUP = "gpl_ablation"
 
@@ -27,7 +28,7 @@ GROUP = "gpl_ablation"
 def _variant_asset(partitions: DailyPartitionsDefinition, automation: Automation, variant: str, backend: str,
                    deps: list, doc: str):
     """The same GPL stages with another anchor backend, written to the ``*__<variant>`` tables."""
-    tables = labeling.StageTables(variant)
+    tables = StageTables(variant)
 
     @asset(name=f"{variant}_anchor_pseudo_labels", group_name=GROUP, kinds={"duckdb"}, partitions_def=partitions,
            deps=[AssetDep("user_histories", partition_mapping=SAME_DAY),
@@ -41,14 +42,14 @@ def _variant_asset(partitions: DailyPartitionsDefinition, automation: Automation
         days = partition_days(context.partition_keys)
         wh, model, batches = warehouse.get(), encoder.get(), engine.get()
         generator = anchor_generator.get(backend)
-        _, anchor_stats = labeling.generate_anchors(wh, days, generator, settings.anchors.k,
-                                                    settings.anchors.history_max_items, progress=False,
-                                                    run_id=context.run_id, tables=tables, engine=batches)
-        labeling.embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator,
-                               engine=batches)
-        labeling.score_day_candidates(wh, days, model.encoder_id, generator.lineage_signature(), context.run_id,
-                                      tables=tables, engine=batches)
-        _, stats = labeling.pseudo_label_days(
+        _, anchor_stats = generate_anchors(wh, days, generator, settings.anchors.k,
+                                           settings.anchors.history_max_items, progress=False,
+                                           run_id=context.run_id, tables=tables, engine=batches)
+        embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator,
+                      engine=batches)
+        score_day_candidates(wh, days, model.encoder_id, generator.lineage_signature(), context.run_id,
+                             tables=tables, engine=batches)
+        _, stats = pseudo_label_days(
             wh, days, first_day(partitions), encoder_id=model.encoder_id, generator=generator,
             calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
             history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir,

@@ -15,9 +15,9 @@ from assets.automation import Automation
 from assets.metadata import span, table_md
 from assets.partitions import first_day, partition_days
 from assets.resources import GplSettings, WarehouseResource
-from gpl_platform import ingest
-from gpl_platform.contract import event_day_folders
-from gpl_platform.sources import load_source
+from gpl_platform.data import ingestion
+from gpl_platform.data.contract import event_day_folders
+from gpl_platform.data.sources import load_source
 
 GROUP = "ingestion"
 POOL = "duckdb_warehouse"  # DuckDB allows one writing process: every asset that opens the file is in it
@@ -31,7 +31,7 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         in one transaction."""
         settings = gpl.settings()
         dataset = load_source(settings, days=[])
-        stats = ingest.ingest_catalog(warehouse.get(), dataset, settings.source_signature())
+        stats = ingestion.ingest_catalog(warehouse.get(), dataset, settings.source_signature())
         context.log.info("catalog of %s: %d items, %d users", dataset.name, stats["n_items"], stats["n_users"])
         return MaterializeResult(metadata={
             "dagster/row_count": stats["n_items"], "source": dataset.name,
@@ -63,19 +63,19 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         days = partition_days(context.partition_keys)
         dataset = load_source(settings, days=days)
         delivered = _delivered_days(settings, dataset)
-        vanished = sorted((set(days) - delivered) & ingest.nonempty_event_days(wh)) if delivered is not None else []
+        vanished = sorted((set(days) - delivered) & ingestion.nonempty_event_days(wh)) if delivered is not None else []
         kept = vanished if settings.contract.missing_days == "keep" else []
         for day in vanished:
             context.log.warning("%s was delivered before and is missing from the delivery now: %s (contract."
                                 "missing_days=%s)", day, "its rows are kept" if kept else "cleared",
                                 settings.contract.missing_days)
         to_write = [d for d in days if d not in kept]
-        stats = ingest.ingest_event_days(wh, dataset, to_write, settings.source_signature(), context.run_id)
+        stats = ingestion.ingest_event_days(wh, dataset, to_write, settings.source_signature(), context.run_id)
         outside = sorted(d for d in set(dataset.events["day"]) if not partitions.has_partition_key(d.isoformat()))
         if outside:
             context.log.warning("%d day(s) of the source lie outside the partitions (%s .. %s) and are not ingested",
                                 len(outside), outside[0], outside[-1])
-        stale = sorted(ingest.nonempty_event_days(wh) - delivered) if delivered is not None else []
+        stale = sorted(ingestion.nonempty_event_days(wh) - delivered) if delivered is not None else []
         empty = int((stats["events"] == 0).sum())
         if empty:
             context.log.warning("%d of %d day(s) have no events (written as empty partitions)", empty, len(to_write))
@@ -99,9 +99,9 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         """Per user with a request on day D: clicked items strictly before D (UTC), most recent first."""
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
-        histories = ingest.build_user_histories(warehouse.get(), days, first_day(partitions), settings.history_max_len,
+        histories = ingestion.build_user_histories(warehouse.get(), days, first_day(partitions), settings.history_max_len,
                                                 context.run_id)
-        stats = ingest.history_day_stats(histories, days)
+        stats = ingestion.history_day_stats(histories, days)
         return MaterializeResult(metadata={
             "dagster/row_count": len(histories), "partition_span": span(days),
             "cold_start_users": int(stats["cold_start_users"].sum()),

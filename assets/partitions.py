@@ -12,7 +12,7 @@ from datetime import date, timedelta
 from dagster import DailyPartitionsDefinition, PartitionsDefinition
 
 from gpl_platform.config import Settings
-from gpl_platform.sources import partition_span
+from gpl_platform.data.sources import partition_span
 
 # Dagster's run tags for a single run over a range of partitions (how single-run backfills and
 # `dagster asset materialize --partition-range` tell the run its range).

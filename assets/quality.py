@@ -1,5 +1,5 @@
 """Quality assets (group ``quality``): the label audit, pseudo-labels of day D against real clicks when
-the same user is shown the same item on a later day (gpl_platform/label_audit.py). Unpartitioned: each
+the same user is shown the same item on a later day (gpl_platform/pseudo_labels/audit.py). Unpartitioned: each
 materialization audits every labelled day with the exposures known so far, and stores the tables in
 the warehouse. The asset checks are in assets/checks.py."""
 
@@ -15,7 +15,7 @@ from assets.automation import Automation
 from assets.ingestion import POOL
 from assets.metadata import table_md
 from assets.resources import WarehouseResource
-from gpl_platform import label_audit as audit_lib
+from gpl_platform.pseudo_labels import audit as audit_lib
 
 GROUP = "quality"
 AUDIT_TABLES = ("label_audit_pairs", "label_audit_reliability", "label_audit_by_lag", "label_audit_by_day")

@@ -11,7 +11,7 @@ from dagster import ConfigurableResource, ResourceDependency
 from pydantic import Field, PrivateAttr
 
 from gpl_platform.config import Settings, load_settings
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.data.warehouse import Warehouse
 
 
 class GplSettings(ConfigurableResource):
@@ -75,7 +75,7 @@ class EncoderResource(ConfigurableResource):
 
     def get(self):
         if self._encoder is None:
-            from gpl_platform.embeddings import SentenceEncoder
+            from gpl_platform.pseudo_labels.encoder import SentenceEncoder
 
             encoder_dir = self.gpl.settings().encoder_dir
             self._encoder = SentenceEncoder(str(encoder_dir) if encoder_dir else None)
@@ -90,7 +90,7 @@ class AnchorGeneratorResource(ConfigurableResource):
     _generators: dict = PrivateAttr(default_factory=dict)
 
     def get(self, backend: str | None = None):
-        from gpl_platform.models import build_anchor_generator
+        from gpl_platform.pseudo_labels.model_loading import build_anchor_generator
 
         settings = self.gpl.settings()
         backend = backend or settings.anchors.backend

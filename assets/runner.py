@@ -28,7 +28,7 @@ from assets.partitions import range_tags
 from assets.resources import GplSettings, gpl_resources
 from assets.run_health import fail_dead_runs
 from gpl_platform.config import Settings
-from gpl_platform.sources import contract_last_day
+from gpl_platform.data.sources import contract_last_day
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")

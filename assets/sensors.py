@@ -28,7 +28,7 @@ from dagster import (
 from assets.resources import GplSettings
 from assets.run_health import fail_dead_runs
 from gpl_platform.config import AutomationConfig
-from gpl_platform.contract import ContractError, delivery_fingerprints
+from gpl_platform.data.contract import ContractError, delivery_fingerprints
 
 NEW_DAYS_SENSOR = "new_contract_days"
 WATCHDOG_SENSOR = "dead_run_watchdog"

@@ -10,8 +10,10 @@ from assets.automation import Automation
 from assets.ingestion import POOL
 from assets.metadata import table_md
 from assets.resources import FeatureStoreResource, GplSettings, WarehouseResource
-from gpl_platform import quality
 from gpl_platform.prerank import data
+from gpl_platform.quality.gate import failing_event_days, failing_label_days
+from gpl_platform.quality.results import QualityGateError
+from gpl_platform.quality.thresholds import quality_config
 
 GROUP = "training"
 FEATURES = ["user_features", "item_features", "profile_features", "feast_registry"]
@@ -31,17 +33,17 @@ def training_assets(automation: Automation) -> list:
         settings = gpl.settings()
         wh = warehouse.get()
         cfg = settings.training
-        gates = quality.quality_config(settings)
+        gates = quality_config(settings)
         split = data.time_split(wh, cfg.test_share, cfg.valid_share)
         # The checks judged each partition when it was written; a later run re-checks what it is about to
         # consume, so a partition that failed (or was corrupted since) never reaches training.
-        bad_events = quality.failing_event_days(wh, split.train_days, gates.events)
-        failing = {**quality.failing_label_days(wh, split.train_days, gates.pseudo_labels),
+        bad_events = failing_event_days(wh, split.train_days, gates.events)
+        failing = {**failing_label_days(wh, split.train_days, gates.pseudo_labels),
                    **{d: f"events: {why}" for d, why in bad_events.items()}}
         for day, why in sorted(failing.items()):
             context.log.warning("%s fails a quality gate and is not consumed: %s", day, why)
         if len(failing) > cfg.max_failing_label_days_share * len(split.train_days):
-            raise quality.QualityGateError(
+            raise QualityGateError(
                 f"training_set refuses to train: {len(failing)} of {len(split.train_days)} training days fail a "
                 f"quality gate (more than training.max_failing_label_days_share={cfg.max_failing_label_days_share})"
                 ":\n" + "\n".join(f"  {d}: {why}" for d, why in sorted(failing.items())))
@@ -107,7 +109,7 @@ def training_assets(automation: Automation) -> list:
 
         settings = gpl.settings()
         wh = warehouse.get()
-        gates = quality.quality_config(settings)
+        gates = quality_config(settings)
         if not logged.has_ground_truth(wh):
             report, paths = logged.evaluate_and_write(wh, feature_store.get(), settings, gates)
             context.log.info("no oracle labels: logged-data evaluation (%s)", paths["json"])

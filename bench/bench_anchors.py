@@ -89,7 +89,7 @@ def _genres(text: str) -> set[str]:
 
 def synthetic_histories(n_users: int, seed: int = 0, min_len: int = 4, max_len: int = 12):
     """Users drawn around one or two favourite genres (plus some noise), most recent first."""
-    from gpl_platform.anchors import UserHistory
+    from gpl_platform.pseudo_labels.anchors import UserHistory
 
     rng = random.Random(seed)
     all_genres = sorted(set().union(*(_genres(m) for m in MOVIES)))
@@ -120,7 +120,7 @@ def _baseline(gen, histories, k: int) -> tuple[float, int]:
     """One prompt at a time with HF generate on the fp32 model (the naive loop)."""
     import torch
 
-    from gpl_platform.anchors.smollm import load_model
+    from gpl_platform.pseudo_labels.anchors.smollm_caches import load_model
 
     model, tok = load_model(gen.gguf_path, quantize=False)
     prompts = [gen.build_prompt(h, k) for h in histories]
@@ -156,7 +156,7 @@ def run(n_users: int = 64, out: Path | None = None, k: int = 5, levers: bool = F
 
     import torch
 
-    from gpl_platform.anchors.smollm import SmolLMAnchorGenerator
+    from gpl_platform.pseudo_labels.anchors.smollm import SmolLMAnchorGenerator
 
     threads = os.cpu_count() or 2
     torch.set_num_threads(threads)

@@ -39,10 +39,10 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
     from assets.resources import GplSettings
     from assets.runner import run_pipeline
     from gpl_platform.config import PROJECT_ROOT, load_settings
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.data.stats import dataset_statistics
+    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation import bias_sweep
-    from gpl_platform.sources import load_source
-    from gpl_platform.stats import dataset_statistics
-    from gpl_platform.warehouse import Warehouse
 
     names = settings or list(bias_sweep.SWEEP_SETTINGS[source])
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()

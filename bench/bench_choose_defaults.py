@@ -75,11 +75,11 @@ def run(source: str, selection: Path, out: Path | None = None, setting: str | No
         data_root: Path | None = None) -> dict:
     os.environ["GPL_SOURCE"] = source
     from gpl_platform.config import PROJECT_ROOT, ConfidenceConfig, load_settings
+    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation import bias_sweep
     from gpl_platform.evaluation.offline import run_offline_evaluation
     from gpl_platform.features.store import FeastStore
-    from gpl_platform.quality import quality_config
-    from gpl_platform.warehouse import Warehouse
+    from gpl_platform.quality.thresholds import quality_config
 
     began = time.perf_counter()
     setting = setting or bias_sweep.REFERENCE_SETTING[source]

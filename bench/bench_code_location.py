@@ -29,13 +29,13 @@ from bench._timing import write_json  # noqa: E402
 SIZES = {"small": {"n_users": 200, "n_items": 500, "n_days": 14}, "large": {"n_users": 5000, "n_items": 5000,
                                                                           "n_days": 30}}
 LOAD = "import assets.definitions as d; assert d.defs.resolve_job_def('gpl_daily').partitions_def"
-READ = "import sys; from gpl_platform.contract import read_contract_dir; read_contract_dir(sys.argv[1])"
+READ = "import sys; from gpl_platform.data.contract import read_contract_dir; read_contract_dir(sys.argv[1])"
 
 
 def _write_world(directory: Path, size: dict, by_day: bool) -> int:
     from gpl_platform.config import load_settings
-    from gpl_platform.contract import write_event_day
-    from gpl_platform.sources import load_source
+    from gpl_platform.data.contract import write_event_day
+    from gpl_platform.data.sources import load_source
 
     settings = load_settings({"source": "simulator", "simulator": {**size, "exposure": {"propensity_samples": 0}}})
     dataset = load_source(settings)

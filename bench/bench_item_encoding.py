@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl_platform.embeddings import SentenceEncoder
+from gpl_platform.pseudo_labels.encoder import SentenceEncoder
 
 _WORDS = (
     "space war love family detective robot city river king ghost school summer island secret "

@@ -19,9 +19,9 @@ if str(ROOT) not in sys.path:
 
 def run(lambdas: list[float], seeds: list[int], out: Path | None = None) -> dict:
     from gpl_platform.config import load_settings
+    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation.offline import run_offline_evaluation
     from gpl_platform.features.store import FeastStore
-    from gpl_platform.warehouse import Warehouse
 
     settings = load_settings()
     warehouse, store = Warehouse(settings.warehouse), FeastStore(settings)

@@ -31,13 +31,13 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from _timing import random_requests, time_calls as _time, write_json  # noqa: E402
+from _timing import random_requests, write_json  # noqa: E402
+from _timing import time_calls as _time
 
 
 def _free_port() -> int:
@@ -122,9 +122,9 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
     writes it as JSON to ``out`` when given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl_platform.config import load_settings
-    from gpl_platform.features.fixtures import build_feature_world
     from gpl_platform.features.store import FeastStore
     from gpl_platform.prerank.serving import InputReader
+    from tests.helpers import build_feature_world
 
     n_requests = n_requests or (300 if n_items <= 200 else 100)
     tmp = None

@@ -140,8 +140,8 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 20
     import torch
 
     from gpl_platform.config import load_settings
-    from gpl_platform.features.fixtures import build_feature_world
     from gpl_platform.prerank.serving import PreRankScorer
+    from tests.helpers import build_feature_world
 
     loadavg_before = os.getloadavg()
     samples, sampling = [], threading.Event()

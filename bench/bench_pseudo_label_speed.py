@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl_platform.scoring import score_candidates, score_candidates_loop
+from gpl_platform.pseudo_labels.similarity import score_candidates, score_candidates_loop
 
 
 def _norm(x: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ through every stage, each in a fresh process (its peak RSS is that process's VmH
 item embeddings, anchors / embeddings / similarities / pseudo-labels with the ``history`` backend
 (the main tables) and with the ``sid`` backend (the ``__sid`` tables, after training its semantic
 IDs and generator), features, Feast materialization, the training set. At ``baseline_at`` the
-whole-range code (gpl_platform/labeling_in_memory.py) runs the similarities and pseudo-labels
+whole-range code (gpl_platform/pseudo_labels/in_memory.py) runs the similarities and pseudo-labels
 first, as the baseline of the same run, and the streaming labels are compared with it. At
 ``ray_at`` a local Ray cluster of 2 CPUs (started here) runs the parallel stages with 1 and with 2
 workers on a copy of the warehouse; its labels are compared with the local engine's.
@@ -64,11 +64,14 @@ def world_env(candidates: int, days: int, per_request: int, items: int, data_dir
 def _run_stage(stage: str) -> dict:
     from datetime import timedelta
 
-    from gpl_platform import labeling, labeling_in_memory
     from gpl_platform.config import load_settings
+    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.engine import make_engine
-    from gpl_platform.models import anchor_generator, sentence_encoder
-    from gpl_platform.warehouse import Warehouse
+    from gpl_platform.pseudo_labels import in_memory
+    from gpl_platform.pseudo_labels import pipeline as label_pipeline
+    from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
+    from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
+    from gpl_platform.pseudo_labels.stages import StageTables
 
     settings = load_settings()
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
@@ -81,56 +84,56 @@ def _run_stage(stage: str) -> dict:
     days = [first + timedelta(n) for n in range(settings.simulator.n_days)]
     out: dict = {}
     variant, backend = ("sid", "sid") if stage.endswith("_sid") else ("main", "history")
-    tables = labeling.StageTables(variant)
+    tables = StageTables(variant)
 
     def generator():
         return anchor_generator(settings, backend)
 
     if stage == "ingestion":
-        from gpl_platform import ingest
-        from gpl_platform.sources import load_source
+        from gpl_platform.data import ingestion
+        from gpl_platform.data.sources import load_source
 
         began = time.perf_counter()
         dataset = load_source(settings)
         out["simulate_seconds"] = round(time.perf_counter() - began, 2)
         signature = settings.source_signature()
-        ingest.ingest_catalog(warehouse, dataset, signature)
+        ingestion.ingest_catalog(warehouse, dataset, signature)
         for day in days:  # one partition at a time, as a daily schedule would
-            ingest.ingest_event_days(warehouse, dataset, [day], signature)
+            ingestion.ingest_event_days(warehouse, dataset, [day], signature)
         del dataset
-        ingest.build_user_histories(warehouse, days, first, settings.history_max_len)
+        ingestion.build_user_histories(warehouse, days, first, settings.history_max_len)
         out["candidates"] = int(warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0])
         out["user_days"] = int(warehouse.query("SELECT count(*) AS n FROM user_histories")["n"].iloc[0])
     elif stage == "item_embeddings":
-        from gpl_platform.embeddings import update_item_embeddings
+        from gpl_platform.pseudo_labels.encoder import update_item_embeddings
 
         items = warehouse.query("SELECT item_id, text FROM items")
         with warehouse.connect() as con:
             out.update({k: v for k, v in update_item_embeddings(con, items, encoder).items() if k != "encoder_id"})
     elif stage == "sid_training":
-        from gpl_platform.sid.store import build_semantic_ids
+        from gpl_platform.pseudo_labels.semantic_ids.store import build_semantic_ids
 
         build_semantic_ids(warehouse, encoder.encoder_id, settings.sid.semantic_ids, settings.seed,
                            settings.artifacts_dir)
         family = anchor_generator(settings, "sid")
         out["models"] = sorted({family.for_day(d).model_id for d in days})
     elif stage.startswith("anchors_"):
-        anchors, stats = labeling.generate_anchors(warehouse, days, generator(), settings.anchors.k,
-                                                   settings.anchors.history_max_items, progress=False,
-                                                   tables=tables, engine=engine)
+        anchors, stats = generate_anchors(warehouse, days, generator(), settings.anchors.k,
+                                          settings.anchors.history_max_items, progress=False,
+                                          tables=tables, engine=engine)
         out.update(anchors=len(anchors), cache_hits=stats.get("cache_hits", 0),
                    cache_misses=stats.get("cache_misses", 0))
     elif stage.startswith("embeddings_"):
-        out.update(labeling.embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(),
-                                          engine=engine))
+        out.update(embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(),
+                                 engine=engine))
     elif stage.startswith("similarities_"):
-        module = labeling_in_memory if stage.endswith("in_memory") else labeling
-        kwargs = {} if module is labeling_in_memory else {"engine": engine}
+        module = in_memory if stage.endswith("in_memory") else label_pipeline
+        kwargs = {} if module is in_memory else {"engine": engine}
         out.update(module.score_day_candidates(warehouse, days, encoder.encoder_id, generator().lineage_signature(),
                                                tables=tables, **kwargs))
     elif stage.startswith("pseudo_labels_"):
-        module = labeling_in_memory if stage.endswith("in_memory") else labeling
-        kwargs = {} if module is labeling_in_memory else {"engine": engine}
+        module = in_memory if stage.endswith("in_memory") else label_pipeline
+        kwargs = {} if module is in_memory else {"engine": engine}
         _, stats = module.pseudo_label_days(
             warehouse, days, first, encoder_id=encoder.encoder_id, generator=generator(),
             calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
@@ -336,9 +339,9 @@ def _baseline_table(entry: dict) -> dict:
 def ray_comparison(entry: dict, data_dir: Path, env: dict, logs: Path) -> dict:
     """The parallel stages on a local 2-CPU Ray cluster with 1 and 2 workers, each on a fresh copy of the
     warehouse after the local run (the sid anchor cache emptied, so that anchors are generated)."""
-    from gpl_platform.engine.ray_engine import LocalRayCluster
-
     import duckdb
+
+    from gpl_platform.engine.ray_engine import LocalRayCluster
 
     local = entry["stages"]
     result: dict = {"stages": {}}

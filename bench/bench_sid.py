@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from gpl_platform.config import load_settings
-from gpl_platform.embeddings import load_item_embeddings
-from gpl_platform.labeling import load_histories
-from gpl_platform.sid.generator import SidVocabulary, beam_search, train_sid_generator
-from gpl_platform.sid.rqvae import fit_semantic_ids
-from gpl_platform.sid.store import refit_day, training_sequences
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.pseudo_labels.anchor_stages import load_histories
+from gpl_platform.pseudo_labels.encoder import load_item_embeddings
+from gpl_platform.pseudo_labels.semantic_ids.generator import SidVocabulary, beam_search, train_sid_generator
+from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids
+from gpl_platform.pseudo_labels.semantic_ids.store import refit_day, training_sequences
 
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "bench"):

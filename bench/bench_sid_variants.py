@@ -21,9 +21,9 @@ for path in (ROOT, ROOT / "bench"):
 from _timing import write_json  # noqa: E402
 
 from gpl_platform.config import load_settings  # noqa: E402
+from gpl_platform.data.warehouse import Warehouse  # noqa: E402
 from gpl_platform.evaluation.pseudo_label_quality import pseudo_label_quality  # noqa: E402
-from gpl_platform.models import anchor_generator, sentence_encoder  # noqa: E402
-from gpl_platform.warehouse import Warehouse  # noqa: E402
+from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder  # noqa: E402
 
 
 def run(variants: list[str], out=None) -> dict:

@@ -15,8 +15,8 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from gpl_platform.anchors.base import AnchorGenerator, AnchorResult, UserHistory
 from gpl_platform.engine.base import Engine, Shared
+from gpl_platform.pseudo_labels.anchors.base import AnchorGenerator, AnchorResult, UserHistory
 
 
 def _chunks(items: Sequence, size: int) -> list[list]:
@@ -73,7 +73,7 @@ class EngineAnchorGenerator(AnchorGenerator):
 
 class EngineEncoder:
     """``encoder`` run by ``engine``, ``chunk`` texts per call. A worker loads its own copy of a
-    :class:`~gpl_platform.embeddings.SentenceEncoder` from the model directory (the package that ships
+    :class:`~gpl_platform.pseudo_labels.encoder.SentenceEncoder` from the model directory (the package that ships
     the weights must be installed there); other encoders travel pickled."""
 
     def __init__(self, encoder, engine: Engine, chunk: int | None = None):
@@ -89,7 +89,7 @@ class EngineEncoder:
         return self.inner.dim
 
     def _shared(self) -> Shared:
-        from gpl_platform.embeddings import SentenceEncoder
+        from gpl_platform.pseudo_labels.encoder import SentenceEncoder
 
         if self.engine.name != "local" and isinstance(self.inner, SentenceEncoder):
             build = partial(SentenceEncoder, self.inner.model_dir, self.inner.device, self.inner.name)

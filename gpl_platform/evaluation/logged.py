@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
 from gpl_platform.evaluation.offline import _ips_propensity, fit_method, gated_pseudo_labels, preranker_specs
 from gpl_platform.prerank.data import (
@@ -32,8 +33,7 @@ from gpl_platform.prerank.data import (
     time_split,
 )
 from gpl_platform.prerank.model import ModelConfig
-from gpl_platform.quality import failing_event_days
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.quality.gate import failing_event_days
 
 log = logging.getLogger(__name__)
 K = 10
@@ -164,7 +164,7 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
 
 def label_audit_summary(warehouse: Warehouse) -> dict:
     """The label audit's headline numbers (pseudo-labels against later real clicks)."""
-    from gpl_platform.label_audit import audit_warehouse
+    from gpl_platform.pseudo_labels.audit import audit_warehouse
 
     try:
         summary = audit_warehouse(warehouse).summary

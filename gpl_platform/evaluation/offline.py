@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from gpl_platform.confidence import confidence_weights
 from gpl_platform.config import ConfidenceConfig, EvaluationConfig, TrainingConfig
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
 from gpl_platform.prerank.data import (
     METHODS,
@@ -34,8 +34,8 @@ from gpl_platform.prerank.data import (
 )
 from gpl_platform.prerank.model import ModelConfig
 from gpl_platform.prerank.train import TrainConfig, train_preranker
-from gpl_platform.quality import failing_label_days
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.pseudo_labels.confidence import confidence_weights
+from gpl_platform.quality.gate import failing_label_days
 
 log = logging.getLogger(__name__)
 METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10",
@@ -135,7 +135,7 @@ def _with_oracle(frame: pd.DataFrame, warehouse: Warehouse, days: Sequence[date]
 
 
 def _item_vectors(warehouse: Warehouse) -> dict:
-    from gpl_platform.vectors import read_vectors
+    from gpl_platform.pseudo_labels.vectors import read_vectors
 
     with warehouse.connect(read_only=True) as con:
         meta, vectors = read_vectors(con, "SELECT item_id, vector FROM item_embeddings")

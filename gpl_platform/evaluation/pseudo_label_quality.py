@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from gpl_platform.anchors import AnchorGenerator
-from gpl_platform.embeddings import load_item_embeddings
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.evaluation.metrics import auc, gauc
-from gpl_platform.labeling import anchors_for_days
-from gpl_platform.scoring import score_candidates
-from gpl_platform.warehouse import Warehouse
+from gpl_platform.pseudo_labels.anchor_stages import anchors_for_days
+from gpl_platform.pseudo_labels.anchors import AnchorGenerator
+from gpl_platform.pseudo_labels.encoder import load_item_embeddings
+from gpl_platform.pseudo_labels.similarity import score_candidates
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from datetime import date, datetime, time, timedelta, timezone
 import numpy as np
 import pandas as pd
 
+from gpl_platform.data.warehouse import table_exists
 from gpl_platform.features.schema import (
     EMBEDDING_DIM,
     FLOAT,
@@ -26,7 +27,6 @@ from gpl_platform.features.schema import (
     FeatureSpec,
     spec_from_columns,
 )
-from gpl_platform.warehouse import table_exists
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def load_content_vectors(con, dim: int = EMBEDDING_DIM) -> dict[str, np.ndarray]
     """
     if not table_exists(con, "item_embeddings"):
         return {}
-    from gpl_platform.embeddings import load_item_embeddings
+    from gpl_platform.pseudo_labels.encoder import load_item_embeddings
 
     rows = con.execute("SELECT encoder_id, count(*) AS n FROM item_embeddings GROUP BY 1 ORDER BY n DESC, 1 "
                        "LIMIT 1").fetchall()

@@ -8,11 +8,11 @@ from datetime import date
 import pandas as pd
 
 from gpl_platform.config import Settings
+from gpl_platform.data.errors import MissingUpstreamDays
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.features import compute, parquet
 from gpl_platform.features.schema import FeatureSpec
 from gpl_platform.features.store import sources_dir
-from gpl_platform.ingest import MissingUpstreamDays
-from gpl_platform.warehouse import Warehouse
 
 
 def warehouse_spec(warehouse: Warehouse) -> FeatureSpec:

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.config import TrainingConfig
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.prerank.train import TrainingRows
-from gpl_platform.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 

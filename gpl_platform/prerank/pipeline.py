@@ -12,9 +12,9 @@ import json
 import numpy as np
 
 from gpl_platform.config import Settings
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.prerank.data import attach_features, id_vocabularies, load_candidates, time_split
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, model_config_from, train_preranker
-from gpl_platform.warehouse import Warehouse
 
 
 def train_from_training_set(warehouse: Warehouse, store, settings: Settings) -> dict:

@@ -3,7 +3,7 @@
 The inputs are the model's feature service's (``prerank_v2``...), computed with the functions Feast's
 on-demand views run (:mod:`gpl_platform.features.derived`) from the stored features Feast's public
 ``get_online_features`` returns, so a candidate scores exactly as training saw it at the same
-feature time (``tests/test_scoring_service.py`` compares with ``get_historical_features``).
+feature time (``tests/prerank/test_scoring_service.py`` compares with ``get_historical_features``).
 
 Latency: the item side of the inputs (every catalog item's ``i_*`` inputs, its content embedding
 for the cosine, and for ``two_tower`` its item-tower vector) is computed once per materialization
@@ -42,8 +42,8 @@ from gpl_platform.features.schema import (
     EMBEDDING_DIM,
     ENTITY_KEYS,
     FLOAT,
-    INT,
     INPUT_PREFIX,
+    INT,
     KNOWN_FLAGS,
     USER_ITEM_COSINE,
     input_name,

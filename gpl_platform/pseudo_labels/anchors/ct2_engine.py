@@ -1,0 +1,107 @@
+"""CTranslate2 decoding for the SmolLM2 anchor backend (the ``ctranslate2`` engine).
+
+The packaged Q4 GGUF is de-quantized once to an fp32 transformers directory (``smollm_weights.converted_dir``)
+and converted from there, once, to a CTranslate2 int8 model cached under ``model_root`` (by default
+``<data_dir>/artifacts/models``, beside the data). Conversion writes into a temporary directory and
+renames it, so an interrupted conversion never leaves a half-written model.
+
+Decoding uses the same prompts as the transformers path: the few-shot prefix is CTranslate2's
+``static_prompt`` (its state is computed once and reused for every batch), each user's history block
+and the assistant prefill are the per-row start tokens, greedy search with the same repetition
+penalty, stop tokens and ``max_new_tokens``. A per-token callback collects token log-probabilities
+and, with early stop, ends a row once it has written k anchor lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+_LOADED: dict[tuple[str, int], Any] = {}
+_LOCK = threading.Lock()
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+def converted_model_dir(fp32_dir: Path, model_root: Path, quantization: str = "int8") -> Path:
+    import ctranslate2
+
+    return Path(model_root) / f"{Path(fp32_dir).name}-ct2-{quantization}-{ctranslate2.__version__}"
+
+
+def ensure_converted(fp32_dir: Path, model_root: Path, quantization: str = "int8") -> Path:
+    """The CTranslate2 copy of the fp32 model directory, converted on first use (about 25-50 s)."""
+    from ctranslate2.converters import TransformersConverter
+
+    target = converted_model_dir(fp32_dir, model_root, quantization)
+    if (target / "model.bin").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    began = time.perf_counter()
+    logger.info("converting %s to CTranslate2 %s (once) into %s", fp32_dir, quantization, target)
+    TransformersConverter(str(fp32_dir), low_cpu_mem_usage=True).convert(str(tmp), quantization=quantization)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    logger.info("CTranslate2 model ready in %.1fs", time.perf_counter() - began)
+    return target
+
+
+def load_generator(model_dir: Path, threads: int | None = None):
+    """One ``ctranslate2.Generator`` per (directory, threads) and process."""
+    import ctranslate2
+
+    threads = int(threads or os.cpu_count() or 1)
+    key = (str(model_dir), threads)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = ctranslate2.Generator(str(model_dir), device="cpu", compute_type="int8",
+                                                 intra_threads=threads)
+        return _LOADED[key]
+
+
+def decode_batch(generator, tokenizer, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]], *, k: int,
+                 max_new_tokens: int, repetition_penalty: float, stop_ids: set[int], newline_table,
+                 early_stop: bool, timing) -> list[tuple[list[int], list[float]]]:
+    """Greedy decoding of one batch; per row (generated token ids, their log-probs), stop tokens left out."""
+    prefix = tokenizer.convert_ids_to_tokens(list(prefix_ids))
+    starts = [tokenizer.convert_ids_to_tokens(list(s)) for s in suffixes]
+    stop_tokens = tokenizer.convert_ids_to_tokens(sorted(stop_ids))
+    rows: list[tuple[list[int], list[float]]] = [([], []) for _ in suffixes]
+    lines = [0] * len(suffixes)
+    prev_newline = [False] * len(suffixes)
+
+    def on_token(step) -> bool:
+        r, token = step.batch_id, step.token_id
+        if token in stop_ids:
+            return True
+        rows[r][0].append(token)
+        rows[r][1].append(float(step.log_prob) if step.log_prob is not None else 0.0)
+        is_newline = bool(newline_table[token])
+        if is_newline and not prev_newline[r]:
+            lines[r] += 1
+        prev_newline[r] = is_newline
+        return early_stop and lines[r] >= k
+
+    began = time.perf_counter()
+    generator.generate_batch(starts, static_prompt=prefix, include_prompt_in_result=False,
+                             max_length=max_new_tokens, end_token=stop_tokens, beam_size=1,
+                             repetition_penalty=repetition_penalty, return_scores=True,  # per-token log_prob
+                             callback=on_token)
+    timing["decode_ms"] += int(1000 * (time.perf_counter() - began))
+    timing["prefill_tokens"] += int(sum(len(s) for s in suffixes))
+    return rows

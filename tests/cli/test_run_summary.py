@@ -1,0 +1,63 @@
+"""The end-of-run summary of `gpl run` (gpl_platform/cli/summary.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from gpl_platform.cli.summary import CHECK_LINE_CHARS, check_lines, fresh_report, render_run_summary
+
+
+def metric(mean, std):
+    return {"mean": mean, "std": std}
+
+
+REPORT = {
+    "dataset": "movielens-100k", "preranker": "mlp:prerank_v2", "seeds": [0, 1],
+    "split": {"test_days": ["1998-03-25", "1998-04-22", 29]},
+    "methods": {
+        "exposed_only": {"auc": metric(0.70, 0.002), "unexposed_auc": metric(0.66, 0.003), "hr@10": metric(0.41, 0.01)},
+        "gpl": {"auc": metric(0.71, 0.001), "unexposed_auc": metric(0.68, 0.002), "hr@10": metric(0.43, 0.02)},
+        "ips": {"auc": metric(0.69, 0.004), "unexposed_auc": metric(float("nan"), float("nan")),
+                "hr@10": metric(0.40, 0.01)},
+    },
+}
+
+
+def test_summary_has_the_table_sorted_the_lift_the_report_the_ui_and_one_line_per_check(tmp_path):
+    report_path = tmp_path / "offline_eval.json"
+    (tmp_path / "offline_eval_metrics.png").write_bytes(b"png")
+    checks = ["pseudo_labels.pseudo_labels_distribution: " + "day 1997-10-01 std 0.001 < 0.005; " * 40,
+              "user_anchors.anchors_fallback_share: 12% of users fell back"]
+    lines = render_run_summary(checks, REPORT, report_path, full_evaluation_hint=True)
+    text = "\n".join(lines)
+    rows = [line for line in lines if line.startswith("  ") and line.split()[0] in REPORT["methods"] and " - " not in line]
+    assert [r.split()[0] for r in rows] == ["gpl", "exposed_only", "ips"]  # best unexposed AUC first, NaN last
+    assert "0.6800 ± 0.0020" in text and "n/a" in text
+    assert "3 methods x 2 seed(s) [0, 1], test days 1998-03-25..1998-04-22 (29 days)" in text
+    assert "gpl - exposed_only: AUC +0.0100, unexposed AUC +0.0200" in text
+    assert f"Report: {tmp_path / 'offline_eval.md'}" in text and "offline_eval_metrics.png" in text
+    assert "make ui -> http://127.0.0.1:3000" in text and "make evaluate" in text
+    check_rows = [line for line in lines if line.startswith("  - ")]
+    assert len(check_rows) == 2 and all(len(r) <= CHECK_LINE_CHARS + 4 for r in check_rows)
+    assert check_rows[0].endswith("…") and check_rows[1].endswith("fell back")
+    assert "2 quality check(s) failed" in text
+
+
+def test_no_checks_no_check_section_and_no_evaluation_said_so(tmp_path):
+    assert check_lines([]) == []
+    lines = render_run_summary([], None, tmp_path / "offline_eval.json", full_evaluation_hint=False)
+    assert any("No evaluation in this run" in line for line in lines)
+    assert not any("make evaluate" in line for line in lines)
+
+
+def test_a_report_left_by_an_earlier_run_is_not_shown(tmp_path):
+    path = tmp_path / "offline_eval.json"
+    path.write_text(json.dumps(REPORT))
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    assert fresh_report(path, time.time() - 60) is None
+    assert fresh_report(path, old - 1)["dataset"] == "movielens-100k"
+    path.write_text("{not json")
+    assert fresh_report(path, 0) is None

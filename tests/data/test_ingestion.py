@@ -1,0 +1,66 @@
+from datetime import date
+
+import pandas as pd
+import pytest
+
+from gpl_platform.data import ingestion
+from gpl_platform.data.contract import validate_dataset
+from gpl_platform.data.errors import MissingUpstreamDays
+from gpl_platform.data.warehouse import Warehouse
+from tests.helpers import tiny_contract_tables
+
+
+def _dataset(events=None):
+    items, users, base = tiny_contract_tables()
+    return validate_dataset("tiny", items, users, base if events is None else events)
+
+
+def test_histories_use_only_clicks_strictly_before_the_utc_day(tmp_path):
+    """r1 at 2024-03-01T23:59:59Z is before day 03-02; r2 at 03-02T00:00:00Z is not before itself."""
+    items, users, events = tiny_contract_tables()
+    # A third request on 03-03 sees both days' clicks.
+    extra = events.iloc[[0]].assign(request_id="r3", item_id="b", event_time=pd.Timestamp("2024-03-03T08:00:00Z"),
+                                    exposed=False, clicked=pd.NA)
+    extra["event_time"] = extra["event_time"].astype("datetime64[us, UTC]")
+    ds = validate_dataset("tiny", items, users, pd.concat([events, extra.astype(events.dtypes.to_dict())], ignore_index=True))
+    wh = Warehouse(tmp_path / "w.duckdb")
+    days = [date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)]
+    ingestion.ingest_event_days(wh, ds, days, {"source": "tiny"})
+    h = ingestion.build_user_histories(wh, days, days[0], max_len=10).set_index("day")
+    assert h.loc[date(2024, 3, 1), "history_item_ids"].tolist() == []        # nothing before the first day
+    assert h.loc[date(2024, 3, 2), "history_item_ids"].tolist() == ["a"]     # r1's click at 23:59:59 on 03-01
+    # On 03-03: a was clicked again on 03-02 (latest click counts once); b was not clicked.
+    assert h.loc[date(2024, 3, 3), "history_item_ids"].tolist() == ["a"]
+    assert h.loc[date(2024, 3, 3), "n_positives"] == 1
+
+
+def test_history_order_and_length_cap(tmp_path, settings):
+    from gpl_platform.data.sources import load_source
+
+    ds = load_source(settings)
+    wh = Warehouse(settings.warehouse)
+    days = sorted(set(ds.events["day"]))
+    ingestion.ingest_event_days(wh, ds, days, settings.source_signature())
+    h = ingestion.build_user_histories(wh, days[-1:], days[0], max_len=3)
+    assert h["history_item_ids"].map(len).max() <= 3
+    row = h[h["n_positives"] > 3].iloc[0]
+    clicks = ds.events[(ds.events["user_id"] == row["user_id"]) & (ds.events["clicked"] == 1)
+                       & (ds.events["day"] < days[-1])]
+    latest = clicks.sort_values(["event_time", "item_id"], ascending=[False, True]).drop_duplicates("item_id")
+    assert list(row["history_item_ids"]) == latest["item_id"].head(3).tolist()
+    assert row["n_positives"] == len(latest)
+
+
+def test_histories_refuse_missing_earlier_days(tmp_path):
+    ds = _dataset()
+    wh = Warehouse(tmp_path / "w.duckdb")
+    ingestion.ingest_event_days(wh, ds, [date(2024, 3, 2)], {"source": "tiny"})
+    with pytest.raises(MissingUpstreamDays, match="first: 2024-03-01"):
+        ingestion.build_user_histories(wh, [date(2024, 3, 2)], date(2024, 3, 1), max_len=10)
+
+
+def test_event_stats_cover_empty_days():
+    ds = _dataset()
+    stats = ingestion.event_day_stats(ds.events, [date(2024, 3, 1), date(2024, 3, 5)])
+    assert stats.loc[date(2024, 3, 5), "events"] == 0
+    assert stats.loc[date(2024, 3, 1), "exposure_rate"] == pytest.approx(2 / 3)

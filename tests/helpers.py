@@ -1,0 +1,211 @@
+"""What tests share besides fixtures (those are in tests/conftest.py): hand-written contract tables,
+processes that hold the DuckDB lock or serve HTTP, in-process Dagster runs, a small trained pre-ranker,
+and a complete small feature store from the configured source (tests and benchmarks: bench/ imports it).
+
+``build_feature_world(settings)`` ingests the source into the warehouse, fills ``item_embeddings``
+with deterministic random unit vectors (no model load) unless the table is already there,
+writes the feature files, applies the Feast repository and materializes the online store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gpl_platform.config import Settings
+from gpl_platform.features.schema import EMBEDDING_DIM
+
+
+class RandomEncoder:
+    """Deterministic pseudo-embeddings: a unit vector seeded by the sha256 of the text."""
+
+    def __init__(self, dim: int = EMBEDDING_DIM, seed: int = 0):
+        self.dim, self.seed = dim, seed  # `dim` and `encoder_id`: the embeddings.Encoder protocol
+
+    @property
+    def encoder_id(self) -> str:
+        return f"random-unit@{self.seed}"
+
+    def encode(self, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for k, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{text}".encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).normal(size=self.dim)
+            out[k] = v / np.linalg.norm(v)
+        return out
+
+
+def build_feature_world(settings: Settings, embeddings: bool = True, days: Sequence | None = None) -> dict:
+    """Ingest, embed (randomly), compute features for every day, apply, materialize ``days`` (default:
+    all) into the online store of ``settings.feature_store``. Returns the pieces."""
+    from gpl_platform.data import ingestion
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.data.warehouse import Warehouse
+    from gpl_platform.features import pipeline
+    from gpl_platform.features.store import FeastStore
+    from gpl_platform.pseudo_labels.encoder import update_item_embeddings
+
+    dataset = load_source(settings)
+    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    ingestion.ingest_catalog(warehouse, dataset, settings.source_signature())
+    all_days = sorted(set(dataset.events["day"]))
+    ingestion.ingest_event_days(warehouse, dataset, all_days, settings.source_signature())
+    if embeddings and not warehouse.table_exists("item_embeddings"):
+        with warehouse.connect() as con:
+            update_item_embeddings(con, dataset.items[["item_id", "text"]], RandomEncoder())
+    pipeline.write_profile_features(settings, warehouse)
+    days = sorted(days) if days is not None else all_days
+    pipeline.write_user_features(settings, warehouse, days, all_days[0])
+    pipeline.write_item_features(settings, warehouse, days, all_days[0])
+    store = FeastStore(settings)
+    store.apply_if_changed(pipeline.warehouse_spec(warehouse))
+    store.materialize_days(days)
+    return {"dataset": dataset, "warehouse": warehouse, "days": days, "store": store}
+
+
+def tiny_contract_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Three items, two users, two requests on two UTC days; hand-written so tests can break it."""
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "text": ["Alpha film", "Beta film", "Gamma film"],
+                          "genre": ["x", "y", "x"]})
+    users = pd.DataFrame({"user_id": ["u1", "u2"], "age": [30, 40]})
+    t1 = pd.Timestamp("2024-03-01T23:59:59Z")
+    t2 = pd.Timestamp("2024-03-02T00:00:00Z")
+    events = pd.DataFrame({
+        "request_id": ["r1", "r1", "r1", "r2", "r2"],
+        "user_id": ["u1", "u1", "u1", "u1", "u1"],
+        "item_id": ["a", "b", "c", "a", "c"],
+        "event_time": [t1, t1, t1, t2, t2],
+        "exposed": [True, True, False, True, False],
+        "clicked": pd.array([1, 0, None, 1, None], dtype="Int8"),
+        "oracle_label": pd.array([1, 0, 1, 1, 0], dtype="Int8"),
+    })
+    events["event_time"] = events["event_time"].astype("datetime64[us, UTC]")
+    return items, users, events
+
+
+def write_contract_dir(directory: Path, items, users, events, fmt: str = "parquet") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("items", items), ("users", users), ("events", events)):
+        if frame is None:
+            continue
+        if fmt == "parquet":
+            frame.to_parquet(directory / f"{name}.parquet", index=False)
+        else:
+            frame.to_csv(directory / f"{name}.csv", index=False)
+    return directory
+
+
+def hold_duckdb_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process that opens the DuckDB file for writing, says so, and holds it for ``seconds``."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        con = duckdb.connect({str(path)!r})
+        print("locked", flush=True)
+        time.sleep({seconds})
+        con.close()
+        print("released", flush=True)
+    """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def run_assets(defs, gpl, selection, instance=None, **kwargs):
+    """``materialize`` the ``selection`` of ``defs`` (assets and checks) with the resources of ``gpl``."""
+    from dagster import DagsterInstance, materialize
+
+    from assets.resources import gpl_resources
+
+    return materialize([*defs.assets, *defs.asset_checks], selection=selection, resources=gpl_resources(gpl),
+                       instance=instance or DagsterInstance.ephemeral(), **kwargs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A server subprocess (its own process group) that answers ``ready_url``; stopped with SIGTERM."""
+
+    def __init__(self, args, ready_url: str, env: dict | None = None, timeout_s: float = 120):
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=5).read()
+                return
+            except OSError as exc:
+                if getattr(exc, "code", None) is not None:  # an HTTP error status: it is up
+                    return
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{args[0]} exited: {self.proc.stderr.read().decode()[-3000:]}") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        from tests.processes import stop_process_group
+
+        stop_process_group(self.proc, grace_s=20)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def post_json(url: str, body, timeout: float = 30) -> tuple[int, dict]:
+    """POST a JSON body (or raw bytes); returns (status, parsed JSON answer) for 2xx and 4xx/5xx alike."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def train_small_model(world, shape: str, seed: int = 0, out=None):
+    """A pre-ranker of ``shape`` after two epochs on a feature world's exposed candidates (scores need
+    not be good, only the same everywhere), saved under the world's models directory."""
+    from gpl_platform.prerank.data import attach_features, load_candidates
+    from gpl_platform.prerank.model import ModelConfig
+    from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker
+
+    store = world["store"]
+    cands = load_candidates(world["warehouse"], world["days"])
+    cands = cands[cands["exposed"]].reset_index(drop=True)
+    matrix, columns = attach_features(store, cands, "prerank_v2")
+    labels = cands["clicked"].to_numpy(np.float32)
+    users = world["dataset"].users["user_id"].tolist()
+    items = world["dataset"].items["item_id"].tolist()
+    model, _ = train_preranker(
+        TrainingRows(matrix, labels, np.ones(len(labels), np.float32), np.zeros(len(labels), bool),
+                     cands["user_id"].to_numpy(), cands["item_id"].to_numpy()),
+        columns, matrix[:200], labels[:200].astype(int), ModelConfig(shape=shape), TrainConfig(epochs=2, seed=seed),
+        valid_user_ids=cands["user_id"][:200].to_numpy(), valid_item_ids=cands["item_id"][:200].to_numpy(),
+        user_vocab=users[:-3], item_vocab=items[:-5])  # some catalog ids outside the vocabulary
+    out = out or world["store"].settings.artifacts_dir / "models" / f"{shape}-{seed}"
+    model.save(out, {"feature_service": "prerank_v2", "version": f"{shape}-{seed}"})
+    return model, out

@@ -1,0 +1,262 @@
+"""The GX suites and the label audit on hand-made frames (no Dagster, no warehouse)."""
+
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gpl_platform.pseudo_labels.audit import audit, expected_calibration_error, join_later_exposures
+from gpl_platform.quality.gate import check_label_days
+from gpl_platform.quality.suites import (
+    check_anchors,
+    check_embeddings,
+    check_events,
+    check_pseudo_label_distribution,
+    check_pseudo_label_values,
+    confidence_histogram,
+    kl_divergence,
+)
+from gpl_platform.quality.thresholds import (
+    AnchorThresholds,
+    EmbeddingThresholds,
+    PseudoLabelThresholds,
+    QualityConfig,
+    quality_config,
+)
+
+
+def _labels(n=400, seed=0, label=None, confidence=None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "pseudo_label": rng.beta(2, 5, n) if label is None else np.full(n, label, dtype=float),
+        "confidence": rng.uniform(0.05, 1.0, n) if confidence is None else np.full(n, confidence, dtype=float),
+    })
+
+
+def _failed(result) -> set[str]:
+    return {e.name for e in result.failures}
+
+
+def test_healthy_labels_pass_both_suites():
+    prev, today = _labels(seed=1), _labels(seed=2)
+    values, dist = check_pseudo_label_values(today), check_pseudo_label_distribution(today, prev)
+    assert values.passed and dist.passed, (values.summary(), dist.summary())
+    assert {e.name for e in dist.expectations} >= {"pseudo_label_mean", "confidence_quantiles",
+                                                   "high_confidence_positive_share", "confidence_kl_vs_previous"}
+    assert 0 <= dist.metadata["confidence_kl_vs_previous"] < 0.2
+    assert dist.metadata["rows"] == 400 and dist.metadata["failures"] == []
+
+
+def test_saturated_labels_fail_with_the_reason():
+    result = check_pseudo_label_distribution(_labels(label=1.0, confidence=1.0), _labels(seed=3))
+    assert not result.passed
+    assert {"pseudo_label_mean", "pseudo_label_std", "confidence_mean", "high_confidence_positive_share",
+            "confidence_kl_vs_previous", "confidence_quantiles"} <= _failed(result)
+    assert "pseudo_label_mean: observed 1" in result.summary()
+    assert result.metadata["high_confidence_positive_share"] == 1.0
+
+
+def test_collapsed_labels_fail():
+    result = check_pseudo_label_distribution(_labels(label=0.3))
+    assert _failed(result) == {"pseudo_label_std"}
+    assert result.metadata["kl_skipped"] == "no previous partition"
+
+
+def test_nan_and_out_of_range_values_fail():
+    frame = _labels()
+    frame.loc[:9, "confidence"] = np.nan
+    frame.loc[10:12, "pseudo_label"] = 1.5
+    result = check_pseudo_label_values(frame)
+    assert _failed(result) == {"confidence_not_null", "pseudo_label_in_0_1"}
+    dist = check_pseudo_label_distribution(frame.assign(confidence=np.nan))
+    assert not dist.passed
+
+
+def test_kl_vs_previous_day_catches_a_shift():
+    cfg = PseudoLabelThresholds(kl_max=0.3)
+    prev = _labels(seed=4)
+    shifted = _labels(seed=5).assign(confidence=lambda f: 0.05 + 0.1 * f["confidence"])  # all in [0.05, 0.15]
+    assert check_pseudo_label_distribution(_labels(seed=6), prev, cfg).passed
+    result = check_pseudo_label_distribution(shifted, prev, cfg)
+    assert "confidence_kl_vs_previous" in _failed(result)
+    # the GX observed value (shown in the metadata) and our own smoothed KL agree
+    gx_kl = next(e.observed for e in result.expectations if e.name == "confidence_kl_vs_previous")
+    assert result.metadata["confidence_kl_vs_previous"] == gx_kl
+    own = kl_divergence(confidence_histogram(shifted["confidence"]),
+                        confidence_histogram(prev["confidence"]))
+    assert gx_kl == pytest.approx(own, rel=0.1)
+
+
+def test_kl_divergence_helper():
+    p = confidence_histogram([0.1, 0.2, 0.2, 0.9], bins=10)
+    assert p.sum() == 4 and kl_divergence(p, p) == pytest.approx(0.0)
+    assert kl_divergence(p, confidence_histogram([0.95] * 10)) > 0.5
+    assert np.isfinite(kl_divergence(np.array([5.0, 0]), np.array([0, 5.0])))  # smoothed, never inf
+
+
+def test_empty_partition_is_skipped_or_fails_by_config():
+    empty = _labels().iloc[0:0]
+    assert check_pseudo_label_distribution(empty).passed
+    assert check_pseudo_label_distribution(empty).skipped == "empty partition"
+    assert not check_pseudo_label_values(empty, PseudoLabelThresholds(allow_empty=False)).passed
+
+
+def _anchor_frames(backend="smollm"):
+    items = pd.DataFrame({"item_id": ["i1", "i2", "i3"], "text": ["Toy Story (1995)", "Heat (1995)", "Casino"]})
+    histories = pd.DataFrame({"day": date(2024, 1, 2), "user_id": ["u1", "u2", "u3"],
+                              "history_item_ids": [["i1", "i2"], ["i3"], []]})
+    anchors = pd.DataFrame({
+        "day": date(2024, 1, 2), "user_id": ["u1", "u1", "u2", "u3"], "anchor_id": list("abcd"),
+        "anchor_text": ["toy story", "slow-burn heist thrillers", "Casino!", "popular movies"],
+        "is_fallback": [False, False, False, True], "fallback_reason": [None, None, None, "empty_history"],
+        "backend": backend,
+    })
+    return anchors, histories, items
+
+
+def test_anchor_checks():
+    anchors, histories, items = _anchor_frames()
+    result = check_anchors(anchors, histories, items, AnchorThresholds(verbatim_copy_rate_max=0.5))
+    # 2 of 3 generated anchors repeat a history title (case, punctuation and year ignored)
+    assert _failed(result) == {"verbatim_copy_rate"}
+    assert result.metadata["verbatim_copy_rate"] == pytest.approx(2 / 3)
+    assert result.metadata["fallback_rate_with_history"] == 0.0  # the cold-start fallback is not counted
+    assert result.metadata["cold_start_anchor_share"] == 0.25
+    # a user with a request and no anchor fails
+    result = check_anchors(anchors[anchors["user_id"] != "u2"], histories, items, AnchorThresholds(
+        verbatim_copy_rate_max=1.0))
+    assert _failed(result) == {"every_user_has_anchors"} and result.metadata["users_without_anchor"] == 1
+    # fallbacks of users with a history count
+    fb = anchors.assign(is_fallback=True, fallback_reason=["no_usable_output"] * 3 + ["empty_history"])
+    assert "fallback_rate" in _failed(check_anchors(fb, histories, items, AnchorThresholds(fallback_rate_max=0.5)))
+    # the history backend copies titles by design: the verbatim rule does not apply
+    hist_anchors, _, _ = _anchor_frames(backend="history")
+    assert check_anchors(hist_anchors, histories, items).passed
+
+
+def test_embedding_checks():
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20, 8))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    frame = pd.DataFrame({"vector": list(vecs.astype(np.float32))})
+    assert check_embeddings(frame, EmbeddingThresholds(dim=8)).passed
+    assert _failed(check_embeddings(frame, EmbeddingThresholds(dim=384))) == {"dimension"}
+    bad = frame.copy()
+    bad.at[0, "vector"] = np.full(8, np.nan, dtype=np.float32)
+    bad.at[1, "vector"] = vecs[1] * 2
+    bad.at[2, "vector"] = vecs[2][:5]
+    result = check_embeddings(bad)
+    assert _failed(result) == {"dimension", "no_nan", "unit_norm"}
+    assert result.metadata["rows_with_nan"] == 1 and result.metadata["dims_seen"] == [5, 8]
+
+
+def _events(n=200, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    exposed = rng.uniform(size=n) < 0.3
+    clicked = pd.array(np.where(exposed, (rng.uniform(size=n) < 0.2).astype(int), 0), dtype="Int8")
+    clicked[~exposed] = pd.NA
+    return pd.DataFrame({"day": date(2024, 1, 1), "request_id": [f"r{i // 20}" for i in range(n)],
+                         "user_id": [f"u{i // 20}" for i in range(n)], "item_id": [f"i{i % 20}" for i in range(n)],
+                         "event_time": pd.Timestamp("2024-01-01T10:00Z"), "exposed": exposed, "clicked": clicked})
+
+
+def test_event_checks():
+    events = _events()
+    assert check_events(events).passed, check_events(events).summary()
+    broken = pd.concat([events, events.iloc[:2]], ignore_index=True)  # duplicate request/item rows
+    unexposed = broken.index[~broken["exposed"]][:3]
+    broken.loc[unexposed, "clicked"] = 1  # a click label on unexposed rows
+    assert _failed(check_events(broken)) == {"unique_request_item", "click_label_on_exposed_only"}
+    none_exposed = events.assign(exposed=False, clicked=pd.array([pd.NA] * len(events), dtype="Int8"))
+    assert "exposure_rate" in _failed(check_events(none_exposed))
+    all_clicked = events.assign(clicked=events["clicked"].where(~events["exposed"], 1))
+    assert _failed(check_events(all_clicked)) == {"positive_rate"}
+    # a day that shows only a few candidates may click most of them: the rate is not judged there
+    few = all_clicked[~all_clicked["exposed"] | (all_clicked.index < all_clicked.index[all_clicked["exposed"]][5])]
+    assert int(few["exposed"].sum()) == 5 and check_events(few).passed
+
+
+def test_quality_config_defaults_and_fallback():
+    cfg = QualityConfig()
+    assert cfg.pseudo_labels.kl_max > 0 and cfg.anchors.fallback_rate_max <= 1
+
+    class NoQuality:  # Settings before `quality` is added to it
+        pass
+
+    assert quality_config(NoQuality()) == cfg
+    custom = QualityConfig(events={"exposure_rate_min": 0.5})
+
+    class WithQuality:
+        quality = custom
+
+    assert quality_config(WithQuality()).events.exposure_rate_min == 0.5
+
+
+# ---- label audit -----------------------------------------------------------------------------
+def _audit_frames():
+    labels = pd.DataFrame({
+        "day": [date(2024, 1, 1)] * 4 + [date(2024, 1, 3)],
+        "request_id": ["r1", "r1", "r1", "r1", "r9"], "user_id": ["u1", "u1", "u1", "u1", "u2"],
+        "item_id": ["a", "b", "c", "d", "a"], "pseudo_label": [0.9, 0.1, 0.5, 0.7, 0.3],
+        "confidence": [0.8, 0.5, 0.2, 0.9, 0.6],
+    })
+    t = lambda d: pd.Timestamp(f"2024-01-0{d}T12:00Z")  # noqa: E731
+    events = pd.DataFrame({
+        "day": [date(2024, 1, d) for d in (2, 4, 3, 1, 5, 2, 4)],
+        "request_id": ["x2", "x4", "x3", "x1", "x5", "y2", "z4"],
+        "user_id": ["u1", "u1", "u1", "u1", "u1", "u3", "u2"],
+        "item_id": ["a", "a", "b", "c", "c", "d", "a"],
+        "event_time": [t(d) for d in (2, 4, 3, 1, 5, 2, 4)],
+        "exposed": [True, True, True, True, False, True, True],
+        "clicked": pd.array([1, 0, 0, 1, None, 1, 0], dtype="Int8"),
+    })
+    return labels, events
+
+
+def test_join_later_exposures_takes_the_first_later_exposure_of_the_same_user():
+    labels, events = _audit_frames()
+    pairs = join_later_exposures(labels, events)
+    got = {(r.user_id, r.item_id, str(r.label_day)): (str(r.exposure_day), r.lag_days, r.clicked)
+           for r in pairs.itertuples()}
+    assert got == {
+        ("u1", "a", "2024-01-01"): ("2024-01-02", 1, 1),  # first of two later exposures
+        ("u1", "b", "2024-01-01"): ("2024-01-03", 2, 0),
+        ("u2", "a", "2024-01-03"): ("2024-01-04", 1, 0),
+    }  # c: only same-day/unexposed later; d: exposed later to another user
+    within = join_later_exposures(labels, events, horizon_days=1)
+    assert set(within["item_id"] + within["user_id"]) == {"au1", "au2"}
+
+
+def test_audit_tables():
+    labels, events = _audit_frames()
+    result = audit(join_later_exposures(labels, events), n_bins=10, n_labels=len(labels))
+    assert result.summary["pairs"] == 3 and result.summary["later_click_rate"] == pytest.approx(1 / 3)
+    rel = result.reliability.set_index("pseudo_label_bin")
+    assert rel.loc["[0.90, 1.00]", "click_rate"] == 1.0 and rel.loc["[0.10, 0.20)", "click_rate"] == 0.0
+    assert result.by_lag.set_index("lag")["n"].to_dict() == {"1d": 2, "2-3d": 1}
+    assert list(result.by_day["label_day"].astype(str)) == ["2024-01-01", "2024-01-03"]
+    assert result.summary["auc"] == 1.0  # the clicked pair has the highest pseudo-label
+
+
+def test_perfectly_calibrated_labels_have_small_ece():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=20000)
+    pairs = pd.DataFrame({"label_day": date(2024, 1, 1), "pseudo_label": p, "confidence": 1.0,
+                          "clicked": (rng.uniform(size=p.size) < p).astype(int), "lag_days": 1})
+    assert expected_calibration_error(pairs) < 0.03
+    assert expected_calibration_error(pairs.assign(pseudo_label=0.99)) > 0.4
+
+
+def test_empty_audit():
+    labels, events = _audit_frames()
+    result = audit(join_later_exposures(labels, events.iloc[0:0]))
+    assert result.summary["pairs"] == 0 and result.reliability.empty and result.by_day.empty
+
+
+def test_a_broken_previous_day_is_no_kl_baseline():
+    d1, d2 = date(2024, 1, 1), date(2024, 1, 2)
+    frame = pd.concat([_labels(label=1.0, confidence=1.0).assign(day=d1), _labels(seed=7).assign(day=d2)])
+    results = check_label_days(frame, [d1, d2])
+    assert not results[d1][1].passed
+    assert results[d2][1].passed and "no baseline" in results[d2][1].metadata["kl_skipped"]
