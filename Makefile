@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo evaluate run backfill test test-fast ui clean lock
+.PHONY: setup demo evaluate run backfill test test-fast lint format ui clean lock
 
 # What the demo evaluates: GPL against the four baselines over two seeds (10 models), so that a fresh
 # clone finishes in minutes. Every asset still runs; `make evaluate` trains the full set (every method
@@ -61,6 +61,15 @@ test: setup
 ## Tests without the slow (real-model) ones.
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+## The linter and the formatter's check (ruff, configured in pyproject.toml); `make format` rewrites the files.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 ## Dagster UI (asset graph, runs, backfills, sensors, automation) on http://127.0.0.1:$(PORT), with the daemon,
 ## behind a local proxy that refuses cross-origin requests; Ctrl-C stops everything (assets/ui.py)

@@ -1,4 +1,4 @@
-"""GPL assets (group ``gpl``, GPL_METHOD.md steps 1-4): item vectors, anchors, anchor vectors,
+"""GPL assets (group ``gpl``, docs/METHOD.md steps 1-4): item vectors, anchors, anchor vectors,
 similarities, calibration, pseudo-labels, and the semantic IDs with their generator."""
 
 

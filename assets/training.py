@@ -1,4 +1,4 @@
-"""Training and evaluation assets (group ``training``; GPL_METHOD.md step 5 and "Evaluation here")."""
+"""Training and evaluation assets (group ``training``; docs/METHOD.md step 5 and "Evaluation metrics")."""
 
 
 import json

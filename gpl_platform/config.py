@@ -232,7 +232,7 @@ class SidConfig(BaseModel):
 
 
 class ConfidenceConfig(BaseModel):
-    """w = clip(c_coh^alpha * c_hist^beta * c_gen^gamma, w_min, 1) (GPL_METHOD.md step 4)."""
+    """w = clip(c_coh^alpha * c_hist^beta * c_gen^gamma, w_min, 1) (docs/METHOD.md step 4)."""
 
     alpha: float = Field(1.0, ge=0, description="exponent of anchor coherence")
     beta: float = Field(1.0, ge=0, description="exponent of history consistency")
@@ -260,7 +260,7 @@ class CalibrationConfig(BaseModel):
 
 
 class PseudoLabelConfig(BaseModel):
-    """Who gets pseudo-labels (GPL_METHOD.md step 3)."""
+    """Who gets pseudo-labels (docs/METHOD.md step 4)."""
 
     no_history: Literal["none", "population"] = Field(
         "none", description="users without a positive history: none (no pseudo-labels: the generic anchor says "
@@ -293,7 +293,7 @@ class RayConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    """How training sets are built (GPL_METHOD.md step 5 and the baselines)."""
+    """How training sets are built (docs/METHOD.md step 5 and the baselines)."""
 
     test_share: float = Field(0.2, gt=0, lt=1, description="last share of requests (by day) held out for testing")
     valid_share: float = Field(0.1, gt=0, lt=1, description="share of requests before the test days for early stopping")

@@ -1,4 +1,4 @@
-"""Ranking metrics as GPL_METHOD.md defines them."""
+"""Ranking metrics as docs/METHOD.md defines them."""
 
 from __future__ import annotations
 

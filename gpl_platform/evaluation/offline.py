@@ -1,5 +1,5 @@
 """Offline evaluation: every method trained on the same rows and features, scored on the test days'
-whole candidate set against the oracle labels (GPL_METHOD.md "Evaluation here")."""
+whole candidate set against the oracle labels (docs/METHOD.md "Evaluation metrics")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training with actual and pseudo labels: L = BCE(actual) + lambda * w * BCE(pseudo) (GPL_METHOD.md step 5).
+"""Training with actual and pseudo labels: L = BCE(actual) + lambda * w * BCE(pseudo) (docs/METHOD.md step 5).
 
 Every row carries a (possibly soft) label and a weight: exposed rows weight 1 (or an IPS weight),
 pseudo-labelled rows lambda * confidence. Deterministic under a seed (CPU, fixed shuffles);

@@ -125,7 +125,7 @@ def anchor_factors(vectors: np.ndarray, anchor_user: np.ndarray, n_users: int, h
                    history_user: np.ndarray, empty_history: np.ndarray, gen_prob: np.ndarray,
                    cfg: ConfidenceConfig, tokens_per_anchor: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per anchor: coherence of its user's anchors, consistency with the user's history items, and
-    generation confidence (GPL_METHOD.md step 4). ``anchor_user`` and ``history_user`` index users 0..n-1."""
+    generation confidence (docs/METHOD.md step 4). ``anchor_user`` and ``history_user`` index users 0..n-1."""
     coherence = anchor_coherence(vectors, anchor_user, n_users)[anchor_user]
     consistency = history_consistency(vectors, anchor_user, history_vectors, history_user, no_history_value=1.0)
     # A generic anchor (empty history) says nothing about the user: a fixed, lower c_hist.

@@ -1,4 +1,4 @@
-"""Similarity -> probability calibration (GPL_METHOD.md step 3), stored as a versioned artifact.
+"""Similarity -> probability calibration (docs/METHOD.md step 3b), stored as a versioned artifact.
 
 A ``Calibration`` is fitted on exposed candidates, where real click labels exist, and maps the
 raw max-pooled similarity ``s(u,i)`` of an unexposed candidate to a pseudo-label probability

@@ -1,4 +1,4 @@
-"""Uncertainty-aware confidence of pseudo-labels (GPL_METHOD.md step 4).
+"""Uncertainty-aware confidence of pseudo-labels (docs/METHOD.md step 4).
 
     w(u,i) = clip(c_coh(u)^alpha * c_hist(u,k*)^beta * c_gen(u,k*)^gamma, w_min, 1)
 

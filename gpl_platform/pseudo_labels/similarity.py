@@ -1,4 +1,4 @@
-"""Pseudo-label similarity scoring (GPL_METHOD.md step 3): ``s(u,i) = max_k cos(e(a_k), e(i))``.
+"""Pseudo-label similarity scoring (docs/METHOD.md step 3): ``s(u,i) = max_k cos(e(a_k), e(i))``.
 
 Inputs are plain arrays so that the caller decides where they come from (DuckDB, Feast, parquet):
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand-computed cases (GPL_METHOD.md definitions)."""
+"""Evaluation metrics against hand-computed cases (docs/METHOD.md definitions)."""
 
 import numpy as np
 import pytest

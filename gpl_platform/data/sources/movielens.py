@@ -1,7 +1,7 @@
 """MovieLens-100K: readers for both on-disk layouts, item text, fetching, and the semi-synthetic
 protocol that turns ratings into recalled, partly exposed candidate requests.
 
-The protocol (docs/EVALUATION.md) follows "Evaluation here" of GPL_METHOD.md: a request is one
+The protocol (docs/EVALUATION.md) follows "Evaluation here" of the paper's method (docs/METHOD.md): a request is one
 user's ratings on one UTC day; its candidates are the items rated that day (explicit labels:
 rating >= 4 is a positive; implicit: every rating is) plus never-rated items (negatives), drawn by
 popularity and, for ``recall_cooccurrence_share`` of them, by an item co-occurrence recall over

@@ -1,7 +1,7 @@
 """Core types of the interest-anchor library.
 
 An *interest anchor* is a short text describing what a user wants next, generated once per user
-from the user's positive history (see docs GPL_METHOD.md, step 1). Every backend returns the same
+from the user's positive history (docs/METHOD.md, step 1). Every backend returns the same
 :class:`AnchorResult` shape so that downstream code (embedding, pseudo-labels, confidence weights)
 does not care which generator made the anchors.
 """
