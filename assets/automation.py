@@ -35,9 +35,11 @@ class Automation:
     def after(asset_key: str) -> AutomationCondition:
         """Runs when ``asset_key`` (one of the deps) was updated, ignoring the other deps: an
         unpartitioned consumer of partitioned assets always has missing upstream days."""
-        return (AutomationCondition.any_deps_updated().allow(AssetSelection.assets(asset_key)).since_last_handled()
-                & ~AutomationCondition.any_deps_in_progress()
-                & ~AutomationCondition.in_progress()).with_label(f"after {asset_key}")
+        return (
+            AutomationCondition.any_deps_updated().allow(AssetSelection.assets(asset_key)).since_last_handled()
+            & ~AutomationCondition.any_deps_in_progress()
+            & ~AutomationCondition.in_progress()
+        ).with_label(f"after {asset_key}")
 
 
 def build_automation(cfg: AutomationConfig) -> Automation:
@@ -49,7 +51,8 @@ def build_automation(cfg: AutomationConfig) -> Automation:
         follow_upstream=AutomationCondition.eager(),
         follow_catalog=AutomationCondition.eager(),
         with_asset=AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()).with_label(
-            "with its asset"),
+            "with its asset"
+        ),
         training=on_cron_after_new_data(cfg.training_cron),
         audit=on_cron_after_new_data(cfg.audit_cron),
     )
@@ -59,7 +62,9 @@ def on_cron_after_new_data(cron: str) -> AutomationCondition:
     """At the first evaluation after a tick of ``cron``, when a dependency was updated since the asset
     was last requested or updated, and no dependency is being written. (Dagster's ``on_cron`` waits for
     updates *after* the tick: a day that arrived between two ticks would wait for the next delivery.)"""
-    return (AutomationCondition.cron_tick_passed(cron, "UTC").since_last_handled()
-            & AutomationCondition.any_deps_updated().since_last_handled()
-            & ~AutomationCondition.any_deps_in_progress()
-            & ~AutomationCondition.in_progress()).with_label(f"on {cron} (UTC) after new data")
+    return (
+        AutomationCondition.cron_tick_passed(cron, "UTC").since_last_handled()
+        & AutomationCondition.any_deps_updated().since_last_handled()
+        & ~AutomationCondition.any_deps_in_progress()
+        & ~AutomationCondition.in_progress()
+    ).with_label(f"on {cron} (UTC) after new data")

@@ -8,7 +8,6 @@ pseudo-label checks are blocking: when one fails on any day of the run, no asset
 same suites through `gpl_platform.quality.gate` and leave failing days out.
 """
 
-
 import warnings
 from collections.abc import Iterator, Sequence
 from datetime import date
@@ -73,8 +72,14 @@ def _day_metadata(day: str, results: Sequence[QualityResult]) -> dict[str, Any]:
     return metadata
 
 
-def per_day_evaluations(context: AssetCheckExecutionContext, asset: str, check: str, blocking: bool, what: str,
-                        results: dict[date, Sequence[QualityResult]]) -> Iterator:
+def per_day_evaluations(
+    context: AssetCheckExecutionContext,
+    asset: str,
+    check: str,
+    blocking: bool,
+    what: str,
+    results: dict[date, Sequence[QualityResult]],
+) -> Iterator:
     """One evaluation per partition (its reasons, rule table and statistics), an ERROR log line naming
     the failing days, then the check's output."""
     failing = []
@@ -83,10 +88,16 @@ def per_day_evaluations(context: AssetCheckExecutionContext, asset: str, check: 
         passed = all(r.passed for r in day_results)
         if not passed:
             failing.append(f"{key}: " + "; ".join(_reasons(day_results)))
-        yield AssetCheckEvaluation(asset_key=AssetKey(asset), check_name=check, passed=passed,
-                                   severity=AssetCheckSeverity.ERROR, blocking=blocking, partition=key,
-                                   description=_day_description(what, key, day_results)[:2000],
-                                   metadata=_day_metadata(key, day_results))
+        yield AssetCheckEvaluation(
+            asset_key=AssetKey(asset),
+            check_name=check,
+            passed=passed,
+            severity=AssetCheckSeverity.ERROR,
+            blocking=blocking,
+            partition=key,
+            description=_day_description(what, key, day_results)[:2000],
+            metadata=_day_metadata(key, day_results),
+        )
     if failing:
         context.log.error(f"{what} FAILED on {len(failing)} of {len(results)} partition(s): " + " | ".join(failing))
     else:
@@ -125,18 +136,29 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         """GX: pseudo_label and confidence present (no null/NaN) and within [0, 1], for every day of the
         run. Blocking: a failing day stops every asset downstream of pseudo_labels in the run."""
         results = label_results(gpl, warehouse, _run_days(context))
-        yield from per_day_evaluations(context, "pseudo_labels", "pseudo_labels_valid", True, "pseudo-label values",
-                                       {d: [pair[0]] for d, pair in results.items()})
+        yield from per_day_evaluations(
+            context,
+            "pseudo_labels",
+            "pseudo_labels_valid",
+            True,
+            "pseudo-label values",
+            {d: [pair[0]] for d, pair in results.items()},
+        )
 
     @asset_check(asset="pseudo_labels", blocking=True, **per_day)
-    def pseudo_labels_distribution(context: AssetCheckExecutionContext, gpl: GplSettings,
-                                   warehouse: WarehouseResource):
+    def pseudo_labels_distribution(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
         """GX: label mean and spread (collapsed or saturated labels fail), confidence mean and quantiles
         within bounds, bounded share of high-confidence positives, KL divergence of the confidence
         histogram vs the previous day under a threshold. Blocking."""
         results = label_results(gpl, warehouse, _run_days(context))
-        yield from per_day_evaluations(context, "pseudo_labels", "pseudo_labels_distribution", True,
-                                       "pseudo-label distribution", {d: [pair[1]] for d, pair in results.items()})
+        yield from per_day_evaluations(
+            context,
+            "pseudo_labels",
+            "pseudo_labels_distribution",
+            True,
+            "pseudo-label distribution",
+            {d: [pair[1]] for d, pair in results.items()},
+        )
 
     @asset_check(asset="user_anchors", **per_day)
     def user_anchors_quality(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
@@ -144,60 +166,89 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         under a threshold; generated anchors mostly not verbatim history titles."""
         days = _run_days(context)
         cfg = quality_config(gpl.settings()).anchors
-        anchors = _range_query(warehouse, "SELECT day, user_id, anchor_id, anchor_text, is_fallback, fallback_reason, "
-                                          "backend FROM user_anchors", days)
+        anchors = _range_query(
+            warehouse,
+            "SELECT day, user_id, anchor_id, anchor_text, is_fallback, fallback_reason, backend FROM user_anchors",
+            days,
+        )
         histories = _range_query(warehouse, "SELECT day, user_id, history_item_ids FROM user_histories", days)
         items = warehouse.get().query("SELECT item_id, text FROM items")
-        empty_a = pd.DataFrame(columns=["day", "user_id", "anchor_id", "anchor_text", "is_fallback", "fallback_reason",
-                                        "backend"])
+        empty_a = pd.DataFrame(
+            columns=["day", "user_id", "anchor_id", "anchor_text", "is_fallback", "fallback_reason", "backend"]
+        )
         empty_h = pd.DataFrame(columns=["day", "user_id", "history_item_ids"])
-        results = {d: [check_anchors(anchors.get(d, empty_a), histories.get(d, empty_h), items, cfg)]
-                   for d in days}
+        results = {d: [check_anchors(anchors.get(d, empty_a), histories.get(d, empty_h), items, cfg)] for d in days}
         yield from per_day_evaluations(context, "user_anchors", "user_anchors_quality", False, "anchors", results)
 
     @asset_check(asset="anchor_embeddings", **per_day)
-    def anchor_embeddings_valid(context: AssetCheckExecutionContext, gpl: GplSettings,
-                                warehouse: WarehouseResource):
+    def anchor_embeddings_valid(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
         """GX: every anchor vector has the encoder's dimension, L2 norm ~1 and no NaN."""
         days = _run_days(context)
         cfg = quality_config(gpl.settings()).embeddings
         frames = _range_query(warehouse, "SELECT day, vector FROM anchor_embeddings", days)
-        results = {d: [check_embeddings(frames.get(d, pd.DataFrame(columns=["vector"])), cfg,
-                                                name="anchor_embeddings")] for d in days}
-        yield from per_day_evaluations(context, "anchor_embeddings", "anchor_embeddings_valid", False,
-                                       "anchor embeddings", results)
+        results = {
+            d: [check_embeddings(frames.get(d, pd.DataFrame(columns=["vector"])), cfg, name="anchor_embeddings")]
+            for d in days
+        }
+        yield from per_day_evaluations(
+            context, "anchor_embeddings", "anchor_embeddings_valid", False, "anchor embeddings", results
+        )
 
     @asset_check(asset="candidate_events", **per_day)
-    def candidate_events_contract(context: AssetCheckExecutionContext, gpl: GplSettings,
-                                  warehouse: WarehouseResource):
+    def candidate_events_contract(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
         """GX: the events contract (ids/times present, one row per request and item, click label exactly on
         exposed rows, in {0, 1}) and plausible exposure and click rates. A failing day is left out of
         training (training_set re-runs this suite)."""
         cfg = quality_config(gpl.settings()).events
         results = check_event_days(warehouse.get(), _run_days(context), cfg)
-        yield from per_day_evaluations(context, "candidate_events", "candidate_events_contract", False,
-                                       "candidate events", {d: [r] for d, r in results.items()})
+        yield from per_day_evaluations(
+            context,
+            "candidate_events",
+            "candidate_events_contract",
+            False,
+            "candidate events",
+            {d: [r] for d, r in results.items()},
+        )
 
     @asset_check(asset="item_embeddings", pool=POOL, automation_condition=automation.with_asset)
-    def item_embeddings_valid(context: AssetCheckExecutionContext, gpl: GplSettings,
-                              warehouse: WarehouseResource) -> AssetCheckResult:
+    def item_embeddings_valid(
+        context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource
+    ) -> AssetCheckResult:
         """GX: every item vector has one dimension (the encoder's), L2 norm ~1 and no NaN."""
         cfg = quality_config(gpl.settings()).embeddings
         frame = warehouse.get().query("SELECT item_id, encoder_id, vector FROM item_embeddings")
-        results = {f"encoder {enc}": check_embeddings(g, cfg, name="item_embeddings")
-                   for enc, g in frame.groupby("encoder_id")} or {"all": check_embeddings(frame, cfg)}
+        results = {
+            f"encoder {enc}": check_embeddings(g, cfg, name="item_embeddings") for enc, g in frame.groupby("encoder_id")
+        } or {"all": check_embeddings(frame, cfg)}
         passed = all(r.passed for r in results.values())
-        description = "item embeddings: " + ("passed" if passed else "FAILED: " + " | ".join(
-            f"{k}: " + "; ".join(_reasons([r])) for k, r in results.items() if not r.passed))
+        description = "item embeddings: " + (
+            "passed"
+            if passed
+            else "FAILED: "
+            + " | ".join(f"{k}: " + "; ".join(_reasons([r])) for k, r in results.items() if not r.passed)
+        )
         if not passed:
             context.log.error(description)
         focus = next((r for r in results.values() if not r.passed), next(iter(results.values())))
-        return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.ERROR, description=description[:2000],
-                                metadata={"encoders": ", ".join(results), **_flat_metadata(focus),
-                                          "rules": table_md(focus.table(), max_rows=60)})
+        return AssetCheckResult(
+            passed=passed,
+            severity=AssetCheckSeverity.ERROR,
+            description=description[:2000],
+            metadata={
+                "encoders": ", ".join(results),
+                **_flat_metadata(focus),
+                "rules": table_md(focus.table(), max_rows=60),
+            },
+        )
 
-    return [pseudo_labels_valid, pseudo_labels_distribution, user_anchors_quality, anchor_embeddings_valid,
-            candidate_events_contract, item_embeddings_valid]
+    return [
+        pseudo_labels_valid,
+        pseudo_labels_distribution,
+        user_anchors_quality,
+        anchor_embeddings_valid,
+        candidate_events_contract,
+        item_embeddings_valid,
+    ]
 
 
 #: the checks that gate what consumes their asset

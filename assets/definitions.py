@@ -34,19 +34,31 @@ def build_definitions(settings: Settings | None = None, gpl: GplSettings | None 
     settings = settings or (gpl.settings() if gpl is not None else load_settings())
     partitions = build_daily_partitions(settings)
     automation = build_automation(settings.automation)
-    assets = [*ingestion_assets(partitions, automation), *gpl_assets(partitions, automation),
-              *ablation_assets(partitions, automation), *feature_assets(partitions, automation),
-              *training_assets(automation), *quality_assets(automation)]
+    assets = [
+        *ingestion_assets(partitions, automation),
+        *gpl_assets(partitions, automation),
+        *ablation_assets(partitions, automation),
+        *feature_assets(partitions, automation),
+        *training_assets(automation),
+        *quality_assets(automation),
+    ]
     partitioned = AssetSelection.assets(*[a for a in assets if a.partitions_def is not None])
     # One process per run: steps share the loaded models and data (and every asset is in the
     # duckdb_warehouse pool: one writer at a time, whoever starts the run).
-    daily_job = define_asset_job(DAILY_JOB, selection=partitioned, partitions_def=partitions,
-                                 executor_def=in_process_executor,
-                                 description="Every per-day asset of one day (or a range), with its checks.")
-    catalog_job = define_asset_job(CATALOG_JOB, selection=AssetSelection.all() - partitioned.downstream(),
-                                   executor_def=in_process_executor,
-                                   description="The unpartitioned assets the days build on: catalog, users, item "
-                                               "vectors, semantic IDs, profile features, the Feast registry.")
+    daily_job = define_asset_job(
+        DAILY_JOB,
+        selection=partitioned,
+        partitions_def=partitions,
+        executor_def=in_process_executor,
+        description="Every per-day asset of one day (or a range), with its checks.",
+    )
+    catalog_job = define_asset_job(
+        CATALOG_JOB,
+        selection=AssetSelection.all() - partitioned.downstream(),
+        executor_def=in_process_executor,
+        description="The unpartitioned assets the days build on: catalog, users, item "
+        "vectors, semantic IDs, profile features, the Feast registry.",
+    )
     return Definitions(
         assets=assets,
         asset_checks=build_checks(partitions, automation),

@@ -1,7 +1,6 @@
 """GPL assets (group ``gpl``, docs/METHOD.md steps 1-4): item vectors, anchors, anchor vectors,
 similarities, calibration, pseudo-labels, and the semantic IDs with their generator."""
 
-
 import pandas as pd
 from dagster import (
     AssetDep,
@@ -30,13 +29,24 @@ SAME_DAY = TimeWindowPartitionMapping(start_offset=0, end_offset=0)
 
 
 def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
-    per_day = {"partitions_def": partitions, "backfill_policy": BackfillPolicy.single_run(), "pool": POOL,
-               "automation_condition": automation.follow_upstream, "group_name": GROUP}
+    per_day = {
+        "partitions_def": partitions,
+        "backfill_policy": BackfillPolicy.single_run(),
+        "pool": POOL,
+        "automation_condition": automation.follow_upstream,
+        "group_name": GROUP,
+    }
 
-    @asset(group_name=GROUP, kinds={"duckdb", "sentence_transformers"}, deps=["item_catalog"], pool=POOL,
-           automation_condition=automation.follow_catalog)
-    def item_embeddings(context: AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
-                        ) -> MaterializeResult:
+    @asset(
+        group_name=GROUP,
+        kinds={"duckdb", "sentence_transformers"},
+        deps=["item_catalog"],
+        pool=POOL,
+        automation_condition=automation.follow_catalog,
+    )
+    def item_embeddings(
+        context: AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+    ) -> MaterializeResult:
         """Frozen sentence-encoder vectors of the whole catalog (normalized float32); only new or changed
         item text is re-encoded."""
         model, wh = encoder.get(), warehouse.get()
@@ -44,69 +54,141 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         with wh.connect() as con:  # update_item_embeddings runs its own transaction
             stats = update_item_embeddings(con, items, model, progress=False)
         context.log.info("item embeddings: %s", stats)
-        return MaterializeResult(metadata={"dagster/row_count": len(items), "encoder_id": model.encoder_id,
-                                           "dim": int(model.dim), **{k: v for k, v in stats.items()
-                                                                     if isinstance(v, (int, float, str))}})
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": len(items),
+                "encoder_id": model.encoder_id,
+                "dim": int(model.dim),
+                **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
+            }
+        )
 
-    @asset(kinds={"duckdb", "llm"}, deps=[AssetDep("user_histories", partition_mapping=SAME_DAY), "item_catalog"],
-           **per_day)
-    def user_anchors(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                     anchor_generator: AnchorGeneratorResource, engine: EngineResource) -> MaterializeResult:
+    @asset(
+        kinds={"duckdb", "llm"},
+        deps=[AssetDep("user_histories", partition_mapping=SAME_DAY), "item_catalog"],
+        **per_day,
+    )
+    def user_anchors(
+        context: AssetExecutionContext,
+        gpl: GplSettings,
+        warehouse: WarehouseResource,
+        anchor_generator: AnchorGeneratorResource,
+        engine: EngineResource,
+    ) -> MaterializeResult:
         """K interest anchors per user with a request on the day, generated from the user's history before
         the day, with their generation log-probability; cached by history + model + prompt."""
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
         generator = anchor_generator.get()
         context.log.info("generating anchors with %s for %s", generator.backend, span(days))
-        anchors, stats = generate_anchors(warehouse.get(), days, generator, settings.anchors.k,
-                                          settings.anchors.history_max_items, progress=True,
-                                          run_id=context.run_id, engine=engine.get())
+        anchors, stats = generate_anchors(
+            warehouse.get(),
+            days,
+            generator,
+            settings.anchors.k,
+            settings.anchors.history_max_items,
+            progress=True,
+            run_id=context.run_id,
+            engine=engine.get(),
+        )
         context.log.info("anchor stats: %s", stats)
         fallback = anchors[anchors["is_fallback"]]
         examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
-        return MaterializeResult(metadata={
-            "dagster/row_count": len(anchors), "partition_span": span(days), "backend": generator.backend,
-            "model_id": generator.model_id, "prompt_version": generator.prompt_version or "none",
-            "user_days": stats["user_days"], "cache_hits": int(stats.get("cache_hits", 0)),
-            "cache_misses": int(stats.get("cache_misses", 0)),
-            "fallback_anchor_share": float(len(fallback) / len(anchors)) if len(anchors) else 0.0,
-            "fallback_reasons": table_md(fallback["fallback_reason"].value_counts().rename_axis("reason").reset_index())
-            if len(fallback) else "none",
-            "counters": table_md(pd.Series(stats, name="value").rename_axis("counter").reset_index()),
-            "examples": table_md(examples[["user_id", "anchor_rank", "anchor_text", "gen_prob", "is_fallback"]]),
-        })
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": len(anchors),
+                "partition_span": span(days),
+                "backend": generator.backend,
+                "model_id": generator.model_id,
+                "prompt_version": generator.prompt_version or "none",
+                "user_days": stats["user_days"],
+                "cache_hits": int(stats.get("cache_hits", 0)),
+                "cache_misses": int(stats.get("cache_misses", 0)),
+                "fallback_anchor_share": float(len(fallback) / len(anchors)) if len(anchors) else 0.0,
+                "fallback_reasons": table_md(
+                    fallback["fallback_reason"].value_counts().rename_axis("reason").reset_index()
+                )
+                if len(fallback)
+                else "none",
+                "counters": table_md(pd.Series(stats, name="value").rename_axis("counter").reset_index()),
+                "examples": table_md(examples[["user_id", "anchor_rank", "anchor_text", "gen_prob", "is_fallback"]]),
+            }
+        )
 
-    @asset(kinds={"duckdb", "sentence_transformers"}, deps=[AssetDep("user_anchors", partition_mapping=SAME_DAY)],
-           **per_day)
-    def anchor_embeddings(context: AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource,
-                          anchor_generator: AnchorGeneratorResource, engine: EngineResource) -> MaterializeResult:
+    @asset(
+        kinds={"duckdb", "sentence_transformers"},
+        deps=[AssetDep("user_anchors", partition_mapping=SAME_DAY)],
+        **per_day,
+    )
+    def anchor_embeddings(
+        context: AssetExecutionContext,
+        warehouse: WarehouseResource,
+        encoder: EncoderResource,
+        anchor_generator: AnchorGeneratorResource,
+        engine: EngineResource,
+    ) -> MaterializeResult:
         """Anchor vectors from the same frozen encoder as the items."""
         days = partition_days(context.partition_keys)
-        stats = embed_anchors(warehouse.get(), days, encoder.get(), run_id=context.run_id,
-                              generator=anchor_generator.get(), engine=engine.get())
-        return MaterializeResult(metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days),
-                                           **stats})
+        stats = embed_anchors(
+            warehouse.get(),
+            days,
+            encoder.get(),
+            run_id=context.run_id,
+            generator=anchor_generator.get(),
+            engine=engine.get(),
+        )
+        return MaterializeResult(
+            metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days), **stats}
+        )
 
-    @asset(kinds={"duckdb", "faiss"}, deps=[AssetDep("anchor_embeddings", partition_mapping=SAME_DAY),
-                                            AssetDep("candidate_events", partition_mapping=SAME_DAY),
-                                            "item_embeddings"], **per_day)
-    def candidate_similarities(context: AssetExecutionContext, warehouse: WarehouseResource,
-                               encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
-                               engine: EngineResource) -> MaterializeResult:
+    @asset(
+        kinds={"duckdb", "faiss"},
+        deps=[
+            AssetDep("anchor_embeddings", partition_mapping=SAME_DAY),
+            AssetDep("candidate_events", partition_mapping=SAME_DAY),
+            "item_embeddings",
+        ],
+        **per_day,
+    )
+    def candidate_similarities(
+        context: AssetExecutionContext,
+        warehouse: WarehouseResource,
+        encoder: EncoderResource,
+        anchor_generator: AnchorGeneratorResource,
+        engine: EngineResource,
+    ) -> MaterializeResult:
         """For every candidate of the day: max and mean cosine over the user's anchors, and the arg-max
         anchor. Exposed rows feed calibration; unexposed rows get pseudo-labels."""
         days = partition_days(context.partition_keys)
-        stats = score_day_candidates(warehouse.get(), days, encoder.get().encoder_id,
-                                     anchor_generator.get().lineage_signature(), context.run_id,
-                                     engine=engine.get())
-        return MaterializeResult(metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days),
-                                           **stats})
+        stats = score_day_candidates(
+            warehouse.get(),
+            days,
+            encoder.get().encoder_id,
+            anchor_generator.get().lineage_signature(),
+            context.run_id,
+            engine=engine.get(),
+        )
+        return MaterializeResult(
+            metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days), **stats}
+        )
 
-    @asset(kinds={"sklearn"}, deps=[AssetDep("candidate_similarities", partition_mapping=TimeWindowPartitionMapping(
-        start_offset=-28, end_offset=-1))], **per_day)
-    def similarity_calibration(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                               encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
-                               engine: EngineResource) -> MaterializeResult:
+    @asset(
+        kinds={"sklearn"},
+        deps=[
+            AssetDep(
+                "candidate_similarities", partition_mapping=TimeWindowPartitionMapping(start_offset=-28, end_offset=-1)
+            )
+        ],
+        **per_day,
+    )
+    def similarity_calibration(
+        context: AssetExecutionContext,
+        gpl: GplSettings,
+        warehouse: WarehouseResource,
+        encoder: EncoderResource,
+        anchor_generator: AnchorGeneratorResource,
+        engine: EngineResource,
+    ) -> MaterializeResult:
         """Similarity -> probability calibration (Platt or isotonic) serving the day, fitted on exposed
         candidates of earlier days only; refit every N days, stored as a versioned JSON artifact."""
         settings = gpl.settings()
@@ -116,28 +198,59 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         rows = []
         for day in days:
             for pooling in POOLINGS:
-                cal = calibration_for_day(warehouse.get(), day, first_day(partitions), settings.calibration,
-                                          pooling, encoder_id, signature, settings.artifacts_dir)
-                rows.append({"day": str(day), "pooling": pooling, "version": cal.version if cal else "none",
-                             "n_train": cal.n_train if cal else 0,
-                             "train_window": " .. ".join(cal.fitted_on.get("train_window", [])) if cal else ""})
+                cal = calibration_for_day(
+                    warehouse.get(),
+                    day,
+                    first_day(partitions),
+                    settings.calibration,
+                    pooling,
+                    encoder_id,
+                    signature,
+                    settings.artifacts_dir,
+                )
+                rows.append(
+                    {
+                        "day": str(day),
+                        "pooling": pooling,
+                        "version": cal.version if cal else "none",
+                        "n_train": cal.n_train if cal else 0,
+                        "train_window": " .. ".join(cal.fitted_on.get("train_window", [])) if cal else "",
+                    }
+                )
         table = pd.DataFrame(rows)
         missing = table[table["version"] == "none"]["day"].nunique()
         if missing:
-            context.log.warning("%d day(s) have no calibration yet (too few exposed candidates before them): their "
-                                "unexposed candidates get no pseudo-labels", missing)
-        return MaterializeResult(metadata={
-            "partition_span": span(days), "method": settings.calibration.method,
-            "versions": ", ".join(sorted(set(table["version"]) - {"none"})) or "none",
-            "days_without_calibration": int(missing),
-            "calibrations": table_md(table.drop_duplicates(["version", "pooling"])),
-        })
+            context.log.warning(
+                "%d day(s) have no calibration yet (too few exposed candidates before them): their "
+                "unexposed candidates get no pseudo-labels",
+                missing,
+            )
+        return MaterializeResult(
+            metadata={
+                "partition_span": span(days),
+                "method": settings.calibration.method,
+                "versions": ", ".join(sorted(set(table["version"]) - {"none"})) or "none",
+                "days_without_calibration": int(missing),
+                "calibrations": table_md(table.drop_duplicates(["version", "pooling"])),
+            }
+        )
 
-    @asset(kinds={"duckdb"}, deps=[AssetDep("candidate_similarities", partition_mapping=SAME_DAY),
-                                   AssetDep("similarity_calibration", partition_mapping=SAME_DAY)], **per_day)
-    def pseudo_labels(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                      encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
-                      engine: EngineResource) -> MaterializeResult:
+    @asset(
+        kinds={"duckdb"},
+        deps=[
+            AssetDep("candidate_similarities", partition_mapping=SAME_DAY),
+            AssetDep("similarity_calibration", partition_mapping=SAME_DAY),
+        ],
+        **per_day,
+    )
+    def pseudo_labels(
+        context: AssetExecutionContext,
+        gpl: GplSettings,
+        warehouse: WarehouseResource,
+        encoder: EncoderResource,
+        anchor_generator: AnchorGeneratorResource,
+        engine: EngineResource,
+    ) -> MaterializeResult:
         """Pseudo-label and confidence weight for every unexposed candidate of the day (GPL steps 3-4), with
         the three confidence factors and the versions of LLM, prompt, encoder and calibration. Gated per
         day by the blocking checks pseudo_labels_valid and pseudo_labels_distribution."""
@@ -145,54 +258,95 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         days = partition_days(context.partition_keys)
         # streamed in batches: a bounded sample comes back for the histograms, the statistics cover all rows
         sample, stats = pseudo_label_days(
-            warehouse.get(), days, first_day(partitions), encoder_id=encoder.get().encoder_id,
-            generator=anchor_generator.get(), calibration_cfg=settings.calibration,
-            confidence_cfg=settings.confidence, history_max_items=settings.history_max_len,
-            artifacts_dir=settings.artifacts_dir, run_id=context.run_id, no_history=settings.pseudo_labels.no_history,
-            engine=engine.get())
+            warehouse.get(),
+            days,
+            first_day(partitions),
+            encoder_id=encoder.get().encoder_id,
+            generator=anchor_generator.get(),
+            calibration_cfg=settings.calibration,
+            confidence_cfg=settings.confidence,
+            history_max_items=settings.history_max_len,
+            artifacts_dir=settings.artifacts_dir,
+            run_id=context.run_id,
+            no_history=settings.pseudo_labels.no_history,
+            engine=engine.get(),
+        )
         quantiles = stats["quantiles"]
-        return MaterializeResult(metadata={
-            "dagster/row_count": stats["rows"], "partition_span": span(days), "coverage": stats["coverage"],
-            "unexposed_candidates": stats["unexposed_candidates"],
-            **labelling_gaps_metadata(stats),
-            "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
-            "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
-            "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
-            "histograms": histogram_md({"pseudo_label": sample["pseudo_label"].to_numpy(),
-                                        "confidence": sample["confidence"].to_numpy()},
-                                       f"pseudo-labels {span(days)} (a sample of {len(sample):,})"),
-        })
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": stats["rows"],
+                "partition_span": span(days),
+                "coverage": stats["coverage"],
+                "unexposed_candidates": stats["unexposed_candidates"],
+                **labelling_gaps_metadata(stats),
+                "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
+                "pseudo_label_mean": stats["pseudo_label_mean"],
+                "confidence_mean": stats["confidence_mean"],
+                "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
+                "histograms": histogram_md(
+                    {"pseudo_label": sample["pseudo_label"].to_numpy(), "confidence": sample["confidence"].to_numpy()},
+                    f"pseudo-labels {span(days)} (a sample of {len(sample):,})",
+                ),
+            }
+        )
 
-    @asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, deps=["item_embeddings"], pool=POOL,
-           automation_condition=automation.follow_catalog)
-    def item_semantic_ids(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                          encoder: EncoderResource) -> MaterializeResult:
+    @asset(
+        group_name=GROUP,
+        kinds={"pytorch", "duckdb"},
+        deps=["item_embeddings"],
+        pool=POOL,
+        automation_condition=automation.follow_catalog,
+    )
+    def item_semantic_ids(
+        context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource, encoder: EncoderResource
+    ) -> MaterializeResult:
         """Semantic IDs of the catalog: an RQ-VAE over the frozen item embeddings gives each item L codes,
         plus a suffix where items share all of them, so that an ID names one item. Versioned by encoder,
         items, config and seed; retrained only when one of them changes."""
         from gpl_platform.pseudo_labels.semantic_ids.store import build_semantic_ids
 
         settings = gpl.settings()
-        meta = build_semantic_ids(warehouse.get(), encoder.get().encoder_id, settings.sid.semantic_ids, settings.seed,
-                                  settings.artifacts_dir)
+        meta = build_semantic_ids(
+            warehouse.get(), encoder.get().encoder_id, settings.sid.semantic_ids, settings.seed, settings.artifacts_dir
+        )
         metrics = meta["metrics"]
-        usage = pd.DataFrame({"level": range(1, len(metrics["codebook_usage"]) + 1),
-                              "codes_used_share": metrics["codebook_usage"],
-                              "perplexity": metrics["codebook_perplexity"]})
-        return MaterializeResult(metadata={
-            "dagster/row_count": metrics["n_items"], "version": meta["version"], "encoder_id": meta["encoder_id"],
-            "trained_now": meta["trained"], "artifact": MetadataValue.path(meta["artifact_path"]),
-            "codebook_size": metrics["codebook_size"], "levels": metrics["levels"],
-            "reconstruction_relative_error": metrics["reconstruction_relative_error"],
-            "reconstruction_cosine": metrics["reconstruction_cosine"], "collision_share": metrics["collision_share"],
-            "suffix_vocabulary": metrics["suffix_vocabulary"], "unique_ids": metrics["unique_ids"],
-            "codebook_usage": table_md(usage), "config": MetadataValue.json(meta["config"]),
-        })
+        usage = pd.DataFrame(
+            {
+                "level": range(1, len(metrics["codebook_usage"]) + 1),
+                "codes_used_share": metrics["codebook_usage"],
+                "perplexity": metrics["codebook_perplexity"],
+            }
+        )
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": metrics["n_items"],
+                "version": meta["version"],
+                "encoder_id": meta["encoder_id"],
+                "trained_now": meta["trained"],
+                "artifact": MetadataValue.path(meta["artifact_path"]),
+                "codebook_size": metrics["codebook_size"],
+                "levels": metrics["levels"],
+                "reconstruction_relative_error": metrics["reconstruction_relative_error"],
+                "reconstruction_cosine": metrics["reconstruction_cosine"],
+                "collision_share": metrics["collision_share"],
+                "suffix_vocabulary": metrics["suffix_vocabulary"],
+                "unique_ids": metrics["unique_ids"],
+                "codebook_usage": table_md(usage),
+                "config": MetadataValue.json(meta["config"]),
+            }
+        )
 
-    @asset(kinds={"pytorch"}, deps=["item_semantic_ids", AssetDep("candidate_events", partition_mapping=(
-        TimeWindowPartitionMapping(start_offset=-30, end_offset=-1)))], **per_day)
-    def sid_generator(context: AssetExecutionContext, anchor_generator: AnchorGeneratorResource
-                      ) -> MaterializeResult:
+    @asset(
+        kinds={"pytorch"},
+        deps=[
+            "item_semantic_ids",
+            AssetDep(
+                "candidate_events", partition_mapping=(TimeWindowPartitionMapping(start_offset=-30, end_offset=-1))
+            ),
+        ],
+        **per_day,
+    )
+    def sid_generator(context: AssetExecutionContext, anchor_generator: AnchorGeneratorResource) -> MaterializeResult:
         """The semantic-ID generator serving the day: a small decoder-only transformer trained on users'
         positive ID sequences of the days before its refit day (every sid.generator.retrain_every_days) to
         predict a day's positives from the days before it, popular items down-sampled in the prompts;
@@ -203,25 +357,47 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         for day in days:
             serving = family.for_day(day)
             metrics = serving.trained.metrics if serving.trained else {}
-            rows.append({"refit_day": str(serving.refit), "version": serving.model_id,
-                         "users": metrics.get("users", 0), "positives": metrics.get("positives", 0),
-                         "objective": metrics.get("objective"), "training_targets": metrics.get("training_targets"),
-                         "final_train_loss": metrics.get("final_train_loss"),
-                         "valid_recall@10": metrics.get("valid_recall@10"),
-                         "valid_popularity_recall@10": metrics.get("valid_popularity_recall@10"),
-                         "seconds": metrics.get("seconds")})
+            rows.append(
+                {
+                    "refit_day": str(serving.refit),
+                    "version": serving.model_id,
+                    "users": metrics.get("users", 0),
+                    "positives": metrics.get("positives", 0),
+                    "objective": metrics.get("objective"),
+                    "training_targets": metrics.get("training_targets"),
+                    "final_train_loss": metrics.get("final_train_loss"),
+                    "valid_recall@10": metrics.get("valid_recall@10"),
+                    "valid_popularity_recall@10": metrics.get("valid_popularity_recall@10"),
+                    "seconds": metrics.get("seconds"),
+                }
+            )
         table = pd.DataFrame(rows).drop_duplicates("refit_day")
         untrained = table[table["version"] == "none"]
         if len(untrained):
-            context.log.warning("%d refit period(s) have too few positives for a generator: their days get history "
-                                "anchors from the sid backend", len(untrained))
-        return MaterializeResult(metadata={
-            "partition_span": span(days), "models": table_md(table),
-            "serving_models": int((table["version"] != "none").sum()), "periods_without_model": len(untrained),
-        })
+            context.log.warning(
+                "%d refit period(s) have too few positives for a generator: their days get history "
+                "anchors from the sid backend",
+                len(untrained),
+            )
+        return MaterializeResult(
+            metadata={
+                "partition_span": span(days),
+                "models": table_md(table),
+                "serving_models": int((table["version"] != "none").sum()),
+                "periods_without_model": len(untrained),
+            }
+        )
 
-    return [item_embeddings, user_anchors, anchor_embeddings, candidate_similarities, similarity_calibration,
-            pseudo_labels, item_semantic_ids, sid_generator]
+    return [
+        item_embeddings,
+        user_anchors,
+        anchor_embeddings,
+        candidate_similarities,
+        similarity_calibration,
+        pseudo_labels,
+        item_semantic_ids,
+        sid_generator,
+    ]
 
 
 def labelling_gaps_metadata(stats: dict) -> dict:
@@ -236,5 +412,6 @@ def labelling_gaps_metadata(stats: dict) -> dict:
         "days_without_calibration": len(stats["days_without_calibration"]),
         "days_with_degenerate_calibration": len(degenerate),
         "degenerate_days": table_md(pd.DataFrame({"day": list(degenerate), "reason": list(degenerate.values())}))
-        if degenerate else "none",
+        if degenerate
+        else "none",
     }

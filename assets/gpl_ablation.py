@@ -1,7 +1,6 @@
 """Ablation assets (group ``gpl_ablation``): the GPL stages with other anchor backends, written to the
 ``*__<variant>`` tables that the evaluation's ``gpl_history_anchors`` and ``gpl_sid`` methods train on."""
 
-
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -25,56 +24,108 @@ from gpl_platform.pseudo_labels.stages import StageTables
 GROUP = "gpl_ablation"
 
 
-def _variant_asset(partitions: DailyPartitionsDefinition, automation: Automation, variant: str, backend: str,
-                   deps: list, doc: str):
+def _variant_asset(
+    partitions: DailyPartitionsDefinition, automation: Automation, variant: str, backend: str, deps: list, doc: str
+):
     """The same GPL stages with another anchor backend, written to the ``*__<variant>`` tables."""
     tables = StageTables(variant)
 
-    @asset(name=f"{variant}_anchor_pseudo_labels", group_name=GROUP, kinds={"duckdb"}, partitions_def=partitions,
-           deps=[AssetDep("user_histories", partition_mapping=SAME_DAY),
-                 AssetDep("candidate_events", partition_mapping=SAME_DAY), "item_embeddings", *deps],
-           backfill_policy=BackfillPolicy.single_run(), pool=POOL, automation_condition=automation.follow_upstream,
-           description=doc)  # made by a factory: the description cannot be a docstring
-    def _variant(context: AssetExecutionContext, gpl: GplSettings, warehouse: WarehouseResource,
-                 encoder: EncoderResource, anchor_generator: AnchorGeneratorResource,
-                 engine: EngineResource) -> MaterializeResult:
+    @asset(
+        name=f"{variant}_anchor_pseudo_labels",
+        group_name=GROUP,
+        kinds={"duckdb"},
+        partitions_def=partitions,
+        deps=[
+            AssetDep("user_histories", partition_mapping=SAME_DAY),
+            AssetDep("candidate_events", partition_mapping=SAME_DAY),
+            "item_embeddings",
+            *deps,
+        ],
+        backfill_policy=BackfillPolicy.single_run(),
+        pool=POOL,
+        automation_condition=automation.follow_upstream,
+        description=doc,
+    )  # made by a factory: the description cannot be a docstring
+    def _variant(
+        context: AssetExecutionContext,
+        gpl: GplSettings,
+        warehouse: WarehouseResource,
+        encoder: EncoderResource,
+        anchor_generator: AnchorGeneratorResource,
+        engine: EngineResource,
+    ) -> MaterializeResult:
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
         wh, model, batches = warehouse.get(), encoder.get(), engine.get()
         generator = anchor_generator.get(backend)
-        _, anchor_stats = generate_anchors(wh, days, generator, settings.anchors.k,
-                                           settings.anchors.history_max_items, progress=False,
-                                           run_id=context.run_id, tables=tables, engine=batches)
-        embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator,
-                      engine=batches)
-        score_day_candidates(wh, days, model.encoder_id, generator.lineage_signature(), context.run_id,
-                             tables=tables, engine=batches)
+        _, anchor_stats = generate_anchors(
+            wh,
+            days,
+            generator,
+            settings.anchors.k,
+            settings.anchors.history_max_items,
+            progress=False,
+            run_id=context.run_id,
+            tables=tables,
+            engine=batches,
+        )
+        embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator, engine=batches)
+        score_day_candidates(
+            wh, days, model.encoder_id, generator.lineage_signature(), context.run_id, tables=tables, engine=batches
+        )
         _, stats = pseudo_label_days(
-            wh, days, first_day(partitions), encoder_id=model.encoder_id, generator=generator,
-            calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
-            history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir,
-            run_id=context.run_id, tables=tables, no_history=settings.pseudo_labels.no_history, engine=batches)
+            wh,
+            days,
+            first_day(partitions),
+            encoder_id=model.encoder_id,
+            generator=generator,
+            calibration_cfg=settings.calibration,
+            confidence_cfg=settings.confidence,
+            history_max_items=settings.history_max_len,
+            artifacts_dir=settings.artifacts_dir,
+            run_id=context.run_id,
+            tables=tables,
+            no_history=settings.pseudo_labels.no_history,
+            engine=batches,
+        )
         fallback = {k: v for k, v in anchor_stats.items() if k.startswith("fallback_")}
-        return MaterializeResult(metadata={
-            "dagster/row_count": stats["rows"], "partition_span": span(days), "table": tables.labels,
-            "backend": backend, "anchors": anchor_stats["anchors"], "coverage": stats["coverage"],
-            "fallbacks": MetadataValue.json(fallback), "serving_models": anchor_stats.get("serving_models", 1),
-            **labelling_gaps_metadata(stats),
-            "pseudo_label_mean": stats["pseudo_label_mean"], "confidence_mean": stats["confidence_mean"],
-        })
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": stats["rows"],
+                "partition_span": span(days),
+                "table": tables.labels,
+                "backend": backend,
+                "anchors": anchor_stats["anchors"],
+                "coverage": stats["coverage"],
+                "fallbacks": MetadataValue.json(fallback),
+                "serving_models": anchor_stats.get("serving_models", 1),
+                **labelling_gaps_metadata(stats),
+                "pseudo_label_mean": stats["pseudo_label_mean"],
+                "confidence_mean": stats["confidence_mean"],
+            }
+        )
 
     return _variant
 
 
 def ablation_assets(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
     history = _variant_asset(
-        partitions, automation, "history", "history", [],
+        partitions,
+        automation,
+        "history",
+        "history",
+        [],
         "Ablation: the same GPL stages with the user's own recent positives as anchors (no LLM), written to the "
-        "*__history tables; the evaluation's gpl_history_anchors method trains on them.")
+        "*__history tables; the evaluation's gpl_history_anchors method trains on them.",
+    )
     sid = _variant_asset(
-        partitions, automation, "sid", "sid",
+        partitions,
+        automation,
+        "sid",
+        "sid",
         ["item_semantic_ids", AssetDep("sid_generator", partition_mapping=SAME_DAY)],
         "The paper's route: anchors are semantic IDs generated by the SID generator from the user's ID history "
         "(prefix-constrained beam search, with their sequence probabilities), through the same GPL stages into the "
-        "*__sid tables; the evaluation's gpl_sid method trains on them.")
+        "*__sid tables; the evaluation's gpl_sid method trains on them.",
+    )
     return [history, sid]

@@ -19,8 +19,9 @@ def table_md(frame: pd.DataFrame, max_rows: int = 40, floatfmt: str = ".3f") -> 
     return MetadataValue.md(frame.to_markdown(floatfmt=floatfmt))
 
 
-def histogram_md(series: Mapping[str, np.ndarray], title: str, bins: int = 20, range_: tuple[float, float] = (0, 1)
-                 ) -> MetadataValue:
+def histogram_md(
+    series: Mapping[str, np.ndarray], title: str, bins: int = 20, range_: tuple[float, float] = (0, 1)
+) -> MetadataValue:
     """A small PNG histogram embedded in markdown, which the Dagster UI renders as a plot."""
     import matplotlib
 

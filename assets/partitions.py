@@ -25,8 +25,9 @@ def build_daily_partitions(settings: Settings) -> DailyPartitionsDefinition:
     if last is None:  # open-ended; end_offset=1 includes the current (still open) UTC day
         return DailyPartitionsDefinition(start_date=start.isoformat(), timezone="UTC", fmt="%Y-%m-%d", end_offset=1)
     # end_date is exclusive
-    return DailyPartitionsDefinition(start_date=start.isoformat(), end_date=(last + timedelta(days=1)).isoformat(),
-                                     timezone="UTC", fmt="%Y-%m-%d")
+    return DailyPartitionsDefinition(
+        start_date=start.isoformat(), end_date=(last + timedelta(days=1)).isoformat(), timezone="UTC", fmt="%Y-%m-%d"
+    )
 
 
 def range_tags(start: str, end: str) -> dict[str, str]:

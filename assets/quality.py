@@ -3,7 +3,6 @@ the same user is shown the same item on a later day (gpl_platform/pseudo_labels/
 materialization audits every labelled day with the exposures known so far, and stores the tables in
 the warehouse. The asset checks are in assets/checks.py."""
 
-
 import base64
 import io
 
@@ -31,8 +30,9 @@ def _reliability_plot(result: audit_lib.AuditResult) -> MetadataValue:
     rel = result.reliability
     axes[0].plot([0, 1], [0, 1], color="#999", lw=1, ls="--")
     if len(rel):
-        axes[0].scatter(rel["mean_pseudo_label"], rel["click_rate"], s=10 + 90 * rel["n"] / rel["n"].max(),
-                        color="#4a72b0")
+        axes[0].scatter(
+            rel["mean_pseudo_label"], rel["click_rate"], s=10 + 90 * rel["n"] / rel["n"].max(), color="#4a72b0"
+        )
     axes[0].set(xlim=(0, 1), ylim=(0, 1), xlabel="mean pseudo-label", ylabel="later click rate")
     axes[0].set_title("reliability", fontsize=9)
     by_day = result.by_day
@@ -59,8 +59,13 @@ def _num(value) -> float | int | str:
 
 
 def quality_assets(automation: Automation) -> list:
-    @asset(group_name=GROUP, kinds={"duckdb"}, deps=["pseudo_labels", "candidate_events"], pool=POOL,
-           automation_condition=automation.audit)
+    @asset(
+        group_name=GROUP,
+        kinds={"duckdb"},
+        deps=["pseudo_labels", "candidate_events"],
+        pool=POOL,
+        automation_condition=automation.audit,
+    )
     def label_audit(context: AssetExecutionContext, warehouse: WarehouseResource) -> MaterializeResult:
         """Label audit: every unexposed, pseudo-labelled candidate of day D that the same user is later shown
         (exposed, with a real click label) is compared with that click. Calibration by label bin, by lag and
@@ -68,8 +73,12 @@ def quality_assets(automation: Automation) -> list:
         sample, but the one production has."""
         wh = warehouse.get()
         result = audit_lib.audit_warehouse(wh)
-        frames = {"label_audit_pairs": result.pairs, "label_audit_reliability": result.reliability,
-                  "label_audit_by_lag": result.by_lag, "label_audit_by_day": result.by_day}
+        frames = {
+            "label_audit_pairs": result.pairs,
+            "label_audit_reliability": result.reliability,
+            "label_audit_by_lag": result.by_lag,
+            "label_audit_by_day": result.by_day,
+        }
         with wh.transaction() as con:
             for name, frame in frames.items():
                 out = frame.copy()
@@ -81,14 +90,18 @@ def quality_assets(automation: Automation) -> list:
         context.log.info("label audit: %s", s)
         if not s["pairs"]:
             context.log.warning("no pseudo-labelled candidate has been exposed to its user later yet: nothing to audit")
-        return MaterializeResult(metadata={
-            "dagster/row_count": int(s["pairs"]),
-            **{k: _num(v) for k, v in s.items()},
-            "reliability": table_md(result.reliability, floatfmt=".3f") if len(result.reliability) else "no pairs yet",
-            "by_lag": table_md(result.by_lag, floatfmt=".3f") if len(result.by_lag) else "no pairs yet",
-            "by_labelled_day": table_md(result.by_day, floatfmt=".3f") if len(result.by_day) else "no pairs yet",
-            "plot": _reliability_plot(result),
-            "tables": ", ".join(AUDIT_TABLES),
-        })
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": int(s["pairs"]),
+                **{k: _num(v) for k, v in s.items()},
+                "reliability": table_md(result.reliability, floatfmt=".3f")
+                if len(result.reliability)
+                else "no pairs yet",
+                "by_lag": table_md(result.by_lag, floatfmt=".3f") if len(result.by_lag) else "no pairs yet",
+                "by_labelled_day": table_md(result.by_day, floatfmt=".3f") if len(result.by_day) else "no pairs yet",
+                "plot": _reliability_plot(result),
+                "tables": ", ".join(AUDIT_TABLES),
+            }
+        )
 
     return [label_audit]

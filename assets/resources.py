@@ -3,7 +3,6 @@ each a ``ConfigurableResource`` built per run: the DuckDB warehouse, the Feast s
 sentence encoder and the anchor generators. ``gpl_resources(settings)`` gives the whole set.
 """
 
-
 import json
 from typing import Any
 
@@ -114,6 +113,11 @@ class EngineResource(ConfigurableResource):
 def gpl_resources(gpl: GplSettings | None = None) -> dict[str, ConfigurableResource]:
     """Every resource the definitions use, all reading one settings resource."""
     gpl = gpl or GplSettings()
-    return {"gpl": gpl, "warehouse": WarehouseResource(gpl=gpl), "feature_store": FeatureStoreResource(gpl=gpl),
-            "encoder": EncoderResource(gpl=gpl), "anchor_generator": AnchorGeneratorResource(gpl=gpl),
-            "engine": EngineResource(gpl=gpl)}
+    return {
+        "gpl": gpl,
+        "warehouse": WarehouseResource(gpl=gpl),
+        "feature_store": FeatureStoreResource(gpl=gpl),
+        "encoder": EncoderResource(gpl=gpl),
+        "anchor_generator": AnchorGeneratorResource(gpl=gpl),
+        "engine": EngineResource(gpl=gpl),
+    }

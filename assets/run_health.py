@@ -56,8 +56,10 @@ def fail_dead_runs(instance: DagsterInstance) -> list[str]:
         run = instance.get_run_by_id(run_id)
         if run is None or run.status != DagsterRunStatus.STARTED:
             continue
-        message = (f"The run's process (pid {pid}) is gone (killed or crashed) while the run was STARTED: marked "
-                   "failed by the gpl watchdog (assets/run_health.py) so that queued runs can start.")
+        message = (
+            f"The run's process (pid {pid}) is gone (killed or crashed) while the run was STARTED: marked "
+            "failed by the gpl watchdog (assets/run_health.py) so that queued runs can start."
+        )
         # not @public in Dagster 1.13 (its run monitoring uses both), no public way without a webserver: OPERATIONS.md
         instance.report_run_failed(run, message)
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)

@@ -54,8 +54,10 @@ def _not_a_skip(record: logging.LogRecord) -> bool:
     return "Not executing." not in record.getMessage()
 
 
-@logger(config_schema={"log_level": Field(str, is_required=False, default_value="INFO")},
-        description="Dagster's events on stderr, one line each (gpl run without --debug).")
+@logger(
+    config_schema={"log_level": Field(str, is_required=False, default_value="INFO")},
+    description="Dagster's events on stderr, one line each (gpl run without --debug).",
+)
 def one_line_console(init_context: InitLoggerContext) -> logging.Logger:
     out = logging.Logger("gpl.dagster", level=init_context.logger_config["log_level"])
     handler = logging.StreamHandler(sys.stderr)
@@ -107,22 +109,29 @@ def _error_line(error) -> str:
     return f"{head.rsplit('.', 1)[-1]}: {rest}" if sep and " " not in head else line
 
 
-def _materialize(everything: list, selected, resources: dict, instance: DagsterInstance, tags: dict,
-                 debug: bool):
+def _materialize(everything: list, selected, resources: dict, instance: DagsterInstance, tags: dict, debug: bool):
     """What ``dagster.materialize`` does (a job over the selection, executed in process), with the
     one-line console logger unless ``debug`` (Dagster's own console, every event in full)."""
     # A job's loggers apply only when the run config configures them; without, Dagster logs every event at DEBUG.
     loggers = {} if debug else {"console": one_line_console}
-    defs = Definitions(jobs=[define_asset_job(RUN_JOB, selection=selected)], assets=everything, resources=resources,
-                       loggers=loggers)
+    defs = Definitions(
+        jobs=[define_asset_job(RUN_JOB, selection=selected)], assets=everything, resources=resources, loggers=loggers
+    )
     run_config = None if debug else {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    return defs.resolve_job_def(RUN_JOB).execute_in_process(run_config=run_config, instance=instance, tags=tags,
-                                                            raise_on_error=False)
+    return defs.resolve_job_def(RUN_JOB).execute_in_process(
+        run_config=run_config, instance=instance, tags=tags, raise_on_error=False
+    )
 
 
-def run_pipeline(start: str | None = None, end: str | None = None, resources: dict | None = None,
-                 selection: list[str] | None = None, ephemeral: bool = False,
-                 defs: Definitions | None = None, debug: bool = False) -> PipelineResult:
+def run_pipeline(
+    start: str | None = None,
+    end: str | None = None,
+    resources: dict | None = None,
+    selection: list[str] | None = None,
+    ephemeral: bool = False,
+    defs: Definitions | None = None,
+    debug: bool = False,
+) -> PipelineResult:
     """Materialize the asset graph (optionally a key selection) over partitions [start, end]. Dagster's
     events go to stderr one line each (``debug``: in full, from DEBUG up)."""
     gpl = (resources or {}).get("gpl") or GplSettings()
@@ -164,8 +173,14 @@ def run_pipeline(start: str | None = None, end: str | None = None, resources: di
         # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream
         # steps of the same run. A later stage goes on after a failed *check* (its consumers re-check every day
         # and leave failing days out, e.g. training_set); any other failure stops the pipeline.
-        run = _materialize(everything, AssetSelection.assets(*selected), resources, instance,
-                           {**tags, **(range_tags(start, end) if name == "partitioned" else {})}, debug)
+        run = _materialize(
+            everything,
+            AssetSelection.assets(*selected),
+            resources,
+            instance,
+            {**tags, **(range_tags(start, end) if name == "partitioned" else {})},
+            debug,
+        )
         result.seconds[name] = round(time.perf_counter() - began, 2)
         result.runs.append(run.run_id)
         log.info("%s stage: run %s in %.1fs", name, run.run_id, result.seconds[name])
@@ -174,13 +189,16 @@ def run_pipeline(start: str | None = None, end: str | None = None, resources: di
             continue
         errors = [event.step_failure_data.error for event in run.get_step_failure_events()]
         if errors and all(error.cls_name == "DagsterAssetCheckFailedError" for error in errors):
-            log.warning("%s stage: blocking quality checks failed (the run is marked failed; consumers skip the "
-                        "failing days)", name)
+            log.warning(
+                "%s stage: blocking quality checks failed (the run is marked failed; consumers skip the failing days)",
+                name,
+            )
             continue
         result.success = False
         lines = "; ".join(dict.fromkeys(_error_line(e) for e in errors)) or "the run failed (see its logs)"
-        raise PipelineError(f"{name} stage failed (run {run.run_id}): {lines}",
-                            "\n\n".join(e.to_string() for e in errors))
+        raise PipelineError(
+            f"{name} stage failed (run {run.run_id}): {lines}", "\n\n".join(e.to_string() for e in errors)
+        )
     return result
 
 

@@ -5,8 +5,7 @@ skipped tick, not a run. Created STOPPED; contract deliveries by day folders use
 ``new_contract_days`` sensor instead.
 """
 
-
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 
 from dagster import (
     DailyPartitionsDefinition,
@@ -21,12 +20,17 @@ DAILY_SCHEDULE = "gpl_daily_schedule"
 
 
 def build_schedules(daily_job, partitions: DailyPartitionsDefinition, hour_of_day: int = 2) -> list:
-    @schedule(name=DAILY_SCHEDULE, job=daily_job, cron_schedule=f"0 {hour_of_day} * * *", execution_timezone="UTC",
-              default_status=DefaultScheduleStatus.STOPPED)
+    @schedule(
+        name=DAILY_SCHEDULE,
+        job=daily_job,
+        cron_schedule=f"0 {hour_of_day} * * *",
+        execution_timezone="UTC",
+        default_status=DefaultScheduleStatus.STOPPED,
+    )
     def gpl_daily_schedule(context: ScheduleEvaluationContext):
         """Materializes the GPL daily job (its checks included) for the UTC day that just ended."""
         now = context.scheduled_execution_time
-        day = (now.astimezone(timezone.utc) - timedelta(days=1)).date().isoformat()
+        day = (now.astimezone(UTC) - timedelta(days=1)).date().isoformat()
         keys = partitions.get_partition_keys(current_time=now)
         if day not in keys:
             span = f"{keys[0]} .. {keys[-1]}" if keys else "none yet"

@@ -10,7 +10,6 @@
 - ``gpl_automation``: evaluates the automation conditions of assets/automation.py.
 """
 
-
 import json
 
 from dagster import (
@@ -39,8 +38,12 @@ DELIVERY_TAG = "gpl/delivery_digest"
 def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition, cfg: AutomationConfig) -> list:
     status = DefaultSensorStatus.RUNNING if cfg.sensors_running else DefaultSensorStatus.STOPPED
 
-    @sensor(name=NEW_DAYS_SENSOR, jobs=[daily_job, catalog_job], minimum_interval_seconds=cfg.sensor_interval_s,
-            default_status=status)
+    @sensor(
+        name=NEW_DAYS_SENSOR,
+        jobs=[daily_job, catalog_job],
+        minimum_interval_seconds=cfg.sensor_interval_s,
+        default_status=status,
+    )
     def new_contract_days(context: SensorEvaluationContext, gpl: GplSettings):
         """Requests the daily job for every day folder (events/day=YYYY-MM-DD/) of the contract directory
         whose content is new or changed since the last request (and the catalog job when items/users
@@ -58,8 +61,9 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
 
         def request(what: str, digest: str, **kwargs) -> RunRequest:
             counts[what] = counts.get(what, 0) + 1
-            return RunRequest(run_key=f"{what}@{digest[:16]}#{counts[what]}", tags={DELIVERY_TAG: digest[:16]},
-                              **kwargs)
+            return RunRequest(
+                run_key=f"{what}@{digest[:16]}#{counts[what]}", tags={DELIVERY_TAG: digest[:16]}, **kwargs
+            )
 
         if digests["catalog"] != state.get("catalog"):
             requests.append(request("catalog", digests["catalog"], job_name=catalog_job.name))
@@ -78,21 +82,32 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
                 requests.append(request(day, "removed", job_name=daily_job.name, partition_key=day))
                 context.log.warning(f"{day} is missing from the delivery: re-run as an empty day (missing_days=clear)")
             else:
-                context.log.warning(f"{day} is missing from the delivery: its rows stay in the warehouse "
-                                    "(missing_days=keep)")
+                context.log.warning(
+                    f"{day} is missing from the delivery: its rows stay in the warehouse (missing_days=keep)"
+                )
             del seen[day]
         if deferred:
             context.log.info(f"not partitions yet, asked again later: {', '.join(deferred)}")
-        new_state = {"catalog": digests["catalog"], "days": seen, "files": files, "counts": counts,
-                     "removed": sorted(set(state.get("removed", [])) | set(removed))}
+        new_state = {
+            "catalog": digests["catalog"],
+            "days": seen,
+            "files": files,
+            "counts": counts,
+            "removed": sorted(set(state.get("removed", [])) | set(removed)),
+        }
         if not requests:
-            return SensorResult(skip_reason=SkipReason(f"no new or changed day folders ({len(seen)} known)"),
-                                cursor=json.dumps(new_state))
+            return SensorResult(
+                skip_reason=SkipReason(f"no new or changed day folders ({len(seen)} known)"),
+                cursor=json.dumps(new_state),
+            )
         context.log.info("requesting " + ", ".join(r.partition_key or "catalog" for r in requests))
         return SensorResult(run_requests=requests, cursor=json.dumps(new_state))
 
-    @sensor(name=WATCHDOG_SENSOR, minimum_interval_seconds=cfg.watchdog_interval_s,
-            default_status=DefaultSensorStatus.RUNNING)  # a safety net: always on
+    @sensor(
+        name=WATCHDOG_SENSOR,
+        minimum_interval_seconds=cfg.watchdog_interval_s,
+        default_status=DefaultSensorStatus.RUNNING,
+    )  # a safety net: always on
     def dead_run_watchdog(context: SensorEvaluationContext):
         """Marks failed every STARTED run whose process died (kill -9, OOM) and frees its pool slots, so
         the run queue (max one run at a time) never blocks on it."""
@@ -100,9 +115,11 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
         return SkipReason(f"marked failed: {', '.join(failed)}" if failed else "no run with a dead process")
 
     automation = AutomationConditionSensorDefinition(
-        AUTOMATION_SENSOR, target=AssetSelection.all() | AssetSelection.all_asset_checks(),
-        default_status=status, minimum_interval_seconds=cfg.automation_interval_s,
+        AUTOMATION_SENSOR,
+        target=AssetSelection.all() | AssetSelection.all_asset_checks(),
+        default_status=status,
+        minimum_interval_seconds=cfg.automation_interval_s,
         description="Evaluates the automation conditions (assets/automation.py): labels and features follow new "
-                    "days, training on its cron, the model and evaluation after training, the label audit daily.")
+        "days, training on its cron, the model and evaluation after training, the label audit daily.",
+    )
     return [new_contract_days, dead_run_watchdog, automation]
-

@@ -41,8 +41,10 @@ def free_port() -> int:
 
 def _response(status: str, text: str, extra: str = "") -> bytes:
     body = (text + "\n").encode()
-    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-            f"{extra}Connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 class OriginGuard:
@@ -64,8 +66,12 @@ class OriginGuard:
         if site is not None and site.lower() not in SAFE_FETCH_SITES:
             return _response("403 Forbidden", f"refused: request from another site (Sec-Fetch-Site: {site})")
         path = urlsplit(target).path
-        if method.upper() == "GET" and "/graphql" in path and urlsplit(target).query and \
-                headers.get("upgrade", "").lower() != "websocket":
+        if (
+            method.upper() == "GET"
+            and "/graphql" in path
+            and urlsplit(target).query
+            and headers.get("upgrade", "").lower() != "websocket"
+        ):
             return _response("405 Method Not Allowed", "refused: GraphQL over GET (use POST)", "Allow: POST\r\n")
         if not (path == self.prefix or path.startswith(self.prefix + "/")):
             return _response("302 Found", "", f"Location: {self.prefix}{target if target.startswith('/') else '/'}\r\n")
@@ -145,8 +151,18 @@ class Supervisor:
         (home / "tmp").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(home / "tmp"), "DAGSTER_WEBSERVER_PATH_PREFIX": self.prefix}
         root = Path(__file__).resolve().parent.parent
-        command = [str(Path(sys.executable).parent / "dagster"), "dev", "-m", "assets.definitions", "-d", str(root),
-                   "-h", "127.0.0.1", "-p", str(self.upstream_port)]
+        command = [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-m",
+            "assets.definitions",
+            "-d",
+            str(root),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.upstream_port),
+        ]
         # cwd: DAGSTER_HOME, so that dagster dev does not warn about the repository's dagster.yaml
         self.process = subprocess.Popen(command, env=env, cwd=home, start_new_session=True)
 
@@ -220,15 +236,17 @@ async def serve(host: str, port: int, grace_s: float) -> int:
         supervisor.remember_children()
         try:
             await asyncio.wait_for(stop.wait(), timeout=2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     server.close()
     print("stopping the Dagster UI ...", flush=True)
     began = time.monotonic()
     await loop.run_in_executor(None, supervisor.stop)
     left = supervisor.alive()
-    print(f"stopped in {time.monotonic() - began:.1f}s" + (f"; still running: {[p.pid for p in left]}" if left else ""),
-          flush=True)
+    print(
+        f"stopped in {time.monotonic() - began:.1f}s" + (f"; still running: {[p.pid for p in left]}" if left else ""),
+        flush=True,
+    )
     return 1 if left else 0
 
 

@@ -11,8 +11,12 @@ import numpy as np
 
 def latency_stats(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3), "n": len(ms)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "n": len(ms),
+    }
 
 
 def time_calls(fn, requests, warmup: int = 10) -> dict:
@@ -32,8 +36,9 @@ def random_requests(dataset, n_items: int, n_requests: int, seed: int) -> list[t
     rng = np.random.default_rng(seed)
     users = dataset.users["user_id"].astype(str).to_numpy()
     items = dataset.items["item_id"].astype(str).to_numpy()
-    return [(str(rng.choice(users)), rng.choice(items, size=n_items, replace=False).tolist())
-            for _ in range(n_requests)]
+    return [
+        (str(rng.choice(users)), rng.choice(items, size=n_items, replace=False).tolist()) for _ in range(n_requests)
+    ]
 
 
 def write_json(result: dict, out) -> None:

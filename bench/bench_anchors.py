@@ -130,8 +130,11 @@ def _baseline(gen, histories, k: int) -> tuple[float, int]:
         x = tok(p, return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
             o = model.generate(
-                **x, max_new_tokens=gen.params["max_new_tokens"], do_sample=False,
-                eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                **x,
+                max_new_tokens=gen.params["max_new_tokens"],
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
             )
         return int(o.shape[1] - x["input_ids"].shape[1])
 
@@ -150,8 +153,16 @@ def _jaccard(a, b) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
-def run(n_users: int = 64, out: Path | None = None, k: int = 5, levers: bool = False, seed: int = 0,
-        rounds: int = 3, baseline_users: int = 16, model_dir: Path | None = None) -> dict:
+def run(
+    n_users: int = 64,
+    out: Path | None = None,
+    k: int = 5,
+    levers: bool = False,
+    seed: int = 0,
+    rounds: int = 3,
+    baseline_users: int = 16,
+    model_dir: Path | None = None,
+) -> dict:
     import statistics
 
     import torch
@@ -194,8 +205,10 @@ def run(n_users: int = 64, out: Path | None = None, k: int = 5, levers: bool = F
             "config": {"batch_size": gen.batch_size, **gen.params},
         }
     by_user = {e: last[e][1].groupby("user_id")["anchor_text"].apply(list) for e in generators}
-    agreement = float(sum(_jaccard(by_user["ctranslate2"][h.user_id], by_user["transformers"][h.user_id])
-                          for h in histories) / n_users)
+    agreement = float(
+        sum(_jaccard(by_user["ctranslate2"][h.user_id], by_user["transformers"][h.user_id]) for h in histories)
+        / n_users
+    )
     default = SmolLMAnchorGenerator().engine
     base_ups, base_tokens = _baseline(generators["transformers"], histories[:baseline_users], k)
     ups = engines[default]["users_per_s"]
@@ -205,8 +218,9 @@ def run(n_users: int = 64, out: Path | None = None, k: int = 5, levers: bool = F
         "goal_users_per_s": GOAL_USERS_PER_S,
         "goal_met": ups >= GOAL_USERS_PER_S,
         "engines": engines,
-        "ctranslate2_vs_transformers": round(engines["ctranslate2"]["users_per_s"]
-                                             / engines["transformers"]["users_per_s"], 2),
+        "ctranslate2_vs_transformers": round(
+            engines["ctranslate2"]["users_per_s"] / engines["transformers"]["users_per_s"], 2
+        ),
         "engines_agreement": round(agreement, 3),
         "baseline_users_per_s": round(base_ups, 3),
         "baseline_users": len(histories[:baseline_users]),
@@ -231,8 +245,9 @@ def run(n_users: int = 64, out: Path | None = None, k: int = 5, levers: bool = F
         }
         result["levers_users_per_s"] = {}
         for name, kw in variants.items():
-            v_ups, v_stats = _time_generator(SmolLMAnchorGenerator(engine=default, model_dir=model_dir, **kw),
-                                             histories, k)
+            v_ups, v_stats = _time_generator(
+                SmolLMAnchorGenerator(engine=default, model_dir=model_dir, **kw), histories, k
+            )
             result["levers_users_per_s"][name] = round(v_ups, 3)
             logging.getLogger("bench").info("lever %s: %.2f users/s (%s)", name, v_ups, v_stats)
     if out is not None:

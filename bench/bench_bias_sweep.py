@@ -31,9 +31,18 @@ SKIPPED_ASSETS = ("training_set", "prerank_model", "label_audit")
 DEFAULT_PRERANKERS = ("mlp:prerank_v2", "two_tower:prerank_scalar_v2", "cold:prerank_scalar_v2")
 
 
-def run(source: str, out: Path | None = None, settings: list[str] | None = None, seeds: list[int] | None = None,
-        methods: list[str] | None = None, prerankers: list[str] | None = None, data_root: Path | None = None,
-        extra_overrides: dict | None = None, results_doc: Path | None = None, resume: bool = False) -> dict:
+def run(
+    source: str,
+    out: Path | None = None,
+    settings: list[str] | None = None,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    prerankers: list[str] | None = None,
+    data_root: Path | None = None,
+    extra_overrides: dict | None = None,
+    results_doc: Path | None = None,
+    resume: bool = False,
+) -> dict:
     os.environ["GPL_SOURCE"] = source  # the definitions' partitions follow the configured source
     from assets.definitions import build_definitions
     from assets.resources import GplSettings
@@ -48,8 +57,11 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
     methods = list(methods or bias_sweep.SWEEP_METHODS)
     prerankers = list(prerankers or DEFAULT_PRERANKERS)
-    selection = [k.to_user_string() for k in build_definitions().resolve_all_asset_keys()
-                 if k.to_user_string() not in SKIPPED_ASSETS]
+    selection = [
+        k.to_user_string()
+        for k in build_definitions().resolve_all_asset_keys()
+        if k.to_user_string() not in SKIPPED_ASSETS
+    ]
     began = time.perf_counter()
     sweep: dict = {"source": source, "seeds": seeds, "methods": methods, "prerankers": prerankers, "settings": {}}
     previous: Path | None = None
@@ -64,24 +76,37 @@ def run(source: str, out: Path | None = None, settings: list[str] | None = None,
         report = finished_report(report_path, methods, prerankers, seeds) if resume else None
         resumed, reused, failed_checks = report is not None, {}, None  # a resumed run's checks are not known here
         if resumed:
-            log.info("setting %s: resumed from %s (written %s)", name, report_path,
-                     time.strftime("%Y-%m-%d %H:%M", time.localtime(report_path.stat().st_mtime)))
+            log.info(
+                "setting %s: resumed from %s (written %s)",
+                name,
+                report_path,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(report_path.stat().st_mtime)),
+            )
         else:
             warehouse = Warehouse(settings_obj.warehouse, settings_obj.warehouse_lock_timeout_s)
             reused = warehouse.import_caches(previous) if previous else {}
-            log.info("setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name,
-                     previous, reused)
-            result = run_pipeline(resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
-                                  ephemeral=True, selection=selection)
+            log.info(
+                "setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name, previous, reused
+            )
+            result = run_pipeline(
+                resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
+                ephemeral=True,
+                selection=selection,
+            )
             if not result.success or not report_path.exists():
                 raise RuntimeError(f"setting {name}: the pipeline did not produce {report_path}")
             report = json.loads(report_path.read_text())
             failed_checks = len(result.failed_checks)
         dataset = load_source(settings_obj)
-        protocol = {"overrides": {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation")},
-                    "statistics": dataset_statistics(dataset), "exposure_policy": dataset.info.get("exposure", {}),
-                    "failed_checks": failed_checks, "reused_work": reused, "resumed": resumed,
-                    "seconds": round(time.perf_counter() - started, 1)}
+        protocol = {
+            "overrides": {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation")},
+            "statistics": dataset_statistics(dataset),
+            "exposure_policy": dataset.info.get("exposure", {}),
+            "failed_checks": failed_checks,
+            "reused_work": reused,
+            "resumed": resumed,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         sweep["settings"][name] = bias_sweep.summarize_setting(report, protocol)
         sweep["seeds"] = report.get("seeds")
         previous = settings_obj.warehouse
@@ -119,12 +144,17 @@ def write(sweep: dict, out: Path, results_doc: Path | None = None) -> dict[str, 
     paths = {"json": out, "plot": plot}
     if results_doc:
         results_doc = Path(results_doc)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip()
+            or "unknown"
+        )
         begin = f"<!-- bias-sweep:{sweep['source']}:begin (generated by gpl bench bias-sweep --results-doc) -->"
         end = f"<!-- bias-sweep:{sweep['source']}:end -->"
-        command = "gpl bench bias-sweep " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "bias-sweep"]
-                                                      else sys.argv[1:])
+        command = "gpl bench bias-sweep " + " ".join(
+            sys.argv[3:] if sys.argv[1:3] == ["bench", "bias-sweep"] else sys.argv[1:]
+        )
         body = bias_sweep.markdown(sweep, command, commit, os.path.relpath(plot, results_doc.parent))
         paths["results_doc"] = replace_generated_section(results_doc, begin, end, f"{begin}\n\n{body}\n{end}")
     return paths
@@ -135,6 +165,14 @@ def lift_summary(sweep: dict) -> list[dict]:
     from gpl_platform.evaluation.bias_sweep import lift_table
 
     table = lift_table(sweep)
-    keep = ["setting", "preranker", "train_serving_gap", "gpl_lift_unexposed_auc", "gpl_lift_unexposed_auc_in_std",
-            "gpl_lift_unexposed_hr@10_in_std", "best_baseline", "gpl_minus_best_baseline_unexposed_auc"]
+    keep = [
+        "setting",
+        "preranker",
+        "train_serving_gap",
+        "gpl_lift_unexposed_auc",
+        "gpl_lift_unexposed_auc_in_std",
+        "gpl_lift_unexposed_hr@10_in_std",
+        "best_baseline",
+        "gpl_minus_best_baseline_unexposed_auc",
+    ]
     return table[[c for c in keep if c in table]].round(4).to_dict(orient="records")

@@ -49,8 +49,15 @@ def choose_anchors(sweep: dict, setting: str) -> dict:
         for pooling in ("max", "mean"):
             value = row[f"pseudo_label_auc_{pooling}"]
             if value is not None and math.isfinite(value):
-                options.append({"variant": row["anchors"], "backend": backend_of[row["anchors"]], "pooling": pooling,
-                                "valid_pseudo_label_auc": value, "n": row["n"]})
+                options.append(
+                    {
+                        "variant": row["anchors"],
+                        "backend": backend_of[row["anchors"]],
+                        "pooling": pooling,
+                        "valid_pseudo_label_auc": value,
+                        "n": row["n"],
+                    }
+                )
     if not options:
         raise ValueError(f"{setting}: the selection sweep has no validation ceiling rows")
     best = max(o["valid_pseudo_label_auc"] for o in options)
@@ -71,8 +78,9 @@ def _pick(results: dict, metric: str, cost) -> tuple[str, dict]:
     return min(close, key=lambda k: (cost(k), -results[k][metric]["mean"])), best
 
 
-def run(source: str, selection: Path, out: Path | None = None, setting: str | None = None,
-        data_root: Path | None = None) -> dict:
+def run(
+    source: str, selection: Path, out: Path | None = None, setting: str | None = None, data_root: Path | None = None
+) -> dict:
     os.environ["GPL_SOURCE"] = source
     from gpl_platform.config import PROJECT_ROOT, ConfidenceConfig, load_settings
     from gpl_platform.data.warehouse import Warehouse
@@ -95,10 +103,16 @@ def run(source: str, selection: Path, out: Path | None = None, setting: str | No
     pooling = anchors["chosen"]["pooling"]
     training = settings.training.model_copy(update={"pseudo_label_pooling": pooling, "pseudo_weight": 1.0})
     evaluation = settings.evaluation.model_copy(update={"prerankers": list(SHAPE_COST), "methods": [method]})
-    log.info("rule 1: %s anchors, %s pooling (%s); rule 2: training %s with every shape", anchors["chosen"]["backend"],
-             pooling, method, method)
-    report = run_offline_evaluation(warehouse, store, training, source, label_gate=gate, evaluation=evaluation,
-                                    feature_cache=features)
+    log.info(
+        "rule 1: %s anchors, %s pooling (%s); rule 2: training %s with every shape",
+        anchors["chosen"]["backend"],
+        pooling,
+        method,
+        method,
+    )
+    report = run_offline_evaluation(
+        warehouse, store, training, source, label_gate=gate, evaluation=evaluation, feature_cache=features
+    )
     shapes = {name: entry["methods"][method] for name, entry in report["prerankers"].items()}
     shape, shape_best = _pick(shapes, "valid_auc", lambda k: SHAPE_COST[k])
 
@@ -108,11 +122,24 @@ def run(source: str, selection: Path, out: Path | None = None, setting: str | No
         for lam in LAMBDAS:
             cfg = training.model_copy(update={"pseudo_weight": lam})
             ev = evaluation.model_copy(update={"prerankers": [shape]})
-            result = run_offline_evaluation(warehouse, store, cfg, source, label_gate=gate, evaluation=ev,
-                                            confidence=confidence, feature_cache=features, progress=False)
+            result = run_offline_evaluation(
+                warehouse,
+                store,
+                cfg,
+                source,
+                label_gate=gate,
+                evaluation=ev,
+                confidence=confidence,
+                feature_cache=features,
+                progress=False,
+            )
             grid[f"lambda={lam}|confidence={conf_name}"] = result["methods"][method]
-            log.info("rule 3: lambda %s confidence %s: valid_unexposed_auc %.4f", lam, conf_name,
-                     result["methods"][method]["valid_unexposed_auc"]["mean"])
+            log.info(
+                "rule 3: lambda %s confidence %s: valid_unexposed_auc %.4f",
+                lam,
+                conf_name,
+                result["methods"][method]["valid_unexposed_auc"]["mean"],
+            )
 
     def distance(key: str) -> float:  # to the current default: lambda 1, default exponents
         lam, conf = key.split("|")
@@ -121,18 +148,33 @@ def run(source: str, selection: Path, out: Path | None = None, setting: str | No
     pair, pair_best = _pick(grid, "valid_unexposed_auc", distance)
     lam, conf = pair.split("|")
     decision = {
-        "source": source, "setting": setting, "selection": str(selection),
-        "rule_1_anchors": anchors, "rule_2_preranker": {
-            "metric": "valid_auc", "results": {k: v["valid_auc"] for k, v in shapes.items()},
+        "source": source,
+        "setting": setting,
+        "selection": str(selection),
+        "rule_1_anchors": anchors,
+        "rule_2_preranker": {
+            "metric": "valid_auc",
+            "results": {k: v["valid_auc"] for k, v in shapes.items()},
             "also_valid_unexposed_auc": {k: v["valid_unexposed_auc"] for k, v in shapes.items()},
-            "best": shape_best, "chosen": shape},
+            "best": shape_best,
+            "chosen": shape,
+        },
         "rule_3_lambda_confidence": {
-            "metric": "valid_unexposed_auc", "results": {k: v["valid_unexposed_auc"] for k, v in grid.items()},
-            "best": pair_best, "chosen": {"lambda": float(lam.split("=")[1]), "confidence": conf.split("=")[1]}},
-        "defaults": {"anchors.backend": anchors["chosen"]["backend"], "training.pseudo_label_pooling": pooling,
-                     "training.preranker": shape.split(":")[0], "training.feature_service": shape.split(":")[1],
-                     "training.pseudo_weight": float(lam.split("=")[1]), "confidence": conf.split("=")[1]},
-        "seeds": report["seeds"], "seconds": round(time.perf_counter() - began, 1),
+            "metric": "valid_unexposed_auc",
+            "results": {k: v["valid_unexposed_auc"] for k, v in grid.items()},
+            "best": pair_best,
+            "chosen": {"lambda": float(lam.split("=")[1]), "confidence": conf.split("=")[1]},
+        },
+        "defaults": {
+            "anchors.backend": anchors["chosen"]["backend"],
+            "training.pseudo_label_pooling": pooling,
+            "training.preranker": shape.split(":")[0],
+            "training.feature_service": shape.split(":")[1],
+            "training.pseudo_weight": float(lam.split("=")[1]),
+            "confidence": conf.split("=")[1],
+        },
+        "seeds": report["seeds"],
+        "seconds": round(time.perf_counter() - began, 1),
     }
     if out:
         out = Path(out)

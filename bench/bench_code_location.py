@@ -26,8 +26,10 @@ if str(ROOT) not in sys.path:
 from bench._timing import write_json  # noqa: E402
 
 # about 56 thousand and 3 million events
-SIZES = {"small": {"n_users": 200, "n_items": 500, "n_days": 14}, "large": {"n_users": 5000, "n_items": 5000,
-                                                                          "n_days": 30}}
+SIZES = {
+    "small": {"n_users": 200, "n_items": 500, "n_days": 14},
+    "large": {"n_users": 5000, "n_items": 5000, "n_days": 30},
+}
 LOAD = "import assets.definitions as d; assert d.defs.resolve_job_def('gpl_daily').partitions_def"
 READ = "import sys; from gpl_platform.data.contract import read_contract_dir; read_contract_dir(sys.argv[1])"
 
@@ -67,11 +69,18 @@ def run(repeats: int = 3) -> dict:
             for layout in ("flat", "day_folders"):
                 directory = Path(tmp) / f"{name}_{layout}"
                 rows = _write_world(directory, size, layout == "day_folders")
-                env = {**os.environ, "GPL_SOURCE": "contract", "GPL_CONTRACT__PATH": str(directory),
-                       "PYTHONPATH": str(ROOT), "GPL_DATA_DIR": str(Path(tmp) / "data")}
+                env = {
+                    **os.environ,
+                    "GPL_SOURCE": "contract",
+                    "GPL_CONTRACT__PATH": str(directory),
+                    "PYTHONPATH": str(ROOT),
+                    "GPL_DATA_DIR": str(Path(tmp) / "data"),
+                }
                 result["cases"][f"{name}/{layout}"] = {
-                    "events": rows, "code_location_load": _time(LOAD, env, [], repeats),
-                    "baseline_read_rows": _time(READ, env, [str(directory)], repeats)}
+                    "events": rows,
+                    "code_location_load": _time(LOAD, env, [], repeats),
+                    "baseline_read_rows": _time(READ, env, [str(directory)], repeats),
+                }
                 print(name, layout, result["cases"][f"{name}/{layout}"], flush=True)
     result["load_average_after"] = os.getloadavg()
     return result

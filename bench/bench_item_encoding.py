@@ -26,7 +26,10 @@ _WORDS = (
     "journey dragon music heist doctor island storm village empire mirror winter dream ocean "
     "revenge friendship train desert castle mystery comedy hero prison garden"
 ).split()
-_GENRES = "Action Adventure Animation Comedy Crime Documentary Drama Fantasy Horror Musical Romance Sci-Fi Thriller War Western".split()
+_GENRES = (
+    "Action Adventure Animation Comedy Crime Documentary Drama Fantasy Horror Musical Romance Sci-Fi Thriller War "
+    "Western"
+).split()
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
@@ -121,7 +124,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     r = run(args.items, args.out, batch_size=args.batch_size, single_items=args.single_items, repeats=args.repeats)
-    print(json.dumps({k: r[k] for k in ("n_items", "seconds", "items_per_s", "single_items_per_s", "ratio", "batch_size")}, indent=2))
+    print(
+        json.dumps(
+            {k: r[k] for k in ("n_items", "seconds", "items_per_s", "single_items_per_s", "ratio", "batch_size")},
+            indent=2,
+        )
+    )
     print("check:", r["check"])
 
 

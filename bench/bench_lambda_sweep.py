@@ -29,8 +29,15 @@ def run(lambdas: list[float], seeds: list[int], out: Path | None = None) -> dict
     for lam in lambdas:
         cfg = settings.training.model_copy(update={"pseudo_weight": lam})
         methods = ["exposed_only", "gpl"] if lam == lambdas[0] else ["gpl"]
-        report = run_offline_evaluation(warehouse, store, cfg, settings.source, methods=methods, seeds=seeds,
-                                        label_gate=settings.quality.pseudo_labels)
+        report = run_offline_evaluation(
+            warehouse,
+            store,
+            cfg,
+            settings.source,
+            methods=methods,
+            seeds=seeds,
+            label_gate=settings.quality.pseudo_labels,
+        )
         if "exposed_only" in report["methods"]:
             result["exposed_only"] = report["methods"]["exposed_only"]
         result["lambdas"][str(lam)] = report["methods"]["gpl"]
@@ -48,8 +55,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = run(args.lambdas, args.seeds, args.out)
     for lam, metrics in result["lambdas"].items():
-        print(f"lambda {lam}: auc {metrics['auc']['mean']:.4f} ± {metrics['auc']['std']:.4f}, "
-              f"hr@10 {metrics['hr@10']['mean']:.4f}")
+        print(
+            f"lambda {lam}: auc {metrics['auc']['mean']:.4f} ± {metrics['auc']['std']:.4f}, "
+            f"hr@10 {metrics['hr@10']['mean']:.4f}"
+        )
     base = result["exposed_only"]
     print(f"exposed_only: auc {base['auc']['mean']:.4f} ± {base['auc']['std']:.4f}, hr@10 {base['hr@10']['mean']:.4f}")
     return 0

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 from _timing import random_requests, write_json  # noqa: E402
-from _timing import time_calls as _time
+from _timing import time_calls as _time  # noqa: E402
 
 
 def _free_port() -> int:
@@ -53,8 +53,11 @@ def _start_redis():
     import redis
 
     port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(host="127.0.0.1", port=port)
     deadline = time.monotonic() + 10
     while True:
@@ -83,7 +86,7 @@ def _sqlite_floor(store, views_of):
 
     project = store.config["project"]
 
-    @lru_cache(maxsize=None)  # key bytes cached, as the client does: the floor is the store read alone
+    @cache  # key bytes cached, as the client does: the floor is the store read alone
     def key(entity, i):
         return serialize_entity_key(_entity_keys(entity, [i])[0], entity_key_serialization_version=3)
 
@@ -91,8 +94,12 @@ def _sqlite_floor(store, views_of):
         for entity, ids in (("user", [user]), ("item", items)):
             keys = [key(entity, i) for i in ids]
             for view in views_of[entity]:
-                con.execute(f'SELECT entity_key, feature_name, value FROM "{project}_{view}" '
-                            f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
+                con.execute(
+                    f'SELECT entity_key, feature_name, value FROM "{project}_{view}" '
+                    f"WHERE entity_key IN ({','.join('?' * len(keys))})",
+                    keys,
+                ).fetchall()
+
     return read
 
 
@@ -103,7 +110,7 @@ def _redis_floor(redis_url: str, project: str):
     host, port = redis_url.split(":")
     client = redis.Redis(host=host, port=int(port))
 
-    @lru_cache(maxsize=None)
+    @cache
     def key(entity, i):
         return _redis_key(project, _entity_keys(entity, [i])[0], entity_key_serialization_version=3)
 
@@ -113,11 +120,17 @@ def _redis_floor(redis_url: str, project: str):
             for i in ids:
                 pipe.hgetall(key(entity, i))
         pipe.execute()
+
     return read
 
 
-def run(n_items: int, out: str | Path | None = None, n_requests: int | None = None, seed: int = 0,
-        data_dir: str | Path | None = None) -> dict:
+def run(
+    n_items: int,
+    out: str | Path | None = None,
+    n_requests: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+) -> dict:
     """Measure and return ``{"sqlite": {...}, "redis": {...}, "floor_sqlite": {...}, ..., "n_items": n}``;
     writes it as JSON to ``out`` when given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,8 +144,14 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
     if data_dir is None:
         tmp = tempfile.mkdtemp(prefix="gpl-bench-online-")
         data_dir = Path(tmp) / "data"
-    settings = load_settings({"source": "simulator", "data_dir": str(data_dir), "seed": seed,
-                              "simulator": {"n_items": max(2000, n_items), "n_users": 300, "n_days": 3}})
+    settings = load_settings(
+        {
+            "source": "simulator",
+            "data_dir": str(data_dir),
+            "seed": seed,
+            "simulator": {"n_items": max(2000, n_items), "n_users": 300, "n_days": 3},
+        }
+    )
     redis_proc, redis_url = _start_redis()
     results: dict = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
@@ -141,27 +160,41 @@ def run(n_items: int, out: str | Path | None = None, n_requests: int | None = No
         build_s = time.perf_counter() - t0
         stores = {"sqlite": world["store"]}
         if redis_url:
-            redis_settings = settings.model_copy(update={"feature_store": settings.feature_store.model_copy(
-                update={"online_store": "redis", "redis": redis_url})})
+            redis_settings = settings.model_copy(
+                update={
+                    "feature_store": settings.feature_store.model_copy(
+                        update={"online_store": "redis", "redis": redis_url}
+                    )
+                }
+            )
             stores["redis"] = FeastStore(redis_settings)
             stores["redis"].apply_if_changed(world["store"].spec())
             stores["redis"].materialize_days(world["days"])
         requests = random_requests(world["dataset"], n_items, n_requests, seed)
-        views_of = {e: [v for v, i in world["store"].spec().views().items() if i["entity"] == e]
-                    for e in ("user", "item")}
+        views_of = {
+            e: [v for v, i in world["store"].spec().views().items() if i["entity"] == e] for e in ("user", "item")
+        }
         for name, store in stores.items():
             client = store.online_client()
             reader = InputReader(store, "prerank_v2")
             results[name] = _time(client.get, requests)
-            results[f"{name}_stored"] = _time(lambda u, items: (reader.inputs("user", [u]), reader.inputs("item", items)),
-                                              requests)
-            results[f"floor_{name}"] = _time(_sqlite_floor(store, views_of) if name == "sqlite"
-                                             else _redis_floor(redis_url, store.config["project"]), requests)
+            results[f"{name}_stored"] = _time(
+                lambda u, items: (reader.inputs("user", [u]), reader.inputs("item", items)), requests
+            )
+            results[f"floor_{name}"] = _time(
+                _sqlite_floor(store, views_of)
+                if name == "sqlite"
+                else _redis_floor(redis_url, store.config["project"]),
+                requests,
+            )
         results["n_items"] = n_items
         results["n_requests"] = n_requests
         results["n_features"] = len(stores["sqlite"].online_client().columns)
-        results["ratio_to_floor"] = {k: round(results[k]["p50_ms"] / results[f"floor_{k.split('_')[0]}"]["p50_ms"], 2)
-                                     for k in ("sqlite", "sqlite_stored", "redis", "redis_stored") if k in results}
+        results["ratio_to_floor"] = {
+            k: round(results[k]["p50_ms"] / results[f"floor_{k.split('_')[0]}"]["p50_ms"], 2)
+            for k in ("sqlite", "sqlite_stored", "redis", "redis_stored")
+            if k in results
+        }
         results["world_build_s"] = round(build_s, 1)
         results["redis_available"] = bool(redis_url)
         results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -60,9 +60,16 @@ def _train(world, shape: str, seed: int, directory: Path) -> Path:
     ids = dict(user_ids=cands["user_id"].to_numpy(), item_ids=cands["item_id"].to_numpy())
     model, _ = train_preranker(
         TrainingRows(matrix, labels, np.ones(len(labels), np.float32), np.zeros(len(labels), bool), **ids),
-        columns, matrix[:500], labels[:500].astype(int), ModelConfig(shape=shape), TrainConfig(epochs=2, seed=seed),
-        valid_user_ids=ids["user_ids"][:500], valid_item_ids=ids["item_ids"][:500],
-        user_vocab=world["dataset"].users["user_id"].tolist(), item_vocab=world["dataset"].items["item_id"].tolist())
+        columns,
+        matrix[:500],
+        labels[:500].astype(int),
+        ModelConfig(shape=shape),
+        TrainConfig(epochs=2, seed=seed),
+        valid_user_ids=ids["user_ids"][:500],
+        valid_item_ids=ids["item_ids"][:500],
+        user_vocab=world["dataset"].users["user_id"].tolist(),
+        item_vocab=world["dataset"].items["item_id"].tolist(),
+    )
     return model.save(directory / shape, {"feature_service": "prerank_v2", "version": f"bench-{shape}"})
 
 
@@ -73,8 +80,12 @@ class _Client:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
     def score(self, user: str, items: list[str]) -> int:
-        self.conn.request("POST", "/score", body=json.dumps({"user_id": user, "item_ids": items}),
-                          headers={"Content-Type": "application/json"})
+        self.conn.request(
+            "POST",
+            "/score",
+            body=json.dumps({"user_id": user, "item_ids": items}),
+            headers={"Content-Type": "application/json"},
+        )
         answer = self.conn.getresponse()
         body = answer.read()
         if answer.status == 200:
@@ -129,13 +140,25 @@ def _load_test(port: int, requests, clients: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
-    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies),
-            "throughput_rps": round(len(latencies) / elapsed, 1), **latency_stats(latencies),
-            "errors": len(errors), "error_examples": sorted(set(errors))[:5]}
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "requests": len(latencies),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+        **latency_stats(latencies),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:5],
+    }
 
 
-def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 200, seed: int = 0,
-        clients: int = 8, seconds: float = 30.0) -> dict:
+def run(
+    n_items: int = 1000,
+    out: str | Path | None = None,
+    n_requests: int = 200,
+    seed: int = 0,
+    clients: int = 8,
+    seconds: float = 30.0,
+) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -155,8 +178,12 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 20
     tmp = Path(tempfile.mkdtemp(prefix="gpl-bench-scoring-"))
     server = None
     try:
-        overrides = {"source": "simulator", "data_dir": str(tmp / "data"), "seed": seed,
-                     "simulator": {"n_items": max(2000, n_items), "n_users": 300, "n_days": 3}}
+        overrides = {
+            "source": "simulator",
+            "data_dir": str(tmp / "data"),
+            "seed": seed,
+            "simulator": {"n_items": max(2000, n_items), "n_users": 300, "n_days": 3},
+        }
         settings = load_settings(overrides)
         world = build_feature_world(settings)
         models = {shape: _train(world, shape, seed, tmp / "models") for shape in ("mlp", "two_tower", "cold")}
@@ -164,38 +191,63 @@ def run(n_items: int = 1000, out: str | Path | None = None, n_requests: int = 20
         requests = random_requests(world["dataset"], n_items, n_requests, seed)
         store = world["store"]
         cached = PreRankScorer(models["mlp"], store)
-        result: dict = {"in_process": time_calls(cached.score, requests),
-                        "no_cache": time_calls(PreRankScorer(models["mlp"], store, cache_items=False).score, requests)}
+        result: dict = {
+            "in_process": time_calls(cached.score, requests),
+            "no_cache": time_calls(PreRankScorer(models["mlp"], store, cache_items=False).score, requests),
+        }
         result["in_process_parts"] = {
             "user_inputs": time_calls(lambda u, _: cached.reader.inputs("user", [u]), requests),
-            "model_only": time_calls(lambda m: cached.model.predict(m), [(cached.matrix(*requests[0]),)] * n_requests)}
-        result["by_shape"] = {shape: time_calls(PreRankScorer(models[shape], store).score, requests)
-                              for shape in ("two_tower", "cold")}
+            "model_only": time_calls(lambda m: cached.model.predict(m), [(cached.matrix(*requests[0]),)] * n_requests),
+        }
+        result["by_shape"] = {
+            shape: time_calls(PreRankScorer(models[shape], store).score, requests) for shape in ("two_tower", "cold")
+        }
 
         port = _free_port()
-        env = {**os.environ, "GPL_SOURCE": "simulator", "GPL_DATA_DIR": str(tmp / "data"), "GPL_SEED": str(seed),
-               "GPL_SIMULATOR__N_ITEMS": str(max(2000, n_items)), "GPL_SIMULATOR__N_USERS": "300",
-               "GPL_SIMULATOR__N_DAYS": "3"}
-        server = subprocess.Popen([str(Path(sys.executable).parent / "gpl"), "serve", "--port", str(port),
-                                   "--model", str(models["mlp"])], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, start_new_session=True)
+        env = {
+            **os.environ,
+            "GPL_SOURCE": "simulator",
+            "GPL_DATA_DIR": str(tmp / "data"),
+            "GPL_SEED": str(seed),
+            "GPL_SIMULATOR__N_ITEMS": str(max(2000, n_items)),
+            "GPL_SIMULATOR__N_USERS": "300",
+            "GPL_SIMULATOR__N_DAYS": "3",
+        }
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gpl"), "serve", "--port", str(port), "--model", str(models["mlp"])],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         _wait_ready(port, server)
         client = _Client(port)
         result["http"] = time_calls(client.score, requests)
         if clients and seconds:
             result["load"] = _load_test(port, requests, clients, seconds)
-        result.update({"n_items": n_items, "n_requests": n_requests, "n_features": len(cached.layout.columns),
-                       "n_catalog_items": len(cached.items.ids), "item_side_build_s": round(cached.items.built_s, 3),
-                       "torch_threads": torch.get_num_threads(), "online_store": store.online_store_type,
-                       "ratio_no_cache_to_in_process_p50": round(result["no_cache"]["p50_ms"]
-                                                                 / result["in_process"]["p50_ms"], 2),
-                       "loadavg_before": [round(x, 2) for x in loadavg_before],
-                       "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                       "loadavg_1m_during": {"min": round(min(samples, default=0.0), 2),
-                                             "max": round(max(samples, default=0.0), 2),
-                                             "mean": round(float(np.mean(samples)) if samples else 0.0, 2),
-                                             "samples": len(samples)},
-                       "cpu_count": os.cpu_count()})
+        result.update(
+            {
+                "n_items": n_items,
+                "n_requests": n_requests,
+                "n_features": len(cached.layout.columns),
+                "n_catalog_items": len(cached.items.ids),
+                "item_side_build_s": round(cached.items.built_s, 3),
+                "torch_threads": torch.get_num_threads(),
+                "online_store": store.online_store_type,
+                "ratio_no_cache_to_in_process_p50": round(
+                    result["no_cache"]["p50_ms"] / result["in_process"]["p50_ms"], 2
+                ),
+                "loadavg_before": [round(x, 2) for x in loadavg_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                "loadavg_1m_during": {
+                    "min": round(min(samples, default=0.0), 2),
+                    "max": round(max(samples, default=0.0), 2),
+                    "mean": round(float(np.mean(samples)) if samples else 0.0, 2),
+                    "samples": len(samples),
+                },
+                "cpu_count": os.cpu_count(),
+            }
+        )
     finally:
         sampling.set()
         if server is not None and server.poll() is None:

@@ -119,7 +119,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     r = run(args.candidates, args.out, baseline_candidates=args.baseline_candidates, repeats=args.repeats)
-    print(json.dumps({k: r[k] for k in ("n_candidates", "seconds", "candidates_per_s", "baseline_candidates_per_s", "ratio")}, indent=2))
+    print(
+        json.dumps(
+            {k: r[k] for k in ("n_candidates", "seconds", "candidates_per_s", "baseline_candidates_per_s", "ratio")},
+            indent=2,
+        )
+    )
     print("check:", r["check"])
 
 

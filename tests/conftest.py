@@ -1,6 +1,6 @@
-"""Shared fixtures (helpers that tests import are in tests/helpers.py). Every test runs in a small simulator world: its environment is set by a
-session fixture (restored at the end), never at import; the Dagster definitions are built from it
-(``dagster_defs``), not from whatever the environment was when `assets` was imported."""
+"""Shared fixtures (helpers that tests import are in tests/helpers.py). Every test runs in a small simulator world:
+its environment is set by a session fixture (restored at the end), never at import; the Dagster definitions are
+built from it (``dagster_defs``), not from whatever the environment was when `assets` was imported."""
 
 import subprocess
 from pathlib import Path
@@ -72,8 +72,11 @@ def redis_url():
     if exe is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import redis
 

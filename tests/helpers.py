@@ -73,20 +73,23 @@ def build_feature_world(settings: Settings, embeddings: bool = True, days: Seque
 
 def tiny_contract_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Three items, two users, two requests on two UTC days; hand-written so tests can break it."""
-    items = pd.DataFrame({"item_id": ["a", "b", "c"], "text": ["Alpha film", "Beta film", "Gamma film"],
-                          "genre": ["x", "y", "x"]})
+    items = pd.DataFrame(
+        {"item_id": ["a", "b", "c"], "text": ["Alpha film", "Beta film", "Gamma film"], "genre": ["x", "y", "x"]}
+    )
     users = pd.DataFrame({"user_id": ["u1", "u2"], "age": [30, 40]})
     t1 = pd.Timestamp("2024-03-01T23:59:59Z")
     t2 = pd.Timestamp("2024-03-02T00:00:00Z")
-    events = pd.DataFrame({
-        "request_id": ["r1", "r1", "r1", "r2", "r2"],
-        "user_id": ["u1", "u1", "u1", "u1", "u1"],
-        "item_id": ["a", "b", "c", "a", "c"],
-        "event_time": [t1, t1, t1, t2, t2],
-        "exposed": [True, True, False, True, False],
-        "clicked": pd.array([1, 0, None, 1, None], dtype="Int8"),
-        "oracle_label": pd.array([1, 0, 1, 1, 0], dtype="Int8"),
-    })
+    events = pd.DataFrame(
+        {
+            "request_id": ["r1", "r1", "r1", "r2", "r2"],
+            "user_id": ["u1", "u1", "u1", "u1", "u1"],
+            "item_id": ["a", "b", "c", "a", "c"],
+            "event_time": [t1, t1, t1, t2, t2],
+            "exposed": [True, True, False, True, False],
+            "clicked": pd.array([1, 0, None, 1, None], dtype="Int8"),
+            "oracle_label": pd.array([1, 0, 1, 1, 0], dtype="Int8"),
+        }
+    )
     events["event_time"] = events["event_time"].astype("datetime64[us, UTC]")
     return items, users, events
 
@@ -105,14 +108,23 @@ def write_contract_dir(directory: Path, items, users, events, fmt: str = "parque
 
 def hold_duckdb_lock(path, seconds: float) -> subprocess.Popen:
     """Another process that opens the DuckDB file for writing, says so, and holds it for ``seconds``."""
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import duckdb, time
         con = duckdb.connect({str(path)!r})
         print("locked", flush=True)
         time.sleep({seconds})
         con.close()
         print("released", flush=True)
-    """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -123,8 +135,13 @@ def run_assets(defs, gpl, selection, instance=None, **kwargs):
 
     from assets.resources import gpl_resources
 
-    return materialize([*defs.assets, *defs.asset_checks], selection=selection, resources=gpl_resources(gpl),
-                       instance=instance or DagsterInstance.ephemeral(), **kwargs)
+    return materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=selection,
+        resources=gpl_resources(gpl),
+        instance=instance or DagsterInstance.ephemeral(),
+        **kwargs,
+    )
 
 
 def free_port() -> int:
@@ -142,8 +159,13 @@ class RunningServer:
         import time
         import urllib.request
 
-        self.proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -201,11 +223,24 @@ def train_small_model(world, shape: str, seed: int = 0, out=None):
     users = world["dataset"].users["user_id"].tolist()
     items = world["dataset"].items["item_id"].tolist()
     model, _ = train_preranker(
-        TrainingRows(matrix, labels, np.ones(len(labels), np.float32), np.zeros(len(labels), bool),
-                     cands["user_id"].to_numpy(), cands["item_id"].to_numpy()),
-        columns, matrix[:200], labels[:200].astype(int), ModelConfig(shape=shape), TrainConfig(epochs=2, seed=seed),
-        valid_user_ids=cands["user_id"][:200].to_numpy(), valid_item_ids=cands["item_id"][:200].to_numpy(),
-        user_vocab=users[:-3], item_vocab=items[:-5])  # some catalog ids outside the vocabulary
+        TrainingRows(
+            matrix,
+            labels,
+            np.ones(len(labels), np.float32),
+            np.zeros(len(labels), bool),
+            cands["user_id"].to_numpy(),
+            cands["item_id"].to_numpy(),
+        ),
+        columns,
+        matrix[:200],
+        labels[:200].astype(int),
+        ModelConfig(shape=shape),
+        TrainConfig(epochs=2, seed=seed),
+        valid_user_ids=cands["user_id"][:200].to_numpy(),
+        valid_item_ids=cands["item_id"][:200].to_numpy(),
+        user_vocab=users[:-3],
+        item_vocab=items[:-5],
+    )  # some catalog ids outside the vocabulary
     out = out or world["store"].settings.artifacts_dir / "models" / f"{shape}-{seed}"
     model.save(out, {"feature_service": "prerank_v2", "version": f"{shape}-{seed}"})
     return model, out

@@ -28,9 +28,19 @@ def instance_home(tmp_path: Path) -> Path:
 
 def live_env(home: Path, data: Path, **settings: str) -> dict:
     env = os.environ.copy()
-    env.update({"DAGSTER_HOME": str(home), "GPL_DATA_DIR": str(data), "TMPDIR": str(home / "tmp"),
-                "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GPL_AUTOMATION__WATCHDOG_INTERVAL_S": "5",
-                "GPL_AUTOMATION__SENSOR_INTERVAL_S": "5", "GPL_AUTOMATION__AUTOMATION_INTERVAL_S": "5", **settings})
+    env.update(
+        {
+            "DAGSTER_HOME": str(home),
+            "GPL_DATA_DIR": str(data),
+            "TMPDIR": str(home / "tmp"),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "GPL_AUTOMATION__WATCHDOG_INTERVAL_S": "5",
+            "GPL_AUTOMATION__SENSOR_INTERVAL_S": "5",
+            "GPL_AUTOMATION__AUTOMATION_INTERVAL_S": "5",
+            **settings,
+        }
+    )
     return env
 
 
@@ -49,9 +59,15 @@ class Daemon:
     def __init__(self, home: Path, env: dict, log: Path):
         self.log = log
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "assets.definitions", "-d", str(ROOT)],
-                                         env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_the_test)
+            self.proc = subprocess.Popen(
+                [str(BIN / "dagster-daemon"), "run", "-m", "assets.definitions", "-d", str(ROOT)],
+                env=env,
+                cwd=home,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_the_test,
+            )
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -61,8 +77,9 @@ class Daemon:
         stop_process_group(self.proc, grace_s=60, kill_leftovers=True)  # run workers or a code server left
 
 
-def wait_for(what: str, condition: Callable[[], object], timeout: float, daemon: Daemon | None = None,
-             every: float = 2.0):
+def wait_for(
+    what: str, condition: Callable[[], object], timeout: float, daemon: Daemon | None = None, every: float = 2.0
+):
     """Poll ``condition`` until it returns something truthy (returned), failing after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,9 +113,12 @@ def worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
 
 
 def materializations(instance: DagsterInstance, asset: str, partition: str | None = None) -> list:
-    return list(instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=100).records)
+    return list(
+        instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None),
+            limit=100,
+        ).records
+    )
 
 
 def launch(env: dict, job: str, tags: dict | None = None) -> None:

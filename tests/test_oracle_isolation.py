@@ -16,13 +16,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # Modules allowed to touch oracle labels: the contract and sources produce them, ingestion stores
 # them apart, statistics/evaluation/benchmarks read them. Training code must never be listed here.
 ALLOWED = {
-    "gpl_platform/data/contract.py", "gpl_platform/data/sources/movielens.py", "gpl_platform/data/sources/simulator.py",
-    "gpl_platform/data/ingestion.py", "gpl_platform/data/warehouse.py", "gpl_platform/data/stats.py", "gpl_platform/cli/main.py",
+    "gpl_platform/data/contract.py",
+    "gpl_platform/data/sources/movielens.py",
+    "gpl_platform/data/sources/simulator.py",
+    "gpl_platform/data/ingestion.py",
+    "gpl_platform/data/warehouse.py",
+    "gpl_platform/data/stats.py",
+    "gpl_platform/cli/main.py",
 }
 ALLOWED_PREFIXES = ("gpl_platform/evaluation", "bench/")
 # Where a file was written and when are not content; a calibration's content is its version (hash of params + window).
-AUDIT_COLUMNS = {"written_at", "created_at", "updated_at", "run_id", "fitted_at", "artifact_path", "calibration_json",
-                 "trained_at", "train_seconds"}
+AUDIT_COLUMNS = {
+    "written_at",
+    "created_at",
+    "updated_at",
+    "run_id",
+    "fitted_at",
+    "artifact_path",
+    "calibration_json",
+    "trained_at",
+    "train_seconds",
+}
 
 
 def test_only_allowed_modules_mention_oracle_labels():
@@ -50,8 +64,11 @@ def test_events_table_has_no_oracle_column(settings):
 def _training_inputs() -> list[str]:
     from assets.definitions import build_definitions
 
-    return sorted(k.to_user_string() for k in build_definitions().resolve_all_asset_keys()
-                  if k.to_user_string() not in ("offline_evaluation", "prerank_model"))
+    return sorted(
+        k.to_user_string()
+        for k in build_definitions().resolve_all_asset_keys()
+        if k.to_user_string() not in ("offline_evaluation", "prerank_model")
+    )
 
 
 def _table_digests(warehouse_path: Path) -> dict[str, str]:
@@ -87,9 +104,13 @@ def test_pipeline_outputs_do_not_depend_on_oracle_labels(tmp_path, settings):
     export_contract_dir(type(ds)(ds.name, ds.items, ds.users, flipped), flipped_dir)
     digests = []
     for contract_dir in (real_dir, flipped_dir):
-        gpl = GplSettings(source="contract", contract_path=str(contract_dir), data_dir=str(contract_dir / "data"),
-                          overrides_json='{"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}, '
-                                         '"training": {"test_share": 0.15, "valid_share": 0.15}}')
+        gpl = GplSettings(
+            source="contract",
+            contract_path=str(contract_dir),
+            data_dir=str(contract_dir / "data"),
+            overrides_json='{"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}, '
+            '"training": {"test_share": 0.15, "valid_share": 0.15}}',
+        )
         # Everything that feeds training (all but the evaluation itself, which reads oracle labels by design).
         assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=TRAINING_INPUTS).success
         digests.append(_table_digests(gpl.settings().warehouse))
@@ -108,7 +129,8 @@ def test_library_has_no_dagster_imports():
             stripped = line.strip()
             if re.match(r"(import dagster|from dagster)", stripped):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}")
-            if re.match(r"from assets", stripped) and (not line.startswith("    ") or
-                                                       path.relative_to(ROOT).as_posix() not in CLI_MODULES):
+            if re.match(r"from assets", stripped) and (
+                not line.startswith("    ") or path.relative_to(ROOT).as_posix() not in CLI_MODULES
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}")
     assert not offenders, offenders

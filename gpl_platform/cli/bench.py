@@ -6,14 +6,14 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from gpl_platform.config import PROJECT_ROOT
 
-bench_app = typer.Typer(help="Benchmarks: JSON output, ratios against a baseline measured in the same run.",
-                        no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: JSON output, ratios against a baseline measured in the same run.", no_args_is_help=True
+)
 
 
 def _bench_module(name: str):
@@ -36,13 +36,19 @@ def _emit(result: dict, out: Path | None) -> None:
 
 @bench_app.command("pseudo-labels")
 def bench_pseudo_labels(
-    out: Optional[Path] = typer.Option(None, help="write the JSON report here"),
+    out: Path | None = typer.Option(None, help="write the JSON report here"),
     source: str = typer.Option("movielens-100k", help="a source with oracle labels"),
     skip_pipeline: bool = typer.Option(False, help="use the warehouse as it is (do not materialize first)"),
-    llm_engines: bool = typer.Option(False, help="score SmolLM2 anchors of both engines (llm_ctranslate2, "
-                                     "llm_transformers) instead of the configured one alone"),
-    day_range: Optional[str] = typer.Option(None, help="only the days START..END (YYYY-MM-DD..YYYY-MM-DD), e.g. "
-                                            "the validation days: LLM anchors of every history take a while"),
+    llm_engines: bool = typer.Option(
+        False,
+        help="score SmolLM2 anchors of both engines (llm_ctranslate2, "
+        "llm_transformers) instead of the configured one alone",
+    ),
+    day_range: str | None = typer.Option(
+        None,
+        help="only the days START..END (YYYY-MM-DD..YYYY-MM-DD), e.g. "
+        "the validation days: LLM anchors of every history take a while",
+    ),
 ) -> None:
     """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history vs semantic-ID anchors
     vs random, max vs mean pooling, and how confidence tracks correctness."""
@@ -56,10 +62,22 @@ def bench_pseudo_labels(
     if not skip_pipeline:
         from assets.runner import run_pipeline
 
-        if not run_pipeline(selection=["item_catalog", "users", "candidate_events", "user_histories",
-                                       "item_embeddings", "user_anchors", "anchor_embeddings",
-                                       "candidate_similarities", "similarity_calibration",
-                                       "pseudo_labels", "item_semantic_ids", "sid_generator"]).success:
+        if not run_pipeline(
+            selection=[
+                "item_catalog",
+                "users",
+                "candidate_events",
+                "user_histories",
+                "item_embeddings",
+                "user_anchors",
+                "anchor_embeddings",
+                "candidate_similarities",
+                "similarity_calibration",
+                "pseudo_labels",
+                "item_semantic_ids",
+                "sid_generator",
+            ]
+        ).success:
             raise typer.Exit(1)
     warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
     days = sorted(warehouse.written_days("user_histories"))
@@ -77,12 +95,26 @@ def bench_pseudo_labels(
     # "llm" is SmolLM2 whatever the default backend is (the default, sid, has its own rows)
     llm = {"llm": anchor_generator(settings, "smollm")}
     if llm_engines:
-        llm = {f"llm_{engine}": anchor_generator(load_settings({"anchors": {"smollm_engine": engine}}), "smollm")
-               for engine in ("ctranslate2", "transformers")}
-    generators = {**llm, "history": anchor_generator(settings, "history"),
-                  "sid": anchor_generator(settings, "sid"), f"sid_{other}": anchor_generator(other_settings, "sid")}
-    report = pseudo_label_quality(warehouse, days, generators, encoder, settings.anchors.k,
-                                  settings.anchors.history_max_items, settings.seed, settings.source)
+        llm = {
+            f"llm_{engine}": anchor_generator(load_settings({"anchors": {"smollm_engine": engine}}), "smollm")
+            for engine in ("ctranslate2", "transformers")
+        }
+    generators = {
+        **llm,
+        "history": anchor_generator(settings, "history"),
+        "sid": anchor_generator(settings, "sid"),
+        f"sid_{other}": anchor_generator(other_settings, "sid"),
+    }
+    report = pseudo_label_quality(
+        warehouse,
+        days,
+        generators,
+        encoder,
+        settings.anchors.k,
+        settings.anchors.history_max_items,
+        settings.seed,
+        settings.source,
+    )
     report["sid_anchor_vector"] = mode
     _emit(report, out)
 
@@ -91,18 +123,26 @@ def bench_pseudo_labels(
 def bench_bias_sweep(
     source: str = typer.Option(..., help="movielens-100k | simulator"),
     out: Path = typer.Option(..., help="the sweep's JSON; the lift plot is written beside it"),
-    setting: Optional[list[str]] = typer.Option(None, "--setting", help="run only these settings (repeatable; "
-                                                "default: the whole grid of docs/EVALUATION.md)"),
-    seed: Optional[list[int]] = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
-    method: Optional[list[str]] = typer.Option(None, "--method", help="methods (repeatable; default: the sweep's)"),
-    preranker: Optional[list[str]] = typer.Option(None, "--preranker", help="pre-rankers as shape[:feature_service] "
-                                                  "(repeatable; default: mlp, two_tower, cold)"),
-    data_root: Optional[Path] = typer.Option(None, help="where the settings' warehouses go (default: "
-                                             "data/bias_sweep/<source>)"),
-    results_doc: Optional[Path] = typer.Option(None, help="also write the sweep's tables into this markdown file "
-                                               "(between generated markers; e.g. docs/RESULTS.md)"),
-    resume: bool = typer.Option(False, help="read a setting's existing evaluation report (same methods, "
-                                "pre-rankers and seeds) instead of running it again"),
+    setting: list[str] | None = typer.Option(
+        None, "--setting", help="run only these settings (repeatable; default: the whole grid of docs/EVALUATION.md)"
+    ),
+    seed: list[int] | None = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
+    method: list[str] | None = typer.Option(None, "--method", help="methods (repeatable; default: the sweep's)"),
+    preranker: list[str] | None = typer.Option(
+        None, "--preranker", help="pre-rankers as shape[:feature_service] (repeatable; default: mlp, two_tower, cold)"
+    ),
+    data_root: Path | None = typer.Option(
+        None, help="where the settings' warehouses go (default: data/bias_sweep/<source>)"
+    ),
+    results_doc: Path | None = typer.Option(
+        None,
+        help="also write the sweep's tables into this markdown file (between generated markers; e.g. docs/RESULTS.md)",
+    ),
+    resume: bool = typer.Option(
+        False,
+        help="read a setting's existing evaluation report (same methods, "
+        "pre-rankers and seeds) instead of running it again",
+    ),
 ) -> None:
     """Protocol settings from no selection bias to a logging policy's feedback loop: every method on each,
     GPL's lift over exposed_only against the bias strength, and the pseudo-label ceiling."""
@@ -111,10 +151,20 @@ def bench_bias_sweep(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("dagster", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    sweep = _bench_module("bench_bias_sweep").run(source, out, setting, seed, method, preranker, data_root,
-                                                  results_doc=results_doc, resume=resume)
-    typer.echo(json.dumps({"out": str(out), "seconds": sweep["seconds"],
-                           "lift": _bench_module("bench_bias_sweep").lift_summary(sweep)}, indent=2, default=str))
+    sweep = _bench_module("bench_bias_sweep").run(
+        source, out, setting, seed, method, preranker, data_root, results_doc=results_doc, resume=resume
+    )
+    typer.echo(
+        json.dumps(
+            {
+                "out": str(out),
+                "seconds": sweep["seconds"],
+                "lift": _bench_module("bench_bias_sweep").lift_summary(sweep),
+            },
+            indent=2,
+            default=str,
+        )
+    )
 
 
 @bench_app.command("choose-defaults")
@@ -122,8 +172,8 @@ def bench_choose_defaults(
     source: str = typer.Option(..., help="movielens-100k | simulator"),
     selection: Path = typer.Option(..., help="a bias sweep of the source's reference setting (its JSON)"),
     out: Path = typer.Option(..., help="the decisions, with every number behind them (JSON)"),
-    setting: Optional[str] = typer.Option(None, help="default: the source's reference setting (logging_10)"),
-    data_root: Optional[Path] = typer.Option(None, help="where that sweep put the settings' warehouses"),
+    setting: str | None = typer.Option(None, help="default: the source's reference setting (logging_10)"),
+    data_root: Path | None = typer.Option(None, help="where that sweep put the settings' warehouses"),
 ) -> None:
     """The decision rules of docs/EVALUATION.md on validation days only: anchors and pooling, pre-ranker shape,
     lambda and confidence exponents."""
@@ -135,10 +185,12 @@ def bench_choose_defaults(
 
 
 @bench_app.command("anchors")
-def bench_anchors(users: int = typer.Option(64, help="users to generate anchors for"),
-                  rounds: int = typer.Option(3, help="timed passes per engine (alternating engines)"),
-                  levers: bool = typer.Option(False, help="also time single-lever variants"),
-                  out: Optional[Path] = typer.Option(None)) -> None:
+def bench_anchors(
+    users: int = typer.Option(64, help="users to generate anchors for"),
+    rounds: int = typer.Option(3, help="timed passes per engine (alternating engines)"),
+    levers: bool = typer.Option(False, help="also time single-lever variants"),
+    out: Path | None = typer.Option(None),
+) -> None:
     """SmolLM2 anchors users/s on both engines (CTranslate2, transformers) and one prompt at a time, same run."""
     from gpl_platform.config import load_settings
 
@@ -147,7 +199,7 @@ def bench_anchors(users: int = typer.Option(64, help="users to generate anchors 
 
 
 @bench_app.command("pseudo-label-speed")
-def bench_pseudo_label_speed(candidates: int = typer.Option(1_000_000), out: Optional[Path] = typer.Option(None)) -> None:
+def bench_pseudo_label_speed(candidates: int = typer.Option(1_000_000), out: Path | None = typer.Option(None)) -> None:
     """Pseudo-label scoring candidates/s: vectorized vs a per-user loop, same data, same run."""
     _emit(_bench_module("bench_pseudo_label_speed").run(candidates, out), None)
 
@@ -162,57 +214,86 @@ def bench_scale(
     ray_at: int = typer.Option(1_000_000, help="size at which Ray runs with 1 and 2 workers (0: never)"),
     batch_candidates: int = typer.Option(250_000, help="streaming batch size"),
     sid_epochs: int = typer.Option(2, help="epochs of the SID generator (training cost grows with the positives)"),
-    work_dir: Optional[Path] = typer.Option(None, help="where the worlds' warehouses go (default data/bench_scale)"),
+    work_dir: Path | None = typer.Option(None, help="where the worlds' warehouses go (default data/bench_scale)"),
     resume: bool = typer.Option(False, help="keep the sizes already in --out"),
-    skip: Optional[list[str]] = typer.Option(None, "--skip", help="stages not to run (repeatable; e.g. the sid "
-                                             "stages, whose generator training dominates large sizes)"),
-    out: Optional[Path] = typer.Option(None, help="JSON; the log-log plot goes beside it (default "
-                                       "<data_dir>/reports/scale/scale.json; --out reports/scale/scale.json updates "
-                                       "the committed result)"),
-    profile: bool = typer.Option(False, help="sample every stage with py-spy (collapsed stacks in the world's "
-                                 "logs/<stage>.pyspy.txt; needs `pip install py-spy`)"),
+    skip: list[str] | None = typer.Option(
+        None,
+        "--skip",
+        help="stages not to run (repeatable; e.g. the sid stages, whose generator training dominates large sizes)",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        help="JSON; the log-log plot goes beside it (default "
+        "<data_dir>/reports/scale/scale.json; --out reports/scale/scale.json updates "
+        "the committed result)",
+    ),
+    profile: bool = typer.Option(
+        False,
+        help="sample every stage with py-spy (collapsed stacks in the world's "
+        "logs/<stage>.pyspy.txt; needs `pip install py-spy`)",
+    ),
 ) -> None:
-    """CPU time, wall time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2 workers."""
+    """CPU time, wall time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2
+    workers."""
     if out is None:
         from gpl_platform.config import load_settings
 
         out = load_settings().data_dir / "reports" / "scale" / "scale.json"
-    report = _bench_module("bench_scale").run(candidates, out, days=days, per_request=candidates_per_request,
-                                              items=items, baseline_at=baseline_at, ray_at=ray_at or None,
-                                              work_dir=work_dir, batch_candidates=batch_candidates,
-                                              sid_epochs=sid_epochs, resume=resume, skip=skip or (),
-                                              profile=profile)
-    typer.echo(json.dumps({"out": str(out), "ray": {k: report["ray"].get(k) for k in
-                                                    ("identical_labels", "speedup_2_vs_1")}}, indent=2))
+    report = _bench_module("bench_scale").run(
+        candidates,
+        out,
+        days=days,
+        per_request=candidates_per_request,
+        items=items,
+        baseline_at=baseline_at,
+        ray_at=ray_at or None,
+        work_dir=work_dir,
+        batch_candidates=batch_candidates,
+        sid_epochs=sid_epochs,
+        resume=resume,
+        skip=skip or (),
+        profile=profile,
+    )
+    typer.echo(
+        json.dumps(
+            {"out": str(out), "ray": {k: report["ray"].get(k) for k in ("identical_labels", "speedup_2_vs_1")}},
+            indent=2,
+        )
+    )
 
 
 @bench_app.command("item-encoding")
-def bench_item_encoding(items: int = typer.Option(2000), out: Optional[Path] = typer.Option(None)) -> None:
+def bench_item_encoding(items: int = typer.Option(2000), out: Path | None = typer.Option(None)) -> None:
     """Item encoding items/s: batched vs one text at a time."""
     _emit(_bench_module("bench_item_encoding").run(items, out), None)
 
 
 @bench_app.command("online-latency")
-def bench_online_latency(items: int = typer.Option(100, help="candidate items per request"),
-                         out: Optional[Path] = typer.Option(None)) -> None:
+def bench_online_latency(
+    items: int = typer.Option(100, help="candidate items per request"), out: Path | None = typer.Option(None)
+) -> None:
     """Online feature retrieval p50/p99 for 1 user + N items: SQLite, Redis, and the direct-read floor."""
     _emit(_bench_module("bench_online_latency").run(items, out), None)
 
 
 @bench_app.command("prerank-scoring")
-def bench_prerank_scoring(items: int = typer.Option(1000, help="candidate items per request"),
-                          requests: int = typer.Option(200, help="timed requests per path"),
-                          clients: int = typer.Option(8, help="load test: concurrent HTTP clients (0: none)"),
-                          seconds: float = typer.Option(30.0, help="load test duration"),
-                          out: Optional[Path] = typer.Option(None)) -> None:
+def bench_prerank_scoring(
+    items: int = typer.Option(1000, help="candidate items per request"),
+    requests: int = typer.Option(200, help="timed requests per path"),
+    clients: int = typer.Option(8, help="load test: concurrent HTTP clients (0: none)"),
+    seconds: float = typer.Option(30.0, help="load test duration"),
+    out: Path | None = typer.Option(None),
+) -> None:
     """Scoring latency, user + N candidates: in process with the item side in memory, without it, over HTTP
     (gpl serve), and a bounded load test (throughput, p99, errors)."""
     _emit(_bench_module("bench_prerank_scoring").run(items, out, requests, clients=clients, seconds=seconds), None)
 
 
 @bench_app.command("sid")
-def bench_sid(out: Optional[Path] = typer.Option(None),
-              baseline_users: int = typer.Option(100, help="users decoded one at a time for the baseline")) -> None:
+def bench_sid(
+    out: Path | None = typer.Option(None),
+    baseline_users: int = typer.Option(100, help="users decoded one at a time for the baseline"),
+) -> None:
     """Semantic-ID anchors: RQ-VAE and generator training time, and anchors for every distinct history,
     batched beam search vs one user at a time (needs the warehouse of `make demo`)."""
     _emit(_bench_module("bench_sid").run(out, baseline_users), None)

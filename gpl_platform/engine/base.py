@@ -103,8 +103,12 @@ _ENGINES: dict[tuple, Engine] = {}
 
 def make_engine(settings: Settings) -> Engine:
     """The engine the settings select, one per process and configuration (a Ray connection is reused)."""
-    key = (settings.engine, settings.streaming.model_dump_json(), settings.ray.model_dump_json(),
-           str(settings.data_dir))
+    key = (
+        settings.engine,
+        settings.streaming.model_dump_json(),
+        settings.ray.model_dump_json(),
+        str(settings.data_dir),
+    )
     if key not in _ENGINES:
         if settings.engine == "ray":
             from gpl_platform.engine.ray_engine import RayEngine

@@ -21,7 +21,7 @@ from gpl_platform.pseudo_labels.anchors.base import AnchorGenerator, AnchorResul
 
 def _chunks(items: Sequence, size: int) -> list[list]:
     items = list(items)
-    return [items[start: start + size] for start in range(0, len(items), max(1, size))]
+    return [items[start : start + size] for start in range(0, len(items), max(1, size))]
 
 
 def _identity(obj):

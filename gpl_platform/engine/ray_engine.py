@@ -43,8 +43,12 @@ _LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "token",
 }
-_WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+_WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def _free_port() -> int:
@@ -84,14 +88,37 @@ class LocalRayCluster:
         """Variables a driver needs to join this cluster (set them before ``import ray``)."""
         return {**_LOCAL_ENV, "RAY_AUTH_TOKEN": self.token}
 
-    def start(self) -> "LocalRayCluster":
-        ports = {flag: _free_port() for flag in (
-            "--ray-client-server-port", "--dashboard-port", "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-            "--node-manager-port", "--object-manager-port")}
-        cmd = [self.ray_bin, "start", "--head", "--block", "--num-cpus", str(self.num_cpus), "--port", str(self.port),
-               "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats",
-               "--temp-dir", str(self.temp_dir)]
+    def start(self) -> LocalRayCluster:
+        ports = {
+            flag: _free_port()
+            for flag in (
+                "--ray-client-server-port",
+                "--dashboard-port",
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--runtime-env-agent-port",
+                "--metrics-export-port",
+                "--node-manager-port",
+                "--object-manager-port",
+            )
+        }
+        cmd = [
+            self.ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            str(self.num_cpus),
+            "--port",
+            str(self.port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            str(self.temp_dir),
+        ]
         for flag, port in ports.items():
             cmd += [flag, str(port)]
         log_path = self.temp_dir / "ray_start.log"
@@ -101,7 +128,9 @@ class LocalRayCluster:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"`ray start` exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"`ray start` exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}"
+                )
             if "Ray runtime started" in log_path.read_text():
                 log.info("local Ray cluster at %s (%d CPUs, logs in %s)", self.address, self.num_cpus, self.temp_dir)
                 return self
@@ -127,7 +156,7 @@ class LocalRayCluster:
         self.process = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalRayCluster":
+    def __enter__(self) -> LocalRayCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -191,8 +220,10 @@ def _connect(cfg: RayConfig) -> None:
     runtime_env: dict = {"env_vars": dict(_WORKER_ENV)}
     if address == "local":
         if "ray" in sys.modules and not os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
-            log.warning("ray was imported before the local cluster's settings: the driver may look for it on the "
-                        "machine's address instead of 127.0.0.1 (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 first)")
+            log.warning(
+                "ray was imported before the local cluster's settings: the driver may look for it on the "
+                "machine's address instead of 127.0.0.1 (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 first)"
+            )
         if _CLUSTER is None:
             os.environ.update(_LOCAL_ENV)
             _CLUSTER = LocalRayCluster(num_cpus=cfg.workers).start()

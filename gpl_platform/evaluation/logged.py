@@ -48,13 +48,26 @@ def has_ground_truth(warehouse: Warehouse) -> bool:
     return bool(counts["n"].iloc[0]) and int(counts["known"].iloc[0]) == int(counts["n"].iloc[0])
 
 
-def ips_recall_at_k(requests: np.ndarray, exposed: np.ndarray, clicked: np.ndarray, propensity: np.ndarray,
-                    scores: np.ndarray, k: int = K, clip: float = 20.0) -> float:
+def ips_recall_at_k(
+    requests: np.ndarray,
+    exposed: np.ndarray,
+    clicked: np.ndarray,
+    propensity: np.ndarray,
+    scores: np.ndarray,
+    k: int = K,
+    clip: float = 20.0,
+) -> float:
     """IPS estimate of recall@k over every candidate of each request: sum over exposed clicks in the
     top k of 1/p, over the sum over all exposed clicks of 1/p (pooled over requests)."""
-    frame = pd.DataFrame({"r": requests, "s": np.asarray(scores, float), "e": np.asarray(exposed, bool),
-                          "y": np.nan_to_num(np.asarray(clicked, float)),
-                          "w": np.minimum(1.0 / np.maximum(np.asarray(propensity, float), 1e-6), clip)})
+    frame = pd.DataFrame(
+        {
+            "r": requests,
+            "s": np.asarray(scores, float),
+            "e": np.asarray(exposed, bool),
+            "y": np.nan_to_num(np.asarray(clicked, float)),
+            "w": np.minimum(1.0 / np.maximum(np.asarray(propensity, float), 1e-6), clip),
+        }
+    )
     frame = frame.sort_values(["r", "s"], ascending=[True, False], kind="stable")
     frame["top"] = frame.groupby("r").cumcount() < k
     positive = frame["e"] & (frame["y"] > 0)
@@ -66,11 +79,25 @@ def logged_metrics(test: pd.DataFrame, scores: np.ndarray, propensity_known: boo
     exposed = test["exposed"].to_numpy(bool)
     y = test.loc[exposed, "clicked"].to_numpy(int)
     s, req, users = scores[exposed], test.loc[exposed, "request_id"].to_numpy(), test.loc[exposed, "user_id"].to_numpy()
-    out = {"exposed_auc": auc(y, s), "exposed_gauc": gauc(users, y, s),
-           "exposed_hr@3": hit_rate_at_k(req, y, s, 3), "exposed_hr@10": hit_rate_at_k(req, y, s, K)}
-    out["ips_recall@10"] = (ips_recall_at_k(test["request_id"].to_numpy(), exposed, test["clicked"].to_numpy(float),
-                                            test["propensity"].to_numpy(float), scores, K, clip)
-                            if propensity_known else float("nan"))
+    out = {
+        "exposed_auc": auc(y, s),
+        "exposed_gauc": gauc(users, y, s),
+        "exposed_hr@3": hit_rate_at_k(req, y, s, 3),
+        "exposed_hr@10": hit_rate_at_k(req, y, s, K),
+    }
+    out["ips_recall@10"] = (
+        ips_recall_at_k(
+            test["request_id"].to_numpy(),
+            exposed,
+            test["clicked"].to_numpy(float),
+            test["propensity"].to_numpy(float),
+            scores,
+            K,
+            clip,
+        )
+        if propensity_known
+        else float("nan")
+    )
     return out
 
 
@@ -88,22 +115,26 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
     split = time_split(warehouse, cfg.test_share, cfg.valid_share)
     # Days whose events fail their gate (broken labels) are left out of training and of measurement alike:
     # the split is made again without them, so the test days are the latest days that pass.
-    bad_event_days = failing_event_days(warehouse, split.train_days + split.valid_days + split.test_days,
-                                        gates.events)
+    bad_event_days = failing_event_days(warehouse, split.train_days + split.valid_days + split.test_days, gates.events)
     if bad_event_days:
         try:
             split = time_split(warehouse, cfg.test_share, cfg.valid_share, exclude=bad_event_days)
         except ValueError as exc:
-            raise ValueError(f"{len(bad_event_days)} day(s) fail the events gate and the rest is too small: {exc}"
-                             ) from None
+            raise ValueError(
+                f"{len(bad_event_days)} day(s) fail the events gate and the rest is too small: {exc}"
+            ) from None
     days = split.train_days + split.valid_days + split.test_days
     cands = load_candidates(warehouse, days)
-    masks = {name: cands["day"].isin(set(part)).to_numpy() for name, part in
-             (("train", split.train_days), ("valid", split.valid_days), ("test", split.test_days))}
+    masks = {
+        name: cands["day"].isin(set(part)).to_numpy()
+        for name, part in (("train", split.train_days), ("valid", split.valid_days), ("test", split.test_days))
+    }
     train, valid, test = (cands[masks[n]].reset_index(drop=True) for n in ("train", "valid", "test"))
     if not test["exposed"].any() or test.loc[test["exposed"], "clicked"].nunique() < 2:
-        raise ValueError(f"the test days {split.describe()['test_days']} need exposed candidates with both clicks and "
-                         "non-clicks to measure anything: deliver more days (or raise training.test_share)")
+        raise ValueError(
+            f"the test days {split.describe()['test_days']} need exposed candidates with both clicks and "
+            "non-clicks to measure anything: deliver more days (or raise training.test_share)"
+        )
     propensity_known = bool(test.loc[test["exposed"], "propensity"].notna().all())
     methods = list(evaluation.methods)
     pseudo, refused = gated_pseudo_labels(warehouse, split, methods, gates.pseudo_labels)
@@ -112,7 +143,7 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
     spec = preranker_specs(cfg, evaluation)[0]
     matrix, columns = attach_features(store, cands, spec.service)
     train_x, valid_x, test_x = (matrix[masks[n]] for n in ("train", "valid", "test"))
-    propensity, propensity_kind = (_ips_propensity(train, train_x, columns) if "ips" in methods else (None, None))
+    propensity, propensity_kind = _ips_propensity(train, train_x, columns) if "ips" in methods else (None, None)
     model_config = ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim)
     runs: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
@@ -132,31 +163,52 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
             if plan.empty or plan["label"].nunique() < 2:
                 skipped[method] = ("no training rows" if plan.empty else "training rows of one class only") + (
                     _pseudo_label_reason(refused.get(PSEUDO_VARIANT_OF_METHOD.get(method, "main"), []))
-                    if method.startswith(("gpl", "pseudo")) else "")
+                    if method.startswith(("gpl", "pseudo"))
+                    else ""
+                )
                 log.warning("logged evaluation: %s skipped: %s", method, skipped[method])
                 continue
-            model, history = fit_method(plan, train, train_x, columns, valid, valid_x, cfg, model_config, seed,
-                                        user_vocab, item_vocab)
+            model, history = fit_method(
+                plan, train, train_x, columns, valid, valid_x, cfg, model_config, seed, user_vocab, item_vocab
+            )
             scores = model.predict(test_x, test["user_id"].to_numpy(), test["item_id"].to_numpy())
             metrics = logged_metrics(test, scores, propensity_known, cfg.ips_clip)
-            runs.setdefault(method, []).append({"seed": seed, **metrics, "rows": history["n_rows"],
-                                                "pseudo_rows": history["n_pseudo"]})
+            runs.setdefault(method, []).append(
+                {"seed": seed, **metrics, "rows": history["n_rows"], "pseudo_rows": history["n_pseudo"]}
+            )
     if not runs:
-        raise ValueError(f"no method has training rows over the {len(split.train_days)} training days: "
-                         + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
-    summary = {m: {k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
-                   for k in LOGGED_METRICS} for m, rs in runs.items()}
+        raise ValueError(
+            f"no method has training rows over the {len(split.train_days)} training days: "
+            + "; ".join(f"{m}: {why}" for m, why in skipped.items())
+        )
+    summary = {
+        m: {
+            k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
+            for k in LOGGED_METRICS
+        }
+        for m, rs in runs.items()
+    }
     return {
-        "kind": "logged", "dataset": settings.source, "seeds": list(cfg.seeds), "preranker": spec.name,
+        "kind": "logged",
+        "dataset": settings.source,
+        "seeds": list(cfg.seeds),
+        "preranker": spec.name,
         "what": "no oracle labels: metrics on the exposed test candidates' clicks; ips_recall@10 estimates recall "
-                "over every candidate from exposed clicks weighted by 1/propensity"
-                + ("" if propensity_known else " (not available: the log has no propensities)"),
-        "methods": summary, "runs": runs, "skipped_methods": skipped, "split": split.describe(),
-        "n_test_requests": int(test["request_id"].nunique()), "n_test_exposed": int(test["exposed"].sum()),
-        "n_test_candidates": int(len(test)), "propensities": "logged" if propensity_known else "none",
+        "over every candidate from exposed clicks weighted by 1/propensity"
+        + ("" if propensity_known else " (not available: the log has no propensities)"),
+        "methods": summary,
+        "runs": runs,
+        "skipped_methods": skipped,
+        "split": split.describe(),
+        "n_test_requests": int(test["request_id"].nunique()),
+        "n_test_exposed": int(test["exposed"].sum()),
+        "n_test_candidates": int(len(test)),
+        "propensities": "logged" if propensity_known else "none",
         "ips_training_propensity": propensity_kind,
-        "days_refused": {"events": sorted(map(str, bad_event_days)), **{f"pseudo_labels:{k}": v
-                                                                         for k, v in refused.items()}},
+        "days_refused": {
+            "events": sorted(map(str, bad_event_days)),
+            **{f"pseudo_labels:{k}": v for k, v in refused.items()},
+        },
         "label_audit": label_audit_summary(warehouse),
         "seconds": round(time.perf_counter() - began, 1),
     }
@@ -170,26 +222,43 @@ def label_audit_summary(warehouse: Warehouse) -> dict:
         summary = audit_warehouse(warehouse).summary
     except Exception as exc:  # no pseudo-labels yet: the report says so instead of failing
         return {"unavailable": str(exc).splitlines()[0]}
-    return {k: (float(v) if isinstance(v, (float, np.floating)) and np.isfinite(v) else
-                int(v) if isinstance(v, (int, np.integer)) else str(v)) for k, v in summary.items()}
+    return {
+        k: (
+            float(v)
+            if isinstance(v, (float, np.floating)) and np.isfinite(v)
+            else int(v)
+            if isinstance(v, (int, np.integer))
+            else str(v)
+        )
+        for k, v in summary.items()
+    }
 
 
 def results_table(report: dict) -> pd.DataFrame:
-    rows = [{"method": m, **{k: f"{v[k]['mean']:.4f} ± {v[k]['std']:.4f}" for k in LOGGED_METRICS}}
-            for m, v in report["methods"].items()]
+    rows = [
+        {"method": m, **{k: f"{v[k]['mean']:.4f} ± {v[k]['std']:.4f}" for k in LOGGED_METRICS}}
+        for m, v in report["methods"].items()
+    ]
     rows += [{"method": m, LOGGED_METRICS[0]: f"skipped: {why}"} for m, why in report["skipped_methods"].items()]
     return pd.DataFrame(rows)
 
 
 def render_markdown(report: dict) -> str:
     audit = report.get("label_audit") or {}
-    lines = [f"# Logged-data evaluation ({report['dataset']}, no oracle labels)", "",
-             report["what"] + ".", "",
-             f"Pre-ranker {report['preranker']}, seeds {report['seeds']}, split {json.dumps(report['split'])}; "
-             f"{report['n_test_requests']} test requests, {report['n_test_exposed']} exposed test candidates of "
-             f"{report['n_test_candidates']}.", "",
-             results_table(report).to_markdown(index=False), "",
-             "## Label audit (pseudo-labels vs later real clicks)", ""]
+    lines = [
+        f"# Logged-data evaluation ({report['dataset']}, no oracle labels)",
+        "",
+        report["what"] + ".",
+        "",
+        f"Pre-ranker {report['preranker']}, seeds {report['seeds']}, split {json.dumps(report['split'])}; "
+        f"{report['n_test_requests']} test requests, {report['n_test_exposed']} exposed test candidates of "
+        f"{report['n_test_candidates']}.",
+        "",
+        results_table(report).to_markdown(index=False),
+        "",
+        "## Label audit (pseudo-labels vs later real clicks)",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in audit.items()] or ["- no audit yet"]
     return "\n".join(lines) + "\n"
 
@@ -198,8 +267,10 @@ def evaluate_and_write(warehouse: Warehouse, store, settings, gates) -> tuple[di
     report = run_logged_evaluation(warehouse, store, settings, gates)
     out = settings.data_dir / "reports" / "logged_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(report, indent=2, default=str) + "\n"),
-                       (out.with_suffix(".md"), render_markdown(report))):
+    for path, text in (
+        (out, json.dumps(report, indent=2, default=str) + "\n"),
+        (out.with_suffix(".md"), render_markdown(report)),
+    ):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -38,9 +38,25 @@ from gpl_platform.pseudo_labels.confidence import confidence_weights
 from gpl_platform.quality.gate import failing_label_days
 
 log = logging.getLogger(__name__)
-METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10",
-           "coverage@10", "diversity@10", "exposed_auc", "never_exposed_auc", "rarely_exposed_auc",
-           "often_exposed_auc", "valid_auc", "valid_unexposed_auc", "valid_unexposed_hr@10")
+METRICS = (
+    "auc",
+    "gauc",
+    "hr@3",
+    "hr@5",
+    "hr@10",
+    "unexposed_auc",
+    "unexposed_hr@10",
+    "longtail_hr@10",
+    "coverage@10",
+    "diversity@10",
+    "exposed_auc",
+    "never_exposed_auc",
+    "rarely_exposed_auc",
+    "often_exposed_auc",
+    "valid_auc",
+    "valid_unexposed_auc",
+    "valid_unexposed_hr@10",
+)
 ITEM_SEGMENTS = ("never", "rarely", "often")
 #: the shape's own features when a pre-ranker is named without a feature service
 DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v2", "two_tower": "prerank_scalar_v2", "cold": "prerank_scalar_v2"}
@@ -58,7 +74,7 @@ class PreRankerSpec:
         return f"{self.shape}:{self.service}"
 
     @classmethod
-    def parse(cls, text: str) -> "PreRankerSpec":
+    def parse(cls, text: str) -> PreRankerSpec:
         shape, _, service = text.partition(":")
         if shape not in DEFAULT_SERVICE_OF_SHAPE:
             raise ValueError(f"pre-ranker {text!r}: the shape must be one of {sorted(DEFAULT_SERVICE_OF_SHAPE)}")
@@ -98,8 +114,10 @@ def candidate_set_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[
     tail = test["item_id"].isin(longtail).to_numpy()
     segment = test["item_segment"].to_numpy()
     return {
-        "auc": auc(y, scores), "gauc": gauc(users, y, scores),
-        "hr@3": hit_rate_at_k(req, y, scores, 3), "hr@5": hit_rate_at_k(req, y, scores, 5),
+        "auc": auc(y, scores),
+        "gauc": gauc(users, y, scores),
+        "hr@3": hit_rate_at_k(req, y, scores, 3),
+        "hr@5": hit_rate_at_k(req, y, scores, 5),
         "hr@10": hit_rate_at_k(req, y, scores, 10),
         "unexposed_auc": auc(y[unexp], scores[unexp]),
         "unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10),
@@ -116,21 +134,28 @@ def validation_metrics(valid: pd.DataFrame, scores: np.ndarray) -> dict:
     y = valid["oracle_label"].to_numpy(int)
     unexp = ~valid["exposed"].to_numpy(bool)
     req = valid["request_id"].to_numpy()
-    return {"valid_auc": auc(y, scores), "valid_unexposed_auc": auc(y[unexp], scores[unexp]),
-            "valid_unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10)}
+    return {
+        "valid_auc": auc(y, scores),
+        "valid_unexposed_auc": auc(y[unexp], scores[unexp]),
+        "valid_unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10),
+    }
 
 
 def load_oracle(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
-    frame = warehouse.query("SELECT day, request_id, item_id, oracle_label FROM oracle_labels WHERE day BETWEEN ? AND ?",
-                            [min(days), max(days)])
+    frame = warehouse.query(
+        "SELECT day, request_id, item_id, oracle_label FROM oracle_labels WHERE day BETWEEN ? AND ?",
+        [min(days), max(days)],
+    )
     return frame.drop(columns=["day"])
 
 
 def _with_oracle(frame: pd.DataFrame, warehouse: Warehouse, days: Sequence[date], what: str) -> pd.DataFrame:
     out = frame.merge(load_oracle(warehouse, days), on=["request_id", "item_id"], how="left")
     if out["oracle_label"].isna().any():
-        raise ValueError(f"{int(out['oracle_label'].isna().sum())} {what} candidates have no oracle label: "
-                         "offline evaluation needs a benchmark source")
+        raise ValueError(
+            f"{int(out['oracle_label'].isna().sum())} {what} candidates have no oracle label: "
+            "offline evaluation needs a benchmark source"
+        )
     return out
 
 
@@ -171,11 +196,19 @@ class _Shared:
     item_vocab: list[str]
 
 
-def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dataset: str,
-                           methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                           label_gate=None, evaluation: EvaluationConfig | None = None,
-                           progress: bool = True, confidence: ConfidenceConfig | None = None,
-                           feature_cache: dict | None = None) -> dict:
+def run_offline_evaluation(
+    warehouse: Warehouse,
+    store,
+    cfg: TrainingConfig,
+    dataset: str,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    label_gate=None,
+    evaluation: EvaluationConfig | None = None,
+    progress: bool = True,
+    confidence: ConfidenceConfig | None = None,
+    feature_cache: dict | None = None,
+) -> dict:
     """Train every method with every pre-ranker under every seed; return the report (JSON-able but for
     ``_details``): per pre-ranker the metrics of each method, and the pseudo-label ceiling.
 
@@ -193,9 +226,15 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
     shared = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation)
     if confidence is not None:
         for frame in shared.pseudo.values():
-            frame["confidence"] = confidence_weights(frame["c_coherence"], frame["c_history"], frame["c_generation"],
-                                                     confidence.alpha, confidence.beta, confidence.gamma,
-                                                     confidence.w_min)
+            frame["confidence"] = confidence_weights(
+                frame["c_coherence"],
+                frame["c_history"],
+                frame["c_generation"],
+                confidence.alpha,
+                confidence.beta,
+                confidence.gamma,
+                confidence.w_min,
+            )
     matrices: dict[str, tuple[np.ndarray, list[str]]] = feature_cache if feature_cache is not None else {}
     for service in dict.fromkeys(spec.service for spec in specs):
         if service not in matrices:
@@ -209,22 +248,30 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
         for spec in specs:
             matrix, columns = matrices[spec.service]
             results[spec.name], exposed_only_models[spec.name] = _evaluate_preranker(
-                spec, matrix, columns, shared, cfg, methods, seeds, bar)
+                spec, matrix, columns, shared, cfg, methods, seeds, bar
+            )
     headline = specs[0].name
     pseudo_main = shared.pseudo.get("main", pd.DataFrame()).merge(
-        load_oracle(warehouse, shared.split.train_days), on=["request_id", "item_id"])
+        load_oracle(warehouse, shared.split.train_days), on=["request_id", "item_id"]
+    )
     report = {
-        "dataset": dataset, "seeds": seeds, "preranker": headline,
-        "methods": results[headline]["methods"], "runs": results[headline]["runs"],
-        "prerankers": {name: {"methods": r["methods"], "runs": r["runs"], "ips_propensity": r["ips_propensity"]}
-                       for name, r in results.items()},
+        "dataset": dataset,
+        "seeds": seeds,
+        "preranker": headline,
+        "methods": results[headline]["methods"],
+        "runs": results[headline]["runs"],
+        "prerankers": {
+            name: {"methods": r["methods"], "runs": r["runs"], "ips_propensity": r["ips_propensity"]}
+            for name, r in results.items()
+        },
         "split": shared.split.describe(),
-        "n_test_requests": int(shared.test["request_id"].nunique()), "n_test_candidates": int(len(shared.test)),
+        "n_test_requests": int(shared.test["request_id"].nunique()),
+        "n_test_candidates": int(len(shared.test)),
         "n_train_candidates": int(len(shared.train)),
-        "test_candidates_by_item_exposure": {k: int(v) for k, v in
-                                             shared.test["item_segment"].value_counts().items()},
+        "test_candidates_by_item_exposure": {k: int(v) for k, v in shared.test["item_segment"].value_counts().items()},
         "feature_service": cfg.feature_service,
-        "training_config": cfg.model_dump(), "evaluation_config": evaluation.model_dump(),
+        "training_config": cfg.model_dump(),
+        "evaluation_config": evaluation.model_dump(),
         "pseudo_label_lineage": pseudo_label_lineage(warehouse, shared.split.train_days),
         "long_tail_items": len(shared.longtail),
         "pseudo_label_days_refused_by_quality_gate": {k: len(v) for k, v in shared.refused.items()},
@@ -238,29 +285,36 @@ def run_offline_evaluation(warehouse: Warehouse, store, cfg: TrainingConfig, dat
     return report
 
 
-def pseudo_label_day_status(warehouse: Warehouse, shared: "_Shared", label_gate) -> dict:
+def pseudo_label_day_status(warehouse: Warehouse, shared: _Shared, label_gate) -> dict:
     """How many days of the main pseudo-labels carry labels, have none (no calibration yet, no history,
     or a calibration without ranking: labelling says which in its metadata) or fail the blocking gate;
     over the training window and over the whole timeline."""
     split = shared.split
     all_days = split.train_days + split.valid_days + split.test_days
     failing = failing_label_days(warehouse, all_days, label_gate)
-    per_day = warehouse.query("SELECT day, count(*) AS n FROM pseudo_labels WHERE day BETWEEN ? AND ? GROUP BY day",
-                              [min(all_days), max(all_days)])
+    per_day = warehouse.query(
+        "SELECT day, count(*) AS n FROM pseudo_labels WHERE day BETWEEN ? AND ? GROUP BY day",
+        [min(all_days), max(all_days)],
+    )
     labelled = {d for d, n in zip(pd.to_datetime(per_day["day"]).dt.date, per_day["n"]) if n > 0}
 
     def status(days: list) -> dict:
         refused = sum(d in failing for d in days)
         with_labels = sum(d in labelled and d not in failing for d in days)
-        return {"days": len(days), "with_labels": with_labels, "refused_by_gate": refused,
-                "without_labels": len(days) - with_labels - refused,
-                "refused_share": round(refused / len(days), 4) if days else 0.0}
+        return {
+            "days": len(days),
+            "with_labels": with_labels,
+            "refused_by_gate": refused,
+            "without_labels": len(days) - with_labels - refused,
+            "refused_share": round(refused / len(days), 4) if days else 0.0,
+        }
 
     return {"training_window": status(split.train_days), "timeline": status(all_days)}
 
 
-def _shared_inputs(warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[str], label_gate,
-                   evaluation: EvaluationConfig) -> _Shared:
+def _shared_inputs(
+    warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[str], label_gate, evaluation: EvaluationConfig
+) -> _Shared:
     split = time_split(warehouse, cfg.test_share, cfg.valid_share)
     days = split.train_days + split.valid_days + split.test_days
     cands = load_candidates(warehouse, days)
@@ -274,12 +328,27 @@ def _shared_inputs(warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[
     valid = _with_oracle(cands[in_valid].reset_index(drop=True), warehouse, split.valid_days, "validation")
     pseudo, refused = gated_pseudo_labels(warehouse, split, methods, label_gate)
     user_vocab, item_vocab = id_vocabularies(warehouse)  # used by the id-embedding pre-ranker shapes
-    return _Shared(split, cands, in_train, in_valid, in_test, train, valid, test, pseudo, refused,
-                   long_tail_items(train), _item_vectors(warehouse), user_vocab, item_vocab)
+    return _Shared(
+        split,
+        cands,
+        in_train,
+        in_valid,
+        in_test,
+        train,
+        valid,
+        test,
+        pseudo,
+        refused,
+        long_tail_items(train),
+        _item_vectors(warehouse),
+        user_vocab,
+        item_vocab,
+    )
 
 
-def gated_pseudo_labels(warehouse: Warehouse, split: TimeSplit, methods: Sequence[str], label_gate
-                        ) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]]]:
+def gated_pseudo_labels(
+    warehouse: Warehouse, split: TimeSplit, methods: Sequence[str], label_gate
+) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]]]:
     """The pseudo-labels (main and the variants ``methods`` need) of the training and validation days, and
     per variant the training days refused: the same quality gate as training_set, failing days are not
     consumed."""
@@ -290,30 +359,56 @@ def gated_pseudo_labels(warehouse: Warehouse, split: TimeSplit, methods: Sequenc
         table = "pseudo_labels" if name == "main" else f"pseudo_labels__{name}"
         failing = failing_label_days(warehouse, split.train_days + split.valid_days, label_gate, table=table)
         refused[name] = sorted(str(d) for d in failing if d in set(split.train_days))
-        pseudo[name] = load_pseudo_labels(warehouse, [d for d in split.train_days + split.valid_days
-                                                      if d not in failing], table)
+        pseudo[name] = load_pseudo_labels(
+            warehouse, [d for d in split.train_days + split.valid_days if d not in failing], table
+        )
     return pseudo, refused
 
 
-def fit_method(plan: pd.DataFrame, train: pd.DataFrame, train_x: np.ndarray, columns: list[str], valid: pd.DataFrame,
-               valid_x: np.ndarray, cfg: TrainingConfig, model_config: ModelConfig, seed: int, user_vocab: list[str],
-               item_vocab: list[str]):
+def fit_method(
+    plan: pd.DataFrame,
+    train: pd.DataFrame,
+    train_x: np.ndarray,
+    columns: list[str],
+    valid: pd.DataFrame,
+    valid_x: np.ndarray,
+    cfg: TrainingConfig,
+    model_config: ModelConfig,
+    seed: int,
+    user_vocab: list[str],
+    item_vocab: list[str],
+):
     """Train one pre-ranker on ``plan``'s rows, early-stopped on the validation days' exposed clicks."""
     valid_exposed = valid["exposed"].to_numpy(bool)
     return train_preranker(
-        rows_from_plan(plan, train_x, train), columns, valid_x[valid_exposed],
-        valid.loc[valid_exposed, "clicked"].to_numpy(int), model_config,
+        rows_from_plan(plan, train_x, train),
+        columns,
+        valid_x[valid_exposed],
+        valid.loc[valid_exposed, "clicked"].to_numpy(int),
+        model_config,
         TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed),
         valid_user_ids=valid.loc[valid_exposed, "user_id"].to_numpy(),
-        valid_item_ids=valid.loc[valid_exposed, "item_id"].to_numpy(), user_vocab=user_vocab, item_vocab=item_vocab)
+        valid_item_ids=valid.loc[valid_exposed, "item_id"].to_numpy(),
+        user_vocab=user_vocab,
+        item_vocab=item_vocab,
+    )
 
 
-def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[str], shared: _Shared,
-                        cfg: TrainingConfig, methods: Sequence[str], seeds: Sequence[int], bar) -> tuple[dict, object]:
+def _evaluate_preranker(
+    spec: PreRankerSpec,
+    matrix: np.ndarray,
+    columns: list[str],
+    shared: _Shared,
+    cfg: TrainingConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    bar,
+) -> tuple[dict, object]:
     """Every method under every seed with one pre-ranker; the seed-0 exposed_only model for the ceiling."""
     train, train_x = shared.train, matrix[shared.in_train]
-    train_pseudo = {name: frame[frame["day"].isin(set(shared.split.train_days))]
-                    for name, frame in shared.pseudo.items()}
+    train_pseudo = {
+        name: frame[frame["day"].isin(set(shared.split.train_days))] for name, frame in shared.pseudo.items()
+    }
     valid_x, test_x = matrix[shared.in_valid], matrix[shared.in_test]
     propensity, propensity_kind = _ips_propensity(train, train_x, columns) if "ips" in methods else (None, None)
     train_exposed = train["exposed"].to_numpy(bool)
@@ -329,25 +424,63 @@ def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[s
             bar.set_postfix_str(f"{spec.shape} seed {seed} {method}", refresh=True)
             plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
             if plan.empty:
-                raise ValueError(f"method {method}: no training rows over {shared.split.describe()['train_days']} "
-                                 "(no pseudo-labels on the training days?)")
-            model, history = fit_method(plan, train, train_x, columns, shared.valid, valid_x, cfg, model_config, seed,
-                                        shared.user_vocab, shared.item_vocab)
+                raise ValueError(
+                    f"method {method}: no training rows over {shared.split.describe()['train_days']} "
+                    "(no pseudo-labels on the training days?)"
+                )
+            model, history = fit_method(
+                plan,
+                train,
+                train_x,
+                columns,
+                shared.valid,
+                valid_x,
+                cfg,
+                model_config,
+                seed,
+                shared.user_vocab,
+                shared.item_vocab,
+            )
             scores = model.predict(test_x, shared.test["user_id"].to_numpy(), shared.test["item_id"].to_numpy())
-            valid_scores = model.predict(valid_x, shared.valid["user_id"].to_numpy(),
-                                         shared.valid["item_id"].to_numpy())
-            metrics = {**candidate_set_metrics(shared.test, scores, shared.longtail, shared.item_vectors),
-                       **validation_metrics(shared.valid, valid_scores)}
-            runs[method].append({"seed": seed, **metrics, "train": {k: history[k] for k in
-                                 ("epochs_run", "best_epoch", "best_valid_auc", "n_rows", "n_pseudo", "seconds")}})
+            valid_scores = model.predict(
+                valid_x, shared.valid["user_id"].to_numpy(), shared.valid["item_id"].to_numpy()
+            )
+            metrics = {
+                **candidate_set_metrics(shared.test, scores, shared.longtail, shared.item_vectors),
+                **validation_metrics(shared.valid, valid_scores),
+            }
+            runs[method].append(
+                {
+                    "seed": seed,
+                    **metrics,
+                    "train": {
+                        k: history[k]
+                        for k in ("epochs_run", "best_epoch", "best_valid_auc", "n_rows", "n_pseudo", "seconds")
+                    },
+                }
+            )
             if method == "exposed_only" and exposed_only_model is None:
                 exposed_only_model = model
-            log.info("%s seed %d %-20s auc %.4f unexposed_auc %.4f hr@10 %.4f valid_unexposed_auc %.4f (%d rows, "
-                     "%.1fs)", spec.name, seed, method, metrics["auc"], metrics["unexposed_auc"], metrics["hr@10"],
-                     metrics["valid_unexposed_auc"], history["n_rows"], history["seconds"])
+            log.info(
+                "%s seed %d %-20s auc %.4f unexposed_auc %.4f hr@10 %.4f valid_unexposed_auc %.4f (%d rows, %.1fs)",
+                spec.name,
+                seed,
+                method,
+                metrics["auc"],
+                metrics["unexposed_auc"],
+                metrics["hr@10"],
+                metrics["valid_unexposed_auc"],
+                history["n_rows"],
+                history["seconds"],
+            )
             bar.update(1)
-    summary = {m: {k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
-                   for k in METRICS} for m, rs in runs.items()}
+    summary = {
+        m: {
+            k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
+            for k in METRICS
+        }
+        for m, rs in runs.items()
+    }
     return {"methods": summary, "runs": runs, "ips_propensity": propensity_kind}, exposed_only_model
 
 
@@ -356,8 +489,9 @@ def _evaluate_preranker(spec: PreRankerSpec, matrix: np.ndarray, columns: list[s
 CEILING_SEGMENTS = ("all", "never_exposed_items", "long_tail_items", "long_history_users", "short_history_users")
 
 
-def pseudo_label_ceiling(warehouse: Warehouse, shared: _Shared, exposed_only_models: dict, matrices: dict,
-                         evaluation: EvaluationConfig) -> dict:
+def pseudo_label_ceiling(
+    warehouse: Warehouse, shared: _Shared, exposed_only_models: dict, matrices: dict, evaluation: EvaluationConfig
+) -> dict:
     """Pseudo-label AUC against the oracle on unexposed candidates, next to exposed_only's AUC on the
     same candidates, per window (training days, where labels are consumed; validation days, where
     defaults are chosen), anchor kind, pooling and segment. GPL can only add information where its
@@ -372,8 +506,9 @@ def pseudo_label_ceiling(warehouse: Warehouse, shared: _Shared, exposed_only_mod
     exposures = shared.train[shared.train["exposed"]].groupby("item_id").size()
     frame["never_exposed_items"] = frame["item_id"].map(exposures).fillna(0).to_numpy() == 0
     frame["long_tail_items"] = frame["item_id"].isin(shared.longtail)
-    histories = warehouse.query("SELECT day, user_id, n_positives FROM user_histories WHERE day BETWEEN ? AND ?",
-                                [min(days), max(days)])
+    histories = warehouse.query(
+        "SELECT day, user_id, n_positives FROM user_histories WHERE day BETWEEN ? AND ?", [min(days), max(days)]
+    )
     histories["day"] = pd.to_datetime(histories["day"]).dt.date
     n_pos = frame.merge(histories, on=["day", "user_id"], how="left")["n_positives"].fillna(0).to_numpy()
     frame["long_history_users"] = n_pos >= evaluation.long_history_min
@@ -387,16 +522,22 @@ def pseudo_label_ceiling(warehouse: Warehouse, shared: _Shared, exposed_only_mod
         model_scores[name] = model.predict(matrix, frame["user_id"].to_numpy(), frame["item_id"].to_numpy())
     rows = []
     for variant, labels in shared.pseudo.items():
-        joined = frame.reset_index().merge(labels[["request_id", "item_id", "pseudo_label", "pseudo_label_mean_pool"]],
-                                           on=["request_id", "item_id"])
+        joined = frame.reset_index().merge(
+            labels[["request_id", "item_id", "pseudo_label", "pseudo_label_mean_pool"]], on=["request_id", "item_id"]
+        )
         for window in ("train", "valid"):
             for segment in CEILING_SEGMENTS:
                 part = joined[(joined["window"] == window) & joined[segment]]
                 y = part["oracle_label"].to_numpy(int)
-                row = {"window": window, "anchors": variant, "segment": segment, "n": len(part),
-                       "positive_rate": float(y.mean()) if len(y) else float("nan"),
-                       "pseudo_label_auc_max": auc(y, part["pseudo_label"].to_numpy()),
-                       "pseudo_label_auc_mean": auc(y, part["pseudo_label_mean_pool"].to_numpy())}
+                row = {
+                    "window": window,
+                    "anchors": variant,
+                    "segment": segment,
+                    "n": len(part),
+                    "positive_rate": float(y.mean()) if len(y) else float("nan"),
+                    "pseudo_label_auc_max": auc(y, part["pseudo_label"].to_numpy()),
+                    "pseudo_label_auc_mean": auc(y, part["pseudo_label_mean_pool"].to_numpy()),
+                }
                 for name, scores in model_scores.items():
                     row[f"exposed_only_auc[{name}]"] = auc(y, scores[part["index"].to_numpy()])
                 rows.append(row)

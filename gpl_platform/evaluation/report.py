@@ -7,20 +7,40 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TABLE_METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10",
-                 "coverage@10", "diversity@10")
+TABLE_METRICS = (
+    "auc",
+    "gauc",
+    "hr@3",
+    "hr@5",
+    "hr@10",
+    "unexposed_auc",
+    "unexposed_hr@10",
+    "longtail_hr@10",
+    "coverage@10",
+    "diversity@10",
+)
 #: per pre-ranker: where the bias is (exposed vs unexposed, items by exposure history) and the validation days
-SEGMENT_METRICS = ("exposed_auc", "unexposed_auc", "never_exposed_auc", "rarely_exposed_auc", "often_exposed_auc",
-                   "valid_auc", "valid_unexposed_auc")
+SEGMENT_METRICS = (
+    "exposed_auc",
+    "unexposed_auc",
+    "never_exposed_auc",
+    "rarely_exposed_auc",
+    "often_exposed_auc",
+    "valid_auc",
+    "valid_unexposed_auc",
+)
 BAR_METRICS = ("auc", "gauc", "hr@10", "unexposed_auc", "longtail_hr@10")
 
 
-def results_table(report: dict, methods: dict | None = None, metrics: tuple[str, ...] = TABLE_METRICS
-                  ) -> pd.DataFrame:
+def results_table(report: dict, methods: dict | None = None, metrics: tuple[str, ...] = TABLE_METRICS) -> pd.DataFrame:
     rows = []
     for method, values in (methods or report["methods"]).items():
-        rows.append({"method": method, **{m: f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}"
-                                          for m in metrics if m in values}})
+        rows.append(
+            {
+                "method": method,
+                **{m: f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}" for m in metrics if m in values},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -40,8 +60,7 @@ def plot_metric_bars(report: dict, path: Path) -> Path:
     for ax, metric in zip(axes, BAR_METRICS):
         means = [report["methods"][m][metric]["mean"] for m in methods]
         stds = [report["methods"][m][metric]["std"] for m in methods]
-        colors = ["#c44e52" if m.startswith("gpl") else "#4c72b0" if m != "pseudo_only" else "#dd8452"
-                  for m in methods]
+        colors = ["#c44e52" if m.startswith("gpl") else "#4c72b0" if m != "pseudo_only" else "#dd8452" for m in methods]
         ax.barh(methods, means, xerr=stds, color=colors)
         finite = [v for v in means if np.isfinite(v)]
         if finite:
@@ -60,8 +79,9 @@ def plot_calibration(pseudo: pd.DataFrame, path: Path, bins: int = 10) -> Path:
     """Pseudo-label vs the oracle positive rate of the same (unexposed, training-day) candidates."""
     plt = _plt()
     frame = pseudo.assign(bin=pd.cut(pseudo["pseudo_label"], np.linspace(0, 1, bins + 1), include_lowest=True))
-    table = frame.groupby("bin", observed=True).agg(pred=("pseudo_label", "mean"), real=("oracle_label", "mean"),
-                                                    n=("oracle_label", "size"))
+    table = frame.groupby("bin", observed=True).agg(
+        pred=("pseudo_label", "mean"), real=("oracle_label", "mean"), n=("oracle_label", "size")
+    )
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.plot(table["pred"], table["real"], "o-", color="#c44e52")
@@ -96,24 +116,43 @@ def render_markdown(report: dict, directory: Path, stem: str = "offline_eval") -
     directory = Path(directory)
     bars = plot_metric_bars(report, directory / f"{stem}_metrics.png")
     lift = plot_longtail_lift(report, directory / f"{stem}_longtail_lift.png")
-    lines = [f"# Offline evaluation: {report['dataset']}", "",
-             f"Seeds {report['seeds']}; split {report['split']}; {report['n_test_requests']} test requests, "
-             f"{report['n_test_candidates']} test candidates; feature service `{report['feature_service']}`; "
-             f"lambda {report['training_config']['pseudo_weight']}.", "",
-             results_table(report).to_markdown(index=False), "",
-             f"![metrics]({bars.name})", "", f"![long-tail lift]({lift.name})", ""]
+    lines = [
+        f"# Offline evaluation: {report['dataset']}",
+        "",
+        f"Seeds {report['seeds']}; split {report['split']}; {report['n_test_requests']} test requests, "
+        f"{report['n_test_candidates']} test candidates; feature service `{report['feature_service']}`; "
+        f"lambda {report['training_config']['pseudo_weight']}.",
+        "",
+        results_table(report).to_markdown(index=False),
+        "",
+        f"![metrics]({bars.name})",
+        "",
+        f"![long-tail lift]({lift.name})",
+        "",
+    ]
     for name, entry in report.get("prerankers", {}).items():
-        lines += [f"## Pre-ranker `{name}`: by exposure and item exposure history, and on validation days", "",
-                  f"Test candidates by the item's exposures in the training days: "
-                  f"{report.get('test_candidates_by_item_exposure')}; ips propensities: "
-                  f"{entry.get('ips_propensity')}.", "",
-                  results_table(report, entry["methods"], SEGMENT_METRICS).to_markdown(index=False), ""]
+        lines += [
+            f"## Pre-ranker `{name}`: by exposure and item exposure history, and on validation days",
+            "",
+            f"Test candidates by the item's exposures in the training days: "
+            f"{report.get('test_candidates_by_item_exposure')}; ips propensities: "
+            f"{entry.get('ips_propensity')}.",
+            "",
+            results_table(report, entry["methods"], SEGMENT_METRICS).to_markdown(index=False),
+            "",
+        ]
     ceiling = report.get("ceiling", {}).get("rows")
     if ceiling:
-        lines += ["## Pseudo-label ceiling", "",
-                  "AUC of the pseudo-labels against the oracle on unexposed candidates, next to `exposed_only`'s "
-                  "own AUC on the same candidates (seed 0): GPL can add information only where its labels rank "
-                  "better.", "", pd.DataFrame(ceiling).to_markdown(index=False, floatfmt=".4f"), ""]
+        lines += [
+            "## Pseudo-label ceiling",
+            "",
+            "AUC of the pseudo-labels against the oracle on unexposed candidates, next to `exposed_only`'s "
+            "own AUC on the same candidates (seed 0): GPL can add information only where its labels rank "
+            "better.",
+            "",
+            pd.DataFrame(ceiling).to_markdown(index=False, floatfmt=".4f"),
+            "",
+        ]
     pseudo = report.get("_details", {}).get("pseudo_main")
     if pseudo is not None and len(pseudo):
         cal = plot_calibration(pseudo, directory / f"{stem}_calibration.png")
@@ -127,13 +166,20 @@ BEGIN, END = "<!-- results:begin (generated by gpl evaluate --results-doc) -->",
 
 
 def results_section(report: dict, invocation: str, commit: str) -> str:
-    return "\n".join([
-        BEGIN, "",
-        f"Generated by `{invocation}` at commit `{commit}` (dataset `{report['dataset']}`, seeds "
-        f"{report['seeds']}, lambda {report['training_config']['pseudo_weight']}, split {report['split']}, "
-        f"{report['n_test_requests']} test requests / {report['n_test_candidates']} test candidates, "
-        f"{report['seconds']} s).", "",
-        results_table(report).to_markdown(index=False), "", END])
+    return "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Generated by `{invocation}` at commit `{commit}` (dataset `{report['dataset']}`, seeds "
+            f"{report['seeds']}, lambda {report['training_config']['pseudo_weight']}, split {report['split']}, "
+            f"{report['n_test_requests']} test requests / {report['n_test_candidates']} test candidates, "
+            f"{report['seconds']} s).",
+            "",
+            results_table(report).to_markdown(index=False),
+            "",
+            END,
+        ]
+    )
 
 
 def update_results_doc(path: Path, report: dict, invocation: str, commit: str) -> Path:

@@ -14,5 +14,4 @@ from gpl_platform.features.schema import FeatureSpec
 from gpl_platform.features.serving import CandidateFeatures, OnlineFeatureClient, feature_matrix
 from gpl_platform.features.store import DEFAULT_SERVICE, FeastStore
 
-__all__ = ["DEFAULT_SERVICE", "CandidateFeatures", "FeastStore", "FeatureSpec", "OnlineFeatureClient",
-           "feature_matrix"]
+__all__ = ["DEFAULT_SERVICE", "CandidateFeatures", "FeastStore", "FeatureSpec", "OnlineFeatureClient", "feature_matrix"]

@@ -33,13 +33,37 @@ def main(argv=None) -> int:
         if args.config:
             print(config)
         else:
-            print(json.dumps({"feast_dir": str(feast_dir(settings)), "config": str(config), "repo": str(REPO_DIR),
-                              "sources_dir": str(store.sources_dir),
-                              "online_store": store.online_store_type}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "feast_dir": str(feast_dir(settings)),
+                        "config": str(config),
+                        "repo": str(REPO_DIR),
+                        "sources_dir": str(store.sources_dir),
+                        "online_store": store.online_store_type,
+                    },
+                    indent=2,
+                )
+            )
         return 0
     feast = os.path.join(os.path.dirname(sys.executable), "feast")
-    os.execv(feast, [feast, "-c", str(REPO_DIR), "-f", str(config), "serve", "-h", "127.0.0.1", "-p", str(args.port),
-                     "--workers", str(args.workers)])
+    os.execv(
+        feast,
+        [
+            feast,
+            "-c",
+            str(REPO_DIR),
+            "-f",
+            str(config),
+            "serve",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(args.port),
+            "--workers",
+            str(args.workers),
+        ],
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def day_start(day: date) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=timezone.utc)
+    return datetime.combine(day, time(0), tzinfo=UTC)
 
 
 def _days_frame(days: Sequence[date]) -> pd.DataFrame:
@@ -53,9 +53,11 @@ def spec_from_warehouse(con) -> FeatureSpec:
     if table_exists(con, "item_embeddings"):
         vtype = _columns(con, "item_embeddings").get("vector", "")
         if "[" in vtype and int(vtype.rsplit("[", 1)[1].rstrip("]")) != EMBEDDING_DIM:
-            raise ValueError(f"item_embeddings are {vtype.rsplit('[', 1)[1].rstrip(']')}-d vectors; the feature "
-                             f"contract (gpl_platform/features/schema.py EMBEDDING_DIM) has {EMBEDDING_DIM}-d "
-                             "embeddings: another size is another feature-service version")
+            raise ValueError(
+                f"item_embeddings are {vtype.rsplit('[', 1)[1].rstrip(']')}-d vectors; the feature "
+                f"contract (gpl_platform/features/schema.py EMBEDDING_DIM) has {EMBEDDING_DIM}-d "
+                "embeddings: another size is another feature-service version"
+            )
     return spec_from_columns(_columns(con, "users"), _columns(con, "items"))
 
 
@@ -80,7 +82,8 @@ agg AS (
     LEFT JOIN daily d ON d.user_id = u.user_id AND d.day < t.fday
     GROUP BY u.user_id, t.fday)
 SELECT a.user_id, a.fday AS day,
-       CAST(a.req AS BIGINT) AS user_requests, CAST(a.exp AS BIGINT) AS user_exposures, CAST(a.clk AS BIGINT) AS user_clicks,
+       CAST(a.req AS BIGINT) AS user_requests, CAST(a.exp AS BIGINT) AS user_exposures,
+       CAST(a.clk AS BIGINT) AS user_clicks,
        CAST(CASE WHEN a.exp > 0 THEN a.clk / a.exp ELSE 0 END AS DOUBLE) AS user_click_rate,
        CAST((a.clk + {SMOOTHING_STRENGTH} * CASE WHEN g.exp > 0 THEN g.clk / g.exp ELSE 0 END)
             / (a.exp + {SMOOTHING_STRENGTH}) AS DOUBLE) AS user_click_rate_smoothed,
@@ -116,12 +119,14 @@ ranked AS (
            sum(exp) OVER (PARTITION BY fday) AS exp_total
     FROM agg)
 SELECT r.item_id, r.fday AS day,
-       CAST(r.cand AS BIGINT) AS item_candidates, CAST(r.exp AS BIGINT) AS item_exposures, CAST(r.clk AS BIGINT) AS item_clicks,
+       CAST(r.cand AS BIGINT) AS item_candidates, CAST(r.exp AS BIGINT) AS item_exposures,
+       CAST(r.clk AS BIGINT) AS item_clicks,
        CAST(CASE WHEN r.exp > 0 THEN r.clk / r.exp ELSE 0 END AS DOUBLE) AS item_ctr,
        CAST((r.clk + {SMOOTHING_STRENGTH} * CASE WHEN g.exp > 0 THEN g.clk / g.exp ELSE 0 END)
             / (r.exp + {SMOOTHING_STRENGTH}) AS DOUBLE) AS item_ctr_smoothed,
        CAST(r.exp7 AS BIGINT) AS item_exposures_7d, CAST(r.clk7 AS BIGINT) AS item_clicks_7d,
-       CAST(CASE WHEN r.exp_total = 0 THEN 0 ELSE least(9, floor(10 * r.prank)) END AS BIGINT) AS item_popularity_bucket,
+       CAST(CASE WHEN r.exp_total = 0 THEN 0 ELSE least(9, floor(10 * r.prank)) END AS BIGINT)
+           AS item_popularity_bucket,
        CAST(CASE WHEN r.exp > 0 AND r.exp_before < {LONG_TAIL_HEAD_SHARE} * r.exp_total THEN 0 ELSE 1 END AS BIGINT)
            AS item_long_tail
 FROM ranked r JOIN totals g USING (fday)
@@ -163,8 +168,9 @@ def load_content_vectors(con, dim: int = EMBEDDING_DIM) -> dict[str, np.ndarray]
         return {}
     from gpl_platform.pseudo_labels.encoder import load_item_embeddings
 
-    rows = con.execute("SELECT encoder_id, count(*) AS n FROM item_embeddings GROUP BY 1 ORDER BY n DESC, 1 "
-                       "LIMIT 1").fetchall()
+    rows = con.execute(
+        "SELECT encoder_id, count(*) AS n FROM item_embeddings GROUP BY 1 ORDER BY n DESC, 1 LIMIT 1"
+    ).fetchall()
     if not rows:
         return {}
     row = rows[0]
@@ -174,8 +180,9 @@ def load_content_vectors(con, dim: int = EMBEDDING_DIM) -> dict[str, np.ndarray]
     return {str(i): v for i, v in zip(ids, vecs)}
 
 
-def compute_user_history(con, days: Sequence[date], max_len: int, vectors: dict[str, np.ndarray],
-                         dim: int = EMBEDDING_DIM) -> pd.DataFrame:
+def compute_user_history(
+    con, days: Sequence[date], max_len: int, vectors: dict[str, np.ndarray], dim: int = EMBEDDING_DIM
+) -> pd.DataFrame:
     """Sparse rows: for feature day D, the users who clicked on D-1 (their history changed), with the
     L2-normalized mean content embedding of their ``max_len`` most recent clicks before D.
 
@@ -245,9 +252,14 @@ def compute_item_profile(con, spec: FeatureSpec, vectors: dict[str, np.ndarray])
     items = con.execute("SELECT * FROM items ORDER BY item_id").df()
     zeros = np.zeros(spec.embedding_dim, dtype=np.float32)
     ids = items["item_id"].astype(str)
-    out = pd.DataFrame({"item_id": ids, "item_known": np.ones(len(items), dtype="int64"),
-                        "item_content_emb": [vectors.get(i, zeros) for i in ids],
-                        "item_has_content_emb": np.array([int(i in vectors) for i in ids], dtype="int64")})
+    out = pd.DataFrame(
+        {
+            "item_id": ids,
+            "item_known": np.ones(len(items), dtype="int64"),
+            "item_content_emb": [vectors.get(i, zeros) for i in ids],
+            "item_has_content_emb": np.array([int(i in vectors) for i in ids], dtype="int64"),
+        }
+    )
     out = pd.concat([out, _attributes(items, spec.item_attributes)], axis=1)
     out[TIMESTAMP_FIELD] = _static_ts(len(out)).to_numpy()
     return out

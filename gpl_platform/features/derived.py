@@ -65,8 +65,11 @@ def entity_input_columns(columns, entity: str) -> dict[str, np.ndarray]:
     """``{u_x: values}`` (``entity="user"``) or ``{i_x: ...}`` of the entity's stored features among
     ``columns`` (a mapping of name -> values), every stored feature except the known flag."""
     prefix, flag = STORED_PREFIX[entity], KNOWN_FLAGS[entity]
-    return {input_name(name): fill_missing(values, name) for name, values in columns.items()
-            if name.startswith(prefix) and name != flag and stored_type(name) is not None}
+    return {
+        input_name(name): fill_missing(values, name)
+        for name, values in columns.items()
+        if name.startswith(prefix) and name != flag and stored_type(name) is not None
+    }
 
 
 def known_flag_columns(columns) -> dict[str, np.ndarray]:

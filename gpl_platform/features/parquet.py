@@ -23,8 +23,13 @@ import pyarrow.parquet as pq
 
 from gpl_platform.features.schema import EMB, FLOAT, INT, TIMESTAMP_FIELD
 
-ARROW_TYPES = {INT: pa.int64(), FLOAT: pa.float64(), "Float32": pa.float32(), "String": pa.string(),
-               EMB: pa.list_(pa.float32())}
+ARROW_TYPES = {
+    INT: pa.int64(),
+    FLOAT: pa.float64(),
+    "Float32": pa.float32(),
+    "String": pa.string(),
+    EMB: pa.list_(pa.float32()),
+}
 STATIC_FILE = "static.parquet"
 
 
@@ -37,8 +42,10 @@ def view_glob(sources_dir: Path, view: str) -> str:
 
 
 def arrow_schema(key: str, features: dict[str, str]) -> pa.Schema:
-    fields = [pa.field(key, pa.string(), nullable=False),
-              pa.field(TIMESTAMP_FIELD, pa.timestamp("us", tz="UTC"), nullable=False)]
+    fields = [
+        pa.field(key, pa.string(), nullable=False),
+        pa.field(TIMESTAMP_FIELD, pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
     fields += [pa.field(name, ARROW_TYPES[dtype]) for name, dtype in features.items()]
     return pa.schema(fields)
 
@@ -62,8 +69,7 @@ def _array(values: pd.Series, dtype: str, n: int) -> pa.Array:
 def to_arrow(frame: pd.DataFrame, key: str, features: dict[str, str]) -> pa.Table:
     schema = arrow_schema(key, features)
     ts = pd.to_datetime(frame[TIMESTAMP_FIELD], utc=True).astype("datetime64[us, UTC]")
-    arrays = [pa.array(frame[key].astype(str), type=pa.string()),
-              pa.array(ts, type=pa.timestamp("us", tz="UTC"))]
+    arrays = [pa.array(frame[key].astype(str), type=pa.string()), pa.array(ts, type=pa.timestamp("us", tz="UTC"))]
     arrays += [_array(frame[name], dtype, len(frame)) for name, dtype in features.items()]
     return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -80,8 +86,9 @@ def write_atomic(table: pa.Table, path: Path) -> Path:
     return path
 
 
-def write_day_partitions(frame: pd.DataFrame, sources_dir: Path, view: str, key: str, features: dict[str, str],
-                         days: Sequence[date]) -> dict[date, int]:
+def write_day_partitions(
+    frame: pd.DataFrame, sources_dir: Path, view: str, key: str, features: dict[str, str], days: Sequence[date]
+) -> dict[date, int]:
     """One file per day of ``days`` (empty days get an empty file with the schema). Returns rows per day."""
     counts = {}
     by_day = {d: g for d, g in frame.groupby("day")} if len(frame) else {}

@@ -26,15 +26,15 @@ def _check_events(warehouse: Warehouse, days: Sequence[date], first_day: date, w
         raise MissingUpstreamDays(
             f"{what} for {min(days)}..{max(days)} need the events of every earlier day, but {len(missing)} "
             f"day(s) are not ingested (first: {missing[0]}, last: {missing[-1]}). "
-            "Materialize candidate_events for those partitions first.")
+            "Materialize candidate_events for those partitions first."
+        )
 
 
 def _per_day(counts: dict[date, int], name: str) -> pd.DataFrame:
     return pd.DataFrame({"day": list(counts), name: list(counts.values())})
 
 
-def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence[date], first_day: date
-                        ) -> dict:
+def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence[date], first_day: date) -> dict:
     """user_activity (snapshot) and user_history (sparse) parquet files of ``days``."""
     _check_events(warehouse, days, first_day, "user features")
     spec = warehouse_spec(warehouse)
@@ -44,13 +44,20 @@ def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence
         vectors = compute.load_content_vectors(con, spec.embedding_dim)
         history = compute.compute_user_history(con, days, settings.history_max_len, vectors, spec.embedding_dim)
     out = sources_dir(settings)
-    n_act = parquet.write_day_partitions(activity, out, "user_activity", "user_id",
-                                         views["user_activity"]["features"], days)
-    n_hist = parquet.write_day_partitions(history, out, "user_history", "user_id",
-                                          views["user_history"]["features"], days)
+    n_act = parquet.write_day_partitions(
+        activity, out, "user_activity", "user_id", views["user_activity"]["features"], days
+    )
+    n_hist = parquet.write_day_partitions(
+        history, out, "user_history", "user_id", views["user_history"]["features"], days
+    )
     per_day = _per_day(n_act, "user_activity_rows").merge(_per_day(n_hist, "user_history_rows"), on="day")
-    return {"rows": int(sum(n_act.values()) + sum(n_hist.values())), "per_day": per_day,
-            "has_item_embeddings": bool(vectors), "activity": activity, "history": history}
+    return {
+        "rows": int(sum(n_act.values()) + sum(n_hist.values())),
+        "per_day": per_day,
+        "has_item_embeddings": bool(vectors),
+        "activity": activity,
+        "history": history,
+    }
 
 
 def write_item_features(settings: Settings, warehouse: Warehouse, days: Sequence[date], first_day: date) -> dict:
@@ -59,10 +66,10 @@ def write_item_features(settings: Settings, warehouse: Warehouse, days: Sequence
     spec = warehouse_spec(warehouse)
     with warehouse.connect(read_only=True) as con:
         activity = compute.compute_item_activity(con, days)
-    counts = parquet.write_day_partitions(activity, sources_dir(settings), "item_activity", "item_id",
-                                          spec.views()["item_activity"]["features"], days)
-    return {"rows": int(sum(counts.values())), "per_day": _per_day(counts, "item_activity_rows"),
-            "activity": activity}
+    counts = parquet.write_day_partitions(
+        activity, sources_dir(settings), "item_activity", "item_id", spec.views()["item_activity"]["features"], days
+    )
+    return {"rows": int(sum(counts.values())), "per_day": _per_day(counts, "item_activity_rows"), "activity": activity}
 
 
 def write_profile_features(settings: Settings, warehouse: Warehouse) -> dict:
@@ -76,5 +83,9 @@ def write_profile_features(settings: Settings, warehouse: Warehouse) -> dict:
     out = sources_dir(settings)
     parquet.write_static(users, out, "user_profile", "user_id", views["user_profile"]["features"])
     parquet.write_static(items, out, "item_profile", "item_id", views["item_profile"]["features"])
-    return {"users": len(users), "items": len(items), "items_with_embedding": int(items["item_has_content_emb"].sum()),
-            "spec": spec}
+    return {
+        "users": len(users),
+        "items": len(items),
+        "items_with_embedding": int(items["item_has_content_emb"].sum()),
+        "spec": spec,
+    }

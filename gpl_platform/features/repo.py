@@ -78,16 +78,20 @@ def stored_fields(view: str) -> list:
     """The fixed stored features of ``view`` (schema.VIEWS) as Feast fields, with descriptions."""
     from feast import Field
 
-    return [Field(name=name, dtype=feast_type(dtype), description=description)
-            for name, (dtype, description) in VIEWS[view][2].items()]
+    return [
+        Field(name=name, dtype=feast_type(dtype), description=description)
+        for name, (dtype, description) in VIEWS[view][2].items()
+    ]
 
 
 def attribute_fields(entity: str) -> list:
     """The generated part: ``<entity>_num_*`` / ``<entity>_cat_*`` fields of the source's attribute columns."""
     from feast import Field
 
-    return [Field(name=name, dtype=feast_type(dtype), description=f"attribute column {column!r} of the {entity}s table")
-            for name, (column, dtype) in repo_spec().attributes(entity).items()]
+    return [
+        Field(name=name, dtype=feast_type(dtype), description=f"attribute column {column!r} of the {entity}s table")
+        for name, (column, dtype) in repo_spec().attributes(entity).items()
+    ]
 
 
 def input_fields(views: Sequence, exclude: Sequence[str] = ()) -> list:
@@ -98,9 +102,12 @@ def input_fields(views: Sequence, exclude: Sequence[str] = ()) -> list:
     from feast import Field
 
     flags = set(KNOWN_FLAGS.values())
-    return [Field(name=input_name(f.name), dtype=f.dtype)
-            for view in views for f in view.features
-            if f.name not in flags and input_name(f.name) not in exclude]
+    return [
+        Field(name=input_name(f.name), dtype=f.dtype)
+        for view in views
+        for f in view.features
+        if f.name not in flags and input_name(f.name) not in exclude
+    ]
 
 
 @contextmanager

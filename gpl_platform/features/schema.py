@@ -112,7 +112,7 @@ def input_name(stored: str) -> str:
     """The model-input name of a stored feature: ``user_x`` -> ``u_x``, ``item_x`` -> ``i_x``."""
     for entity, prefix in STORED_PREFIX.items():
         if stored.startswith(prefix):
-            return INPUT_PREFIX[entity] + stored[len(prefix):]
+            return INPUT_PREFIX[entity] + stored[len(prefix) :]
     raise ValueError(f"{stored!r} is not a stored feature name (user_* or item_*)")
 
 
@@ -156,8 +156,12 @@ def attribute_feature_name(column: str) -> str:
 def attribute_kind(duckdb_type: str) -> str:
     """``num`` (Float64) for boolean and numeric DuckDB column types, ``cat`` (String) otherwise."""
     t = duckdb_type.upper()
-    if (t == "BOOLEAN" or t in ("FLOAT", "DOUBLE", "REAL") or t.startswith("DECIMAL")
-            or re.fullmatch(r"U?(TINY|SMALL|BIG|HUGE)?INT(EGER)?|INTEGER|UBIGINT|UINTEGER", t)):
+    if (
+        t == "BOOLEAN"
+        or t in ("FLOAT", "DOUBLE", "REAL")
+        or t.startswith("DECIMAL")
+        or re.fullmatch(r"U?(TINY|SMALL|BIG|HUGE)?INT(EGER)?|INTEGER|UBIGINT|UINTEGER", t)
+    ):
         return NUMERIC
     return CATEGORICAL
 
@@ -200,21 +204,32 @@ class FeatureSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "FeatureSpec":
+    def from_json(cls, text: str) -> FeatureSpec:
         raw = json.loads(text)
-        return cls(user_attributes={k: tuple(v) for k, v in raw.get("user_attributes", {}).items()},
-                   item_attributes={k: tuple(v) for k, v in raw.get("item_attributes", {}).items()})
+        return cls(
+            user_attributes={k: tuple(v) for k, v in raw.get("user_attributes", {}).items()},
+            item_attributes={k: tuple(v) for k, v in raw.get("item_attributes", {}).items()},
+        )
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"_generated_by": "the feast_registry asset from the warehouse users/items "
-                                                    "columns (gpl_platform.features.compute.spec_from_warehouse)",
-                                   **json.loads(self.to_json())}, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "_generated_by": "the feast_registry asset from the warehouse users/items "
+                    "columns (gpl_platform.features.compute.spec_from_warehouse)",
+                    **json.loads(self.to_json()),
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "FeatureSpec":
+    def load(cls, path: Path) -> FeatureSpec:
         return cls.from_json(path.read_text())
 
     def digest(self) -> str:
@@ -228,6 +243,7 @@ def spec_from_columns(user_columns: dict[str, str], item_columns: dict[str, str]
     columns that normalize to the same name (``Genre``/``genre``, ``gen re``/``gen-re``) are an
     error naming both: silently keeping one would drop the other.
     """
+
     def attributes(entity: str, columns: dict[str, str], skip: tuple[str, ...]) -> dict[str, tuple[str, str]]:
         out: dict[str, tuple[str, str]] = {}
         seen: dict[str, str] = {}
@@ -238,11 +254,14 @@ def spec_from_columns(user_columns: dict[str, str], item_columns: dict[str, str]
             if safe in seen:
                 raise AttributeNameClash(
                     f"{entity}s columns {seen[safe]!r} and {column!r} both become the feature "
-                    f"'{safe}' (names are lower-cased, other characters become '_'): rename one of them")
+                    f"'{safe}' (names are lower-cased, other characters become '_'): rename one of them"
+                )
             seen[safe] = column
             kind = attribute_kind(duckdb_type)
             out[f"{STORED_PREFIX[entity]}{kind}_{safe}"] = (column, FLOAT if kind == NUMERIC else STR)
         return out
 
-    return FeatureSpec(user_attributes=attributes("user", user_columns, ("user_id",)),
-                       item_attributes=attributes("item", item_columns, ("item_id", "text")))
+    return FeatureSpec(
+        user_attributes=attributes("user", user_columns, ("user_id",)),
+        item_attributes=attributes("item", item_columns, ("item_id", "text")),
+    )

@@ -36,8 +36,7 @@ def matrix_columns(features: Sequence[tuple[str, str]], dim: int = EMBEDDING_DIM
     return columns
 
 
-def matrix_from_columns(values: dict[str, np.ndarray], features: Sequence[tuple[str, str]], n: int
-                        ) -> np.ndarray:
+def matrix_from_columns(values: dict[str, np.ndarray], features: Sequence[tuple[str, str]], n: int) -> np.ndarray:
     """float32 (n, len(matrix_columns)) from ``{feature: (n,) numbers or (n, dim) embeddings}``."""
     blocks = []
     for name, dtype in features:
@@ -54,8 +53,11 @@ def feature_matrix(frame: pd.DataFrame, features: Sequence[tuple[str, str]]) -> 
     """The float32 matrix of a frame holding a service's inputs, and its column names."""
     from gpl_platform.features.derived import stack_embeddings
 
-    values = {name: (stack_embeddings(frame[name]) if dtype == EMB else frame[name].to_numpy())
-              for name, dtype in features if dtype != STR}
+    values = {
+        name: (stack_embeddings(frame[name]) if dtype == EMB else frame[name].to_numpy())
+        for name, dtype in features
+        if dtype != STR
+    }
     return matrix_from_columns(values, features, len(frame)), matrix_columns(features)
 
 
@@ -65,9 +67,9 @@ class CandidateFeatures:
 
     user_id: str
     item_ids: list[str]
-    matrix: np.ndarray             # float32 (n_items, len(columns)); string attributes not included
+    matrix: np.ndarray  # float32 (n_items, len(columns)); string attributes not included
     columns: list[str]
-    unknown_user: bool             # user not in the catalog: its inputs are defaults (u_known = 0)
+    unknown_user: bool  # user not in the catalog: its inputs are defaults (u_known = 0)
     unknown_items: list[str] = field(default_factory=list)  # distinct ids with default inputs (i_known = 0)
     values: dict = field(default_factory=dict, repr=False)
     features: list = field(default_factory=list, repr=False)
@@ -134,14 +136,25 @@ class OnlineFeatureClient:
         item_ids = [str(i) for i in item_ids]
         n = len(item_ids)
         if n == 0:
-            return CandidateFeatures(user_id, [], np.zeros((0, len(self.columns)), np.float32), list(self.columns),
-                                     False, [], {}, list(self.features))
+            return CandidateFeatures(
+                user_id,
+                [],
+                np.zeros((0, len(self.columns)), np.float32),
+                list(self.columns),
+                False,
+                [],
+                {},
+                list(self.features),
+            )
         response = self.store.store.get_online_features(
-            features=self._service, entity_rows={"user_id": [user_id] * n, "item_id": item_ids})
+            features=self._service, entity_rows={"user_id": [user_id] * n, "item_id": item_ids}
+        )
         values = decode_values(response.proto, self.types)
         matrix = matrix_from_columns(values, self.features, n)
         unknown_user = bool(values["u_known"][0] == 0) if "u_known" in values else False
-        unknown_items = ([i for i, k in dict(zip(item_ids, values["i_known"])).items() if k == 0]
-                         if "i_known" in values else [])
-        return CandidateFeatures(user_id, item_ids, matrix, list(self.columns), unknown_user, unknown_items, values,
-                                 list(self.features))
+        unknown_items = (
+            [i for i, k in dict(zip(item_ids, values["i_known"])).items() if k == 0] if "i_known" in values else []
+        )
+        return CandidateFeatures(
+            user_id, item_ids, matrix, list(self.columns), unknown_user, unknown_items, values, list(self.features)
+        )

@@ -26,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 
@@ -36,14 +36,15 @@ import yaml
 from gpl_platform.features import parquet, repo
 from gpl_platform.features.compute import day_start
 from gpl_platform.features.repo import feast_dir, sources_dir, spec_path
-from gpl_platform.features.schema import PROJECT, FeatureSpec, ENTITY_KEYS
+from gpl_platform.features.schema import ENTITY_KEYS, PROJECT, FeatureSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVICE = "prerank_v2"
 RETIRED_SERVICES = {"prerank_v1": "prerank_v2", "prerank_scalar_v1": "prerank_scalar_v2"}
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
+
 
 @contextmanager
 def ibis_default_backend_closed() -> Iterator[None]:
@@ -64,8 +65,16 @@ def ibis_default_backend_closed() -> Iterator[None]:
                 ibis.options.default_backend = None
 
 
-__all__ = ["DEFAULT_SERVICE", "FeastStore", "feast_dir", "ibis_default_backend_closed", "render_config", "sources_dir",
-           "spec_path", "store_dir"]
+__all__ = [
+    "DEFAULT_SERVICE",
+    "FeastStore",
+    "feast_dir",
+    "ibis_default_backend_closed",
+    "render_config",
+    "sources_dir",
+    "spec_path",
+    "store_dir",
+]
 
 
 def store_dir(settings) -> Path:
@@ -86,13 +95,25 @@ def render_config(settings) -> dict:
     if cfg.registry == "file":
         registry = {"registry_type": "file", "path": str(root / "registry.db")}
     else:
-        registry = {"registry_type": "sql", "path": cfg.registry_url or f"sqlite:///{root / 'registry.sqlite'}",
-                    "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
+        registry = {
+            "registry_type": "sql",
+            "path": cfg.registry_url or f"sqlite:///{root / 'registry.sqlite'}",
+            "sqlalchemy_config_kwargs": {"pool_pre_ping": True},
+        }
     registry["cache_ttl_seconds"] = cfg.registry_cache_ttl_s
-    online = ({"type": "sqlite", "path": str(feast_dir(settings) / "online_store.db")} if cfg.online_store == "sqlite"
-              else {"type": "redis", "connection_string": cfg.redis})
-    return {"project": PROJECT, "provider": "local", "registry": registry, "offline_store": {"type": "duckdb"},
-            "online_store": online, "entity_key_serialization_version": 3}
+    online = (
+        {"type": "sqlite", "path": str(feast_dir(settings) / "online_store.db")}
+        if cfg.online_store == "sqlite"
+        else {"type": "redis", "connection_string": cfg.redis}
+    )
+    return {
+        "project": PROJECT,
+        "provider": "local",
+        "registry": registry,
+        "offline_store": {"type": "duckdb"},
+        "online_store": online,
+        "entity_key_serialization_version": 3,
+    }
 
 
 def _quiet_feast() -> None:
@@ -121,8 +142,10 @@ class FeastStore:
     def write_config(self) -> Path:
         """Write the rendered feature_store.yaml (``feast -c feature_repo -f <it> plan|serve``); returns it."""
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        text = ("# Rendered by gpl_platform.features.store from the settings (feature_store.*): do not edit.\n"
-                + yaml.safe_dump(self.config, sort_keys=False))
+        text = (
+            "# Rendered by gpl_platform.features.store from the settings (feature_store.*): do not edit.\n"
+            + yaml.safe_dump(self.config, sort_keys=False)
+        )
         if not self.config_path.exists() or self.config_path.read_text() != text:
             tmp = self.config_path.with_name(".feature_store.yaml.tmp")
             tmp.write_text(text)
@@ -149,8 +172,12 @@ class FeastStore:
         from gpl_platform.features import schema
 
         h = hashlib.sha256()
-        parts = [spec.to_json(), json.dumps(self.config, sort_keys=True), str(self.sources_dir),
-                 Path(schema.__file__).read_text()]
+        parts = [
+            spec.to_json(),
+            json.dumps(self.config, sort_keys=True),
+            str(self.sources_dir),
+            Path(schema.__file__).read_text(),
+        ]
         parts += [f"{p.name}\n{p.read_text()}" for p in repo.repo_files()]
         for part in parts:
             h.update(part.encode())
@@ -169,8 +196,12 @@ class FeastStore:
         if not force and marker.exists() and marker.read_text().strip() == digest and self._registry_exists():
             return {"applied": False, "digest": digest, "objects": names}
         store = self.store
-        registered = [*store.list_feature_services(), *store.list_on_demand_feature_views(),
-                      *store.list_feature_views(), *store.list_entities()]
+        registered = [
+            *store.list_feature_services(),
+            *store.list_on_demand_feature_views(),
+            *store.list_feature_views(),
+            *store.list_entities(),
+        ]
         stale = [o for o in registered if o.name not in names]
         store.apply(objects, objects_to_delete=stale, partial=not stale)
         store.refresh_registry()
@@ -187,8 +218,9 @@ class FeastStore:
     def materialize(self, start: datetime, end: datetime, views: Sequence[str] | None = None) -> None:
         """Load the latest row per entity with ``start <= event_timestamp < end`` into the online store."""
         with ibis_default_backend_closed():
-            self.store.materialize(start_date=start, end_date=end - _ONE_US,
-                                   feature_views=list(views) if views is not None else None)
+            self.store.materialize(
+                start_date=start, end_date=end - _ONE_US, feature_views=list(views) if views is not None else None
+            )
         self._write_materialization_stamp()
 
     def materialize_days(self, days: Sequence[date]) -> dict:
@@ -222,7 +254,7 @@ class FeastStore:
         """A new token in ``materialized.stamp`` (atomically) once Feast recorded a materialization."""
         self._stamp_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._stamp_path.with_name(f".materialized.stamp.{os.getpid()}.tmp")
-        tmp.write_text(f"{uuid.uuid4().hex} {datetime.now(timezone.utc).isoformat()}\n")
+        tmp.write_text(f"{uuid.uuid4().hex} {datetime.now(UTC).isoformat()}\n")
         tmp.replace(self._stamp_path)
 
     def materialization_stamp(self) -> tuple:
@@ -258,9 +290,11 @@ class FeastStore:
     def feature_service(self, service: str = DEFAULT_SERVICE):
         """The registered ``FeatureService`` (a clear error for a retired or unknown name)."""
         if service in RETIRED_SERVICES:
-            raise ValueError(f"feature service {service!r} is retired (the Python client alone applied its defaults "
-                             f"and derived inputs); use {RETIRED_SERVICES[service]!r}, which gives every consumer "
-                             "the same inputs, and retrain models trained on it")
+            raise ValueError(
+                f"feature service {service!r} is retired (the Python client alone applied its defaults "
+                f"and derived inputs); use {RETIRED_SERVICES[service]!r}, which gives every consumer "
+                "the same inputs, and retrain models trained on it"
+            )
         from feast.errors import FeatureServiceNotFoundException
 
         try:
@@ -271,8 +305,11 @@ class FeastStore:
 
     def service_features(self, service: str = DEFAULT_SERVICE) -> list[tuple[str, str]]:
         """``[(feature, dtype)]`` of a service's model inputs, in the service's order."""
-        return [(f.name, repo.dtype_name(f.dtype)) for p in self.feature_service(service).feature_view_projections
-                for f in p.features]
+        return [
+            (f.name, repo.dtype_name(f.dtype))
+            for p in self.feature_service(service).feature_view_projections
+            for f in p.features
+        ]
 
     # ---- training retrieval --------------------------------------------------------------
     def historical_features(self, entity_df: pd.DataFrame, service: str = DEFAULT_SERVICE) -> pd.DataFrame:

@@ -20,8 +20,20 @@ from gpl_platform.prerank.train import TrainingRows
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exposed_only", "unexposed_negative", "ranker_distillation", "ips", "gpl", "gpl_no_confidence",
-           "gpl_mean_pool", "gpl_max_pool", "gpl_history_anchors", "gpl_sid", "gpl_shuffled_labels", "pseudo_only")
+METHODS = (
+    "exposed_only",
+    "unexposed_negative",
+    "ranker_distillation",
+    "ips",
+    "gpl",
+    "gpl_no_confidence",
+    "gpl_mean_pool",
+    "gpl_max_pool",
+    "gpl_history_anchors",
+    "gpl_sid",
+    "gpl_shuffled_labels",
+    "pseudo_only",
+)
 
 #: methods that train on an ablation variant's pseudo-labels (``pseudo_labels__<variant>``) instead of the main ones
 PSEUDO_VARIANT_OF_METHOD = {"gpl_history_anchors": "history", "gpl_sid": "sid"}
@@ -37,8 +49,9 @@ class TimeSplit:
         return {name: [str(days[0]), str(days[-1]), len(days)] if days else [] for name, days in asdict(self).items()}
 
 
-def time_split(warehouse: Warehouse, test_share: float, valid_share: float,
-               exclude: Collection[date] = ()) -> TimeSplit:
+def time_split(
+    warehouse: Warehouse, test_share: float, valid_share: float, exclude: Collection[date] = ()
+) -> TimeSplit:
     """Days in order: the test part is the shortest run of last days holding ``test_share`` of the
     requests (at least one day), validation the shortest run before it holding ``valid_share``.
     ``exclude``: days left out of every part (e.g. days whose events fail their gate)."""
@@ -61,15 +74,19 @@ def time_split(warehouse: Warehouse, test_share: float, valid_share: float,
     test_start = min(suffix(len(days), test_share), len(days) - 1)
     valid_start = min(suffix(test_start, valid_share), test_start - 1)
     if valid_start < 1:
-        raise ValueError(f"time split left no training days ({len(days)} days with requests; lower "
-                         "training.test_share / valid_share)")
+        raise ValueError(
+            f"time split left no training days ({len(days)} days with requests; lower "
+            "training.test_share / valid_share)"
+        )
     return TimeSplit(days[:valid_start], days[valid_start:test_start], days[test_start:])
 
 
 def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
     frame = warehouse.query(
         "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked, propensity FROM events "
-        "WHERE day BETWEEN ? AND ? ORDER BY day, request_id, item_id", [min(days), max(days)])
+        "WHERE day BETWEEN ? AND ? ORDER BY day, request_id, item_id",
+        [min(days), max(days)],
+    )
     frame["day"] = pd.to_datetime(frame["day"]).dt.date
     return frame[frame["day"].isin(set(days))].reset_index(drop=True)
 
@@ -81,7 +98,8 @@ def load_pseudo_labels(warehouse: Warehouse, days: Sequence[date], table: str = 
         f"SELECT day, request_id, item_id, pseudo_label, pseudo_label_mean_pool, confidence, c_coherence, "
         f"c_history, c_generation, llm_version, "
         f"prompt_version, encoder_version, calibration_version FROM {table} WHERE day BETWEEN ? AND ?",
-        [min(days), max(days)])
+        [min(days), max(days)],
+    )
     frame["day"] = pd.to_datetime(frame["day"]).dt.date
     return frame[frame["day"].isin(set(days))].reset_index(drop=True)
 
@@ -91,15 +109,23 @@ def pseudo_label_lineage(warehouse: Warehouse, days: Sequence[date], table: str 
     partitions' write records (it changes whenever any of those partitions is rewritten)."""
     versions = warehouse.query(
         f"SELECT DISTINCT llm_version, prompt_version, encoder_version, calibration_version FROM {table} "
-        "WHERE day BETWEEN ? AND ?", [min(days), max(days)])
-    parts = warehouse.query("SELECT day, n_rows, written_at FROM partitions WHERE table_name = ? "
-                            "AND day BETWEEN ? AND ? ORDER BY day", [table, min(days), max(days)])
+        "WHERE day BETWEEN ? AND ?",
+        [min(days), max(days)],
+    )
+    parts = warehouse.query(
+        "SELECT day, n_rows, written_at FROM partitions WHERE table_name = ? AND day BETWEEN ? AND ? ORDER BY day",
+        [table, min(days), max(days)],
+    )
     digest = hashlib.sha256(parts.to_csv(index=False).encode()).hexdigest()[:12]
-    return {"table": table, "llm_versions": sorted(versions["llm_version"].unique()),
-            "prompt_versions": sorted(versions["prompt_version"].unique()),
-            "encoder_versions": sorted(versions["encoder_version"].unique()),
-            "calibration_versions": sorted(versions["calibration_version"].unique()),
-            "partitions": [str(min(days)), str(max(days))], "table_version": digest}
+    return {
+        "table": table,
+        "llm_versions": sorted(versions["llm_version"].unique()),
+        "prompt_versions": sorted(versions["prompt_version"].unique()),
+        "encoder_versions": sorted(versions["encoder_version"].unique()),
+        "calibration_versions": sorted(versions["calibration_version"].unique()),
+        "partitions": [str(min(days)), str(max(days))],
+        "table_version": digest,
+    }
 
 
 def attach_features(store, candidates: pd.DataFrame, service: str) -> tuple[np.ndarray, list[str]]:
@@ -113,6 +139,7 @@ def attach_features(store, candidates: pd.DataFrame, service: str) -> tuple[np.n
 
 # ---- per-method training rows -----------------------------------------------------------------
 
+
 def exposure_propensity(matrix: np.ndarray, columns: list[str], candidates: pd.DataFrame) -> np.ndarray:
     """P(exposed | item popularity, request size), fitted on the logged exposures of the training days:
     what a team without the policy's internals can estimate from its own logs."""
@@ -120,8 +147,9 @@ def exposure_propensity(matrix: np.ndarray, columns: list[str], candidates: pd.D
 
     col = {c: k for k, c in enumerate(columns)}
     size = candidates.groupby("request_id")["item_id"].transform("size").to_numpy(float)
-    x = np.column_stack([np.log1p(matrix[:, col["i_exposures"]]), np.log1p(matrix[:, col["i_candidates"]]),
-                         np.log(size)])
+    x = np.column_stack(
+        [np.log1p(matrix[:, col["i_exposures"]]), np.log1p(matrix[:, col["i_candidates"]]), np.log(size)]
+    )
     y = candidates["exposed"].to_numpy(int)
     model = LogisticRegression(max_iter=1000).fit(x, y)
     return model.predict_proba(x)[:, 1]
@@ -131,13 +159,20 @@ def fit_teacher(matrix: np.ndarray, labels: np.ndarray, seed: int):
     """The "ranker" of the distillation baseline: a heavier model (gradient-boosted trees) on exposed data."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.08, max_leaf_nodes=63,
-                                          random_state=seed).fit(matrix, labels)
+    return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.08, max_leaf_nodes=63, random_state=seed).fit(
+        matrix, labels
+    )
 
 
-def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame], cfg: TrainingConfig,
-                seed: int, teacher_scores: np.ndarray | None = None, propensity: np.ndarray | None = None
-                ) -> pd.DataFrame:
+def method_plan(
+    method: str,
+    train: pd.DataFrame,
+    pseudo: dict[str, pd.DataFrame],
+    cfg: TrainingConfig,
+    seed: int,
+    teacher_scores: np.ndarray | None = None,
+    propensity: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Which training candidates ``method`` learns from, with what label and weight:
     a frame of (row into ``train``, label in [0, 1], weight, is_pseudo).
 
@@ -188,12 +223,14 @@ def method_plan(method: str, train: pd.DataFrame, pseudo: dict[str, pd.DataFrame
         if method == "gpl_shuffled_labels":
             labels = shuffled_within_days(labels, train["day"].to_numpy()[rows], seed)
         parts.append((rows, labels, weight, True))
-    return pd.DataFrame({
-        "row": np.concatenate([p[0] for p in parts]).astype(np.int64),
-        "label": np.concatenate([p[1] for p in parts]).astype(np.float32),
-        "weight": np.concatenate([p[2] for p in parts]).astype(np.float32),
-        "is_pseudo": np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
-    })
+    return pd.DataFrame(
+        {
+            "row": np.concatenate([p[0] for p in parts]).astype(np.int64),
+            "label": np.concatenate([p[1] for p in parts]).astype(np.float32),
+            "weight": np.concatenate([p[2] for p in parts]).astype(np.float32),
+            "is_pseudo": np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
+        }
+    )
 
 
 def shuffled_within_days(labels: np.ndarray, days: np.ndarray, seed: int) -> np.ndarray:
@@ -213,10 +250,18 @@ def rows_from_plan(plan: pd.DataFrame, matrix: np.ndarray, train: pd.DataFrame |
     """The plan's rows of ``matrix`` (row-aligned with ``train``), with their user and item ids when
     ``train`` is given (the id shapes need them)."""
     rows = plan["row"].to_numpy()
-    ids = {} if train is None else {"user_ids": train["user_id"].to_numpy()[rows],
-                                    "item_ids": train["item_id"].to_numpy()[rows]}
-    return TrainingRows(matrix[rows], plan["label"].to_numpy(np.float32), plan["weight"].to_numpy(np.float32),
-                        plan["is_pseudo"].to_numpy(bool), **ids)
+    ids = (
+        {}
+        if train is None
+        else {"user_ids": train["user_id"].to_numpy()[rows], "item_ids": train["item_id"].to_numpy()[rows]}
+    )
+    return TrainingRows(
+        matrix[rows],
+        plan["label"].to_numpy(np.float32),
+        plan["weight"].to_numpy(np.float32),
+        plan["is_pseudo"].to_numpy(bool),
+        **ids,
+    )
 
 
 def id_vocabularies(warehouse: Warehouse) -> tuple[list[str], list[str]]:

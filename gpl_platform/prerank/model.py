@@ -47,11 +47,11 @@ ID_EMBEDDING_INIT_STD = 0.01  # small, so the row of an id no data has reached a
 
 @dataclass
 class ModelConfig:
-    tower_dim: int = 32                 # size of each embedding projection
+    tower_dim: int = 32  # size of each embedding projection
     hidden: tuple[int, ...] = (64, 32)  # MLP hidden sizes; two_tower: towers end in a hidden[-1] vector
     dropout: float = 0.1
-    shape: str = "mlp"                  # one of SHAPES
-    id_dim: int = 16                    # user-id and item-id embedding size (id shapes)
+    shape: str = "mlp"  # one of SHAPES
+    id_dim: int = 16  # user-id and item-id embedding size (id shapes)
 
 
 @dataclass
@@ -66,14 +66,14 @@ class InputLayout:
     scalar_std: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_columns(cls, columns: list[str]) -> "InputLayout":
+    def from_columns(cls, columns: list[str]) -> InputLayout:
         user = [k for k, c in enumerate(columns) if c.startswith(USER_EMBEDDING + "[")]
         item = [k for k, c in enumerate(columns) if c.startswith(ITEM_EMBEDDING + "[")]
         taken = set(user) | set(item)
         scalars = [k for k in range(len(columns)) if k not in taken]
         return cls(list(columns), scalars, user, item)
 
-    def fit_scaling(self, matrix: np.ndarray) -> "InputLayout":
+    def fit_scaling(self, matrix: np.ndarray) -> InputLayout:
         scalars = _signed_log1p(matrix[:, self.scalar_idx])
         self.scalar_mean = scalars.mean(axis=0).astype(float).tolist()
         self.scalar_std = np.maximum(scalars.std(axis=0), 1e-6).astype(float).tolist()
@@ -87,8 +87,10 @@ class InputLayout:
         if list(columns) != self.columns:
             missing = sorted(set(self.columns) - set(columns))[:5]
             extra = sorted(set(columns) - set(self.columns))[:5]
-            raise ValueError(f"feature columns differ from the model's (missing {missing}, extra {extra}): "
-                             "score with the feature service the model was trained on")
+            raise ValueError(
+                f"feature columns differ from the model's (missing {missing}, extra {extra}): "
+                "score with the feature service the model was trained on"
+            )
 
 
 def _signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -155,10 +157,8 @@ class DenseInputs(nn.Module):
         self.register_buffer("item_emb_idx", torch.tensor(layout.item_emb_idx, dtype=torch.long))
         self.n_scalars = len(layout.scalar_idx)
         self.projection_dim = projection_dim
-        self.user_history_proj = (nn.Linear(len(layout.user_emb_idx), projection_dim)
-                                  if layout.user_emb_idx else None)
-        self.item_content_proj = (nn.Linear(len(layout.item_emb_idx), projection_dim)
-                                  if layout.item_emb_idx else None)
+        self.user_history_proj = nn.Linear(len(layout.user_emb_idx), projection_dim) if layout.user_emb_idx else None
+        self.item_content_proj = nn.Linear(len(layout.item_emb_idx), projection_dim) if layout.item_emb_idx else None
 
     def scalars(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Signed log1p, then standardized; all scalars or those at ``positions`` among them."""
@@ -173,12 +173,14 @@ class DenseInputs(nn.Module):
         return (torch.sign(raw) * torch.log1p(raw.abs()) - self.scalar_mean) / self.scalar_std
 
     def user_history(self, x: torch.Tensor) -> torch.Tensor | None:
-        return (self.user_history_proj(x.index_select(1, self.user_emb_idx))
-                if self.user_history_proj is not None else None)
+        return (
+            self.user_history_proj(x.index_select(1, self.user_emb_idx)) if self.user_history_proj is not None else None
+        )
 
     def item_content(self, x: torch.Tensor) -> torch.Tensor | None:
-        return (self.item_content_proj(x.index_select(1, self.item_emb_idx))
-                if self.item_content_proj is not None else None)
+        return (
+            self.item_content_proj(x.index_select(1, self.item_emb_idx)) if self.item_content_proj is not None else None
+        )
 
     @property
     def width(self) -> int:
@@ -211,26 +213,34 @@ class PreRanker(nn.Module):
     shape: ClassVar[str]
     uses_ids: ClassVar[bool] = False
 
-    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
-                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+    def __init__(
+        self,
+        layout: InputLayout,
+        config: ModelConfig | None = None,
+        user_vocab: IdVocabulary | None = None,
+        item_vocab: IdVocabulary | None = None,
+    ):
         super().__init__()
         self.layout, self.config = layout, config or ModelConfig()
         if self.uses_ids and (user_vocab is None or item_vocab is None):
-            raise ValueError(f"the {self.shape} pre-ranker needs user_vocab and item_vocab "
-                             "(all user ids and the whole item catalog)")
+            raise ValueError(
+                f"the {self.shape} pre-ranker needs user_vocab and item_vocab (all user ids and the whole item catalog)"
+            )
         self.user_vocab, self.item_vocab = (user_vocab, item_vocab) if self.uses_ids else (None, None)
         self.inputs = DenseInputs(layout, self.config.tower_dim)
         if self.uses_ids:
             self.user_id_emb = _id_embedding(self.user_vocab, self.config.id_dim)
             self.item_id_emb = _id_embedding(self.item_vocab, self.config.id_dim)
 
-    def forward(self, x: torch.Tensor, user_rows: torch.Tensor | None = None,
-                item_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, user_rows: torch.Tensor | None = None, item_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits, shape (n,). ``user_rows``/``item_rows``: vocabulary rows of each row's ids."""
         raise NotImplementedError
 
-    def id_rows(self, n: int, user_ids: Sequence[str] | None, item_ids: Sequence[str] | None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def id_rows(
+        self, n: int, user_ids: Sequence[str] | None, item_ids: Sequence[str] | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Vocabulary rows of ``n`` rows' ids (``None, None`` for a shape without ids)."""
         if not self.uses_ids:
             return None, None
@@ -251,16 +261,26 @@ class PreRanker(nn.Module):
         return groups
 
     @torch.no_grad()
-    def predict(self, matrix: np.ndarray, user_ids: Sequence[str] | None = None,
-                item_ids: Sequence[str] | None = None, batch_size: int = 65536) -> np.ndarray:
+    def predict(
+        self,
+        matrix: np.ndarray,
+        user_ids: Sequence[str] | None = None,
+        item_ids: Sequence[str] | None = None,
+        batch_size: int = 65536,
+    ) -> np.ndarray:
         """Click probabilities for a feature matrix (eval mode, no gradient); the id shapes need the
         rows' user and item ids (unknown ids score through the OOV bucket)."""
         user_rows, item_rows = self.id_rows(len(matrix), user_ids, item_ids)
         return self.predict_rows(matrix, user_rows, item_rows, batch_size)
 
     @torch.no_grad()
-    def predict_rows(self, matrix: np.ndarray, user_rows: torch.Tensor | None = None,
-                     item_rows: torch.Tensor | None = None, batch_size: int = 65536) -> np.ndarray:
+    def predict_rows(
+        self,
+        matrix: np.ndarray,
+        user_rows: torch.Tensor | None = None,
+        item_rows: torch.Tensor | None = None,
+        batch_size: int = 65536,
+    ) -> np.ndarray:
         """:meth:`predict` with the ids' vocabulary rows already looked up (a server caches them)."""
         self.eval()
         out = []
@@ -284,9 +304,12 @@ class PreRanker(nn.Module):
             text = json.dumps({"user": self.user_vocab.ids, "item": self.item_vocab.ids})
             staged[VOCABULARY_FILE] = directory / f"{VOCABULARY_FILE}.tmp"
             staged[VOCABULARY_FILE].write_text(text)
-            meta["vocabulary"] = {"file": VOCABULARY_FILE, "n_users": len(self.user_vocab.ids),
-                                  "n_items": len(self.item_vocab.ids),
-                                  "sha256": hashlib.sha256(text.encode()).hexdigest()}
+            meta["vocabulary"] = {
+                "file": VOCABULARY_FILE,
+                "n_users": len(self.user_vocab.ids),
+                "n_items": len(self.item_vocab.ids),
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            }
         staged["model.json"] = directory / "model.json.tmp"
         staged["model.json"].write_text(json.dumps(meta, indent=2, default=str))
         for name, tmp in staged.items():
@@ -294,7 +317,7 @@ class PreRanker(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> tuple["PreRanker", dict]:
+    def load(cls, directory: Path) -> tuple[PreRanker, dict]:
         directory = Path(directory)
         meta = json.loads((directory / "model.json").read_text())
         config = meta["config"]
@@ -321,9 +344,15 @@ def _check_id_count(ids: Sequence[str], n: int, kind: str) -> None:
 
 
 # Weights saved before the shapes existed: the mlp's inputs sat at the top level of the module.
-_LEGACY_KEY_PREFIXES = {"mean": "inputs.scalar_mean", "std": "inputs.scalar_std", "scalar_idx": "inputs.scalar_idx",
-                        "user_idx": "inputs.user_emb_idx", "item_idx": "inputs.item_emb_idx",
-                        "user_tower.": "inputs.user_history_proj.", "item_tower.": "inputs.item_content_proj."}
+_LEGACY_KEY_PREFIXES = {
+    "mean": "inputs.scalar_mean",
+    "std": "inputs.scalar_std",
+    "scalar_idx": "inputs.scalar_idx",
+    "user_idx": "inputs.user_emb_idx",
+    "item_idx": "inputs.item_emb_idx",
+    "user_tower.": "inputs.user_history_proj.",
+    "item_tower.": "inputs.item_content_proj.",
+}
 
 
 def _rename_legacy_keys(state: dict) -> dict:
@@ -331,7 +360,7 @@ def _rename_legacy_keys(state: dict) -> dict:
     for key, value in state.items():
         for old, new in _LEGACY_KEY_PREFIXES.items():
             if key == old or (old.endswith(".") and key.startswith(old)):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     return out
@@ -342,8 +371,13 @@ class MlpPreRanker(PreRanker):
 
     shape = "mlp"
 
-    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
-                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+    def __init__(
+        self,
+        layout: InputLayout,
+        config: ModelConfig | None = None,
+        user_vocab: IdVocabulary | None = None,
+        item_vocab: IdVocabulary | None = None,
+    ):
         super().__init__(layout, config, user_vocab, item_vocab)
         c = self.config
         self.mlp = _mlp(self.inputs.width, c.hidden, 1, c.dropout)
@@ -361,8 +395,8 @@ class ItemVectors:
     """Item-side results of a two-tower model for a list of items, computed once per catalog state."""
 
     item_ids: list[str]
-    vectors: np.ndarray        # float32 (n_items, d)
-    logit_offset: np.ndarray   # float32 (n_items,): item bias + global bias
+    vectors: np.ndarray  # float32 (n_items, d)
+    logit_offset: np.ndarray  # float32 (n_items,): item bias + global bias
 
 
 class TwoTowerPreRanker(PreRanker):
@@ -371,8 +405,13 @@ class TwoTowerPreRanker(PreRanker):
     shape = "two_tower"
     uses_ids = True
 
-    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
-                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+    def __init__(
+        self,
+        layout: InputLayout,
+        config: ModelConfig | None = None,
+        user_vocab: IdVocabulary | None = None,
+        item_vocab: IdVocabulary | None = None,
+    ):
         super().__init__(layout, config, user_vocab, item_vocab)
         c = self.config
         if not c.hidden:
@@ -393,15 +432,19 @@ class TwoTowerPreRanker(PreRanker):
         return torch.cat([ids, scalars] + ([projection] if projection is not None else []), dim=1)
 
     def user_vectors(self, x: torch.Tensor, user_rows: torch.Tensor) -> torch.Tensor:
-        return self.user_tower(self._tower_inputs(self.user_id_emb(user_rows),
-                                                  self.inputs.scalars(x, self.user_scalar_pos),
-                                                  self.inputs.user_history(x)))
+        return self.user_tower(
+            self._tower_inputs(
+                self.user_id_emb(user_rows), self.inputs.scalars(x, self.user_scalar_pos), self.inputs.user_history(x)
+            )
+        )
 
     def _item_side(self, x: torch.Tensor, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item vectors and logit offsets (item bias + global bias)."""
-        vectors = self.item_tower(self._tower_inputs(self.item_id_emb(item_rows),
-                                                     self.inputs.scalars(x, self.item_scalar_pos),
-                                                     self.inputs.item_content(x)))
+        vectors = self.item_tower(
+            self._tower_inputs(
+                self.item_id_emb(item_rows), self.inputs.scalars(x, self.item_scalar_pos), self.inputs.item_content(x)
+            )
+        )
         return vectors, self.item_bias(item_rows).squeeze(1) + self.global_bias
 
     def forward(self, x, user_rows=None, item_rows=None):
@@ -420,8 +463,7 @@ class TwoTowerPreRanker(PreRanker):
         return ItemVectors([str(i) for i in item_ids], vectors.numpy(), offset.numpy())
 
     @torch.no_grad()
-    def predict_with_item_vectors(self, matrix: np.ndarray, user_ids: Sequence[str], items: ItemVectors
-                                  ) -> np.ndarray:
+    def predict_with_item_vectors(self, matrix: np.ndarray, user_ids: Sequence[str], items: ItemVectors) -> np.ndarray:
         """Click probabilities (n_users, n_items) of every user row of ``matrix`` (only its user-side
         columns are read) against precomputed item vectors: one matmul, no item tower."""
         self.eval()
@@ -438,8 +480,13 @@ class ColdPreRanker(PreRanker):
     shape = "cold"
     uses_ids = True
 
-    def __init__(self, layout: InputLayout, config: ModelConfig | None = None,
-                 user_vocab: IdVocabulary | None = None, item_vocab: IdVocabulary | None = None):
+    def __init__(
+        self,
+        layout: InputLayout,
+        config: ModelConfig | None = None,
+        user_vocab: IdVocabulary | None = None,
+        item_vocab: IdVocabulary | None = None,
+    ):
         super().__init__(layout, config, user_vocab, item_vocab)
         c = self.config
         self.mlp = _mlp(3 * c.id_dim + self.inputs.width, c.hidden, 1, c.dropout)
@@ -454,12 +501,18 @@ class ColdPreRanker(PreRanker):
 
 
 _SHAPE_CLASSES: dict[str, type[PreRanker]] = {
-    "mlp": MlpPreRanker, "two_tower": TwoTowerPreRanker, "cold": ColdPreRanker}
+    "mlp": MlpPreRanker,
+    "two_tower": TwoTowerPreRanker,
+    "cold": ColdPreRanker,
+}
 
 
-def build_preranker(layout: InputLayout, config: ModelConfig | None = None,
-                    user_vocab: IdVocabulary | Sequence[str] | None = None,
-                    item_vocab: IdVocabulary | Sequence[str] | None = None) -> PreRanker:
+def build_preranker(
+    layout: InputLayout,
+    config: ModelConfig | None = None,
+    user_vocab: IdVocabulary | Sequence[str] | None = None,
+    item_vocab: IdVocabulary | Sequence[str] | None = None,
+) -> PreRanker:
     """A fresh pre-ranker of ``config.shape``; vocabularies (ids or :class:`IdVocabulary`) are
     needed by the id shapes and ignored by ``mlp``."""
     config = config or ModelConfig()

@@ -46,8 +46,10 @@ def newest_model_dir(source: Path) -> Path:
         return source
     candidates = [d for d in source.iterdir() if (d / "model.json").exists()] if source.is_dir() else []
     if not candidates:
-        raise ModelNotFound(f"{source}: no model (a directory with model.json); materialize prerank_model first "
-                            "(make demo), or pass --model")
+        raise ModelNotFound(
+            f"{source}: no model (a directory with model.json); materialize prerank_model first "
+            "(make demo), or pass --model"
+        )
     return max(candidates, key=lambda d: ((d / "model.json").stat().st_mtime_ns, d.name))
 
 
@@ -63,10 +65,15 @@ class ScoringService:
         self.pinned = (self.model_source / "model.json").exists()
         self.refresh_interval_s = refresh_interval_s or settings.serving.refresh_interval_s
         self.max_items = settings.serving.max_items
-        self.store = FeastStore(settings)           # per-request reads
+        self.store = FeastStore(settings)  # per-request reads
         self._registry_store = FeastStore(settings)  # the refresher's own registry and item reads
-        self.stats = {"model_reloads": 0, "model_reload_errors": 0, "item_refreshes": 0, "refresh_errors": 0,
-                      "last_error": None}
+        self.stats = {
+            "model_reloads": 0,
+            "model_reload_errors": 0,
+            "item_refreshes": 0,
+            "refresh_errors": 0,
+            "last_error": None,
+        }
         self._requests = itertools.count(1)
         self._refused: dict[Path, int] = {}
         self.requests = 0
@@ -91,8 +98,9 @@ class ScoringService:
                     self.scorer = current = self._load(newest)
                     self.stats["model_reloads"] += 1
                     changed["model"] = True
-                    log.warning("serving model %s (%s, %s)", current.model_version, current.model.shape,
-                                current.service)
+                    log.warning(
+                        "serving model %s (%s, %s)", current.model_version, current.model.shape, current.service
+                    )
                 except Exception as exc:  # a broken new model: keep serving the old one
                     self._refused[newest] = stamp
                     self.stats["model_reload_errors"] += 1
@@ -124,26 +132,42 @@ class ScoringService:
     # ---- requests ------------------------------------------------------------------------------
     def health(self) -> dict:
         scorer = self.scorer
-        return {"status": "ok", "model_version": scorer.model_version, "model_shape": scorer.model.shape,
-                "model_dir": str(scorer.model_dir), "feature_service": scorer.service,
-                "features_version": scorer.items.version, "items_cached": len(scorer.items.ids),
-                "item_side_build_s": round(scorer.items.built_s, 3),
-                "online_store": self.store.online_store_type, "max_items": self.max_items,
-                "refresh_interval_s": self.refresh_interval_s, "pinned_model": self.pinned,
-                "uptime_s": round(time.time() - self.started_at, 1), "requests": self.requests,
-                "items_rebuilt_on_request": scorer.refreshes_on_request,
-                "item_rebuild_errors_on_request": scorer.refresh_errors_on_request, **self.stats}
+        return {
+            "status": "ok",
+            "model_version": scorer.model_version,
+            "model_shape": scorer.model.shape,
+            "model_dir": str(scorer.model_dir),
+            "feature_service": scorer.service,
+            "features_version": scorer.items.version,
+            "items_cached": len(scorer.items.ids),
+            "item_side_build_s": round(scorer.items.built_s, 3),
+            "online_store": self.store.online_store_type,
+            "max_items": self.max_items,
+            "refresh_interval_s": self.refresh_interval_s,
+            "pinned_model": self.pinned,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "requests": self.requests,
+            "items_rebuilt_on_request": scorer.refreshes_on_request,
+            "item_rebuild_errors_on_request": scorer.refresh_errors_on_request,
+            **self.stats,
+        }
 
     def score(self, user_id: str, item_ids: list[str]) -> dict:
         scorer = self.scorer  # one model and one item side for the whole request
         scored = scorer.score(user_id, item_ids)
         self.requests = next(self._requests)
-        return {"user_id": user_id, "scores": scored.scores.astype(float).tolist(),
-                "model_version": scored.model_version, "model_shape": scorer.model.shape,
-                "feature_service": scored.feature_service, "features_version": scored.features_version,
-                "unknown_user": scored.unknown_user, "unknown_items": scored.unknown_items,
-                "out_of_vocabulary_user": scored.out_of_vocabulary_user,
-                "out_of_vocabulary_items": scored.out_of_vocabulary_items}
+        return {
+            "user_id": user_id,
+            "scores": scored.scores.astype(float).tolist(),
+            "model_version": scored.model_version,
+            "model_shape": scorer.model.shape,
+            "feature_service": scored.feature_service,
+            "features_version": scored.features_version,
+            "unknown_user": scored.unknown_user,
+            "unknown_items": scored.unknown_items,
+            "out_of_vocabulary_user": scored.out_of_vocabulary_user,
+            "out_of_vocabulary_items": scored.out_of_vocabulary_items,
+        }
 
 
 class ScoreRequest(BaseModel):
@@ -167,8 +191,11 @@ def check_request(user_id: str, item_ids: list[str], max_items: int) -> None:
     if not item_ids:
         raise RequestError(422, "item_ids is empty: send at least one candidate")
     if len(item_ids) > max_items:
-        raise RequestError(413, f"item_ids has {len(item_ids)} ids; at most {max_items} per request "
-                                "(serving.max_items): split the candidates")
+        raise RequestError(
+            413,
+            f"item_ids has {len(item_ids)} ids; at most {max_items} per request "
+            "(serving.max_items): split the candidates",
+        )
     blank = sum(1 for i in item_ids if not i.strip())
     if blank:
         raise RequestError(422, f"item_ids has {blank} empty id(s)")
@@ -178,8 +205,9 @@ def check_request(user_id: str, item_ids: list[str], max_items: int) -> None:
             if i in seen and i not in repeated:
                 repeated.append(i)
             seen.add(i)
-        raise RequestError(422, f"item_ids repeats {len(repeated)} id(s) (e.g. {repeated[:3]}): send each "
-                                "candidate once")
+        raise RequestError(
+            422, f"item_ids repeats {len(repeated)} id(s) (e.g. {repeated[:3]}): send each candidate once"
+        )
 
 
 def create_app(service: ScoringService):
@@ -188,16 +216,25 @@ def create_app(service: ScoringService):
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="gpl-platform pre-rank scoring", version="1",
-                  description="Pre-rank scores of recalled candidates, with the model and feature versions.")
+    app = FastAPI(
+        title="gpl-platform pre-rank scoring",
+        version="1",
+        description="Pre-rank scores of recalled candidates, with the model and feature versions.",
+    )
 
     def error(status: int, message: str, detail=None) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": message, "detail": detail})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "body", "problem": e.get("msg"),
-                     "type": e.get("type")} for e in exc.errors()]
+        problems = [
+            {
+                "field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "body",
+                "problem": e.get("msg"),
+                "type": e.get("type"),
+            }
+            for e in exc.errors()
+        ]
         if any(p["type"] == "json_invalid" for p in problems):
             return error(400, "the body is not valid JSON", problems)
         summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
@@ -223,23 +260,34 @@ def create_app(service: ScoringService):
         except RequestError as exc:
             return error(exc.status, str(exc))
         # json.dumps directly: FastAPI's encoder walks every float in Python
-        return Response(content=json.dumps(service.score(body.user_id, body.item_ids)),
-                        media_type="application/json")
+        return Response(content=json.dumps(service.score(body.user_id, body.item_ids)), media_type="application/json")
 
     return app
 
 
-def serve(settings, host: str | None = None, port: int | None = None, model: Path | None = None,
-          refresh_interval_s: float | None = None) -> None:
+def serve(
+    settings,
+    host: str | None = None,
+    port: int | None = None,
+    model: Path | None = None,
+    refresh_interval_s: float | None = None,
+) -> None:
     """Load the model and the item side, then answer on ``host:port`` until SIGINT/SIGTERM."""
     import uvicorn
 
     service = ScoringService(settings, model, refresh_interval_s)
     host, port = host or settings.serving.host, port or settings.serving.port
     health = service.health()
-    log.warning("gpl serve: model %s (%s, %s), %d items cached (materialization %s), on http://%s:%d",
-                health["model_version"], health["model_shape"], health["feature_service"], health["items_cached"],
-                health["features_version"].get("id"), host, port)
+    log.warning(
+        "gpl serve: model %s (%s, %s), %d items cached (materialization %s), on http://%s:%d",
+        health["model_version"],
+        health["model_shape"],
+        health["feature_service"],
+        health["items_cached"],
+        health["features_version"].get("id"),
+        host,
+        port,
+    )
     service.start()
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)

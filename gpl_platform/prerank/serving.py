@@ -94,15 +94,17 @@ class InputReader:
                         wanted[stored] = (view, dtype)
             self.refs[entity] = [f"{view}:{stored}" for stored, (view, _) in wanted.items()]
             self.types[entity] = {stored: dtype for stored, (_, dtype) in wanted.items()}
-        self.entity_features = {e: [(n, t) for n, t in self.features if n.startswith(INPUT_PREFIX[e])]
-                                for e in ENTITY_KEYS}
+        self.entity_features = {
+            e: [(n, t) for n, t in self.features if n.startswith(INPUT_PREFIX[e])] for e in ENTITY_KEYS
+        }
 
     def stored(self, entity: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """``{stored feature: values}`` of ``ids`` (None where the online store has no value)."""
         if not self.refs[entity] or not len(ids):
             return {name: np.full(len(ids), None, dtype=object) for name in self.types[entity]}
-        response = self.store.store.get_online_features(features=self.refs[entity],
-                                                        entity_rows={ENTITY_KEYS[entity]: list(ids)})
+        response = self.store.store.get_online_features(
+            features=self.refs[entity], entity_rows={ENTITY_KEYS[entity]: list(ids)}
+        )
         return decode_values(response.proto, self.types[entity])
 
     def inputs(self, entity: str, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -116,8 +118,11 @@ class InputReader:
             elif dtype in (INT, FLOAT):
                 values[name] = columns[name]
         cos_source = COSINE_INPUTS[entity]
-        vectors = (derived.stack_embeddings(stored[cos_source]) if cos_source in stored
-                   else np.zeros((len(ids), EMBEDDING_DIM), np.float32))
+        vectors = (
+            derived.stack_embeddings(stored[cos_source])
+            if cos_source in stored
+            else np.zeros((len(ids), EMBEDDING_DIM), np.float32)
+        )
         flag = input_name(KNOWN_FLAGS[entity])
         known = columns[flag] if flag in columns else np.ones(len(ids), np.int64)
         return values, vectors, np.asarray(known).astype(bool)
@@ -133,7 +138,7 @@ class Layout:
     cosine_pos: int | None
 
     @classmethod
-    def of(cls, features: Sequence[tuple[str, str]]) -> "Layout":
+    def of(cls, features: Sequence[tuple[str, str]]) -> Layout:
         user, item, cos, at = [], [], None, 0
         for name, dtype in features:
             width = EMBEDDING_DIM if dtype == EMB else (1 if dtype in (INT, FLOAT) else 0)
@@ -168,14 +173,14 @@ class ItemSide:
     """The item side of the inputs for a set of items; row ``len(ids)`` is the unknown item (defaults)."""
 
     ids: list[str]
-    full: np.ndarray            # float32 (n + 1, n_columns): item inputs in place, zeros elsewhere
-    content: np.ndarray         # float64 (n + 1, dim): item content embeddings for the cosine
-    known: np.ndarray           # bool (n + 1,)
+    full: np.ndarray  # float32 (n + 1, n_columns): item inputs in place, zeros elsewhere
+    content: np.ndarray  # float64 (n + 1, dim): item content embeddings for the cosine
+    known: np.ndarray  # bool (n + 1,)
     version: dict = field(default_factory=dict)
     built_s: float = 0.0
     vocab_rows: np.ndarray | None = None  # id shapes: the model's vocabulary row of each item (the last: OOV)
-    tower: ItemVectors | None = None      # two_tower: item vectors of ``ids``
-    scalars: np.ndarray | None = None     # mlp, cold: the model's scalar columns of each row
+    tower: ItemVectors | None = None  # two_tower: item vectors of ``ids``
+    scalars: np.ndarray | None = None  # mlp, cold: the model's scalar columns of each row
     projection: torch.Tensor | None = None  # mlp, cold: each row's item content projection
 
     def __post_init__(self) -> None:
@@ -187,8 +192,7 @@ class ItemSide:
         return np.fromiter((get(i, unknown) for i in item_ids), dtype=np.int64, count=len(item_ids))
 
 
-def build_item_side(reader: InputReader, layout: Layout, ids: Sequence[str], version: dict | None = None
-                    ) -> ItemSide:
+def build_item_side(reader: InputReader, layout: Layout, ids: Sequence[str], version: dict | None = None) -> ItemSide:
     began = time.perf_counter()
     ids = list(ids)
     values, content, known = reader.inputs("item", ids + ["\x00unknown-item"])  # the last row: defaults
@@ -202,8 +206,8 @@ def build_item_side(reader: InputReader, layout: Layout, ids: Sequence[str], ver
 class ScoredCandidates:
     item_ids: list[str]
     scores: np.ndarray
-    unknown_user: bool            # not in the catalog: user inputs are defaults (u_known = 0)
-    unknown_items: list[str]      # not in the catalog: item inputs are defaults (i_known = 0)
+    unknown_user: bool  # not in the catalog: user inputs are defaults (u_known = 0)
+    unknown_items: list[str]  # not in the catalog: item inputs are defaults (i_known = 0)
     out_of_vocabulary_user: bool = False  # id shapes: the user scored through the OOV embedding
     out_of_vocabulary_items: list[str] = field(default_factory=list)
     model_version: str = ""
@@ -219,8 +223,8 @@ class _Request:
     item_ids: list[str]
     items: ItemSide
     rows: np.ndarray
-    user_block: np.ndarray        # float32 (n_user_columns,)
-    user_history: np.ndarray      # float32 (1, dim)
+    user_block: np.ndarray  # float32 (n_user_columns,)
+    user_history: np.ndarray  # float32 (1, dim)
     user_known: bool
 
 
@@ -246,12 +250,13 @@ class PreRankScorer:
         scalar_idx = np.asarray(self.model.layout.scalar_idx, np.int64)
         self._scalar_idx = scalar_idx
         self._user_slots = np.flatnonzero(np.isin(scalar_idx, self.layout.user_pos))
-        self._cosine_slot = (int(np.flatnonzero(scalar_idx == self.layout.cosine_pos)[0])
-                             if self.layout.cosine_pos is not None else None)
+        self._cosine_slot = (
+            int(np.flatnonzero(scalar_idx == self.layout.cosine_pos)[0]) if self.layout.cosine_pos is not None else None
+        )
         self.cache_items = cache_items
         self.registry_store = registry_store or store
-        self._stamp = None                 # the materialization stamp the item side was checked against
-        self.refreshes_on_request = 0      # item sides rebuilt because a request saw a newer materialization
+        self._stamp = None  # the materialization stamp the item side was checked against
+        self.refreshes_on_request = 0  # item sides rebuilt because a request saw a newer materialization
         self.refresh_errors_on_request = 0
         self.items: ItemSide | None = None
         if cache_items:
@@ -276,8 +281,13 @@ class PreRankScorer:
             items = self._prepared(build_item_side(reader, self.layout, catalog_item_ids(store), version))
             self.items = items  # one assignment: a request sees the old side or the new one, whole
             self._stamp = stamp
-            log.info("item side rebuilt: %d items, materialization %s (through %s), %.2fs", len(items.ids),
-                     version["id"], version["through"], items.built_s)
+            log.info(
+                "item side rebuilt: %d items, materialization %s (through %s), %.2fs",
+                len(items.ids),
+                version["id"],
+                version["through"],
+                items.built_s,
+            )
             return True
 
     def current_items(self) -> ItemSide:
@@ -294,8 +304,11 @@ class PreRankScorer:
             except Exception as exc:
                 self._stamp = stamp
                 self.refresh_errors_on_request += 1
-                log.error("item side rebuild for a newer materialization failed; still serving %s: %s",
-                          self.items.version, exc)
+                log.error(
+                    "item side rebuild for a newer materialization failed; still serving %s: %s",
+                    self.items.version,
+                    exc,
+                )
         return self.items
 
     def _prepared(self, items: ItemSide) -> ItemSide:
@@ -317,8 +330,11 @@ class PreRankScorer:
         user_id, item_ids = str(user_id), [str(i) for i in item_ids]
         user_values, user_history, user_known = self.reader.inputs("user", [user_id])
         # the items after the user: the check sees every materialization recorded before the user's row was read
-        items = self.current_items() if self.cache_items else self._prepared(
-            build_item_side(self.reader, self.layout, list(dict.fromkeys(item_ids))))
+        items = (
+            self.current_items()
+            if self.cache_items
+            else self._prepared(build_item_side(self.reader, self.layout, list(dict.fromkeys(item_ids))))
+        )
         user_block = self.layout.block(user_values, self.reader.entity_features["user"], 1)[0]
         return _Request(user_id, item_ids, items, items.rows(item_ids), user_block, user_history, bool(user_known[0]))
 
@@ -338,10 +354,15 @@ class PreRankScorer:
     def score(self, user_id: str, item_ids: Sequence[str]) -> ScoredCandidates:
         req = self._request(user_id, item_ids)
         items, rows, n = req.items, req.rows, len(req.item_ids)
-        scored = ScoredCandidates(req.item_ids, np.zeros(0, np.float32), not req.user_known,
-                                  [req.item_ids[k] for k in np.flatnonzero(~items.known[rows])],
-                                  model_version=self.model_version, feature_service=self.service,
-                                  features_version=dict(items.version))
+        scored = ScoredCandidates(
+            req.item_ids,
+            np.zeros(0, np.float32),
+            not req.user_known,
+            [req.item_ids[k] for k in np.flatnonzero(~items.known[rows])],
+            model_version=self.model_version,
+            feature_service=self.service,
+            features_version=dict(items.version),
+        )
         scored.unknown_items = list(dict.fromkeys(scored.unknown_items))
         if n == 0:
             return scored
@@ -354,8 +375,9 @@ class PreRankScorer:
         if len(outside):
             item_rows[outside] = self.model.item_vocab.rows([req.item_ids[k] for k in outside])
         scored.out_of_vocabulary_user = bool(user_rows[0] == IdVocabulary.OOV_ROW)
-        scored.out_of_vocabulary_items = list(dict.fromkeys(
-            req.item_ids[k] for k in np.flatnonzero(item_rows == IdVocabulary.OOV_ROW)))
+        scored.out_of_vocabulary_items = list(
+            dict.fromkeys(req.item_ids[k] for k in np.flatnonzero(item_rows == IdVocabulary.OOV_ROW))
+        )
         if items.tower is None:
             scored.scores = self._dense(req, rows, user_rows.expand(n), torch.from_numpy(item_rows))
         else:

@@ -89,11 +89,19 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
 
-def train_preranker(rows: TrainingRows, columns: list[str], valid_matrix: np.ndarray, valid_labels: np.ndarray,
-                    model_config: ModelConfig | None = None, config: TrainConfig | None = None, *,
-                    valid_user_ids: Sequence[str] | None = None, valid_item_ids: Sequence[str] | None = None,
-                    user_vocab: Sequence[str] | None = None, item_vocab: Sequence[str] | None = None
-                    ) -> tuple[PreRanker, dict]:
+def train_preranker(
+    rows: TrainingRows,
+    columns: list[str],
+    valid_matrix: np.ndarray,
+    valid_labels: np.ndarray,
+    model_config: ModelConfig | None = None,
+    config: TrainConfig | None = None,
+    *,
+    valid_user_ids: Sequence[str] | None = None,
+    valid_item_ids: Sequence[str] | None = None,
+    user_vocab: Sequence[str] | None = None,
+    item_vocab: Sequence[str] | None = None,
+) -> tuple[PreRanker, dict]:
     """Train; return the best-validation model and its training history.
 
     The id shapes need ``rows.user_ids``/``rows.item_ids``, the validation rows' ids and the
@@ -107,8 +115,10 @@ def train_preranker(rows: TrainingRows, columns: list[str], valid_matrix: np.nda
     layout = InputLayout.from_columns(columns).fit_scaling(rows.matrix)
     model = build_preranker(layout, model_config, user_vocab, item_vocab)
     if model.uses_ids and (rows.user_ids is None or rows.item_ids is None):
-        raise ValueError(f"the {model_config.shape} pre-ranker needs the training rows' user_ids and item_ids "
-                         "(rows_from_plan(plan, matrix, train))")
+        raise ValueError(
+            f"the {model_config.shape} pre-ranker needs the training rows' user_ids and item_ids "
+            "(rows_from_plan(plan, matrix, train))"
+        )
     user_rows, item_rows = model.id_rows(len(rows.matrix), rows.user_ids, rows.item_ids)
     if len(valid_matrix):
         model.id_rows(len(valid_matrix), valid_user_ids, valid_item_ids)  # fail now, not after the first epoch
@@ -124,15 +134,18 @@ def train_preranker(rows: TrainingRows, columns: list[str], valid_matrix: np.nda
         order = torch.from_numpy(rng.permutation(len(x)))
         total = 0.0
         for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size]
+            batch = order[start : start + config.batch_size]
             optimizer.zero_grad()
             ids = (user_rows[batch], item_rows[batch]) if model.uses_ids else (None, None)
             loss = weighted_bce(model(x[batch], *ids), y[batch], w[batch])
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
-        val_auc = (_auc(valid_labels, model.predict(valid_matrix, valid_user_ids, valid_item_ids))
-                   if len(valid_matrix) else float("nan"))
+        val_auc = (
+            _auc(valid_labels, model.predict(valid_matrix, valid_user_ids, valid_item_ids))
+            if len(valid_matrix)
+            else float("nan")
+        )
         history.append({"epoch": epoch, "train_loss": total / len(x), "valid_auc": val_auc})
         score = val_auc if np.isfinite(val_auc) else -total
         if score > best["auc"]:
@@ -141,11 +154,18 @@ def train_preranker(rows: TrainingRows, columns: list[str], valid_matrix: np.nda
             break
     model.load_state_dict(best["state"])
     model.eval()
-    return model, {"epochs_run": len(history), "best_epoch": best["epoch"], "best_valid_auc": float(best["auc"]),
-                   "history": history, "seconds": round(time.perf_counter() - began, 2),
-                   "n_rows": int(len(x)), "n_pseudo": int(rows.is_pseudo.sum()),
-                   "train_config": asdict(config), "shape": model.shape,
-                   "n_rows_out_of_vocabulary": _rows_out_of_vocabulary(user_rows, item_rows)}
+    return model, {
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "best_valid_auc": float(best["auc"]),
+        "history": history,
+        "seconds": round(time.perf_counter() - began, 2),
+        "n_rows": int(len(x)),
+        "n_pseudo": int(rows.is_pseudo.sum()),
+        "train_config": asdict(config),
+        "shape": model.shape,
+        "n_rows_out_of_vocabulary": _rows_out_of_vocabulary(user_rows, item_rows),
+    }
 
 
 def _rows_out_of_vocabulary(user_rows: torch.Tensor | None, item_rows: torch.Tensor | None) -> int:

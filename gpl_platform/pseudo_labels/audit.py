@@ -24,8 +24,18 @@ import pandas as pd
 if TYPE_CHECKING:
     from gpl_platform.data.warehouse import Warehouse
 
-PAIR_COLUMNS = ["label_day", "request_id", "user_id", "item_id", "pseudo_label", "confidence", "exposure_day",
-                "exposure_request_id", "lag_days", "clicked"]
+PAIR_COLUMNS = [
+    "label_day",
+    "request_id",
+    "user_id",
+    "item_id",
+    "pseudo_label",
+    "confidence",
+    "exposure_day",
+    "exposure_request_id",
+    "lag_days",
+    "clicked",
+]
 DEFAULT_LAG_EDGES = (1, 2, 4, 8, 15, 31)
 
 
@@ -38,8 +48,11 @@ class AuditResult:
     summary: dict = field(default_factory=dict)
 
 
-def join_later_exposures(labels: pd.DataFrame, events: pd.DataFrame, horizon_days: int | None = None,
-                         ) -> pd.DataFrame:
+def join_later_exposures(
+    labels: pd.DataFrame,
+    events: pd.DataFrame,
+    horizon_days: int | None = None,
+) -> pd.DataFrame:
     """Pair each pseudo-label of day D with the FIRST later exposure (event day > D, exposed, click
     label present) of the same (user_id, item_id), within ``horizon_days`` if given.
 
@@ -52,15 +65,17 @@ def join_later_exposures(labels: pd.DataFrame, events: pd.DataFrame, horizon_day
     lab["label_day"] = pd.to_datetime(lab.pop("day")).dt.normalize()
     ev = events[events["exposed"].astype(bool) & events["clicked"].notna()]
     ev = ev[["day", "request_id", "user_id", "item_id", "event_time", "clicked"]].rename(
-        columns={"day": "exposure_day", "request_id": "exposure_request_id"})
+        columns={"day": "exposure_day", "request_id": "exposure_request_id"}
+    )
     ev["exposure_day"] = pd.to_datetime(ev["exposure_day"]).dt.normalize()
     joined = lab.merge(ev, on=["user_id", "item_id"], how="inner")
     joined = joined[joined["exposure_day"] > joined["label_day"]]
     joined["lag_days"] = (joined["exposure_day"] - joined["label_day"]).dt.days.astype(int)
     if horizon_days is not None:
         joined = joined[joined["lag_days"] <= horizon_days]
-    joined = (joined.sort_values(["label_day", "request_id", "item_id", "event_time", "exposure_request_id"])
-              .drop_duplicates(["label_day", "request_id", "item_id"], keep="first"))
+    joined = joined.sort_values(
+        ["label_day", "request_id", "item_id", "event_time", "exposure_request_id"]
+    ).drop_duplicates(["label_day", "request_id", "item_id"], keep="first")
     joined["clicked"] = joined["clicked"].astype(int)
     joined["label_day"] = joined["label_day"].dt.date
     joined["exposure_day"] = joined["exposure_day"].dt.date
@@ -68,16 +83,22 @@ def join_later_exposures(labels: pd.DataFrame, events: pd.DataFrame, horizon_day
 
 
 def _calibration_stats(group: pd.DataFrame) -> pd.Series:
-    y, p, w = group["clicked"].to_numpy(float), group["pseudo_label"].to_numpy(float), group["confidence"].to_numpy(float)
+    y, p, w = (
+        group["clicked"].to_numpy(float),
+        group["pseudo_label"].to_numpy(float),
+        group["confidence"].to_numpy(float),
+    )
     n = len(group)
-    return pd.Series({
-        "n": n,
-        "mean_pseudo_label": float(p.mean()) if n else np.nan,
-        "click_rate": float(y.mean()) if n else np.nan,
-        "gap": float(p.mean() - y.mean()) if n else np.nan,
-        "brier": float(np.mean((p - y) ** 2)) if n else np.nan,
-        "mean_confidence": float(w.mean()) if n else np.nan,
-    })
+    return pd.Series(
+        {
+            "n": n,
+            "mean_pseudo_label": float(p.mean()) if n else np.nan,
+            "click_rate": float(y.mean()) if n else np.nan,
+            "gap": float(p.mean() - y.mean()) if n else np.nan,
+            "brier": float(np.mean((p - y) ** 2)) if n else np.nan,
+            "mean_confidence": float(w.mean()) if n else np.nan,
+        }
+    )
 
 
 def _grouped(pairs: pd.DataFrame, key: pd.Series | str, name: str) -> pd.DataFrame:
@@ -96,7 +117,9 @@ def reliability_table(pairs: pd.DataFrame, n_bins: int = 10) -> pd.DataFrame:
     """Calibration by equal-width pseudo-label bin on [0, 1]: a well calibrated labeller has
     click_rate ~ mean_pseudo_label in every bin. Empty bins are left out."""
     edges = np.linspace(0, 1, n_bins + 1)
-    names = [f"[{a:.2f}, {b:.2f}{']' if i == n_bins - 1 else ')'}" for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+    names = [
+        f"[{a:.2f}, {b:.2f}{']' if i == n_bins - 1 else ')'}" for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))
+    ]
     if pairs.empty:
         return _grouped(pairs, "pseudo_label", "pseudo_label_bin")
     idx = np.clip(np.floor(pairs["pseudo_label"].to_numpy(float) * n_bins).astype(int), 0, n_bins - 1)
@@ -123,12 +146,16 @@ def expected_calibration_error(pairs: pd.DataFrame, n_bins: int = 10) -> float:
     return float((table["gap"].abs() * table["n"]).sum() / table["n"].sum())
 
 
-def audit(pairs: pd.DataFrame, n_bins: int = 10, lag_edges: Sequence[int] = DEFAULT_LAG_EDGES,
-          n_labels: int | None = None) -> AuditResult:
+def audit(
+    pairs: pd.DataFrame, n_bins: int = 10, lag_edges: Sequence[int] = DEFAULT_LAG_EDGES, n_labels: int | None = None
+) -> AuditResult:
     """Reliability, by-lag and by-day tables and a summary from :func:`join_later_exposures` pairs."""
     reliability = reliability_table(pairs, n_bins)
-    by_lag = _grouped(pairs.assign(_lag=lag_bucket(pairs["lag_days"], lag_edges)) if len(pairs) else pairs,
-                      "_lag" if len(pairs) else "lag_days", "lag")
+    by_lag = _grouped(
+        pairs.assign(_lag=lag_bucket(pairs["lag_days"], lag_edges)) if len(pairs) else pairs,
+        "_lag" if len(pairs) else "lag_days",
+        "lag",
+    )
     by_day = _grouped(pairs, "label_day", "label_day")
     if len(by_day):
         by_day["ece"] = [expected_calibration_error(g, n_bins) for _, g in pairs.groupby("label_day", sort=True)]
@@ -156,16 +183,18 @@ def _auc(scores: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
 
 
-def load_audit_inputs(warehouse: "Warehouse", label_days: Sequence[date] | None = None
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_audit_inputs(
+    warehouse: Warehouse, label_days: Sequence[date] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pseudo-labels (of ``label_days``, default all) and the exposed, labelled events of the same
     (user, item) pairs on later days, from the warehouse."""
     where, params = "", []
     if label_days is not None:
         where, params = "WHERE day IN (SELECT unnest(?::DATE[]))", [sorted(set(label_days))]
     with warehouse.connect(read_only=True) as con:
-        labels = con.execute("SELECT day, request_id, user_id, item_id, pseudo_label, confidence "
-                             f"FROM pseudo_labels {where}", params).df()
+        labels = con.execute(
+            f"SELECT day, request_id, user_id, item_id, pseudo_label, confidence FROM pseudo_labels {where}", params
+        ).df()
         con.register("_labels", labels)
         events = con.execute("""
             SELECT e.day, e.request_id, e.user_id, e.item_id, e.event_time, e.exposed, e.clicked
@@ -177,7 +206,8 @@ def load_audit_inputs(warehouse: "Warehouse", label_days: Sequence[date] | None 
     return labels, events
 
 
-def audit_warehouse(warehouse: "Warehouse", label_days: Sequence[date] | None = None, horizon_days: int | None = None,
-                    n_bins: int = 10) -> AuditResult:
+def audit_warehouse(
+    warehouse: Warehouse, label_days: Sequence[date] | None = None, horizon_days: int | None = None, n_bins: int = 10
+) -> AuditResult:
     labels, events = load_audit_inputs(warehouse, label_days)
     return audit(join_later_exposures(labels, events, horizon_days), n_bins, n_labels=len(labels))

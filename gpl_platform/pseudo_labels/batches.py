@@ -27,36 +27,46 @@ from gpl_platform.pseudo_labels.stages import IN_DAYS, POOLINGS, StageTables
 ITEMS_TABLE, CANDIDATES_TABLE, ANCHORS_TABLE, HISTORY_TABLE = "_gpl_items", "_gpl_cands", "_gpl_anchors", "_gpl_history"
 
 
-
 def stage_item_rows(con, encoder_id: str) -> None:
     """``_gpl_items``: item_id -> row of the matrix :func:`load_item_embeddings` returns (same order)."""
     if not table_exists(con, "item_embeddings"):
         raise MissingUpstreamDays(f"no item embeddings under {encoder_id}; materialize item_embeddings first")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {ITEMS_TABLE} AS SELECT item_id, "
-                "(row_number() OVER (ORDER BY item_id) - 1)::BIGINT AS item_row FROM item_embeddings "
-                "WHERE encoder_id = ?", [encoder_id])
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {ITEMS_TABLE} AS SELECT item_id, "
+        "(row_number() OVER (ORDER BY item_id) - 1)::BIGINT AS item_row FROM item_embeddings "
+        "WHERE encoder_id = ?",
+        [encoder_id],
+    )
 
 
 def check_candidate_items(con, encoder_id: str) -> None:
-    count, examples = con.execute(f"SELECT count(DISTINCT item_id), list(DISTINCT item_id)[1:3] FROM events "
-                                  f"ANTI JOIN {ITEMS_TABLE} USING (item_id) WHERE {IN_DAYS}").fetchall()[0]
+    count, examples = con.execute(
+        f"SELECT count(DISTINCT item_id), list(DISTINCT item_id)[1:3] FROM events "
+        f"ANTI JOIN {ITEMS_TABLE} USING (item_id) WHERE {IN_DAYS}"
+    ).fetchall()[0]
     if count:
-        raise MissingUpstreamDays(f"{count} candidate item(s) have no embedding under {encoder_id} "
-                                  f"(e.g. {sorted(examples)}); materialize item_embeddings first")
+        raise MissingUpstreamDays(
+            f"{count} candidate item(s) have no embedding under {encoder_id} "
+            f"(e.g. {sorted(examples)}); materialize item_embeddings first"
+        )
 
 
 def check_anchor_lineage(con, tables: StageTables, encoder_id: str, anchor_signature: str) -> None:
     """Every anchor of the days must come from this encoder and this anchor generator."""
-    for column, wanted, what in (("e.encoder_id", encoder_id, "encoder"),
-                                 ("a.anchor_signature", anchor_signature, "anchor generator")):
+    for column, wanted, what in (
+        ("e.encoder_id", encoder_id, "encoder"),
+        ("a.anchor_signature", anchor_signature, "anchor generator"),
+    ):
         n_days, first, value = con.execute(
             f"SELECT count(DISTINCT e.day), min(e.day), arg_min({column}, e.day) FROM {tables.embeddings} e "
             f"JOIN {tables.anchors} a USING (day, anchor_id) WHERE e.{IN_DAYS} AND {column} IS DISTINCT FROM ?",
-            [wanted]).fetchall()[0]
+            [wanted],
+        ).fetchall()[0]
         if n_days:
             raise MissingUpstreamDays(
                 f"anchors of {n_days} day(s) (first {first}) were made with another {what} ({value!r}, expected "
-                f"{wanted!r}); re-materialize user_anchors and anchor_embeddings for them")
+                f"{wanted!r}); re-materialize user_anchors and anchor_embeddings for them"
+            )
 
 
 def stage_anchors(con, tables: StageTables, with_meta: bool) -> None:
@@ -93,6 +103,7 @@ def _floats(values: np.ndarray) -> pa.Array:
 
 # ---- step 3: similarities ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ScoreContext:
     item_vectors: np.ndarray
@@ -102,13 +113,20 @@ def score_batch(inputs: dict[str, pa.Table], ctx: ScoreContext) -> pa.Table:
     """Similarities of one batch: ``candidates`` (day, request_id, user_id, item_id, exposed, user_code,
     item_row) against ``anchors`` (user_code, anchor_id, vector) of the same users."""
     cands, anchors = inputs["candidates"], inputs["anchors"]
-    result = score_candidates(_ints(cands, "user_code"), _ints(cands, "item_row"), ctx.item_vectors,
-                              _matrix(anchors, "vector", ctx.item_vectors.shape[1]), _ints(anchors, "user_code"))
+    result = score_candidates(
+        _ints(cands, "user_code"),
+        _ints(cands, "item_row"),
+        ctx.item_vectors,
+        _matrix(anchors, "vector", ctx.item_vectors.shape[1]),
+        _ints(anchors, "user_code"),
+    )
     anchor_id = pc.take(anchors.column("anchor_id"), pa.array(result.argmax_anchor, mask=result.no_anchor))
-    return pa.table({name: cands.column(name) for name in ("day", "request_id", "user_id", "item_id", "exposed")}
-                    ).append_column("similarity_max", _floats(result.similarity_max)
-                                    ).append_column("similarity_mean", _floats(result.similarity_mean)
-                                                    ).append_column("anchor_id", anchor_id)
+    return (
+        pa.table({name: cands.column(name) for name in ("day", "request_id", "user_id", "item_id", "exposed")})
+        .append_column("similarity_max", _floats(result.similarity_max))
+        .append_column("similarity_mean", _floats(result.similarity_mean))
+        .append_column("anchor_id", anchor_id)
+    )
 
 
 def progress_of(items, total: int, what: str):
@@ -121,9 +139,17 @@ def progress_of(items, total: int, what: str):
     yield from tqdm(items, total=total, desc=what, unit="batch", mininterval=5)
 
 
-def anchor_factors(vectors: np.ndarray, anchor_user: np.ndarray, n_users: int, history_vectors: np.ndarray,
-                   history_user: np.ndarray, empty_history: np.ndarray, gen_prob: np.ndarray,
-                   cfg: ConfidenceConfig, tokens_per_anchor: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def anchor_factors(
+    vectors: np.ndarray,
+    anchor_user: np.ndarray,
+    n_users: int,
+    history_vectors: np.ndarray,
+    history_user: np.ndarray,
+    empty_history: np.ndarray,
+    gen_prob: np.ndarray,
+    cfg: ConfidenceConfig,
+    tokens_per_anchor: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per anchor: coherence of its user's anchors, consistency with the user's history items, and
     generation confidence (docs/METHOD.md step 4). ``anchor_user`` and ``history_user`` index users 0..n-1."""
     coherence = anchor_coherence(vectors, anchor_user, n_users)[anchor_user]
@@ -144,8 +170,16 @@ class LabelContext:
     backend: str
 
 
-LABEL_COLUMNS = ("day", "request_id", "user_id", "item_id", "event_time", "similarity_max", "similarity_mean",
-                 "anchor_id")
+LABEL_COLUMNS = (
+    "day",
+    "request_id",
+    "user_id",
+    "item_id",
+    "event_time",
+    "similarity_max",
+    "similarity_mean",
+    "anchor_id",
+)
 
 
 def label_batch(inputs: dict[str, pa.Table], ctx: LabelContext) -> pa.Table:
@@ -157,12 +191,21 @@ def label_batch(inputs: dict[str, pa.Table], ctx: LabelContext) -> pa.Table:
     vectors = _matrix(anchors, "vector", dim)
     users, anchor_user = np.unique(_ints(anchors, "user_code"), return_inverse=True)
     history_user = np.searchsorted(users, _ints(history, "user_code"))
-    empty_history = pc.fill_null(pc.equal(anchors.column("fallback_reason"), FALLBACK_EMPTY_HISTORY), False
-                                 ).to_numpy(zero_copy_only=False)
+    empty_history = pc.fill_null(pc.equal(anchors.column("fallback_reason"), FALLBACK_EMPTY_HISTORY), False).to_numpy(
+        zero_copy_only=False
+    )
     gen_prob = pc.fill_null(anchors.column("gen_prob"), np.nan).to_numpy(zero_copy_only=False).astype(float)
     coherence, consistency, generation = anchor_factors(
-        vectors, anchor_user.reshape(-1), len(users), ctx.item_vectors[_ints(history, "item_row")], history_user,
-        empty_history, gen_prob, ctx.confidence, ctx.tokens_per_anchor)
+        vectors,
+        anchor_user.reshape(-1),
+        len(users),
+        ctx.item_vectors[_ints(history, "item_row")],
+        history_user,
+        empty_history,
+        gen_prob,
+        ctx.confidence,
+        ctx.tokens_per_anchor,
+    )
 
     row = _ints(cands, "anchor_row")
     c_coherence, c_history, c_generation = coherence[row], consistency[row], generation[row]
@@ -177,8 +220,9 @@ def label_batch(inputs: dict[str, pa.Table], ctx: LabelContext) -> pa.Table:
     n = cands.num_rows
     labels = {"max": np.full(n, np.nan), "mean": np.full(n, np.nan)}
     versions = {"max": np.full(n, "", dtype=object), "mean": np.full(n, "", dtype=object)}
-    similarity = {p: pc.fill_null(cands.column(f"similarity_{p}"), np.nan).to_numpy(zero_copy_only=False)
-                  for p in POOLINGS}
+    similarity = {
+        p: pc.fill_null(cands.column(f"similarity_{p}"), np.nan).to_numpy(zero_copy_only=False) for p in POOLINGS
+    }
     day = cands.column("day").to_numpy(zero_copy_only=False)
     for d in np.unique(day):
         on_day = day == d
@@ -192,9 +236,15 @@ def label_batch(inputs: dict[str, pa.Table], ctx: LabelContext) -> pa.Table:
                 versions[pooling][rows] = cal.version
     keep = ~np.isnan(labels["max"]) & ~np.isnan(labels["mean"])
     out = pa.table({name: cands.column(name) for name in LABEL_COLUMNS})
-    for name, values in (("pseudo_label", labels["max"]), ("pseudo_label_mean_pool", labels["mean"]),
-                         ("confidence", confidence), ("c_coherence", c_coherence), ("c_history", c_history),
-                         ("c_generation", c_generation), ("anchor_is_fallback", is_fallback[row])):
+    for name, values in (
+        ("pseudo_label", labels["max"]),
+        ("pseudo_label_mean_pool", labels["mean"]),
+        ("confidence", confidence),
+        ("c_coherence", c_coherence),
+        ("c_history", c_history),
+        ("c_generation", c_generation),
+        ("anchor_is_fallback", is_fallback[row]),
+    ):
         out = out.append_column(name, pa.array(values))
     out = out.append_column("llm_version", pc.take(llm_version, pa.array(row)))
     out = out.append_column("calibration_version", pa.array(versions["max"], pa.string()))

@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,9 @@ def _canonical(obj: Any) -> Any:
 
 
 def _compute_version(method: str, params: dict[str, Any], fitted_on: dict[str, Any]) -> str:
-    payload = json.dumps({"method": method, "params": params, "fitted_on": fitted_on}, sort_keys=True, separators=(",", ":"))
+    payload = json.dumps(
+        {"method": method, "params": params, "fitted_on": fitted_on}, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
 
@@ -283,5 +285,5 @@ def fit_calibration(
         positive_rate=float(y.mean()),
         fitted_on=_canonical(metadata or {}),
         notes=tuple(notes),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )

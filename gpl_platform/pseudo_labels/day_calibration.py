@@ -26,9 +26,18 @@ def refit_day(day: date, first_day: date, cfg: CalibrationConfig) -> date:
     return first_day + timedelta(((day - first_day).days // cfg.refit_every_days) * cfg.refit_every_days)
 
 
-def calibration_for_day(warehouse: Warehouse, day: date, first_day: date, cfg: CalibrationConfig, pooling: str,
-                        encoder_id: str, anchor_signature: str, artifacts_dir: Path,
-                        tables: StageTables = MAIN, segment: str = "history") -> Calibration | None:
+def calibration_for_day(
+    warehouse: Warehouse,
+    day: date,
+    first_day: date,
+    cfg: CalibrationConfig,
+    pooling: str,
+    encoder_id: str,
+    anchor_signature: str,
+    artifacts_dir: Path,
+    tables: StageTables = MAIN,
+    segment: str = "history",
+) -> Calibration | None:
     """The stored calibration serving ``day``, fitting it if needed on exposed candidates of
     [R - window, R), R being the refit day on the every-N-days grid (nothing of ``day`` or later
     is used). While the grid's fit lacks data (the first days), R = ``day`` itself is tried, so
@@ -42,19 +51,40 @@ def calibration_for_day(warehouse: Warehouse, day: date, first_day: date, cfg: C
         raise ValueError(f"segment must be one of {CALIBRATION_SEGMENTS}, not {segment!r}")
     grid = refit_day(day, first_day, cfg)
     for refit in dict.fromkeys((grid, day)):
-        calibration = _calibration_at(warehouse, refit, first_day, cfg, pooling, encoder_id, anchor_signature,
-                                      artifacts_dir, tables, segment)
+        calibration = _calibration_at(
+            warehouse, refit, first_day, cfg, pooling, encoder_id, anchor_signature, artifacts_dir, tables, segment
+        )
         if calibration is not None:
             return calibration
     return None
 
 
-def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: CalibrationConfig, pooling: str,
-                    encoder_id: str, anchor_signature: str, artifacts_dir: Path,
-                    tables: StageTables = MAIN, segment: str = "history") -> Calibration | None:
+def _calibration_at(
+    warehouse: Warehouse,
+    refit: date,
+    first_day: date,
+    cfg: CalibrationConfig,
+    pooling: str,
+    encoder_id: str,
+    anchor_signature: str,
+    artifacts_dir: Path,
+    tables: StageTables = MAIN,
+    segment: str = "history",
+) -> Calibration | None:
     start = max(first_day, refit - timedelta(cfg.window_days))
-    fit_key = "|".join([pooling, cfg.method, str(refit), str(cfg.window_days), str(cfg.min_samples), encoder_id,
-                        anchor_signature, f"max{cfg.max_samples}"] + ([segment] if segment != "history" else []))
+    fit_key = "|".join(
+        [
+            pooling,
+            cfg.method,
+            str(refit),
+            str(cfg.window_days),
+            str(cfg.min_samples),
+            encoder_id,
+            anchor_signature,
+            f"max{cfg.max_samples}",
+        ]
+        + ([segment] if segment != "history" else [])
+    )
     if warehouse.path.exists():
         stored = warehouse.query("SELECT calibration_json FROM calibrations WHERE fit_key = ?", [fit_key])
         if len(stored):
@@ -75,32 +105,72 @@ def _calibration_at(warehouse: Warehouse, refit: date, first_day: date, cfg: Cal
         "JOIN events e USING (day, request_id, item_id) "
         f"JOIN {tables.anchors} a ON a.day = s.day AND a.anchor_id = s.anchor_id "
         f"WHERE s.exposed AND s.day >= ? AND s.day < ? AND s.{column} IS NOT NULL AND s.anchor_signature = ? "
-        f"AND s.encoder_id = ? AND a.fallback_reason {same_segment} ?")
+        f"AND s.encoder_id = ? AND a.fallback_reason {same_segment} ?"
+    )
     params = [start, refit, anchor_signature, encoder_id, FALLBACK_EMPTY_HISTORY]
     with warehouse.connect(read_only=True) as con:
         available = con.execute(f"SELECT count(*) FROM ({window_sql})", params).fetchall()[0][0]
         train = con.execute(
             f"SELECT similarity, clicked FROM (SELECT * FROM ({window_sql}) ORDER BY hash(day, request_id, item_id), "
-            "day, request_id, item_id LIMIT ?) ORDER BY similarity, clicked", [*params, cfg.max_samples]).df()
+            "day, request_id, item_id LIMIT ?) ORDER BY similarity, clicked",
+            [*params, cfg.max_samples],
+        ).df()
     if len(train) < cfg.min_samples or train["clicked"].nunique() < 2:
-        log.info("no %s-pool %s calibration at refit day %s: %d labelled exposed candidates in %s..%s (< %d or one "
-                 "class)", pooling, segment, refit, len(train), start, refit - timedelta(1), cfg.min_samples)
+        log.info(
+            "no %s-pool %s calibration at refit day %s: %d labelled exposed candidates in %s..%s (< %d or one class)",
+            pooling,
+            segment,
+            refit,
+            len(train),
+            start,
+            refit - timedelta(1),
+            cfg.min_samples,
+        )
         return None
-    metadata = {"pooling": pooling, "train_window": [str(start), str(refit - timedelta(1))],
-                "encoder_id": encoder_id, "anchor_signature": anchor_signature}
+    metadata = {
+        "pooling": pooling,
+        "train_window": [str(start), str(refit - timedelta(1))],
+        "encoder_id": encoder_id,
+        "anchor_signature": anchor_signature,
+    }
     if segment != "history":
         metadata["segment"] = segment
     if available > len(train):
         metadata["sampled_from"] = int(available)
-    calibration = fit_calibration(train["similarity"].to_numpy(float), train["clicked"].to_numpy(int),
-                                  method=cfg.method, metadata=metadata, min_samples=cfg.min_samples)
+    calibration = fit_calibration(
+        train["similarity"].to_numpy(float),
+        train["clicked"].to_numpy(int),
+        method=cfg.method,
+        metadata=metadata,
+        min_samples=cfg.min_samples,
+    )
     path = calibration.save(artifacts_dir / "calibration")
     with warehouse.transaction() as con:
-        con.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                    [fit_key, calibration.version, cfg.method, pooling, refit, start, refit - timedelta(1),
-                     calibration.n_train, calibration.positive_rate, str(path), calibration.to_json()])
-    log.info("fitted %s-pool %s calibration %s on %d exposed candidates of %s..%s", pooling, cfg.method,
-             calibration.version, len(train), start, refit - timedelta(1))
+        con.execute(
+            "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                fit_key,
+                calibration.version,
+                cfg.method,
+                pooling,
+                refit,
+                start,
+                refit - timedelta(1),
+                calibration.n_train,
+                calibration.positive_rate,
+                str(path),
+                calibration.to_json(),
+            ],
+        )
+    log.info(
+        "fitted %s-pool %s calibration %s on %d exposed candidates of %s..%s",
+        pooling,
+        cfg.method,
+        calibration.version,
+        len(train),
+        start,
+        refit - timedelta(1),
+    )
     return calibration
 
 
@@ -122,13 +192,29 @@ def degenerate_reason(calibration: Calibration, n_labels: int, spread: float, mi
     return None
 
 
-def day_calibrations(warehouse: Warehouse, days: Sequence[date], first_day: date, cfg: CalibrationConfig,
-                     encoder_id: str, signature: str, artifacts_dir: Path, tables: StageTables,
-                     segments: Sequence[str]) -> tuple[dict[tuple[date, str, str], Calibration | None], list[date]]:
+def day_calibrations(
+    warehouse: Warehouse,
+    days: Sequence[date],
+    first_day: date,
+    cfg: CalibrationConfig,
+    encoder_id: str,
+    signature: str,
+    artifacts_dir: Path,
+    tables: StageTables,
+    segments: Sequence[str],
+) -> tuple[dict[tuple[date, str, str], Calibration | None], list[date]]:
     """The calibration of every (day, pooling, segment), and the days labelled (both poolings calibrated)."""
-    calibrations = {(d, pooling, segment): calibration_for_day(warehouse, d, first_day, cfg, pooling, encoder_id,
-                                                               signature, artifacts_dir, tables, segment)
-                    for d in days for pooling in POOLINGS for segment in segments}
-    labelled = [d for d in days if calibrations[(d, "max", "history")] is not None
-                and calibrations[(d, "mean", "history")] is not None]
+    calibrations = {
+        (d, pooling, segment): calibration_for_day(
+            warehouse, d, first_day, cfg, pooling, encoder_id, signature, artifacts_dir, tables, segment
+        )
+        for d in days
+        for pooling in POOLINGS
+        for segment in segments
+    }
+    labelled = [
+        d
+        for d in days
+        if calibrations[(d, "max", "history")] is not None and calibrations[(d, "mean", "history")] is not None
+    ]
     return calibrations, labelled

@@ -20,7 +20,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -161,7 +161,6 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-
 def _vector_column_type(con: duckdb.DuckDBPyConnection, table: str) -> str | None:
     for row in con.execute(f'DESCRIBE "{table}"').fetchall():
         if row[0] == "vector":
@@ -224,7 +223,7 @@ def update_item_embeddings(
     df = _prepare_items(items)
     enc_id = str(encoder.encoder_id)
     dim = int(encoder.dim)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     tmp = f"_gpl_item_emb_chunk_{os.getpid()}_{threading.get_ident()}"
 
     con.execute("BEGIN TRANSACTION")
@@ -319,7 +318,9 @@ def load_item_embeddings(
     vtype = _vector_column_type(con, table) or "FLOAT[0]"
     dim = int(vtype.rsplit("[", 1)[1].rstrip("]"))
     if item_ids is None:
-        rel = con.sql(f'SELECT item_id, vector FROM "{table}" WHERE encoder_id = ? ORDER BY item_id', params=[encoder_id])
+        rel = con.sql(
+            f'SELECT item_id, vector FROM "{table}" WHERE encoder_id = ? ORDER BY item_id', params=[encoder_id]
+        )
         arrow = rel.to_arrow_table()
     else:
         import pyarrow as pa
@@ -348,4 +349,3 @@ def encode_deduplicated(encoder, texts: Sequence[str], progress: bool = False) -
     if not len(unique):
         return np.zeros((0, encoder.dim), np.float32)
     return encoder.encode(list(unique), progress=progress)[inverse.ravel()]
-

@@ -31,8 +31,13 @@ def _sid_generator(settings: Settings) -> AnchorGenerator:
     """The semantic-ID generator family over the warehouse's current semantic IDs (one per process and
     version: it memoizes the per-refit-day models it loads or trains)."""
     warehouse, meta = _semantic_id_source(settings)
-    key = (str(settings.warehouse), meta["version"], settings.sid.generator.model_dump_json(), settings.seed,
-           str(settings.artifacts_dir))
+    key = (
+        str(settings.warehouse),
+        meta["version"],
+        settings.sid.generator.model_dump_json(),
+        settings.seed,
+        str(settings.artifacts_dir),
+    )
     if key not in _SID_GENERATORS:
         _SID_GENERATORS[key] = _new_sid_generator(settings, warehouse)
     return _SID_GENERATORS[key]
@@ -53,8 +58,14 @@ def _semantic_id_source(settings: Settings):
 def _new_sid_generator(settings: Settings, warehouse) -> AnchorGenerator:
     from gpl_platform.pseudo_labels.semantic_ids.store import load_semantic_ids
 
-    return make_anchor_generator("sid", warehouse=warehouse, sids=load_semantic_ids(warehouse),
-                                 cfg=settings.sid.generator, seed=settings.seed, artifacts_dir=settings.artifacts_dir)
+    return make_anchor_generator(
+        "sid",
+        warehouse=warehouse,
+        sids=load_semantic_ids(warehouse),
+        cfg=settings.sid.generator,
+        seed=settings.seed,
+        artifacts_dir=settings.artifacts_dir,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -64,17 +75,35 @@ def _generator(cfg_json: str, seed: int, api_key: str | None, model_dir: str | N
     cfg = AnchorConfig(**json.loads(cfg_json))
     budget = PromptBudget(cfg.max_item_tokens, cfg.max_prompt_tokens)
     if cfg.backend == "smollm":
-        return make_anchor_generator("smollm", batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                                     max_history_items=cfg.history_max_items, seed=seed, budget=budget,
-                                     engine=cfg.smollm_engine, model_dir=model_dir)
+        return make_anchor_generator(
+            "smollm",
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            max_history_items=cfg.history_max_items,
+            seed=seed,
+            budget=budget,
+            engine=cfg.smollm_engine,
+            model_dir=model_dir,
+        )
     if cfg.backend == "openai":
         return make_anchor_generator(
-            "openai", base_url=cfg.openai_base_url, model=cfg.openai_model, endpoint=cfg.openai_endpoint,
-            api_key=api_key, api_key_env=cfg.openai_api_key_env, extra_body=cfg.openai_extra_body,
-            max_tokens=cfg.max_new_tokens, max_history_items=cfg.history_max_items,
-            max_concurrency=cfg.openai_max_concurrency, timeout_s=cfg.openai_timeout_s,
-            connect_timeout_s=cfg.openai_connect_timeout_s, max_retries=cfg.openai_max_retries,
-            max_failure_share=cfg.openai_max_failure_share, budget=budget, seed=seed)
+            "openai",
+            base_url=cfg.openai_base_url,
+            model=cfg.openai_model,
+            endpoint=cfg.openai_endpoint,
+            api_key=api_key,
+            api_key_env=cfg.openai_api_key_env,
+            extra_body=cfg.openai_extra_body,
+            max_tokens=cfg.max_new_tokens,
+            max_history_items=cfg.history_max_items,
+            max_concurrency=cfg.openai_max_concurrency,
+            timeout_s=cfg.openai_timeout_s,
+            connect_timeout_s=cfg.openai_connect_timeout_s,
+            max_retries=cfg.openai_max_retries,
+            max_failure_share=cfg.openai_max_failure_share,
+            budget=budget,
+            seed=seed,
+        )
     return make_anchor_generator("history")
 
 

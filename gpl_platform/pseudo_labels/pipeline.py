@@ -55,8 +55,15 @@ NO_HISTORY_RULES = ("none", "population")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def score_day_candidates(warehouse: Warehouse, days: Sequence[date], encoder_id: str, anchor_signature: str,
-                         run_id: str | None = None, tables: StageTables = MAIN, engine: Engine | None = None) -> dict:
+def score_day_candidates(
+    warehouse: Warehouse,
+    days: Sequence[date],
+    encoder_id: str,
+    anchor_signature: str,
+    run_id: str | None = None,
+    tables: StageTables = MAIN,
+    engine: Engine | None = None,
+) -> dict:
     """Max- and mean-pooled cosine of every candidate (exposed or not) to its user's anchors of that day,
     in batches of users (:func:`score_batch`)."""
     days = sorted(set(days))
@@ -70,8 +77,11 @@ def score_day_candidates(warehouse: Warehouse, days: Sequence[date], encoder_id:
         stage_item_rows(con, encoder_id)
         check_candidate_items(con, encoder_id)
         _, item_vectors = load_item_embeddings(con, encoder_id)
-        n_batches = plan_user_batches(con, f"SELECT day, user_id, count(*) AS n FROM events WHERE {IN_DAYS} "
-                                      "GROUP BY day, user_id", engine.streaming.batch_candidates)
+        n_batches = plan_user_batches(
+            con,
+            f"SELECT day, user_id, count(*) AS n FROM events WHERE {IN_DAYS} GROUP BY day, user_id",
+            engine.streaming.batch_candidates,
+        )
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {CANDIDATES_TABLE} AS
             SELECT p.batch, p.user_code, e.day, e.request_id, e.user_id, e.item_id, e.exposed, i.item_row,
@@ -79,25 +89,43 @@ def score_day_candidates(warehouse: Warehouse, days: Sequence[date], encoder_id:
             FROM events e JOIN {PLAN_TABLE} p USING (day, user_id) JOIN {ITEMS_TABLE} i USING (item_id)
             WHERE e.{IN_DAYS} ORDER BY p.batch, p.user_code, event_row""")
         stage_anchors(con, tables, with_meta=False)
-        job = BatchJob("similarities", score_batch, ScoreContext(item_vectors), lambda b: {
-            # a user's candidates in the events' own order, as the whole-range code scored them
-            "candidates": batch_rows(CANDIDATES_TABLE, "day, request_id, user_id, item_id, exposed, user_code, item_row",
-                                     b, "user_code, event_row"),
-            "anchors": batch_rows(ANCHORS_TABLE, "user_code, anchor_id, vector", b, "anchor_row")})
+        job = BatchJob(
+            "similarities",
+            score_batch,
+            ScoreContext(item_vectors),
+            lambda b: {
+                # a user's candidates in the events' own order, as the whole-range code scored them
+                "candidates": batch_rows(
+                    CANDIDATES_TABLE,
+                    "day, request_id, user_id, item_id, exposed, user_code, item_row",
+                    b,
+                    "user_code, event_row",
+                ),
+                "anchors": batch_rows(ANCHORS_TABLE, "user_code, anchor_id, vector", b, "anchor_row"),
+            },
+        )
         warehouse.clear_partitions(tables.similarities, days, con)
         for relation in progress_of(engine.run(con, job, range(n_batches)), n_batches, "similarities"):
-            con.execute(f"""
+            con.execute(
+                f"""
                 INSERT INTO {tables.similarities} (day, request_id, user_id, item_id, exposed, similarity_max,
                                                    similarity_mean, anchor_id, encoder_id, anchor_signature)
                 SELECT day, request_id, user_id, item_id, exposed, similarity_max, similarity_mean, anchor_id, ?, ?
-                FROM {relation}""", [encoder_id, anchor_signature])
+                FROM {relation}""",
+                [encoder_id, anchor_signature],
+            )
         warehouse.record_partitions(tables.similarities, days, con, run_id)
         n, covered, mean_max = con.execute(
-            f"SELECT count(*), count(anchor_id), avg(similarity_max) FROM {tables.similarities} "
-            f"WHERE {IN_DAYS}").fetchall()[0]
-    return {"candidates": int(n), "covered": int(covered), "coverage": float(covered / n) if n else 0.0,
-            "similarity_max_mean": float(mean_max) if covered else float("nan"), "batches": n_batches,
-            "engine": engine.name}
+            f"SELECT count(*), count(anchor_id), avg(similarity_max) FROM {tables.similarities} WHERE {IN_DAYS}"
+        ).fetchall()[0]
+    return {
+        "candidates": int(n),
+        "covered": int(covered),
+        "coverage": float(covered / n) if n else 0.0,
+        "similarity_max_mean": float(mean_max) if covered else float("nan"),
+        "batches": n_batches,
+        "engine": engine.name,
+    }
 
 
 def no_history_counts(warehouse: Warehouse, days: Sequence[date]) -> dict:
@@ -105,16 +133,29 @@ def no_history_counts(warehouse: Warehouse, days: Sequence[date]) -> dict:
     row = warehouse.query(
         "SELECT count(*) AS candidates, count(DISTINCT (e.day, e.user_id)) AS user_days FROM events e "
         "JOIN user_histories h USING (day, user_id) WHERE NOT e.exposed AND h.n_positives = 0 "
-        "AND e.day BETWEEN ? AND ?", [min(days), max(days)]).iloc[0]
+        "AND e.day BETWEEN ? AND ?",
+        [min(days), max(days)],
+    ).iloc[0]
     return {"no_history_candidates": int(row["candidates"]), "no_history_user_days": int(row["user_days"])}
 
 
-def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: date, *, encoder_id: str,
-                      generator: AnchorGenerator, calibration_cfg: CalibrationConfig,
-                      confidence_cfg: ConfidenceConfig, history_max_items: int, artifacts_dir: Path,
-                      run_id: str | None = None, tables: StageTables = MAIN,
-                      no_history: str = "none", engine: Engine | None = None,
-                      sample_rows: int = 50_000) -> tuple[pd.DataFrame, dict]:
+def pseudo_label_days(
+    warehouse: Warehouse,
+    days: Sequence[date],
+    first_day: date,
+    *,
+    encoder_id: str,
+    generator: AnchorGenerator,
+    calibration_cfg: CalibrationConfig,
+    confidence_cfg: ConfidenceConfig,
+    history_max_items: int,
+    artifacts_dir: Path,
+    run_id: str | None = None,
+    tables: StageTables = MAIN,
+    no_history: str = "none",
+    engine: Engine | None = None,
+    sample_rows: int = 50_000,
+) -> tuple[pd.DataFrame, dict]:
     """Pseudo-label every unexposed candidate of ``days`` (GPL steps 3-4), in batches of users
     (:func:`label_batch`).
 
@@ -134,8 +175,9 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
     require_days(warehouse, tables.embeddings, days, "pseudo-labelling")
     engine = engine or LocalEngine()
     segments = ("history", "no_history") if no_history == "population" else ("history",)
-    calibrations, labelled_days = day_calibrations(warehouse, days, first_day, calibration_cfg, encoder_id, signature,
-                                                   artifacts_dir, tables, segments)
+    calibrations, labelled_days = day_calibrations(
+        warehouse, days, first_day, calibration_cfg, encoder_id, signature, artifacts_dir, tables, segments
+    )
     labels_of_days = f"FROM {tables.labels} WHERE {IN_DAYS}"
     with warehouse.transaction() as con:
         engine.configure(con)
@@ -146,8 +188,11 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
         _, item_vectors = load_item_embeddings(con, encoder_id)
         con.register("_days", days_param(labelled_days))  # from here on: the days with a calibration
         n_batches = plan_user_batches(
-            con, f"SELECT day, user_id, count(*) AS n FROM {tables.similarities} WHERE NOT exposed AND anchor_id IS "
-            f"NOT NULL AND {IN_DAYS} GROUP BY day, user_id", engine.streaming.batch_candidates)
+            con,
+            f"SELECT day, user_id, count(*) AS n FROM {tables.similarities} WHERE NOT exposed AND anchor_id IS "
+            f"NOT NULL AND {IN_DAYS} GROUP BY day, user_id",
+            engine.streaming.batch_candidates,
+        )
         stage_anchors(con, tables, with_meta=True)
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {CANDIDATES_TABLE} AS
@@ -162,7 +207,8 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
         if stale[0]:
             raise MissingUpstreamDays(
                 f"{stale[0]} candidate similarities (first day {stale[1]}) point at anchors that no longer exist: "
-                f"re-materialize {tables.similarities} after {tables.anchors}")
+                f"re-materialize {tables.similarities} after {tables.anchors}"
+            )
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {HISTORY_TABLE} AS
             SELECT p.batch, p.user_code, i.item_row, h.position FROM (
@@ -171,55 +217,103 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
                       WHERE {IN_DAYS})) h
             JOIN {PLAN_TABLE} p USING (day, user_id) JOIN {ITEMS_TABLE} i USING (item_id)
             ORDER BY p.batch, p.user_code, h.position""")
-        context = LabelContext(item_vectors, {key: cal for key, cal in calibrations.items() if key[0] in labelled_days},
-                               segments, confidence_cfg, generator.tokens_per_anchor, generator.backend)
-        job = BatchJob("pseudo_labels", label_batch, context, lambda b: {
-            "candidates": batch_rows(CANDIDATES_TABLE, ", ".join(LABEL_COLUMNS) + ", anchor_row", b,
-                                     "user_code, request_id, item_id"),
-            "anchors": batch_rows(ANCHORS_TABLE, "user_code, anchor_row, gen_prob, is_fallback, fallback_reason, model_id, "
-                                  "vector", b, "anchor_row"),
-            "histories": batch_rows(HISTORY_TABLE, "user_code, item_row", b, "user_code, position")})
+        context = LabelContext(
+            item_vectors,
+            {key: cal for key, cal in calibrations.items() if key[0] in labelled_days},
+            segments,
+            confidence_cfg,
+            generator.tokens_per_anchor,
+            generator.backend,
+        )
+        job = BatchJob(
+            "pseudo_labels",
+            label_batch,
+            context,
+            lambda b: {
+                "candidates": batch_rows(
+                    CANDIDATES_TABLE, ", ".join(LABEL_COLUMNS) + ", anchor_row", b, "user_code, request_id, item_id"
+                ),
+                "anchors": batch_rows(
+                    ANCHORS_TABLE,
+                    "user_code, anchor_row, gen_prob, is_fallback, fallback_reason, model_id, vector",
+                    b,
+                    "anchor_row",
+                ),
+                "histories": batch_rows(HISTORY_TABLE, "user_code, item_row", b, "user_code, position"),
+            },
+        )
         con.register("_days", days_param(days))
         warehouse.clear_partitions(tables.labels, days, con)
-        columns = [*LABEL_COLUMNS, "pseudo_label", "pseudo_label_mean_pool", "confidence", "c_coherence",
-                   "c_history", "c_generation", "anchor_is_fallback", "llm_version", "calibration_version",
-                   "calibration_version_mean_pool"]
+        columns = [
+            *LABEL_COLUMNS,
+            "pseudo_label",
+            "pseudo_label_mean_pool",
+            "confidence",
+            "c_coherence",
+            "c_history",
+            "c_generation",
+            "anchor_is_fallback",
+            "llm_version",
+            "calibration_version",
+            "calibration_version_mean_pool",
+        ]
         for relation in progress_of(engine.run(con, job, range(n_batches)), n_batches, "pseudo-labels"):
-            con.execute(f"INSERT INTO {tables.labels} ({', '.join(columns)}, prompt_version, encoder_version) "
-                        f"SELECT {', '.join(columns)}, ?, ? FROM {relation}",
-                        [generator.prompt_version or "none", encoder_id])
-        personal = con.execute(f"""
+            con.execute(
+                f"INSERT INTO {tables.labels} ({', '.join(columns)}, prompt_version, encoder_version) "
+                f"SELECT {', '.join(columns)}, ?, ? FROM {relation}",
+                [generator.prompt_version or "none", encoder_id],
+            )
+        personal = con.execute(
+            f"""
             SELECT p.day, count(*), stddev_pop(p.pseudo_label) FROM {tables.labels} p
             JOIN {tables.anchors} a ON a.day = p.day AND a.anchor_id = p.anchor_id
             WHERE p.{IN_DAYS} AND a.fallback_reason IS DISTINCT FROM ? GROUP BY p.day""",
-                               [FALLBACK_EMPTY_HISTORY]).fetchall()
+            [FALLBACK_EMPTY_HISTORY],
+        ).fetchall()
         spread = {pd.Timestamp(d).date(): (n, s or 0.0) for d, n, s in personal}
         degenerate: dict[str, str] = {}
         for d in labelled_days:
-            why = degenerate_reason(calibrations[(d, "max", "history")], *spread.get(d, (0, 0.0)),
-                                    calibration_cfg.min_label_std)
+            why = degenerate_reason(
+                calibrations[(d, "max", "history")], *spread.get(d, (0, 0.0)), calibration_cfg.min_label_std
+            )
             if why:
                 degenerate[str(d)] = why
                 con.execute(f"DELETE FROM {tables.labels} WHERE day = ?", [d])
         if degenerate:
-            log.warning("%d day(s) get no pseudo-labels because their calibration carries no ranking: %s",
-                        len(degenerate), "; ".join(f"{d}: {why}" for d, why in list(degenerate.items())[:5]))
+            log.warning(
+                "%d day(s) get no pseudo-labels because their calibration carries no ranking: %s",
+                len(degenerate),
+                "; ".join(f"{d}: {why}" for d, why in list(degenerate.items())[:5]),
+            )
         warehouse.record_partitions(tables.labels, days, con, run_id)
         rows, label_mean, confidence_mean = con.execute(
-            f"SELECT count(*), avg(pseudo_label), avg(confidence) {labels_of_days}").fetchall()[0]
+            f"SELECT count(*), avg(pseudo_label), avg(confidence) {labels_of_days}"
+        ).fetchall()[0]
         no_history_labelled = con.execute(
             f"SELECT count(*) FROM {tables.labels} p JOIN {tables.anchors} a ON a.day = p.day AND a.anchor_id = "
-            f"p.anchor_id WHERE p.{IN_DAYS} AND a.fallback_reason = ?", [FALLBACK_EMPTY_HISTORY]).fetchall()[0][0]
-        quantiles = con.execute(
-            f"SELECT unnest({list(QUANTILES)}) AS q, unnest(pl) AS pseudo_label, unnest(c) AS confidence FROM ("
-            f"SELECT quantile_cont(pseudo_label, {list(QUANTILES)}) AS pl, quantile_cont(confidence, "
-            f"{list(QUANTILES)}) AS c {labels_of_days})").df() if rows else None
-        sample = con.execute(f"SELECT pseudo_label, confidence {labels_of_days} "
-                             "ORDER BY hash(request_id, item_id), request_id, item_id LIMIT ?", [sample_rows]).df()
+            f"p.anchor_id WHERE p.{IN_DAYS} AND a.fallback_reason = ?",
+            [FALLBACK_EMPTY_HISTORY],
+        ).fetchall()[0][0]
+        quantiles = (
+            con.execute(
+                f"SELECT unnest({list(QUANTILES)}) AS q, unnest(pl) AS pseudo_label, unnest(c) AS confidence FROM ("
+                f"SELECT quantile_cont(pseudo_label, {list(QUANTILES)}) AS pl, quantile_cont(confidence, "
+                f"{list(QUANTILES)}) AS c {labels_of_days})"
+            ).df()
+            if rows
+            else None
+        )
+        sample = con.execute(
+            f"SELECT pseudo_label, confidence {labels_of_days} "
+            "ORDER BY hash(request_id, item_id), request_id, item_id LIMIT ?",
+            [sample_rows],
+        ).df()
     stats = {
-        "rows": int(rows), "unexposed_candidates": int(n_unexposed),
+        "rows": int(rows),
+        "unexposed_candidates": int(n_unexposed),
         "coverage": float(rows / n_unexposed) if n_unexposed else 0.0,
-        "no_history_rule": no_history, **no_history_counts(warehouse, days),
+        "no_history_rule": no_history,
+        **no_history_counts(warehouse, days),
         "no_history_labelled": int(no_history_labelled),
         "days_with_degenerate_calibration": degenerate,
         "days_without_calibration": [str(d) for d in days if d not in labelled_days],
@@ -227,6 +321,7 @@ def pseudo_label_days(warehouse: Warehouse, days: Sequence[date], first_day: dat
         "pseudo_label_mean": float(label_mean) if rows else float("nan"),
         "confidence_mean": float(confidence_mean) if rows else float("nan"),
         "quantiles": quantiles.set_index("q") if quantiles is not None else None,
-        "batches": n_batches, "engine": engine.name,
+        "batches": n_batches,
+        "engine": engine.name,
     }
     return sample, stats

@@ -275,7 +275,9 @@ def build_item_index(vectors: np.ndarray):
     return index
 
 
-def top_items_for_anchors(index, anchor_vectors: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def top_items_for_anchors(
+    index, anchor_vectors: np.ndarray, k: int, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` items (by cosine) of each anchor, searched in batches of ``batch_size`` anchors.
 
     Returns ``(scores (M, k) float32, item_rows (M, k) int64)``; rows past ``index.ntotal`` are
@@ -292,7 +294,7 @@ def top_items_for_anchors(index, anchor_vectors: np.ndarray, k: int, batch_size:
     if m == 0 or index.ntotal == 0:
         return scores, ids
     for s in range(0, m, max(1, batch_size)):
-        D, I = index.search(q[s : s + batch_size], k)
-        scores[s : s + batch_size] = np.where(I >= 0, D, -np.inf)
-        ids[s : s + batch_size] = I
+        found_scores, found_ids = index.search(q[s : s + batch_size], k)
+        scores[s : s + batch_size] = np.where(found_ids >= 0, found_scores, -np.inf)
+        ids[s : s + batch_size] = found_ids
     return scores, ids

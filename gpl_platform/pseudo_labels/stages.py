@@ -72,4 +72,5 @@ def require_days(warehouse: Warehouse, table: str, days: Sequence[date], purpose
     if missing:
         raise MissingUpstreamDays(
             f"{purpose} needs `{table}` for {len(missing)} day(s) that are not materialized "
-            f"(first: {missing[0]}, last: {missing[-1]}). Materialize {table} for those partitions first.")
+            f"(first: {missing[0]}, last: {missing[-1]}). Materialize {table} for those partitions first."
+        )

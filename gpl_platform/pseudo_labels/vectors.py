@@ -22,8 +22,9 @@ def frame_with_vectors(frame: pd.DataFrame, matrix: np.ndarray, column: str = "v
     return table.append_column(column, vector_column(matrix))
 
 
-def read_vectors(con, sql: str, params: Sequence | None = None, column: str = "vector"
-                 ) -> tuple[pd.DataFrame, np.ndarray]:
+def read_vectors(
+    con, sql: str, params: Sequence | None = None, column: str = "vector"
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Run ``sql``; return the other columns as a DataFrame and ``column`` as an (n, d) matrix."""
     table = con.sql(sql, params=list(params or [])).to_arrow_table()
     vectors = table.column(column).combine_chunks()

@@ -36,8 +36,13 @@ def gx_state():
                 context.variables.progress_bars = ProgressBarsConfig(globally=False)
             except Exception:  # pragma: no cover - older/newer layouts
                 log.debug("could not silence GX progress bars", exc_info=True)
-            _GX_STATE.update(gx=gx, gxe=gxe, context=context,
-                             datasource=context.data_sources.add_pandas("gpl_quality"), batch_defs={})
+            _GX_STATE.update(
+                gx=gx,
+                gxe=gxe,
+                context=context,
+                datasource=context.data_sources.add_pandas("gpl_quality"),
+                batch_defs={},
+            )
         return _GX_STATE
 
 
@@ -72,27 +77,36 @@ def validate_rules(suite: str, frame: pd.DataFrame, rules: Sequence[Rule]) -> li
         rule = (res.expectation_config.meta or {}).get("rule")
         observed = res.result.get("observed_value") if res.result else None
         if observed is None and res.result and "unexpected_count" in res.result:
-            observed = {"unexpected_count": res.result["unexpected_count"],
-                        "unexpected_percent": res.result.get("unexpected_percent")}
+            observed = {
+                "unexpected_count": res.result["unexpected_count"],
+                "unexpected_percent": res.result.get("unexpected_percent"),
+            }
         if res.exception_info and res.exception_info.get("raised_exception"):
             observed = f"error: {res.exception_info.get('exception_message')}"
         by_rule[rule] = (bool(res.success), observed)
     out = []
     for r in rules:
         passed, observed = by_rule.get(r.name, (False, "not evaluated"))
-        out.append(ExpectationOutcome(r.name, r.expectation, r.kwargs.get("column"), passed, jsonable(observed),
-                                      r.expected))
+        out.append(
+            ExpectationOutcome(r.name, r.expectation, r.kwargs.get("column"), passed, jsonable(observed), r.expected)
+        )
     return out
 
 
 def suite_result(suite: str, outcomes: list[ExpectationOutcome], metadata: dict) -> QualityResult:
     passed = all(o.passed for o in outcomes)
-    meta = {"passed": passed, **metadata, "failed_rules": [o.name for o in outcomes if not o.passed],
-            "failures": [o.describe() for o in outcomes if not o.passed]}
+    meta = {
+        "passed": passed,
+        **metadata,
+        "failed_rules": [o.name for o in outcomes if not o.passed],
+        "failures": [o.describe() for o in outcomes if not o.passed],
+    }
     return QualityResult(suite, passed, outcomes, jsonable(meta))
 
 
-def custom_outcome(name: str, passed: bool, observed: Any, expected: str, column: str | None = None) -> ExpectationOutcome:
+def custom_outcome(
+    name: str, passed: bool, observed: Any, expected: str, column: str | None = None
+) -> ExpectationOutcome:
     return ExpectationOutcome(name, "custom", column, bool(passed), jsonable(observed), expected)
 
 

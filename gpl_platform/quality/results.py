@@ -43,9 +43,13 @@ class QualityResult:
         return f"{self.suite}: " + "; ".join(e.describe() for e in self.failures)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame([{"rule": e.name, "passed": e.passed, "observed": format_value(e.observed),
-                              "expected": e.expected} for e in self.expectations],
-                            columns=["rule", "passed", "observed", "expected"])
+        return pd.DataFrame(
+            [
+                {"rule": e.name, "passed": e.passed, "observed": format_value(e.observed), "expected": e.expected}
+                for e in self.expectations
+            ],
+            columns=["rule", "passed", "observed", "expected"],
+        )
 
 
 class QualityGateError(RuntimeError):

@@ -10,8 +10,8 @@ Derived per-row columns (vector norms, click-label consistency, "high-confidence
 added to a copy of the frame before validation, so every rule is an ordinary GX expectation.
 ``great_expectations`` is imported lazily (about 3.5 s) on the first validation.
 
-The label checks are the gate before training: :func:`~gpl_platform.quality.gate.failing_label_days` re-runs them for any
-set of days against the warehouse, so a consumer in a later run can refuse failing days too.
+The label checks are the gate before training: :func:`~gpl_platform.quality.gate.failing_label_days` re-runs them
+for any set of days against the warehouse, so a consumer in a later run can refuse failing days too.
 """
 
 from __future__ import annotations
@@ -61,17 +61,26 @@ def check_pseudo_label_values(labels: pd.DataFrame, cfg: PseudoLabelThresholds |
         return empty_result(suite, cfg.allow_empty)
     rules = []
     for col in ("pseudo_label", "confidence"):
-        rules += [Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
-                  Rule(f"{col}_in_0_1", "ExpectColumnValuesToBeBetween",
-                       {"column": col, "min_value": 0.0, "max_value": 1.0}, "every value in [0, 1]")]
+        rules += [
+            Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
+            Rule(
+                f"{col}_in_0_1",
+                "ExpectColumnValuesToBeBetween",
+                {"column": col, "min_value": 0.0, "max_value": 1.0},
+                "every value in [0, 1]",
+            ),
+        ]
     frame = labels[["pseudo_label", "confidence"]].astype(float)
     outcomes = validate_rules(suite, frame, rules)
     return suite_result(suite, outcomes, {"rows": len(labels)})
 
 
-def check_pseudo_label_distribution(labels: pd.DataFrame, previous: pd.DataFrame | None = None,
-                                    cfg: PseudoLabelThresholds | None = None,
-                                    kl_skip_reason: str | None = None) -> QualityResult:
+def check_pseudo_label_distribution(
+    labels: pd.DataFrame,
+    previous: pd.DataFrame | None = None,
+    cfg: PseudoLabelThresholds | None = None,
+    kl_skip_reason: str | None = None,
+) -> QualityResult:
     """Distribution of one day: label mean/spread (collapse, saturation), confidence mean and
     quantiles, share of high-confidence positives, KL of the confidence histogram vs ``previous``
     (skipped with ``kl_skip_reason`` when the caller knows the previous day is no baseline)."""
@@ -80,28 +89,54 @@ def check_pseudo_label_distribution(labels: pd.DataFrame, previous: pd.DataFrame
     if labels.empty:
         return empty_result(suite, cfg.allow_empty)
     frame = labels[["pseudo_label", "confidence"]].astype(float).copy()
-    frame["high_confidence_positive"] = ((frame["pseudo_label"] >= cfg.high_label)
-                                         & (frame["confidence"] >= cfg.high_confidence)).astype(float)
+    frame["high_confidence_positive"] = (
+        (frame["pseudo_label"] >= cfg.high_label) & (frame["confidence"] >= cfg.high_confidence)
+    ).astype(float)
     rules = [
-        Rule("pseudo_label_mean", "ExpectColumnMeanToBeBetween",
-             {"column": "pseudo_label", "min_value": cfg.pseudo_label_mean_min, "max_value": cfg.pseudo_label_mean_max},
-             f"in [{cfg.pseudo_label_mean_min}, {cfg.pseudo_label_mean_max}]"),
-        Rule("pseudo_label_std", "ExpectColumnStdevToBeBetween",
-             {"column": "pseudo_label", "min_value": cfg.pseudo_label_std_min},
-             f">= {cfg.pseudo_label_std_min} (not collapsed)"),
-        Rule("confidence_mean", "ExpectColumnMeanToBeBetween",
-             {"column": "confidence", "min_value": cfg.confidence_mean_min, "max_value": cfg.confidence_mean_max},
-             f"in [{cfg.confidence_mean_min}, {cfg.confidence_mean_max}]"),
-        Rule("confidence_quantiles", "ExpectColumnQuantileValuesToBeBetween",
-             {"column": "confidence", "quantile_ranges": {"quantiles": list(cfg.confidence_quantiles),
-                                                          "value_ranges": [list(r) for r in cfg.confidence_quantile_ranges]}},
-             "q" + "/".join(f"{q:g}" for q in cfg.confidence_quantiles) + " in "
-             + ", ".join(f"[{a:g}, {b:g}]" for a, b in cfg.confidence_quantile_ranges)),
-        Rule("high_confidence_positive_share", "ExpectColumnMeanToBeBetween",
-             {"column": "high_confidence_positive", "min_value": 0.0,
-              "max_value": cfg.high_confidence_positive_share_max},
-             f"<= {cfg.high_confidence_positive_share_max} (label >= {cfg.high_label}, "
-             f"confidence >= {cfg.high_confidence})"),
+        Rule(
+            "pseudo_label_mean",
+            "ExpectColumnMeanToBeBetween",
+            {"column": "pseudo_label", "min_value": cfg.pseudo_label_mean_min, "max_value": cfg.pseudo_label_mean_max},
+            f"in [{cfg.pseudo_label_mean_min}, {cfg.pseudo_label_mean_max}]",
+        ),
+        Rule(
+            "pseudo_label_std",
+            "ExpectColumnStdevToBeBetween",
+            {"column": "pseudo_label", "min_value": cfg.pseudo_label_std_min},
+            f">= {cfg.pseudo_label_std_min} (not collapsed)",
+        ),
+        Rule(
+            "confidence_mean",
+            "ExpectColumnMeanToBeBetween",
+            {"column": "confidence", "min_value": cfg.confidence_mean_min, "max_value": cfg.confidence_mean_max},
+            f"in [{cfg.confidence_mean_min}, {cfg.confidence_mean_max}]",
+        ),
+        Rule(
+            "confidence_quantiles",
+            "ExpectColumnQuantileValuesToBeBetween",
+            {
+                "column": "confidence",
+                "quantile_ranges": {
+                    "quantiles": list(cfg.confidence_quantiles),
+                    "value_ranges": [list(r) for r in cfg.confidence_quantile_ranges],
+                },
+            },
+            "q"
+            + "/".join(f"{q:g}" for q in cfg.confidence_quantiles)
+            + " in "
+            + ", ".join(f"[{a:g}, {b:g}]" for a, b in cfg.confidence_quantile_ranges),
+        ),
+        Rule(
+            "high_confidence_positive_share",
+            "ExpectColumnMeanToBeBetween",
+            {
+                "column": "high_confidence_positive",
+                "min_value": 0.0,
+                "max_value": cfg.high_confidence_positive_share_max,
+            },
+            f"<= {cfg.high_confidence_positive_share_max} (label >= {cfg.high_label}, "
+            f"confidence >= {cfg.high_confidence})",
+        ),
     ]
     kl_note = None
     prev_conf = previous["confidence"].astype(float) if previous is not None and len(previous) else None
@@ -113,24 +148,35 @@ def check_pseudo_label_distribution(labels: pd.DataFrame, previous: pd.DataFrame
         kl_note = f"fewer than {cfg.kl_min_rows} rows on one of the days"
     else:
         prev_hist = confidence_histogram(prev_conf, cfg.kl_bins) + cfg.kl_smoothing
-        rules.append(Rule("confidence_kl_vs_previous", "ExpectColumnKLDivergenceToBeLessThan",
-                          {"column": "confidence", "threshold": cfg.kl_max,
-                           "partition_object": {"bins": np.linspace(0, 1, cfg.kl_bins + 1).tolist(),
-                                                "weights": (prev_hist / prev_hist.sum()).tolist()}},
-                          f"< {cfg.kl_max}"))
+        rules.append(
+            Rule(
+                "confidence_kl_vs_previous",
+                "ExpectColumnKLDivergenceToBeLessThan",
+                {
+                    "column": "confidence",
+                    "threshold": cfg.kl_max,
+                    "partition_object": {
+                        "bins": np.linspace(0, 1, cfg.kl_bins + 1).tolist(),
+                        "weights": (prev_hist / prev_hist.sum()).tolist(),
+                    },
+                },
+                f"< {cfg.kl_max}",
+            )
+        )
     outcomes = validate_rules(suite, frame, rules)
     conf = frame["confidence"]
     meta: dict[str, Any] = {
-        "rows": len(frame), "pseudo_label_mean": float(frame["pseudo_label"].mean()),
+        "rows": len(frame),
+        "pseudo_label_mean": float(frame["pseudo_label"].mean()),
         "pseudo_label_std": float(frame["pseudo_label"].std(ddof=0)),
         "confidence_mean": float(conf.mean()),
         **{f"confidence_q{int(q * 100):02d}": float(conf.quantile(q)) for q in cfg.confidence_quantiles},
         "high_confidence_positive_share": float(frame["high_confidence_positive"].mean()),
     }
     if prev_conf is not None and len(prev_conf):
-        meta["confidence_kl_vs_previous"] = kl_divergence(confidence_histogram(conf, cfg.kl_bins),
-                                                          confidence_histogram(prev_conf, cfg.kl_bins),
-                                                          cfg.kl_smoothing)
+        meta["confidence_kl_vs_previous"] = kl_divergence(
+            confidence_histogram(conf, cfg.kl_bins), confidence_histogram(prev_conf, cfg.kl_bins), cfg.kl_smoothing
+        )
     gx_kl = next((o.observed for o in outcomes if o.name == "confidence_kl_vs_previous"), None)
     if isinstance(gx_kl, (int, float)):
         meta["confidence_kl_vs_previous"] = gx_kl  # the value the rule judged
@@ -151,8 +197,12 @@ def normalize_title(text: Any) -> str:
     return _NON_WORD.sub(" ", _YEAR.sub(" ", str(text).lower())).strip()
 
 
-def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.DataFrame | None = None,
-                  cfg: AnchorThresholds | None = None) -> QualityResult:
+def check_anchors(
+    anchors: pd.DataFrame,
+    histories: pd.DataFrame,
+    items: pd.DataFrame | None = None,
+    cfg: AnchorThresholds | None = None,
+) -> QualityResult:
     """One day of ``user_anchors`` against that day's ``user_histories``: every user with a
     history row has at least one anchor, the fallback rate (users with a history) is bounded, and
     generated anchors are mostly not verbatim history titles. ``items`` (item_id, text) is needed
@@ -162,9 +212,14 @@ def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Data
     users = pd.DataFrame({"user_id": histories["user_id"].astype(str).unique()})
     per_user = anchors.groupby(anchors["user_id"].astype(str)).size().rename("n_anchors")
     users = users.merge(per_user, left_on="user_id", right_index=True, how="left").fillna({"n_anchors": 0})
-    rules = [Rule("every_user_has_anchors", "ExpectColumnValuesToBeBetween",
-                  {"column": "n_anchors", "min_value": cfg.min_anchors_per_user},
-                  f">= {cfg.min_anchors_per_user} anchor per user with a request")]
+    rules = [
+        Rule(
+            "every_user_has_anchors",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "n_anchors", "min_value": cfg.min_anchors_per_user},
+            f">= {cfg.min_anchors_per_user} anchor per user with a request",
+        )
+    ]
     outcomes = validate_rules(f"{suite}_users", users, rules) if len(users) else []
 
     reasons = anchors["fallback_reason"].astype(object)
@@ -173,10 +228,18 @@ def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Data
     fallback_rate = float(warm["is_fallback"].astype(bool).mean()) if len(warm) else 0.0
     if len(warm):
         frame = pd.DataFrame({"is_fallback": warm["is_fallback"].astype(bool).astype(float).to_numpy()})
-        outcomes += validate_rules(f"{suite}_fallback", frame, [
-            Rule("fallback_rate", "ExpectColumnMeanToBeBetween",
-                 {"column": "is_fallback", "min_value": 0.0, "max_value": cfg.fallback_rate_max},
-                 f"<= {cfg.fallback_rate_max} among users with a history")])
+        outcomes += validate_rules(
+            f"{suite}_fallback",
+            frame,
+            [
+                Rule(
+                    "fallback_rate",
+                    "ExpectColumnMeanToBeBetween",
+                    {"column": "is_fallback", "min_value": 0.0, "max_value": cfg.fallback_rate_max},
+                    f"<= {cfg.fallback_rate_max} among users with a history",
+                )
+            ],
+        )
 
     backends = sorted(set(anchors["backend"].dropna().astype(str))) if "backend" in anchors else []
     generated = anchors[~anchors["is_fallback"].astype(bool).to_numpy()]
@@ -186,12 +249,21 @@ def check_anchors(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Data
     if len(generated) and items is not None:
         copied = verbatim_copies(generated, histories, items)
         copy_rate = float(copied.mean())
-        outcomes += validate_rules(f"{suite}_verbatim", pd.DataFrame({"verbatim_copy": copied.astype(float)}), [
-            Rule("verbatim_copy_rate", "ExpectColumnMeanToBeBetween",
-                 {"column": "verbatim_copy", "min_value": 0.0, "max_value": cfg.verbatim_copy_rate_max},
-                 f"<= {cfg.verbatim_copy_rate_max} of generated anchors repeat a history title")])
+        outcomes += validate_rules(
+            f"{suite}_verbatim",
+            pd.DataFrame({"verbatim_copy": copied.astype(float)}),
+            [
+                Rule(
+                    "verbatim_copy_rate",
+                    "ExpectColumnMeanToBeBetween",
+                    {"column": "verbatim_copy", "min_value": 0.0, "max_value": cfg.verbatim_copy_rate_max},
+                    f"<= {cfg.verbatim_copy_rate_max} of generated anchors repeat a history title",
+                )
+            ],
+        )
     meta = {
-        "anchors": len(anchors), "users_with_request": len(users),
+        "anchors": len(anchors),
+        "users_with_request": len(users),
         "users_without_anchor": int((users["n_anchors"] < cfg.min_anchors_per_user).sum()) if len(users) else 0,
         "fallback_rate_with_history": fallback_rate,
         "cold_start_anchor_share": float(cold.mean()) if len(anchors) else 0.0,
@@ -222,8 +294,9 @@ def verbatim_copies(anchors: pd.DataFrame, histories: pd.DataFrame, items: pd.Da
 
 
 # ---- embeddings ------------------------------------------------------------------------------
-def check_embeddings(frame: pd.DataFrame, cfg: EmbeddingThresholds | None = None, column: str = "vector",
-                     name: str = "embeddings") -> QualityResult:
+def check_embeddings(
+    frame: pd.DataFrame, cfg: EmbeddingThresholds | None = None, column: str = "vector", name: str = "embeddings"
+) -> QualityResult:
     """Every vector: the expected (or one common) dimension, L2 norm ~ 1, no NaN/inf."""
     cfg = cfg or EmbeddingThresholds()
     suite = f"{name}_vectors"
@@ -247,21 +320,36 @@ def check_embeddings(frame: pd.DataFrame, cfg: EmbeddingThresholds | None = None
     checked = pd.DataFrame({"dim": dims, "norm": norms, "finite": finite})
     tol = cfg.norm_tolerance
     rules = [
-        Rule("dimension", "ExpectColumnValuesToBeInSet", {"column": "dim", "value_set": [expected_dim]},
-             f"== {expected_dim}"),
-        Rule("no_nan", "ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]},
-             "no NaN/inf component"),
-        Rule("unit_norm", "ExpectColumnValuesToBeBetween",
-             {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol}, f"L2 norm in [{1 - tol:g}, {1 + tol:g}]"),
+        Rule(
+            "dimension",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "dim", "value_set": [expected_dim]},
+            f"== {expected_dim}",
+        ),
+        Rule(
+            "no_nan", "ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}, "no NaN/inf component"
+        ),
+        Rule(
+            "unit_norm",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol},
+            f"L2 norm in [{1 - tol:g}, {1 + tol:g}]",
+        ),
     ]
     outcomes = validate_rules(suite, checked, rules)
     finite_norms = norms[np.isfinite(norms)]
-    return suite_result(suite, outcomes, {
-        "rows": len(frame), "dim": expected_dim, "dims_seen": sorted({int(d) for d in dims})[:5],
-        "rows_with_nan": int((~finite).sum()),
-        "norm_min": float(finite_norms.min()) if finite_norms.size else float("nan"),
-        "norm_max": float(finite_norms.max()) if finite_norms.size else float("nan"),
-    })
+    return suite_result(
+        suite,
+        outcomes,
+        {
+            "rows": len(frame),
+            "dim": expected_dim,
+            "dims_seen": sorted({int(d) for d in dims})[:5],
+            "rows_with_nan": int((~finite).sum()),
+            "norm_min": float(finite_norms.min()) if finite_norms.size else float("nan"),
+            "norm_max": float(finite_norms.max()) if finite_norms.size else float("nan"),
+        },
+    )
 
 
 # ---- events ----------------------------------------------------------------------------------
@@ -277,32 +365,58 @@ def check_events(events: pd.DataFrame, cfg: EventThresholds | None = None) -> Qu
     clicked = pd.to_numeric(events["clicked"], errors="coerce")
     frame = events[["request_id", "user_id", "item_id", "event_time"]].copy()
     frame["exposed"] = exposed.astype(float)
-    frame["click_label_consistent"] = ((exposed.fillna(False) & clicked.notna())
-                                       | (~exposed.fillna(True) & clicked.isna())).astype(bool)
+    frame["click_label_consistent"] = (
+        (exposed.fillna(False) & clicked.notna()) | (~exposed.fillna(True) & clicked.isna())
+    ).astype(bool)
     frame["clicked_exposed"] = clicked.where(exposed.fillna(False).to_numpy(bool)).astype(float)
-    rules = [Rule(f"{c}_not_null", "ExpectColumnValuesToNotBeNull", {"column": c}, "no nulls")
-             for c in ("request_id", "user_id", "item_id", "event_time", "exposed")]
+    rules = [
+        Rule(f"{c}_not_null", "ExpectColumnValuesToNotBeNull", {"column": c}, "no nulls")
+        for c in ("request_id", "user_id", "item_id", "event_time", "exposed")
+    ]
     rules += [
-        Rule("unique_request_item", "ExpectCompoundColumnsToBeUnique", {"column_list": ["request_id", "item_id"]},
-             "one row per (request_id, item_id)"),
-        Rule("click_label_on_exposed_only", "ExpectColumnValuesToBeInSet",
-             {"column": "click_label_consistent", "value_set": [True]},
-             "clicked set exactly on exposed rows"),
-        Rule("clicked_binary", "ExpectColumnValuesToBeInSet", {"column": "clicked_exposed", "value_set": [0.0, 1.0]},
-             "clicked in {0, 1}"),
-        Rule("exposure_rate", "ExpectColumnMeanToBeBetween",
-             {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
-             f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]"),
+        Rule(
+            "unique_request_item",
+            "ExpectCompoundColumnsToBeUnique",
+            {"column_list": ["request_id", "item_id"]},
+            "one row per (request_id, item_id)",
+        ),
+        Rule(
+            "click_label_on_exposed_only",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "click_label_consistent", "value_set": [True]},
+            "clicked set exactly on exposed rows",
+        ),
+        Rule(
+            "clicked_binary",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "clicked_exposed", "value_set": [0.0, 1.0]},
+            "clicked in {0, 1}",
+        ),
+        Rule(
+            "exposure_rate",
+            "ExpectColumnMeanToBeBetween",
+            {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
+            f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]",
+        ),
     ]
     n_exposed = int(exposed.fillna(False).sum())
     if n_exposed >= cfg.positive_rate_min_exposed:
-        rules.append(Rule("positive_rate", "ExpectColumnMeanToBeBetween",
-                          {"column": "clicked_exposed", "min_value": cfg.positive_rate_min,
-                           "max_value": cfg.positive_rate_max},
-                          f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]"))
+        rules.append(
+            Rule(
+                "positive_rate",
+                "ExpectColumnMeanToBeBetween",
+                {"column": "clicked_exposed", "min_value": cfg.positive_rate_min, "max_value": cfg.positive_rate_max},
+                f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]",
+            )
+        )
     outcomes = validate_rules(suite, frame, rules)
-    return suite_result(suite, outcomes, {
-        "rows": len(events), "requests": int(events["request_id"].nunique()),
-        "exposure_rate": float(n_exposed / len(events)),
-        "positive_rate": float(frame["clicked_exposed"].mean()) if n_exposed else float("nan"),
-    })
+    return suite_result(
+        suite,
+        outcomes,
+        {
+            "rows": len(events),
+            "requests": int(events["request_id"].nunique()),
+            "exposure_rate": float(n_exposed / len(events)),
+            "positive_rate": float(frame["clicked_exposed"].mean()) if n_exposed else float("nan"),
+        },
+    )

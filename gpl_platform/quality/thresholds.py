@@ -19,26 +19,39 @@ class PseudoLabelThresholds(BaseModel):
     confidence_mean_max: float = Field(0.95, ge=0, le=1)
     confidence_quantiles: list[float] = Field([0.05, 0.5, 0.95])
     confidence_quantile_ranges: list[tuple[float, float]] = Field(
-        [(0.0, 0.9), (0.05, 0.98), (0.1, 1.0)], description="allowed [min, max] of each confidence quantile")
+        [(0.0, 0.9), (0.05, 0.98), (0.1, 1.0)], description="allowed [min, max] of each confidence quantile"
+    )
     high_label: float = Field(0.5, ge=0, le=1, description="pseudo_label >= this counts as a positive")
     high_confidence: float = Field(0.8, ge=0, le=1, description="confidence >= this counts as high confidence")
     high_confidence_positive_share_max: float = Field(
-        0.5, ge=0, le=1, description="max share of rows that are high-confidence positives (saturation)")
+        0.5, ge=0, le=1, description="max share of rows that are high-confidence positives (saturation)"
+    )
     kl_bins: int = Field(10, gt=1, description="equal-width bins of the confidence histogram on [0, 1]")
     kl_smoothing: float = Field(0.5, ge=0, description="pseudo-count added to every bin of the previous histogram")
     kl_max: float = Field(
-        1.5, gt=0, description="max KL(today || previous day) of the smoothed confidence histogram; the warm-up "
-                               "days of the 5-day test world reach 1.28 (first labelled day: mostly cold-start users)")
+        1.5,
+        gt=0,
+        description="max KL(today || previous day) of the smoothed confidence histogram; the warm-up "
+        "days of the 5-day test world reach 1.28 (first labelled day: mostly cold-start users)",
+    )
     kl_min_rows: int = Field(50, ge=1, description="fewer rows on either day: the KL check is skipped")
 
 
 class AnchorThresholds(BaseModel):
     fallback_rate_max: float = Field(
-        0.5, ge=0, le=1, description="max share of fallback anchors among users WITH a history (cold-start "
-                                     "users always get the generic anchor and are reported apart)")
+        0.5,
+        ge=0,
+        le=1,
+        description="max share of fallback anchors among users WITH a history (cold-start "
+        "users always get the generic anchor and are reported apart)",
+    )
     verbatim_copy_rate_max: float = Field(
-        0.5, ge=0, le=1, description="max share of generated anchors that repeat a title of the user's history "
-                                     "(not applied to the `history` backend, whose anchors are titles by design)")
+        0.5,
+        ge=0,
+        le=1,
+        description="max share of generated anchors that repeat a title of the user's history "
+        "(not applied to the `history` backend, whose anchors are titles by design)",
+    )
     min_anchors_per_user: int = Field(1, ge=1)
 
 
@@ -53,8 +66,11 @@ class EventThresholds(BaseModel):
     positive_rate_min: float = Field(0.005, ge=0, le=1, description="clicks / exposed candidates")
     positive_rate_max: float = Field(0.8, ge=0, le=1)
     positive_rate_min_exposed: int = Field(
-        30, ge=0, description="the positive-rate bounds apply to days with at least this many exposed candidates "
-        "(a day that shows 7 items can click 6 of them without anything being wrong)")
+        30,
+        ge=0,
+        description="the positive-rate bounds apply to days with at least this many exposed candidates "
+        "(a day that shows 7 items can click 6 of them without anything being wrong)",
+    )
     allow_empty: bool = Field(True, description="a day without events passes (written as an empty partition)")
 
 
@@ -72,5 +88,8 @@ def quality_config(settings: Any) -> QualityConfig:
     cfg = getattr(settings, "quality", None)
     if cfg is None:
         return QualityConfig()
-    return cfg if isinstance(cfg, QualityConfig) else QualityConfig.model_validate(
-        cfg.model_dump() if hasattr(cfg, "model_dump") else cfg)
+    return (
+        cfg
+        if isinstance(cfg, QualityConfig)
+        else QualityConfig.model_validate(cfg.model_dump() if hasattr(cfg, "model_dump") else cfg)
+    )

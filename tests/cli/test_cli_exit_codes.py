@@ -11,8 +11,18 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GPL_UP_TO_LABELS = ["item_catalog", "users", "item_embeddings", "candidate_events", "user_histories", "user_anchors",
-                    "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels"]
+GPL_UP_TO_LABELS = [
+    "item_catalog",
+    "users",
+    "item_embeddings",
+    "candidate_events",
+    "user_histories",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+]
 REFUSED_LINE = "day(s) refused by blocking checks: exit 3"
 
 pytestmark = pytest.mark.slow  # the real encoder, in `gpl run` subprocesses
@@ -22,13 +32,26 @@ def _instance(tmp_path: Path, **settings: str) -> dict:
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
-    return {**os.environ, "DAGSTER_HOME": str(home), "GPL_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT),
-            "GPL_ANCHORS__BACKEND": "history", "GPL_CALIBRATION__MIN_SAMPLES": "50", **settings}
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "GPL_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": str(ROOT),
+        "GPL_ANCHORS__BACKEND": "history",
+        "GPL_CALIBRATION__MIN_SAMPLES": "50",
+        **settings,
+    }
 
 
 def _gpl(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpl_platform.cli.main", "run", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
+    return subprocess.run(
+        [sys.executable, "-m", "gpl_platform.cli.main", "run", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
 
 
 def _selection(keys: list[str]) -> list[str]:
@@ -47,8 +70,9 @@ def test_blocking_check_refusals_exit_3_unless_allowed(tmp_path):
     n_refused = int(last.split()[0])
     assert 1 <= n_refused <= 5
     # The run summary names the blocking check and the days it refused.
-    assert f"pseudo_labels.pseudo_labels_distribution on {n_refused} day(s): 2024-01-0" in refused.stdout, \
+    assert f"pseudo_labels.pseudo_labels_distribution on {n_refused} day(s): 2024-01-0" in refused.stdout, (
         refused.stdout[-3000:]
+    )
     assert "Traceback" not in refused.stderr
 
     allowed = _gpl(strict, "--select", "pseudo_labels", "--allow-failed-checks")
@@ -77,10 +101,16 @@ def test_a_contract_too_small_for_a_time_split_says_so_in_one_line(tmp_path):
     """Two valid days of logs: every per-day asset runs, then training says in one line that a time split needs
     three days (exit 1, no traceback). Five days run end to end (test_logged_evaluation.py)."""
     contract = _logged_contract(tmp_path / "logs", n_days=2)
-    out = _gpl(_instance(tmp_path, GPL_TRAINING__SEEDS="[0]", GPL_TRAINING__EPOCHS="1"), "--source", "contract",
-               "--path", str(contract))
+    out = _gpl(
+        _instance(tmp_path, GPL_TRAINING__SEEDS="[0]", GPL_TRAINING__EPOCHS="1"),
+        "--source",
+        "contract",
+        "--path",
+        str(contract),
+    )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "a time split needs at least 3 days with requests, the warehouse has 2" \
-        in last, out.stderr[-3000:]
+    assert (
+        last.startswith("error: ") and "a time split needs at least 3 days with requests, the warehouse has 2" in last
+    ), out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "Stack Trace" not in out.stderr

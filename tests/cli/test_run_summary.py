@@ -14,13 +14,18 @@ def metric(mean, std):
 
 
 REPORT = {
-    "dataset": "movielens-100k", "preranker": "mlp:prerank_v2", "seeds": [0, 1],
+    "dataset": "movielens-100k",
+    "preranker": "mlp:prerank_v2",
+    "seeds": [0, 1],
     "split": {"test_days": ["1998-03-25", "1998-04-22", 29]},
     "methods": {
         "exposed_only": {"auc": metric(0.70, 0.002), "unexposed_auc": metric(0.66, 0.003), "hr@10": metric(0.41, 0.01)},
         "gpl": {"auc": metric(0.71, 0.001), "unexposed_auc": metric(0.68, 0.002), "hr@10": metric(0.43, 0.02)},
-        "ips": {"auc": metric(0.69, 0.004), "unexposed_auc": metric(float("nan"), float("nan")),
-                "hr@10": metric(0.40, 0.01)},
+        "ips": {
+            "auc": metric(0.69, 0.004),
+            "unexposed_auc": metric(float("nan"), float("nan")),
+            "hr@10": metric(0.40, 0.01),
+        },
     },
 }
 
@@ -28,11 +33,15 @@ REPORT = {
 def test_summary_has_the_table_sorted_the_lift_the_report_the_ui_and_one_line_per_check(tmp_path):
     report_path = tmp_path / "offline_eval.json"
     (tmp_path / "offline_eval_metrics.png").write_bytes(b"png")
-    checks = ["pseudo_labels.pseudo_labels_distribution: " + "day 1997-10-01 std 0.001 < 0.005; " * 40,
-              "user_anchors.anchors_fallback_share: 12% of users fell back"]
+    checks = [
+        "pseudo_labels.pseudo_labels_distribution: " + "day 1997-10-01 std 0.001 < 0.005; " * 40,
+        "user_anchors.anchors_fallback_share: 12% of users fell back",
+    ]
     lines = render_run_summary(checks, REPORT, report_path, full_evaluation_hint=True)
     text = "\n".join(lines)
-    rows = [line for line in lines if line.startswith("  ") and line.split()[0] in REPORT["methods"] and " - " not in line]
+    rows = [
+        line for line in lines if line.startswith("  ") and line.split()[0] in REPORT["methods"] and " - " not in line
+    ]
     assert [r.split()[0] for r in rows] == ["gpl", "exposed_only", "ips"]  # best unexposed AUC first, NaN last
     assert "0.6800 ± 0.0020" in text and "n/a" in text
     assert "3 methods x 2 seed(s) [0, 1], test days 1998-03-25..1998-04-22 (29 days)" in text

@@ -16,14 +16,30 @@ from gpl_platform.engine.ray_engine import LocalRayCluster, RayEngine
 
 pytestmark = pytest.mark.slow
 
-ASSETS = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
-          "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels",
-          "item_semantic_ids", "sid_generator", "sid_anchor_pseudo_labels"]
+ASSETS = [
+    "item_catalog",
+    "users",
+    "candidate_events",
+    "user_histories",
+    "item_embeddings",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+    "item_semantic_ids",
+    "sid_generator",
+    "sid_anchor_pseudo_labels",
+]
 # small batches and chunks, so that both engines cut the work into many pieces
 STREAMING = {"batch_candidates": 400, "anchor_batch_users": 16, "encode_batch_texts": 64}
 SID_GENERATION_COLUMNS = ["logprob", "gen_prob", "c_generation", "confidence"]
-TABLES = {"user_anchors": ["day", "anchor_id"], "anchor_embeddings": ["day", "anchor_id"],
-          "candidate_similarities": ["day", "request_id", "item_id"], "pseudo_labels": ["day", "request_id", "item_id"]}
+TABLES = {
+    "user_anchors": ["day", "anchor_id"],
+    "anchor_embeddings": ["day", "anchor_id"],
+    "candidate_similarities": ["day", "request_id", "item_id"],
+    "pseudo_labels": ["day", "request_id", "item_id"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +66,13 @@ def _run(data_dir, **overrides):
     from assets.resources import GplSettings
     from assets.runner import run_pipeline
 
-    settings = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}, "streaming": STREAMING,
-                "sid": {"generator": {"retrain_every_days": 2}}, **overrides}
+    settings = {
+        "anchors": {"backend": "history"},
+        "calibration": {"min_samples": 50},
+        "streaming": STREAMING,
+        "sid": {"generator": {"retrain_every_days": 2}},
+        **overrides,
+    }
     gpl = GplSettings(data_dir=str(data_dir), overrides_json=json.dumps(settings))
     assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=ASSETS).success
     return gpl.warehouse()
@@ -68,8 +89,13 @@ def _tables(warehouse) -> dict[str, pd.DataFrame]:
 
 def test_ray_engine_writes_the_labels_of_the_local_engine(ray_cluster, tmp_path):
     local = _tables(_run(tmp_path / "local"))
-    on_ray = _tables(_run(tmp_path / "ray", engine="ray", ray={"address": ray_cluster.address, "workers": 2,
-                                                                "staging_dir": str(tmp_path / "staging")}))
+    on_ray = _tables(
+        _run(
+            tmp_path / "ray",
+            engine="ray",
+            ray={"address": ray_cluster.address, "workers": 2, "staging_dir": str(tmp_path / "staging")},
+        )
+    )
     for name, expected in local.items():
         assert len(expected) > 0, name
         actual = on_ray[name]
@@ -79,8 +105,9 @@ def test_ray_engine_writes_the_labels_of_the_local_engine(ray_cluster, tmp_path)
         approximate = [c for c in SID_GENERATION_COLUMNS if c in expected.columns] if name.endswith("__sid") else []
         for column in approximate:
             np.testing.assert_allclose(actual[column], expected[column], rtol=1e-5, atol=1e-6, err_msg=column)
-        pd.testing.assert_frame_equal(expected.drop(columns=approximate), actual.drop(columns=approximate),
-                                      check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(
+            expected.drop(columns=approximate), actual.drop(columns=approximate), check_exact=True, obj=name
+        )
     # sid anchors came from a trained generator for most days (not only history fallbacks)
     sid = local["user_anchors__sid"]
     assert sid["anchor_text"].str.startswith("sid ").mean() > 0.3
@@ -93,8 +120,9 @@ def _boom(inputs, context):
 
 
 def test_a_failing_ray_batch_raises_and_cleans_up(ray_cluster, tmp_path):
-    engine = RayEngine(RayConfig(address=ray_cluster.address, workers=2, staging_dir=tmp_path / "staging"),
-                       StreamingConfig())
+    engine = RayEngine(
+        RayConfig(address=ray_cluster.address, workers=2, staging_dir=tmp_path / "staging"), StreamingConfig()
+    )
     con = duckdb.connect()
     con.execute("CREATE TABLE t AS SELECT range AS x, range // 10 AS batch FROM range(40)")
     job = BatchJob("boom", _boom, None, lambda b: {"rows": f"SELECT x FROM t WHERE batch = {b} ORDER BY x"})

@@ -26,8 +26,12 @@ def test_settings_grid_and_lift_arithmetic(tmp_path):
     assert SWEEP_SETTINGS["movielens-100k"]["logging_5"]["movielens"].get("seed_extra") is None  # grid untouched
     with pytest.raises(ValueError, match="unknown setting"):
         setting_overrides("simulator", "nope", tmp_path)
-    lift = gpl_lift({"gpl": {"unexposed_auc": {"mean": 0.62, "std": 0.003}},
-                     "exposed_only": {"unexposed_auc": {"mean": 0.60, "std": 0.004}}})
+    lift = gpl_lift(
+        {
+            "gpl": {"unexposed_auc": {"mean": 0.62, "std": 0.003}},
+            "exposed_only": {"unexposed_auc": {"mean": 0.60, "std": 0.004}},
+        }
+    )
     assert lift["lift"] == pytest.approx(0.02) and lift["pooled_std"] == pytest.approx((0.5 * (9 + 16)) ** 0.5 / 1000)
 
 
@@ -36,9 +40,17 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     out, doc = tmp_path / "sweep.json", tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nHand-written text stays.\n")
     extra = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 30}, "training": {"epochs": 2}}
-    sweep = _bench().run("simulator", out, settings=["popularity_25", "logging_10"], seeds=[0, 1],
-                         methods=["exposed_only", "ips", "gpl"], prerankers=["mlp", "two_tower"],
-                         data_root=tmp_path / "root", extra_overrides=extra, results_doc=doc)
+    sweep = _bench().run(
+        "simulator",
+        out,
+        settings=["popularity_25", "logging_10"],
+        seeds=[0, 1],
+        methods=["exposed_only", "ips", "gpl"],
+        prerankers=["mlp", "two_tower"],
+        data_root=tmp_path / "root",
+        extra_overrides=extra,
+        results_doc=doc,
+    )
     saved = json.loads(out.read_text())
     assert saved["source"] == "simulator" and list(saved["settings"]) == ["popularity_25", "logging_10"]
     for name, entry in saved["settings"].items():
@@ -46,15 +58,23 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
         stats = entry["protocol"]["statistics"]
         assert 0 < stats["exposure_rate"] < 0.35 and "items_never_exposed_share" in stats
         assert set(entry["methods"]) == {"exposed_only", "ips", "gpl"}
-        for metric in ("auc", "unexposed_auc", "unexposed_hr@10", "exposed_auc", "never_exposed_auc",
-                       "valid_unexposed_auc"):
+        for metric in (
+            "auc",
+            "unexposed_auc",
+            "unexposed_hr@10",
+            "exposed_auc",
+            "never_exposed_auc",
+            "valid_unexposed_auc",
+        ):
             assert {"mean", "std"} <= set(entry["methods"]["gpl"][metric]), metric
         assert set(entry["prerankers"]) == {"mlp:prerank_v2", "two_tower:prerank_scalar_v2"}
         assert entry["prerankers"]["mlp:prerank_v2"]["gpl_lift"]["unexposed_auc"]["pooled_std"] >= 0
         rows = entry["ceiling"]["rows"]
         assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v2]" in rows[0]
         days = entry["pseudo_label_days"]["timeline"]
-        assert days["days"] > 0 and days["with_labels"] + days["refused_by_gate"] + days["without_labels"] == days["days"]
+        assert (
+            days["days"] > 0 and days["with_labels"] + days["refused_by_gate"] + days["without_labels"] == days["days"]
+        )
     # the logging policy is recorded (its model was refitted on earlier days' exposed clicks), and ips reads
     # the logged propensities
     logging_10 = saved["settings"]["logging_10"]
@@ -62,8 +82,10 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     assert logging_10["protocol"]["exposure_policy"]["refits"] > 0
     assert logging_10["prerankers"]["mlp:prerank_v2"]["methods"]["ips"]
     # the logging setting shows a smaller share of each request than the popularity one
-    assert logging_10["protocol"]["statistics"]["exposure_rate"] < saved["settings"]["popularity_25"]["protocol"][
-        "statistics"]["exposure_rate"]
+    assert (
+        logging_10["protocol"]["statistics"]["exposure_rate"]
+        < saved["settings"]["popularity_25"]["protocol"]["statistics"]["exposure_rate"]
+    )
     # the second setting reused the first one's item vectors and cached anchors
     assert logging_10["protocol"]["reused_work"]["item_embeddings"] > 0
     assert (tmp_path / "sweep_lift.png").stat().st_size > 1000
@@ -72,9 +94,17 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     assert sweep["seconds"] > 0
     # resumed: the reports are read, not run again, and the same numbers come out; other seeds run again
     bench = _bench()
-    resumed = bench.run("simulator", None, settings=["popularity_25", "logging_10"], seeds=[0, 1],
-                        methods=["exposed_only", "ips", "gpl"], prerankers=["mlp", "two_tower"],
-                        data_root=tmp_path / "root", extra_overrides=extra, resume=True)
+    resumed = bench.run(
+        "simulator",
+        None,
+        settings=["popularity_25", "logging_10"],
+        seeds=[0, 1],
+        methods=["exposed_only", "ips", "gpl"],
+        prerankers=["mlp", "two_tower"],
+        data_root=tmp_path / "root",
+        extra_overrides=extra,
+        resume=True,
+    )
     for name, entry in resumed["settings"].items():
         assert entry["protocol"]["resumed"] is True and entry["protocol"]["failed_checks"] is None
         assert entry["methods"] == saved["settings"][name]["methods"]

@@ -33,8 +33,9 @@ def _synthetic_log(n_requests=4000, n_candidates=20, seed=0):
 
 
 def _true_recall(requests, y, scores, k):
-    frame = pd.DataFrame({"r": requests, "y": y.astype(int), "s": scores}).sort_values(["r", "s"],
-                                                                                       ascending=[True, False])
+    frame = pd.DataFrame({"r": requests, "y": y.astype(int), "s": scores}).sort_values(
+        ["r", "s"], ascending=[True, False]
+    )
     frame["top"] = frame.groupby("r").cumcount() < k
     return frame.loc[frame["top"], "y"].sum() / frame["y"].sum()
 
@@ -54,9 +55,15 @@ def test_ips_recall_estimates_the_true_recall_from_exposed_clicks_only():
 
 def test_logged_metrics_use_only_what_logs_have():
     requests, y, propensity, exposed, scores = _synthetic_log(500)
-    test = pd.DataFrame({"request_id": requests.astype(str), "user_id": (requests % 50).astype(str),
-                         "exposed": exposed, "clicked": np.where(exposed, y.astype(float), np.nan),
-                         "propensity": propensity})
+    test = pd.DataFrame(
+        {
+            "request_id": requests.astype(str),
+            "user_id": (requests % 50).astype(str),
+            "exposed": exposed,
+            "clicked": np.where(exposed, y.astype(float), np.nan),
+            "propensity": propensity,
+        }
+    )
     metrics = logged_metrics(test, scores, propensity_known=True, clip=20.0)
     assert set(metrics) == {"exposed_auc", "exposed_gauc", "exposed_hr@3", "exposed_hr@10", "ips_recall@10"}
     assert 0.7 < metrics["exposed_auc"] < 0.9
@@ -74,14 +81,38 @@ def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
     events = pd.read_parquet(contract / "events.parquet").drop(columns=["oracle_label"])
     events.to_parquet(contract / "events.parquet", index=False)
     home = tmp_path / "dagster_home"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "GPL_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT),
-           "GPL_ANCHORS__BACKEND": "history", "GPL_CALIBRATION__MIN_SAMPLES": "50", "GPL_TRAINING__SEEDS": "[0]",
-           "GPL_TRAINING__EPOCHS": "3", "GPL_TRAINING__TEST_SHARE": "0.15", "GPL_TRAINING__VALID_SHARE": "0.15"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "GPL_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": str(ROOT),
+        "GPL_ANCHORS__BACKEND": "history",
+        "GPL_CALIBRATION__MIN_SAMPLES": "50",
+        "GPL_TRAINING__SEEDS": "[0]",
+        "GPL_TRAINING__EPOCHS": "3",
+        "GPL_TRAINING__TEST_SHARE": "0.15",
+        "GPL_TRAINING__VALID_SHARE": "0.15",
+    }
     home.mkdir()
     (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
-    out = subprocess.run([sys.executable, "-m", "gpl_platform.cli.main", "run", "--source", "contract", "--path",
-                          str(contract), "--allow-failed-checks"], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=3600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpl_platform.cli.main",
+            "run",
+            "--source",
+            "contract",
+            "--path",
+            str(contract),
+            "--allow-failed-checks",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Logged-data evaluation (no oracle labels" in out.stdout
     report = json.loads((tmp_path / "data" / "reports" / "logged_eval.json").read_text())
@@ -97,14 +128,24 @@ def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
 def test_one_line_errors_and_exit_codes(tmp_path):
     """A bad contract directory (no items, a clock error, a nested folder), a reversed range, a partition that
     does not exist, a wrong source: one line each, non-zero exit; --debug shows the traceback."""
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "GPL_DATA_DIR": str(tmp_path / "data"),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "GPL_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": str(ROOT),
+    }
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
 
     def gpl(*args):
-        return subprocess.run([sys.executable, "-m", "gpl_platform.cli.main", *args], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "gpl_platform.cli.main", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     empty = tmp_path / "empty"
     empty.mkdir()

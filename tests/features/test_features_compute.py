@@ -30,17 +30,25 @@ def _events(rows):
 def tiny(settings):
     """u1 clicks a on D1 and c on D2; u2 only sees b; item d never appears; u3 never shows up."""
     wh = Warehouse(settings.warehouse)
-    items = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "text": ["A", "B", "C", "D"],
-                          "genre": ["x", "y", "x", None], "year": [1990, 1991, None, 1993]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "d"],
+            "text": ["A", "B", "C", "D"],
+            "genre": ["x", "y", "x", None],
+            "year": [1990, 1991, None, 1993],
+        }
+    )
     users = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "age": [30, 40, 50], "country": ["FR", "DE", "FR"]})
-    events = _events([
-        (D1, "r1", "u1", "a", "2024-03-01T10:00Z", True, 1),
-        (D1, "r1", "u1", "b", "2024-03-01T10:00Z", True, 0),
-        (D1, "r1", "u1", "c", "2024-03-01T10:00Z", False, None),
-        (D1, "r2", "u2", "b", "2024-03-01T23:59:59Z", True, 0),
-        (D2, "r3", "u1", "c", "2024-03-02T00:00:00Z", True, 1),
-        (D2, "r3", "u1", "b", "2024-03-02T00:00:00Z", True, 0),
-    ])
+    events = _events(
+        [
+            (D1, "r1", "u1", "a", "2024-03-01T10:00Z", True, 1),
+            (D1, "r1", "u1", "b", "2024-03-01T10:00Z", True, 0),
+            (D1, "r1", "u1", "c", "2024-03-01T10:00Z", False, None),
+            (D1, "r2", "u2", "b", "2024-03-01T23:59:59Z", True, 0),
+            (D2, "r3", "u1", "c", "2024-03-02T00:00:00Z", True, 1),
+            (D2, "r3", "u1", "b", "2024-03-02T00:00:00Z", True, 0),
+        ]
+    )
     with wh.transaction() as con:
         wh.replace_table("items", items, con)
         wh.replace_table("users", users, con)
@@ -125,8 +133,11 @@ def test_spec_and_profiles_follow_the_source_columns(tiny):
     assert FeatureSpec.from_json(spec.to_json()) == spec
     row = profile.set_index("item_id").loc["d"]
     assert row["item_has_content_emb"] == 0 and not np.any(row["item_content_emb"]) and row["item_cat_genre"] is None
-    assert row["item_known"] == 1 and profile.set_index("item_id").loc["c", "item_num_year"] != \
-        profile.set_index("item_id").loc["c", "item_num_year"]  # a null year stays null: Feast fills the default
+    assert (
+        row["item_known"] == 1
+        and profile.set_index("item_id").loc["c", "item_num_year"]
+        != profile.set_index("item_id").loc["c", "item_num_year"]
+    )  # a null year stays null: Feast fills the default
 
 
 def test_parquet_files_have_feast_types_and_reruns_replace_them(tiny, settings):
@@ -142,8 +153,12 @@ def test_parquet_files_have_feast_types_and_reruns_replace_them(tiny, settings):
     assert pq.read_metadata(out / "user_history" / "2024-03-01.parquet").num_rows == 0
     again = pipeline.write_item_features(settings, wh, [D3], D1)
     assert pq.read_table(out / "item_activity" / "2024-03-03.parquet").equals(
-        parquet.to_arrow(first["activity"][first["activity"]["day"] == D3], "item_id",
-                         FeatureSpec().views()["item_activity"]["features"]))
+        parquet.to_arrow(
+            first["activity"][first["activity"]["day"] == D3],
+            "item_id",
+            FeatureSpec().views()["item_activity"]["features"],
+        )
+    )
     assert again["rows"] == 4 and parquet.written_days(out, "item_activity") == {D2, D3}
 
 

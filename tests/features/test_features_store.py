@@ -34,8 +34,12 @@ def world(tmp_path_factory):
 def redis_store(world, redis_url):
     """The same sources in the Redis online store (the settings say so: feature_store.online_store)."""
     settings = world["store"].settings.model_copy(
-        update={"feature_store": world["store"].settings.feature_store.model_copy(
-            update={"online_store": "redis", "redis": redis_url})})
+        update={
+            "feature_store": world["store"].settings.feature_store.model_copy(
+                update={"online_store": "redis", "redis": redis_url}
+            )
+        }
+    )
     store = FeastStore(settings)
     assert store.apply_if_changed(world["store"].spec())["applied"] is True
     store.materialize_days(world["days"])
@@ -58,8 +62,9 @@ def _assert_same(a: pd.DataFrame, b: pd.DataFrame):
     """Identical values and dtypes; embeddings compared element-wise with their float32 dtype."""
     assert list(a.columns) == list(b.columns)
     emb = [c for c in a.columns if len(a) and isinstance(a[c].iloc[0], np.ndarray)]
-    pd.testing.assert_frame_equal(a.drop(columns=emb).reset_index(drop=True), b.drop(columns=emb).reset_index(drop=True),
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        a.drop(columns=emb).reset_index(drop=True), b.drop(columns=emb).reset_index(drop=True), check_exact=True
+    )
     for c in emb:
         for x, y in zip(a[c], b[c]):
             assert x.dtype == y.dtype == np.float32 and np.array_equal(x, y), c
@@ -72,8 +77,12 @@ def test_repository_objects_are_registered_and_apply_runs_only_when_they_change(
     fs = store.store
     assert {s.name for s in fs.list_feature_services()} == set(SERVICES)
     assert {v.name for v in fs.list_feature_views()} == set(spec.views())
-    assert {v.name for v in fs.list_on_demand_feature_views()} == {"user_inputs", "item_inputs", "known_ids",
-                                                                   "user_item_inputs"}
+    assert {v.name for v in fs.list_on_demand_feature_views()} == {
+        "user_inputs",
+        "item_inputs",
+        "known_ids",
+        "user_item_inputs",
+    }
     scalar = {n for n, _ in store.service_features("prerank_scalar_v2")}
     assert not scalar & {"i_content_emb", "u_history_emb", "ui_cosine"} and {"i_has_content_emb", "u_known"} <= scalar
     full = store.service_features("prerank_v2")
@@ -82,8 +91,9 @@ def test_repository_objects_are_registered_and_apply_runs_only_when_they_change(
     with pytest.raises(ValueError, match="retired.*prerank_v2"):
         store.service_features("prerank_v1")
     # A changed spec (a source without the `country` column) is applied, then the original again.
-    changed = type(spec)({k: v for k, v in spec.user_attributes.items() if k != "user_cat_country"},
-                         spec.item_attributes)
+    changed = type(spec)(
+        {k: v for k, v in spec.user_attributes.items() if k != "user_cat_country"}, spec.item_attributes
+    )
     try:
         assert store.apply_if_changed(changed)["applied"] is True
         fs.refresh_registry()
@@ -97,16 +107,24 @@ def test_feast_plan_and_apply_work_on_the_repository_folder_of_a_fresh_clone(tmp
     """`feast -c feature_repo plan|apply` with nothing generated yet: no data, no attribute file."""
     clone = tmp_path / "clone"
     tracked = subprocess.run(["git", "ls-files", "feature_repo"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    files = tracked.stdout.split() or [str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "feature_repo").rglob("*")
-                                       if p.is_file() and "__pycache__" not in p.parts and p.parent.name != "data"]
+    files = tracked.stdout.split() or [
+        str(p.relative_to(PROJECT_ROOT))
+        for p in (PROJECT_ROOT / "feature_repo").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.parent.name != "data"
+    ]
     for name in files:  # what a clone has: the tracked files only
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT_ROOT / name, clone / name)
     feast = str(Path(sys.executable).parent / "feast")
     env = {"GPL_DATA_DIR": str(clone / "data"), "PATH": str(Path(sys.executable).parent)}
     for command in ("plan", "apply"):
-        done = subprocess.run([feast, "-c", str(clone / "feature_repo"), command], capture_output=True, text=True,
-                              env={**__import__("os").environ, **env}, timeout=600)
+        done = subprocess.run(
+            [feast, "-c", str(clone / "feature_repo"), command],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, **env},
+            timeout=600,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "prerank_v2" in done.stdout and "user_item_inputs" in done.stdout
     assert (clone / "feature_repo" / "data" / "registry.db").exists()  # as the committed feature_store.yaml says
@@ -122,14 +140,25 @@ def test_training_features_are_point_in_time_correct(world):
     leak_files = []
     for view, (key, entity, marker) in late.items():
         features = views[view]["features"]
-        frame = pd.DataFrame({key: [entity], "event_timestamp": [t + timedelta(seconds=1)],
-                              **{n: [marker] if dt == "Int64" else [marker + 0.5] for n, dt in features.items()}})
-        leak_files.append(parquet.write_atomic(parquet.to_arrow(frame, key, features),
-                                               store.sources_dir / view / "zz-late.parquet"))
+        frame = pd.DataFrame(
+            {
+                key: [entity],
+                "event_timestamp": [t + timedelta(seconds=1)],
+                **{n: [marker] if dt == "Int64" else [marker + 0.5] for n, dt in features.items()},
+            }
+        )
+        leak_files.append(
+            parquet.write_atomic(parquet.to_arrow(frame, key, features), store.sources_dir / view / "zz-late.parquet")
+        )
     try:
-        entity_df = pd.DataFrame({"user_id": [user] * 3, "item_id": [item] * 3, "label": [0, 1, 2],
-                                  "event_time": [t, t + timedelta(seconds=1) - timedelta(microseconds=1),
-                                                 t + timedelta(seconds=1)]})
+        entity_df = pd.DataFrame(
+            {
+                "user_id": [user] * 3,
+                "item_id": [item] * 3,
+                "label": [0, 1, 2],
+                "event_time": [t, t + timedelta(seconds=1) - timedelta(microseconds=1), t + timedelta(seconds=1)],
+            }
+        )
         out = store.historical_features(entity_df)
     finally:
         for f in leak_files:
@@ -168,7 +197,9 @@ def _three_paths_agree(store, world, feast_serve_url):
     at = _serving_time(world)
     for service in SERVICES:
         features = store.service_features(service)
-        entity_df = pd.DataFrame([(u, i, at) for u in users for i in items], columns=["user_id", "item_id", "event_time"])
+        entity_df = pd.DataFrame(
+            [(u, i, at) for u in users for i in items], columns=["user_id", "item_id", "event_time"]
+        )
         offline = store.historical_features(entity_df, service=service).drop(columns="event_time")
         client = store.online_client(service)
         for user in users:
@@ -176,8 +207,10 @@ def _three_paths_agree(store, world, feast_serve_url):
             got = client.get(user, items)
             _assert_same(got.frame, want)
             assert got.unknown_user == (user == "ghost-user") and got.unknown_items == ["ghost-item"]
-            status, answer = post_json(f"{feast_serve_url}/get-online-features", {
-                "feature_service": service, "entities": {"user_id": [user] * len(items), "item_id": items}})
+            status, answer = post_json(
+                f"{feast_serve_url}/get-online-features",
+                {"feature_service": service, "entities": {"user_id": [user] * len(items), "item_id": items}},
+            )
             assert status == 200, answer
             _assert_same(_http_frame(answer, [user] * len(items), items, features), want)
     # The contract's defaults for unknown ids, as every consumer sees them.
@@ -190,8 +223,11 @@ def _three_paths_agree(store, world, feast_serve_url):
 
 def _feast_serve(store, env):
     port = free_port()
-    return RunningServer([sys.executable, "-m", "gpl_platform.features", "serve", "--port", str(port)],
-                         f"http://127.0.0.1:{port}/health", env=env), f"http://127.0.0.1:{port}"
+    return RunningServer(
+        [sys.executable, "-m", "gpl_platform.features", "serve", "--port", str(port)],
+        f"http://127.0.0.1:{port}/health",
+        env=env,
+    ), f"http://127.0.0.1:{port}"
 
 
 def test_training_python_and_http_give_the_same_inputs_on_sqlite(world):
@@ -203,9 +239,14 @@ def test_training_python_and_http_give_the_same_inputs_on_sqlite(world):
 
 def test_training_python_and_http_give_the_same_inputs_on_redis(world, redis_store, redis_url):
     assert redis_store.online_store_type == "redis"
-    server, url = _feast_serve(redis_store, {"GPL_DATA_DIR": str(redis_store.settings.data_dir),
-                                             "GPL_FEATURE_STORE__ONLINE_STORE": "redis",
-                                             "GPL_FEATURE_STORE__REDIS": redis_url})
+    server, url = _feast_serve(
+        redis_store,
+        {
+            "GPL_DATA_DIR": str(redis_store.settings.data_dir),
+            "GPL_FEATURE_STORE__ONLINE_STORE": "redis",
+            "GPL_FEATURE_STORE__REDIS": redis_url,
+        },
+    )
     with server:
         _three_paths_agree(redis_store, world, url)
     # ...and Redis serves exactly what SQLite serves.
@@ -231,16 +272,22 @@ def test_online_client_matrix_and_flags(world):
 def test_sql_registry_is_a_setting(world, tmp_path):
     """The registry in a SQL database (SQLAlchemy URL) instead of a file: same objects, same answers."""
     base = world["store"].settings
-    settings = base.model_copy(update={"feature_store": base.feature_store.model_copy(
-        update={"registry": "sql", "registry_url": f"sqlite:///{tmp_path / 'registry.sqlite'}"})})
+    settings = base.model_copy(
+        update={
+            "feature_store": base.feature_store.model_copy(
+                update={"registry": "sql", "registry_url": f"sqlite:///{tmp_path / 'registry.sqlite'}"}
+            )
+        }
+    )
     store = FeastStore(settings)
     assert store.config["registry"]["registry_type"] == "sql"
     assert store.apply_if_changed(world["store"].spec())["applied"] is True
     assert store.apply_if_changed(world["store"].spec())["applied"] is False
     store.materialize_days(world["days"])
     users, items = _serving_rows(world)
-    assert np.array_equal(store.online_client().get(users[0], items).matrix,
-                          world["store"].online_client().get(users[0], items).matrix)
+    assert np.array_equal(
+        store.online_client().get(users[0], items).matrix, world["store"].online_client().get(users[0], items).matrix
+    )
     assert json.loads(json.dumps(store.materialization_key(["item_activity"])))  # intervals recorded in SQL
 
 
@@ -265,21 +312,29 @@ def test_the_documented_contract_table_is_the_registered_one(world):
 
     text = (PROJECT_ROOT / "docs" / "FEATURES.md").read_text()
     section = text.split("## The feature contract", 1)[1].split("\n## ", 1)[0]
-    documented = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9_<>]+)` \| [^|]+\| ([A-Za-z0-9()]+)",
-                                                               section, re.MULTILINE)}
-    registered = {re.sub(r"^([ui])_(num|cat)_.*", r"\1_\2_<column>", n): t
-                  for n, t in world["store"].service_features("prerank_v2")}
+    documented = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^\| `([a-z0-9_<>]+)` \| [^|]+\| ([A-Za-z0-9()]+)", section, re.MULTILINE)
+    }
+    registered = {
+        re.sub(r"^([ui])_(num|cat)_.*", r"\1_\2_<column>", n): t
+        for n, t in world["store"].service_features("prerank_v2")
+    }
     assert documented == registered
     # ... and each documented default is the value the schema gives a missing stored feature (for
     # ui_cosine: what the on-demand function returns when both embeddings are missing)
-    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
-            for line in section.splitlines() if line.startswith("| `")]
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        for line in section.splitlines()
+        if line.startswith("| `")
+    ]
     assert {row[0].strip("`") for row in rows} == set(registered)
     for name, _, dtype_cell, default_cell, *_ in rows:
         name = name.strip("`")
         if name == USER_ITEM_COSINE:
-            expected = derived.user_item_cosine(pd.DataFrame({"user_history_emb": [None],
-                                                              "item_content_emb": [None]}))[name].iloc[0]
+            expected = derived.user_item_cosine(pd.DataFrame({"user_history_emb": [None], "item_content_emb": [None]}))[
+                name
+            ].iloc[0]
         else:
             stored = ("user_" if name.startswith("u_") else "item_") + name[2:].replace("<column>", "x")
             expected = default_value(stored, stored_type(stored))
@@ -291,5 +346,8 @@ def test_the_documented_contract_table_is_the_registered_one(world):
             assert expected == "", name
         else:  # a number: the same value and the same kind (0 for Int64, 0.0 for Float64)
             kind = (float,) if "." in documented_default else (int, np.integer)
-            assert isinstance(expected, kind) and expected == float(documented_default), \
-                (name, documented_default, expected)
+            assert isinstance(expected, kind) and expected == float(documented_default), (
+                name,
+                documented_default,
+                expected,
+            )

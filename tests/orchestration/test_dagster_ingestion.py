@@ -31,15 +31,17 @@ def test_materialize_partitions_and_rematerialize_idempotently(tmp_path, dagster
     instance = DagsterInstance.ephemeral()
     assert run_assets(dagster_defs, gpl, ["item_catalog", "users"], instance).success
     for key in ("2024-01-01", "2024-01-02"):
-        assert run_assets(dagster_defs, gpl, ["candidate_events", "user_histories"], instance,
-                          partition_key=key).success
+        assert run_assets(
+            dagster_defs, gpl, ["candidate_events", "user_histories"], instance, partition_key=key
+        ).success
     wh = gpl.warehouse()
     events_before, hist_before = _count(wh, "events"), _count(wh, "user_histories")
     assert events_before > 0 and hist_before > 0
     # Again, twice: replaced, not duplicated.
     for _ in range(2):
-        assert run_assets(dagster_defs, gpl, ["candidate_events", "user_histories"], instance,
-                          partition_key="2024-01-02").success
+        assert run_assets(
+            dagster_defs, gpl, ["candidate_events", "user_histories"], instance, partition_key="2024-01-02"
+        ).success
     assert (_count(wh, "events"), _count(wh, "user_histories")) == (events_before, hist_before)
     mats = instance.fetch_materializations(AssetKey("candidate_events"), limit=10).records
     meta = mats[0].asset_materialization.metadata
@@ -52,8 +54,9 @@ def test_histories_before_events_fail_with_a_clear_error(tmp_path, dagster_defs)
     instance = DagsterInstance.ephemeral()
     run_assets(dagster_defs, gpl, ["item_catalog", "users"], instance)
     run_assets(dagster_defs, gpl, ["candidate_events"], instance, partition_key="2024-01-03")
-    result = run_assets(dagster_defs, gpl, ["user_histories"], instance, partition_key="2024-01-03",
-                        raise_on_error=False)
+    result = run_assets(
+        dagster_defs, gpl, ["user_histories"], instance, partition_key="2024-01-03", raise_on_error=False
+    )
     assert not result.success
     text = result.get_step_failure_events()[0].step_failure_data.error.to_string()
     assert "MissingUpstreamDays" in text and "not ingested" in text and "2024-01-01" in text
@@ -102,7 +105,9 @@ def test_range_tags_are_the_partition_range_of_a_run(tmp_path, dagster_defs):
     gpl = GplSettings(data_dir=str(tmp_path / "data"))
     instance = DagsterInstance.ephemeral()
     run_assets(dagster_defs, gpl, ["item_catalog", "users"], instance)
-    assert run_assets(dagster_defs, gpl, ["candidate_events"], instance,
-                      tags=range_tags("2024-01-02", "2024-01-04")).success
-    assert gpl.warehouse().written_days("events") == {pd.Timestamp(d).date() for d in
-                                                      ("2024-01-02", "2024-01-03", "2024-01-04")}
+    assert run_assets(
+        dagster_defs, gpl, ["candidate_events"], instance, tags=range_tags("2024-01-02", "2024-01-04")
+    ).success
+    assert gpl.warehouse().written_days("events") == {
+        pd.Timestamp(d).date() for d in ("2024-01-02", "2024-01-03", "2024-01-04")
+    }

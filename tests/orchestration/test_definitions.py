@@ -29,22 +29,50 @@ ASSETS = {
     "pseudo_labels": ("gpl", True, ["candidate_similarities", "similarity_calibration"], FOLLOW),
     "item_semantic_ids": ("gpl", False, ["item_embeddings"], "eager"),
     "sid_generator": ("gpl", True, ["candidate_events", "item_semantic_ids"], FOLLOW),
-    "history_anchor_pseudo_labels": ("gpl_ablation", True, ["candidate_events", "item_embeddings", "user_histories"],
-                                     FOLLOW),
-    "sid_anchor_pseudo_labels": ("gpl_ablation", True, ["candidate_events", "item_embeddings", "item_semantic_ids",
-                                                        "sid_generator", "user_histories"], FOLLOW),
+    "history_anchor_pseudo_labels": (
+        "gpl_ablation",
+        True,
+        ["candidate_events", "item_embeddings", "user_histories"],
+        FOLLOW,
+    ),
+    "sid_anchor_pseudo_labels": (
+        "gpl_ablation",
+        True,
+        ["candidate_events", "item_embeddings", "item_semantic_ids", "sid_generator", "user_histories"],
+        FOLLOW,
+    ),
     "profile_features": ("features", False, ["item_catalog", "item_embeddings", "users"], "eager"),
     "feast_registry": ("features", False, ["item_catalog", "users"], "eager"),
     "user_features": ("features", True, ["candidate_events", "item_embeddings", "users"], FOLLOW),
     "item_features": ("features", True, ["candidate_events", "item_catalog"], FOLLOW),
-    "online_features": ("features", True, ["feast_registry", "item_features", "profile_features", "user_features"],
-                        FOLLOW),
+    "online_features": (
+        "features",
+        True,
+        ["feast_registry", "item_features", "profile_features", "user_features"],
+        FOLLOW,
+    ),
     "training_set": ("training", False, ["candidate_events", "pseudo_labels"], "on 0 3 * * 1 (UTC) after new data"),
-    "prerank_model": ("training", False, ["feast_registry", "item_features", "profile_features", "training_set",
-                                          "user_features"], "after training_set"),
-    "offline_evaluation": ("training", False, ["feast_registry", "history_anchor_pseudo_labels", "item_features",
-                                               "prerank_model", "profile_features", "pseudo_labels",
-                                               "sid_anchor_pseudo_labels", "user_features"], "after prerank_model"),
+    "prerank_model": (
+        "training",
+        False,
+        ["feast_registry", "item_features", "profile_features", "training_set", "user_features"],
+        "after training_set",
+    ),
+    "offline_evaluation": (
+        "training",
+        False,
+        [
+            "feast_registry",
+            "history_anchor_pseudo_labels",
+            "item_features",
+            "prerank_model",
+            "profile_features",
+            "pseudo_labels",
+            "sid_anchor_pseudo_labels",
+            "user_features",
+        ],
+        "after prerank_model",
+    ),
     "label_audit": ("quality", False, ["candidate_events", "pseudo_labels"], "on 0 4 * * * (UTC) after new data"),
 }
 # (asset, check): (blocking, partitioned); every check runs "with its asset" under automation
@@ -67,9 +95,12 @@ def test_asset_graph_snapshot(dagster_defs):
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         condition = node.automation_condition
-        seen[key.to_user_string()] = (node.group_name, node.partitions_def is not None,
-                                      sorted(p.to_user_string() for p in node.parent_keys),
-                                      condition.get_label() if condition else None)
+        seen[key.to_user_string()] = (
+            node.group_name,
+            node.partitions_def is not None,
+            sorted(p.to_user_string() for p in node.parent_keys),
+            condition.get_label() if condition else None,
+        )
     assert seen == ASSETS
 
 
@@ -96,7 +127,8 @@ def test_checks_jobs_schedules_sensors_snapshot(dagster_defs):
     assert {s.name for s in repo.sensor_defs} == SENSORS
     daily = dagster_defs.resolve_job_def("gpl_daily")
     assert {k.to_user_string() for k in daily.asset_layer.executable_asset_keys} == {
-        k for k, v in ASSETS.items() if v[1]}
+        k for k, v in ASSETS.items() if v[1]
+    }
 
 
 def test_no_private_dagster_imports():
@@ -107,7 +139,7 @@ def test_no_private_dagster_imports():
         for path in sorted((ROOT / folder).rglob("*.py")):
             text = path.read_text()
             for match in pattern.finditer(text):
-                line = text[:match.start()].count("\n") + 1
+                line = text[: match.start()].count("\n") + 1
                 offenders.append(f"{path.relative_to(ROOT)}:{line}")
     assert not offenders, offenders
 
@@ -132,8 +164,13 @@ def test_code_location_loads_in_a_subprocess_with_a_contract_source(tmp_path):
     import os
 
     began = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", "from assets.definitions import defs; print(len(list(defs.assets)))"],
-                         env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", "from assets.definitions import defs; print(len(list(defs.assets)))"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(len(ASSETS))
     print(f"code location loaded in {time.monotonic() - began:.1f}s")

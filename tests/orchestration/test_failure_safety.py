@@ -77,8 +77,9 @@ def ingested(tmp_path, dagster_defs):
     gpl = GplSettings(data_dir=str(data))
     instance = DagsterInstance.ephemeral()
     assert run_assets(dagster_defs, gpl, ["item_catalog", "users"], instance).success
-    assert run_assets(dagster_defs, gpl, ["candidate_events"], instance,
-                      tags=range_tags("2024-01-01", "2024-01-03")).success
+    assert run_assets(
+        dagster_defs, gpl, ["candidate_events"], instance, tags=range_tags("2024-01-01", "2024-01-03")
+    ).success
     return gpl, data
 
 
@@ -97,8 +98,14 @@ def _no_duplicates(gpl) -> None:
 def test_run_killed_inside_the_write_transaction_leaves_previous_data(ingested, dagster_defs):
     gpl, data = ingested
     events_before, parts_before = _snapshot(gpl)
-    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, DAY], env=_env(data), stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, DAY],
+        env=_env(data),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         line = ""
@@ -134,9 +141,17 @@ def test_run_killed_inside_the_write_transaction_leaves_previous_data(ingested, 
 def test_two_simultaneous_materializations_of_one_partition_leave_no_duplicates(ingested):
     gpl, data = ingested
     events_before, _ = _snapshot(gpl)
-    children = [subprocess.Popen([sys.executable, "-c", PLAIN_RUN, DAY], env=_env(data, GPL_WAREHOUSE_LOCK_TIMEOUT_S="60"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-                for _ in range(2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", PLAIN_RUN, DAY],
+            env=_env(data, GPL_WAREHOUSE_LOCK_TIMEOUT_S="60"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     outputs = []
     try:
         for child in children:

@@ -83,8 +83,9 @@ def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url
     with gpl.warehouse().connect() as con:
         update_item_embeddings(con, con.execute("SELECT item_id, text FROM items").df(), RandomEncoder())
     assert materialize(["candidate_events"], tags=RANGE).success
-    assert materialize(["profile_features", "feast_registry", "user_features", "item_features", "online_features"],
-                       tags=RANGE).success
+    assert materialize(
+        ["profile_features", "feast_registry", "user_features", "item_features", "online_features"], tags=RANGE
+    ).success
     store = FeastStore(gpl.settings())
     assert store.online_store_type == "redis" and "redis" in str(store.config_path)
     assert not (sources_dir(gpl.settings()).parent / "online_store.db").exists()
@@ -96,8 +97,12 @@ def test_the_pipeline_uses_the_configured_redis_online_store(tmp_path, redis_url
 
     from gpl_platform.data.sources import load_source
 
-    world = {"store": store, "warehouse": gpl.warehouse(), "dataset": load_source(gpl.settings()),
-             "days": [date(2024, 1, d) for d in range(1, 6)]}
+    world = {
+        "store": store,
+        "warehouse": gpl.warehouse(),
+        "dataset": load_source(gpl.settings()),
+        "days": [date(2024, 1, d) for d in range(1, 6)],
+    }
     _, model_dir = train_small_model(world, "mlp")
     scorer = PreRankScorer(model_dir, store)
     np.testing.assert_array_equal(scorer.matrix(users[0], items), got.matrix)  # the service's inputs, from Redis

@@ -11,11 +11,36 @@ from assets.resources import GplSettings
 from assets.runner import run_pipeline
 from gpl_platform.data.stats import export_contract_dir
 
-GPL_ASSETS = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
-              "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels"]
-PSEUDO_LABEL_COLUMNS = {"request_id", "user_id", "item_id", "event_time", "similarity_max", "similarity_mean",
-                        "anchor_id", "pseudo_label", "confidence", "c_coherence", "c_history", "c_generation",
-                        "llm_version", "prompt_version", "encoder_version", "calibration_version"}
+GPL_ASSETS = [
+    "item_catalog",
+    "users",
+    "candidate_events",
+    "user_histories",
+    "item_embeddings",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+]
+PSEUDO_LABEL_COLUMNS = {
+    "request_id",
+    "user_id",
+    "item_id",
+    "event_time",
+    "similarity_max",
+    "similarity_mean",
+    "anchor_id",
+    "pseudo_label",
+    "confidence",
+    "c_coherence",
+    "c_history",
+    "c_generation",
+    "llm_version",
+    "prompt_version",
+    "encoder_version",
+    "calibration_version",
+}
 HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
 
 
@@ -55,8 +80,10 @@ def test_calibration_uses_only_earlier_days(history_run):
     cals = wh.query("SELECT refit_day, train_start, train_end FROM calibrations")
     assert len(cals) > 0
     assert (pd.to_datetime(cals["train_end"]) < pd.to_datetime(cals["refit_day"])).all()
-    used = wh.query("SELECT DISTINCT p.day, c.refit_day FROM pseudo_labels p JOIN calibrations c "
-                    "ON c.version = p.calibration_version")
+    used = wh.query(
+        "SELECT DISTINCT p.day, c.refit_day FROM pseudo_labels p JOIN calibrations c "
+        "ON c.version = p.calibration_version"
+    )
     assert (pd.to_datetime(used["refit_day"]) <= pd.to_datetime(used["day"])).all()
 
 
@@ -91,16 +118,20 @@ def test_labels_for_day_d_ignore_clicks_of_day_d_and_later(tmp_path, settings):
     for name, events in (("real", ds.events), ("flipped", flipped)):
         folder = tmp_path / name
         export_contract_dir(type(ds)(ds.name, ds.items, ds.users, events), folder)
-        gpl = GplSettings(source="contract", contract_path=str(folder), data_dir=str(folder / "data"),
-                          overrides_json=HISTORY)
+        gpl = GplSettings(
+            source="contract", contract_path=str(folder), data_dir=str(folder / "data"), overrides_json=HISTORY
+        )
         wh = _run(gpl, end=str(days[3]))
-        tables[name] = {t: wh.query(f"SELECT * EXCLUDE (day) , day FROM {t} ORDER BY ALL")
-                        for t in ("user_histories", "user_anchors", "candidate_similarities", "pseudo_labels")}
+        tables[name] = {
+            t: wh.query(f"SELECT * EXCLUDE (day) , day FROM {t} ORDER BY ALL")
+            for t in ("user_histories", "user_anchors", "candidate_similarities", "pseudo_labels")
+        }
     for table, frame in tables["real"].items():
         other = tables["flipped"][table]
         upto = frame["day"].dt.date <= cut
-        pd.testing.assert_frame_equal(frame[upto].reset_index(drop=True),
-                                      other[other["day"].dt.date <= cut].reset_index(drop=True), obj=table)
+        pd.testing.assert_frame_equal(
+            frame[upto].reset_index(drop=True), other[other["day"].dt.date <= cut].reset_index(drop=True), obj=table
+        )
     next_real = tables["real"]["pseudo_labels"]
     next_flip = tables["flipped"]["pseudo_labels"]
     nxt = days[3]
@@ -111,21 +142,22 @@ def test_labels_for_day_d_ignore_clicks_of_day_d_and_later(tmp_path, settings):
 
 def test_missing_upstream_gives_a_clear_error(tmp_path):
     gpl = GplSettings(data_dir=str(tmp_path / "d"), overrides_json=HISTORY)
-    result = run_pipeline("2024-01-01", "2024-01-02", resources={"gpl": gpl}, ephemeral=True,
-                          selection=GPL_ASSETS[:4])
+    result = run_pipeline("2024-01-01", "2024-01-02", resources={"gpl": gpl}, ephemeral=True, selection=GPL_ASSETS[:4])
     assert result.success
     with pytest.raises(Exception, match="not materialized"):
-        run_pipeline("2024-01-01", "2024-01-02", resources={"gpl": gpl}, ephemeral=True,
-                     selection=["candidate_similarities"])
+        run_pipeline(
+            "2024-01-01", "2024-01-02", resources={"gpl": gpl}, ephemeral=True, selection=["candidate_similarities"]
+        )
 
 
 @pytest.mark.slow
 def test_real_smollm_three_days(tmp_path):
     """CI runs the real SmolLM2 at least once: three days of the small simulator world (day 1 has only
     users without history, day 2 the first LLM anchors, day 3 the first calibration that can use them)."""
-    gpl = GplSettings(data_dir=str(tmp_path / "d"),
-                      overrides_json=json.dumps({"calibration": {"min_samples": 50},
-                                                 "anchors": {"backend": "smollm", "k": 3}}))
+    gpl = GplSettings(
+        data_dir=str(tmp_path / "d"),
+        overrides_json=json.dumps({"calibration": {"min_samples": 50}, "anchors": {"backend": "smollm", "k": 3}}),
+    )
     wh = _run(gpl, "2024-01-01", "2024-01-03")
     anchors = wh.query("SELECT * FROM user_anchors WHERE day >= '2024-01-02'")
     llm = anchors[~anchors["is_fallback"]]
@@ -147,14 +179,18 @@ def test_users_without_history_get_no_pseudo_labels(history_run):
     wh, _ = history_run
     labels = _labels_with_history_length(wh)
     assert len(labels) and (labels["n_positives"] > 0).all()
-    without = wh.query("SELECT count(*) AS n FROM events e JOIN user_histories h USING (day, user_id) "
-                       "WHERE NOT e.exposed AND h.n_positives = 0")["n"].iloc[0]
+    without = wh.query(
+        "SELECT count(*) AS n FROM events e JOIN user_histories h USING (day, user_id) "
+        "WHERE NOT e.exposed AND h.n_positives = 0"
+    )["n"].iloc[0]
     assert without > 0  # the world has such users: the rule was exercised, not vacuous
 
 
 def test_population_rule_labels_users_without_history_on_their_own_calibration(tmp_path):
-    overrides = json.loads(HISTORY) | {"pseudo_labels": {"no_history": "population"},
-                                       "calibration": {"min_samples": 30}}
+    overrides = json.loads(HISTORY) | {
+        "pseudo_labels": {"no_history": "population"},
+        "calibration": {"min_samples": 30},
+    }
     gpl = GplSettings(data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides))
     wh = _run(gpl)
     labels = _labels_with_history_length(wh)

@@ -34,16 +34,24 @@ class Ticks:
     """Evaluates the sensor like the daemon does, keeping the cursor between ticks."""
 
     def __init__(self, directory, **contract):
-        self.gpl = GplSettings(source="contract", contract_path=str(directory), data_dir=str(directory / "data"),
-                               overrides_json=json.dumps({"contract": contract}) if contract else "{}")
+        self.gpl = GplSettings(
+            source="contract",
+            contract_path=str(directory),
+            data_dir=str(directory / "data"),
+            overrides_json=json.dumps({"contract": contract}) if contract else "{}",
+        )
         self.cursor = None
 
     def tick(self):
         defs = build_definitions(gpl=self.gpl)
         sensor = defs.get_repository_def().get_sensor_def(NEW_DAYS_SENSOR)
         with DagsterInstance.ephemeral() as instance:
-            context = build_sensor_context(instance=instance, cursor=self.cursor, resources={"gpl": self.gpl},
-                                           repository_def=defs.get_repository_def())
+            context = build_sensor_context(
+                instance=instance,
+                cursor=self.cursor,
+                resources={"gpl": self.gpl},
+                repository_def=defs.get_repository_def(),
+            )
             result = sensor.evaluate_tick(context)
         self.cursor = result.cursor
         return [(r.job_name, r.partition_key) for r in result.run_requests], result
@@ -83,8 +91,10 @@ def test_a_day_missing_from_the_delivery_follows_the_policy(delivery):
     directory, events = delivery
     _deliver(directory, events)
     # a live directory configures its first day (else the first day folder is the start, and it just moved)
-    keep, clear = Ticks(directory, start_date="2024-03-01"), Ticks(directory, missing_days="clear",
-                                                                  start_date="2024-03-01")
+    keep, clear = (
+        Ticks(directory, start_date="2024-03-01"),
+        Ticks(directory, missing_days="clear", start_date="2024-03-01"),
+    )
     keep.tick(), clear.tick()
     import shutil
 
@@ -105,8 +115,12 @@ def test_ingestion_of_a_day_missing_from_the_delivery(delivery, policy):
     """Re-running a day that was delivered before and is gone now: keep its rows (and say so) or clear it."""
     directory, events = delivery
     _deliver(directory, events)
-    gpl = GplSettings(source="contract", contract_path=str(directory), data_dir=str(directory / "data"),
-                      overrides_json=json.dumps({"contract": {"missing_days": policy}}))
+    gpl = GplSettings(
+        source="contract",
+        contract_path=str(directory),
+        data_dir=str(directory / "data"),
+        overrides_json=json.dumps({"contract": {"missing_days": policy}}),
+    )
     defs = build_definitions(gpl=gpl)
     instance = DagsterInstance.ephemeral()
     assert run_assets(defs, gpl, ["item_catalog", "users"], instance).success
@@ -145,8 +159,11 @@ def test_a_day_that_is_not_a_partition_yet_is_asked_again_later(delivery):
     directory, events = delivery
     _deliver(directory, events)
     soon = date.today() + timedelta(days=3)  # after the open-ended partitions' last day (today, UTC)
-    write_event_day(directory, soon, events[events["request_id"] == "r2"].assign(
-        event_time=pd.Timestamp(soon.isoformat(), tz="UTC")))
+    write_event_day(
+        directory,
+        soon,
+        events[events["request_id"] == "r2"].assign(event_time=pd.Timestamp(soon.isoformat(), tz="UTC")),
+    )
     ticks = Ticks(directory, start_date="2024-03-01")
     requested, _ = ticks.tick()
     assert soon.isoformat() not in {key for _, key in requested} and len(requested) == 3

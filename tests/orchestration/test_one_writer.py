@@ -23,18 +23,33 @@ def test_gpl_run_waits_for_the_warehouse_slot(tmp_path, monkeypatch):
     home, data = instance_home(tmp_path), tmp_path / "data"
     env = live_env(home, data)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    holder = subprocess.Popen([sys.executable, "-c", STUCK_RUN], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", STUCK_RUN],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     gpl = None
     try:
         assert holder.stdout.readline().strip() == "INSIDE"  # its candidate_events step holds the slot
-        gpl = subprocess.Popen([sys.executable, "-m", "gpl_platform.cli.main", "run", "--select", "item_catalog"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        gpl = subprocess.Popen(
+            [sys.executable, "-m", "gpl_platform.cli.main", "run", "--select", "item_catalog"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         with DagsterInstance.get() as instance:
-            mine = wait_for("gpl run's run", lambda: [r for r in runs(instance)
-                                                      if r.tags.get("gpl/launched_by") == "gpl run"], 300)[0]
-            wait_for("gpl run's step to be blocked on the slot", lambda: instance.event_log_storage
-                     .get_concurrency_info("duckdb_warehouse").pending_step_count >= 1, 300)
+            mine = wait_for(
+                "gpl run's run", lambda: [r for r in runs(instance) if r.tags.get("gpl/launched_by") == "gpl run"], 300
+            )[0]
+            wait_for(
+                "gpl run's step to be blocked on the slot",
+                lambda: instance.event_log_storage.get_concurrency_info("duckdb_warehouse").pending_step_count >= 1,
+                300,
+            )
             assert _step_starts(instance, mine.run_id) == []  # waiting, not writing
             holder.send_signal(signal.SIGINT)  # the other writer stops (its run fails, its slot is freed)
             holder.wait(timeout=120)

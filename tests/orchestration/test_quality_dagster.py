@@ -32,8 +32,15 @@ from gpl_platform.quality.gate import require_label_days
 from gpl_platform.quality.results import QualityGateError
 
 HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
-PIPELINE = ["candidate_events", "user_histories", "user_anchors", "anchor_embeddings", "candidate_similarities",
-            "similarity_calibration", "pseudo_labels"]
+PIPELINE = [
+    "candidate_events",
+    "user_histories",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+]
 LABEL_CHECKS = ["pseudo_labels_valid", "pseudo_labels_distribution"]
 CONSUMED: list[list[str]] = []
 
@@ -45,8 +52,12 @@ def everything(dagster_defs):
     """The project's assets and checks, plus a stand-in training asset that records which days it consumed."""
     partitions = dagster_defs.resolve_job_def("gpl_daily").partitions_def
 
-    @asset(partitions_def=partitions, backfill_policy=BackfillPolicy.single_run(), group_name="training",
-           deps=[AssetDep("pseudo_labels", partition_mapping=TimeWindowPartitionMapping())])
+    @asset(
+        partitions_def=partitions,
+        backfill_policy=BackfillPolicy.single_run(),
+        group_name="training",
+        deps=[AssetDep("pseudo_labels", partition_mapping=TimeWindowPartitionMapping())],
+    )
     def training_consumer(context: AssetExecutionContext) -> None:
         """Stand-in for the training asset: records which days it consumed."""
         CONSUMED.append(list(context.partition_keys))
@@ -65,7 +76,9 @@ def world(tmp_path_factory, everything):
     gpl = GplSettings(data_dir=str(tmp / "data"), overrides_json=HISTORY)
     instance = DagsterInstance.ephemeral()
     assert _run(everything, gpl, ["item_catalog", "users", "item_embeddings"], instance).success
-    result = _run(everything, gpl, AssetSelection.assets(*PIPELINE), instance, tags=range_tags("2024-01-01", "2024-01-05"))
+    result = _run(
+        everything, gpl, AssetSelection.assets(*PIPELINE), instance, tags=range_tags("2024-01-01", "2024-01-05")
+    )
     assert result.success
     return gpl, instance, result, tmp
 
@@ -82,8 +95,11 @@ def test_definitions_with_checks_audit_and_schedules_load(dagster_defs):
     Definitions.validate_loadable(dagster_defs)
     graph = dagster_defs.resolve_asset_graph()
     checks = {k.name for k in graph.asset_check_keys}
-    assert set(LABEL_CHECKS) | {"user_anchors_quality", "anchor_embeddings_valid", "item_embeddings_valid",
-                                "candidate_events_contract"} <= checks
+    assert (
+        set(LABEL_CHECKS)
+        | {"user_anchors_quality", "anchor_embeddings_valid", "item_embeddings_valid", "candidate_events_contract"}
+        <= checks
+    )
     assert AssetKey("label_audit") in graph.get_all_asset_keys()
     job_checks = {k.name for k in dagster_defs.resolve_job_def("gpl_daily").asset_layer.asset_graph.asset_check_keys}
     assert set(LABEL_CHECKS) <= job_checks  # the daily job runs the checks of its assets
@@ -92,8 +108,13 @@ def test_definitions_with_checks_audit_and_schedules_load(dagster_defs):
 def test_all_checks_pass_on_a_healthy_run_with_one_result_per_day(world):
     gpl, instance, result, _ = world
     evals = _evaluations(result)
-    assert {"pseudo_labels_valid", "pseudo_labels_distribution", "user_anchors_quality", "anchor_embeddings_valid",
-            "candidate_events_contract"} <= set(evals)
+    assert {
+        "pseudo_labels_valid",
+        "pseudo_labels_distribution",
+        "user_anchors_quality",
+        "anchor_embeddings_valid",
+        "candidate_events_contract",
+    } <= set(evals)
     days = [f"2024-01-0{d}" for d in range(1, 6)]
     for name, by_day in evals.items():
         assert sorted(by_day) == days, name  # a range run records every day's result separately
@@ -102,7 +123,8 @@ def test_all_checks_pass_on_a_healthy_run_with_one_result_per_day(world):
     dist = evals["pseudo_labels_distribution"]["2024-01-05"]
     assert dist.metadata["day"].value == "2024-01-05" and "rules" in dist.metadata
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [AssetCheckKey(AssetKey("pseudo_labels"), "pseudo_labels_distribution")])
+        [AssetCheckKey(AssetKey("pseudo_labels"), "pseudo_labels_distribution")]
+    )
     assert record  # stored in the instance: what the UI shows
 
 
@@ -151,8 +173,7 @@ def test_corrupted_partition_fails_its_day_and_blocks_training(world, everything
     assert not any(e.asset_key == AssetKey("training_consumer") for e in bad.get_asset_materialization_events())
     dist = _evaluations(bad)["pseudo_labels_distribution"]
     # one result per day: only the bad day failed, the others passed, each with its own reasons
-    assert {day: ev.passed for day, ev in dist.items()} == {"2024-01-03": True, "2024-01-04": False,
-                                                            "2024-01-05": True}
+    assert {day: ev.passed for day, ev in dist.items()} == {"2024-01-03": True, "2024-01-04": False, "2024-01-05": True}
     assert dist["2024-01-04"].blocking
     assert "pseudo_label_mean: observed 1, expected in [0.01, 0.9]" in dist["2024-01-04"].description
     assert "high_confidence_positive_share" in dist["2024-01-04"].metadata["reason"].value
@@ -163,9 +184,12 @@ def test_corrupted_partition_fails_its_day_and_blocks_training(world, everything
     assert any("pseudo-label distribution FAILED on 1 of 3 partition(s): 2024-01-04" in (m or "") for m in logged)
     # The instance keeps the status per partition (what the UI's partition view of the check shows).
     key = AssetCheckKey(AssetKey("pseudo_labels"), "pseudo_labels_distribution")
-    status = {info.partition_key: info.latest_execution_status.value for info in
-              instance.event_log_storage.get_asset_check_partition_info([key], partition_keys=["2024-01-03",
-                                                                                               "2024-01-04"])}
+    status = {
+        info.partition_key: info.latest_execution_status.value
+        for info in instance.event_log_storage.get_asset_check_partition_info(
+            [key], partition_keys=["2024-01-03", "2024-01-04"]
+        )
+    }
     assert status == {"2024-01-03": "SUCCEEDED", "2024-01-04": "FAILED"}
 
     # NaN confidence on a single partition: the value check fails too.
@@ -183,8 +207,13 @@ def test_corrupted_partition_fails_its_day_and_blocks_training(world, everything
 
     # Re-materializing the bad days repairs them; the checks pass and training runs.
     CONSUMED.clear()
-    fixed = _run(everything, gpl, AssetSelection.assets("pseudo_labels", "training_consumer"), instance,
-                 tags=range_tags("2024-01-04", "2024-01-05"))
+    fixed = _run(
+        everything,
+        gpl,
+        AssetSelection.assets("pseudo_labels", "training_consumer"),
+        instance,
+        tags=range_tags("2024-01-04", "2024-01-05"),
+    )
     assert fixed.success and CONSUMED == [["2024-01-04", "2024-01-05"]]
     assert all(e.passed for e in fixed.get_asset_check_evaluations())
 

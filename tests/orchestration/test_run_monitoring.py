@@ -44,8 +44,14 @@ def test_dead_runs_never_block_the_queue(tmp_path, monkeypatch):
     home, data = instance_home(tmp_path), tmp_path / "data"
     env = live_env(home, data, GPL_AUTOMATION__SENSORS_RUNNING="false")  # only the watchdog: no automation runs
     # 1. an in-process run killed while it holds the pool slot
-    stuck = subprocess.Popen([sys.executable, "-c", STUCK_RUN], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    stuck = subprocess.Popen(
+        [sys.executable, "-c", STUCK_RUN],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert stuck.stdout.readline().strip() == "INSIDE"
     finally:
@@ -59,22 +65,39 @@ def test_dead_runs_never_block_the_queue(tmp_path, monkeypatch):
             assert run_status(instance, dead.run_id).value == "STARTED"  # what Dagster alone leaves behind
             launch(env, "gpl_catalog")
             launch(env, "gpl_catalog")
-            first, second = sorted((r for r in runs(instance) if r.job_name == "gpl_catalog"),
-                                   key=lambda r: instance.get_run_record_by_id(r.run_id).create_timestamp)
-            wait_for("the dead in-process run to be marked failed",
-                     lambda: run_status(instance, dead.run_id).value == "FAILURE", 240, daemon)
+            first, second = sorted(
+                (r for r in runs(instance) if r.job_name == "gpl_catalog"),
+                key=lambda r: instance.get_run_record_by_id(r.run_id).create_timestamp,
+            )
+            wait_for(
+                "the dead in-process run to be marked failed",
+                lambda: run_status(instance, dead.run_id).value == "FAILURE",
+                240,
+                daemon,
+            )
             failure = [e.message for e in instance.all_logs(dead.run_id) if "gpl watchdog" in (e.message or "")]
             assert failure, "the watchdog's reason is in the run's log"
             # 2. the first queued run starts (the queue moved on); kill its process mid-run
-            pid = wait_for("the first queued run's process",
-                           lambda: run_status(instance, first.run_id).value == "STARTED" and
-                           worker_pid(instance, first.run_id), 300, daemon)
+            pid = wait_for(
+                "the first queued run's process",
+                lambda: run_status(instance, first.run_id).value == "STARTED" and worker_pid(instance, first.run_id),
+                300,
+                daemon,
+            )
             assert run_status(instance, second.run_id).value == "QUEUED"  # one run at a time
             os.kill(pid, signal.SIGKILL)
-            wait_for("the killed run to be marked failed",
-                     lambda: run_status(instance, first.run_id).value == "FAILURE", 240, daemon)
-            wait_for("the next queued run to succeed",
-                     lambda: run_status(instance, second.run_id).value in ("SUCCESS", "FAILURE"), 600, daemon)
+            wait_for(
+                "the killed run to be marked failed",
+                lambda: run_status(instance, first.run_id).value == "FAILURE",
+                240,
+                daemon,
+            )
+            wait_for(
+                "the next queued run to succeed",
+                lambda: run_status(instance, second.run_id).value in ("SUCCESS", "FAILURE"),
+                600,
+                daemon,
+            )
             assert run_status(instance, second.run_id).value == "SUCCESS", daemon.log.read_text()[-3000:]
     finally:
         daemon.stop()

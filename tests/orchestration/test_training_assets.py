@@ -11,8 +11,11 @@ from gpl_platform.config import EvaluationConfig
 from gpl_platform.prerank.data import METHODS
 
 SPEC_METRICS = ("auc", "gauc", "hr@3", "hr@5", "hr@10", "unexposed_auc", "unexposed_hr@10", "longtail_hr@10")
-OVERRIDES = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 50},
-             "training": {"seeds": [0, 1], "epochs": 3, "test_share": 0.15, "valid_share": 0.15}}
+OVERRIDES = {
+    "anchors": {"backend": "history"},
+    "calibration": {"min_samples": 50},
+    "training": {"seeds": [0, 1], "epochs": 3, "test_share": 0.15, "valid_share": 0.15},
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +70,13 @@ def test_training_set_and_model_lineage(chain):
     assert scored.unknown_items == ["no-such-item"] and len(scored.scores) == 21
     import pandas as pd
 
-    entity = pd.DataFrame({"user_id": user, "item_id": items,
-                           "event_time": pd.Timestamp(last).tz_localize("UTC") + pd.Timedelta(hours=23)})
+    entity = pd.DataFrame(
+        {
+            "user_id": user,
+            "item_id": items,
+            "event_time": pd.Timestamp(last).tz_localize("UTC") + pd.Timedelta(hours=23),
+        }
+    )
     matrix, _ = attach_features(store, entity, "prerank_v2")
     np.testing.assert_allclose(scored.scores[:20], model.predict(matrix), rtol=1e-5, atol=1e-6)
 

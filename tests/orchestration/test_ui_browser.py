@@ -31,16 +31,33 @@ from assets.ui import free_port
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 HISTORY = json.dumps({"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}})
-PIPELINE = ["candidate_events", "user_histories", "user_anchors", "anchor_embeddings", "candidate_similarities",
-            "similarity_calibration", "pseudo_labels"]
+PIPELINE = [
+    "candidate_events",
+    "user_histories",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+]
 GPL_ASSETS = ["user_anchors", "anchor_embeddings", "item_embeddings", "pseudo_labels"]  # full names on the graph
 BAD_DAY = "2024-01-05"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MARKER = "GPL_TEST_UI_MARKER"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install chromium)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install chromium)"),
+]
 
 
 def _materialize_into(home: Path, data: Path, monkeypatch) -> str:
@@ -58,14 +75,23 @@ def _materialize_into(home: Path, data: Path, monkeypatch) -> str:
     with DagsterInstance.get() as instance:
         first = run_assets(defs, gpl, ["item_catalog", "users", "item_embeddings"], instance)
         assert first.success
-        assert run_assets(defs, gpl, AssetSelection.assets(*PIPELINE), instance,
-                          tags=range_tags("2024-01-01", BAD_DAY)).success
+        assert run_assets(
+            defs, gpl, AssetSelection.assets(*PIPELINE), instance, tags=range_tags("2024-01-01", BAD_DAY)
+        ).success
         assert run_assets(defs, gpl, ["label_audit"], instance).success
         with gpl.warehouse().transaction() as con:
-            con.execute("UPDATE pseudo_labels SET pseudo_label = 1.0, confidence = 1.0 WHERE day = ?",
-                        [date.fromisoformat(BAD_DAY)])
-        bad = run_assets(defs, gpl, AssetSelection.checks_for_assets("pseudo_labels"), instance,
-                         raise_on_error=False, tags=range_tags("2024-01-04", BAD_DAY))
+            con.execute(
+                "UPDATE pseudo_labels SET pseudo_label = 1.0, confidence = 1.0 WHERE day = ?",
+                [date.fromisoformat(BAD_DAY)],
+            )
+        bad = run_assets(
+            defs,
+            gpl,
+            AssetSelection.checks_for_assets("pseudo_labels"),
+            instance,
+            raise_on_error=False,
+            tags=range_tags("2024-01-04", BAD_DAY),
+        )
         assert not bad.success
         evaluation = {(e.check_name, e.partition): e.passed for e in bad.get_asset_check_evaluations()}
         assert evaluation[("pseudo_labels_distribution", BAD_DAY)] is False
@@ -106,8 +132,9 @@ def _wait_for_ui(url: str, proc: subprocess.Popen, log: Path, timeout: float = 2
             raise AssertionError(f"the UI exited early:\n{log.read_text()[-3000:]}")
         try:
             graphql = f"{url}{_prefix(url)}/graphql"
-            status, body = _request(graphql, json.dumps({"query": "{ version }"}).encode(),
-                                    {"Content-Type": "application/json"})
+            status, body = _request(
+                graphql, json.dumps({"query": "{ version }"}).encode(), {"Content-Type": "application/json"}
+            )
             if status == 200 and "version" in body:
                 return graphql
         except OSError:
@@ -130,8 +157,9 @@ def _marked_processes(marker: str) -> list[int]:
 def start_ui(command: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     marker = uuid.uuid4().hex
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env={**env, MARKER: marker}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env={**env, MARKER: marker}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return proc, marker
 
 
@@ -155,10 +183,18 @@ def stop_and_wait(proc: subprocess.Popen, marker: str, sig: int, timeout: float 
 
 def ui_env(home: Path, data: Path) -> dict:
     env = os.environ.copy()
-    env.update({"DAGSTER_HOME": str(home), "GPL_DATA_DIR": str(data), "TMPDIR": str(home / "tmp"),
-                "PYTHONPATH": str(ROOT), "GPL_ANCHORS__BACKEND": "history", "GPL_CALIBRATION__MIN_SAMPLES": "50",
-                # nothing but this test writes the instance: no sensor or automation runs
-                "GPL_AUTOMATION__SENSORS_RUNNING": "false"})
+    env.update(
+        {
+            "DAGSTER_HOME": str(home),
+            "GPL_DATA_DIR": str(data),
+            "TMPDIR": str(home / "tmp"),
+            "PYTHONPATH": str(ROOT),
+            "GPL_ANCHORS__BACKEND": "history",
+            "GPL_CALIBRATION__MIN_SAMPLES": "50",
+            # nothing but this test writes the instance: no sensor or automation runs
+            "GPL_AUTOMATION__SENSORS_RUNNING": "false",
+        }
+    )
     return env
 
 
@@ -183,8 +219,7 @@ def test_ui_behind_the_proxy_shows_failing_days_refuses_foreign_origins_and_stop
             try:
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 # The asset graph (lineage) of the `gpl` group: every GPL asset is a node.
-                page.goto(f"{url}/locations/assets.definitions/asset-groups/gpl/lineage",
-                          wait_until="domcontentloaded")
+                page.goto(f"{url}/locations/assets.definitions/asset-groups/gpl/lineage", wait_until="domcontentloaded")
                 for name in GPL_ASSETS:
                     page.get_by_text(name, exact=True).first.wait_for(timeout=90_000)
                 for part in ("_similarities", "_calibration"):  # long names are shortened on the nodes
@@ -206,25 +241,37 @@ def test_ui_behind_the_proxy_shows_failing_days_refuses_foreign_origins_and_stop
                 browser.close()
 
         # A foreign page cannot act on the instance: a deleteRun as GET with its Origin is refused ...
-        mutation = 'mutation { deleteRun(runId: "%s") { __typename } }' % run_id
-        status, body = _request(f"{graphql}?" + urllib.parse.urlencode({"query": mutation}),
-                                headers={"Origin": "http://evil.example.com"})
+        mutation = 'mutation { deleteRun(runId: "' + run_id + '") { __typename } }'
+        status, body = _request(
+            f"{graphql}?" + urllib.parse.urlencode({"query": mutation}), headers={"Origin": "http://evil.example.com"}
+        )
         assert status == 403 and "cross-origin" in body
         status, body = _request(f"{graphql}?" + urllib.parse.urlencode({"query": mutation}))
         assert status == 405  # GraphQL over GET, even without an Origin (an <img> or a link)
-        status, _ = _request(graphql, json.dumps({"query": mutation}).encode(),
-                             {"Content-Type": "application/json", "Origin": "http://evil.example.com"})
+        status, _ = _request(
+            graphql,
+            json.dumps({"query": mutation}).encode(),
+            {"Content-Type": "application/json", "Origin": "http://evil.example.com"},
+        )
         assert status == 403
-        status, _ = _request(graphql, json.dumps({"query": mutation}).encode(),
-                             {"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"})
+        status, _ = _request(
+            graphql,
+            json.dumps({"query": mutation}).encode(),
+            {"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"},
+        )
         assert status == 403  # a page on another local port is same-site, not same-origin
-        status, _ = _request(graphql, json.dumps({"query": "{ version }"}).encode(),
-                             {"Content-Type": "application/json", "Host": "rebound.example.com"})
+        status, _ = _request(
+            graphql,
+            json.dumps({"query": "{ version }"}).encode(),
+            {"Content-Type": "application/json", "Host": "rebound.example.com"},
+        )
         assert status == 421
         # ... and the run is still there (asked the same-origin way, which works).
-        status, body = _request(graphql, json.dumps(
-            {"query": '{ runOrError(runId: "%s") { __typename } }' % run_id}).encode(),
-            {"Content-Type": "application/json", "Origin": url})
+        status, body = _request(
+            graphql,
+            json.dumps({"query": '{ runOrError(runId: "' + run_id + '") { __typename } }'}).encode(),
+            {"Content-Type": "application/json", "Origin": url},
+        )
         assert status == 200 and '"Run"' in body
         seconds = stop_and_wait(ui, marker, signal.SIGTERM)
         print(f"UI stopped {seconds:.1f}s after SIGTERM to its process group; screenshots: {shots}")

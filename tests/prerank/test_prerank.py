@@ -12,13 +12,16 @@ from gpl_platform.prerank.data import METHODS, method_plan
 from gpl_platform.prerank.model import PreRanker
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker, weighted_bce
 
-COLUMNS = ["u_clicks", "i_ctr", "ui_cosine"] + [f"u_history_emb[{k}]" for k in range(4)] + \
-          [f"i_content_emb[{k}]" for k in range(4)]
+COLUMNS = (
+    ["u_clicks", "i_ctr", "ui_cosine"]
+    + [f"u_history_emb[{k}]" for k in range(4)]
+    + [f"i_content_emb[{k}]" for k in range(4)]
+)
 
 
 def test_weighted_bce_matches_the_gpl_formula_by_hand():
     logits = torch.tensor([0.0, 2.0, -1.0])
-    labels = torch.tensor([1.0, 0.25, 0.0])      # an actual positive, a soft pseudo-label, an actual negative
+    labels = torch.tensor([1.0, 0.25, 0.0])  # an actual positive, a soft pseudo-label, an actual negative
     weights = torch.tensor([1.0, 0.5 * 0.8, 1.0])  # pseudo row: lambda 0.5 * confidence 0.8
     p = [0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(1))]
     bce = [-math.log(p[0]), -(0.25 * math.log(p[1]) + 0.75 * math.log(1 - p[1])), -math.log(1 - p[2])]
@@ -30,14 +33,24 @@ def test_weighted_bce_matches_the_gpl_formula_by_hand():
 
 
 def _train_frame():
-    train = pd.DataFrame({
-        "day": ["d1"] * 4 + ["d2"] * 4, "request_id": ["r1"] * 4 + ["r2"] * 4, "item_id": list("abcdabcd"),
-        "exposed": [True, True, False, False, True, False, False, False],
-        "clicked": [1, 0, None, None, 0, None, None, None],
-    })
-    pseudo = pd.DataFrame({"request_id": ["r1", "r1", "r2", "r2"], "item_id": ["c", "d", "b", "c"],
-                           "pseudo_label": [0.9, 0.1, 0.6, 0.4], "pseudo_label_mean_pool": [0.7, 0.2, 0.5, 0.5],
-                           "confidence": [0.5, 1.0, 0.2, 0.8]})
+    train = pd.DataFrame(
+        {
+            "day": ["d1"] * 4 + ["d2"] * 4,
+            "request_id": ["r1"] * 4 + ["r2"] * 4,
+            "item_id": list("abcdabcd"),
+            "exposed": [True, True, False, False, True, False, False, False],
+            "clicked": [1, 0, None, None, 0, None, None, None],
+        }
+    )
+    pseudo = pd.DataFrame(
+        {
+            "request_id": ["r1", "r1", "r2", "r2"],
+            "item_id": ["c", "d", "b", "c"],
+            "pseudo_label": [0.9, 0.1, 0.6, 0.4],
+            "pseudo_label_mean_pool": [0.7, 0.2, 0.5, 0.5],
+            "confidence": [0.5, 1.0, 0.2, 0.8],
+        }
+    )
     history = pseudo.assign(pseudo_label=[0.3, 0.3, 0.3, 0.3])
     sid = pseudo.assign(pseudo_label=[0.8, 0.8, 0.8, 0.8])
     return train, {"main": pseudo, "history": history, "sid": sid}
@@ -58,8 +71,18 @@ def test_shuffled_labels_are_a_permutation_within_each_day_that_moves_labels():
 def test_method_plans_use_the_right_labels_and_weights():
     train, pseudo = _train_frame()
     cfg = TrainingConfig(pseudo_weight=0.5, negative_sample_rate=1.0, pseudo_label_pooling="max")
-    plans = {m: method_plan(m, train, pseudo, cfg, seed=0, teacher_scores=np.linspace(0, 1, 8),
-                            propensity=np.array([0.5, 0.1, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5])) for m in METHODS}
+    plans = {
+        m: method_plan(
+            m,
+            train,
+            pseudo,
+            cfg,
+            seed=0,
+            teacher_scores=np.linspace(0, 1, 8),
+            propensity=np.array([0.5, 0.1, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5]),
+        )
+        for m in METHODS
+    }
     actual_rows = [0, 1, 4]
     assert plans["exposed_only"]["row"].tolist() == actual_rows and not plans["exposed_only"]["is_pseudo"].any()
     gpl = plans["gpl"][plans["gpl"]["is_pseudo"]].set_index("row")
@@ -103,8 +126,9 @@ def test_training_is_deterministic_under_a_seed_and_learns():
     cfg = TrainConfig(epochs=6, batch_size=64, seed=3, patience=6)
     a, hist = train_preranker(rows, COLUMNS, x[400:], y[400:].astype(int), config=cfg)
     b, _ = train_preranker(rows, COLUMNS, x[400:], y[400:].astype(int), config=cfg)
-    c, _ = train_preranker(rows, COLUMNS, x[400:], y[400:].astype(int), config=TrainConfig(epochs=6, batch_size=64,
-                                                                                             seed=4, patience=6))
+    c, _ = train_preranker(
+        rows, COLUMNS, x[400:], y[400:].astype(int), config=TrainConfig(epochs=6, batch_size=64, seed=4, patience=6)
+    )
     np.testing.assert_array_equal(a.predict(x[400:]), b.predict(x[400:]))
     assert not np.array_equal(a.predict(x[400:]), c.predict(x[400:]))
     assert hist["best_valid_auc"] > 0.7
@@ -143,10 +167,12 @@ def test_time_split_leaves_excluded_days_out_of_every_part(tmp_path):
 
     warehouse = Warehouse(tmp_path / "warehouse.duckdb")
     with warehouse.connect() as con:  # 10 days with 10 requests each
-        con.execute("INSERT INTO events BY NAME SELECT CAST(DATE '2024-01-01' + CAST(i // 10 AS INTEGER) AS DATE) AS day, "
-                    "'r' || i AS request_id, 'u' || i AS user_id, 'i1' AS item_id, "
-                    "TIMESTAMPTZ '2024-01-01 12:00:00+00' + to_days(CAST(i // 10 AS INTEGER)) AS event_time, "
-                    "false AS exposed FROM range(100) t(i)")
+        con.execute(
+            "INSERT INTO events BY NAME SELECT CAST(DATE '2024-01-01' + CAST(i // 10 AS INTEGER) AS DATE) AS day, "
+            "'r' || i AS request_id, 'u' || i AS user_id, 'i1' AS item_id, "
+            "TIMESTAMPTZ '2024-01-01 12:00:00+00' + to_days(CAST(i // 10 AS INTEGER)) AS event_time, "
+            "false AS exposed FROM range(100) t(i)"
+        )
     plain = time_split(warehouse, 0.2, 0.1)
     assert plain.test_days == [date(2024, 1, 9), date(2024, 1, 10)] and plain.valid_days == [date(2024, 1, 8)]
     broken = {date(2024, 1, 10), date(2024, 1, 3)}

@@ -16,13 +16,16 @@ from gpl_platform.prerank.data import rows_from_plan
 from gpl_platform.prerank.model import IdVocabulary, InputLayout, ModelConfig, PreRanker, build_preranker
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, model_config_from, train_preranker
 
-COLUMNS = ["u_clicks", "u_known", "u_num_age", "i_ctr", "i_known", "ui_cosine"] + \
-          [f"u_history_emb[{k}]" for k in range(4)] + [f"i_content_emb[{k}]" for k in range(4)]
+COLUMNS = (
+    ["u_clicks", "u_known", "u_num_age", "i_ctr", "i_known", "ui_cosine"]
+    + [f"u_history_emb[{k}]" for k in range(4)]
+    + [f"i_content_emb[{k}]" for k in range(4)]
+)
 USER_COLS = [k for k, c in enumerate(COLUMNS) if c.startswith("u_")]
 ITEM_COLS = [k for k, c in enumerate(COLUMNS) if c.startswith("i_")]
 ID_SHAPES = ("two_tower", "cold")
 USERS = [f"u{k}" for k in range(30)]
-ITEMS = [f"i{k}" for k in range(45)]   # the catalog: i40..i44 never appear in any row
+ITEMS = [f"i{k}" for k in range(45)]  # the catalog: i40..i44 never appear in any row
 EXPOSED_ITEMS, UNEXPOSED_ITEMS, CATALOG_ONLY = ITEMS[:30], ITEMS[30:40], ITEMS[40:]
 FAST = TrainConfig(epochs=4, batch_size=64, seed=3, patience=4)
 
@@ -46,26 +49,46 @@ def _rows_by_item_identity(n, items, seed=0, pseudo=False):
     item_ids = rng.choice(items, size=n)
     liked = np.array([int(i[1:]) % 2 == 0 for i in item_ids])
     labels = (rng.random(n) < np.where(liked, 0.9, 0.1)).astype(np.float32)
-    return TrainingRows(_features(users, item_ids, seed), labels, np.full(n, 0.5 if pseudo else 1.0, np.float32),
-                        np.full(n, pseudo), users, item_ids)
+    return TrainingRows(
+        _features(users, item_ids, seed),
+        labels,
+        np.full(n, 0.5 if pseudo else 1.0, np.float32),
+        np.full(n, pseudo),
+        users,
+        item_ids,
+    )
 
 
 def _concat(a: TrainingRows, b: TrainingRows) -> TrainingRows:
-    return TrainingRows(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in
-                          ("matrix", "labels", "weights", "is_pseudo", "user_ids", "item_ids")))
+    return TrainingRows(
+        *(
+            np.concatenate([getattr(a, f), getattr(b, f)])
+            for f in ("matrix", "labels", "weights", "is_pseudo", "user_ids", "item_ids")
+        )
+    )
 
 
 def _train(rows, valid, shape, config=FAST):
-    return train_preranker(rows, COLUMNS, valid.matrix, valid.labels.astype(int), ModelConfig(shape=shape), config,
-                           valid_user_ids=valid.user_ids, valid_item_ids=valid.item_ids,
-                           user_vocab=USERS, item_vocab=ITEMS)
+    return train_preranker(
+        rows,
+        COLUMNS,
+        valid.matrix,
+        valid.labels.astype(int),
+        ModelConfig(shape=shape),
+        config,
+        valid_user_ids=valid.user_ids,
+        valid_item_ids=valid.item_ids,
+        user_vocab=USERS,
+        item_vocab=ITEMS,
+    )
 
 
 def _initial_model(rows, shape, config=FAST):
     """The model train_preranker starts from: same seed, same construction."""
     torch.manual_seed(config.seed)
-    return build_preranker(InputLayout.from_columns(COLUMNS).fit_scaling(rows.matrix), ModelConfig(shape=shape),
-                           USERS, ITEMS)
+    return build_preranker(
+        InputLayout.from_columns(COLUMNS).fit_scaling(rows.matrix), ModelConfig(shape=shape), USERS, ITEMS
+    )
 
 
 def _item_parameters(model) -> dict[str, torch.Tensor]:
@@ -82,8 +105,10 @@ def test_item_rows_move_only_when_rows_of_the_item_train_them(shape):
     pseudo = _rows_by_item_identity(300, UNEXPOSED_ITEMS, seed=2, pseudo=True)
     valid = _rows_by_item_identity(200, EXPOSED_ITEMS, seed=3)
     initial = _item_parameters(_initial_model(exposed, shape))
-    rows_of = {name: IdVocabulary(ITEMS).rows(names) for name, names in
-               (("exposed", EXPOSED_ITEMS), ("unexposed", UNEXPOSED_ITEMS), ("catalog_only", CATALOG_ONLY))}
+    rows_of = {
+        name: IdVocabulary(ITEMS).rows(names)
+        for name, names in (("exposed", EXPOSED_ITEMS), ("unexposed", UNEXPOSED_ITEMS), ("catalog_only", CATALOG_ONLY))
+    }
 
     exposed_only, _ = _train(exposed, valid, shape)
     for name, after in _item_parameters(exposed_only).items():
@@ -159,13 +184,19 @@ def test_mlp_weights_saved_before_the_shapes_still_load(tmp_path):
     rows = _rows_by_item_identity(300, EXPOSED_ITEMS, seed=1)
     model, _ = _train(rows, rows, "mlp", TrainConfig(epochs=2, batch_size=64))
     model.save(tmp_path / "m", {})
-    old_names = {"inputs.scalar_mean": "mean", "inputs.scalar_std": "std", "inputs.scalar_idx": "scalar_idx",
-                 "inputs.user_emb_idx": "user_idx", "inputs.item_emb_idx": "item_idx",
-                 "inputs.user_history_proj.": "user_tower.", "inputs.item_content_proj.": "item_tower."}
+    old_names = {
+        "inputs.scalar_mean": "mean",
+        "inputs.scalar_std": "std",
+        "inputs.scalar_idx": "scalar_idx",
+        "inputs.user_emb_idx": "user_idx",
+        "inputs.item_emb_idx": "item_idx",
+        "inputs.user_history_proj.": "user_tower.",
+        "inputs.item_content_proj.": "item_tower.",
+    }
     state = {}
     for key, value in torch.load(tmp_path / "m" / "model.pt", weights_only=True).items():
         new = next((n for n in old_names if key == n or (n.endswith(".") and key.startswith(n))), None)
-        state[old_names[new] + key[len(new):] if new else key] = value
+        state[old_names[new] + key[len(new) :] if new else key] = value
     assert "user_tower.weight" in state and "mean" in state and "mlp.0.weight" in state
     torch.save(state, tmp_path / "m" / "model.pt")
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
@@ -184,8 +215,8 @@ def test_two_tower_item_vectors_computed_once_give_the_forward_scores():
     pairs_items = [i for _ in users for i in items]
     pairs = _features(pairs_users, pairs_items, seed=5)
     plain = model.predict(pairs, pairs_users, pairs_items).reshape(len(users), len(items))
-    item_vectors = model.item_vectors(pairs[:len(items)], items)       # the first user's rows hold every item
-    user_matrix = pairs[::len(items)]                                   # one row per user
+    item_vectors = model.item_vectors(pairs[: len(items)], items)  # the first user's rows hold every item
+    user_matrix = pairs[:: len(items)]  # one row per user
     precomputed = model.predict_with_item_vectors(user_matrix, users, item_vectors)
     np.testing.assert_allclose(precomputed, plain, rtol=1e-5, atol=1e-7)
     assert item_vectors.vectors.shape == (len(items), ModelConfig().hidden[-1])
@@ -206,8 +237,9 @@ def test_id_shapes_learn_item_identity_that_features_do_not_show(shape):
     aucs = {}
     for name in (shape, "mlp"):
         model, _ = _train(rows, valid, name, config)
-        aucs[name] = roc_auc_score(held_out.labels, model.predict(held_out.matrix, held_out.user_ids,
-                                                                   held_out.item_ids))
+        aucs[name] = roc_auc_score(
+            held_out.labels, model.predict(held_out.matrix, held_out.user_ids, held_out.item_ids)
+        )
     assert aucs[shape] > 0.8 and aucs[shape] > aucs["mlp"] + 0.15, aucs
 
 
@@ -217,16 +249,38 @@ def test_id_shapes_refuse_missing_ids_and_vocabularies():
     with pytest.raises(ValueError, match="user_ids and item_ids"):
         _train(no_ids, rows, "cold")
     with pytest.raises(ValueError, match="user_vocab and item_vocab"):
-        train_preranker(rows, COLUMNS, rows.matrix, rows.labels.astype(int), ModelConfig(shape="two_tower"), FAST,
-                        valid_user_ids=rows.user_ids, valid_item_ids=rows.item_ids)
+        train_preranker(
+            rows,
+            COLUMNS,
+            rows.matrix,
+            rows.labels.astype(int),
+            ModelConfig(shape="two_tower"),
+            FAST,
+            valid_user_ids=rows.user_ids,
+            valid_item_ids=rows.item_ids,
+        )
     with pytest.raises(ValueError, match="pass user_ids and item_ids"):
-        train_preranker(rows, COLUMNS, rows.matrix, rows.labels.astype(int), ModelConfig(shape="cold"), FAST,
-                        user_vocab=USERS, item_vocab=ITEMS)
+        train_preranker(
+            rows,
+            COLUMNS,
+            rows.matrix,
+            rows.labels.astype(int),
+            ModelConfig(shape="cold"),
+            FAST,
+            user_vocab=USERS,
+            item_vocab=ITEMS,
+        )
     with pytest.raises(ValueError, match="item_ids has 49 rows"):
         TrainingRows(rows.matrix, rows.labels, rows.weights, rows.is_pseudo, rows.user_ids, rows.item_ids[:-1])
     with pytest.raises(ValueError, match="missing values"):
-        TrainingRows(rows.matrix, rows.labels, rows.weights, rows.is_pseudo, rows.user_ids,
-                     np.r_[rows.item_ids[:-1].astype(object), [None]])
+        TrainingRows(
+            rows.matrix,
+            rows.labels,
+            rows.weights,
+            rows.is_pseudo,
+            rows.user_ids,
+            np.r_[rows.item_ids[:-1].astype(object), [None]],
+        )
     with pytest.raises(ValueError, match="unknown pre-ranker shape"):
         build_preranker(InputLayout.from_columns(COLUMNS), ModelConfig(shape="wide_and_deep"))
 
@@ -239,10 +293,12 @@ def test_rows_from_plan_and_settings_carry_the_ids_and_the_shape():
     assert rows.user_ids.tolist() == ["u3", "u1"] and rows.item_ids.tolist() == ["c", "a"]
     assert rows_from_plan(plan, matrix).user_ids is None
     assert model_config_from(TrainingConfig()) == ModelConfig()
-    assert model_config_from(TrainingConfig(preranker="cold", id_embedding_dim=8)) == ModelConfig(shape="cold",
-                                                                                                   id_dim=8)
+    assert model_config_from(TrainingConfig(preranker="cold", id_embedding_dim=8)) == ModelConfig(
+        shape="cold", id_dim=8
+    )
     with pytest.raises(pydantic.ValidationError):
         TrainingConfig(preranker="wide_and_deep")
+
 
 # The online scorer of every shape (ids, out-of-vocabulary rows, the precomputed two-tower item side) is
 # tested on a real Feast store in tests/prerank/test_scoring_service.py.

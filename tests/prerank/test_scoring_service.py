@@ -81,8 +81,9 @@ def test_scores_use_the_training_inputs_for_every_shape(world, shape, cache_item
         assert scored.out_of_vocabulary_items == [*items[-4:-2], "ghost-item", "ghost-item-2"]
     ghost = scorer.score("ghost-user", items[:3])
     assert ghost.unknown_user and ghost.out_of_vocabulary_user == model.uses_ids
-    np.testing.assert_array_equal(scorer.matrix("ghost-user", items[:3]),
-                                  _offline_matrix(world, "ghost-user", items[:3], world["days"][-1]))
+    np.testing.assert_array_equal(
+        scorer.matrix("ghost-user", items[:3]), _offline_matrix(world, "ghost-user", items[:3], world["days"][-1])
+    )
 
 
 def _materialize_day(world, day):
@@ -96,7 +97,7 @@ def _materialize_next_day(world):
     """Write and materialize the day after the newest one in the online store; that day."""
     new_day = world["all_days"][len(world["days"])]
     _materialize_day(world, new_day)
-    world["days"] = world["all_days"][:len(world["days"]) + 1]
+    world["days"] = world["all_days"][: len(world["days"]) + 1]
     return new_day
 
 
@@ -138,8 +139,9 @@ def test_the_first_score_after_a_materialization_uses_it(world):
     assert scorer.score(user, items).features_version == newest
     answer = service.score(user, items)
     assert answer["features_version"] == newest and service.health()["items_rebuilt_on_request"] == 1
-    np.testing.assert_allclose(answer["scores"], model.predict(_offline_matrix(world, user, items, new_day)),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        answer["scores"], model.predict(_offline_matrix(world, user, items, new_day)), rtol=1e-5, atol=1e-7
+    )
     _materialize_day(world, new_day)  # a re-run of the day: a newer materialization with the same end
     rerun = _newest_materialization(world)
     assert rerun["id"] != newest["id"] and scorer.score(user, items).features_version == rerun
@@ -150,9 +152,13 @@ def test_bad_requests_get_a_clear_4xx(world):
     from gpl_platform.prerank.service import RequestError, check_request
 
     check_request("u1", ["a", "b"], 10)
-    for args, status, fragment in [(("u1", [], 10), 422, "empty"), (("u1", ["a"] * 3, 10), 422, "repeats"),
-                                   (("u1", list("abcdefghijk"), 10), 413, "at most 10"),
-                                   ((" ", ["a"], 10), 422, "user_id is empty"), (("u1", ["a", ""], 10), 422, "empty id")]:
+    for args, status, fragment in [
+        (("u1", [], 10), 422, "empty"),
+        (("u1", ["a"] * 3, 10), 422, "repeats"),
+        (("u1", list("abcdefghijk"), 10), 413, "at most 10"),
+        ((" ", ["a"], 10), 422, "user_id is empty"),
+        (("u1", ["a", ""], 10), 422, "empty id"),
+    ]:
         with pytest.raises(RequestError, match=fragment) as info:
             check_request(*args)
         assert info.value.status == status
@@ -165,9 +171,21 @@ def served(world, tmp_path_factory):
     shutil.copytree(world["models"]["mlp"][1], models / "mlp-0")
     port = free_port()
     env = {"GPL_DATA_DIR": str(world["store"].settings.data_dir), "GPL_SERVING__MAX_ITEMS": "500"}
-    server = RunningServer([str(os.path.join(os.path.dirname(sys.executable), "gpl")), "serve", "--port", str(port),
-                            "--model", str(models), "--refresh-interval", "0.5"],
-                           f"http://127.0.0.1:{port}/health", env=env, timeout_s=180)
+    server = RunningServer(
+        [
+            str(os.path.join(os.path.dirname(sys.executable), "gpl")),
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            str(models),
+            "--refresh-interval",
+            "0.5",
+        ],
+        f"http://127.0.0.1:{port}/health",
+        env=env,
+        timeout_s=180,
+    )
     yield {"url": f"http://127.0.0.1:{port}", "models": models, "server": server}
     server.stop()
 
@@ -188,13 +206,20 @@ def test_http_scores_health_and_bad_requests(world, served):
     np.testing.assert_allclose(answer["scores"], local.scores, rtol=1e-6)
     assert answer["unknown_items"] == ["ghost-item", "ghost-item-2"] and answer["model_version"] == "mlp-0"
     assert answer["features_version"]["id"] == local.features_version["id"]
-    bad = [({"user_id": user}, 422, "item_ids"), ({"item_ids": items}, 422, "user_id"),
-           ({"user_id": 7, "item_ids": items}, 422, "user_id"), ({"user_id": user, "item_ids": "a,b"}, 422, "item_ids"),
-           ({"user_id": user, "item_ids": [1, 2]}, 422, "item_ids"), ({"user_id": user, "item_ids": []}, 422, "empty"),
-           ({"user_id": user, "item_ids": ["a", "a"]}, 422, "repeats"),
-           ({"user_id": user, "item_ids": [f"i{k}" for k in range(501)]}, 413, "at most 500"),
-           ({"user_id": user, "item_ids": items, "extra": 1}, 422, "extra"), (b"{not json", 400, "not valid JSON"),
-           ([1, 2], 422, "invalid request"), (b"", 422, "invalid request")]
+    bad = [
+        ({"user_id": user}, 422, "item_ids"),
+        ({"item_ids": items}, 422, "user_id"),
+        ({"user_id": 7, "item_ids": items}, 422, "user_id"),
+        ({"user_id": user, "item_ids": "a,b"}, 422, "item_ids"),
+        ({"user_id": user, "item_ids": [1, 2]}, 422, "item_ids"),
+        ({"user_id": user, "item_ids": []}, 422, "empty"),
+        ({"user_id": user, "item_ids": ["a", "a"]}, 422, "repeats"),
+        ({"user_id": user, "item_ids": [f"i{k}" for k in range(501)]}, 413, "at most 500"),
+        ({"user_id": user, "item_ids": items, "extra": 1}, 422, "extra"),
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 422, "invalid request"),
+        (b"", 422, "invalid request"),
+    ]
     for body, want, fragment in bad:
         status, answer = post_json(f"{url}/score", body)
         assert status == want and fragment in json.dumps(answer), (body, status, answer)

@@ -39,8 +39,13 @@ class FakeLLM(AnchorGenerator):
 
     backend = "fake"
 
-    def __init__(self, outputs=None, default="- space opera\n- dark crime drama\n- romantic comedy",
-                 prompt_version="p1", params=None):
+    def __init__(
+        self,
+        outputs=None,
+        default="- space opera\n- dark crime drama\n- romantic comedy",
+        prompt_version="p1",
+        params=None,
+    ):
         self.model_id = "fake-model"
         self.prompt_version = prompt_version
         self.params = dict(params or {"temperature": 0.0})
@@ -66,7 +71,7 @@ class FakeLLM(AnchorGenerator):
 
 
 def check_frame(df: pd.DataFrame, users: list[str], k: int) -> None:
-    assert list(df.columns)[-len(ANCHOR_COLUMNS):] == list(ANCHOR_COLUMNS)
+    assert list(df.columns)[-len(ANCHOR_COLUMNS) :] == list(ANCHOR_COLUMNS)
     counts = df.groupby("user_id").size()
     assert set(counts.index) == set(users)
     assert counts.min() >= 1 and counts.max() <= k
@@ -256,9 +261,18 @@ def test_cache_insert_is_atomic(con):
     generate_with_cache(con, gen, [hist("a")], k=3, progress=False)
     n0 = con.execute("SELECT count(*) FROM anchor_cache").fetchone()[0]
     # a failing insert leaves the table unchanged (rolled back)
-    bad = pd.DataFrame({"cache_key": ["x", "x"], "user_id": ["z", "z"], "anchor_rank": [0, 0],
-                        "anchor_text": ["a", "b"], "logprob": [0.0, 0.0], "gen_prob": [1.0, 1.0],
-                        "is_fallback": [False, False], "fallback_reason": [None, None]})
+    bad = pd.DataFrame(
+        {
+            "cache_key": ["x", "x"],
+            "user_id": ["z", "z"],
+            "anchor_rank": [0, 0],
+            "anchor_text": ["a", "b"],
+            "logprob": [0.0, 0.0],
+            "gen_prob": [1.0, 1.0],
+            "is_fallback": [False, False],
+            "fallback_reason": [None, None],
+        }
+    )
     with pytest.raises(Exception):
         cache_mod.insert(con, bad, gen)  # duplicate (cache_key, anchor_rank)
     assert con.execute("SELECT count(*) FROM anchor_cache").fetchone()[0] == n0

@@ -37,7 +37,9 @@ def chat_payload(text: str, token_logprob: float | None = -0.25) -> dict:
                 cur = ""
         if cur:
             toks.append(cur)
-        choice["logprobs"] = {"content": [{"token": t, "logprob": token_logprob, "bytes": list(t.encode())} for t in toks]}
+        choice["logprobs"] = {
+            "content": [{"token": t, "logprob": token_logprob, "bytes": list(t.encode())} for t in toks]
+        }
     return {"id": "x", "object": "chat.completion", "choices": [choice], "usage": {"completion_tokens": 7}}
 
 
@@ -128,8 +130,9 @@ def test_chat_success_with_logprobs_key_extra_body_and_request_shape(monkeypatch
     monkeypatch.setenv("MY_LLM_KEY", "sk-from-env-abcdef")
     text = "- space opera adventure\n- dark crime drama\n- Fargo (1996)"
     with Stub(ok(text)) as stub:
-        gen = OpenAICompatibleAnchorGenerator(stub.base_url, "stub-model", api_key_env="MY_LLM_KEY",
-                                              max_concurrency=2, extra_body={"top_k": 20})
+        gen = OpenAICompatibleAnchorGenerator(
+            stub.base_url, "stub-model", api_key_env="MY_LLM_KEY", max_concurrency=2, extra_body={"top_k": 20}
+        )
         res = gen.generate([hist("a"), hist("b")], k=3, progress=False)
     df = res.anchors
     assert df[df.user_id == "a"].anchor_text.tolist() == ["space opera adventure", "dark crime drama"]
@@ -212,8 +215,14 @@ def test_on_error_raise_names_url_and_cause():
             gen.generate([hist("a")], k=2, progress=False)
 
 
-@pytest.mark.parametrize("payload", ["<html>bad gateway</html>", {"id": "x", "object": "chat.completion"},
-                                     {"choices": [{"index": 0, "message": {"role": "assistant"}}]}])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "<html>bad gateway</html>",
+        {"id": "x", "object": "chat.completion"},
+        {"choices": [{"index": 0, "message": {"role": "assistant"}}]},
+    ],
+)
 def test_malformed_answers_are_counted_fallbacks(payload):
     with Stub(lambda n, p, b: (200, payload, 0)) as stub:
         res = make(stub, max_failure_share=1.0).generate([hist("a"), hist("b")], k=2, progress=False)
@@ -269,9 +278,28 @@ def test_completions_endpoint_parses_token_logprobs():
         for t in toks:
             offs.append(pos)
             pos += len(t)
-        return 200, {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [
-            {"index": 0, "finish_reason": "stop", "text": text, "logprobs": {
-                "tokens": toks, "token_logprobs": [-0.1, -0.3, -1.0, -1.0, -0.5, -0.7], "text_offset": offs}}]}, 0
+        return (
+            200,
+            {
+                "id": "c",
+                "object": "text_completion",
+                "created": 0,
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "text": text,
+                        "logprobs": {
+                            "tokens": toks,
+                            "token_logprobs": [-0.1, -0.3, -1.0, -1.0, -0.5, -0.7],
+                            "text_offset": offs,
+                        },
+                    }
+                ],
+            },
+            0,
+        )
 
     with Stub(behavior) as stub:
         res = make(stub, endpoint="completions").generate([hist("a")], k=3, progress=False)

@@ -13,25 +13,41 @@ from gpl_platform.pseudo_labels.anchors.smollm_weights import find_packaged_gguf
 pytestmark = pytest.mark.slow
 
 HISTS = [
-    UserHistory("u1", ("1", "2", "3"), (
-        "Star Wars (1977). Genres: Action, Adventure, Romance, Sci-Fi, War",
-        "Alien (1979). Genres: Action, Horror, Sci-Fi, Thriller",
-        "Terminator, The (1984). Genres: Action, Sci-Fi, Thriller",
-    )),
-    UserHistory("u2", ("4", "5"), (
-        "Sleepless in Seattle (1993). Genres: Comedy, Romance",
-        "Clueless (1995). Genres: Comedy, Romance",
-    )),
-    UserHistory("u3", ("6", "7", "8", "9"), (
-        "Toy Story (1995). Genres: Animation, Children's, Comedy",
-        "Lion King, The (1994). Genres: Animation, Children's, Musical",
-        "Aladdin (1992). Genres: Animation, Children's, Comedy, Musical",
-        "Babe (1995). Genres: Children's, Comedy, Drama",
-    )),
-    UserHistory("u4", ("10", "11"), (
-        "Fargo (1996). Genres: Crime, Drama, Thriller",
-        "Usual Suspects, The (1995). Genres: Crime, Thriller",
-    )),
+    UserHistory(
+        "u1",
+        ("1", "2", "3"),
+        (
+            "Star Wars (1977). Genres: Action, Adventure, Romance, Sci-Fi, War",
+            "Alien (1979). Genres: Action, Horror, Sci-Fi, Thriller",
+            "Terminator, The (1984). Genres: Action, Sci-Fi, Thriller",
+        ),
+    ),
+    UserHistory(
+        "u2",
+        ("4", "5"),
+        (
+            "Sleepless in Seattle (1993). Genres: Comedy, Romance",
+            "Clueless (1995). Genres: Comedy, Romance",
+        ),
+    ),
+    UserHistory(
+        "u3",
+        ("6", "7", "8", "9"),
+        (
+            "Toy Story (1995). Genres: Animation, Children's, Comedy",
+            "Lion King, The (1994). Genres: Animation, Children's, Musical",
+            "Aladdin (1992). Genres: Animation, Children's, Comedy, Musical",
+            "Babe (1995). Genres: Children's, Comedy, Drama",
+        ),
+    ),
+    UserHistory(
+        "u4",
+        ("10", "11"),
+        (
+            "Fargo (1996). Genres: Crime, Drama, Thriller",
+            "Usual Suspects, The (1995). Genres: Crime, Thriller",
+        ),
+    ),
 ]
 
 
@@ -72,7 +88,9 @@ def test_real_model_anchors_contract_and_determinism(gen):
 
 def test_engine_enters_the_signature_and_defaults_to_ctranslate2(gen):
     other = "transformers" if gen.engine == "ctranslate2" else "ctranslate2"
-    assert gen.cache_signature() != SmolLMAnchorGenerator(engine=other, batch_size=4, max_new_tokens=32).cache_signature()
+    assert (
+        gen.cache_signature() != SmolLMAnchorGenerator(engine=other, batch_size=4, max_new_tokens=32).cache_signature()
+    )
     assert SmolLMAnchorGenerator().engine == "ctranslate2"
 
 

@@ -21,8 +21,12 @@ class WordTokenizer:
         return " ".join(ids)
 
 
-TEXTS = ("Star Wars (1977). Genres: Action, Adventure, Sci-Fi", "Fargo (1996). Genres: Crime, Drama",
-         "Alien (1979). Genres: Horror, Sci-Fi", "Heat (1995). Genres: Action, Crime")
+TEXTS = (
+    "Star Wars (1977). Genres: Action, Adventure, Sci-Fi",
+    "Fargo (1996). Genres: Crime, Drama",
+    "Alien (1979). Genres: Horror, Sci-Fi",
+    "Heat (1995). Genres: Action, Crime",
+)
 HIST = UserHistory("u", ("1", "2", "3", "4"), TEXTS)
 
 

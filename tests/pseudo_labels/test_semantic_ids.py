@@ -21,8 +21,18 @@ from gpl_platform.pseudo_labels.semantic_ids.generator import (
 from gpl_platform.pseudo_labels.semantic_ids.rqvae import assign_suffixes, auto_codebook_size, fit_semantic_ids
 
 SMALL_RQ = SemanticIdConfig(levels=2, codebook_size=8, latent_dim=8, hidden_dim=32, warmup_epochs=30, epochs=150)
-SMALL_GEN = SidGeneratorConfig(d_model=32, layers=1, heads=2, epochs=25, batch_size=16, lr=5e-3, max_history_items=6,
-                               beam_size=12, popular_subsample_t=0.0, objective="next_item")
+SMALL_GEN = SidGeneratorConfig(
+    d_model=32,
+    layers=1,
+    heads=2,
+    epochs=25,
+    batch_size=16,
+    lr=5e-3,
+    max_history_items=6,
+    beam_size=12,
+    popular_subsample_t=0.0,
+    objective="next_item",
+)
 
 
 def clustered_vectors(n_items=120, dim=24, clusters=6, seed=0):
@@ -102,7 +112,7 @@ def exact_scores(model, vocab, prompt):
     tokens = torch.from_numpy(np.stack(seqs))
     with torch.no_grad():
         logp = torch.log_softmax(model(tokens[:, :-1])[0], -1).gather(2, tokens[:, 1:, None])[..., 0]
-    return logp[:, -vocab.positions:].sum(1).numpy()
+    return logp[:, -vocab.positions :].sum(1).numpy()
 
 
 def test_constrained_beam_search_emits_only_valid_ids_and_matches_brute_force():
@@ -155,8 +165,11 @@ def test_packed_rows_score_each_target_as_if_it_alone_followed_the_prompt():
     vocab = random_catalog()
     torch.manual_seed(1)
     model = SidTransformer(vocab.size, max_tokens(SMALL_GEN, vocab.positions), 32, 2, 2, 0.0).eval()
-    rows = [(np.array([3, 7, 1]), np.array([5, 9, 0, 22])), (np.array([4]), np.array([11])),
-            (np.array([8, 2]), np.array([30, 31]))]
+    rows = [
+        (np.array([3, 7, 1]), np.array([5, 9, 0, 22])),
+        (np.array([4]), np.array([11])),
+        (np.array([8, 2]), np.array([30, 31])),
+    ]
     with torch.no_grad():
         packed = target_log_probs(model, packed_batch(vocab, rows, lm_prompt=False)).numpy()
     alone = np.concatenate([exact_scores(model, vocab, prompt)[targets] for prompt, targets in rows])
@@ -182,8 +195,9 @@ def _top4_overlap_with_the_next_day(trained, vocab, n_prompts=50):
     prompts = [rng.choice(20, 4, replace=False) for _ in range(n_prompts)]
     rows = [np.array([vocab.item_index[f"i{k}"] for k in p]) for p in prompts]
     found = beam_search(trained.model, vocab, rows, k=4, beam_size=16, exclude=[set(r.tolist()) for r in rows])
-    return np.mean([len({vocab.item_ids[r] for r, _ in f} & {f"i{k + 20}" for k in p}) / 4
-                    for p, f in zip(prompts, found)])
+    return np.mean(
+        [len({vocab.item_ids[r] for r, _ in f} & {f"i{k + 20}" for k in p}) / 4 for p, f in zip(prompts, found)]
+    )
 
 
 def test_next_day_objective_learns_what_users_want_on_a_later_day():
@@ -196,8 +210,9 @@ def test_next_day_objective_learns_what_users_want_on_a_later_day():
     assert m["training_targets"] + m["valid_targets"] == 400 * 4  # only day-2 positives are targets
     assert m["valid_recall@10"] > 0.9 > m["valid_popularity_recall@10"]
     # next-item prediction on the same data spends most of its loss on the random order within a day
-    other = train_sid_generator(vocab, seqs, cfg.model_copy(update={"objective": "next_item"}), seed=5, version="t",
-                                user_sessions=days)
+    other = train_sid_generator(
+        vocab, seqs, cfg.model_copy(update={"objective": "next_item"}), seed=5, version="t", user_sessions=days
+    )
     day_overlap, item_overlap = (_top4_overlap_with_the_next_day(g, vocab) for g in (trained, other))
     assert day_overlap > 0.6 and day_overlap > item_overlap + 0.1, (day_overlap, item_overlap)  # seen 0.70 / 0.51
 
@@ -225,8 +240,16 @@ def test_popular_items_are_down_sampled():
 
 # ---- end to end on the simulator (whose clicks follow item topics) ----------------------------------
 
-SID_ASSETS = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "item_semantic_ids",
-              "sid_generator", "sid_anchor_pseudo_labels"]
+SID_ASSETS = [
+    "item_catalog",
+    "users",
+    "candidate_events",
+    "user_histories",
+    "item_embeddings",
+    "item_semantic_ids",
+    "sid_generator",
+    "sid_anchor_pseudo_labels",
+]
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +260,11 @@ def sid_run(tmp_path_factory):
     # a denser world than the suite's default (300 users, one request a day): a generator trained from
     # scratch needs some thousand positives before it knows more than popularity. A refit every day: the
     # next_day objective learns only from users' second and later days, so the first two days get no model
-    overrides = {"calibration": {"min_samples": 50},
-                 "simulator": {"n_users": 300, "requests_per_user_per_day": 1.0, "candidates_per_request": 30},
-                 "sid": {"generator": {"epochs": 150, "batch_size": 32, "retrain_every_days": 1}}}
+    overrides = {
+        "calibration": {"min_samples": 50},
+        "simulator": {"n_users": 300, "requests_per_user_per_day": 1.0, "candidates_per_request": 30},
+        "sid": {"generator": {"epochs": 150, "batch_size": 32, "retrain_every_days": 1}},
+    }
     gpl = GplSettings(data_dir=str(tmp_path_factory.mktemp("sid") / "data"), overrides_json=json.dumps(overrides))
     assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=SID_ASSETS).success
     return gpl
@@ -261,8 +286,10 @@ def test_sid_assets_store_versioned_ids_and_leak_free_generators(sid_run):
     assert counts.groupby(level=0).max().sum() / len(topics) > 0.7
     generators = stored_generators(wh)
     assert len(generators) >= 2
-    anchors = wh.query("SELECT a.day, a.model_id, a.anchor_text, a.is_fallback, a.fallback_reason, a.gen_prob, "
-                       "g.train_end FROM user_anchors__sid a LEFT JOIN sid_generators g ON g.version = a.model_id")
+    anchors = wh.query(
+        "SELECT a.day, a.model_id, a.anchor_text, a.is_fallback, a.fallback_reason, a.gen_prob, "
+        "g.train_end FROM user_anchors__sid a LEFT JOIN sid_generators g ON g.version = a.model_id"
+    )
     generated = anchors[~anchors["is_fallback"]]
     assert len(generated) > 100 and generated["anchor_text"].str.match(r"^sid \d+-\d+-\d+-\d+ · ").all()
     assert (generated["train_end"] < generated["day"]).all()  # each model saw only days before the one it serves
@@ -280,9 +307,17 @@ def test_sid_anchors_beat_random_on_the_simulator_and_rerun_from_cache(sid_run):
 
     settings, wh = sid_run.settings(), sid_run.warehouse()
     days = sorted(wh.written_days("user_histories"))[1:]  # day 1: nobody has a history yet
-    report = pseudo_label_quality(wh, days, {"sid": anchor_generator(settings, "sid")}, sentence_encoder(None),
-                                  settings.anchors.k, settings.anchors.history_max_items, settings.seed, "simulator",
-                                  progress=False)
+    report = pseudo_label_quality(
+        wh,
+        days,
+        {"sid": anchor_generator(settings, "sid")},
+        sentence_encoder(None),
+        settings.anchors.k,
+        settings.anchors.history_max_items,
+        settings.seed,
+        "simulator",
+        progress=False,
+    )
     assert report["variants"]["sid"]["serving_models"] >= 2
     # where anchors differ at all (users with a history), SID anchors rank the unexposed candidates better than
     # chance; the margin is modest (measured 0.539 against 0.502; history anchors reach 0.614: docs/SEMANTIC_IDS.md)
@@ -291,9 +326,16 @@ def test_sid_anchors_beat_random_on_the_simulator_and_rerun_from_cache(sid_run):
     assert quality["sid_mean"] > quality["random"] + 0.02, quality
     # the same anchors again: every history is a cache hit, nothing is generated or trained
     from gpl_platform.pseudo_labels.anchor_stages import anchors_for_days
+
     before = wh.query("SELECT count(*) AS n FROM sid_generators")["n"].iloc[0]
-    _, stats = anchors_for_days(wh, days, anchor_generator(settings, "sid"), settings.anchors.k,
-                                settings.anchors.history_max_items, progress=False)
+    _, stats = anchors_for_days(
+        wh,
+        days,
+        anchor_generator(settings, "sid"),
+        settings.anchors.k,
+        settings.anchors.history_max_items,
+        progress=False,
+    )
     assert stats["cache_misses"] == 0 and stats["cache_hits"] == stats["distinct_histories"]
     assert wh.query("SELECT count(*) AS n FROM sid_generators")["n"].iloc[0] == before
 
@@ -306,9 +348,17 @@ def test_sid_as_the_main_backend_gives_the_ablation_labels(sid_run):
 
     overrides = {**json.loads(sid_run.overrides_json), "anchors": {"backend": "sid"}}
     gpl = GplSettings(data_dir=sid_run.data_dir, overrides_json=json.dumps(overrides))
-    assert run_pipeline(resources={"gpl": gpl}, ephemeral=True,
-                        selection=["user_anchors", "anchor_embeddings", "candidate_similarities",
-                                   "similarity_calibration", "pseudo_labels"]).success
+    assert run_pipeline(
+        resources={"gpl": gpl},
+        ephemeral=True,
+        selection=[
+            "user_anchors",
+            "anchor_embeddings",
+            "candidate_similarities",
+            "similarity_calibration",
+            "pseudo_labels",
+        ],
+    ).success
     columns = "day, request_id, item_id, pseudo_label, confidence, llm_version"
     main = sid_run.warehouse().query(f"SELECT {columns} FROM pseudo_labels ORDER BY ALL")
     ablation = sid_run.warehouse().query(f"SELECT {columns} FROM pseudo_labels__sid ORDER BY ALL")
@@ -332,19 +382,26 @@ def test_training_gives_the_same_result_in_another_process(fitted):
     script = textwrap.dedent("""
         import sys, json, torch
         torch.set_num_threads(int(sys.argv[1]))
-        from tests.pseudo_labels.test_semantic_ids import SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences, random_catalog
+        from tests.pseudo_labels.test_semantic_ids import (SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences,
+                                                           random_catalog)
         from gpl_platform.pseudo_labels.semantic_ids.generator import train_sid_generator
         from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids
         ids, x, _ = clustered_vectors()
         fit = fit_semantic_ids(ids, x, SMALL_RQ, seed=3, encoder_id="enc@test")
         gen = train_sid_generator(random_catalog(), cyclic_sequences(), SMALL_GEN, seed=7, version="t")
-        print(json.dumps({"codes": fit.codes.tolist(), "weight": float(sum(p.double().sum() for p in gen.model.parameters()))}))
+        weight = float(sum(p.double().sum() for p in gen.model.parameters()))
+        print(json.dumps({"codes": fit.codes.tolist(), "weight": weight}))
     """)
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", script, str(torch.get_num_threads())], capture_output=True, text=True,
-                         cwd=root, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(torch.get_num_threads())],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=True,
+    )
     there = json.loads(out.stdout.strip().splitlines()[-1])
     assert there["codes"] == fit.codes.tolist()
     assert there["weight"] == float(sum(p.double().sum() for p in here.model.parameters()))

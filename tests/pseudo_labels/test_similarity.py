@@ -123,4 +123,7 @@ def test_very_uneven_anchor_counts():
     cu = rng.integers(0, 33, 3000)
     ci = rng.integers(0, 200, 3000)
     for chunk_rows in (16, 2048):
-        _assert_same(score_candidates(cu, ci, items, anchors, au, chunk_rows=chunk_rows), score_candidates_loop(cu, ci, items, anchors, au))
+        _assert_same(
+            score_candidates(cu, ci, items, anchors, au, chunk_rows=chunk_rows),
+            score_candidates_loop(cu, ci, items, anchors, au),
+        )

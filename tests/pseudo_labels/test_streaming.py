@@ -18,8 +18,15 @@ from gpl_platform.pseudo_labels import in_memory, pipeline
 from gpl_platform.pseudo_labels.anchor_stages import embed_anchors
 from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
-UPSTREAM = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
-            "anchor_embeddings"]
+UPSTREAM = [
+    "item_catalog",
+    "users",
+    "candidate_events",
+    "user_histories",
+    "item_embeddings",
+    "user_anchors",
+    "anchor_embeddings",
+]
 OVERRIDES = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}}
 KEYS = ["day", "request_id", "item_id"]
 # float32 similarities computed in another batch layout round differently in the last bits (BLAS tiles);
@@ -57,9 +64,17 @@ def _score(module, world, **kwargs):
 def _label(module, world, **kwargs):
     settings, warehouse, days, generator, encoder = world
     return module.pseudo_label_days(
-        warehouse, days, days[0], encoder_id=encoder.encoder_id, generator=generator,
-        calibration_cfg=settings.calibration, confidence_cfg=settings.confidence,
-        history_max_items=settings.history_max_len, artifacts_dir=settings.artifacts_dir, **kwargs)
+        warehouse,
+        days,
+        days[0],
+        encoder_id=encoder.encoder_id,
+        generator=generator,
+        calibration_cfg=settings.calibration,
+        confidence_cfg=settings.confidence,
+        history_max_items=settings.history_max_len,
+        artifacts_dir=settings.artifacts_dir,
+        **kwargs,
+    )
 
 
 def _table(warehouse, name):
@@ -100,8 +115,14 @@ def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
     labels = _table(warehouse, "pseudo_labels")
     # same rows, same arg-max anchors and versions (the calibrations were stored by the reference run)
     _assert_same_rows(reference, labels, exact_columns={"anchor_id", "calibration_version", "llm_version"})
-    for key in ("rows", "unexposed_candidates", "no_history_labelled", "days_without_calibration",
-                "days_with_degenerate_calibration", "calibration_versions"):
+    for key in (
+        "rows",
+        "unexposed_candidates",
+        "no_history_labelled",
+        "days_without_calibration",
+        "days_with_degenerate_calibration",
+        "calibration_versions",
+    ):
         expected = len(reference_labels) if key == "rows" else reference_stats[key]
         assert stats[key] == expected, key
     assert stats["pseudo_label_mean"] == pytest.approx(reference_stats["pseudo_label_mean"], abs=1e-6)
@@ -117,8 +138,9 @@ def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
 def test_streamed_embeddings_match_and_chunked_encoding_changes_nothing(world):
     settings, warehouse, days, generator, encoder = world
     before = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
-    stats = embed_anchors(warehouse, days, encoder, generator=generator,
-                          engine=LocalEngine(StreamingConfig(encode_batch_texts=7)))
+    stats = embed_anchors(
+        warehouse, days, encoder, generator=generator, engine=LocalEngine(StreamingConfig(encode_batch_texts=7))
+    )
     after = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
     assert stats["anchors"] == len(before) == len(after) and stats["distinct_texts"] > 7
     pd.testing.assert_frame_equal(before.drop(columns="vector"), after.drop(columns="vector"))
@@ -127,9 +149,13 @@ def test_streamed_embeddings_match_and_chunked_encoding_changes_nothing(world):
 
 def test_the_batch_plan_keeps_users_whole_and_bounded():
     rng = np.random.default_rng(0)
-    counts = pd.DataFrame({"day": pd.to_datetime(["2024-01-01"] * 30 + ["2024-01-02"] * 20).date,
-                           "user_id": [f"u{i:02d}" for i in range(30)] + [f"u{i:02d}" for i in range(20)],
-                           "n": rng.integers(1, 40, 50)})
+    counts = pd.DataFrame(
+        {
+            "day": pd.to_datetime(["2024-01-01"] * 30 + ["2024-01-02"] * 20).date,
+            "user_id": [f"u{i:02d}" for i in range(30)] + [f"u{i:02d}" for i in range(20)],
+            "n": rng.integers(1, 40, 50),
+        }
+    )
     counts.loc[7, "n"] = 500  # one user larger than a batch gets a batch of its own
     con = duckdb.connect()
     con.register("counts", counts)
@@ -166,8 +192,10 @@ def test_a_failed_batch_leaves_the_previous_labels(world):
     with pytest.raises(RuntimeError, match="worker lost"):
         _score(pipeline, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
     pd.testing.assert_frame_equal(before, _table(warehouse, "pseudo_labels"))
-    pd.testing.assert_frame_equal(parts, warehouse.query(
-        "SELECT * FROM partitions WHERE table_name IN ('pseudo_labels', 'candidate_similarities')"))
+    pd.testing.assert_frame_equal(
+        parts,
+        warehouse.query("SELECT * FROM partitions WHERE table_name IN ('pseudo_labels', 'candidate_similarities')"),
+    )
     # and a re-run replaces the range: no duplicates
     _label(pipeline, world, engine=engine)
     pd.testing.assert_frame_equal(before, _table(warehouse, "pseudo_labels"))

@@ -28,10 +28,12 @@ from gpl_platform.quality.thresholds import (
 
 def _labels(n=400, seed=0, label=None, confidence=None) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "pseudo_label": rng.beta(2, 5, n) if label is None else np.full(n, label, dtype=float),
-        "confidence": rng.uniform(0.05, 1.0, n) if confidence is None else np.full(n, confidence, dtype=float),
-    })
+    return pd.DataFrame(
+        {
+            "pseudo_label": rng.beta(2, 5, n) if label is None else np.full(n, label, dtype=float),
+            "confidence": rng.uniform(0.05, 1.0, n) if confidence is None else np.full(n, confidence, dtype=float),
+        }
+    )
 
 
 def _failed(result) -> set[str]:
@@ -42,8 +44,12 @@ def test_healthy_labels_pass_both_suites():
     prev, today = _labels(seed=1), _labels(seed=2)
     values, dist = check_pseudo_label_values(today), check_pseudo_label_distribution(today, prev)
     assert values.passed and dist.passed, (values.summary(), dist.summary())
-    assert {e.name for e in dist.expectations} >= {"pseudo_label_mean", "confidence_quantiles",
-                                                   "high_confidence_positive_share", "confidence_kl_vs_previous"}
+    assert {e.name for e in dist.expectations} >= {
+        "pseudo_label_mean",
+        "confidence_quantiles",
+        "high_confidence_positive_share",
+        "confidence_kl_vs_previous",
+    }
     assert 0 <= dist.metadata["confidence_kl_vs_previous"] < 0.2
     assert dist.metadata["rows"] == 400 and dist.metadata["failures"] == []
 
@@ -51,8 +57,14 @@ def test_healthy_labels_pass_both_suites():
 def test_saturated_labels_fail_with_the_reason():
     result = check_pseudo_label_distribution(_labels(label=1.0, confidence=1.0), _labels(seed=3))
     assert not result.passed
-    assert {"pseudo_label_mean", "pseudo_label_std", "confidence_mean", "high_confidence_positive_share",
-            "confidence_kl_vs_previous", "confidence_quantiles"} <= _failed(result)
+    assert {
+        "pseudo_label_mean",
+        "pseudo_label_std",
+        "confidence_mean",
+        "high_confidence_positive_share",
+        "confidence_kl_vs_previous",
+        "confidence_quantiles",
+    } <= _failed(result)
     assert "pseudo_label_mean: observed 1" in result.summary()
     assert result.metadata["high_confidence_positive_share"] == 1.0
 
@@ -83,8 +95,7 @@ def test_kl_vs_previous_day_catches_a_shift():
     # the GX observed value (shown in the metadata) and our own smoothed KL agree
     gx_kl = next(e.observed for e in result.expectations if e.name == "confidence_kl_vs_previous")
     assert result.metadata["confidence_kl_vs_previous"] == gx_kl
-    own = kl_divergence(confidence_histogram(shifted["confidence"]),
-                        confidence_histogram(prev["confidence"]))
+    own = kl_divergence(confidence_histogram(shifted["confidence"]), confidence_histogram(prev["confidence"]))
     assert gx_kl == pytest.approx(own, rel=0.1)
 
 
@@ -104,14 +115,20 @@ def test_empty_partition_is_skipped_or_fails_by_config():
 
 def _anchor_frames(backend="smollm"):
     items = pd.DataFrame({"item_id": ["i1", "i2", "i3"], "text": ["Toy Story (1995)", "Heat (1995)", "Casino"]})
-    histories = pd.DataFrame({"day": date(2024, 1, 2), "user_id": ["u1", "u2", "u3"],
-                              "history_item_ids": [["i1", "i2"], ["i3"], []]})
-    anchors = pd.DataFrame({
-        "day": date(2024, 1, 2), "user_id": ["u1", "u1", "u2", "u3"], "anchor_id": list("abcd"),
-        "anchor_text": ["toy story", "slow-burn heist thrillers", "Casino!", "popular movies"],
-        "is_fallback": [False, False, False, True], "fallback_reason": [None, None, None, "empty_history"],
-        "backend": backend,
-    })
+    histories = pd.DataFrame(
+        {"day": date(2024, 1, 2), "user_id": ["u1", "u2", "u3"], "history_item_ids": [["i1", "i2"], ["i3"], []]}
+    )
+    anchors = pd.DataFrame(
+        {
+            "day": date(2024, 1, 2),
+            "user_id": ["u1", "u1", "u2", "u3"],
+            "anchor_id": list("abcd"),
+            "anchor_text": ["toy story", "slow-burn heist thrillers", "Casino!", "popular movies"],
+            "is_fallback": [False, False, False, True],
+            "fallback_reason": [None, None, None, "empty_history"],
+            "backend": backend,
+        }
+    )
     return anchors, histories, items
 
 
@@ -124,8 +141,9 @@ def test_anchor_checks():
     assert result.metadata["fallback_rate_with_history"] == 0.0  # the cold-start fallback is not counted
     assert result.metadata["cold_start_anchor_share"] == 0.25
     # a user with a request and no anchor fails
-    result = check_anchors(anchors[anchors["user_id"] != "u2"], histories, items, AnchorThresholds(
-        verbatim_copy_rate_max=1.0))
+    result = check_anchors(
+        anchors[anchors["user_id"] != "u2"], histories, items, AnchorThresholds(verbatim_copy_rate_max=1.0)
+    )
     assert _failed(result) == {"every_user_has_anchors"} and result.metadata["users_without_anchor"] == 1
     # fallbacks of users with a history count
     fb = anchors.assign(is_fallback=True, fallback_reason=["no_usable_output"] * 3 + ["empty_history"])
@@ -156,9 +174,17 @@ def _events(n=200, seed=0) -> pd.DataFrame:
     exposed = rng.uniform(size=n) < 0.3
     clicked = pd.array(np.where(exposed, (rng.uniform(size=n) < 0.2).astype(int), 0), dtype="Int8")
     clicked[~exposed] = pd.NA
-    return pd.DataFrame({"day": date(2024, 1, 1), "request_id": [f"r{i // 20}" for i in range(n)],
-                         "user_id": [f"u{i // 20}" for i in range(n)], "item_id": [f"i{i % 20}" for i in range(n)],
-                         "event_time": pd.Timestamp("2024-01-01T10:00Z"), "exposed": exposed, "clicked": clicked})
+    return pd.DataFrame(
+        {
+            "day": date(2024, 1, 1),
+            "request_id": [f"r{i // 20}" for i in range(n)],
+            "user_id": [f"u{i // 20}" for i in range(n)],
+            "item_id": [f"i{i % 20}" for i in range(n)],
+            "event_time": pd.Timestamp("2024-01-01T10:00Z"),
+            "exposed": exposed,
+            "clicked": clicked,
+        }
+    )
 
 
 def test_event_checks():
@@ -195,30 +221,38 @@ def test_quality_config_defaults_and_fallback():
 
 # ---- label audit -----------------------------------------------------------------------------
 def _audit_frames():
-    labels = pd.DataFrame({
-        "day": [date(2024, 1, 1)] * 4 + [date(2024, 1, 3)],
-        "request_id": ["r1", "r1", "r1", "r1", "r9"], "user_id": ["u1", "u1", "u1", "u1", "u2"],
-        "item_id": ["a", "b", "c", "d", "a"], "pseudo_label": [0.9, 0.1, 0.5, 0.7, 0.3],
-        "confidence": [0.8, 0.5, 0.2, 0.9, 0.6],
-    })
+    labels = pd.DataFrame(
+        {
+            "day": [date(2024, 1, 1)] * 4 + [date(2024, 1, 3)],
+            "request_id": ["r1", "r1", "r1", "r1", "r9"],
+            "user_id": ["u1", "u1", "u1", "u1", "u2"],
+            "item_id": ["a", "b", "c", "d", "a"],
+            "pseudo_label": [0.9, 0.1, 0.5, 0.7, 0.3],
+            "confidence": [0.8, 0.5, 0.2, 0.9, 0.6],
+        }
+    )
     t = lambda d: pd.Timestamp(f"2024-01-0{d}T12:00Z")  # noqa: E731
-    events = pd.DataFrame({
-        "day": [date(2024, 1, d) for d in (2, 4, 3, 1, 5, 2, 4)],
-        "request_id": ["x2", "x4", "x3", "x1", "x5", "y2", "z4"],
-        "user_id": ["u1", "u1", "u1", "u1", "u1", "u3", "u2"],
-        "item_id": ["a", "a", "b", "c", "c", "d", "a"],
-        "event_time": [t(d) for d in (2, 4, 3, 1, 5, 2, 4)],
-        "exposed": [True, True, True, True, False, True, True],
-        "clicked": pd.array([1, 0, 0, 1, None, 1, 0], dtype="Int8"),
-    })
+    events = pd.DataFrame(
+        {
+            "day": [date(2024, 1, d) for d in (2, 4, 3, 1, 5, 2, 4)],
+            "request_id": ["x2", "x4", "x3", "x1", "x5", "y2", "z4"],
+            "user_id": ["u1", "u1", "u1", "u1", "u1", "u3", "u2"],
+            "item_id": ["a", "a", "b", "c", "c", "d", "a"],
+            "event_time": [t(d) for d in (2, 4, 3, 1, 5, 2, 4)],
+            "exposed": [True, True, True, True, False, True, True],
+            "clicked": pd.array([1, 0, 0, 1, None, 1, 0], dtype="Int8"),
+        }
+    )
     return labels, events
 
 
 def test_join_later_exposures_takes_the_first_later_exposure_of_the_same_user():
     labels, events = _audit_frames()
     pairs = join_later_exposures(labels, events)
-    got = {(r.user_id, r.item_id, str(r.label_day)): (str(r.exposure_day), r.lag_days, r.clicked)
-           for r in pairs.itertuples()}
+    got = {
+        (r.user_id, r.item_id, str(r.label_day)): (str(r.exposure_day), r.lag_days, r.clicked)
+        for r in pairs.itertuples()
+    }
     assert got == {
         ("u1", "a", "2024-01-01"): ("2024-01-02", 1, 1),  # first of two later exposures
         ("u1", "b", "2024-01-01"): ("2024-01-03", 2, 0),
@@ -242,8 +276,15 @@ def test_audit_tables():
 def test_perfectly_calibrated_labels_have_small_ece():
     rng = np.random.default_rng(0)
     p = rng.uniform(size=20000)
-    pairs = pd.DataFrame({"label_day": date(2024, 1, 1), "pseudo_label": p, "confidence": 1.0,
-                          "clicked": (rng.uniform(size=p.size) < p).astype(int), "lag_days": 1})
+    pairs = pd.DataFrame(
+        {
+            "label_day": date(2024, 1, 1),
+            "pseudo_label": p,
+            "confidence": 1.0,
+            "clicked": (rng.uniform(size=p.size) < p).astype(int),
+            "lag_days": 1,
+        }
+    )
     assert expected_calibration_error(pairs) < 0.03
     assert expected_calibration_error(pairs.assign(pseudo_label=0.99)) > 0.4
 

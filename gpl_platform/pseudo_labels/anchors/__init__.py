@@ -14,7 +14,8 @@ anchors from a generator trained on users' ID sequences; needs the warehouse, se
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gpl_platform.pseudo_labels.anchors.base import ANCHOR_COLUMNS, AnchorGenerator, AnchorResult, UserHistory
 from gpl_platform.pseudo_labels.anchors.history import HistoryAnchorGenerator

@@ -14,8 +14,9 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,9 +57,7 @@ class UserHistory:
 
     def __post_init__(self) -> None:
         if len(self.item_ids) != len(self.item_texts):
-            raise ValueError(
-                f"user {self.user_id!r}: {len(self.item_ids)} item ids but {len(self.item_texts)} texts"
-            )
+            raise ValueError(f"user {self.user_id!r}: {len(self.item_ids)} item ids but {len(self.item_texts)} texts")
 
 
 @dataclass
@@ -144,9 +143,7 @@ def main_genres(texts: Sequence[str], n: int = 3) -> list[str]:
     return [g for g, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def format_history(
-    history: UserHistory, max_items: int, keep_year: bool = False, genre_summary: bool = False
-) -> str:
+def format_history(history: UserHistory, max_items: int, keep_year: bool = False, genre_summary: bool = False) -> str:
     """Prompt block of a history: one compact item text per line, most recent first.
 
     With ``genre_summary`` a last line "Main genres: A, B, C" (over the whole history) is added
@@ -185,7 +182,7 @@ class AnchorGenerator(ABC):
     #: confidence factor then uses the per-token geometric mean); None: use ``gen_prob`` as it is
     tokens_per_anchor: int | None = None
 
-    def for_day(self, day) -> "AnchorGenerator":
+    def for_day(self, day) -> AnchorGenerator:
         """The generator that serves ``day``. Backends whose model is retrained over time (``sid``) return
         the model trained on data before the day; the others are the same on every day."""
         return self
@@ -233,9 +230,7 @@ class AnchorGenerator(ABC):
         if todo_idx:
             raw = self._generate_raw([histories[i] for i in todo_idx], k, progress, stats)
             if len(raw) != len(todo_idx):
-                raise RuntimeError(
-                    f"{type(self).__name__} returned {len(raw)} anchor lists for {len(todo_idx)} users"
-                )
+                raise RuntimeError(f"{type(self).__name__} returned {len(raw)} anchor lists for {len(todo_idx)} users")
             raw_by_idx = dict(zip(todo_idx, raw))
 
         rows: list[dict[str, Any]] = []
@@ -270,9 +265,7 @@ class AnchorGenerator(ABC):
         return AnchorResult(anchors=df, stats={k_: int(v) for k_, v in stats.items()})
 
     # ------------------------------------------------------------------ helpers
-    def _finalize_user(
-        self, hist: UserHistory, raw: list[RawAnchor] | None, k: int, stats: Counter
-    ) -> list[RawAnchor]:
+    def _finalize_user(self, hist: UserHistory, raw: list[RawAnchor] | None, k: int, stats: Counter) -> list[RawAnchor]:
         if not hist.item_texts:
             stats["fallback_users"] += 1
             stats[f"fallback_{FALLBACK_EMPTY_HISTORY}"] += 1

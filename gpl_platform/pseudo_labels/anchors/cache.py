@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import duckdb
 import pandas as pd
@@ -41,8 +41,18 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 """
 
 CACHE_COLUMNS = [
-    "cache_key", "user_id", "anchor_rank", "anchor_text", "logprob", "gen_prob", "is_fallback",
-    "fallback_reason", "backend", "model_id", "prompt_version", "created_at",
+    "cache_key",
+    "user_id",
+    "anchor_rank",
+    "anchor_text",
+    "logprob",
+    "gen_prob",
+    "is_fallback",
+    "fallback_reason",
+    "backend",
+    "model_id",
+    "prompt_version",
+    "created_at",
 ]
 
 
@@ -100,9 +110,7 @@ def insert(con, rows: pd.DataFrame, generator: AnchorGenerator) -> int:
         con.execute("BEGIN TRANSACTION")
     except duckdb.TransactionException as e:
         # DuckDB has no nested transactions, and the failed BEGIN aborts the caller's one
-        raise RuntimeError(
-            "anchor cache insert must run outside an open transaction (it commits its own)"
-        ) from e
+        raise RuntimeError("anchor cache insert must run outside an open transaction (it commits its own)") from e
     own_tx = True
     try:
         con.execute(f"DELETE FROM {TABLE} WHERE cache_key IN (SELECT DISTINCT cache_key FROM _anchor_new)")
@@ -183,7 +191,10 @@ def generate_with_cache(
         insert(con, new_rows, generator)
     logger.info(
         "anchor cache: %d hits, %d misses (%d generated users) for %s",
-        stats["cache_hits"], stats["cache_misses"], len(miss_idx), generator.backend,
+        stats["cache_hits"],
+        stats["cache_misses"],
+        len(miss_idx),
+        generator.backend,
     )
 
     frames = [f for f in (cached[["cache_key", *ANCHOR_COLUMNS]], new_rows) if not f.empty]

@@ -19,8 +19,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,26 @@ def load_generator(model_dir: Path, threads: int | None = None):
     key = (str(model_dir), threads)
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = ctranslate2.Generator(str(model_dir), device="cpu", compute_type="int8",
-                                                 intra_threads=threads)
+            _LOADED[key] = ctranslate2.Generator(
+                str(model_dir), device="cpu", compute_type="int8", intra_threads=threads
+            )
         return _LOADED[key]
 
 
-def decode_batch(generator, tokenizer, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]], *, k: int,
-                 max_new_tokens: int, repetition_penalty: float, stop_ids: set[int], newline_table,
-                 early_stop: bool, timing) -> list[tuple[list[int], list[float]]]:
+def decode_batch(
+    generator,
+    tokenizer,
+    prefix_ids: Sequence[int],
+    suffixes: Sequence[Sequence[int]],
+    *,
+    k: int,
+    max_new_tokens: int,
+    repetition_penalty: float,
+    stop_ids: set[int],
+    newline_table,
+    early_stop: bool,
+    timing,
+) -> list[tuple[list[int], list[float]]]:
     """Greedy decoding of one batch; per row (generated token ids, their log-probs), stop tokens left out."""
     prefix = tokenizer.convert_ids_to_tokens(list(prefix_ids))
     starts = [tokenizer.convert_ids_to_tokens(list(s)) for s in suffixes]
@@ -98,10 +111,17 @@ def decode_batch(generator, tokenizer, prefix_ids: Sequence[int], suffixes: Sequ
         return early_stop and lines[r] >= k
 
     began = time.perf_counter()
-    generator.generate_batch(starts, static_prompt=prefix, include_prompt_in_result=False,
-                             max_length=max_new_tokens, end_token=stop_tokens, beam_size=1,
-                             repetition_penalty=repetition_penalty, return_scores=True,  # per-token log_prob
-                             callback=on_token)
+    generator.generate_batch(
+        starts,
+        static_prompt=prefix,
+        include_prompt_in_result=False,
+        max_length=max_new_tokens,
+        end_token=stop_tokens,
+        beam_size=1,
+        repetition_penalty=repetition_penalty,
+        return_scores=True,  # per-token log_prob
+        callback=on_token,
+    )
     timing["decode_ms"] += int(1000 * (time.perf_counter() - began))
     timing["prefill_tokens"] += int(sum(len(s) for s in suffixes))
     return rows

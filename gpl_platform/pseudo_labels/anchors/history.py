@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from gpl_platform.pseudo_labels.anchors.base import AnchorGenerator, RawAnchor, UserHistory, history_anchor_texts
 

@@ -27,9 +27,10 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gpl_platform.pseudo_labels.anchors.base import AnchorGenerator, RawAnchor, UserHistory
 from gpl_platform.pseudo_labels.anchors.parser import parse_anchors
@@ -120,8 +121,10 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         self._live_stats: Counter | None = None  # the stats of the generate() call in progress
 
     def __repr__(self) -> str:  # the key stays out of every rendering of the generator
-        return (f"OpenAICompatibleAnchorGenerator(base_url={self.base_url!r}, model={self.model_id!r}, "
-                f"api_key={'set' if self._api_key else 'none'}, params={self.params!r})")
+        return (
+            f"OpenAICompatibleAnchorGenerator(base_url={self.base_url!r}, model={self.model_id!r}, "
+            f"api_key={'set' if self._api_key else 'none'}, params={self.params!r})"
+        )
 
     @property
     def url(self) -> str:
@@ -144,11 +147,19 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
 
                 timeout = httpx2.Timeout(self.timeout_s, connect=self.connect_timeout_s)
                 http = openai.DefaultHttpx2Client(
-                    limits=httpx2.Limits(max_connections=self.max_concurrency,
-                                         max_keepalive_connections=self.max_concurrency),
-                    timeout=timeout, event_hooks={"request": [on_request], "response": [on_response]})
-                self._client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key or NO_KEY,
-                                             max_retries=self.max_retries, timeout=timeout, http_client=http)
+                    limits=httpx2.Limits(
+                        max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
+                    ),
+                    timeout=timeout,
+                    event_hooks={"request": [on_request], "response": [on_response]},
+                )
+                self._client = openai.OpenAI(
+                    base_url=self.base_url,
+                    api_key=self._api_key or NO_KEY,
+                    max_retries=self.max_retries,
+                    timeout=timeout,
+                    http_client=http,
+                )
             return self._client
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -174,8 +185,15 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         return self._fixed_tokens[k]
 
     def history_block(self, hist: UserHistory, k: int, stats: Counter | None = None) -> str:
-        return bounded_history_block(hist, self.params["max_history_items"], self.budget, self._tokenizer,
-                                     self._fixed(k), stats, genre_summary="Main genres:" in self.template.text)
+        return bounded_history_block(
+            hist,
+            self.params["max_history_items"],
+            self.budget,
+            self._tokenizer,
+            self._fixed(k),
+            stats,
+            genre_summary="Main genres:" in self.template.text,
+        )
 
     def build_body(self, hist: UserHistory, k: int, logprobs: bool, stats: Counter | None = None) -> dict[str, Any]:
         """The request's fields (what the SDK sends; ``extra_body`` merged last)."""
@@ -204,8 +222,16 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
     def _call(self, body: dict[str, Any]) -> dict[str, Any]:
         client = self.client()
         fields = dict(body)
-        known = {"model", "max_tokens", "temperature", "top_p", "seed", "logprobs", "stop",
-                 "messages" if self.endpoint == "chat" else "prompt"}
+        known = {
+            "model",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "logprobs",
+            "stop",
+            "messages" if self.endpoint == "chat" else "prompt",
+        }
         extra = {k: fields.pop(k) for k in list(fields) if k not in known}
         api = client.chat.completions if self.endpoint == "chat" else client.completions
         self._count("api_calls")
@@ -281,9 +307,9 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         offs = lp.get("text_offset")
         spans, pos = [], 0
         base = offs[0] if offs else 0
-        for j, (tok, l) in enumerate(zip(toks, tlp)):
+        for j, (tok, logprob) in enumerate(zip(toks, tlp)):
             start = (offs[j] - base) if offs else pos
-            spans.append((start, start + len(tok), float(l) if l is not None else 0.0))
+            spans.append((start, start + len(tok), float(logprob) if logprob is not None else 0.0))
             pos = start + len(tok)
         return text, spans
 
@@ -296,8 +322,10 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         except (openai.OpenAIError, _Malformed, ValueError) as exc:
             reason = self.failure_reason(exc)
             status = getattr(exc, "status_code", None)
-            message = (f"{self.url}: no anchors for user {hist.user_id} ({reason}, after up to "
-                       f"{self.max_retries} retries, timeout {self.timeout_s}s): {type(exc).__name__}: {exc}")
+            message = (
+                f"{self.url}: no anchors for user {hist.user_id} ({reason}, after up to "
+                f"{self.max_retries} retries, timeout {self.timeout_s}s): {type(exc).__name__}: {exc}"
+            )
             if status in FATAL_STATUS:
                 raise AnchorBackendError(message + " -- check the base URL, model name and API key") from None
             if self.on_error == "raise":
@@ -319,7 +347,7 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         for a in parsed.anchors:
             lp = 0.0
             if spans:
-                sel = [l for s, e, l in spans if s < a.end and e > a.start]
+                sel = [span_lp for s, e, span_lp in spans if s < a.end and e > a.start]
                 if sel:
                     lp = sum(sel) / len(sel)
             out.append(RawAnchor(a.text, lp))
@@ -352,10 +380,18 @@ class OpenAICompatibleAnchorGenerator(AnchorGenerator):
         stats["http_retries"] = max(0, stats.get("http_requests", 0) - stats.get("api_calls", 0))
         failed = stats.get("generation_errors", 0)
         dt = time.perf_counter() - t0
-        logger.info("openai: %d users in %.1fs (%.2f users/s) from %s, %d failed", len(histories), dt,
-                    len(histories) / max(dt, 1e-9), self.url, failed)
+        logger.info(
+            "openai: %d users in %.1fs (%.2f users/s) from %s, %d failed",
+            len(histories),
+            dt,
+            len(histories) / max(dt, 1e-9),
+            self.url,
+            failed,
+        )
         if histories and failed / len(histories) > self.max_failure_share:
             raise AnchorBackendError(
                 f"{self.url}: {failed} of {len(histories)} users got no answer (more than max_failure_share "
-                f"{self.max_failure_share}): {dict((k_, v) for k_, v in stats.items() if k_.startswith('openai_failed_'))}")
+                f"{self.max_failure_share}): "
+                f"{dict((k_, v) for k_, v in stats.items() if k_.startswith('openai_failed_'))}"
+            )
         return results

@@ -6,18 +6,17 @@ sometimes garbage. :func:`parse_anchors` keeps what looks like an interest phras
 what it dropped and why, so that the counts can be logged and stored with the anchors.
 
 Drop / fix reasons (keys of ``ParseResult.dropped``):
-``empty``, ``preamble``, ``garbage``, ``repetitive``, ``runaway_output``, ``duplicate``, ``copied_title``, ``title_like``, ``over_k`` (kept lines
-beyond k), ``truncated`` (line cut to the length cap, still kept), ``special_token`` (chat markup
-cut off), ``no_output`` (nothing at all).
-"""
+``empty``, ``preamble``, ``garbage``, ``repetitive``, ``runaway_output``, ``duplicate``, ``copied_title``,
+``title_like``, ``over_k`` (kept lines beyond k), ``truncated`` (line cut to the length cap, still kept),
+``special_token`` (chat markup cut off), ``no_output`` (nothing at all)."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 DEFAULT_MAX_CHARS = 80
 DEFAULT_MAX_WORDS = 10
@@ -39,7 +38,9 @@ _PREAMBLE = re.compile(
          you\s+(?:might|may|would)|if\s+you|in\s+summary|overall|let\s+me)\b""",
     re.IGNORECASE | re.VERBOSE,
 )
-_LABEL = re.compile(r"^(?:genre|genres|theme|themes|anchor|interest|interests|phrase|mood|topic)\s*\d*\s*[:\-]\s*", re.I)
+_LABEL = re.compile(
+    r"^(?:genre|genres|theme|themes|anchor|interest|interests|phrase|mood|topic)\s*\d*\s*[:\-]\s*", re.I
+)
 _INLINE_PREAMBLE = re.compile(r"^(?:sure|certainly|okay|ok|here)\b[^:\n]{0,80}:\s*(?=\S)", re.I)
 _SPECIAL = re.compile(r"<\|[^|>]*\|?>?|</?s>|\[/?INST\]", re.I)
 _MD = re.compile(r"\*\*|__|`+|~~")
@@ -179,7 +180,8 @@ def parse_anchors(
 
     ``history_texts`` are the user's item texts: an anchor that copies one of their titles is
     dropped (``copied_title``); with ``drop_title_like`` any "Something (1994)" line is dropped
-    too (``title_like``): the model was asked for phrases, a title there is a restatement. Offsets in the result refer to ``raw``.
+    too (``title_like``): the model was asked for phrases, a title there is a restatement. Offsets in the result
+    refer to ``raw``.
     """
     res = ParseResult()
     if raw is None or not str(raw).strip():
@@ -196,7 +198,7 @@ def parse_anchors(
 
     titles = title_keys(history_texts)
     lines = _split_lines(raw)
-    content = [(l, s) for l, s in lines if l.strip()]
+    content = [(line, s) for line, s in lines if line.strip()]
     # a single line "action, comedy, space adventure" (no list structure) is a list too
     if split_commas and len(content) == 1:
         line, start = content[0]
@@ -216,7 +218,7 @@ def parse_anchors(
         m = _INLINE_PREAMBLE.match(line)
         if m and len(line) > m.end():
             start += m.end()
-            line = line[m.end():]
+            line = line[m.end() :]
         stripped = line.strip()
         if not stripped:
             res.dropped["empty"] += 1

@@ -20,8 +20,9 @@ token, the usual rule of thumb for English BPE vocabularies).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from gpl_platform.pseudo_labels.anchors.base import UserHistory, compact_item_text, main_genres
 
@@ -59,7 +60,7 @@ class ApproxTokenizer:
 
     def encode(self, text: str) -> list[int]:
         n = self.chars_per_token
-        return [len(text[i:i + n]) for i in range(0, len(text), n)]
+        return [len(text[i : i + n]) for i in range(0, len(text), n)]
 
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - not used: cutting goes by characters
         raise NotImplementedError
@@ -93,8 +94,15 @@ def _cut(text: str, max_tokens: int, tokenizer: TokenizerLike) -> tuple[str, int
     return cut, len(tokenizer.encode(cut)), True
 
 
-def bounded_history_block(history: UserHistory, max_items: int, budget: PromptBudget, tokenizer: TokenizerLike,
-                          fixed_tokens: int, stats: Counter | None = None, genre_summary: bool = False) -> str:
+def bounded_history_block(
+    history: UserHistory,
+    max_items: int,
+    budget: PromptBudget,
+    tokenizer: TokenizerLike,
+    fixed_tokens: int,
+    stats: Counter | None = None,
+    genre_summary: bool = False,
+) -> str:
     """The prompt block of a history (one compact item line per item, most recent first, and a
     "Main genres:" line with ``genre_summary``) within ``budget``; ``fixed_tokens`` is what the rest
     of the prompt costs. The same history always gives the same block."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,15 +38,24 @@ _SID_TEXT = re.compile(r"^sid (\d+(?:-\d+)*)\b")
 
 
 class SidAnchorGenerator(AnchorGenerator):
-    """``backend="sid"``. The family object (from :func:`gpl_platform.pseudo_labels.model_loading.anchor_generator`) is not
-    bound to a model; :meth:`for_day` returns the generator bound to the model serving that day
-    (trained on positives before its refit day, or None while there are too few)."""
+    """``backend="sid"``. The family object (from
+    :func:`gpl_platform.pseudo_labels.model_loading.anchor_generator`) is not bound to a model; :meth:`for_day`
+    returns the generator bound to the model serving that day (trained on positives before its refit day, or None
+    while there are too few)."""
 
     backend = "sid"
 
-    def __init__(self, warehouse: Warehouse, sids: SemanticIds, cfg: SidGeneratorConfig, seed: int,
-                 artifacts_dir: Path, item_texts: dict[str, str] | None = None,
-                 trained: TrainedSidGenerator | None = None, refit: date | None = None):
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        sids: SemanticIds,
+        cfg: SidGeneratorConfig,
+        seed: int,
+        artifacts_dir: Path,
+        item_texts: dict[str, str] | None = None,
+        trained: TrainedSidGenerator | None = None,
+        refit: date | None = None,
+    ):
         self.warehouse, self.sids, self.cfg, self.seed = warehouse, sids, cfg, seed
         self.artifacts_dir = Path(artifacts_dir)
         self.trained, self.refit = trained, refit
@@ -61,18 +70,20 @@ class SidAnchorGenerator(AnchorGenerator):
         self._by_refit: dict[date, SidAnchorGenerator] = {}
 
     def lineage_signature(self) -> str:
-        return stable_hash({"backend": self.backend, "prompt_version": self.prompt_version, "params": self.params},
-                           n=32)
+        return stable_hash(
+            {"backend": self.backend, "prompt_version": self.prompt_version, "params": self.params}, n=32
+        )
 
     def cache_signature(self) -> str:
         return stable_hash({"family": self.lineage_signature(), "model": self.model_id}, n=32)
 
-    def for_day(self, day: date) -> "SidAnchorGenerator":
+    def for_day(self, day: date) -> SidAnchorGenerator:
         refit = refit_day(day, self.cfg.retrain_every_days)
         if refit not in self._by_refit:
             trained = generator_for_day(self.warehouse, self.sids, day, self.cfg, self.seed, self.artifacts_dir)
-            self._by_refit[refit] = SidAnchorGenerator(self.warehouse, self.sids, self.cfg, self.seed,
-                                                       self.artifacts_dir, self.item_texts, trained, refit)
+            self._by_refit[refit] = SidAnchorGenerator(
+                self.warehouse, self.sids, self.cfg, self.seed, self.artifacts_dir, self.item_texts, trained, refit
+            )
         return self._by_refit[refit]
 
     def anchor_text(self, item_row: int) -> str:
@@ -87,8 +98,10 @@ class SidAnchorGenerator(AnchorGenerator):
             if match:
                 rows[n] = self._row_of_sid.get(match.group(1), -1)
                 if rows[n] < 0:
-                    raise ValueError(f"anchor {text!r} names no semantic ID of version {self.sids.version}: "
-                                     "re-materialize the anchors")
+                    raise ValueError(
+                        f"anchor {text!r} names no semantic ID of version {self.sids.version}: "
+                        "re-materialize the anchors"
+                    )
         out = np.zeros((len(texts), self.sids.item_vectors.shape[1]), dtype=np.float32)
         is_sid = rows >= 0
         if is_sid.any():
@@ -104,8 +117,9 @@ class SidAnchorGenerator(AnchorGenerator):
             # Too few positives before the refit day to train a generator: history anchors, counted.
             stats["fallback_users"] += len(histories)
             stats[f"fallback_{FALLBACK_NO_SID_MODEL}"] += len(histories)
-            return [[RawAnchor(t, 0.0, True, FALLBACK_NO_SID_MODEL) for t in history_anchor_texts(h, k)]
-                    for h in histories]
+            return [
+                [RawAnchor(t, 0.0, True, FALLBACK_NO_SID_MODEL) for t in history_anchor_texts(h, k)] for h in histories
+            ]
         vocab = self.trained.vocab
         prompts, exclude = [], []
         for h in histories:
@@ -114,8 +128,9 @@ class SidAnchorGenerator(AnchorGenerator):
             prompts.append(np.array(rows[: self.cfg.max_history_items][::-1], dtype=np.int64))  # oldest first
             exclude.append(set(rows) if self.cfg.exclude_history else set())
         known = [n for n, p in enumerate(prompts) if len(p)]
-        found = beam_search(self.trained.model, vocab, [prompts[n] for n in known], k, self.cfg.beam_size,
-                            [exclude[n] for n in known])
+        found = beam_search(
+            self.trained.model, vocab, [prompts[n] for n in known], k, self.cfg.beam_size, [exclude[n] for n in known]
+        )
         out: list[list[RawAnchor]] = [[] for _ in histories]
         for n, items in zip(known, found):
             out[n] = [RawAnchor(self.anchor_text(row), score) for row, score in items]

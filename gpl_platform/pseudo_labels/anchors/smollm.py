@@ -33,8 +33,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gpl_platform.pseudo_labels.anchors import ct2_engine
 from gpl_platform.pseudo_labels.anchors.base import AnchorGenerator, RawAnchor, UserHistory, stable_hash
@@ -127,8 +128,9 @@ class SmolLMAnchorGenerator(AnchorGenerator):
             self._tok = AutoTokenizer.from_pretrained(str(fp32))
             converted = ct2_engine.ensure_converted(fp32, self.model_dir or fp32.parent)
             self._ct2 = ct2_engine.load_generator(converted, self.num_threads)
-            logger.info("loaded %s on CTranslate2 (%s) in %.1fs", self.gguf_path.name, converted,
-                        time.perf_counter() - t0)
+            logger.info(
+                "loaded %s on CTranslate2 (%s) in %.1fs", self.gguf_path.name, converted, time.perf_counter() - t0
+            )
         else:
             import torch
 
@@ -171,7 +173,9 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                     self._model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
                 kv = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
             self._prefix[k] = PREFIX_STATES[key] = (ids, suffix_tmpl, kv)
-            logger.info("prompt %s: shared prefix of %d tokens (cached=%s)", self.prompt_version, len(ids), kv is not None)
+            logger.info(
+                "prompt %s: shared prefix of %d tokens (cached=%s)", self.prompt_version, len(ids), kv is not None
+            )
         return self._prefix[k]
 
     def history_block(self, hist: UserHistory, k: int, stats: Counter | None = None) -> str:
@@ -179,8 +183,15 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         self._ensure_model()
         prefix_ids, suffix_tmpl, _ = self._prefix_state(k)
         fixed = len(prefix_ids) + len(self._tok(suffix_tmpl, add_special_tokens=False)["input_ids"])
-        return bounded_history_block(hist, self.params["max_history_items"], self.budget, HFTokenizer(self._tok),
-                                     fixed, stats, genre_summary=self._genre_summary)
+        return bounded_history_block(
+            hist,
+            self.params["max_history_items"],
+            self.budget,
+            HFTokenizer(self._tok),
+            fixed,
+            stats,
+            genre_summary=self._genre_summary,
+        )
 
     def build_prompt(self, hist: UserHistory, k: int) -> str:
         """Full prompt text of one user (for inspection and the one-prompt-at-a-time benchmark baseline)."""
@@ -211,10 +222,18 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                 try:
                     if self._ct2 is not None:
                         gens = ct2_engine.decode_batch(
-                            self._ct2, self._tok, prefix_ids, [suffixes[i] for i in idx], k=k,
+                            self._ct2,
+                            self._tok,
+                            prefix_ids,
+                            [suffixes[i] for i in idx],
+                            k=k,
                             max_new_tokens=self.params["max_new_tokens"],
-                            repetition_penalty=self.params["repetition_penalty"], stop_ids=self._stop_ids,
-                            newline_table=self._newline_ids, early_stop=self.early_stop, timing=self._timing)
+                            repetition_penalty=self.params["repetition_penalty"],
+                            stop_ids=self._stop_ids,
+                            newline_table=self._newline_ids,
+                            early_stop=self.early_stop,
+                            timing=self._timing,
+                        )
                     else:
                         gens = self._generate_batch(prefix_ids, kv, [suffixes[i] for i in idx], batch_hist, k)
                 except Exception:  # noqa: BLE001 - one bad batch must not lose the whole run
@@ -233,7 +252,11 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         stats["generated_tokens"] += n_tokens
         logger.info(
             "smollm[%s]: %d users in %.1fs (%.2f users/s, %d new tokens)",
-            self.engine, len(histories), dt, len(histories) / max(dt, 1e-9), n_tokens,
+            self.engine,
+            len(histories),
+            dt,
+            len(histories) / max(dt, 1e-9),
+            n_tokens,
         )
         return results
 
@@ -288,8 +311,8 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         input_ids = torch.full((B, L), self._pad_id, dtype=torch.long)
         smask = torch.zeros((B, L), dtype=torch.long)
         for r, s in enumerate(suffixes):
-            input_ids[r, L - len(s):] = torch.tensor(s)
-            smask[r, L - len(s):] = 1
+            input_ids[r, L - len(s) :] = torch.tensor(s)
+            smask[r, L - len(s) :] = 1
         attn = torch.cat([torch.ones((B, P), dtype=torch.long), smask], dim=1)
         pos = (P + smask.cumsum(1) - 1).clamp(min=0)
         capacity = P + L + max_new + 1
@@ -314,10 +337,18 @@ class SmolLMAnchorGenerator(AnchorGenerator):
 
         t_start = time.perf_counter()
         with torch.inference_mode():
-            logits = model(
-                input_ids=input_ids, attention_mask=attn, position_ids=pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1, :].float()
+            logits = (
+                model(
+                    input_ids=input_ids,
+                    attention_mask=attn,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                .logits[:, -1, :]
+                .float()
+            )
             t_prefill = time.perf_counter()
             self._timing["prefill_ms"] += int(1000 * (t_prefill - t_start))
             self._timing["prefill_tokens"] += int(smask.sum())
@@ -371,10 +402,17 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                     nxt = nxt[keep_j]
                     active = active[keep_j]
                 attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-                logits = model(
-                    input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True,
-                ).logits[:, -1, :].float()
+                logits = (
+                    model(
+                        input_ids=nxt[:, None],
+                        attention_mask=attn,
+                        position_ids=next_pos[:, None],
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    .logits[:, -1, :]
+                    .float()
+                )
                 next_pos = next_pos + 1
                 self._timing["decode_steps"] += 1
         self._timing["decode_ms"] += int(1000 * (time.perf_counter() - t_prefill))

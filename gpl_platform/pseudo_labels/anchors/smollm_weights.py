@@ -35,7 +35,11 @@ def converted_dir(gguf_path: Path) -> Path | None:
     root = os.environ.get("GPL_MODEL_CACHE")
     if root and root.lower() in ("0", "off", "false", "none"):
         return None
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpl_platform" / "models"
+    base = (
+        Path(root)
+        if root
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpl_platform" / "models"
+    )
     st = gguf_path.stat()
     return base / f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
 
@@ -86,8 +90,10 @@ def ensure_fp32_dir(gguf_path: Path) -> Path:
     """The de-quantized transformers directory of a GGUF (made on first use; what CTranslate2 converts)."""
     conv = converted_dir(gguf_path)
     if conv is None:
-        raise RuntimeError("the ctranslate2 engine converts from the de-quantized copy, which GPL_MODEL_CACHE=off "
-                           "disables: unset it or use engine='transformers'")
+        raise RuntimeError(
+            "the ctranslate2 engine converts from the de-quantized copy, which GPL_MODEL_CACHE=off "
+            "disables: unset it or use engine='transformers'"
+        )
     if not (conv / "model.safetensors").exists():
         from transformers.utils import logging as hf_logging
 

@@ -45,7 +45,7 @@ class PromptTemplate:
         out = []
         for i, (role, content) in enumerate(msgs):
             if role == "assistant" and cut_examples:
-                lines = [l for l in content.splitlines() if l.strip()]
+                lines = [line for line in content.splitlines() if line.strip()]
                 content = "\n".join(lines[:k]) if len(lines) > k else content
             content = content.replace("{k}", str(k))
             if i == len(msgs) - 1:
@@ -73,7 +73,7 @@ def parse_template(name: str, text: str) -> PromptTemplate:
     msgs: list[tuple[str, str]] = []
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        body = text[m.end():end]
+        body = text[m.end() : end]
         body = body[1:] if body.startswith("\n") else body
         body = body.rstrip("\n")
         if m.group(1) != "assistant" or i + 1 < len(matches):

@@ -92,20 +92,30 @@ class _Block(nn.Module):
         self.heads, self.dropout = heads, dropout
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv, self.out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
-                                nn.Dropout(dropout))
+        self.ff = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ):
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:  # decoding one token after a cached prefix: it may see everything before it
             if t != 1:
                 raise ValueError("cached decoding takes one token at a time")
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                              is_causal=cache is None and attn_mask is None,
-                                              dropout_p=self.dropout if self.training else 0.0)
+        attn = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=cache is None and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         x = x + F.dropout(self.out(attn.transpose(1, 2).reshape(b, t, d)), self.dropout, self.training)
         return x + self.ff(self.norm2(x)), (k, v)
 
@@ -124,8 +134,14 @@ class SidTransformer(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, cache: list | None = None, start: int = 0,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: list | None = None,
+        start: int = 0,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ):
         """Logits (batch, time, vocab) and the per-layer key/value cache. Without ``attn_mask``: causal
         attention over right-padded rows (a PAD never precedes a real token, so it stays out of every
         real position's context). With it (batch, 1, time, time; True = may attend) and ``positions``
@@ -159,8 +175,10 @@ def max_tokens(cfg: SidGeneratorConfig, positions: int) -> int:
 def keep_probabilities(sequences: Sequence[Sequence[int]], n_items: int, t: float) -> np.ndarray:
     """Per item: probability to keep one of its occurrences in a training history, min(1, sqrt(t / f_i))
     with f_i the item's share of all positives (word2vec-style down-sampling of popular items)."""
-    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if sequences else
-                         np.empty(0, np.int64), minlength=n_items).astype(float)
+    counts = np.bincount(
+        np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if sequences else np.empty(0, np.int64),
+        minlength=n_items,
+    ).astype(float)
     if t <= 0 or counts.sum() == 0:
         return np.ones(n_items)
     share = counts / counts.sum()
@@ -196,8 +214,13 @@ def _rows_of(example: TrainingExample, targets_per_row: int) -> int:
     return max(1, -(-len(example.targets) // targets_per_row))
 
 
-def _epoch_rows(examples: list[TrainingExample], keep: np.ndarray, cfg: SidGeneratorConfig,
-                rng: np.random.Generator, targets_per_row: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _epoch_rows(
+    examples: list[TrainingExample],
+    keep: np.ndarray,
+    cfg: SidGeneratorConfig,
+    rng: np.random.Generator,
+    targets_per_row: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """One epoch's (prompt, targets) rows: popular items thinned out of the prompts (each epoch anew; the
     last item always stays), the prompt cut to its last max_history_items; ``next_item`` prompts are a
     random window of max_history_items + 1 items; a day with many targets spans several rows."""
@@ -211,12 +234,12 @@ def _epoch_rows(examples: list[TrainingExample], keep: np.ndarray, cfg: SidGener
             span = cfg.max_history_items + 1
             if len(prompt) > span:
                 begin = rng.integers(0, len(prompt) - span + 1)
-                prompt = prompt[begin: begin + span]
+                prompt = prompt[begin : begin + span]
             out.append((prompt, ex.targets))
             continue
-        prompt = prompt[-cfg.max_history_items:]
+        prompt = prompt[-cfg.max_history_items :]
         for begin in range(0, len(ex.targets), targets_per_row):
-            out.append((prompt, ex.targets[begin: begin + targets_per_row]))
+            out.append((prompt, ex.targets[begin : begin + targets_per_row]))
     return out
 
 
@@ -265,9 +288,14 @@ def packed_batch(vocab: SidVocabulary, rows: Sequence[tuple[np.ndarray, np.ndarr
     col = torch.arange(width)
     # causal, and a key in a block is visible only from its own block (padding sees prompt and padding)
     mask = (col[None, None, :] <= col[None, :, None]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-    return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), mask[:, None], torch.from_numpy(labels),
-                       *(torch.tensor(v, dtype=torch.long) for v in (target_row, prompt_end, first_tokens)),
-                       torch.from_numpy(np.array(target_cols, dtype=np.int64).reshape(len(target_row), span - 1)))
+    return PackedBatch(
+        torch.from_numpy(tokens),
+        torch.from_numpy(positions),
+        mask[:, None],
+        torch.from_numpy(labels),
+        *(torch.tensor(v, dtype=torch.long) for v in (target_row, prompt_end, first_tokens)),
+        torch.from_numpy(np.array(target_cols, dtype=np.int64).reshape(len(target_row), span - 1)),
+    )
 
 
 def packed_log_probs(model: SidTransformer, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,10 +314,16 @@ def target_log_probs(model: SidTransformer, batch: PackedBatch) -> torch.Tensor:
     return first + token_logp[batch.target_row[:, None], batch.target_columns].sum(1)
 
 
-def train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[str]], cfg: SidGeneratorConfig,
-                        seed: int, version: str, progress: bool = False,
-                        user_sessions: Sequence[Sequence[int]] | None = None,
-                        targets_per_row: int = TARGETS_PER_ROW) -> TrainedSidGenerator:
+def train_sid_generator(
+    vocab: SidVocabulary,
+    user_sequences: Sequence[Sequence[str]],
+    cfg: SidGeneratorConfig,
+    seed: int,
+    version: str,
+    progress: bool = False,
+    user_sessions: Sequence[Sequence[int]] | None = None,
+    targets_per_row: int = TARGETS_PER_ROW,
+) -> TrainedSidGenerator:
     """Train on users' positives (item ids, oldest first; ``user_sessions`` gives each positive's day,
     ascending, which ``next_day`` needs). A seeded tenth of the examples (``next_day``: user-days;
     ``next_item``: each user's last positive) is held out for the reported validation metrics.
@@ -297,13 +331,19 @@ def train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[
     if targets_per_row < 1:
         raise ValueError(f"targets_per_row must be >= 1, got {targets_per_row}")
     with deterministic_torch():
-        return _train_sid_generator(vocab, user_sequences, cfg, seed, version, progress, user_sessions,
-                                    targets_per_row)
+        return _train_sid_generator(vocab, user_sequences, cfg, seed, version, progress, user_sessions, targets_per_row)
 
 
-def _train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence[str]], cfg: SidGeneratorConfig,
-                         seed: int, version: str, progress: bool, user_sessions: Sequence[Sequence[int]] | None,
-                         targets_per_row: int) -> TrainedSidGenerator:
+def _train_sid_generator(
+    vocab: SidVocabulary,
+    user_sequences: Sequence[Sequence[str]],
+    cfg: SidGeneratorConfig,
+    seed: int,
+    version: str,
+    progress: bool,
+    user_sessions: Sequence[Sequence[int]] | None,
+    targets_per_row: int,
+) -> TrainedSidGenerator:
     from tqdm.auto import tqdm
 
     began = time.perf_counter()
@@ -329,12 +369,18 @@ def _train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence
             rows[n], sessions[n] = rows[n][order], sessions[n][order]
     train, valid = _split_examples(rows, sessions, cfg.objective, rng)
     if not train:
-        raise ValueError(f"no training example for the {cfg.objective} objective: "
-                         + ("no user has positives on two days" if cfg.objective == "next_day" else
-                            "no training sequence has an item with a semantic ID"))
+        raise ValueError(
+            f"no training example for the {cfg.objective} objective: "
+            + (
+                "no user has positives on two days"
+                if cfg.objective == "next_day"
+                else "no training sequence has an item with a semantic ID"
+            )
+        )
     keep = keep_probabilities(rows, len(vocab.item_ids), cfg.popular_subsample_t)
-    model = SidTransformer(vocab.size, max_tokens(cfg, vocab.positions), cfg.d_model, cfg.layers, cfg.heads,
-                           cfg.dropout)
+    model = SidTransformer(
+        vocab.size, max_tokens(cfg, vocab.positions), cfg.d_model, cfg.layers, cfg.heads, cfg.dropout
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     steps_per_epoch = -(-sum(_rows_of(e, targets_per_row) for e in train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -346,7 +392,7 @@ def _train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence
         order = rng.permutation(len(epoch))
         total, count = 0.0, 0
         for begin in range(0, len(order), cfg.batch_size):
-            batch = packed_batch(vocab, [epoch[j] for j in order[begin: begin + cfg.batch_size]], lm_prompt)
+            batch = packed_batch(vocab, [epoch[j] for j in order[begin : begin + cfg.batch_size]], lm_prompt)
             token_logp, first = packed_log_probs(model, batch)
             n = int((batch.labels >= 0).sum()) + len(first)
             loss = -(token_logp.sum() + first.sum()) / n
@@ -359,23 +405,39 @@ def _train_sid_generator(vocab: SidVocabulary, user_sequences: Sequence[Sequence
         losses.append(total / max(count, 1))
     model.eval()
     train_targets = np.concatenate([e.targets if len(e.targets) else e.prompt for e in train])
-    metrics = {"objective": cfg.objective, "train_loss_per_token": losses, "final_train_loss": losses[-1],
-               "users": len(rows), "positives": int(sum(len(r) for r in rows)), "training_examples": len(train),
-               "training_targets": int(len(train_targets)), "unknown_items_skipped": int(unknown),
-               "popular_keep_probability_min": float(keep.min()),
-               "parameters": int(sum(p.numel() for p in model.parameters())),
-               **_validation_metrics(model, vocab, valid, cfg,
-                                     np.bincount(train_targets, minlength=len(vocab.item_ids)))}
+    metrics = {
+        "objective": cfg.objective,
+        "train_loss_per_token": losses,
+        "final_train_loss": losses[-1],
+        "users": len(rows),
+        "positives": int(sum(len(r) for r in rows)),
+        "training_examples": len(train),
+        "training_targets": int(len(train_targets)),
+        "unknown_items_skipped": int(unknown),
+        "popular_keep_probability_min": float(keep.min()),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        **_validation_metrics(model, vocab, valid, cfg, np.bincount(train_targets, minlength=len(vocab.item_ids))),
+    }
     metrics["seconds"] = round(time.perf_counter() - began, 1)
-    log.info("SID generator %s (%s): %d users, %d training targets, loss %.3f, valid nll/item %.3f, "
-             "recall@10 %.3f (popularity %.3f) (%.1fs)", version, cfg.objective, metrics["users"],
-             metrics["training_targets"], losses[-1], metrics["valid_nll_per_item"], metrics["valid_recall@10"],
-             metrics.get("valid_popularity_recall@10", float("nan")), metrics["seconds"])
+    log.info(
+        "SID generator %s (%s): %d users, %d training targets, loss %.3f, valid nll/item %.3f, "
+        "recall@10 %.3f (popularity %.3f) (%.1fs)",
+        version,
+        cfg.objective,
+        metrics["users"],
+        metrics["training_targets"],
+        losses[-1],
+        metrics["valid_nll_per_item"],
+        metrics["valid_recall@10"],
+        metrics.get("valid_popularity_recall@10", float("nan")),
+        metrics["seconds"],
+    )
     return TrainedSidGenerator(model, vocab, cfg, metrics, version)
 
 
-def _split_examples(rows: list[np.ndarray], sessions: list[np.ndarray], objective: str, rng: np.random.Generator
-                    ) -> tuple[list[TrainingExample], list[TrainingExample]]:
+def _split_examples(
+    rows: list[np.ndarray], sessions: list[np.ndarray], objective: str, rng: np.random.Generator
+) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """(training, held-out) examples. ``next_item``: each user's last positive is held out (users with one
     positive still teach the first step). ``next_day``: a seeded tenth of the user-days, when there are
     at least ten."""
@@ -390,18 +452,31 @@ def _split_examples(rows: list[np.ndarray], sessions: list[np.ndarray], objectiv
     return ([e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h])
 
 
-def _validation_metrics(model: SidTransformer, vocab: SidVocabulary, valid: list[TrainingExample],
-                        cfg: SidGeneratorConfig, train_counts: np.ndarray) -> dict:
+def _validation_metrics(
+    model: SidTransformer,
+    vocab: SidVocabulary,
+    valid: list[TrainingExample],
+    cfg: SidGeneratorConfig,
+    train_counts: np.ndarray,
+) -> dict:
     """Held-out targets: NLL of their ID given the prompt, and the share of them in the top 10 of the
     constrained search (the user's earlier positives excluded), next to two baselines on the same
     examples: random, and the 10 most frequent training targets not among the user's positives."""
     if not valid:
-        return {"valid_examples": 0, "valid_targets": 0, "valid_nll_per_item": float("nan"),
-                "valid_recall@10": float("nan")}
-    rows = [(e.prompt[-cfg.max_history_items:], e.targets) for e in valid]
+        return {
+            "valid_examples": 0,
+            "valid_targets": 0,
+            "valid_nll_per_item": float("nan"),
+            "valid_recall@10": float("nan"),
+        }
+    rows = [(e.prompt[-cfg.max_history_items :], e.targets) for e in valid]
     with torch.no_grad():
-        nll = -float(sum(target_log_probs(model, packed_batch(vocab, rows[b: b + 256], False)).sum()
-                         for b in range(0, len(rows), 256)))
+        nll = -float(
+            sum(
+                target_log_probs(model, packed_batch(vocab, rows[b : b + 256], False)).sum()
+                for b in range(0, len(rows), 256)
+            )
+        )
     exclude = [set(e.prompt.tolist()) for e in valid]
     found = beam_search(model, vocab, [p for p, _ in rows], k=10, beam_size=max(cfg.beam_size, 10), exclude=exclude)
     by_count = np.argsort(-train_counts, kind="stable")
@@ -411,13 +486,25 @@ def _validation_metrics(model: SidTransformer, vocab: SidVocabulary, valid: list
         hits += len(targets & {row for row, _ in items})
         popular_hits += len(targets & set([i for i in by_count[: 10 + len(ex)] if i not in ex][:10]))
     n_targets = sum(len(e.targets) for e in valid)
-    return {"valid_examples": len(valid), "valid_targets": n_targets, "valid_nll_per_item": nll / n_targets,
-            "valid_recall@10": hits / n_targets, "valid_popularity_recall@10": popular_hits / n_targets,
-            "valid_random_recall@10": 10 / len(vocab.item_ids)}
+    return {
+        "valid_examples": len(valid),
+        "valid_targets": n_targets,
+        "valid_nll_per_item": nll / n_targets,
+        "valid_recall@10": hits / n_targets,
+        "valid_popularity_recall@10": popular_hits / n_targets,
+        "valid_random_recall@10": 10 / len(vocab.item_ids),
+    }
 
 
-def beam_search(model: SidTransformer, vocab: SidVocabulary, prompts: Sequence[np.ndarray], k: int, beam_size: int,
-                exclude: Sequence[set[int]] | None = None, batch_users: int = 256) -> list[list[tuple[int, float]]]:
+def beam_search(
+    model: SidTransformer,
+    vocab: SidVocabulary,
+    prompts: Sequence[np.ndarray],
+    k: int,
+    beam_size: int,
+    exclude: Sequence[set[int]] | None = None,
+    batch_users: int = 256,
+) -> list[list[tuple[int, float]]]:
     """Top-k items per prompt (rows of item indices, oldest first) as (item row, sequence log-prob).
 
     Hierarchical search: position p only expands to the codes the catalog's trie allows after the
@@ -435,20 +522,22 @@ def beam_search(model: SidTransformer, vocab: SidVocabulary, prompts: Sequence[n
     with torch.no_grad():
         for rows in by_length.values():
             for start in range(0, len(rows), batch_users):
-                chunk = rows[start: start + batch_users]
+                chunk = rows[start : start + batch_users]
                 banned = np.zeros((len(chunk), len(vocab.item_ids)), dtype=bool)
                 for j, r in enumerate(chunk):
                     if exclude is not None and exclude[r]:
                         banned[j, list(exclude[r])] = True
-                found = _beam_chunk(model, vocab, np.stack([vocab.sequence(prompts[r]) for r in chunk]), banned,
-                                    k, beam_size)
+                found = _beam_chunk(
+                    model, vocab, np.stack([vocab.sequence(prompts[r]) for r in chunk]), banned, k, beam_size
+                )
                 for r, items in zip(chunk, found):
                     results[r] = items
     return results  # type: ignore[return-value]
 
 
-def _beam_chunk(model: SidTransformer, vocab: SidVocabulary, tokens: np.ndarray, banned: np.ndarray, k: int,
-                beam_size: int) -> list[list[tuple[int, float]]]:
+def _beam_chunk(
+    model: SidTransformer, vocab: SidVocabulary, tokens: np.ndarray, banned: np.ndarray, k: int, beam_size: int
+) -> list[list[tuple[int, float]]]:
     n_users, length = tokens.shape
     logits, cache = model(torch.from_numpy(tokens))
     logp = torch.log_softmax(logits[:, -1], -1)  # (rows, vocab); a row is one beam of one user
@@ -457,7 +546,7 @@ def _beam_chunk(model: SidTransformer, vocab: SidVocabulary, tokens: np.ndarray,
     for position in range(vocab.positions):
         size, offset = vocab.sizes[position], int(vocab.offsets[position])
         beams = state.shape[1]
-        step = logp[:, offset: offset + size].reshape(n_users, beams, size) + score[..., None]
+        step = logp[:, offset : offset + size].reshape(n_users, beams, size) + score[..., None]
         nodes = state.clamp(min=0)
         allowed = vocab.child_mask[position][nodes] & (state >= 0)[..., None]
         if position == vocab.positions - 1:  # the suffix names an item: drop the excluded ones

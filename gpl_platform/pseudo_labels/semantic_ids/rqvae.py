@@ -70,7 +70,7 @@ class RQVAE(nn.Module):
         for level in range(self.levels):
             book = self.codebooks[level]
             residuals.append(residual)
-            dist = (residual.pow(2).sum(1, keepdim=True) - 2 * residual @ book.T + book.pow(2).sum(1)[None])
+            dist = residual.pow(2).sum(1, keepdim=True) - 2 * residual @ book.T + book.pow(2).sum(1)[None]
             idx = dist.argmin(1)
             chosen = book[idx]
             loss = loss + F.mse_loss(chosen, residual.detach())
@@ -137,15 +137,17 @@ def assign_suffixes(item_ids: list[str], prefix_codes: np.ndarray) -> np.ndarray
     return suffix
 
 
-def fit_semantic_ids(item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str,
-                     progress: bool = False) -> SemanticIdFit:
+def fit_semantic_ids(
+    item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str, progress: bool = False
+) -> SemanticIdFit:
     """Train the RQ-VAE on ``vectors`` (one row per item id) and return collision-free IDs."""
     with deterministic_torch():
         return _fit_semantic_ids(item_ids, vectors, cfg, seed, encoder_id, progress)
 
 
-def _fit_semantic_ids(item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str,
-                      progress: bool) -> SemanticIdFit:
+def _fit_semantic_ids(
+    item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str, progress: bool
+) -> SemanticIdFit:
     item_ids = [str(i) for i in item_ids]
     x_np = np.asarray(vectors, dtype=np.float32)
     if x_np.ndim != 2 or len(x_np) != len(item_ids):
@@ -200,11 +202,25 @@ def _fit_semantic_ids(item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed
     suffix = assign_suffixes(item_ids, prefix)
     decoded = F.normalize(x_hat, dim=1).numpy().astype(np.float32)
     metrics = _metrics(x_np, x_hat.numpy(), prefix, suffix, size)
-    log.info("semantic IDs %s: %d items, %d levels x %d codes, recon rel err %.3f, cosine %.3f, collisions %.3f",
-             version, len(item_ids), cfg.levels, size, metrics["reconstruction_relative_error"],
-             metrics["reconstruction_cosine"], metrics["collision_share"])
-    return SemanticIdFit(item_ids, np.column_stack([prefix, suffix]), decoded, size, metrics, version,
-                         {k: v.detach().clone() for k, v in model.state_dict().items()})
+    log.info(
+        "semantic IDs %s: %d items, %d levels x %d codes, recon rel err %.3f, cosine %.3f, collisions %.3f",
+        version,
+        len(item_ids),
+        cfg.levels,
+        size,
+        metrics["reconstruction_relative_error"],
+        metrics["reconstruction_cosine"],
+        metrics["collision_share"],
+    )
+    return SemanticIdFit(
+        item_ids,
+        np.column_stack([prefix, suffix]),
+        decoded,
+        size,
+        metrics,
+        version,
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+    )
 
 
 def _revive_dead_codes(model: RQVAE, x: torch.Tensor, gen: torch.Generator) -> None:
@@ -230,11 +246,14 @@ def _metrics(x: np.ndarray, x_hat: np.ndarray, prefix: np.ndarray, suffix: np.nd
     _, group_sizes = np.unique(prefix, axis=0, return_counts=True)
     full = np.column_stack([prefix, suffix])
     return {
-        "n_items": int(len(x)), "levels": int(prefix.shape[1]), "codebook_size": int(size),
+        "n_items": int(len(x)),
+        "levels": int(prefix.shape[1]),
+        "codebook_size": int(size),
         "reconstruction_mse": float(err.mean()),
-        "reconstruction_relative_error": float(err.mean() / ((x ** 2).sum(1).mean() + 1e-12)),
+        "reconstruction_relative_error": float(err.mean() / ((x**2).sum(1).mean() + 1e-12)),
         "reconstruction_cosine": float(cos.mean()),
-        "codebook_usage": usage, "codebook_perplexity": perplexity,
+        "codebook_usage": usage,
+        "codebook_perplexity": perplexity,
         "distinct_prefixes": int(len(group_sizes)),
         "collision_share": float((group_sizes[group_sizes > 1]).sum() / len(x)),
         "max_items_per_prefix": int(group_sizes.max()),

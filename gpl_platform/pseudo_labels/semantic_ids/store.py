@@ -92,8 +92,9 @@ class SemanticIds:
         return (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def build_semantic_ids(warehouse: Warehouse, encoder_id: str, cfg: SemanticIdConfig, seed: int, artifacts_dir: Path,
-                       progress: bool = False) -> dict:
+def build_semantic_ids(
+    warehouse: Warehouse, encoder_id: str, cfg: SemanticIdConfig, seed: int, artifacts_dir: Path, progress: bool = False
+) -> dict:
     """Fit the RQ-VAE on the item embeddings of ``encoder_id`` unless the stored IDs already have this
     version (same encoder, items, vectors, config and seed); return the stored metadata."""
     with warehouse.connect(read_only=True) as con:
@@ -107,13 +108,33 @@ def build_semantic_ids(warehouse: Warehouse, encoder_id: str, cfg: SemanticIdCon
         return {**current, "trained": False}
     fit = fit_semantic_ids(item_ids, vectors, cfg, seed, encoder_id, progress=progress)
     path = Path(artifacts_dir) / "sid" / f"rqvae-{fit.version}.pt"
-    _atomic_torch_save({"state_dict": fit.state_dict, "config": cfg.model_dump(), "codebook_size": fit.codebook_size,
-                        "item_ids": fit.item_ids, "codes": fit.codes, "encoder_id": encoder_id}, path)
-    frame = pd.DataFrame({"item_id": fit.item_ids, "sid": [sid_string(c) for c in fit.codes],
-                          "codes": [list(map(int, c)) for c in fit.codes]})
+    _atomic_torch_save(
+        {
+            "state_dict": fit.state_dict,
+            "config": cfg.model_dump(),
+            "codebook_size": fit.codebook_size,
+            "item_ids": fit.item_ids,
+            "codes": fit.codes,
+            "encoder_id": encoder_id,
+        },
+        path,
+    )
+    frame = pd.DataFrame(
+        {
+            "item_id": fit.item_ids,
+            "sid": [sid_string(c) for c in fit.codes],
+            "codes": [list(map(int, c)) for c in fit.codes],
+        }
+    )
     table = frame_with_vectors(frame, fit.decoded, column="decoded")
-    meta = {"version": fit.version, "encoder_id": encoder_id, "config": cfg.model_dump(), "seed": seed,
-            "artifact_path": str(path), "metrics": fit.metrics}
+    meta = {
+        "version": fit.version,
+        "encoder_id": encoder_id,
+        "config": cfg.model_dump(),
+        "seed": seed,
+        "artifact_path": str(path),
+        "metrics": fit.metrics,
+    }
     with warehouse.transaction() as con:
         con.register("_sid_rows", table)
         con.execute("DROP TABLE IF EXISTS item_semantic_ids")
@@ -135,19 +156,30 @@ def load_semantic_ids(warehouse: Warehouse) -> SemanticIds:
     if meta is None:
         raise LookupError("no semantic IDs in the warehouse: materialize item_semantic_ids first")
     with warehouse.connect(read_only=True) as con:
-        frame, decoded = read_vectors(con, "SELECT item_id, codes, decoded FROM item_semantic_ids ORDER BY item_id",
-                                      column="decoded")
+        frame, decoded = read_vectors(
+            con, "SELECT item_id, codes, decoded FROM item_semantic_ids ORDER BY item_id", column="decoded"
+        )
         emb_ids, emb = load_item_embeddings(con, meta["encoder_id"])
     pos = pd.Index(emb_ids).get_indexer(frame["item_id"])
     if (pos < 0).any():
-        raise LookupError(f"{int((pos < 0).sum())} items with a semantic ID have no embedding under "
-                          f"{meta['encoder_id']}: re-materialize item_semantic_ids")
+        raise LookupError(
+            f"{int((pos < 0).sum())} items with a semantic ID have no embedding under "
+            f"{meta['encoder_id']}: re-materialize item_semantic_ids"
+        )
     codes = np.array([list(c) for c in frame["codes"]], dtype=np.int64)
-    return SemanticIds(meta["version"], meta["encoder_id"], frame["item_id"].astype(str).tolist(), codes, emb[pos],
-                       decoded, meta["metrics"])
+    return SemanticIds(
+        meta["version"],
+        meta["encoder_id"],
+        frame["item_id"].astype(str).tolist(),
+        codes,
+        emb[pos],
+        decoded,
+        meta["metrics"],
+    )
 
 
 # ---- generators -------------------------------------------------------------------------------
+
 
 def refit_day(day: date, every_days: int) -> date:
     """The refit day whose generator serves ``day``: refits happen every N days counted from 1970-01-01,
@@ -160,10 +192,15 @@ def training_sequences(warehouse: Warehouse, before: date) -> tuple[list[str], l
     (as days since 1970). The same clicks the histories are built from; a re-click counts at each click."""
     frame = warehouse.query(
         "SELECT user_id, item_id, CAST(day - DATE '1970-01-01' AS BIGINT) AS day_number FROM events "
-        "WHERE exposed AND clicked = 1 AND day < ? ORDER BY user_id, event_time, item_id", [before])
+        "WHERE exposed AND clicked = 1 AND day < ? ORDER BY user_id, event_time, item_id",
+        [before],
+    )
     grouped = frame.groupby("user_id", sort=True)
-    return (list(grouped.groups.keys()), grouped["item_id"].apply(list).tolist(),
-            grouped["day_number"].apply(list).tolist())
+    return (
+        list(grouped.groups.keys()),
+        grouped["item_id"].apply(list).tolist(),
+        grouped["day_number"].apply(list).tolist(),
+    )
 
 
 def _fit_key(sid_version: str, cfg: SidGeneratorConfig, seed: int, refit: date, sequences) -> str:
@@ -176,27 +213,41 @@ def _fit_key(sid_version: str, cfg: SidGeneratorConfig, seed: int, refit: date, 
     return digest.hexdigest()[:24]
 
 
-def generator_for_day(warehouse: Warehouse, sids: SemanticIds, day: date, cfg: SidGeneratorConfig, seed: int,
-                      artifacts_dir: Path, progress: bool = False) -> TrainedSidGenerator | None:
+def generator_for_day(
+    warehouse: Warehouse,
+    sids: SemanticIds,
+    day: date,
+    cfg: SidGeneratorConfig,
+    seed: int,
+    artifacts_dir: Path,
+    progress: bool = False,
+) -> TrainedSidGenerator | None:
     """The generator serving ``day`` (trained on positives before its refit day), loaded from the
     warehouse or trained and stored; None when fewer than ``cfg.min_training_positives`` exist."""
     refit = refit_day(day, cfg.retrain_every_days)
     _, sequences, days = training_sequences(warehouse, refit)
     targets = count_training_targets(days, cfg.objective)
     if targets < cfg.min_training_positives:
-        log.info("no SID generator for refit day %s: %d positives to learn (%s) before it (< %d)", refit, targets,
-                 cfg.objective, cfg.min_training_positives)
+        log.info(
+            "no SID generator for refit day %s: %d positives to learn (%s) before it (< %d)",
+            refit,
+            targets,
+            cfg.objective,
+            cfg.min_training_positives,
+        )
         return None
     key = _fit_key(sids.version, cfg, seed, refit, sequences)
     vocab = sids.vocabulary()
     with warehouse.transaction() as con:
         con.execute(_GENERATORS_DDL)
-        stored = con.execute("SELECT version, artifact_path, metrics_json, train_seconds FROM sid_generators "
-                             "WHERE fit_key = ?", [key]).fetchall()
+        stored = con.execute(
+            "SELECT version, artifact_path, metrics_json, train_seconds FROM sid_generators WHERE fit_key = ?", [key]
+        ).fetchall()
     if stored and Path(stored[0][1]).exists():
         version, path, metrics, seconds = stored[0]
-        model = SidTransformer(vocab.size, max_tokens(cfg, vocab.positions), cfg.d_model, cfg.layers, cfg.heads,
-                               cfg.dropout)
+        model = SidTransformer(
+            vocab.size, max_tokens(cfg, vocab.positions), cfg.d_model, cfg.layers, cfg.heads, cfg.dropout
+        )
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
         return TrainedSidGenerator(model, vocab, cfg, {**json.loads(metrics), "seconds": seconds}, version)
@@ -209,11 +260,23 @@ def generator_for_day(warehouse: Warehouse, sids: SemanticIds, day: date, cfg: S
         con.execute(_GENERATORS_DDL)
         # wall time apart from the metrics: the metrics are a deterministic function of the inputs
         metrics = {k: v for k, v in trained.metrics.items() if k != "seconds"}
-        con.execute("INSERT OR REPLACE INTO sid_generators (fit_key, version, refit_day, sid_version, train_end, users, "
-                    "positives, artifact_path, metrics_json, train_seconds, trained_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                    [key, version, refit, sids.version, refit - timedelta(1), trained.metrics["users"],
-                     trained.metrics["positives"], str(path), json.dumps(metrics), trained.metrics["seconds"]])
+        con.execute(
+            "INSERT OR REPLACE INTO sid_generators (fit_key, version, refit_day, sid_version, train_end, users, "
+            "positives, artifact_path, metrics_json, train_seconds, trained_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                key,
+                version,
+                refit,
+                sids.version,
+                refit - timedelta(1),
+                trained.metrics["users"],
+                trained.metrics["positives"],
+                str(path),
+                json.dumps(metrics),
+                trained.metrics["seconds"],
+            ],
+        )
     return trained
 
 
