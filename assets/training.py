@@ -56,18 +56,23 @@ def training_assets(automation: Automation) -> list:
                 ":\n" + "\n".join(f"  {d}: {why}" for d, why in sorted(failing.items()))
             )
         train_days = [d for d in split.train_days if d not in bad_events]
-        train = data.load_candidates(wh, train_days)
-        pseudo = {"main": data.load_pseudo_labels(wh, [d for d in train_days if d not in failing])}
-        plan = data.method_plan(TRAINING_METHOD, train, pseudo, cfg, settings.seed)
-        if plan.empty:
-            raise ValueError(
-                f"training_set: no training rows over {len(train_days)} usable training days "
-                f"({split.describe()['train_days']}); deliver more days"
-            )
-        rows = data.plan_frame(plan, train)
         lineage = data.pseudo_label_lineage(wh, split.train_days)
         with wh.transaction() as con:
-            wh.replace_table("training_set", rows, con)
+            stats = data.write_training_set(
+                con,
+                TRAINING_METHOD,
+                train_days,
+                set(train_days) - set(failing),
+                cfg,
+                settings.seed,
+                batch_candidates=settings.streaming.batch_candidates,
+                duckdb_memory_limit=settings.streaming.duckdb_memory_limit,
+            )
+            if not stats["rows"]:
+                raise ValueError(
+                    f"training_set: no training rows over {len(train_days)} usable training days "
+                    f"({split.describe()['train_days']}); deliver more days"
+                )
             con.execute(
                 "INSERT OR REPLACE INTO warehouse_meta VALUES ('training_set_lineage', ?)",
                 [
@@ -83,16 +88,15 @@ def training_assets(automation: Automation) -> list:
                     )
                 ],
             )
-        pseudo_rows = rows["is_pseudo"]
         return MaterializeResult(
             metadata={
-                "dagster/row_count": len(rows),
-                "actual_rows": int((~pseudo_rows).sum()),
-                "pseudo_rows": int(pseudo_rows.sum()),
+                "dagster/row_count": stats["rows"],
+                "actual_rows": stats["actual_rows"],
+                "pseudo_rows": stats["pseudo_rows"],
                 "split": MetadataValue.json(split.describe()),
-                "pseudo_label_mean": float(rows.loc[pseudo_rows, "label"].mean()) if pseudo_rows.any() else 0.0,
-                "click_rate_actual": float(rows.loc[~pseudo_rows, "label"].mean()),
-                "pseudo_weight_mean": float(rows.loc[pseudo_rows, "weight"].mean()) if pseudo_rows.any() else 0.0,
+                "pseudo_label_mean": stats["pseudo_label_mean"],
+                "click_rate_actual": stats["click_rate_actual"],
+                "pseudo_weight_mean": stats["pseudo_weight_mean"],
                 "label_days_consumed": len(split.train_days) - len(failing),
                 "label_days_refused": len(failing),
                 "event_days_refused": len(bad_events),

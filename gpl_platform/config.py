@@ -353,7 +353,8 @@ class StreamingConfig(BaseModel):
     anchor_batch_users: int = Field(4096, gt=0, description="histories per anchor-generation call (one Ray task)")
     encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
     duckdb_memory_limit: str = Field(
-        "2GB", description="DuckDB memory limit while a labelling stage streams (it spills to disk beyond it)"
+        "2GB",
+        description="DuckDB memory limit while a labelling stage or the training set streams (it spills beyond it)",
     )
 
 

@@ -132,19 +132,19 @@ def close_engines() -> None:
 PLAN_TABLE = "_gpl_plan"
 
 
-def plan_user_batches(con, counts_sql: str, batch_rows: int) -> int:
-    """Cut the (day, user_id, n) rows of ``counts_sql`` into batches of about ``batch_rows`` rows, in
-    (day, user_id) order, never splitting a (day, user) pair. Creates the temp table ``_gpl_plan``
-    (day, user_id, n, user_code, batch): ``user_code`` numbers the pairs 0..U-1 in that order (the
-    integer key every batch input joins on). Returns the number of batches."""
+def plan_user_batches(con, counts_sql: str, batch_rows: int, key: str = "user_id") -> int:
+    """Cut the (day, ``key``, n) rows of ``counts_sql`` into batches of about ``batch_rows`` rows, in
+    (day, ``key``) order, never splitting a (day, key) pair (a user's or a request's candidates of a day).
+    Creates the temp table ``_gpl_plan`` (day, key, n, user_code, batch): ``user_code`` numbers the pairs
+    0..U-1 in that order (the integer key every batch input joins on). Returns the number of batches."""
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE {PLAN_TABLE} AS
-        SELECT day, user_id, n, (row_number() OVER w - 1)::BIGINT AS user_code,
+        SELECT day, {key}, n, (row_number() OVER w - 1)::BIGINT AS user_code,
                ((sum(n) OVER w - n) // {int(batch_rows)})::BIGINT AS batch
-        FROM ({counts_sql}) WINDOW w AS (ORDER BY day, user_id ROWS UNBOUNDED PRECEDING)""")
+        FROM ({counts_sql}) WINDOW w AS (ORDER BY day, {key} ROWS UNBOUNDED PRECEDING)""")
     # batch numbers are increasing but may skip values (one user larger than a batch): renumber densely
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE {PLAN_TABLE} AS
-        SELECT day, user_id, n, user_code, (dense_rank() OVER (ORDER BY batch) - 1)::BIGINT AS batch
+        SELECT day, {key}, n, user_code, (dense_rank() OVER (ORDER BY batch) - 1)::BIGINT AS batch
         FROM {PLAN_TABLE}""")
     return int(con.execute(f"SELECT coalesce(max(batch) + 1, 0) FROM {PLAN_TABLE}").fetchall()[0][0])

@@ -16,6 +16,7 @@ import pandas as pd
 
 from gpl_platform.config import TrainingConfig
 from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
 from gpl_platform.prerank.train import TrainingRows
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,16 @@ def time_split(
     return TimeSplit(days[:valid_start], days[valid_start:test_start], days[test_start:])
 
 
-def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
-    frame = warehouse.query(
+def _query(source, sql: str, params: list) -> pd.DataFrame:
+    """A query on the warehouse, or on a connection whose transaction is open (its own writes visible)."""
+    return source.query(sql, params) if isinstance(source, Warehouse) else source.execute(sql, params).df()
+
+
+def load_candidates(warehouse, days: Sequence[date]) -> pd.DataFrame:
+    """Every candidate of ``days`` in (day, request_id, item_id) order; ``warehouse``: a Warehouse or an open
+    connection."""
+    frame = _query(
+        warehouse,
         "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked, propensity FROM events "
         "WHERE day BETWEEN ? AND ? ORDER BY day, request_id, item_id",
         [min(days), max(days)],
@@ -91,10 +100,12 @@ def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
     return frame[frame["day"].isin(set(days))].reset_index(drop=True)
 
 
-def load_pseudo_labels(warehouse: Warehouse, days: Sequence[date], table: str = "pseudo_labels") -> pd.DataFrame:
+def load_pseudo_labels(warehouse, days: Sequence[date], table: str = "pseudo_labels") -> pd.DataFrame:
+    """The pseudo-labels of ``days``; ``warehouse``: a Warehouse or an open connection."""
     if not days:
         days = [date(1970, 1, 1)]  # an empty result with the right columns
-    frame = warehouse.query(
+    frame = _query(
+        warehouse,
         f"SELECT day, request_id, item_id, pseudo_label, pseudo_label_mean_pool, confidence, c_coherence, "
         f"c_history, c_generation, llm_version, "
         f"prompt_version, encoder_version, calibration_version FROM {table} WHERE day BETWEEN ? AND ?",
@@ -276,3 +287,85 @@ def plan_frame(plan: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """A plan with the candidate keys it points at: the storable training set (features come later)."""
     keys = train[["day", "request_id", "user_id", "item_id", "event_time"]].iloc[plan["row"].to_numpy()]
     return pd.concat([keys.reset_index(drop=True), plan.drop(columns=["row"]).reset_index(drop=True)], axis=1)
+
+
+#: methods whose rows of a request do not depend on other requests (no sampling, teacher, per-range
+#: normalisation or ablation table), so their training set can be built a batch of requests at a time
+DAY_SEPARABLE_METHODS = ("exposed_only", "gpl", "gpl_no_confidence", "gpl_mean_pool", "gpl_max_pool", "pseudo_only")
+_TRAINING_COLUMNS = "day, request_id, user_id, item_id, event_time, label, weight, is_pseudo"
+
+
+def write_training_set(
+    con,
+    method: str,
+    train_days: Sequence[date],
+    label_days: Collection[date],
+    cfg: TrainingConfig,
+    seed: int,
+    batch_candidates: int = 250_000,
+    duckdb_memory_limit: str | None = None,
+) -> dict:
+    """Replace the table ``training_set`` with ``method``'s rows over ``train_days`` (pseudo-labels only
+    from ``label_days``), inside ``con``'s open transaction. pandas holds one batch of about
+    ``batch_candidates`` candidates (whole requests) at a time; the table keeps the order of the
+    whole-range plan (actual rows, then pseudo rows, each in (day, request_id, item_id) order), so what
+    trains on it is the same. DuckDB, which stages the rows and sorts them, spills beyond
+    ``duckdb_memory_limit``. Returns row counts and label means."""
+    if method not in DAY_SEPARABLE_METHODS:
+        raise ValueError(f"{method!r} is not built a batch of requests at a time (choose from {DAY_SEPARABLE_METHODS})")
+    if duckdb_memory_limit:
+        con.execute(f"SET memory_limit = '{duckdb_memory_limit}'")
+    con.register("_training_days", pd.DataFrame({"day": sorted(set(train_days))}))
+    con.register("_label_days", pd.DataFrame({"day": sorted(set(label_days) & set(train_days))}))
+    n_batches = plan_user_batches(
+        con,
+        "SELECT day, request_id, count(*) AS n FROM events "
+        "WHERE day IN (SELECT CAST(day AS DATE) FROM _training_days) GROUP BY day, request_id",
+        batch_candidates,
+        key="request_id",
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _training_rows (day DATE, request_id VARCHAR, user_id VARCHAR, "
+        "item_id VARCHAR, event_time TIMESTAMPTZ, label FLOAT, weight FLOAT, is_pseudo BOOLEAN, "
+        "batch BIGINT, position BIGINT)"
+    )
+    for batch in range(n_batches):
+        train = con.execute(
+            "SELECT e.day, e.request_id, e.user_id, e.item_id, e.event_time, e.exposed, e.clicked FROM events e "
+            f"JOIN {PLAN_TABLE} p USING (day, request_id) WHERE p.batch = ? ORDER BY e.day, e.request_id, e.item_id",
+            [batch],
+        ).df()
+        train["day"] = pd.to_datetime(train["day"]).dt.date
+        pseudo = con.execute(
+            "SELECT l.request_id, l.item_id, l.pseudo_label, l.pseudo_label_mean_pool, l.confidence "
+            f"FROM pseudo_labels l JOIN {PLAN_TABLE} p USING (day, request_id) "
+            "WHERE p.batch = ? AND l.day IN (SELECT CAST(day AS DATE) FROM _label_days)",
+            [batch],
+        ).df()
+        rows = plan_frame(method_plan(method, train, {"main": pseudo}, cfg, seed), train)
+        rows["batch"], rows["position"] = batch, np.arange(len(rows), dtype=np.int64)
+        con.register("_batch_rows", rows)
+        try:
+            con.execute(f"INSERT INTO _training_rows SELECT {_TRAINING_COLUMNS}, batch, position FROM _batch_rows")
+        finally:
+            con.unregister("_batch_rows")
+    for name in ("_training_days", "_label_days"):
+        con.unregister(name)
+    con.execute(
+        f"CREATE OR REPLACE TABLE training_set AS SELECT {_TRAINING_COLUMNS} FROM _training_rows "
+        "ORDER BY is_pseudo, batch, position"
+    )
+    con.execute("DROP TABLE _training_rows")
+    rows, actual, pseudo_rows, click_rate, pseudo_mean, weight_mean = con.execute(
+        "SELECT count(*), count(*) FILTER (NOT is_pseudo), count(*) FILTER (is_pseudo), "
+        "avg(label) FILTER (NOT is_pseudo), avg(label) FILTER (is_pseudo), avg(weight) FILTER (is_pseudo) "
+        "FROM training_set"
+    ).fetchone()
+    return {
+        "rows": int(rows),
+        "actual_rows": int(actual),
+        "pseudo_rows": int(pseudo_rows),
+        "click_rate_actual": float(click_rate) if actual else 0.0,
+        "pseudo_label_mean": float(pseudo_mean) if pseudo_rows else 0.0,
+        "pseudo_weight_mean": float(weight_mean) if pseudo_rows else 0.0,
+    }

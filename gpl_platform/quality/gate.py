@@ -90,16 +90,16 @@ EVENT_CHECK_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "expose
 def check_event_days(
     warehouse: Warehouse, days: Sequence[date], cfg: EventThresholds | None = None
 ) -> dict[date, QualityResult]:
-    """The events suite for each of ``days`` (an absent or empty day: the suite's empty rule)."""
+    """The events suite for each of ``days`` (an absent or empty day: the suite's empty rule). One day's
+    events are in memory at a time: a range of a large day's traffic would not fit."""
     days = sorted({pd.Timestamp(d).date() for d in days})
+    columns = ", ".join(EVENT_CHECK_COLUMNS)
     if not days:
         return {}
-    frame = warehouse.query(
-        f"SELECT day, {', '.join(EVENT_CHECK_COLUMNS)} FROM events WHERE day IN (SELECT unnest(?::DATE[]))", [days]
-    )
-    groups = {d: g for d, g in frame.groupby(pd.to_datetime(frame["day"]).dt.date)}
-    empty = frame.iloc[0:0]
-    return {d: check_events(groups.get(d, empty)[list(EVENT_CHECK_COLUMNS)], cfg) for d in days}
+    with warehouse.connect(read_only=True) as con:
+        return {
+            d: check_events(con.execute(f"SELECT {columns} FROM events WHERE day = ?", [d]).df(), cfg) for d in days
+        }
 
 
 def failing_event_days(

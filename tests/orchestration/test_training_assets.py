@@ -103,3 +103,36 @@ def test_training_set_leaves_out_a_corrupted_pseudo_label_day(chain):
     meta = instance.fetch_materializations(AssetKey("training_set"), limit=1).records[0].asset_materialization.metadata
     assert meta["label_days_refused"].value >= 1 and str(bad) in meta["refused_days"].value
     assert "pseudo_label_mean" in meta["refused_days"].value  # the reason is shown
+
+
+@pytest.mark.slow
+def test_the_training_set_built_in_batches_is_the_whole_range_plan(chain):
+    """write_training_set holds one batch of requests in pandas at a time, yet gives the table (rows, order,
+    types) of the plan over the whole range, whatever the batch size; a method whose rows depend on other
+    requests is refused."""
+    import pandas as pd
+
+    from gpl_platform.prerank import data
+
+    settings, wh = chain.settings(), chain.warehouse()
+    split = data.time_split(wh, settings.training.test_share, settings.training.valid_share)
+    days = split.train_days
+    label_days = set(days[1:])  # one day refused, as the gate would
+    train = data.load_candidates(wh, days)
+    pseudo = {"main": data.load_pseudo_labels(wh, sorted(label_days))}
+    expected = data.plan_frame(data.method_plan("gpl", train, pseudo, settings.training, settings.seed), train)
+    tables = {}
+    for batch in (100, 2_000, 10**9):  # many batches, a few, one
+        with wh.transaction() as con:
+            stats = data.write_training_set(
+                con, "gpl", days, label_days, settings.training, settings.seed, batch, duckdb_memory_limit="1GB"
+            )
+        tables[batch] = wh.query("SELECT * FROM training_set")
+        assert stats["rows"] == len(expected) and stats["pseudo_rows"] == int(expected["is_pseudo"].sum())
+    with wh.transaction() as con:
+        wh.replace_table("training_set", expected, con)
+    whole = wh.query("SELECT * FROM training_set")
+    for batch, table in tables.items():
+        pd.testing.assert_frame_equal(table, whole, obj=f"batch_candidates={batch}")
+    with wh.transaction() as con, pytest.raises(ValueError, match="not built a batch of requests at a time"):
+        data.write_training_set(con, "unexposed_negative", days, label_days, settings.training, 0)
