@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 
 from gpl_platform.pseudo_labels.anchors import UserHistory, make_anchor_generator
@@ -112,3 +113,15 @@ def test_sampling_is_seeded_per_user(gen):
     assert ra.anchor_text.tolist() == rb.anchor_text.tolist()
     assert a.cache_signature() != gen.cache_signature()  # sampling params enter the signature
     assert a.cache_signature() == b.cache_signature()  # batch size does not
+
+
+def test_ctranslate2_workers_side_by_side_give_the_anchors_of_one_worker():
+    """Two CTranslate2 workers decode two batches at once (the speed-up on 2 cores); every row keeps its own
+    user's tokens, so the anchors are those of one worker decoding the batches one after the other."""
+    hists = [*HISTS, *HISTS[:3]]  # two batches of 4 side by side, the second one partly filled
+    hists = [UserHistory(f"{h.user_id}-{n}", h.item_ids, h.item_texts) for n, h in enumerate(hists)]
+    one = make_anchor_generator("smollm", batch_size=4, max_new_tokens=32, engine="ctranslate2", num_threads=1)
+    two = make_anchor_generator("smollm", batch_size=4, max_new_tokens=32, engine="ctranslate2", num_threads=2)
+    pd.testing.assert_frame_equal(
+        one.generate(hists, k=3, progress=False).anchors, two.generate(hists, k=3, progress=False).anchors
+    )

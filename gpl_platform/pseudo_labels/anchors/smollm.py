@@ -215,9 +215,11 @@ class SmolLMAnchorGenerator(AnchorGenerator):
         t0 = time.perf_counter()
         n_tokens = 0
         bar = tqdm(total=len(histories), desc=f"anchors[{self.backend}]", unit="user", disable=not progress)
+        # CTranslate2 takes one batch per worker in a call, and decodes them side by side
+        step = self.batch_size * (ct2_engine.worker_count(self.num_threads) if self._ct2 is not None else 1)
         try:
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b : b + self.batch_size]
+            for b in range(0, len(order), step):
+                idx = order[b : b + step]
                 batch_hist = [histories[i] for i in idx]
                 try:
                     if self._ct2 is not None:
@@ -233,6 +235,7 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                             newline_table=self._newline_ids,
                             early_stop=self.early_stop,
                             timing=self._timing,
+                            max_batch_size=self.batch_size,
                         )
                     else:
                         gens = self._generate_batch(prefix_ids, kv, [suffixes[i] for i in idx], batch_hist, k)
@@ -245,7 +248,7 @@ class SmolLMAnchorGenerator(AnchorGenerator):
                     n_tokens += len(tokens)
                     results[i] = self._to_anchors(tokens, lps, hist, k, stats)
                 bar.update(len(idx))
-                logger.debug("batch %d: %d users done", b // self.batch_size, len(idx))
+                logger.debug("batch %d: %d users done", b // step, len(idx))
         finally:
             bar.close()
         dt = time.perf_counter() - t0
