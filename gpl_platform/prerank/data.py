@@ -82,16 +82,9 @@ def time_split(
     return TimeSplit(days[:valid_start], days[valid_start:test_start], days[test_start:])
 
 
-def _query(source, sql: str, params: list) -> pd.DataFrame:
-    """A query on the warehouse, or on a connection whose transaction is open (its own writes visible)."""
-    return source.query(sql, params) if isinstance(source, Warehouse) else source.execute(sql, params).df()
-
-
-def load_candidates(warehouse, days: Sequence[date]) -> pd.DataFrame:
-    """Every candidate of ``days`` in (day, request_id, item_id) order; ``warehouse``: a Warehouse or an open
-    connection."""
-    frame = _query(
-        warehouse,
+def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
+    """Every candidate of ``days`` in (day, request_id, item_id) order."""
+    frame = warehouse.query(
         "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked, propensity FROM events "
         "WHERE day BETWEEN ? AND ? ORDER BY day, request_id, item_id",
         [min(days), max(days)],
@@ -100,12 +93,11 @@ def load_candidates(warehouse, days: Sequence[date]) -> pd.DataFrame:
     return frame[frame["day"].isin(set(days))].reset_index(drop=True)
 
 
-def load_pseudo_labels(warehouse, days: Sequence[date], table: str = "pseudo_labels") -> pd.DataFrame:
-    """The pseudo-labels of ``days``; ``warehouse``: a Warehouse or an open connection."""
+def load_pseudo_labels(warehouse: Warehouse, days: Sequence[date], table: str = "pseudo_labels") -> pd.DataFrame:
+    """The pseudo-labels of ``days``."""
     if not days:
         days = [date(1970, 1, 1)]  # an empty result with the right columns
-    frame = _query(
-        warehouse,
+    frame = warehouse.query(
         f"SELECT day, request_id, item_id, pseudo_label, pseudo_label_mean_pool, confidence, c_coherence, "
         f"c_history, c_generation, llm_version, "
         f"prompt_version, encoder_version, calibration_version FROM {table} WHERE day BETWEEN ? AND ?",
@@ -291,7 +283,7 @@ def plan_frame(plan: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 
 #: methods whose rows of a request do not depend on other requests (no sampling, teacher, per-range
 #: normalisation or ablation table), so their training set can be built a batch of requests at a time
-DAY_SEPARABLE_METHODS = ("exposed_only", "gpl", "gpl_no_confidence", "gpl_mean_pool", "gpl_max_pool", "pseudo_only")
+REQUEST_SEPARABLE_METHODS = ("exposed_only", "gpl", "gpl_no_confidence", "gpl_mean_pool", "gpl_max_pool", "pseudo_only")
 _TRAINING_COLUMNS = "day, request_id, user_id, item_id, event_time, label, weight, is_pseudo"
 
 
@@ -311,8 +303,10 @@ def write_training_set(
     whole-range plan (actual rows, then pseudo rows, each in (day, request_id, item_id) order), so what
     trains on it is the same. DuckDB, which stages the rows and sorts them, spills beyond
     ``duckdb_memory_limit``. Returns row counts and label means."""
-    if method not in DAY_SEPARABLE_METHODS:
-        raise ValueError(f"{method!r} is not built a batch of requests at a time (choose from {DAY_SEPARABLE_METHODS})")
+    if method not in REQUEST_SEPARABLE_METHODS:
+        raise ValueError(
+            f"{method!r} is not built a batch of requests at a time (choose from {REQUEST_SEPARABLE_METHODS})"
+        )
     if duckdb_memory_limit:
         con.execute(f"SET memory_limit = '{duckdb_memory_limit}'")
     con.register("_training_days", pd.DataFrame({"day": sorted(set(train_days))}))
