@@ -350,6 +350,12 @@ class StreamingConfig(BaseModel):
         description="candidates per batch of (day, user) pairs; a user's "
         "candidates of a day are never split, so a batch can exceed it by one user",
     )
+    stage_candidates: int = Field(
+        2_000_000,
+        gt=0,
+        description="candidates whose batch inputs DuckDB stages in temp tables at a time (a group of whole "
+        "batches, at least one): the staged rows follow this, not the range",
+    )
     anchor_batch_users: int = Field(4096, gt=0, description="histories per anchor-generation call (one Ray task)")
     encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
     duckdb_memory_limit: str = Field(

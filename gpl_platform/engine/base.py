@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 
 from gpl_platform.config import Settings, StreamingConfig
@@ -28,8 +28,9 @@ class Shared:
 @dataclass(frozen=True)
 class BatchJob:
     """``fn(inputs, context) -> pa.Table`` over batches. ``inputs(batch)`` maps each input name to a
-    SQL query on the driver's DuckDB connection (the batch's rows, in a fixed order); ``fn`` and
-    ``context`` must be picklable (a module-level function, plain data)."""
+    SQL query on the driver's DuckDB connection (the batch's rows, in a fixed order); engines call it
+    once per batch, in batch order, right before they read those rows (so it may stage them then).
+    ``fn`` and ``context`` must be picklable (a module-level function, plain data)."""
 
     name: str
     fn: Callable[[dict[str, pa.Table], Any], pa.Table]
@@ -52,9 +53,9 @@ class Engine(ABC):
         con.execute(f"SET memory_limit = '{self.streaming.duckdb_memory_limit}'")
 
     @abstractmethod
-    def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[str]:
-        """For each batch, in order: the name of a relation on ``con`` holding ``job.fn``'s output (valid
-        until the next item is requested)."""
+    def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[duckdb.DuckDBPyRelation]:
+        """For each batch, in order: a relation on ``con`` over ``job.fn``'s output (valid until the next
+        item is requested; write it with :func:`insert_batch`)."""
 
     @abstractmethod
     def map(self, fn: Callable[[Any, Any], Any], shared: Shared, payloads: Sequence[Any]) -> list:
@@ -79,8 +80,7 @@ class LocalEngine(Engine):
     def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[str]:
         for batch in batches:
             tables = {name: con.sql(sql).to_arrow_table() for name, sql in job.inputs(batch).items()}
-            with registered(con, f"_gpl_out_{job.name}", job.fn(tables, job.context)) as relation:
-                yield relation
+            yield con.from_arrow(job.fn(tables, job.context))
 
     def map(self, fn, shared: Shared, payloads):
         if shared.key not in self._shared:
@@ -89,13 +89,19 @@ class LocalEngine(Engine):
         return [fn(obj, p) for p in payloads]
 
 
-@contextmanager
-def registered(con, name: str, table: pa.Table):
-    con.register(name, table)
-    try:
-        yield name
-    finally:
-        con.unregister(name)
+BATCH_OUTPUT = "batch_output"
+
+
+def insert_batch(relation: duckdb.DuckDBPyRelation, insert_sql: str) -> None:
+    """Run ``insert_sql``, which reads the relation as ``batch_output``. The relation is not registered on
+    the connection: inside a transaction DuckDB keeps every registered object alive until the commit,
+    so registering each batch would hold the whole range's outputs in memory."""
+    relation.query(BATCH_OUTPUT, insert_sql)
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a SQL string literal (for constants in :func:`insert_batch`, which takes no parameters)."""
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 _ENGINES: dict[tuple, Engine] = {}

@@ -30,9 +30,13 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpl_platform.config import RayConfig, StreamingConfig
 from gpl_platform.engine.base import BatchJob, Engine, Shared
+
+if TYPE_CHECKING:
+    import duckdb
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +297,7 @@ class RayEngine(Engine):
         holder = self._share(shared)
         return list(pool.map(lambda a, p: a.call.remote(fn, shared.key, holder, p), list(payloads)))
 
-    def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[str]:
+    def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[duckdb.DuckDBPyRelation]:
         pool = self._pool()
         key = ("job", job.name, uuid.uuid4().hex)
         holder = self._share((job.fn, job.context))
@@ -322,15 +326,12 @@ class RayEngine(Engine):
                     pass
             shutil.rmtree(stage, ignore_errors=True)
 
-    def _collect(self, con, pool, item: tuple[int, str], stage: Path) -> Iterator[str]:
+    def _collect(self, con, pool, item: tuple[int, str], stage: Path) -> Iterator[duckdb.DuckDBPyRelation]:
         batch, out = item
         pool.get_next()  # results come back in submission order: this is `batch`
-        relation = f"_gpl_out_{batch}"
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {relation} AS SELECT * FROM read_parquet('{_quoted(out)}')")
         try:
-            yield relation
+            yield con.read_parquet(out)
         finally:
-            con.execute(f"DROP VIEW IF EXISTS {relation}")
             for path in stage.glob(f"b{batch:06d}-*"):
                 path.unlink(missing_ok=True)
 

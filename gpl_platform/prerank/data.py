@@ -16,7 +16,7 @@ import pandas as pd
 
 from gpl_platform.config import TrainingConfig
 from gpl_platform.data.warehouse import Warehouse
-from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
+from gpl_platform.engine.base import BATCH_OUTPUT, PLAN_TABLE, insert_batch, plan_user_batches
 from gpl_platform.prerank.train import TrainingRows
 
 log = logging.getLogger(__name__)
@@ -338,11 +338,10 @@ def write_training_set(
         ).df()
         rows = plan_frame(method_plan(method, train, {"main": pseudo}, cfg, seed), train)
         rows["batch"], rows["position"] = batch, np.arange(len(rows), dtype=np.int64)
-        con.register("_batch_rows", rows)
-        try:
-            con.execute(f"INSERT INTO _training_rows SELECT {_TRAINING_COLUMNS}, batch, position FROM _batch_rows")
-        finally:
-            con.unregister("_batch_rows")
+        insert_batch(
+            con.from_df(rows),
+            f"INSERT INTO _training_rows SELECT {_TRAINING_COLUMNS}, batch, position FROM {BATCH_OUTPUT}",
+        )
     for name in ("_training_days", "_label_days"):
         con.unregister(name)
     con.execute(

@@ -103,6 +103,7 @@ def generate_anchors(
     anchors = anchors.sort_values(["day", "user_id", "anchor_rank"], ignore_index=True)
     tables.ensure(warehouse)
     with warehouse.transaction() as con:
+        (engine or LocalEngine()).configure(con)
         warehouse.replace_partitions(tables.anchors, anchors, days, con, run_id)
     return anchors, stats
 
@@ -141,6 +142,7 @@ def embed_anchors(
     vectors = np.asarray(vectors, np.float32)
     text_vectors = pa.table({"anchor_text": pa.array(texts, pa.string()), "vector": vector_column(vectors)})
     with warehouse.transaction() as con:
+        engine.configure(con)  # the fan-out to every anchor sorts and spills under the cap
         con.register("_days", days_param(days))
         con.register("_text_vectors", text_vectors)
         warehouse.clear_partitions(tables.embeddings, days, con)

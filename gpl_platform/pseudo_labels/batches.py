@@ -1,10 +1,12 @@
-"""The streaming side of GPL steps 3 and 4 (docs/SCALING.md): the temp tables that stage one range's
-inputs by batch of users, and :func:`score_batch` / :func:`label_batch`, which compute one batch
-from Arrow columns (in this process or on Ray workers) and return Arrow."""
+"""The streaming side of GPL steps 3 and 4 (docs/SCALING.md): the temp tables that stage a bounded group
+of batches of users at a time (:class:`StagedGroups`), and :func:`score_batch` / :func:`label_batch`,
+which compute one batch from Arrow columns (in this process or on Ray workers) and return Arrow."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,7 @@ from gpl_platform.pseudo_labels.similarity import score_candidates
 from gpl_platform.pseudo_labels.stages import IN_DAYS, POOLINGS, StageTables
 
 ITEMS_TABLE, CANDIDATES_TABLE, ANCHORS_TABLE, HISTORY_TABLE = "_gpl_items", "_gpl_cands", "_gpl_anchors", "_gpl_history"
+GROUP_TABLE = "_gpl_group"  # the plan rows of the group of batches being staged
 
 
 def stage_item_rows(con, encoder_id: str) -> None:
@@ -69,16 +72,52 @@ def check_anchor_lineage(con, tables: StageTables, encoder_id: str, anchor_signa
             )
 
 
-def stage_anchors(con, tables: StageTables, with_meta: bool) -> None:
-    """``_gpl_anchors``: the planned users' anchors, numbered within their batch (``anchor_row``)."""
+@dataclass
+class StagedGroups:
+    """A job's batch inputs (:class:`~gpl_platform.engine.BatchJob` ``inputs``), staged a group of
+    ``per_group`` consecutive batches at a time, so DuckDB holds a bounded slice of the range rather than
+    all of it. Engines ask for the inputs once per batch, in batch order, right before they read them:
+    the first batch of a group fills ``_gpl_group`` with the group's plan rows and calls ``stage(first_day,
+    last_day)``, which (re)creates the temp tables from it; ``queries(batch)`` then reads a batch of them."""
+
+    con: object
+    per_group: int
+    stage: Callable[[date, date], None]
+    queries: Callable[[int], dict[str, str]]
+    groups: int = field(default=0, init=False)  # groups staged so far
+    _current: int | None = field(default=None, init=False)
+
+    def __call__(self, batch: int) -> dict[str, str]:
+        group = batch // self.per_group
+        if group != self._current:
+            first = group * self.per_group
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {GROUP_TABLE} AS SELECT * FROM {PLAN_TABLE} WHERE batch BETWEEN ? AND ?",
+                [first, first + self.per_group - 1],
+            )
+            first_day, last_day = self.con.execute(f"SELECT min(day), max(day) FROM {GROUP_TABLE}").fetchall()[0]
+            self.stage(first_day, last_day)
+            self._current, self.groups = group, self.groups + 1
+        return self.queries(batch)
+
+
+def batches_per_group(batch_candidates: int, stage_candidates: int) -> int:
+    return max(1, stage_candidates // batch_candidates)
+
+
+def stage_anchors(con, tables: StageTables, with_meta: bool, first_day: date, last_day: date) -> None:
+    """``_gpl_anchors``: the anchors of the staged group's users, numbered within their batch (``anchor_row``)."""
     meta = ", a.gen_prob, a.is_fallback, a.fallback_reason, a.model_id" if with_meta else ""
-    con.execute(f"""
+    con.execute(
+        f"""
         CREATE OR REPLACE TEMP TABLE {ANCHORS_TABLE} AS
         SELECT p.batch, p.user_code, e.day, e.anchor_id, a.anchor_rank{meta}, e.vector,
                (row_number() OVER (PARTITION BY p.batch ORDER BY p.user_code, a.anchor_rank) - 1)::BIGINT AS anchor_row
         FROM {tables.embeddings} e JOIN {tables.anchors} a USING (day, anchor_id)
-        JOIN {PLAN_TABLE} p ON p.day = e.day AND p.user_id = e.user_id
-        WHERE e.{IN_DAYS} ORDER BY p.batch, anchor_row""")
+        JOIN {GROUP_TABLE} p ON p.day = e.day AND p.user_id = e.user_id
+        WHERE e.day BETWEEN $first AND $last AND a.day BETWEEN $first AND $last ORDER BY p.batch, anchor_row""",
+        {"first": first_day, "last": last_day},
+    )
 
 
 def batch_rows(table: str, columns: str, batch: int, order: str) -> str:

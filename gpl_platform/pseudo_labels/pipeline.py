@@ -7,10 +7,11 @@ one transaction; anything for day D reads only data of days before D (histories,
 windows) or the day's own candidates (which are what gets labelled).
 
 Similarities and pseudo-labels stream (docs/SCALING.md): DuckDB cuts the range's (day, user) pairs
-into batches of about ``streaming.batch_candidates`` candidates, stages each stage's inputs in temp
-tables keyed by batch, and :func:`score_batch` / :func:`label_batch` compute one batch at a time from
-Arrow columns, in this process or on Ray workers (:mod:`gpl_platform.engine`); each output is
-inserted into the open transaction. Memory follows the batch size, not the range.
+into batches of about ``streaming.batch_candidates`` candidates, stages the inputs of a group of
+batches (about ``streaming.stage_candidates`` candidates) at a time in temp tables keyed by batch,
+and :func:`score_batch` / :func:`label_batch` compute one batch at a time from Arrow columns, in this
+process or on Ray workers (:mod:`gpl_platform.engine`); each output is inserted into the open
+transaction. Memory follows the batch and group sizes, not the range.
 gpl_platform/pseudo_labels/in_memory.py keeps the earlier whole-range code as the reference.
 """
 
@@ -27,17 +28,20 @@ from gpl_platform.config import CalibrationConfig, ConfidenceConfig
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import BatchJob, Engine, LocalEngine
-from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
+from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch, plan_user_batches, sql_string
 from gpl_platform.pseudo_labels.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator
 from gpl_platform.pseudo_labels.batches import (
     ANCHORS_TABLE,
     CANDIDATES_TABLE,
+    GROUP_TABLE,
     HISTORY_TABLE,
     ITEMS_TABLE,
     LABEL_COLUMNS,
     LabelContext,
     ScoreContext,
+    StagedGroups,
     batch_rows,
+    batches_per_group,
     check_anchor_lineage,
     check_candidate_items,
     label_batch,
@@ -82,17 +86,23 @@ def score_day_candidates(
             f"SELECT day, user_id, count(*) AS n FROM events WHERE {IN_DAYS} GROUP BY day, user_id",
             engine.streaming.batch_candidates,
         )
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE {CANDIDATES_TABLE} AS
-            SELECT p.batch, p.user_code, e.day, e.request_id, e.user_id, e.item_id, e.exposed, i.item_row,
-                   e.rowid AS event_row
-            FROM events e JOIN {PLAN_TABLE} p USING (day, user_id) JOIN {ITEMS_TABLE} i USING (item_id)
-            WHERE e.{IN_DAYS} ORDER BY p.batch, p.user_code, event_row""")
-        stage_anchors(con, tables, with_meta=False)
-        job = BatchJob(
-            "similarities",
-            score_batch,
-            ScoreContext(item_vectors),
+
+        def stage(first_day: date, last_day: date) -> None:
+            con.execute(
+                f"""
+                CREATE OR REPLACE TEMP TABLE {CANDIDATES_TABLE} AS
+                SELECT p.batch, p.user_code, e.day, e.request_id, e.user_id, e.item_id, e.exposed, i.item_row,
+                       e.rowid AS event_row
+                FROM events e JOIN {GROUP_TABLE} p USING (day, user_id) JOIN {ITEMS_TABLE} i USING (item_id)
+                WHERE e.day BETWEEN $first AND $last ORDER BY p.batch, p.user_code, event_row""",
+                {"first": first_day, "last": last_day},
+            )
+            stage_anchors(con, tables, False, first_day, last_day)
+
+        staged = StagedGroups(
+            con,
+            batches_per_group(engine.streaming.batch_candidates, engine.streaming.stage_candidates),
+            stage,
             lambda b: {
                 # a user's candidates in the events' own order, as the whole-range code scored them
                 "candidates": batch_rows(
@@ -104,15 +114,17 @@ def score_day_candidates(
                 "anchors": batch_rows(ANCHORS_TABLE, "user_code, anchor_id, vector", b, "anchor_row"),
             },
         )
+        job = BatchJob("similarities", score_batch, ScoreContext(item_vectors), staged)
         warehouse.clear_partitions(tables.similarities, days, con)
         for relation in progress_of(engine.run(con, job, range(n_batches)), n_batches, "similarities"):
-            con.execute(
+            insert_batch(
+                relation,
                 f"""
                 INSERT INTO {tables.similarities} (day, request_id, user_id, item_id, exposed, similarity_max,
                                                    similarity_mean, anchor_id, encoder_id, anchor_signature)
-                SELECT day, request_id, user_id, item_id, exposed, similarity_max, similarity_mean, anchor_id, ?, ?
-                FROM {relation}""",
-                [encoder_id, anchor_signature],
+                SELECT day, request_id, user_id, item_id, exposed, similarity_max, similarity_mean, anchor_id,
+                       {sql_string(encoder_id)}, {sql_string(anchor_signature)}
+                FROM {BATCH_OUTPUT}""",
             )
         warehouse.record_partitions(tables.similarities, days, con, run_id)
         n, covered, mean_max = con.execute(
@@ -124,6 +136,7 @@ def score_day_candidates(
         "coverage": float(covered / n) if n else 0.0,
         "similarity_max_mean": float(mean_max) if covered else float("nan"),
         "batches": n_batches,
+        "staged_groups": staged.groups,
         "engine": engine.name,
     }
 
@@ -193,30 +206,6 @@ def pseudo_label_days(
             f"NOT NULL AND {IN_DAYS} GROUP BY day, user_id",
             engine.streaming.batch_candidates,
         )
-        stage_anchors(con, tables, with_meta=True)
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE {CANDIDATES_TABLE} AS
-            SELECT p.batch, p.user_code, s.day, s.request_id, s.user_id, s.item_id, e.event_time, s.similarity_max,
-                   s.similarity_mean, s.anchor_id, a.anchor_row
-            FROM {tables.similarities} s JOIN {PLAN_TABLE} p USING (day, user_id)
-            JOIN events e USING (day, request_id, item_id)
-            LEFT JOIN {ANCHORS_TABLE} a ON a.batch = p.batch AND a.day = s.day AND a.anchor_id = s.anchor_id
-            WHERE NOT s.exposed AND s.anchor_id IS NOT NULL AND s.{IN_DAYS}
-            ORDER BY p.batch, p.user_code, s.request_id, s.item_id""")
-        stale = con.execute(f"SELECT count(*), min(day) FROM {CANDIDATES_TABLE} WHERE anchor_row IS NULL").fetchall()[0]
-        if stale[0]:
-            raise MissingUpstreamDays(
-                f"{stale[0]} candidate similarities (first day {stale[1]}) point at anchors that no longer exist: "
-                f"re-materialize {tables.similarities} after {tables.anchors}"
-            )
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE {HISTORY_TABLE} AS
-            SELECT p.batch, p.user_code, i.item_row, h.position FROM (
-                SELECT day, user_id, unnest(ids) AS item_id, unnest(range(len(ids))) AS position
-                FROM (SELECT day, user_id, history_item_ids[1:{int(history_max_items)}] AS ids FROM user_histories
-                      WHERE {IN_DAYS})) h
-            JOIN {PLAN_TABLE} p USING (day, user_id) JOIN {ITEMS_TABLE} i USING (item_id)
-            ORDER BY p.batch, p.user_code, h.position""")
         context = LabelContext(
             item_vectors,
             {key: cal for key, cal in calibrations.items() if key[0] in labelled_days},
@@ -225,10 +214,47 @@ def pseudo_label_days(
             generator.tokens_per_anchor,
             generator.backend,
         )
-        job = BatchJob(
-            "pseudo_labels",
-            label_batch,
-            context,
+
+        def stage(first_day: date, last_day: date) -> None:
+            in_group = {"first": first_day, "last": last_day}
+            stage_anchors(con, tables, True, first_day, last_day)
+            con.execute(
+                f"""
+                CREATE OR REPLACE TEMP TABLE {CANDIDATES_TABLE} AS
+                SELECT p.batch, p.user_code, s.day, s.request_id, s.user_id, s.item_id, e.event_time,
+                       s.similarity_max, s.similarity_mean, s.anchor_id, a.anchor_row
+                FROM {tables.similarities} s JOIN {GROUP_TABLE} p USING (day, user_id)
+                JOIN events e USING (day, request_id, item_id)
+                LEFT JOIN {ANCHORS_TABLE} a ON a.batch = p.batch AND a.day = s.day AND a.anchor_id = s.anchor_id
+                WHERE NOT s.exposed AND s.anchor_id IS NOT NULL AND s.day BETWEEN $first AND $last
+                      AND e.day BETWEEN $first AND $last
+                ORDER BY p.batch, p.user_code, s.request_id, s.item_id""",
+                in_group,
+            )
+            stale = con.execute(
+                f"SELECT count(*), min(day) FROM {CANDIDATES_TABLE} WHERE anchor_row IS NULL"
+            ).fetchall()[0]
+            if stale[0]:
+                raise MissingUpstreamDays(
+                    f"{stale[0]} candidate similarities (first day {stale[1]}) point at anchors that no longer "
+                    f"exist: re-materialize {tables.similarities} after {tables.anchors}"
+                )
+            con.execute(
+                f"""
+                CREATE OR REPLACE TEMP TABLE {HISTORY_TABLE} AS
+                SELECT p.batch, p.user_code, i.item_row, h.position FROM (
+                    SELECT day, user_id, unnest(ids) AS item_id, unnest(range(len(ids))) AS position
+                    FROM (SELECT day, user_id, history_item_ids[1:{int(history_max_items)}] AS ids
+                          FROM user_histories WHERE day BETWEEN $first AND $last)) h
+                JOIN {GROUP_TABLE} p USING (day, user_id) JOIN {ITEMS_TABLE} i USING (item_id)
+                ORDER BY p.batch, p.user_code, h.position""",
+                in_group,
+            )
+
+        staged = StagedGroups(
+            con,
+            batches_per_group(engine.streaming.batch_candidates, engine.streaming.stage_candidates),
+            stage,
             lambda b: {
                 "candidates": batch_rows(
                     CANDIDATES_TABLE, ", ".join(LABEL_COLUMNS) + ", anchor_row", b, "user_code, request_id, item_id"
@@ -242,6 +268,7 @@ def pseudo_label_days(
                 "histories": batch_rows(HISTORY_TABLE, "user_code, item_row", b, "user_code, position"),
             },
         )
+        job = BatchJob("pseudo_labels", label_batch, context, staged)
         con.register("_days", days_param(days))
         warehouse.clear_partitions(tables.labels, days, con)
         columns = [
@@ -257,11 +284,12 @@ def pseudo_label_days(
             "calibration_version",
             "calibration_version_mean_pool",
         ]
+        versions = f"{sql_string(generator.prompt_version or 'none')}, {sql_string(encoder_id)}"
         for relation in progress_of(engine.run(con, job, range(n_batches)), n_batches, "pseudo-labels"):
-            con.execute(
+            insert_batch(
+                relation,
                 f"INSERT INTO {tables.labels} ({', '.join(columns)}, prompt_version, encoder_version) "
-                f"SELECT {', '.join(columns)}, ?, ? FROM {relation}",
-                [generator.prompt_version or "none", encoder_id],
+                f"SELECT {', '.join(columns)}, {versions} FROM {BATCH_OUTPUT}",
             )
         personal = con.execute(
             f"""
@@ -322,6 +350,7 @@ def pseudo_label_days(
         "confidence_mean": float(confidence_mean) if rows else float("nan"),
         "quantiles": quantiles.set_index("q") if quantiles is not None else None,
         "batches": n_batches,
+        "staged_groups": staged.groups,
         "engine": engine.name,
     }
     return sample, stats

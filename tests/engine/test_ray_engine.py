@@ -31,8 +31,9 @@ ASSETS = [
     "sid_generator",
     "sid_anchor_pseudo_labels",
 ]
-# small batches and chunks, so that both engines cut the work into many pieces
-STREAMING = {"batch_candidates": 400, "anchor_batch_users": 16, "encode_batch_texts": 64}
+# small batches and chunks, so that both engines cut the work into many pieces; batches are staged two
+# at a time, so the Ray engine's in-flight batches span groups
+STREAMING = {"batch_candidates": 400, "stage_candidates": 800, "anchor_batch_users": 16, "encode_batch_texts": 64}
 SID_GENERATION_COLUMNS = ["logprob", "gen_prob", "c_generation", "confidence"]
 TABLES = {
     "user_anchors": ["day", "anchor_id"],

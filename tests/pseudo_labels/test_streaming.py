@@ -16,6 +16,7 @@ from gpl_platform.engine import LocalEngine
 from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
 from gpl_platform.pseudo_labels import in_memory, pipeline
 from gpl_platform.pseudo_labels.anchor_stages import embed_anchors
+from gpl_platform.pseudo_labels.batches import GROUP_TABLE, StagedGroups
 from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
 UPSTREAM = [
@@ -106,12 +107,14 @@ def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
     reference = _table(warehouse, "pseudo_labels")
     assert len(reference) > 0
 
-    engine = LocalEngine(StreamingConfig(batch_candidates=300))
+    # batches of 300 candidates, staged three batches at a time
+    engine = LocalEngine(StreamingConfig(batch_candidates=300, stage_candidates=900))
     scored = _score(pipeline, world, engine=engine)
     n_candidates = warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0]
     assert scored["batches"] >= n_candidates // 300 > 3
+    assert scored["staged_groups"] == -(-scored["batches"] // 3)
     sample, stats = _label(pipeline, world, engine=engine, sample_rows=100)
-    assert stats["batches"] > 1
+    assert stats["batches"] > 3 and stats["staged_groups"] == -(-stats["batches"] // 3)
     labels = _table(warehouse, "pseudo_labels")
     # same rows, same arg-max anchors and versions (the calibrations were stored by the reference run)
     _assert_same_rows(reference, labels, exact_columns={"anchor_id", "calibration_version", "llm_version"})
@@ -168,6 +171,36 @@ def test_the_batch_plan_keeps_users_whole_and_bounded():
     # a batch closes at the first user that reaches the bound: it exceeds it by less than that user
     assert (sizes - plan.groupby("batch")["n"].last() < 100).all()
     assert sizes.sum() == counts["n"].sum() and n_batches >= counts["n"].sum() // (100 + 500)
+
+
+def test_staged_groups_hold_only_the_batches_of_their_group():
+    counts = pd.DataFrame(
+        {
+            "day": pd.to_datetime(["2024-01-01"] * 12 + ["2024-01-02"] * 12).date,
+            "user_id": [f"u{i:02d}" for i in range(12)] * 2,
+            "n": 10,
+        }
+    )
+    con = duckdb.connect()
+    con.register("counts", counts)
+    n_batches = plan_user_batches(con, "SELECT * FROM counts", batch_rows=30)
+    assert n_batches == 8
+    staged_days = []
+
+    def stage(first_day, last_day):
+        staged_days.append((first_day, last_day))
+        con.execute(f"CREATE OR REPLACE TEMP TABLE staged AS SELECT * FROM {GROUP_TABLE}")
+
+    staged = StagedGroups(con, 3, stage, lambda b: {"rows": f"SELECT * FROM staged WHERE batch = {b}"})
+    for batch in range(n_batches):
+        rows = con.sql(staged(batch)["rows"]).df()
+        assert len(rows) == 3 and (rows["batch"] == batch).all()  # a batch's whole users
+        in_stage = sorted(con.execute("SELECT DISTINCT batch FROM staged").df()["batch"])
+        group = batch // 3
+        assert in_stage == [b for b in range(3 * group, 3 * group + 3) if b < n_batches]
+    assert staged.groups == 3
+    day1, day2 = counts["day"].iloc[0], counts["day"].iloc[-1]
+    assert staged_days == [(day1, day1), (day1, day2), (day2, day2)]  # the days each group spans
 
 
 class FailingEngine(LocalEngine):
