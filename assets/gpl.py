@@ -18,7 +18,7 @@ from assets.ingestion import POOL
 from assets.metadata import histogram_md, span, table_md
 from assets.partitions import first_day, partition_days
 from assets.resources import AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings, WarehouseResource
-from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
+from gpl_platform.pseudo_labels.anchor_stages import anchor_summary, embed_anchors, generate_anchors
 from gpl_platform.pseudo_labels.day_calibration import calibration_for_day
 from gpl_platform.pseudo_labels.encoder import update_item_embeddings
 from gpl_platform.pseudo_labels.pipeline import pseudo_label_days, score_day_candidates
@@ -81,7 +81,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
         days = partition_days(context.partition_keys)
         generator = anchor_generator.get()
         context.log.info("generating anchors with %s for %s", generator.backend, span(days))
-        anchors, stats = generate_anchors(
+        stats = generate_anchors(
             warehouse.get(),
             days,
             generator,
@@ -92,11 +92,10 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
             engine=engine.get(),
         )
         context.log.info("anchor stats: %s", stats)
-        fallback = anchors[anchors["is_fallback"]]
-        examples = anchors.drop_duplicates("user_id").head(5)[["user_id"]].merge(anchors, on="user_id")
+        summary = anchor_summary(warehouse.get(), days)
         return MaterializeResult(
             metadata={
-                "dagster/row_count": len(anchors),
+                "dagster/row_count": summary["rows"],
                 "partition_span": span(days),
                 "backend": generator.backend,
                 "model_id": generator.model_id,
@@ -104,14 +103,12 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
                 "user_days": stats["user_days"],
                 "cache_hits": int(stats.get("cache_hits", 0)),
                 "cache_misses": int(stats.get("cache_misses", 0)),
-                "fallback_anchor_share": float(len(fallback) / len(anchors)) if len(anchors) else 0.0,
-                "fallback_reasons": table_md(
-                    fallback["fallback_reason"].value_counts().rename_axis("reason").reset_index()
-                )
-                if len(fallback)
+                "fallback_anchor_share": summary["fallback_share"],
+                "fallback_reasons": table_md(summary["fallback_reasons"])
+                if summary["rows"] and len(summary["fallback_reasons"])
                 else "none",
                 "counters": table_md(pd.Series(stats, name="value").rename_axis("counter").reset_index()),
-                "examples": table_md(examples[["user_id", "anchor_rank", "anchor_text", "gen_prob", "is_fallback"]]),
+                "examples": table_md(summary["examples"]),
             }
         )
 

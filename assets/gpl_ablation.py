@@ -58,7 +58,7 @@ def _variant_asset(
         days = partition_days(context.partition_keys)
         wh, model, batches = warehouse.get(), encoder.get(), engine.get()
         generator = anchor_generator.get(backend)
-        _, anchor_stats = generate_anchors(
+        anchor_stats = generate_anchors(
             wh,
             days,
             generator,

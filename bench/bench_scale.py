@@ -128,7 +128,7 @@ def _run_stage(stage: str) -> dict:
         family = anchor_generator(settings, "sid")
         out["models"] = sorted({family.for_day(d).model_id for d in days})
     elif stage.startswith("anchors_"):
-        anchors, stats = generate_anchors(
+        stats = generate_anchors(
             warehouse,
             days,
             generator(),
@@ -139,7 +139,7 @@ def _run_stage(stage: str) -> dict:
             engine=engine,
         )
         out.update(
-            anchors=len(anchors), cache_hits=stats.get("cache_hits", 0), cache_misses=stats.get("cache_misses", 0)
+            anchors=stats["anchors"], cache_hits=stats.get("cache_hits", 0), cache_misses=stats.get("cache_misses", 0)
         )
     elif stage.startswith("embeddings_"):
         out.update(embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(), engine=engine))

@@ -357,6 +357,12 @@ class StreamingConfig(BaseModel):
         "batches, at least one): the staged rows follow this, not the range",
     )
     anchor_batch_users: int = Field(4096, gt=0, description="histories per anchor-generation call (one Ray task)")
+    anchor_stage_users: int = Field(
+        20_000,
+        gt=0,
+        description="(day, user) histories the anchors stage reads, generates and caches at a time; only their "
+        "keys stay, in DuckDB, until the anchors table is written from the cache",
+    )
     encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
     duckdb_memory_limit: str = Field(
         "2GB",

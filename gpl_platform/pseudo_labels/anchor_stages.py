@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import Engine, EngineAnchorGenerator, EngineEncoder, LocalEngine
+from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch
 from gpl_platform.pseudo_labels.anchors.base import ANCHOR_COLUMNS, AnchorGenerator, UserHistory
 from gpl_platform.pseudo_labels.encoder import encode_deduplicated
 from gpl_platform.pseudo_labels.stages import MAIN, StageTables, as_date, days_param, require_days
@@ -31,12 +32,7 @@ def load_histories(warehouse: Warehouse, days: Sequence[date], max_items: int) -
             "WHERE day IN (SELECT CAST(day AS DATE) FROM _days) ORDER BY day, user_id"
         ).df()
         texts = dict(con.execute("SELECT item_id, text FROM items").fetchall())
-    frame["day"] = as_date(frame["day"])
-    frame["history"] = [
-        UserHistory(user, tuple(ids[:max_items]), tuple(texts[i] for i in ids[:max_items]))
-        for user, ids in zip(frame["user_id"], frame["history_item_ids"].map(list))
-    ]
-    return frame.drop(columns=["history_item_ids"])
+    return _with_histories(frame, texts, max_items)
 
 
 def anchors_for_days(
@@ -83,6 +79,9 @@ def anchors_for_days(
     return anchors, stats
 
 
+ANCHOR_KEYS = "_gpl_anchor_keys"  # temp table: (day, user_id, cache_key, model_id) of the range
+
+
 def generate_anchors(
     warehouse: Warehouse,
     days: Sequence[date],
@@ -93,19 +92,159 @@ def generate_anchors(
     run_id: str | None = None,
     tables: StageTables = MAIN,
     engine: Engine | None = None,
-) -> tuple[pd.DataFrame, dict]:
-    """Anchors for every (day, user) with a request, written to the anchors table of ``tables``."""
+) -> dict:
+    """Anchors for every (day, user) with a request, written to the anchors table of ``tables``; returns
+    the stats. Streamed: the histories are read ``streaming.anchor_stage_users`` at a time, their misses
+    generated and committed to the anchor cache chunk by chunk (a failed run keeps what it generated),
+    and only their keys kept, in a DuckDB temp table. The anchors table is then replaced in one
+    transaction by a join of those keys with the cache, so no frame of the range's anchors is built."""
+    from gpl_platform.pseudo_labels.anchors import cache
+
     days = sorted(set(days))
-    anchors, stats = anchors_for_days(warehouse, days, generator, k, history_max_items, progress, engine)
-    anchors["anchor_id"] = anchors["cache_key"].str[:16] + "-" + anchors["anchor_rank"].astype(str)
-    anchors["backend"] = generator.backend
-    anchors["prompt_version"], anchors["anchor_signature"] = generator.prompt_version, generator.lineage_signature()
-    anchors = anchors.sort_values(["day", "user_id", "anchor_rank"], ignore_index=True)
+    require_days(warehouse, "user_histories", days, "anchor generation")
+    engine = engine or LocalEngine()
     tables.ensure(warehouse)
-    with warehouse.transaction() as con:
-        (engine or LocalEngine()).configure(con)
-        warehouse.replace_partitions(tables.anchors, anchors, days, con, run_id)
-    return anchors, stats
+    serving = {d: generator.for_day(d) for d in days}
+    stats: Counter = Counter()
+    with warehouse.connect() as con:
+        engine.configure(con)
+        cache.ensure_cache_table(con)
+        texts = dict(con.execute("SELECT item_id, text FROM items").fetchall())
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {ANCHOR_KEYS} "
+            "(day DATE, user_id VARCHAR, cache_key VARCHAR, model_id VARCHAR)"
+        )
+        for model, model_days in _days_by_model(days, serving):
+            signature = model.cache_signature()
+            running = EngineAnchorGenerator(model, engine)
+            for chunk in _history_chunks(
+                con, model_days, texts, history_max_items, engine.streaming.anchor_stage_users
+            ):
+                keys = [cache.cache_key(h, signature, k) for h in chunk["history"]]
+                # each distinct history counts once: one an earlier chunk of this run handled is neither
+                # a hit nor a miss here
+                done = _keys_already_in(con, keys)
+                todo = {key: h for h, key in zip(chunk["history"], keys) if key not in done}
+                _, _, part = cache.generate_misses(con, running, list(todo.values()), list(todo), k, progress=progress)
+                stats.update(part)
+                insert_batch(
+                    con.from_arrow(
+                        pa.table(
+                            {
+                                "day": pa.array(list(chunk["day"]), pa.date32()),
+                                "user_id": pa.array(chunk["user_id"].astype(str).tolist(), pa.string()),
+                                "cache_key": pa.array(keys, pa.string()),
+                                "model_id": pa.array([model.model_id] * len(keys), pa.string()),
+                            }
+                        )
+                    ),
+                    f"INSERT INTO {ANCHOR_KEYS} SELECT * FROM {BATCH_OUTPUT}",
+                )
+        missing = con.execute(
+            f"SELECT count(DISTINCT k.cache_key) FROM {ANCHOR_KEYS} k ANTI JOIN {cache.TABLE} c USING (cache_key)"
+        ).fetchall()[0][0]
+        if missing:
+            raise RuntimeError(f"{missing} histories have no anchors in the cache after generation")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            warehouse.clear_partitions(tables.anchors, days, con)
+            con.execute(
+                f"""
+                INSERT INTO {tables.anchors} (day, user_id, anchor_id, anchor_rank, anchor_text, logprob, gen_prob,
+                    is_fallback, fallback_reason, backend, model_id, prompt_version, cache_key, anchor_signature)
+                SELECT k.day, k.user_id, substr(k.cache_key, 1, 16) || '-' || CAST(c.anchor_rank AS VARCHAR),
+                       c.anchor_rank, c.anchor_text, c.logprob, c.gen_prob, coalesce(c.is_fallback, false),
+                       c.fallback_reason, ?, k.model_id, ?, k.cache_key, ?
+                FROM {ANCHOR_KEYS} k JOIN {cache.TABLE} c USING (cache_key)
+                ORDER BY k.day, k.user_id, c.anchor_rank""",
+                [generator.backend, generator.prompt_version, generator.lineage_signature()],
+            )
+            written = warehouse.record_partitions(tables.anchors, days, con, run_id)
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        user_days, distinct, models = con.execute(
+            f"SELECT count(*), count(DISTINCT cache_key), count(DISTINCT model_id) FROM {ANCHOR_KEYS}"
+        ).fetchall()[0]
+        con.execute(f"DROP TABLE {ANCHOR_KEYS}")
+    out = {key: int(v) for key, v in stats.items()}
+    out.update(
+        user_days=int(user_days),
+        distinct_histories=int(distinct),
+        anchors=int(sum(written.values())),
+        serving_models=int(models),
+    )
+    return out
+
+
+def _keys_already_in(con, keys: list[str]) -> set[str]:
+    """Which of ``keys`` an earlier chunk of this run already put in the keys table."""
+    query = f"SELECT DISTINCT cache_key FROM {ANCHOR_KEYS} WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))"
+    return {row[0] for row in con.execute(query, [keys]).fetchall()}
+
+
+def _days_by_model(days: Sequence[date], serving: dict) -> list[tuple[AnchorGenerator, list[date]]]:
+    """Consecutive days served by the same model, with that model (one run for most backends)."""
+    runs: list[tuple[AnchorGenerator, list[date]]] = []
+    for d in days:
+        if runs and runs[-1][0].model_id == serving[d].model_id:
+            runs[-1][1].append(d)
+        else:
+            runs.append((serving[d], [d]))
+    return runs
+
+
+def _history_chunks(con, days: Sequence[date], texts: dict, max_items: int, rows: int):
+    """The (day, user_id, history) of ``days``, ``rows`` at a time, from one streamed query."""
+    # a relation streams its result; a DB-API result would first copy all its rows
+    reader = (
+        con.cursor()
+        .sql(
+            "SELECT day, user_id, history_item_ids FROM user_histories "
+            "WHERE day IN (SELECT unnest(?::DATE[])) ORDER BY day, user_id",
+            params=[list(days)],
+        )
+        .to_arrow_reader(rows)
+    )
+    for batch in reader:
+        yield _with_histories(batch.to_pandas(), texts, max_items)
+
+
+def _with_histories(frame: pd.DataFrame, texts: dict, max_items: int) -> pd.DataFrame:
+    frame["day"] = as_date(frame["day"])
+    frame["history"] = [
+        UserHistory(user, tuple(ids[:max_items]), tuple(texts[i] for i in ids[:max_items]))
+        for user, ids in zip(frame["user_id"], frame["history_item_ids"].map(list))
+    ]
+    return frame.drop(columns=["history_item_ids"])
+
+
+def anchor_summary(warehouse: Warehouse, days: Sequence[date], tables: StageTables = MAIN, examples: int = 5) -> dict:
+    """What the anchors of ``days`` look like, for the asset's metadata: row count, fallback share and
+    reasons, and the anchors of the first ``examples`` users."""
+    with warehouse.connect(read_only=True) as con:
+        where = f"FROM {tables.anchors} WHERE day IN (SELECT unnest(?::DATE[]))"
+        rows, fallback = con.execute(
+            f"SELECT count(*), count(*) FILTER (is_fallback) {where}", [list(days)]
+        ).fetchall()[0]
+        reasons = con.execute(
+            f"SELECT fallback_reason AS reason, count(*) AS count {where} AND is_fallback "
+            "GROUP BY fallback_reason ORDER BY count DESC, reason",
+            [list(days)],
+        ).df()
+        sample = con.execute(
+            f"""SELECT user_id, anchor_rank, anchor_text, gen_prob, is_fallback {where}
+                AND user_id IN (SELECT DISTINCT user_id {where} ORDER BY user_id LIMIT ?)
+                ORDER BY user_id, day, anchor_rank LIMIT ?""",
+            [list(days), list(days), examples, examples * 20],
+        ).df()
+    return {
+        "rows": int(rows),
+        "fallback_share": float(fallback / rows) if rows else 0.0,
+        "fallback_reasons": reasons,
+        "examples": sample,
+    }
 
 
 # ---- step 2: anchor embeddings ----------------------------------------------------------------

@@ -65,8 +65,11 @@ def _baseline_ok(previous: pd.DataFrame, cfg: PseudoLabelThresholds) -> bool:
 def failing_label_days(
     warehouse: Warehouse, days: Sequence[date], cfg: PseudoLabelThresholds | None = None, table: str = "pseudo_labels"
 ) -> dict[date, str]:
-    """Days of ``days`` whose pseudo-labels (in ``table``) fail a gate, with the reason (empty: all pass)."""
-    results = check_label_days(load_label_days(warehouse, days, table=table), days, cfg)
+    """Days of ``days`` whose pseudo-labels (in ``table``) fail a gate, with the reason (empty: all pass).
+    A day and the day before it are in memory at a time: a training range of labels would not fit."""
+    results = {}
+    for d in sorted({pd.Timestamp(x).date() for x in days}):
+        results.update(check_label_days(load_label_days(warehouse, [d], table=table), [d], cfg))
     return {
         d: "; ".join(r.summary() for r in pair if not r.passed)
         for d, pair in results.items()

@@ -15,7 +15,7 @@ from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import LocalEngine
 from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
 from gpl_platform.pseudo_labels import in_memory, pipeline
-from gpl_platform.pseudo_labels.anchor_stages import embed_anchors
+from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
 from gpl_platform.pseudo_labels.batches import GROUP_TABLE, StagedGroups
 from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
@@ -148,6 +148,84 @@ def test_streamed_embeddings_match_and_chunked_encoding_changes_nothing(world):
     assert stats["anchors"] == len(before) == len(after) and stats["distinct_texts"] > 7
     pd.testing.assert_frame_equal(before.drop(columns="vector"), after.drop(columns="vector"))
     np.testing.assert_allclose(np.stack(after["vector"]), np.stack(before["vector"]), atol=FLOAT_TOLERANCE)
+
+
+class FailingAfter:
+    """``generator`` whose generate() fails from its ``calls``-th call on (a model lost mid-range)."""
+
+    def __init__(self, generator, calls: int):
+        self.inner, self.calls = generator, calls
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def for_day(self, day):
+        return self
+
+    def generate(self, histories, k, progress=True):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("generator lost")
+        return self.inner.generate(histories, k, progress=progress)
+
+
+def _anchors(warehouse):
+    return warehouse.query("SELECT * FROM user_anchors ORDER BY day, user_id, anchor_rank")
+
+
+def test_anchors_in_small_chunks_are_the_anchors_of_one_chunk(world):
+    settings, warehouse, days, generator, _ = world
+    before = _anchors(warehouse)
+    with warehouse.connect() as con:
+        con.execute("DELETE FROM anchor_cache")
+    run = dict(k=settings.anchors.k, history_max_items=settings.anchors.history_max_items, progress=False)
+    stats = generate_anchors(
+        warehouse, days, generator, **run, engine=LocalEngine(StreamingConfig(anchor_stage_users=7))
+    )
+    after = _anchors(warehouse)
+    pd.testing.assert_frame_equal(before, after, check_exact=True)
+    # every distinct history generated once, even when it recurs in a later chunk
+    assert stats["cache_misses"] == stats["distinct_histories"] == after["cache_key"].nunique()
+    assert stats["cache_hits"] == 0 and stats["user_days"] == len(after[["day", "user_id"]].drop_duplicates()) > 7
+    again = generate_anchors(
+        warehouse, days, generator, **run, engine=LocalEngine(StreamingConfig(anchor_stage_users=7))
+    )
+    assert again["cache_hits"] == stats["distinct_histories"] and again.get("cache_misses", 0) == 0
+
+
+def test_a_generator_failing_mid_range_leaves_the_anchors_and_keeps_what_it_generated(world):
+    settings, warehouse, days, generator, _ = world
+    before = _anchors(warehouse)
+    parts = warehouse.query("SELECT * FROM partitions WHERE table_name = 'user_anchors'")
+    with warehouse.connect() as con:
+        con.execute("DELETE FROM anchor_cache")
+    engine = LocalEngine(StreamingConfig(anchor_stage_users=7))
+    with pytest.raises(RuntimeError, match="generator lost"):
+        generate_anchors(
+            warehouse,
+            days,
+            FailingAfter(generator, calls=2),
+            settings.anchors.k,
+            settings.anchors.history_max_items,
+            progress=False,
+            engine=engine,
+        )
+    pd.testing.assert_frame_equal(before, _anchors(warehouse))
+    pd.testing.assert_frame_equal(parts, warehouse.query("SELECT * FROM partitions WHERE table_name = 'user_anchors'"))
+    # the two chunks generated before the failure are in the cache: a re-run reuses them
+    cached = warehouse.query("SELECT count(DISTINCT cache_key) AS n FROM anchor_cache")["n"].iloc[0]
+    assert 0 < cached <= 14
+    stats = generate_anchors(
+        warehouse,
+        days,
+        generator,
+        settings.anchors.k,
+        settings.anchors.history_max_items,
+        progress=False,
+        engine=engine,
+    )
+    assert stats["cache_hits"] == cached
+    pd.testing.assert_frame_equal(before, _anchors(warehouse), check_exact=True)
 
 
 def test_the_batch_plan_keeps_users_whole_and_bounded():

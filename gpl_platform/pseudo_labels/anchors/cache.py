@@ -135,26 +135,21 @@ def insert(con, rows: pd.DataFrame, generator: AnchorGenerator) -> int:
     return len(df)
 
 
-def generate_with_cache(
+def generate_misses(
     con,
     generator: AnchorGenerator,
     histories: Sequence[UserHistory],
+    keys: Sequence[str],
     k: int,
     progress: bool = True,
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Anchors for all users: cached ones are read, only misses are generated (and then stored).
+) -> tuple[pd.DataFrame, set[str], dict[str, int]]:
+    """Generate and store the anchors of the histories whose ``keys`` the cache does not hold yet.
 
-    Returns the anchors frame (:data:`ANCHOR_COLUMNS` plus ``cache_key``, in input user order,
-    then rank) and stats: the generator's counters for the misses plus ``cache_hits`` /
-    ``cache_misses`` (in users). Duplicate histories in the input are generated once.
-    """
+    Returns the generated rows (``cache_key`` plus :data:`ANCHOR_COLUMNS`), the keys that were hits,
+    and stats: the generator's counters plus ``cache_hits`` / ``cache_misses`` (in histories).
+    Duplicate histories are generated once."""
     ensure_cache_table(con)
-    histories = list(histories)
-    sig = generator.cache_signature()
-    keys = [cache_key(h, sig, k) for h in histories]
-    cached = lookup(con, keys)
-    hit_keys = set(cached["cache_key"]) if not cached.empty else set()
-
+    hit_keys = set(lookup_keys(con, keys))
     miss_idx: list[int] = []
     seen_miss: set[str] = set()
     for i, key in enumerate(keys):
@@ -186,8 +181,7 @@ def generate_with_cache(
             part = res.anchors.copy()
             part.insert(0, "cache_key", part["user_id"].map(key_of_user))
             parts.append(part)
-        gen = pd.concat(parts, ignore_index=True)
-        new_rows = gen
+        new_rows = pd.concat(parts, ignore_index=True)
         insert(con, new_rows, generator)
     logger.info(
         "anchor cache: %d hits, %d misses (%d generated users) for %s",
@@ -196,6 +190,40 @@ def generate_with_cache(
         len(miss_idx),
         generator.backend,
     )
+    return new_rows, hit_keys, {k_: int(v) for k_, v in stats.items()}
+
+
+def lookup_keys(con, keys: Sequence[str]) -> list[str]:
+    """Which of ``keys`` the cache holds."""
+    if not keys:
+        return []
+    return [
+        row[0]
+        for row in con.execute(
+            f"SELECT DISTINCT cache_key FROM {TABLE} WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))",
+            [list(dict.fromkeys(keys))],
+        ).fetchall()
+    ]
+
+
+def generate_with_cache(
+    con,
+    generator: AnchorGenerator,
+    histories: Sequence[UserHistory],
+    k: int,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Anchors for all users: cached ones are read, only misses are generated (and then stored).
+
+    Returns the anchors frame (:data:`ANCHOR_COLUMNS` plus ``cache_key``, in input user order,
+    then rank) and stats: the generator's counters for the misses plus ``cache_hits`` /
+    ``cache_misses`` (in users). Duplicate histories in the input are generated once.
+    """
+    histories = list(histories)
+    sig = generator.cache_signature()
+    keys = [cache_key(h, sig, k) for h in histories]
+    new_rows, hit_keys, stats = generate_misses(con, generator, histories, keys, k, progress)
+    cached = lookup(con, sorted(hit_keys))
 
     frames = [f for f in (cached[["cache_key", *ANCHOR_COLUMNS]], new_rows) if not f.empty]
     all_rows = pd.concat(frames, ignore_index=True) if frames else new_rows
@@ -212,4 +240,4 @@ def generate_with_cache(
     else:
         framed = frame_from_rows([])
         framed.insert(0, "cache_key", pd.Series([], dtype=object))
-    return framed, {k_: int(v) for k_, v in stats.items()}
+    return framed, stats
