@@ -38,7 +38,7 @@ class GplSettings(ConfigurableResource):
 
     def warehouse(self) -> Warehouse:
         settings = self.settings()
-        return Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+        return Warehouse.for_settings(settings)
 
 
 class WarehouseResource(ConfigurableResource):

@@ -83,7 +83,7 @@ def run(
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(report_path.stat().st_mtime)),
             )
         else:
-            warehouse = Warehouse(settings_obj.warehouse, settings_obj.warehouse_lock_timeout_s)
+            warehouse = Warehouse.for_settings(settings_obj)
             reused = warehouse.import_caches(previous) if previous else {}
             log.info(
                 "setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name, previous, reused

@@ -94,7 +94,7 @@ def run(
     sweep = json.loads(Path(selection).read_text())
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
     settings = load_settings(bias_sweep.setting_overrides(source, setting, root / setting))
-    warehouse, store = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s), FeastStore(settings)
+    warehouse, store = Warehouse.for_settings(settings), FeastStore(settings)
     gate = quality_config(settings).pseudo_labels
     features: dict = {}
 

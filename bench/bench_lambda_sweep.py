@@ -24,7 +24,7 @@ def run(lambdas: list[float], seeds: list[int], out: Path | None = None) -> dict
     from gpl_platform.features.store import FeastStore
 
     settings = load_settings()
-    warehouse, store = Warehouse(settings.warehouse), FeastStore(settings)
+    warehouse, store = Warehouse.for_settings(settings), FeastStore(settings)
     result: dict = {"dataset": settings.source, "seeds": seeds, "lambdas": {}}
     for lam in lambdas:
         cfg = settings.training.model_copy(update={"pseudo_weight": lam})

@@ -83,7 +83,7 @@ def _run_stage(stage: str) -> dict:
     from gpl_platform.pseudo_labels.stages import StageTables
 
     settings = load_settings()
-    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    warehouse = Warehouse.for_settings(settings)
     engine = make_engine(settings)
     encoder = sentence_encoder(None)
     start = settings.simulator.start_date
@@ -228,7 +228,7 @@ def stage_main(stage: str, result_path: str) -> None:
 
         settings = load_settings()
         out["digest"] = label_digest(
-            Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s), out.pop("digest_table")
+            Warehouse.for_settings(settings), out.pop("digest_table")
         )
     from gpl_platform.engine.ray_engine import peak_rss_mb
 

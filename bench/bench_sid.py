@@ -44,7 +44,7 @@ from _timing import write_json  # noqa: E402
 
 def run(out=None, baseline_users: int = 100, seed: int = 0) -> dict:
     settings = load_settings()
-    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    warehouse = Warehouse.for_settings(settings)
     if not warehouse.path.exists() or not warehouse.table_exists("item_embeddings"):
         raise SystemExit(f"{warehouse.path} has no item embeddings: run `make demo` (or gpl run) first")
     encoder_id = warehouse.query("SELECT DISTINCT encoder_id FROM item_embeddings")["encoder_id"].iloc[0]

@@ -28,7 +28,7 @@ from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_
 
 def run(variants: list[str], out=None) -> dict:
     settings = load_settings()
-    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    warehouse = Warehouse.for_settings(settings)
     days = sorted(warehouse.written_days("user_histories"))
     generators = {"default": anchor_generator(settings, "sid")}
     for n, text in enumerate(variants):

@@ -366,7 +366,9 @@ class StreamingConfig(BaseModel):
     encode_batch_texts: int = Field(8192, gt=0, description="distinct anchor texts per encoding call (one Ray task)")
     duckdb_memory_limit: str = Field(
         "2GB",
-        description="DuckDB memory limit while a labelling stage or the training set streams (it spills beyond it)",
+        pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$",
+        description="DuckDB's memory limit on every warehouse connection: it caches the pages it reads up to it "
+        "and spills beyond it (for example 2GB, 500MB)",
     )
 
 

@@ -79,7 +79,7 @@ def bench_pseudo_labels(
             ]
         ).success:
             raise typer.Exit(1)
-    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    warehouse = Warehouse.for_settings(settings)
     days = sorted(warehouse.written_days("user_histories"))
     if day_range:
         first, _, last = day_range.partition("..")

@@ -99,9 +99,17 @@ class WarehouseSourceMismatch(RuntimeError):
 
 
 class Warehouse:
-    def __init__(self, path: Path | str, lock_timeout_s: float = 60.0):
+    def __init__(self, path: Path | str, lock_timeout_s: float = 60.0, memory_limit: str | None = None):
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
+        # DuckDB keeps the pages it read cached up to its limit (80% of RAM by default), so without a
+        # cap every stage's memory grows with the tables it scans
+        self.memory_limit = memory_limit
+
+    @classmethod
+    def for_settings(cls, settings) -> Warehouse:
+        """The warehouse of ``settings``, with its lock timeout and DuckDB memory cap."""
+        return cls(settings.warehouse, settings.warehouse_lock_timeout_s, settings.streaming.duckdb_memory_limit)
 
     def __repr__(self) -> str:
         return f"Warehouse({str(self.path)!r})"
@@ -114,6 +122,8 @@ class Warehouse:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 con.execute("SET TimeZone = 'UTC'")
+                if self.memory_limit:
+                    con.execute(f"SET memory_limit = '{self.memory_limit}'")
                 return con
             except duckdb.IOException as exc:
                 if not _LOCK_PATTERNS.search(str(exc)):

@@ -48,7 +48,7 @@ def _semantic_id_source(settings: Settings):
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.pseudo_labels.semantic_ids.store import stored_semantic_id_meta
 
-    warehouse = Warehouse(settings.warehouse, settings.warehouse_lock_timeout_s)
+    warehouse = Warehouse.for_settings(settings)
     meta = stored_semantic_id_meta(warehouse)
     if meta is None:
         raise LookupError("anchor backend 'sid' needs semantic IDs: materialize item_semantic_ids first")

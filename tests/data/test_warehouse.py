@@ -10,11 +10,18 @@ from tests.helpers import hold_duckdb_lock
 
 def _events(day: str, n: int, tag: str = "x") -> pd.DataFrame:
     t = pd.Timestamp(f"{day}T12:00:00Z")
-    return pd.DataFrame({
-        "day": [date.fromisoformat(day)] * n, "request_id": [f"{tag}{k}" for k in range(n)], "user_id": "u",
-        "item_id": [f"i{k}" for k in range(n)], "event_time": pd.Series([t] * n).astype("datetime64[us, UTC]"),
-        "exposed": True, "clicked": pd.array([1] * n, dtype="Int8"), "propensity": 0.5,
-    })
+    return pd.DataFrame(
+        {
+            "day": [date.fromisoformat(day)] * n,
+            "request_id": [f"{tag}{k}" for k in range(n)],
+            "user_id": "u",
+            "item_id": [f"i{k}" for k in range(n)],
+            "event_time": pd.Series([t] * n).astype("datetime64[us, UTC]"),
+            "exposed": True,
+            "clicked": pd.array([1] * n, dtype="Int8"),
+            "propensity": 0.5,
+        }
+    )
 
 
 def test_replacing_a_partition_never_duplicates(tmp_path):
@@ -22,8 +29,9 @@ def test_replacing_a_partition_never_duplicates(tmp_path):
     d1, d2 = date(2024, 1, 1), date(2024, 1, 2)
     for _ in range(3):
         with wh.transaction() as con:
-            wh.replace_partitions("events", pd.concat([_events("2024-01-01", 4), _events("2024-01-02", 2)]),
-                                  [d1, d2], con)
+            wh.replace_partitions(
+                "events", pd.concat([_events("2024-01-01", 4), _events("2024-01-02", 2)]), [d1, d2], con
+            )
     counts = wh.query("SELECT day, count(*) AS n FROM events GROUP BY day ORDER BY day")
     assert counts["n"].tolist() == [4, 2]
     with wh.transaction() as con:  # re-running one day leaves the other alone
@@ -98,3 +106,21 @@ def test_source_mismatch_is_refused(tmp_path):
     with pytest.raises(WarehouseSourceMismatch, match="another source"):
         with wh.transaction() as con:
             wh.claim_source({"source": "movielens-100k"}, con)
+
+
+def test_every_connection_of_the_settings_warehouse_runs_under_the_memory_cap(tmp_path):
+    from pydantic import ValidationError
+
+    from gpl_platform.config import load_settings
+
+    def limit(warehouse, read_only=False):
+        with warehouse.connect(read_only=read_only) as con:
+            return con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+
+    settings = load_settings({"data_dir": str(tmp_path), "streaming": {"duckdb_memory_limit": "300MB"}})
+    capped = Warehouse.for_settings(settings)
+    assert limit(capped) == "286.1 MiB"  # DuckDB prints the cap in binary units
+    assert limit(capped, read_only=True) == "286.1 MiB"
+    assert limit(Warehouse(capped.path)) != "286.1 MiB"  # without the cap: DuckDB's default share of RAM
+    with pytest.raises(ValidationError, match="duckdb_memory_limit"):
+        load_settings({"data_dir": str(tmp_path), "streaming": {"duckdb_memory_limit": "2GB'; DROP TABLE events; --"}})
