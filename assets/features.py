@@ -133,13 +133,12 @@ def feature_assets(partitions: DailyPartitionsDefinition, automation: Automation
         stats = pipeline.write_user_features(gpl.settings(), warehouse.get(), days, first_day(partitions))
         if not stats["has_item_embeddings"]:
             context.log.warning("no item_embeddings table: history embeddings are zeros (u_history_emb_n=0)")
-        act = stats["activity"]
         return MaterializeResult(
             metadata={
                 "dagster/row_count": stats["rows"],
                 "partition_span": span(days),
-                "mean_click_rate": float(act["user_click_rate"].mean()) if len(act) else 0.0,
-                "cold_users_share": float((act["user_exposures"] == 0).mean()) if len(act) else 0.0,
+                "mean_click_rate": float(stats["mean_click_rate"]),
+                "cold_users_share": float(stats["cold_users_share"]),
                 "per_day": table_md(stats["per_day"]),
             }
         )

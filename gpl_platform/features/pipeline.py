@@ -35,28 +35,40 @@ def _per_day(counts: dict[date, int], name: str) -> pd.DataFrame:
 
 
 def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence[date], first_day: date) -> dict:
-    """user_activity (snapshot) and user_history (sparse) parquet files of ``days``."""
+    """user_activity (snapshot) and user_history (sparse) parquet files of ``days``, computed and written one
+    day at a time: a range of users' history vectors is the size of the data, one day of them is not."""
     _check_events(warehouse, days, first_day, "user features")
     spec = warehouse_spec(warehouse)
     views = spec.views()
-    with warehouse.connect(read_only=True) as con:
-        activity = compute.compute_user_activity(con, days)
-        vectors = compute.load_content_vectors(con, spec.embedding_dim)
-        history = compute.compute_user_history(con, days, settings.history_max_len, vectors, spec.embedding_dim)
     out = sources_dir(settings)
-    n_act = parquet.write_day_partitions(
-        activity, out, "user_activity", "user_id", views["user_activity"]["features"], days
-    )
-    n_hist = parquet.write_day_partitions(
-        history, out, "user_history", "user_id", views["user_history"]["features"], days
-    )
+    n_act: dict[date, int] = {}
+    n_hist: dict[date, int] = {}
+    rates, cold = [], 0
+    with warehouse.connect(read_only=True) as con:
+        vectors = compute.load_content_vectors(con, spec.embedding_dim)
+        for day in sorted(set(days)):
+            activity = compute.compute_user_activity(con, [day])
+            history = compute.compute_user_history(con, [day], settings.history_max_len, vectors, spec.embedding_dim)
+            n_act.update(
+                parquet.write_day_partitions(
+                    activity, out, "user_activity", "user_id", views["user_activity"]["features"], [day]
+                )
+            )
+            n_hist.update(
+                parquet.write_day_partitions(
+                    history, out, "user_history", "user_id", views["user_history"]["features"], [day]
+                )
+            )
+            rates.append((float(activity["user_click_rate"].sum()), int(activity["user_click_rate"].notna().sum())))
+            cold += int((activity["user_exposures"] == 0).sum())
     per_day = _per_day(n_act, "user_activity_rows").merge(_per_day(n_hist, "user_history_rows"), on="day")
+    rated = sum(n for _, n in rates)
     return {
         "rows": int(sum(n_act.values()) + sum(n_hist.values())),
         "per_day": per_day,
         "has_item_embeddings": bool(vectors),
-        "activity": activity,
-        "history": history,
+        "mean_click_rate": sum(total for total, _ in rates) / rated if rated else 0.0,
+        "cold_users_share": cold / sum(n_act.values()) if sum(n_act.values()) else 0.0,
     }
 
 
