@@ -227,9 +227,7 @@ def stage_main(stage: str, result_path: str) -> None:
         from gpl_platform.data.warehouse import Warehouse
 
         settings = load_settings()
-        out["digest"] = label_digest(
-            Warehouse.for_settings(settings), out.pop("digest_table")
-        )
+        out["digest"] = label_digest(Warehouse.for_settings(settings), out.pop("digest_table"))
     from gpl_platform.engine.ray_engine import peak_rss_mb
 
     out["peak_rss_mb"] = round(peak_rss_mb())
