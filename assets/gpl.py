@@ -105,7 +105,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
                 "cache_misses": int(stats.get("cache_misses", 0)),
                 "fallback_anchor_share": summary["fallback_share"],
                 "fallback_reasons": table_md(summary["fallback_reasons"])
-                if summary["rows"] and len(summary["fallback_reasons"])
+                if len(summary["fallback_reasons"])
                 else "none",
                 "counters": table_md(pd.Series(stats, name="value").rename_axis("counter").reset_index()),
                 "examples": table_md(summary["examples"]),

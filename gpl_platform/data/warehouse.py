@@ -94,6 +94,19 @@ class WarehouseLockedError(RuntimeError):
     """Another process holds the DuckDB file and did not let go within the timeout."""
 
 
+@contextmanager
+def atomic(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A transaction on an open connection (one whose temp tables the work needs): committed whole, or
+    rolled back whole on any error."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
 class WarehouseSourceMismatch(RuntimeError):
     """The warehouse already holds data of another source or protocol."""
 
@@ -153,14 +166,8 @@ class Warehouse:
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A write transaction: committed whole, or rolled back whole on any error."""
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self.connect() as con, atomic(con):
+            yield con
 
     # ---- reads ---------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence | None = None) -> pd.DataFrame:

@@ -43,7 +43,7 @@ def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence
     out = sources_dir(settings)
     n_act: dict[date, int] = {}
     n_hist: dict[date, int] = {}
-    rates, cold = [], 0
+    rate_sum, rated, cold = 0.0, 0, 0
     with warehouse.connect(read_only=True) as con:
         vectors = compute.load_content_vectors(con, spec.embedding_dim)
         for day in sorted(set(days)):
@@ -59,15 +59,15 @@ def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence
                     history, out, "user_history", "user_id", views["user_history"]["features"], [day]
                 )
             )
-            rates.append((float(activity["user_click_rate"].sum()), int(activity["user_click_rate"].notna().sum())))
+            rate_sum += float(activity["user_click_rate"].sum())
+            rated += int(activity["user_click_rate"].notna().sum())
             cold += int((activity["user_exposures"] == 0).sum())
     per_day = _per_day(n_act, "user_activity_rows").merge(_per_day(n_hist, "user_history_rows"), on="day")
-    rated = sum(n for _, n in rates)
     return {
         "rows": int(sum(n_act.values()) + sum(n_hist.values())),
         "per_day": per_day,
         "has_item_embeddings": bool(vectors),
-        "mean_click_rate": sum(total for total, _ in rates) / rated if rated else 0.0,
+        "mean_click_rate": rate_sum / rated if rated else 0.0,
         "cold_users_share": cold / sum(n_act.values()) if sum(n_act.values()) else 0.0,
     }
 

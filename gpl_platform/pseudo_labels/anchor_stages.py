@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.data.warehouse import Warehouse, atomic
 from gpl_platform.engine import Engine, EngineAnchorGenerator, EngineEncoder, LocalEngine
 from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch
 from gpl_platform.pseudo_labels.anchors.base import ANCHOR_COLUMNS, AnchorGenerator, UserHistory
@@ -123,7 +123,7 @@ def generate_anchors(
                 keys = [cache.cache_key(h, signature, k) for h in chunk["history"]]
                 # each distinct history counts once: one an earlier chunk of this run handled is neither
                 # a hit nor a miss here
-                done = _keys_already_in(con, keys)
+                done = cache.lookup_keys(con, keys, ANCHOR_KEYS)
                 todo = {key: h for h, key in zip(chunk["history"], keys) if key not in done}
                 _, _, part = cache.generate_misses(con, running, list(todo.values()), list(todo), k, progress=progress)
                 stats.update(part)
@@ -145,8 +145,7 @@ def generate_anchors(
         ).fetchall()[0][0]
         if missing:
             raise RuntimeError(f"{missing} histories have no anchors in the cache after generation")
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with atomic(con):
             warehouse.clear_partitions(tables.anchors, days, con)
             con.execute(
                 f"""
@@ -160,14 +159,9 @@ def generate_anchors(
                 [generator.backend, generator.prompt_version, generator.lineage_signature()],
             )
             written = warehouse.record_partitions(tables.anchors, days, con, run_id)
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         user_days, distinct, models = con.execute(
             f"SELECT count(*), count(DISTINCT cache_key), count(DISTINCT model_id) FROM {ANCHOR_KEYS}"
         ).fetchall()[0]
-        con.execute(f"DROP TABLE {ANCHOR_KEYS}")
     out = {key: int(v) for key, v in stats.items()}
     out.update(
         user_days=int(user_days),
@@ -176,12 +170,6 @@ def generate_anchors(
         serving_models=int(models),
     )
     return out
-
-
-def _keys_already_in(con, keys: list[str]) -> set[str]:
-    """Which of ``keys`` an earlier chunk of this run already put in the keys table."""
-    query = f"SELECT DISTINCT cache_key FROM {ANCHOR_KEYS} WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))"
-    return {row[0] for row in con.execute(query, [keys]).fetchall()}
 
 
 def _days_by_model(days: Sequence[date], serving: dict) -> list[tuple[AnchorGenerator, list[date]]]:
@@ -198,17 +186,14 @@ def _days_by_model(days: Sequence[date], serving: dict) -> list[tuple[AnchorGene
 def _history_chunks(con, days: Sequence[date], texts: dict, max_items: int, rows: int):
     """The (day, user_id, history) of ``days``, ``rows`` at a time, from one streamed query."""
     # a relation streams its result; a DB-API result would first copy all its rows
-    reader = (
-        con.cursor()
-        .sql(
+    with con.cursor() as cursor:
+        reader = cursor.sql(
             "SELECT day, user_id, history_item_ids FROM user_histories "
             "WHERE day IN (SELECT unnest(?::DATE[])) ORDER BY day, user_id",
             params=[list(days)],
-        )
-        .to_arrow_reader(rows)
-    )
-    for batch in reader:
-        yield _with_histories(batch.to_pandas(), texts, max_items)
+        ).to_arrow_reader(rows)
+        for batch in reader:
+            yield _with_histories(batch.to_pandas(), texts, max_items)
 
 
 def _with_histories(frame: pd.DataFrame, texts: dict, max_items: int) -> pd.DataFrame:

@@ -149,7 +149,7 @@ def generate_misses(
     and stats: the generator's counters plus ``cache_hits`` / ``cache_misses`` (in histories).
     Duplicate histories are generated once."""
     ensure_cache_table(con)
-    hit_keys = set(lookup_keys(con, keys))
+    hit_keys = lookup_keys(con, keys)
     miss_idx: list[int] = []
     seen_miss: set[str] = set()
     for i, key in enumerate(keys):
@@ -193,17 +193,12 @@ def generate_misses(
     return new_rows, hit_keys, {k_: int(v) for k_, v in stats.items()}
 
 
-def lookup_keys(con, keys: Sequence[str]) -> list[str]:
-    """Which of ``keys`` the cache holds."""
+def lookup_keys(con, keys: Sequence[str], table: str = TABLE) -> set[str]:
+    """Which of ``keys`` ``table`` (the cache, or any table with a ``cache_key`` column) holds."""
     if not keys:
-        return []
-    return [
-        row[0]
-        for row in con.execute(
-            f"SELECT DISTINCT cache_key FROM {TABLE} WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))",
-            [list(dict.fromkeys(keys))],
-        ).fetchall()
-    ]
+        return set()
+    query = f"SELECT DISTINCT cache_key FROM {table} WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))"
+    return {row[0] for row in con.execute(query, [list(dict.fromkeys(keys))]).fetchall()}
 
 
 def generate_with_cache(
