@@ -30,9 +30,14 @@ from assets.ingestion import POOL
 from assets.metadata import span, table_md
 from assets.partitions import partition_days
 from assets.resources import GplSettings, WarehouseResource
-from gpl_platform.quality.gate import check_event_days, check_label_days, load_label_days
+from gpl_platform.quality.gate import (
+    check_anchor_days,
+    check_anchor_embedding_days,
+    check_event_days,
+    check_label_days_in,
+)
 from gpl_platform.quality.results import QualityResult
-from gpl_platform.quality.suites import check_anchors, check_embeddings
+from gpl_platform.quality.suites import check_embeddings
 from gpl_platform.quality.thresholds import quality_config
 
 NUMERIC_KEYS_MAX = 12
@@ -109,13 +114,6 @@ def _run_days(context: AssetCheckExecutionContext) -> list[date]:
     return sorted(partition_days(context.partition_keys))
 
 
-def _range_query(warehouse: WarehouseResource, sql: str, days: Sequence[date]) -> dict[date, pd.DataFrame]:
-    frame = warehouse.get().query(sql + " WHERE day IN (SELECT unnest(?::DATE[]))", [list(days)])
-    if frame.empty:
-        return {}
-    return {d: g for d, g in frame.groupby(pd.to_datetime(frame["day"]).dt.date.to_numpy())}
-
-
 def build_checks(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
     with warnings.catch_warnings():
         # Partitioned asset checks are a Dagster 1.13 preview: the per-partition results are what the UI
@@ -128,8 +126,13 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
     per_day = {"partitions_def": partitions, "pool": POOL, "automation_condition": automation.with_asset}
 
     def label_results(gpl: GplSettings, warehouse: WarehouseResource, days: list[date]):
-        cfg = quality_config(gpl.settings()).pseudo_labels
-        return check_label_days(load_label_days(warehouse.get(), days), days, cfg)
+        settings = gpl.settings()
+        return check_label_days_in(
+            warehouse.get(),
+            days,
+            quality_config(settings).pseudo_labels,
+            chunk_rows=settings.streaming.batch_candidates,
+        )
 
     @asset_check(asset="pseudo_labels", blocking=True, **per_day)
     def pseudo_labels_valid(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
@@ -164,31 +167,26 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
     def user_anchors_quality(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
         """GX: every user with a request has at least one anchor; fallback rate among users with a history
         under a threshold; generated anchors mostly not verbatim history titles."""
-        days = _run_days(context)
-        cfg = quality_config(gpl.settings()).anchors
-        anchors = _range_query(
-            warehouse,
-            "SELECT day, user_id, anchor_id, anchor_text, is_fallback, fallback_reason, backend FROM user_anchors",
-            days,
-        )
-        histories = _range_query(warehouse, "SELECT day, user_id, history_item_ids FROM user_histories", days)
-        items = warehouse.get().query("SELECT item_id, text FROM items")
-        empty_a = pd.DataFrame(
-            columns=["day", "user_id", "anchor_id", "anchor_text", "is_fallback", "fallback_reason", "backend"]
-        )
-        empty_h = pd.DataFrame(columns=["day", "user_id", "history_item_ids"])
-        results = {d: [check_anchors(anchors.get(d, empty_a), histories.get(d, empty_h), items, cfg)] for d in days}
+        results = {
+            d: [r]
+            for d, r in check_anchor_days(
+                warehouse.get(), _run_days(context), quality_config(gpl.settings()).anchors
+            ).items()
+        }
         yield from per_day_evaluations(context, "user_anchors", "user_anchors_quality", False, "anchors", results)
 
     @asset_check(asset="anchor_embeddings", **per_day)
     def anchor_embeddings_valid(context: AssetCheckExecutionContext, gpl: GplSettings, warehouse: WarehouseResource):
         """GX: every anchor vector has the encoder's dimension, L2 norm ~1 and no NaN."""
-        days = _run_days(context)
-        cfg = quality_config(gpl.settings()).embeddings
-        frames = _range_query(warehouse, "SELECT day, vector FROM anchor_embeddings", days)
+        settings = gpl.settings()
         results = {
-            d: [check_embeddings(frames.get(d, pd.DataFrame(columns=["vector"])), cfg, name="anchor_embeddings")]
-            for d in days
+            d: [r]
+            for d, r in check_anchor_embedding_days(
+                warehouse.get(),
+                _run_days(context),
+                quality_config(settings).embeddings,
+                settings.streaming.encode_batch_texts,
+            ).items()
         }
         yield from per_day_evaluations(
             context, "anchor_embeddings", "anchor_embeddings_valid", False, "anchor embeddings", results
@@ -199,8 +197,10 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         """GX: the events contract (ids/times present, one row per request and item, click label exactly on
         exposed rows, in {0, 1}) and plausible exposure and click rates. A failing day is left out of
         training (training_set re-runs this suite)."""
-        cfg = quality_config(gpl.settings()).events
-        results = check_event_days(warehouse.get(), _run_days(context), cfg)
+        settings = gpl.settings()
+        results = check_event_days(
+            warehouse.get(), _run_days(context), quality_config(settings).events, settings.streaming.batch_candidates
+        )
         yield from per_day_evaluations(
             context,
             "candidate_events",

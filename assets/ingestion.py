@@ -1,5 +1,6 @@
 """Ingestion assets (group ``ingestion``): catalog, users, per-day candidate events, per-day user histories."""
 
+import pandas as pd
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -75,12 +76,14 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
     ) -> MaterializeResult:
         """Recalled candidates of each request of the day: exposed ones with click labels; oracle labels
         (benchmark only) go to a separate table that training never reads. A contract delivered by day
-        folders reads only the run's days. A day that was delivered before and is missing from the
-        delivery now follows ``contract.missing_days`` (keep its rows, or clear it)."""
+        folders reads only the run's days, one day at a time (each day read, validated and replaced on its own,
+        so a backfill's memory is a day's, not the range's). A day that was delivered before and is missing
+        from the delivery now follows ``contract.missing_days`` (keep its rows, or clear it)."""
         settings = gpl.settings()
         wh = warehouse.get()
         days = partition_days(context.partition_keys)
-        dataset = load_source(settings, days=days)
+        by_day = settings.source == "contract" and event_day_folders(settings.contract.path) is not None
+        dataset = None if by_day else load_source(settings, days=days)
         delivered = _delivered_days(settings, dataset)
         vanished = sorted((set(days) - delivered) & ingestion.nonempty_event_days(wh)) if delivered is not None else []
         kept = vanished if settings.contract.missing_days == "keep" else []
@@ -92,8 +95,17 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
                 settings.contract.missing_days,
             )
         to_write = [d for d in days if d not in kept]
-        stats = ingestion.ingest_event_days(wh, dataset, to_write, settings.source_signature(), context.run_id)
-        outside = sorted(d for d in set(dataset.events["day"]) if not partitions.has_partition_key(d.isoformat()))
+        signature = settings.source_signature()
+        if by_day:  # a day folder holds only its day (validation refuses other rows): nothing lies outside
+            parts = [
+                ingestion.ingest_event_days(wh, load_source(settings, days=[d]), [d], signature, context.run_id)
+                for d in to_write
+            ]
+            stats = pd.concat(parts) if parts else pd.DataFrame(columns=["events", "requests"], dtype=int)
+            outside = []
+        else:
+            stats = ingestion.ingest_event_days(wh, dataset, to_write, signature, context.run_id)
+            outside = sorted(d for d in set(dataset.events["day"]) if not partitions.has_partition_key(d.isoformat()))
         if outside:
             context.log.warning(
                 "%d day(s) of the source lie outside the partitions (%s .. %s) and are not ingested",
@@ -138,18 +150,14 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         """Per user with a request on day D: clicked items strictly before D (UTC), most recent first."""
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
-        histories = ingestion.build_user_histories(
+        stats = ingestion.build_user_histories(
             warehouse.get(), days, first_day(partitions), settings.history_max_len, context.run_id
         )
-        stats = ingestion.history_day_stats(histories, days)
         return MaterializeResult(
             metadata={
-                "dagster/row_count": len(histories),
+                "dagster/row_count": int(stats["users"].sum()),
                 "partition_span": span(days),
                 "cold_start_users": int(stats["cold_start_users"].sum()),
-                "median_history_len": float(histories["n_positives"].clip(upper=settings.history_max_len).median())
-                if len(histories)
-                else 0.0,
                 "per_day": table_md(stats.reset_index()),
             }
         )

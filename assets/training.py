@@ -42,9 +42,10 @@ def training_assets(automation: Automation) -> list:
         split = data.time_split(wh, cfg.test_share, cfg.valid_share)
         # The checks judged each partition when it was written; a later run re-checks what it is about to
         # consume, so a partition that failed (or was corrupted since) never reaches training.
-        bad_events = failing_event_days(wh, split.train_days, gates.events)
+        chunk_rows = settings.streaming.batch_candidates
+        bad_events = failing_event_days(wh, split.train_days, gates.events, chunk_rows)
         failing = {
-            **failing_label_days(wh, split.train_days, gates.pseudo_labels),
+            **failing_label_days(wh, split.train_days, gates.pseudo_labels, chunk_rows=chunk_rows),
             **{d: f"events: {why}" for d, why in bad_events.items()},
         }
         for day, why in sorted(failing.items()):

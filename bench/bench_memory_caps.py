@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scale  # noqa: E402
 
-# every scale stage but SID training, which the caps do not touch and which would only repeat its fit
-STAGES = [s for s in bench_scale.STAGES if s != "sid_training"]
+# every platform stage but SID training, which the caps do not touch and which would only repeat its fit
+STAGES = [s for s in bench_scale.STAGES if s not in ("sid_training", *bench_scale.GENERATOR_STAGES)]
 
 
 def main() -> None:

@@ -494,6 +494,12 @@ class FeatureStoreConfig(BaseModel):
         "sqlite:///<store dir>/registry.sqlite",
     )
     registry_cache_ttl_s: int = Field(60, ge=0, description="long-lived readers re-read the registry this often")
+    materialize_batch_rows: int = Field(
+        2_000,
+        gt=0,
+        description="entities written to the online store per batch when materializing (Feast's "
+        "online_write_batch_size): the rows turned into protobufs at a time",
+    )
 
 
 class ServingConfig(BaseModel):

@@ -196,6 +196,9 @@ def data_export(
     out: Path = typer.Argument(..., help="directory to write items/users/events parquet files"),
     source: str | None = typer.Option(None, help=SOURCE_HELP),
     csv: bool = typer.Option(False, help="write CSV instead of parquet"),
+    by_day: bool = typer.Option(
+        False, help="events as a daily delivery (events/day=YYYY-MM-DD/ folders, parquet), read a day at a time"
+    ),
 ) -> None:
     """Write a source as a contract directory (an example to start from, or to move data)."""
     _apply_env(source)
@@ -203,8 +206,9 @@ def data_export(
     from gpl_platform.data.sources import load_source
     from gpl_platform.data.stats import export_contract_dir
 
-    written = export_contract_dir(load_source(load_settings()), out, csv=csv)
-    typer.echo(f"wrote {', '.join(str(p) for p in written)}")
+    written = export_contract_dir(load_source(load_settings()), out, csv=csv, by_day=by_day)
+    shown = written if len(written) <= 4 else [*written[:3], f"... {len(written) - 3} more"]
+    typer.echo(f"wrote {', '.join(str(p) for p in shown)}")
 
 
 @app.command("run")

@@ -88,8 +88,8 @@ def _string_ids(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     if not (ptypes.is_string_dtype(col) or ptypes.is_object_dtype(col)):
         raise ContractError(_origin(df, file), column, len(col),
                             f"have type {col.dtype}, expected string ids (cast the column to string)")
-    non_str = col.notna() & ~col.map(lambda v: isinstance(v, str))
-    _fail(df, file, column, non_str, "are not strings")
+    if ptypes.infer_dtype(col, skipna=True) != "string":  # a C-level scan; the per-value test only when it fails
+        _fail(df, file, column, col.notna() & ~col.map(lambda v: isinstance(v, str)), "are not strings")
     _fail(df, file, column, col.isna() | (col.astype("string").str.strip() == ""), "have a null or empty id")
     return col.astype(str)
 
@@ -419,8 +419,10 @@ def check_day_folders(events: pd.DataFrame, origins) -> None:
     """Every row of events/day=D/ must have its UTC day equal to D."""
     if origins is None or not len(events):
         return
-    folder_day = pd.Series(origins).str.extract(r"day=(\d{4}-\d{2}-\d{2})", expand=False)
-    bad = (folder_day.to_numpy() != pd.Series(events["day"]).astype(str).to_numpy())
+    # a day's rows come from a few files: read each file's folder day once, then spread it over the rows
+    codes, files = pd.factorize(pd.Series(origins))
+    file_day = np.array([_folder_day(Path(f).parent) for f in files] + [None], dtype=object)
+    bad = file_day[codes] != events["day"].to_numpy(dtype=object)  # (a code of -1, no origin, meets None)
     if bad.any():
         frame = events.assign(**{ORIGIN: origins})
         raise ContractError(_origin(frame, "events", bad), "event_time", int(bad.sum()),
@@ -554,7 +556,7 @@ def _with_event_users(users: pd.DataFrame | None, events: pd.DataFrame) -> tuple
     seen = pd.unique(events["user_id"])
     if users is None:
         return pd.DataFrame({"user_id": seen}), len(seen)
-    extra = [u for u in seen if u not in set(users["user_id"])]
+    extra = seen[~pd.Index(seen).isin(users["user_id"])].tolist()
     if not extra:
         return users, 0
     return pd.concat([users, pd.DataFrame({"user_id": extra})], ignore_index=True), len(extra)

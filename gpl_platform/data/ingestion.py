@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from datetime import date, timedelta
@@ -60,8 +59,11 @@ def event_day_stats(events: pd.DataFrame, days: Sequence[date]) -> pd.DataFrame:
 
 def build_user_histories(warehouse: Warehouse, days: Sequence[date], first_day: date, max_len: int,
                          run_id: str | None = None) -> pd.DataFrame:
-    """Per day D, for each user with a request on D: their clicked items strictly before D (UTC),
-    most recent first, at most ``max_len``. Needs the events of every day in [first_day, D)."""
+    """Per day D, for each user with a request on D: their clicked items strictly before D (UTC), most
+    recent first, at most ``max_len``, and a hash of that list (the anchor cache's key). Needs the events of
+    every day in [first_day, D). One INSERT ... SELECT inside DuckDB (under its memory cap, spilling beyond):
+    no history enters Python, so a range of a large traffic's histories costs DuckDB's cap, not its size.
+    Returns per-day statistics (:data:`HISTORY_STATS` columns, one row per day of ``days``)."""
     days = sorted(set(days))
     written = warehouse.written_days("events")
     needed = {first_day + timedelta(n) for n in range((max(days) - first_day).days + 1)}
@@ -72,12 +74,12 @@ def build_user_histories(warehouse: Warehouse, days: Sequence[date], first_day: 
             f"{len(missing)} day(s) are not ingested (first: {missing[0]}, last: {missing[-1]}). "
             "Materialize candidate_events for those partitions first.")
     with warehouse.transaction() as con:
-        con.register("_days", pd.DataFrame({"day": pd.to_datetime(pd.Series(days, dtype="object"))}))
-        histories = con.execute(
+        warehouse.clear_partitions("user_histories", days, con)
+        con.execute(
             """
+            INSERT INTO user_histories
             WITH req AS (
-                SELECT DISTINCT e.day, e.user_id FROM events e
-                WHERE e.day IN (SELECT CAST(day AS DATE) FROM _days)
+                SELECT DISTINCT e.day, e.user_id FROM events e WHERE e.day IN (SELECT unnest(?::DATE[]))
             ), latest AS (  -- a re-clicked item counts once, at its latest click before D
                 SELECT r.day, r.user_id, e.item_id, max(e.event_time) AS event_time
                 FROM req r JOIN events e ON e.user_id = r.user_id AND e.exposed AND e.clicked = 1 AND e.day < r.day
@@ -85,31 +87,31 @@ def build_user_histories(warehouse: Warehouse, days: Sequence[date], first_day: 
             ), per_day AS (
                 SELECT *, row_number() OVER (PARTITION BY day, user_id ORDER BY event_time DESC, item_id) AS rn
                 FROM latest
+            ), histories AS (
+                SELECT r.day, r.user_id,
+                       coalesce(list(h.item_id ORDER BY h.rn) FILTER (WHERE h.rn <= ?), []::VARCHAR[])
+                           AS history_item_ids,
+                       count(h.item_id)::INTEGER AS n_positives,
+                       max(h.event_time) AS last_positive_time
+                FROM req r LEFT JOIN per_day h ON h.day = r.day AND h.user_id = r.user_id
+                GROUP BY r.day, r.user_id
             )
-            SELECT r.day, r.user_id,
-                   coalesce(list(h.item_id ORDER BY h.rn) FILTER (WHERE h.rn <= ?), []::VARCHAR[]) AS history_item_ids,
-                   count(h.item_id)::INTEGER AS n_positives,
-                   max(h.event_time) AS last_positive_time
-            FROM req r LEFT JOIN per_day h ON h.day = r.day AND h.user_id = r.user_id
-            GROUP BY r.day, r.user_id ORDER BY r.day, r.user_id
-            """, [max_len]).df()
-        con.unregister("_days")
-        histories["history_hash"] = [_history_hash(ids) for ids in histories["history_item_ids"]]
-        histories["day"] = pd.to_datetime(histories["day"]).dt.date
-        warehouse.replace_partitions("user_histories", histories, days, con, run_id)
-    return histories
-
-
-def _history_hash(item_ids) -> str:
-    return hashlib.sha256("\x1f".join(map(str, item_ids)).encode()).hexdigest()[:16]
-
-
-def history_day_stats(histories: pd.DataFrame, days: Sequence[date]) -> pd.DataFrame:
-    stats = histories.groupby("day").agg(
-        users=("user_id", "size"), cold_start_users=("n_positives", lambda s: int((s == 0).sum())),
-        median_positives=("n_positives", "median"))
-    stats = stats.reindex(sorted(set(days)))
+            -- the anchor cache's key: the first 16 hex digits of sha256 of the ids joined by chr(31)
+            SELECT day, user_id, history_item_ids, n_positives, last_positive_time,
+                   substr(sha256(array_to_string(history_item_ids, chr(31))), 1, 16) AS history_hash
+            FROM histories ORDER BY day, user_id
+            """, [days, max_len])
+        warehouse.record_partitions("user_histories", days, con, run_id)
+        stats = con.execute(
+            """
+            SELECT day, count(*) AS users, count(*) FILTER (WHERE n_positives = 0) AS cold_start_users,
+                   median(n_positives) AS median_positives, median(least(n_positives, ?)) AS median_history_len
+            FROM user_histories WHERE day IN (SELECT unnest(?::DATE[])) GROUP BY day
+            """, [max_len, days]).df()
+    stats["day"] = pd.to_datetime(stats["day"]).dt.date
+    stats = stats.set_index("day").reindex(days)
     stats[["users", "cold_start_users"]] = stats[["users", "cold_start_users"]].fillna(0).astype(int)
+    stats.index.name = "day"
     return stats
 
 

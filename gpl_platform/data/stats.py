@@ -38,22 +38,31 @@ def dataset_statistics(dataset: Dataset) -> dict:
     }
 
 
-def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False) -> list[Path]:
+def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False, by_day: bool = False) -> list[Path]:
     """Write items/users/events in the contract format (atomically per file).
 
+    ``by_day``: the events as a daily delivery, ``events/day=YYYY-MM-DD/part-0.parquet`` (each day written
+    atomically), which ingestion reads one day at a time; into a directory without events only, parquet only.
     A table file of the other format from an earlier export is removed once the new one is in place
     (both would be read as one table); a ``<table>/`` folder is never touched: the export refuses."""
-    from gpl_platform.data.contract import _READERS, ContractError
+    from gpl_platform.data.contract import _READERS, ContractError, write_event_day
 
     out = Path(out)
+    if by_day and csv:
+        raise ValueError("a by-day export writes parquet day folders: drop --csv or --by-day")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("items", "users", "events"):
         if (out / name).is_dir():
             raise ContractError(str(out / name), None, None, "is a table folder: export into another directory "
                                 "(a folder and a file of the same table would be read together)")
-    events = dataset.events.drop(columns=["day"])
+    if by_day and any((out / f"events{ext}").exists() for ext in _READERS):
+        raise ContractError(str(out), None, None, "has an events file: a by-day export needs a directory without "
+                            "events (the file and the day folders would be read together)")
     written = []
-    for name, frame in (("items", dataset.items), ("users", dataset.users), ("events", events)):
+    tables = [("items", dataset.items), ("users", dataset.users)]
+    if not by_day:
+        tables.append(("events", dataset.events.drop(columns=["day"])))
+    for name, frame in tables:
         target = out / f"{name}.{'csv' if csv else 'parquet'}"
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
         os.close(fd)
@@ -74,4 +83,7 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False) -> list[
             if stale != target and stale.exists():
                 stale.unlink()
         written.append(target)
+    if by_day:
+        for day, events in dataset.events.groupby("day", sort=True):
+            written.append(write_event_day(out, day, events.drop(columns=["day"])))
     return written

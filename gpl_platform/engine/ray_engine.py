@@ -80,6 +80,7 @@ class LocalRayCluster:
         self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
         self.start_timeout_s = start_timeout_s
         self.port = _free_port()
+        self.client_port = _free_port()
         self.token = secrets.token_hex(16)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="gplray-", dir="/tmp"))  # short: Ray's socket paths
         self.process: subprocess.Popen | None = None
@@ -87,6 +88,11 @@ class LocalRayCluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        """The cluster's Ray Client server (``ray://``), as a driver on another machine would join it."""
+        return f"ray://127.0.0.1:{self.client_port}"
 
     def env(self) -> dict[str, str]:
         """Variables a driver needs to join this cluster (set them before ``import ray``)."""
@@ -96,7 +102,6 @@ class LocalRayCluster:
         ports = {
             flag: _free_port()
             for flag in (
-                "--ray-client-server-port",
                 "--dashboard-port",
                 "--dashboard-agent-listen-port",
                 "--dashboard-agent-grpc-port",
@@ -123,10 +128,13 @@ class LocalRayCluster:
             "--temp-dir",
             str(self.temp_dir),
         ]
+        ports["--ray-client-server-port"] = self.client_port
         for flag, port in ports.items():
             cmd += [flag, str(port)]
         log_path = self.temp_dir / "ray_start.log"
-        env = {**os.environ, **self.env(), **_WORKER_ENV}
+        # the Ray Client proxy waits this long for a client's own server process (30 s by default: too short
+        # for a process that imports Ray on a busy 2-core machine)
+        env = {**os.environ, **self.env(), **_WORKER_ENV, "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180"}
         with open(log_path, "w") as out:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s

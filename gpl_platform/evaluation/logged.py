@@ -115,7 +115,12 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
     split = time_split(warehouse, cfg.test_share, cfg.valid_share)
     # Days whose events fail their gate (broken labels) are left out of training and of measurement alike:
     # the split is made again without them, so the test days are the latest days that pass.
-    bad_event_days = failing_event_days(warehouse, split.train_days + split.valid_days + split.test_days, gates.events)
+    bad_event_days = failing_event_days(
+        warehouse,
+        split.train_days + split.valid_days + split.test_days,
+        gates.events,
+        settings.streaming.batch_candidates,
+    )
     if bad_event_days:
         try:
             split = time_split(warehouse, cfg.test_share, cfg.valid_share, exclude=bad_event_days)

@@ -47,14 +47,18 @@ _ONE_US = timedelta(microseconds=1)
 
 
 @contextmanager
-def ibis_default_backend_closed() -> Iterator[None]:
+def ibis_default_backend_closed(memory_limit: str | None = None) -> Iterator[None]:
     """Feast's DuckDB offline store runs its queries on ibis's default backend: a DuckDB connection that
     ibis opens on first use and never closes. Left open until the interpreter exits, it is what prints
-    the ``nanobind: leaked ...`` lines after a run. A Feast call that opened it closes it here."""
+    the ``nanobind: leaked ...`` lines after a run. A Feast call that opened it closes it here.
+    ``memory_limit``: when no backend is open yet, the one opened here runs under that DuckDB limit (DuckDB's
+    own default is 80% of RAM, so the feature files a materialization scans would set its memory)."""
     import ibis
 
     opened_here = ibis.options.default_backend is None
     try:
+        if opened_here and memory_limit is not None:
+            ibis.options.default_backend = ibis.duckdb.connect(memory_limit=memory_limit)
         yield
     finally:
         backend = ibis.options.default_backend
@@ -112,6 +116,9 @@ def render_config(settings) -> dict:
         "registry": registry,
         "offline_store": {"type": "duckdb"},
         "online_store": online,
+        # DuckDB keeps the latest row per entity of a window (not Feast's pandas step over every row of it),
+        # and the online store is written a bounded number of rows at a time (each row becomes protobufs)
+        "materialization": {"pull_latest_features": True, "online_write_batch_size": cfg.materialize_batch_rows},
         "entity_key_serialization_version": 3,
     }
 
@@ -217,7 +224,7 @@ class FeastStore:
     # ---- materialize ---------------------------------------------------------------------
     def materialize(self, start: datetime, end: datetime, views: Sequence[str] | None = None) -> None:
         """Load the latest row per entity with ``start <= event_timestamp < end`` into the online store."""
-        with ibis_default_backend_closed():
+        with ibis_default_backend_closed(self.settings.streaming.duckdb_memory_limit):
             self.store.materialize(
                 start_date=start, end_date=end - _ONE_US, feature_views=list(views) if views is not None else None
             )
@@ -330,7 +337,7 @@ class FeastStore:
         frame["item_id"] = frame["item_id"].astype(str)
         frame["_row"] = range(len(frame))
         names = [n for n, _ in self.service_features(service)]
-        with ibis_default_backend_closed():
+        with ibis_default_backend_closed(self.settings.streaming.duckdb_memory_limit):
             job = self.store.get_historical_features(entity_df=frame, features=self.feature_service(service))
             out = job.to_df().sort_values("_row").reset_index(drop=True)
         keep = [c for c in frame.columns if c != "_row"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -83,14 +83,47 @@ def validate_rules(suite: str, frame: pd.DataFrame, rules: Sequence[Rule]) -> li
             }
         if res.exception_info and res.exception_info.get("raised_exception"):
             observed = f"error: {res.exception_info.get('exception_message')}"
-        by_rule[rule] = (bool(res.success), observed)
+        checked = None
+        if res.result and "element_count" in res.result and "unexpected_count" in res.result:
+            checked = int(res.result["element_count"]) - int(res.result.get("missing_count") or 0)
+        by_rule[rule] = (bool(res.success), observed, checked)
     out = []
     for r in rules:
-        passed, observed = by_rule.get(r.name, (False, "not evaluated"))
+        passed, observed, checked = by_rule.get(r.name, (False, "not evaluated", None))
         out.append(
-            ExpectationOutcome(r.name, r.expectation, r.kwargs.get("column"), passed, jsonable(observed), r.expected)
+            ExpectationOutcome(
+                r.name, r.expectation, r.kwargs.get("column"), passed, jsonable(observed), r.expected, checked
+            )
         )
     return out
+
+
+def merge_chunk_outcomes(per_chunk: Sequence[Sequence[ExpectationOutcome]]) -> list[ExpectationOutcome]:
+    """The outcomes of row-level rules validated chunk by chunk over one partition, as if validated whole:
+    a rule passes when it passes in every chunk, its unexpected rows add up, and its percent is over every
+    row it judged. Only row-level rules merge this way (a mean of chunks is not the chunks' mean), so an
+    outcome without ``checked`` is refused."""
+    if not per_chunk:
+        return []
+    merged = []
+    for outcomes in zip(*per_chunk, strict=True):
+        first = outcomes[0]
+        if any(o.name != first.name for o in outcomes):
+            raise ValueError(f"chunks validated different rules: {sorted({o.name for o in outcomes})}")
+        errors = [o.observed for o in outcomes if isinstance(o.observed, str)]
+        if errors:  # GX raised on some chunk: that message is the observation
+            merged.append(replace(first, passed=False, observed=errors[0], checked=None))
+            continue
+        if any(o.checked is None for o in outcomes):
+            raise ValueError(f"{first.name}: only row-level rules can be merged over chunks")
+        checked = sum(o.checked for o in outcomes)
+        unexpected = sum(int((o.observed or {}).get("unexpected_count") or 0) for o in outcomes)
+        observed = {
+            "unexpected_count": unexpected,
+            "unexpected_percent": 100.0 * unexpected / checked if checked else 0.0,
+        }
+        merged.append(replace(first, passed=all(o.passed for o in outcomes), observed=observed, checked=checked))
+    return merged
 
 
 def suite_result(suite: str, outcomes: list[ExpectationOutcome], metadata: dict) -> QualityResult:

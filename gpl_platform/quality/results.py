@@ -18,6 +18,9 @@ class ExpectationOutcome:
     passed: bool
     observed: Any = None
     expected: str = ""
+    # rows a row-level rule judged (GX's element count less its missing count); None for aggregate rules.
+    # It is what lets the outcomes of chunks of one partition add up (merge_chunk_outcomes).
+    checked: int | None = None
 
     def describe(self) -> str:
         return f"{self.name}: observed {format_value(self.observed)}, expected {self.expected}"

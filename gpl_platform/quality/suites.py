@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpl_platform.quality.gx_validation import Rule, custom_outcome, empty_result, suite_result, validate_rules
+from gpl_platform.quality.gx_validation import (
+    Rule,
+    custom_outcome,
+    empty_result,
+    merge_chunk_outcomes,
+    suite_result,
+    validate_rules,
+)
 from gpl_platform.quality.results import QualityResult
 from gpl_platform.quality.thresholds import (
     AnchorThresholds,
@@ -53,26 +60,42 @@ def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray, smoothing: float =
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
+LABEL_VALUE_RULES = [
+    rule
+    for col in ("pseudo_label", "confidence")
+    for rule in (
+        Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
+        Rule(
+            f"{col}_in_0_1",
+            "ExpectColumnValuesToBeBetween",
+            {"column": col, "min_value": 0.0, "max_value": 1.0},
+            "every value in [0, 1]",
+        ),
+    )
+]
+
+
 def check_pseudo_label_values(labels: pd.DataFrame, cfg: PseudoLabelThresholds | None = None) -> QualityResult:
     """Row-level validity: pseudo_label and confidence present and in [0, 1]."""
+    return check_pseudo_label_value_chunks([labels], cfg)
+
+
+def check_pseudo_label_value_chunks(
+    chunks: Iterable[pd.DataFrame], cfg: PseudoLabelThresholds | None = None
+) -> QualityResult:
+    """The row-level validity rules over one day given in chunks (one in memory at a time): every rule is a
+    row rule, so the chunks' outcomes add up to the day's."""
     cfg = cfg or PseudoLabelThresholds()
     suite = "pseudo_label_values"
-    if labels.empty:
+    per_chunk, rows = [], 0
+    for labels in chunks:
+        if labels.empty:
+            continue
+        per_chunk.append(validate_rules(suite, labels[["pseudo_label", "confidence"]].astype(float), LABEL_VALUE_RULES))
+        rows += len(labels)
+    if not rows:
         return empty_result(suite, cfg.allow_empty)
-    rules = []
-    for col in ("pseudo_label", "confidence"):
-        rules += [
-            Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
-            Rule(
-                f"{col}_in_0_1",
-                "ExpectColumnValuesToBeBetween",
-                {"column": col, "min_value": 0.0, "max_value": 1.0},
-                "every value in [0, 1]",
-            ),
-        ]
-    frame = labels[["pseudo_label", "confidence"]].astype(float)
-    outcomes = validate_rules(suite, frame, rules)
-    return suite_result(suite, outcomes, {"rows": len(labels)})
+    return suite_result(suite, merge_chunk_outcomes(per_chunk), {"rows": rows})
 
 
 def check_pseudo_label_distribution(
@@ -298,108 +321,134 @@ def check_embeddings(
     frame: pd.DataFrame, cfg: EmbeddingThresholds | None = None, column: str = "vector", name: str = "embeddings"
 ) -> QualityResult:
     """Every vector: the expected (or one common) dimension, L2 norm ~ 1, no NaN/inf."""
-    cfg = cfg or EmbeddingThresholds()
-    suite = f"{name}_vectors"
-    if frame.empty:
-        return empty_result(suite, True)
-    vectors = frame[column].tolist()
+    return check_embedding_chunks([frame], cfg, column, name)
+
+
+def _components(vector) -> np.ndarray:
+    """A vector as float64; a NULL component (DuckDB hands a list with NULLs over as a masked array) is NaN."""
+    if isinstance(vector, np.ma.MaskedArray):
+        return np.ma.filled(vector.astype(np.float64), np.nan)
+    return np.asarray(vector, dtype=np.float64)
+
+
+def _vector_rule_columns(vectors: list) -> pd.DataFrame:
+    """Per vector: its dimension, L2 norm and whether every component is finite (stacked per common length)."""
     dims = np.fromiter((len(v) if v is not None else 0 for v in vectors), dtype=np.int64, count=len(vectors))
-    common = int(pd.Series(dims).mode().iloc[0])
-    expected_dim = cfg.dim if cfg.dim is not None else common
     norms = np.full(len(vectors), np.nan)
     finite = np.zeros(len(vectors), dtype=bool)
-    same = dims == common
-    if same.any() and common > 0:
-        mat = np.stack([np.asarray(v, dtype=np.float64) for v, ok in zip(vectors, same) if ok])
-        finite[same] = np.isfinite(mat).all(axis=1)
-        norms[same] = np.linalg.norm(mat, axis=1)
-    for i in np.flatnonzero(~same):
-        arr = np.asarray(vectors[i] if vectors[i] is not None else [], dtype=np.float64)
-        finite[i] = bool(np.isfinite(arr).all()) and arr.size > 0
-        norms[i] = float(np.linalg.norm(arr)) if arr.size else 0.0
-    checked = pd.DataFrame({"dim": dims, "norm": norms, "finite": finite})
+    for length in np.unique(dims[dims > 0]):
+        at = np.flatnonzero(dims == length)
+        mat = np.stack([_components(vectors[i]) for i in at])
+        finite[at] = np.isfinite(mat).all(axis=1)
+        norms[at] = np.linalg.norm(mat, axis=1)
+    norms[dims == 0] = 0.0
+    return pd.DataFrame({"dim": dims, "norm": norms, "finite": finite})
+
+
+def check_embedding_chunks(
+    chunks: Iterable[pd.DataFrame],
+    cfg: EmbeddingThresholds | None = None,
+    column: str = "vector",
+    name: str = "embeddings",
+    dim: int | None = None,
+) -> QualityResult:
+    """The vector rules over one partition given in chunks (one in memory at a time); every rule is a row rule,
+    so the chunks' outcomes add up. The expected dimension: ``cfg.dim``, else ``dim`` (the partition's most
+    common one, which a caller reading chunks computes first), else the first chunk's most common one."""
+    cfg = cfg or EmbeddingThresholds()
+    suite = f"{name}_vectors"
     tol = cfg.norm_tolerance
-    rules = [
-        Rule(
-            "dimension",
-            "ExpectColumnValuesToBeInSet",
-            {"column": "dim", "value_set": [expected_dim]},
-            f"== {expected_dim}",
-        ),
-        Rule(
-            "no_nan", "ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}, "no NaN/inf component"
-        ),
-        Rule(
-            "unit_norm",
-            "ExpectColumnValuesToBeBetween",
-            {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol},
-            f"L2 norm in [{1 - tol:g}, {1 + tol:g}]",
-        ),
-    ]
-    outcomes = validate_rules(suite, checked, rules)
-    finite_norms = norms[np.isfinite(norms)]
+    expected_dim = cfg.dim if cfg.dim is not None else dim
+    per_chunk, rows, nan_rows, dims_seen = [], 0, 0, set()
+    norm_min, norm_max = np.inf, -np.inf
+    for frame in chunks:
+        if frame.empty:
+            continue
+        checked = _vector_rule_columns(frame[column].tolist())
+        if expected_dim is None:
+            expected_dim = int(checked["dim"].mode().iloc[0])
+        rules = [
+            Rule(
+                "dimension",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "dim", "value_set": [expected_dim]},
+                f"== {expected_dim}",
+            ),
+            Rule(
+                "no_nan",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "finite", "value_set": [True]},
+                "no NaN/inf component",
+            ),
+            Rule(
+                "unit_norm",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol},
+                f"L2 norm in [{1 - tol:g}, {1 + tol:g}]",
+            ),
+        ]
+        per_chunk.append(validate_rules(suite, checked, rules))
+        rows += len(checked)
+        nan_rows += int((~checked["finite"]).sum())
+        dims_seen |= {int(d) for d in checked["dim"]}
+        finite_norms = checked["norm"][np.isfinite(checked["norm"])]
+        if len(finite_norms):
+            norm_min, norm_max = min(norm_min, finite_norms.min()), max(norm_max, finite_norms.max())
+    if not rows:
+        return empty_result(suite, True)
     return suite_result(
         suite,
-        outcomes,
+        merge_chunk_outcomes(per_chunk),
         {
-            "rows": len(frame),
+            "rows": rows,
             "dim": expected_dim,
-            "dims_seen": sorted({int(d) for d in dims})[:5],
-            "rows_with_nan": int((~finite).sum()),
-            "norm_min": float(finite_norms.min()) if finite_norms.size else float("nan"),
-            "norm_max": float(finite_norms.max()) if finite_norms.size else float("nan"),
+            "dims_seen": sorted(dims_seen)[:5],
+            "rows_with_nan": nan_rows,
+            "norm_min": float(norm_min) if np.isfinite(norm_min) else float("nan"),
+            "norm_max": float(norm_max) if np.isfinite(norm_max) else float("nan"),
         },
     )
 
 
 # ---- events ----------------------------------------------------------------------------------
-def check_events(events: pd.DataFrame, cfg: EventThresholds | None = None) -> QualityResult:
-    """One day of candidate events: the data contract (ids and times present, one row per
-    request/item, a click label exactly on exposed rows, labels in {0, 1}) and exposure and
-    positive rates within bounds."""
-    cfg = cfg or EventThresholds()
-    suite = "candidate_events"
-    if events.empty:
-        return empty_result(suite, cfg.allow_empty)
-    exposed = events["exposed"].astype("boolean")
-    clicked = pd.to_numeric(events["clicked"], errors="coerce")
-    frame = events[["request_id", "user_id", "item_id", "event_time"]].copy()
-    frame["exposed"] = exposed.astype(float)
-    frame["click_label_consistent"] = (
-        (exposed.fillna(False) & clicked.notna()) | (~exposed.fillna(True) & clicked.isna())
-    ).astype(bool)
-    frame["clicked_exposed"] = clicked.where(exposed.fillna(False).to_numpy(bool)).astype(float)
-    rules = [
+# Row-level rules: judged on each chunk of a day and added up (merge_chunk_outcomes). A chunk holds whole
+# requests, so a repeated (request_id, item_id) pair is always inside one chunk.
+EVENT_ROW_RULES = [
+    *(
         Rule(f"{c}_not_null", "ExpectColumnValuesToNotBeNull", {"column": c}, "no nulls")
         for c in ("request_id", "user_id", "item_id", "event_time", "exposed")
-    ]
-    rules += [
-        Rule(
-            "unique_request_item",
-            "ExpectCompoundColumnsToBeUnique",
-            {"column_list": ["request_id", "item_id"]},
-            "one row per (request_id, item_id)",
-        ),
-        Rule(
-            "click_label_on_exposed_only",
-            "ExpectColumnValuesToBeInSet",
-            {"column": "click_label_consistent", "value_set": [True]},
-            "clicked set exactly on exposed rows",
-        ),
-        Rule(
-            "clicked_binary",
-            "ExpectColumnValuesToBeInSet",
-            {"column": "clicked_exposed", "value_set": [0.0, 1.0]},
-            "clicked in {0, 1}",
-        ),
+    ),
+    Rule(
+        "unique_request_item",
+        "ExpectCompoundColumnsToBeUnique",
+        {"column_list": ["request_id", "item_id"]},
+        "one row per (request_id, item_id)",
+    ),
+    Rule(
+        "click_label_on_exposed_only",
+        "ExpectColumnValuesToBeInSet",
+        {"column": "click_label_consistent", "value_set": [True]},
+        "clicked set exactly on exposed rows",
+    ),
+    Rule(
+        "clicked_binary",
+        "ExpectColumnValuesToBeInSet",
+        {"column": "clicked_exposed", "value_set": [0.0, 1.0]},
+        "clicked in {0, 1}",
+    ),
+]
+
+
+def _event_rate_rules(cfg: EventThresholds, n_exposed: int) -> list[Rule]:
+    """The day's rates: judged once, on the day's totals (a one-row frame whose column means are the rates)."""
+    rules = [
         Rule(
             "exposure_rate",
             "ExpectColumnMeanToBeBetween",
             {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
             f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]",
-        ),
+        )
     ]
-    n_exposed = int(exposed.fillna(False).sum())
     if n_exposed >= cfg.positive_rate_min_exposed:
         rules.append(
             Rule(
@@ -409,14 +458,67 @@ def check_events(events: pd.DataFrame, cfg: EventThresholds | None = None) -> Qu
                 f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]",
             )
         )
-    outcomes = validate_rules(suite, frame, rules)
+    return rules
+
+
+def _event_rule_columns(events: pd.DataFrame) -> pd.DataFrame:
+    """The columns the event rules judge: the ids and time, exposure as 0/1, click-label consistency, and the
+    click of exposed rows (NaN elsewhere)."""
+    exposed = events["exposed"].astype("boolean")
+    clicked = pd.to_numeric(events["clicked"], errors="coerce")
+    frame = events[["request_id", "user_id", "item_id", "event_time"]].copy()
+    frame["exposed"] = exposed.astype(float)
+    frame["click_label_consistent"] = (
+        (exposed.fillna(False) & clicked.notna()) | (~exposed.fillna(True) & clicked.isna())
+    ).astype(bool)
+    frame["clicked_exposed"] = clicked.where(exposed.fillna(False).to_numpy(bool)).astype(float)
+    return frame
+
+
+def check_events(events: pd.DataFrame, cfg: EventThresholds | None = None) -> QualityResult:
+    """One day of candidate events in one frame: the data contract (ids and times present, one row per
+    request/item, a click label exactly on exposed rows, labels in {0, 1}) and exposure and positive rates
+    within bounds."""
+    return check_event_chunks([events], cfg)
+
+
+def check_event_chunks(chunks: Iterable[pd.DataFrame], cfg: EventThresholds | None = None) -> QualityResult:
+    """The events suite over one day given as chunks of whole requests (a request's rows all in one chunk),
+    one chunk in memory at a time: the row-level rules run through GX on each chunk and add up; the exposure
+    and positive rates are summed over the chunks and judged by GX on the day's totals. The result is the
+    one a single frame of the day would give."""
+    cfg = cfg or EventThresholds()
+    suite = "candidate_events"
+    per_chunk: list = []
+    rows = requests = 0
+    exposed_sum = exposed_count = clicks_sum = clicks_count = 0.0
+    for events in chunks:
+        if events.empty:
+            continue
+        frame = _event_rule_columns(events)
+        per_chunk.append(validate_rules(suite, frame, EVENT_ROW_RULES))
+        rows += len(frame)
+        requests += int(events["request_id"].nunique())
+        exposed_sum, exposed_count = exposed_sum + frame["exposed"].sum(), exposed_count + frame["exposed"].count()
+        clicks_sum = clicks_sum + frame["clicked_exposed"].sum()
+        clicks_count = clicks_count + frame["clicked_exposed"].count()
+    if not rows:
+        return empty_result(suite, cfg.allow_empty)
+    n_exposed = int(exposed_sum)
+    exposure_rate = exposed_sum / exposed_count if exposed_count else float("nan")
+    positive_rate = clicks_sum / clicks_count if clicks_count else float("nan")
+    totals = pd.DataFrame({"exposed": [exposure_rate], "clicked_exposed": [positive_rate]})
+    outcomes = merge_chunk_outcomes(per_chunk) + validate_rules(
+        f"{suite}_rates", totals, _event_rate_rules(cfg, n_exposed)
+    )
     return suite_result(
         suite,
         outcomes,
         {
-            "rows": len(events),
-            "requests": int(events["request_id"].nunique()),
-            "exposure_rate": float(n_exposed / len(events)),
-            "positive_rate": float(frame["clicked_exposed"].mean()) if n_exposed else float("nan"),
+            "rows": rows,
+            "requests": requests,
+            "chunks": len(per_chunk),
+            "exposure_rate": float(n_exposed / rows),
+            "positive_rate": float(positive_rate) if n_exposed else float("nan"),
         },
     )

@@ -235,3 +235,34 @@ def test_the_time_window_is_configured_by_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("GPL_CONTRACT__MAX_FUTURE_DAYS", "0")
     result = runner.invoke(app, ["data", "validate", str(directory)])
     assert result.exit_code == 1 and "'r2 at " in result.output
+
+
+def test_a_source_exports_as_a_daily_delivery_read_back_a_day_at_a_time(tmp_path):
+    """`gpl data export --by-day`: the simulator's world as events/day=.../ folders; each day reads back as the
+    source's events of that day (the scale benchmark ingests its worlds this way)."""
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.data.stats import export_contract_dir
+
+    world = load_source(load_settings({"source": "simulator", "data_dir": str(tmp_path / "data")}))
+    out = tmp_path / "delivery"
+    result = CliRunner().invoke(app, ["data", "export", str(out), "--source", "simulator", "--by-day"])
+    assert result.exit_code == 0, result.output
+    days = sorted(set(world.events["day"]))
+    assert sorted(event_day_folders(out)) == days and not (out / "events.parquet").exists()
+    columns = ["request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "oracle_label"]
+    for day in (days[0], days[-1]):
+        read = read_contract_dir(out, days=[day]).events
+        want = world.events[world.events["day"] == day]
+        pd.testing.assert_frame_equal(
+            read[columns].sort_values(["request_id", "item_id"], ignore_index=True),
+            want[columns].sort_values(["request_id", "item_id"], ignore_index=True),
+            check_dtype=False,
+        )
+    with pytest.raises(ContractError, match="table folder"):  # never into an earlier delivery
+        export_contract_dir(world, out, by_day=True)
+    flat = tmp_path / "flat"
+    export_contract_dir(world, flat)
+    with pytest.raises(ContractError, match="has an events file"):
+        export_contract_dir(world, flat, by_day=True)
+    with pytest.raises(ValueError, match="parquet"):
+        export_contract_dir(world, tmp_path / "csv", csv=True, by_day=True)

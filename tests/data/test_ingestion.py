@@ -1,3 +1,4 @@
+import hashlib
 from datetime import date
 
 import pandas as pd
@@ -8,6 +9,13 @@ from gpl_platform.data.contract import validate_dataset
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
 from tests.helpers import tiny_contract_tables
+
+
+def _histories(wh: Warehouse) -> pd.DataFrame:
+    frame = wh.query("SELECT * FROM user_histories ORDER BY day, user_id")
+    frame["day"] = pd.to_datetime(frame["day"]).dt.date
+    frame["history_item_ids"] = frame["history_item_ids"].map(list)
+    return frame
 
 
 def _dataset(events=None):
@@ -26,11 +34,13 @@ def test_histories_use_only_clicks_strictly_before_the_utc_day(tmp_path):
     wh = Warehouse(tmp_path / "w.duckdb")
     days = [date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)]
     ingestion.ingest_event_days(wh, ds, days, {"source": "tiny"})
-    h = ingestion.build_user_histories(wh, days, days[0], max_len=10).set_index("day")
-    assert h.loc[date(2024, 3, 1), "history_item_ids"].tolist() == []        # nothing before the first day
-    assert h.loc[date(2024, 3, 2), "history_item_ids"].tolist() == ["a"]     # r1's click at 23:59:59 on 03-01
+    stats = ingestion.build_user_histories(wh, days, days[0], max_len=10)
+    assert stats["users"].tolist() == [1, 1, 1] and stats["cold_start_users"].tolist() == [1, 0, 0]
+    h = _histories(wh).set_index("day")
+    assert h.loc[date(2024, 3, 1), "history_item_ids"] == []        # nothing before the first day
+    assert h.loc[date(2024, 3, 2), "history_item_ids"] == ["a"]     # r1's click at 23:59:59 on 03-01
     # On 03-03: a was clicked again on 03-02 (latest click counts once); b was not clicked.
-    assert h.loc[date(2024, 3, 3), "history_item_ids"].tolist() == ["a"]
+    assert h.loc[date(2024, 3, 3), "history_item_ids"] == ["a"]
     assert h.loc[date(2024, 3, 3), "n_positives"] == 1
 
 
@@ -41,8 +51,14 @@ def test_history_order_and_length_cap(tmp_path, settings):
     wh = Warehouse(settings.warehouse)
     days = sorted(set(ds.events["day"]))
     ingestion.ingest_event_days(wh, ds, days, settings.source_signature())
-    h = ingestion.build_user_histories(wh, days[-1:], days[0], max_len=3)
+    stats = ingestion.build_user_histories(wh, days[-1:], days[0], max_len=3)
+    h = _histories(wh)
+    assert stats.loc[days[-1], "users"] == len(h) == ds.events.loc[ds.events["day"] == days[-1], "user_id"].nunique()
     assert h["history_item_ids"].map(len).max() <= 3
+    # the anchor cache's key, computed in SQL, is sha256 of the ids joined by the unit separator
+    for ids, key in zip(h["history_item_ids"], h["history_hash"]):
+        assert key == hashlib.sha256("\x1f".join(ids).encode()).hexdigest()[:16]
+    assert h["history_hash"].nunique() == h["history_item_ids"].map(tuple).nunique()
     row = h[h["n_positives"] > 3].iloc[0]
     clicks = ds.events[(ds.events["user_id"] == row["user_id"]) & (ds.events["clicked"] == 1)
                        & (ds.events["day"] < days[-1])]

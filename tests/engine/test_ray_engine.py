@@ -1,5 +1,6 @@
 """`engine: ray` on a real local Ray cluster limited to 2 CPUs, which this test starts itself (loopback
-only, free ports, its own token): the same anchors, vectors, similarities and labels as the local engine."""
+only, free ports, its own token): the same anchors, vectors, similarities and labels as the local engine,
+through Ray Client (`ray://`) and through the GCS address."""
 
 import json
 import os
@@ -89,14 +90,19 @@ def _tables(warehouse) -> dict[str, pd.DataFrame]:
 
 
 def test_ray_engine_writes_the_labels_of_the_local_engine(ray_cluster, tmp_path):
+    """Joined through Ray Client (``ray://``), as a driver outside the cluster joins a real one: the library
+    travels to the workers as a runtime-env module."""
     local = _tables(_run(tmp_path / "local"))
     on_ray = _tables(
         _run(
             tmp_path / "ray",
             engine="ray",
-            ray={"address": ray_cluster.address, "workers": 2, "staging_dir": str(tmp_path / "staging")},
+            ray={"address": ray_cluster.client_address, "workers": 2, "staging_dir": str(tmp_path / "staging")},
         )
     )
+    import ray
+
+    assert ray.util.client.ray.is_connected()  # the run went through Ray Client
     for name, expected in local.items():
         assert len(expected) > 0, name
         actual = on_ray[name]
@@ -121,6 +127,11 @@ def _boom(inputs, context):
 
 
 def test_a_failing_ray_batch_raises_and_cleans_up(ray_cluster, tmp_path):
+    """Joined by the cluster's GCS address (a driver on a cluster node)."""
+    import ray
+
+    close_engines()
+    ray.shutdown()  # a Ray Client connection of another test
     engine = RayEngine(
         RayConfig(address=ray_cluster.address, workers=2, staging_dir=tmp_path / "staging"), StreamingConfig()
     )

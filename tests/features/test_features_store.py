@@ -18,7 +18,7 @@ import pytest
 from gpl_platform.config import PROJECT_ROOT, load_settings
 from gpl_platform.features import derived, parquet
 from gpl_platform.features.schema import EMB, EMBEDDING_DIM, USER_ITEM_COSINE, default_value, stored_type
-from gpl_platform.features.store import FeastStore
+from gpl_platform.features.store import FeastStore, ibis_default_backend_closed
 from tests.helpers import RunningServer, build_feature_world, free_port, post_json
 
 SERVICES = ("prerank_v2", "prerank_scalar_v2")
@@ -26,7 +26,10 @@ SERVICES = ("prerank_v2", "prerank_scalar_v2")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    settings = load_settings({"data_dir": str(tmp_path_factory.mktemp("feast") / "data")})
+    # the online store written 7 entities at a time: every agreement test below reads batched writes
+    settings = load_settings(
+        {"data_dir": str(tmp_path_factory.mktemp("feast") / "data"), "feature_store": {"materialize_batch_rows": 7}}
+    )
     return build_feature_world(settings)
 
 
@@ -304,6 +307,30 @@ def test_feast_calls_leave_no_duckdb_connection_open(world):
     assert ibis.options.default_backend is None
     store.materialize_days(world["days"][:1])
     assert ibis.options.default_backend is None
+
+
+def test_materialization_is_bounded_by_settings_and_writes_every_entity(world):
+    """Feast keeps the latest row per entity in DuckDB (pull_latest_features), under the warehouse's DuckDB
+    cap, and writes the online store ``materialize_batch_rows`` entities at a time; with 7 a time every user
+    of the world still reads its newest values online."""
+    import ibis
+
+    store = world["store"]
+    assert store.config["materialization"] == {"pull_latest_features": True, "online_write_batch_size": 7}
+    files = parquet.view_dir(store.sources_dir, "user_activity").glob("*.parquet")
+    offline = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    newest = offline.sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    users = sorted(newest.index)
+    assert len(users) > 3 * 7 and len(offline) > len(users)  # several days per user: the newest must win
+    online = store.store.get_online_features(
+        features=["user_activity:user_requests", "user_activity:user_active_days"],
+        entity_rows=[{"user_id": u} for u in users],
+    ).to_dict()
+    for name in ("user_requests", "user_active_days"):
+        assert online[name] == [int(newest.loc[u, name]) for u in users], name
+    with ibis_default_backend_closed("300MB"):
+        (limit,) = ibis.options.default_backend.raw_sql("SELECT current_setting('memory_limit')").fetchone()
+    assert limit.startswith("286.1") and ibis.options.default_backend is None  # 300 MB in MiB, then closed
 
 
 def test_the_documented_contract_table_is_the_registered_one(world):

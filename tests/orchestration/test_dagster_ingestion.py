@@ -1,5 +1,7 @@
 """In-process Dagster materializations of the ingestion assets on simulator data."""
 
+from datetime import date
+
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance
@@ -111,3 +113,35 @@ def test_range_tags_are_the_partition_range_of_a_run(tmp_path, dagster_defs):
     assert gpl.warehouse().written_days("events") == {
         pd.Timestamp(d).date() for d in ("2024-01-02", "2024-01-03", "2024-01-04")
     }
+
+
+def test_a_daily_delivery_is_ingested_a_day_at_a_time_in_a_range_run(tmp_path, settings, monkeypatch):
+    """A run over five days of a day-folder delivery reads, validates and replaces one day at a time (its memory
+    is a day's); a broken day fails the run in one line and leaves that day's previous rows."""
+    from gpl_platform.data import contract
+    from gpl_platform.data.sources import load_source
+
+    delivery = tmp_path / "contract"
+    export_contract_dir(load_source(settings), delivery, by_day=True)
+    gpl = GplSettings(source="contract", contract_path=str(delivery), data_dir=str(tmp_path / "data"))
+    reads = []
+    read_days = contract._read_event_days
+    monkeypatch.setattr(
+        contract, "_read_event_days", lambda d, f, days: reads.append(list(days)) or read_days(d, f, days)
+    )
+    result = run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
+    assert result.success and len(result.runs) == 2  # unpartitioned + one run for all 5 days
+    wanted = [[date(2024, 1, d)] for d in range(1, 6)]
+    assert [r for r in reads if len(r) == 1] == wanted and all(len(r) <= 1 for r in reads)
+    wh = gpl.warehouse()
+    before = wh.query("SELECT * FROM events ORDER BY request_id, item_id")
+    assert before["day"].nunique() == 5 and len(before) == len(load_source(settings).events)
+
+    part = next((delivery / "events" / "day=2024-01-04").glob("*.parquet"))
+    events = pd.read_parquet(part)
+    events.loc[events.index[-2:], "item_id"] = ["unknown-1", "unknown-2"]
+    events.to_parquet(part, index=False)
+    with pytest.raises(Exception, match="missing from the items table") as failure:
+        run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
+    assert "\n" not in str(failure.value)
+    pd.testing.assert_frame_equal(before, wh.query("SELECT * FROM events ORDER BY request_id, item_id"))

@@ -1,4 +1,5 @@
-"""The GX suites and the label audit on hand-made frames (no Dagster, no warehouse)."""
+"""The GX suites and the label audit on hand-made frames (no Dagster), and the events gate over a real DuckDB
+warehouse."""
 
 from datetime import date
 
@@ -6,11 +7,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.pseudo_labels.audit import audit, expected_calibration_error, join_later_exposures
-from gpl_platform.quality.gate import check_label_days
+from gpl_platform.quality.gate import (
+    check_anchor_embedding_days,
+    check_event_days,
+    check_label_days,
+    check_label_days_in,
+    event_day_chunks,
+    failing_event_days,
+    failing_label_days,
+)
+from gpl_platform.quality.gx_validation import merge_chunk_outcomes
 from gpl_platform.quality.suites import (
     check_anchors,
     check_embeddings,
+    check_event_chunks,
     check_events,
     check_pseudo_label_distribution,
     check_pseudo_label_values,
@@ -20,6 +32,7 @@ from gpl_platform.quality.suites import (
 from gpl_platform.quality.thresholds import (
     AnchorThresholds,
     EmbeddingThresholds,
+    EventThresholds,
     PseudoLabelThresholds,
     QualityConfig,
     quality_config,
@@ -203,6 +216,95 @@ def test_event_checks():
     assert int(few["exposed"].sum()) == 5 and check_events(few).passed
 
 
+def _broken_day(n=600, seed=1) -> pd.DataFrame:
+    """A day with every row-level fault: repeated (request, item) pairs, click labels on unexposed rows,
+    a click label that is not 0/1, a missing click on an exposed row."""
+    events = _events(n, seed)
+    broken = pd.concat([events, events.iloc[[3, 47, 301]]], ignore_index=True)
+    unexposed = broken.index[~broken["exposed"]]
+    exposed = broken.index[broken["exposed"]]
+    broken.loc[unexposed[[0, 9]], "clicked"] = 1
+    broken.loc[exposed[4], "clicked"] = 2
+    broken.loc[exposed[7], "clicked"] = pd.NA
+    return broken
+
+
+def _by_request(events: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
+    """Chunks of whole requests, as the warehouse gate cuts them (a request's rows in one chunk)."""
+    part = events["request_id"].map(lambda r: int(r[1:]) % parts)
+    return [events[part == k] for k in range(parts)]
+
+
+def test_events_in_chunks_of_whole_requests_give_the_whole_day_result():
+    broken = _broken_day()
+    whole = check_events(broken)
+    chunked = check_event_chunks(_by_request(broken, 4))
+    assert not whole.passed and not chunked.passed
+    assert (
+        _failed(chunked) == _failed(whole) == {"unique_request_item", "click_label_on_exposed_only", "clicked_binary"}
+    )
+    for a, b in zip(whole.expectations, chunked.expectations, strict=True):
+        assert (a.name, a.passed) == (b.name, b.passed)
+        if isinstance(a.observed, dict):  # row rules: counts add up, the percent is over the whole day
+            assert a.observed["unexpected_count"] == b.observed["unexpected_count"] > (0 if not a.passed else -1)
+            assert a.observed["unexpected_percent"] == pytest.approx(b.observed["unexpected_percent"])
+            assert a.checked == b.checked
+        else:  # the rates: judged on the day's totals
+            assert a.observed == pytest.approx(b.observed)
+    assert chunked.metadata["chunks"] == 4 and whole.metadata["chunks"] == 1
+    for key in ("rows", "requests", "exposure_rate", "positive_rate"):
+        assert chunked.metadata[key] == pytest.approx(whole.metadata[key])
+
+
+def test_the_rates_are_judged_on_the_day_not_on_each_chunk():
+    events = _events(400)
+    # one chunk shows nothing (its own exposure rate is 0, below the bound); the day's rate is in bounds
+    quiet = events["request_id"].isin(["r0", "r1", "r2", "r3"])
+    events.loc[quiet, "exposed"] = False
+    events.loc[quiet, "clicked"] = pd.NA
+    chunks = [events[quiet], events[~quiet]]
+    assert "exposure_rate" in _failed(check_events(chunks[0]))
+    result = check_event_chunks(chunks)
+    assert result.passed, result.summary()
+    exposure = next(e for e in result.expectations if e.name == "exposure_rate")
+    assert exposure.observed == pytest.approx(events["exposed"].mean())
+
+
+def test_an_empty_chunk_stream_is_the_empty_rule_and_aggregate_rules_do_not_merge():
+    assert check_event_chunks([]).skipped == "empty partition"
+    assert not check_event_chunks([], EventThresholds(allow_empty=False)).passed
+    rates = [o for o in check_events(_events()).expectations if o.name == "exposure_rate"]
+    with pytest.raises(ValueError, match="row-level"):
+        merge_chunk_outcomes([rates, rates])
+
+
+def test_the_warehouse_events_gate_reads_a_day_in_chunks_with_the_whole_day_result(tmp_path):
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    good, broken = _events(500, seed=2), _broken_day(700, seed=3)
+    broken["day"] = date(2024, 1, 2)
+    events = pd.concat([good, broken], ignore_index=True)
+    events["clicked"] = events["clicked"].astype("Int8")
+    with warehouse.transaction() as con:
+        warehouse.replace_partitions("events", events.assign(propensity=np.nan), sorted(set(events["day"])), con)
+    whole = check_event_days(warehouse, [date(2024, 1, 1), date(2024, 1, 2)], chunk_rows=10**6)
+    small = check_event_days(warehouse, [date(2024, 1, 1), date(2024, 1, 2)], chunk_rows=90)
+    assert [r.metadata["chunks"] for r in whole.values()] == [1, 1]
+    assert [r.metadata["chunks"] for r in small.values()] == [6, 8]  # ceil(500 / 90), ceil(703 / 90)
+    assert small[date(2024, 1, 1)].passed and not small[date(2024, 1, 2)].passed
+    for day in whole:
+        assert [(e.name, e.passed, e.checked) for e in small[day].expectations] == [
+            (e.name, e.passed, e.checked) for e in whole[day].expectations
+        ]
+        assert small[day].metadata["rows"] == whole[day].metadata["rows"]
+    with warehouse.connect(read_only=True) as con:
+        chunks = list(event_day_chunks(con, date(2024, 1, 2), 90))
+    assert sum(len(c) for c in chunks) == 703 and max(len(c) for c in chunks) < 2 * 90
+    assert not set.intersection(*[set(c["request_id"]) for c in chunks[:2]])  # whole requests
+    assert set(failing_event_days(warehouse, [date(2024, 1, 1), date(2024, 1, 2)], chunk_rows=90)) == {date(2024, 1, 2)}
+    with pytest.raises(ValueError, match="positive"):
+        check_event_days(warehouse, [date(2024, 1, 1)], chunk_rows=0)
+
+
 def test_quality_config_defaults_and_fallback():
     cfg = QualityConfig()
     assert cfg.pseudo_labels.kl_max > 0 and cfg.anchors.fallback_rate_max <= 1
@@ -301,3 +403,70 @@ def test_a_broken_previous_day_is_no_kl_baseline():
     results = check_label_days(frame, [d1, d2])
     assert not results[d1][1].passed
     assert results[d2][1].passed and "no baseline" in results[d2][1].metadata["kl_skipped"]
+
+
+def _label_table(wh: Warehouse, frame: pd.DataFrame) -> None:
+    """``frame`` (day, pseudo_label, confidence) as rows of the real pseudo_labels table."""
+    n = len(frame)
+    with wh.connect() as con:
+        con.register(
+            "_labels", frame.assign(request_id=[f"r{i // 10}" for i in range(n)], item_id=[f"i{i}" for i in range(n)])
+        )
+        con.execute(
+            # pandas hands NaN over as NULL: back to NaN, as a computed NaN is stored
+            """INSERT INTO pseudo_labels SELECT day, request_id, 'u', item_id, TIMESTAMPTZ '2024-01-01 00:00:00+00',
+               0, 0, 'a', pseudo_label, pseudo_label, coalesce(confidence, 'nan'::DOUBLE), 1, 1, 1, false,
+               'l', 'p', 'e', 'c', 'c' FROM _labels"""
+        )
+
+
+def test_the_warehouse_label_gate_chunks_the_values_and_samples_a_large_day(tmp_path):
+    d1, d2, d3 = date(2024, 1, 1), date(2024, 1, 2), date(2024, 1, 3)
+    bad = _labels(seed=7).assign(day=d3)
+    bad.loc[[5, 390], "confidence"] = [np.nan, 1.5]  # two broken rows among 400
+    frame = pd.concat([_labels(seed=1).assign(day=d1), _labels(seed=2).assign(day=d2), bad], ignore_index=True)
+    wh = Warehouse(tmp_path / "w.duckdb")
+    _label_table(wh, frame)
+    in_memory = check_label_days(frame, [d1, d2, d3])
+    whole = check_label_days_in(wh, [d1, d2, d3], chunk_rows=10**6)
+    small = check_label_days_in(wh, [d1, d2, d3], chunk_rows=150)
+    for d in (d1, d2, d3):
+        for a, b, c in zip(in_memory[d], whole[d], small[d], strict=True):
+            assert a.passed == b.passed and [o.observed for o in a.expectations] == [o.observed for o in b.expectations]
+            if a.suite == "pseudo_label_values":  # every row, three chunks: the same counts
+                assert [(o.name, o.passed, o.observed["unexpected_count"]) for o in a.expectations] == [
+                    (o.name, o.passed, o.observed["unexpected_count"]) for o in c.expectations
+                ]
+    assert _failed(small[d3][0]) == {"confidence_not_null", "confidence_in_0_1"}  # found outside any sample
+    sampled = small[d2][1]
+    assert sampled.passed and sampled.metadata["rows"] == 400 and sampled.metadata["distribution_sample_rows"] == 150
+    assert "distribution_sample_rows" not in whole[d2][1].metadata
+    mean = next(o.observed for o in sampled.expectations if o.name == "confidence_mean")
+    assert mean != pytest.approx(frame.loc[frame["day"] == d2, "confidence"].mean(), abs=1e-12)  # a sample's mean...
+    assert mean == pytest.approx(frame.loc[frame["day"] == d2, "confidence"].mean(), abs=0.05)  # ...close to the day's
+    again = check_label_days_in(wh, [d2], chunk_rows=150)[d2][1]  # the same sample on every run
+    assert [o.observed for o in again.expectations] == [o.observed for o in sampled.expectations]
+    assert set(failing_label_days(wh, [d1, d2, d3], chunk_rows=150)) == {d3}
+
+
+def test_the_warehouse_anchor_embedding_gate_reads_vectors_in_chunks(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [v.tolist() for v in vectors]
+    rows[17] = rows[17][:6]  # another dimension
+    rows[200] = [float("nan")] * 8
+    frame = pd.DataFrame(
+        {"day": date(2024, 1, 1), "anchor_id": [f"a{i}" for i in range(300)], "user_id": "u", "encoder_id": "e"}
+    )
+    frame["vector"] = rows
+    wh = Warehouse(tmp_path / "w.duckdb")
+    with wh.transaction() as con:
+        wh.replace_partitions("anchor_embeddings", frame, [date(2024, 1, 1), date(2024, 1, 2)], con)
+    whole = check_embeddings(frame, name="anchor_embeddings")
+    chunked = check_anchor_embedding_days(wh, [date(2024, 1, 1), date(2024, 1, 2)], chunk_rows=64)
+    day = chunked[date(2024, 1, 1)]
+    assert _failed(day) == _failed(whole) == {"dimension", "no_nan", "unit_norm"}
+    assert [o.observed for o in day.expectations] == [o.observed for o in whole.expectations]
+    assert day.metadata["dim"] == 8 and day.metadata["dims_seen"] == [6, 8] and day.metadata["rows_with_nan"] == 1
+    assert chunked[date(2024, 1, 2)].skipped == "empty partition"

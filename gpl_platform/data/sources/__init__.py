@@ -52,6 +52,7 @@ def load_source(settings: Settings, allow_fetch: bool = True, days: Sequence[dat
     and flat contract files are read whole)."""
     key = _cache_key(settings, days)
     if key not in _CACHE:
+        _CACHE.clear()  # one dataset at a time, and the old one freed before the new one is read: they can be large
         if settings.source == "movielens-100k":
             from gpl_platform.data.sources.movielens import ensure_movielens, load_movielens
 
@@ -63,7 +64,6 @@ def load_source(settings: Settings, allow_fetch: bool = True, days: Sequence[dat
             dataset = simulate(settings.simulator, settings.seed)
         else:
             dataset = read_contract_dir(_contract_path(settings), days=days, time_window=contract_time_window(settings))
-        _CACHE.clear()  # one dataset at a time: they can be large
         _CACHE[key] = dataset
     return _CACHE[key]
 
