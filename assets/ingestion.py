@@ -17,7 +17,7 @@ from assets.partitions import first_day, partition_days
 from assets.resources import GplSettings, WarehouseResource
 from gpl_platform.data import ingestion
 from gpl_platform.data.contract import event_day_folders
-from gpl_platform.data.sources import load_source
+from gpl_platform.data.sources import delivered_day_events, load_source
 
 GROUP = "ingestion"
 POOL = "duckdb_warehouse"  # DuckDB allows one writing process: every asset that opens the file is in it
@@ -76,8 +76,9 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
     ) -> MaterializeResult:
         """Recalled candidates of each request of the day: exposed ones with click labels; oracle labels
         (benchmark only) go to a separate table that training never reads. A contract delivered by day
-        folders reads only the run's days, one day at a time (each day read, validated and replaced on its own,
-        so a backfill's memory is a day's, not the range's). A day that was delivered before and is missing
+        folders reads only the run's days, one day at a time, and each day in chunks of whole requests
+        (``streaming.batch_candidates`` rows) validated and written in that day's one transaction: a backfill's
+        memory is a chunk's, not a day's or the range's. A day that was delivered before and is missing
         from the delivery now follows ``contract.missing_days`` (keep its rows, or clear it)."""
         settings = gpl.settings()
         wh = warehouse.get()
@@ -98,7 +99,7 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         signature = settings.source_signature()
         if by_day:  # a day folder holds only its day (validation refuses other rows): nothing lies outside
             parts = [
-                ingestion.ingest_event_days(wh, load_source(settings, days=[d]), [d], signature, context.run_id)
+                ingestion.ingest_event_day_chunks(wh, d, delivered_day_events(settings, d), signature, context.run_id)
                 for d in to_write
             ]
             stats = pd.concat(parts) if parts else pd.DataFrame(columns=["events", "requests"], dtype=int)

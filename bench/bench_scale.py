@@ -121,12 +121,12 @@ def _run_stage(stage: str) -> dict:
         out.update(candidates=len(dataset.events), files=len(written))
     elif stage == "ingestion":
         from gpl_platform.data import ingestion
-        from gpl_platform.data.sources import load_source
+        from gpl_platform.data.sources import delivered_day_events, load_source
 
         signature = settings.source_signature()
         ingestion.ingest_catalog(warehouse, load_source(settings, days=[]), signature)
-        for day in days:  # one partition at a time, as the daily candidate_events runs read the delivery
-            ingestion.ingest_event_days(warehouse, load_source(settings, days=[day]), [day], signature)
+        for day in days:  # a day at a time and each day in chunks, as the candidate_events runs read the delivery
+            ingestion.ingest_event_day_chunks(warehouse, day, delivered_day_events(settings, day), signature)
         ingestion.build_user_histories(warehouse, days, first, settings.history_max_len)
         out["candidates"] = int(warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0])
         out["user_days"] = int(warehouse.query("SELECT count(*) AS n FROM user_histories")["n"].iloc[0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, timedelta
 
 import pandas as pd
@@ -11,6 +11,7 @@ import pandas as pd
 from gpl_platform.data.contract import Dataset
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,46 @@ def ingest_event_days(warehouse: Warehouse, dataset: Dataset, days: Sequence[dat
         warehouse.replace_partitions("events", events, days, con, run_id)
         warehouse.replace_partitions("oracle_labels", oracle, days, con, run_id)
     return event_day_stats(selected, days)
+
+
+EVENT_COLUMNS = ["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity"]
+ORACLE_COLUMNS = ["day", "request_id", "item_id", "oracle_label"]
+
+
+def ingest_event_day_chunks(warehouse: Warehouse, day: date, chunks: Iterable[pd.DataFrame], signature: dict,
+                            run_id: str | None = None) -> pd.DataFrame:
+    """Replace the events (and, apart, the oracle labels) of ``day`` with ``chunks``, validated events of that
+    day (``Dataset.events`` columns), one chunk in memory at a time, all in one transaction: a chunk that fails
+    validation leaves the day's previous rows. Returns the day's statistics (as :func:`event_day_stats`),
+    computed in DuckDB."""
+    with warehouse.transaction() as con:
+        warehouse.claim_source(signature, con)
+        for table in ("events", "oracle_labels"):
+            warehouse.clear_partitions(table, [day], con)
+        for chunk in chunks:
+            other = set(chunk["day"]) - {day}
+            if other:
+                raise ValueError(f"events of {sorted(other)[:3]} in the chunks of {day}")
+            # inserted through a relation: a registered frame would stay alive until the commit
+            relation = con.from_df(chunk)
+            insert_batch(relation, f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM {BATCH_OUTPUT}")
+            insert_batch(relation, f"INSERT INTO oracle_labels SELECT {', '.join(ORACLE_COLUMNS)} FROM {BATCH_OUTPUT}")
+        for table in ("events", "oracle_labels"):
+            warehouse.record_partitions(table, [day], con, run_id)
+        stats = con.execute(
+            """
+            SELECT e.day, count(*) AS events, count(DISTINCT e.request_id) AS requests,
+                   count(DISTINCT e.user_id) AS users, avg(e.exposed::DOUBLE) AS exposure_rate,
+                   avg(e.clicked::DOUBLE) AS ctr_exposed,
+                   avg(o.oracle_label::DOUBLE) FILTER (WHERE NOT e.exposed) AS oracle_positive_rate_unexposed
+            FROM events e LEFT JOIN oracle_labels o
+              ON o.day = e.day AND o.request_id = e.request_id AND o.item_id = e.item_id
+            WHERE e.day = ? GROUP BY e.day
+            """, [day]).df()
+    stats["day"] = pd.to_datetime(stats["day"]).dt.date
+    stats = stats.set_index("day").reindex([day])
+    stats[["events", "requests", "users"]] = stats[["events", "requests", "users"]].fillna(0).astype(int)
+    return stats
 
 
 def event_day_stats(events: pd.DataFrame, days: Sequence[date]) -> pd.DataFrame:

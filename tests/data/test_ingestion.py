@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from gpl_platform.data import ingestion
-from gpl_platform.data.contract import validate_dataset
+from gpl_platform.data.contract import ContractError, validate_dataset
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
 from tests.helpers import tiny_contract_tables
@@ -80,3 +80,29 @@ def test_event_stats_cover_empty_days():
     stats = ingestion.event_day_stats(ds.events, [date(2024, 3, 1), date(2024, 3, 5)])
     assert stats.loc[date(2024, 3, 5), "events"] == 0
     assert stats.loc[date(2024, 3, 1), "exposure_rate"] == pytest.approx(2 / 3)
+
+
+def test_a_day_ingested_in_chunks_equals_the_day_ingested_whole_and_a_failing_chunk_keeps_the_day(tmp_path, settings):
+    from gpl_platform.data.sources import load_source
+
+    ds = load_source(settings)
+    day = sorted(set(ds.events["day"]))[1]
+    events = ds.events[ds.events["day"] == day]
+    whole, chunked = Warehouse(tmp_path / "whole.duckdb"), Warehouse(tmp_path / "chunked.duckdb")
+    want = ingestion.ingest_event_days(whole, ds, [day], {"source": "sim"})
+    by_request = events["request_id"].str[1:].astype(int) % 4
+    got = ingestion.ingest_event_day_chunks(chunked, day, (events[by_request == k] for k in range(4)), {"source": "sim"})
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    for table in ("events", "oracle_labels", "partitions"):
+        columns = "* EXCLUDE (written_at)" if table == "partitions" else "*"
+        a, b = (w.query(f"SELECT {columns} FROM {table} ORDER BY ALL") for w in (whole, chunked))
+        pd.testing.assert_frame_equal(a, b, obj=table)
+
+    def failing():
+        yield events[by_request == 0]
+        raise ContractError("events/day=x/part-0.parquet", "item_id", 1, "name items missing from the items table")
+
+    before = chunked.query("SELECT * FROM events ORDER BY ALL")
+    with pytest.raises(ContractError):
+        ingestion.ingest_event_day_chunks(chunked, day, failing(), {"source": "sim"})
+    pd.testing.assert_frame_equal(before, chunked.query("SELECT * FROM events ORDER BY ALL"))

@@ -1,7 +1,5 @@
 """In-process Dagster materializations of the ingestion assets on simulator data."""
 
-from datetime import date
-
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance
@@ -116,26 +114,40 @@ def test_range_tags_are_the_partition_range_of_a_run(tmp_path, dagster_defs):
 
 
 def test_a_daily_delivery_is_ingested_a_day_at_a_time_in_a_range_run(tmp_path, settings, monkeypatch):
-    """A run over five days of a day-folder delivery reads, validates and replaces one day at a time (its memory
-    is a day's); a broken day fails the run in one line and leaves that day's previous rows."""
-    from gpl_platform.data import contract
+    """A run over five days of a day-folder delivery reads, validates and replaces one day at a time, each in
+    chunks of whole requests (its memory is a chunk's); a broken day fails the run in one line and leaves that
+    day's previous rows."""
+    from gpl_platform.data import delivery_chunks
     from gpl_platform.data.sources import load_source
 
     delivery = tmp_path / "contract"
     export_contract_dir(load_source(settings), delivery, by_day=True)
-    gpl = GplSettings(source="contract", contract_path=str(delivery), data_dir=str(tmp_path / "data"))
-    reads = []
-    read_days = contract._read_event_days
-    monkeypatch.setattr(
-        contract, "_read_event_days", lambda d, f, days: reads.append(list(days)) or read_days(d, f, days)
+    gpl = GplSettings(
+        source="contract",
+        contract_path=str(delivery),
+        data_dir=str(tmp_path / "data"),
+        overrides_json='{"streaming": {"batch_candidates": 40}}',
     )
+    chunks = []
+    read_chunks = delivery_chunks._parquet_chunks
+
+    def spy(directory, files, chunk_rows, *args):
+        for frame in read_chunks(directory, files, chunk_rows, *args):
+            chunks.append((files[0].parent.name, len(frame)))
+            yield frame
+
+    monkeypatch.setattr(delivery_chunks, "_parquet_chunks", spy)
     result = run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
     assert result.success and len(result.runs) == 2  # unpartitioned + one run for all 5 days
-    wanted = [[date(2024, 1, d)] for d in range(1, 6)]
-    assert [r for r in reads if len(r) == 1] == wanted and all(len(r) <= 1 for r in reads)
+    folders = [name for name, _ in chunks]
+    assert sorted(set(folders)) == [f"day=2024-01-0{d}" for d in range(1, 6)] and folders == sorted(folders)
+    day_rows = {f: sum(n for g, n in chunks if g == f) for f in set(folders)}
+    assert all(n < min(day_rows.values()) / 3 for _, n in chunks)  # several chunks a day, each a fraction of it
     wh = gpl.warehouse()
     before = wh.query("SELECT * FROM events ORDER BY request_id, item_id")
-    assert before["day"].nunique() == 5 and len(before) == len(load_source(settings).events)
+    assert before["day"].nunique() == 5 and len(before) == len(load_source(settings).events) == sum(
+        n for _, n in chunks
+    )
 
     part = next((delivery / "events" / "day=2024-01-04").glob("*.parquet"))
     events = pd.read_parquet(part)

@@ -68,6 +68,20 @@ def load_source(settings: Settings, allow_fetch: bool = True, days: Sequence[dat
     return _CACHE[key]
 
 
+def delivered_day_events(settings: Settings, day: date):
+    """The validated events of one delivered day of the contract directory (``events/day=YYYY-MM-DD/``),
+    ``streaming.batch_candidates`` rows of whole requests at a time (a day of any size in bounded memory)."""
+    from gpl_platform.data.delivery_chunks import event_day_chunks
+
+    return event_day_chunks(
+        _contract_path(settings),
+        day,
+        settings.streaming.batch_candidates,
+        contract_time_window(settings),
+        settings.streaming.duckdb_memory_limit,
+    )
+
+
 #: MovieLens-100K's ratings span these UTC days (the files are fixed and sha256-verified).
 MOVIELENS_100K_SPAN = (date(1997, 9, 20), date(1998, 4, 22))
 
@@ -104,5 +118,5 @@ def partition_span(settings: Settings, today: date | None = None) -> tuple[date,
     return start, None
 
 
-__all__ = ["load_source", "partition_span", "contract_last_day", "contract_files", "contract_time_window",
+__all__ = ["load_source", "delivered_day_events", "partition_span", "contract_last_day", "contract_files", "contract_time_window",
            "MOVIELENS_100K_SPAN"]
