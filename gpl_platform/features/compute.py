@@ -9,7 +9,7 @@ and ``item_embeddings`` are read.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 
 import numpy as np
@@ -153,6 +153,16 @@ def compute_user_activity(con, days: Sequence[date]) -> pd.DataFrame:
     return _run_days(con, _USER_SQL, days)
 
 
+def user_activity_chunks(con, days: Sequence[date], rows: int) -> Iterator[pd.DataFrame]:
+    """:func:`compute_user_activity` streamed from DuckDB ``rows`` users at a time (same rows, same order)."""
+    con.register("_fdays", _days_frame(days))
+    try:
+        for batch in con.sql(_USER_SQL).to_arrow_reader(rows):
+            yield _with_timestamp(batch.to_pandas())
+    finally:
+        con.unregister("_fdays")
+
+
 def compute_item_activity(con, days: Sequence[date]) -> pd.DataFrame:
     """One row per (catalog item, feature day): ``item_id, day, event_timestamp`` and the item_activity features."""
     return _run_days(con, _ITEM_SQL, days)
@@ -189,9 +199,17 @@ def compute_user_history(
     Users absent on D keep their latest earlier row (the view has no TTL), which is still their
     history at D. Columns: ``user_id, day, event_timestamp, user_history_emb, user_history_emb_n``.
     """
+    return pd.concat(user_history_chunks(con, days, max_len, vectors, dim, rows=100_000), ignore_index=True)
+
+
+def user_history_chunks(
+    con, days: Sequence[date], max_len: int, vectors: dict[str, np.ndarray], dim: int, rows: int
+) -> Iterator[pd.DataFrame]:
+    """:func:`compute_user_history` streamed ``rows`` users at a time: DuckDB lists each user's recent clicks
+    (ordered by day and user), and each chunk of users gets its mean vectors."""
     con.register("_fdays", _days_frame(days))
     try:
-        clicks = con.execute(f"""
+        reader = con.sql(f"""
             WITH target AS (SELECT CAST(fday AS DATE) AS fday FROM _fdays),
             changed AS (
                 SELECT DISTINCT t.fday, e.user_id FROM target t
@@ -202,13 +220,23 @@ def compute_user_history(
                                           ORDER BY e.event_time DESC, e.item_id) AS rn
                 FROM changed c JOIN events e
                   ON e.user_id = c.user_id AND e.day < c.fday AND e.exposed AND e.clicked = 1)
-            SELECT fday AS day, user_id, item_id FROM ranked WHERE rn <= {int(max_len)}
-            ORDER BY day, user_id, rn""").df()
+            SELECT fday AS day, user_id, list(item_id ORDER BY rn) AS item_ids FROM ranked
+            WHERE rn <= {int(max_len)} GROUP BY fday, user_id ORDER BY day, user_id""").to_arrow_reader(rows)
+        empty = True
+        for batch in reader:
+            empty = False
+            yield _history_vectors(batch.to_pandas(), vectors, dim)
+        if empty:
+            yield _history_vectors(pd.DataFrame({"day": [], "user_id": [], "item_ids": []}), vectors, dim)
     finally:
         con.unregister("_fdays")
+
+
+def _history_vectors(clicks: pd.DataFrame, vectors: dict[str, np.ndarray], dim: int) -> pd.DataFrame:
+    """Per (day, user) row of ``item_ids``: the L2-normalized mean of the items' vectors (zeros without one)."""
     rows = []
-    for (day, user_id), group in clicks.groupby(["day", "user_id"], sort=True):
-        found = [vectors[i] for i in group["item_id"] if i in vectors]
+    for day, user_id, item_ids in zip(clicks["day"], clicks["user_id"], clicks["item_ids"]):
+        found = [vectors[i] for i in item_ids if i in vectors]
         if found:
             mean = np.mean(np.stack(found), axis=0, dtype=np.float64)
             norm = float(np.linalg.norm(mean))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -74,16 +75,40 @@ def to_arrow(frame: pd.DataFrame, key: str, features: dict[str, str]) -> pa.Tabl
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_atomic(table: pa.Table, path: Path) -> Path:
+@contextmanager
+def _replaced_atomically(path: Path) -> Iterator[Path]:
+    """A hidden temp path beside ``path``, renamed onto it when the block succeeds and removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_atomic(table: pa.Table, path: Path) -> Path:
+    with _replaced_atomically(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path
+
+
+def write_day_chunks(
+    chunks: Iterable[pd.DataFrame], sources_dir: Path, view: str, key: str, features: dict[str, str], day: date
+) -> int:
+    """The file of ``day`` written from ``chunks`` (frames of that day), one chunk in memory at a time, then
+    renamed into place (no chunk: an empty file with the schema). Returns its rows."""
+    rows = 0
+    with _replaced_atomically(view_dir(sources_dir, view) / f"{day.isoformat()}.parquet") as tmp:
+        with pq.ParquetWriter(tmp, arrow_schema(key, features), compression="zstd") as writer:
+            for frame in chunks:
+                other = set(frame["day"]) - {day}
+                if other:
+                    raise ValueError(f"{view}: rows of {sorted(other)[:3]} in the file of {day}")
+                writer.write_table(to_arrow(frame, key, features))
+                rows += len(frame)
+    return rows
 
 
 def write_day_partitions(

@@ -35,40 +35,45 @@ def _per_day(counts: dict[date, int], name: str) -> pd.DataFrame:
 
 
 def write_user_features(settings: Settings, warehouse: Warehouse, days: Sequence[date], first_day: date) -> dict:
-    """user_activity (snapshot) and user_history (sparse) parquet files of ``days``, computed and written one
-    day at a time: a range of users' history vectors is the size of the data, one day of them is not."""
+    """user_activity (snapshot) and user_history (sparse) parquet files of ``days``, one day at a time and each
+    day streamed from DuckDB in chunks of users (``streaming.batch_candidates`` activity rows,
+    ``streaming.encode_batch_texts`` history vectors): a day's users are the size of the traffic, a chunk is not."""
     _check_events(warehouse, days, first_day, "user features")
     spec = warehouse_spec(warehouse)
     views = spec.views()
     out = sources_dir(settings)
     n_act: dict[date, int] = {}
     n_hist: dict[date, int] = {}
-    rate_sum, rated, cold = 0.0, 0, 0
+    totals = {"rate_sum": 0.0, "rated": 0, "cold": 0}
+
+    def tallied(chunks):
+        for activity in chunks:
+            totals["rate_sum"] += float(activity["user_click_rate"].sum())
+            totals["rated"] += int(activity["user_click_rate"].notna().sum())
+            totals["cold"] += int((activity["user_exposures"] == 0).sum())
+            yield activity
+
     with warehouse.connect(read_only=True) as con:
         vectors = compute.load_content_vectors(con, spec.embedding_dim)
         for day in sorted(set(days)):
-            activity = compute.compute_user_activity(con, [day])
-            history = compute.compute_user_history(con, [day], settings.history_max_len, vectors, spec.embedding_dim)
-            n_act.update(
-                parquet.write_day_partitions(
-                    activity, out, "user_activity", "user_id", views["user_activity"]["features"], [day]
-                )
+            activity = compute.user_activity_chunks(con, [day], settings.streaming.batch_candidates)
+            n_act[day] = parquet.write_day_chunks(
+                tallied(activity), out, "user_activity", "user_id", views["user_activity"]["features"], day
             )
-            n_hist.update(
-                parquet.write_day_partitions(
-                    history, out, "user_history", "user_id", views["user_history"]["features"], [day]
-                )
+            history = compute.user_history_chunks(
+                con, [day], settings.history_max_len, vectors, spec.embedding_dim, settings.streaming.encode_batch_texts
             )
-            rate_sum += float(activity["user_click_rate"].sum())
-            rated += int(activity["user_click_rate"].notna().sum())
-            cold += int((activity["user_exposures"] == 0).sum())
+            n_hist[day] = parquet.write_day_chunks(
+                history, out, "user_history", "user_id", views["user_history"]["features"], day
+            )
     per_day = _per_day(n_act, "user_activity_rows").merge(_per_day(n_hist, "user_history_rows"), on="day")
+    users = sum(n_act.values())
     return {
-        "rows": int(sum(n_act.values()) + sum(n_hist.values())),
+        "rows": int(users + sum(n_hist.values())),
         "per_day": per_day,
         "has_item_embeddings": bool(vectors),
-        "mean_click_rate": rate_sum / rated if rated else 0.0,
-        "cold_users_share": cold / sum(n_act.values()) if sum(n_act.values()) else 0.0,
+        "mean_click_rate": totals["rate_sum"] / totals["rated"] if totals["rated"] else 0.0,
+        "cold_users_share": totals["cold"] / users if users else 0.0,
     }
 
 

@@ -170,3 +170,41 @@ def test_missing_earlier_event_days_fail_clearly(settings):
         wh.replace_partitions("events", _events([]), [D2], con)
     with pytest.raises(MissingUpstreamDays, match="2024-03-01"):
         pipeline.write_item_features(settings, wh, [D3], D1)
+
+
+def test_user_features_streamed_in_small_chunks_write_the_files_of_one_chunk(settings, tmp_path):
+    """write_user_features streams each day's users from DuckDB in chunks (streaming.batch_candidates activity
+    rows, streaming.encode_batch_texts history vectors): with chunks of 7 and 3 users the files hold exactly
+    the rows of one chunk per day."""
+    from gpl_platform.config import load_settings
+    from gpl_platform.data import ingestion
+    from gpl_platform.data.sources import load_source
+    from gpl_platform.pseudo_labels.encoder import update_item_embeddings
+
+    dataset = load_source(settings)
+    wh = Warehouse(settings.warehouse)
+    ingestion.ingest_catalog(wh, dataset, settings.source_signature())
+    days = sorted(set(dataset.events["day"]))
+    ingestion.ingest_event_days(wh, dataset, days, settings.source_signature())
+    with wh.connect() as con:
+        update_item_embeddings(con, dataset.items[["item_id", "text"]], RandomEncoder())
+    outputs = {}
+    for name, streaming in (
+        ("one", {"batch_candidates": 10**6, "encode_batch_texts": 10**6}),
+        ("small", {"batch_candidates": 7, "encode_batch_texts": 3}),
+    ):
+        run = load_settings({"data_dir": str(tmp_path / name), "streaming": streaming})
+        stats = pipeline.write_user_features(run, wh, days, days[0])
+        outputs[name] = (stats, sources_dir(run))
+    (one, one_dir), (small, small_dir) = outputs["one"], outputs["small"]
+    assert small["rows"] == one["rows"] > 0 and small["mean_click_rate"] == pytest.approx(one["mean_click_rate"])
+    for view in ("user_activity", "user_history"):
+        for day in days:
+            a = pq.read_table(parquet.view_dir(one_dir, view) / f"{day.isoformat()}.parquet")
+            b = pq.read_table(parquet.view_dir(small_dir, view) / f"{day.isoformat()}.parquet")
+            assert a.equals(b), (view, day)
+            if view == "user_activity":
+                assert (
+                    pq.ParquetFile(parquet.view_dir(small_dir, view) / f"{day.isoformat()}.parquet").num_row_groups > 1
+                )
+    assert pq.read_table(parquet.view_dir(small_dir, "user_history")).num_rows > 3  # several history chunks
