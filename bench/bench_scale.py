@@ -510,11 +510,12 @@ def plot(report: dict, path: Path) -> None:
     if not runs:
         return
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for stage in STAGES:
+    colors = plt.get_cmap("tab20").colors  # one color per stage (the default cycle repeats after ten)
+    for i, stage in enumerate(STAGES):
         points = [(r["candidates"], r["stages"][stage]["seconds"]) for r in runs if stage in r["stages"]]
         if points:
             x, y = zip(*points)
-            ax.plot(x, y, marker="o", label=stage)
+            ax.plot(x, y, marker="os^D"[i % 4], color=colors[i % len(colors)], label=stage)
     if len(runs) > 1:  # the linear reference through the smallest size's total
         x0 = runs[0]["candidates"]
         t0 = platform_seconds(runs[0])
