@@ -55,10 +55,38 @@ _WORKER_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ray's components that would otherwise pick their own ports (possibly a port another cluster on this
+# machine holds)
+_COMPONENT_PORT_FLAGS = (
+    "--dashboard-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
+    "--object-manager-port",
+)
+
+
+# what `ray start` says when a port it was given is in use
+_PORT_TAKEN_SIGNS = ("is used by other components", "Address already in use", "is already in use")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: the sockets are held open together, since ports asked for one
+    at a time can repeat (Ray refuses to start when two of its components share one)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def peak_rss_mb() -> float:
@@ -79,8 +107,8 @@ class LocalRayCluster:
         self.num_cpus = num_cpus
         self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
         self.start_timeout_s = start_timeout_s
-        self.port = _free_port()
-        self.client_port = _free_port()
+        self.port, self.client_port, *component_ports = _free_ports(2 + len(_COMPONENT_PORT_FLAGS))
+        self.component_ports = dict(zip(_COMPONENT_PORT_FLAGS, component_ports, strict=True))
         self.token = secrets.token_hex(16)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="gplray-", dir="/tmp"))  # short: Ray's socket paths
         self.process: subprocess.Popen | None = None
@@ -98,19 +126,24 @@ class LocalRayCluster:
         """Variables a driver needs to join this cluster (set them before ``import ray``)."""
         return {**_LOCAL_ENV, "RAY_AUTH_TOKEN": self.token}
 
-    def start(self) -> LocalRayCluster:
-        ports = {
-            flag: _free_port()
-            for flag in (
-                "--dashboard-port",
-                "--dashboard-agent-listen-port",
-                "--dashboard-agent-grpc-port",
-                "--runtime-env-agent-port",
-                "--metrics-export-port",
-                "--node-manager-port",
-                "--object-manager-port",
-            )
-        }
+    def start(self, attempts: int = 3) -> LocalRayCluster:
+        """Start the cluster; a port taken by another process between choosing it and Ray binding it is
+        retried with fresh ports (``attempts`` in all)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except _PortTaken as taken:
+                self.stop()
+                if attempt == attempts:
+                    raise RuntimeError(str(taken)) from None
+                log.warning("local Ray cluster: a chosen port was taken, retrying with fresh ports (%s)", taken)
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="gplray-", dir="/tmp"))
+                self.port, self.client_port, *component_ports = _free_ports(2 + len(_COMPONENT_PORT_FLAGS))
+                self.component_ports = dict(zip(_COMPONENT_PORT_FLAGS, component_ports, strict=True))
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> LocalRayCluster:
+        ports = {**self.component_ports, "--ray-client-server-port": self.client_port}
         cmd = [
             self.ray_bin,
             "start",
@@ -128,7 +161,6 @@ class LocalRayCluster:
             "--temp-dir",
             str(self.temp_dir),
         ]
-        ports["--ray-client-server-port"] = self.client_port
         for flag, port in ports.items():
             cmd += [flag, str(port)]
         log_path = self.temp_dir / "ray_start.log"
@@ -140,9 +172,10 @@ class LocalRayCluster:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"`ray start` exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}"
-                )
+                message = f"`ray start` exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}"
+                if any(sign in message for sign in _PORT_TAKEN_SIGNS):
+                    raise _PortTaken(message)
+                raise RuntimeError(message)
             if "Ray runtime started" in log_path.read_text():
                 log.info("local Ray cluster at %s (%d CPUs, logs in %s)", self.address, self.num_cpus, self.temp_dir)
                 return self

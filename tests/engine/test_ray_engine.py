@@ -4,6 +4,7 @@ through Ray Client (`ray://`) and through the GCS address."""
 
 import json
 import os
+import shutil
 
 import duckdb
 import numpy as np
@@ -143,3 +144,31 @@ def test_a_failing_ray_batch_raises_and_cleans_up(ray_cluster, tmp_path):
     assert not any((tmp_path / "staging").iterdir())
     assert len(engine.worker_peak_rss_mb()) == 2
     engine.close()
+
+
+def test_a_cluster_gets_distinct_ports():
+    cluster = LocalRayCluster(num_cpus=1)
+    try:
+        ports = [cluster.port, cluster.client_port, *cluster.component_ports.values()]
+        assert len(set(ports)) == len(ports) == 9
+    finally:
+        cluster.stop()  # never started: only its temp dir to remove
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def test_a_port_collision_at_start_is_retried_with_fresh_ports(caplog):
+    """Two of Ray's components given the same port (what ports chosen one at a time once produced in CI):
+    `ray start` refuses, and the cluster starts on fresh ports."""
+    cluster = LocalRayCluster(num_cpus=1)
+    cluster.component_ports["--runtime-env-agent-port"] = cluster.component_ports["--node-manager-port"]
+    try:
+        with caplog.at_level("WARNING", logger="gpl_platform.engine.ray_engine"):
+            cluster.start()
+        assert "a chosen port was taken, retrying with fresh ports" in caplog.text
+        assert "is used by other components" in caplog.text
+        ports = [cluster.port, cluster.client_port, *cluster.component_ports.values()]
+        assert len(set(ports)) == len(ports)
+        assert "Ray runtime started" in (cluster.temp_dir / "ray_start.log").read_text()
+    finally:
+        cluster.stop()
+    assert not cluster.temp_dir.exists()
