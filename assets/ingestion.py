@@ -99,8 +99,8 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         signature = settings.source_signature()
         if by_day:  # a day folder holds only its day (validation refuses other rows): nothing lies outside
             parts = [
-                ingestion.ingest_event_day_chunks(wh, d, delivered_day_events(settings, d), signature, context.run_id)
-                for d in to_write
+                ingestion.ingest_event_day_chunks(wh, d, chunks, signature, context.run_id)
+                for d, chunks in delivered_day_events(settings, to_write)
             ]
             stats = pd.concat(parts) if parts else pd.DataFrame(columns=["events", "requests"], dtype=int)
             outside = []

@@ -125,8 +125,9 @@ def _run_stage(stage: str) -> dict:
 
         signature = settings.source_signature()
         ingestion.ingest_catalog(warehouse, load_source(settings, days=[]), signature)
-        for day in days:  # a day at a time and each day in chunks, as the candidate_events runs read the delivery
-            ingestion.ingest_event_day_chunks(warehouse, day, delivered_day_events(settings, day), signature)
+        # a day at a time and each day in chunks, as the candidate_events runs read the delivery
+        for day, chunks in delivered_day_events(settings, days):
+            ingestion.ingest_event_day_chunks(warehouse, day, chunks, signature)
         ingestion.build_user_histories(warehouse, days, first, settings.history_max_len)
         out["candidates"] = int(warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0])
         out["user_days"] = int(warehouse.query("SELECT count(*) AS n FROM user_histories")["n"].iloc[0])

@@ -12,7 +12,7 @@ whole, as before (DuckDB's CSV typing is not pandas', which the contract's CSV r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime
 from pathlib import Path
 
@@ -47,16 +47,17 @@ def contract_catalog(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame | None
     return items, users
 
 
-def event_day_chunks(
+def delivered_event_chunks(
     directory: Path,
-    day: date,
+    days: Sequence[date],
     chunk_rows: int,
     time_window: tuple[datetime, datetime] | None = None,
     memory_limit: str = "1GB",
-) -> Iterator[pd.DataFrame]:
-    """The validated, normalized events of the delivered ``day`` (columns of ``Dataset.events``), about
-    ``chunk_rows`` rows at a time, each chunk whole requests; nothing when the day has no folder. The catalog
-    is validated first. Raises :class:`ContractError` like :func:`read_contract_dir` does."""
+) -> Iterator[tuple[date, Iterator[pd.DataFrame]]]:
+    """For each of the delivered ``days`` in order: the day and its validated, normalized events (columns of
+    ``Dataset.events``), about ``chunk_rows`` rows at a time, each chunk whole requests (nothing when the day has
+    no folder). The catalog is validated once, first; consume a day's chunks before asking for the next day.
+    Raises :class:`ContractError` like :func:`read_contract_dir` does."""
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     directory = Path(directory).expanduser().resolve()
@@ -64,9 +65,14 @@ def event_day_chunks(
     if folders is None:
         raise ContractError(str(directory), None, None, "has no events/day=YYYY-MM-DD/ folders to read by day")
     items, users = contract_catalog(directory)
+    window = time_window or plausible_time_window()
+    for day in days:
+        yield day, _day_chunks(directory, folders, day, items, users, chunk_rows, window, memory_limit)
+
+
+def _day_chunks(directory, folders, day, items, users, chunk_rows, window, memory_limit) -> Iterator[pd.DataFrame]:
     if day not in folders:
         return
-    window = time_window or plausible_time_window()
     files = _data_files(folders[day], f"events/{folders[day].name}/")
     label = f"{directory / 'events'}/ ({len(files)} files of 1 day folders)"
     if any(f.suffix.lower() == ".csv" for f in files):

@@ -27,30 +27,28 @@ def ingest_catalog(warehouse: Warehouse, dataset: Dataset, signature: dict) -> d
             "item_columns": list(dataset.items.columns), "user_columns": list(dataset.users.columns)}
 
 
-def ingest_event_days(warehouse: Warehouse, dataset: Dataset, days: Sequence[date], signature: dict,
-                      run_id: str | None = None) -> pd.DataFrame:
-    """Replace the events (and, apart, the oracle labels) of ``days``; returns per-day statistics."""
-    days = sorted(set(days))
-    selected = dataset.events[dataset.events["day"].isin(days)]
-    events = selected[["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity"]]
-    oracle = selected[["day", "request_id", "item_id", "oracle_label"]]
-    with warehouse.transaction() as con:
-        warehouse.claim_source(signature, con)
-        warehouse.replace_partitions("events", events, days, con, run_id)
-        warehouse.replace_partitions("oracle_labels", oracle, days, con, run_id)
-    return event_day_stats(selected, days)
-
-
 EVENT_COLUMNS = ["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity"]
 ORACLE_COLUMNS = ["day", "request_id", "item_id", "oracle_label"]
+
+
+def ingest_event_days(warehouse: Warehouse, dataset: Dataset, days: Sequence[date], signature: dict,
+                      run_id: str | None = None) -> pd.DataFrame:
+    """Replace the events (and, apart, the oracle labels) of ``days``; returns per-day statistics
+    (:func:`event_day_stats`)."""
+    days = sorted(set(days))
+    selected = dataset.events[dataset.events["day"].isin(days)]
+    with warehouse.transaction() as con:
+        warehouse.claim_source(signature, con)
+        warehouse.replace_partitions("events", selected[EVENT_COLUMNS], days, con, run_id)
+        warehouse.replace_partitions("oracle_labels", selected[ORACLE_COLUMNS], days, con, run_id)
+        return event_day_stats(con, days)
 
 
 def ingest_event_day_chunks(warehouse: Warehouse, day: date, chunks: Iterable[pd.DataFrame], signature: dict,
                             run_id: str | None = None) -> pd.DataFrame:
     """Replace the events (and, apart, the oracle labels) of ``day`` with ``chunks``, validated events of that
     day (``Dataset.events`` columns), one chunk in memory at a time, all in one transaction: a chunk that fails
-    validation leaves the day's previous rows. Returns the day's statistics (as :func:`event_day_stats`),
-    computed in DuckDB."""
+    validation leaves the day's previous rows. Returns the day's statistics (:func:`event_day_stats`)."""
     with warehouse.transaction() as con:
         warehouse.claim_source(signature, con)
         for table in ("events", "oracle_labels"):
@@ -65,34 +63,25 @@ def ingest_event_day_chunks(warehouse: Warehouse, day: date, chunks: Iterable[pd
             insert_batch(relation, f"INSERT INTO oracle_labels SELECT {', '.join(ORACLE_COLUMNS)} FROM {BATCH_OUTPUT}")
         for table in ("events", "oracle_labels"):
             warehouse.record_partitions(table, [day], con, run_id)
-        stats = con.execute(
-            """
-            SELECT e.day, count(*) AS events, count(DISTINCT e.request_id) AS requests,
-                   count(DISTINCT e.user_id) AS users, avg(e.exposed::DOUBLE) AS exposure_rate,
-                   avg(e.clicked::DOUBLE) AS ctr_exposed,
-                   avg(o.oracle_label::DOUBLE) FILTER (WHERE NOT e.exposed) AS oracle_positive_rate_unexposed
-            FROM events e LEFT JOIN oracle_labels o
-              ON o.day = e.day AND o.request_id = e.request_id AND o.item_id = e.item_id
-            WHERE e.day = ? GROUP BY e.day
-            """, [day]).df()
+        return event_day_stats(con, [day])
+
+
+def event_day_stats(con, days: Sequence[date]) -> pd.DataFrame:
+    """Rows, requests, users, exposure and positive rates of the warehouse's events per day of ``days``, and the
+    oracle's positive rate among unexposed rows (zero rows for empty days), computed in DuckDB."""
+    days = sorted(set(days))
+    stats = con.execute(
+        """
+        SELECT e.day, count(*) AS events, count(DISTINCT e.request_id) AS requests,
+               count(DISTINCT e.user_id) AS users, avg(e.exposed::DOUBLE) AS exposure_rate,
+               avg(e.clicked::DOUBLE) AS ctr_exposed,
+               avg(o.oracle_label::DOUBLE) FILTER (WHERE NOT e.exposed) AS oracle_positive_rate_unexposed
+        FROM events e LEFT JOIN oracle_labels o
+          ON o.day = e.day AND o.request_id = e.request_id AND o.item_id = e.item_id
+        WHERE e.day IN (SELECT unnest(?::DATE[])) GROUP BY e.day
+        """, [days]).df()
     stats["day"] = pd.to_datetime(stats["day"]).dt.date
-    stats = stats.set_index("day").reindex([day])
-    stats[["events", "requests", "users"]] = stats[["events", "requests", "users"]].fillna(0).astype(int)
-    return stats
-
-
-def event_day_stats(events: pd.DataFrame, days: Sequence[date]) -> pd.DataFrame:
-    """Rows, requests, exposure and positive rates per day (zero rows for empty days)."""
-    frame = events.assign(
-        clicked_f=events["clicked"].astype("Float64"),
-        oracle_unexposed=events["oracle_label"].astype("Float64").where(~events["exposed"]),
-    )
-    stats = frame.groupby("day").agg(
-        events=("item_id", "size"), requests=("request_id", "nunique"), users=("user_id", "nunique"),
-        exposure_rate=("exposed", "mean"), ctr_exposed=("clicked_f", "mean"),
-        oracle_positive_rate_unexposed=("oracle_unexposed", "mean"),
-    )
-    stats = stats.reindex(sorted(set(days)))
+    stats = stats.set_index("day").reindex(days)
     stats[["events", "requests", "users"]] = stats[["events", "requests", "users"]].fillna(0).astype(int)
     stats.index.name = "day"
     return stats

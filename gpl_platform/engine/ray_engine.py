@@ -107,11 +107,14 @@ class LocalRayCluster:
         self.num_cpus = num_cpus
         self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
         self.start_timeout_s = start_timeout_s
+        self.token = secrets.token_hex(16)
+        self.process: subprocess.Popen | None = None
+        self._choose_ports_and_temp_dir()
+
+    def _choose_ports_and_temp_dir(self) -> None:
         self.port, self.client_port, *component_ports = _free_ports(2 + len(_COMPONENT_PORT_FLAGS))
         self.component_ports = dict(zip(_COMPONENT_PORT_FLAGS, component_ports, strict=True))
-        self.token = secrets.token_hex(16)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="gplray-", dir="/tmp"))  # short: Ray's socket paths
-        self.process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
@@ -129,18 +132,13 @@ class LocalRayCluster:
     def start(self, attempts: int = 3) -> LocalRayCluster:
         """Start the cluster; a port taken by another process between choosing it and Ray binding it is
         retried with fresh ports (``attempts`` in all)."""
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts - 1):
             try:
                 return self._start_once()
             except _PortTaken as taken:
-                self.stop()
-                if attempt == attempts:
-                    raise RuntimeError(str(taken)) from None
                 log.warning("local Ray cluster: a chosen port was taken, retrying with fresh ports (%s)", taken)
-                self.temp_dir = Path(tempfile.mkdtemp(prefix="gplray-", dir="/tmp"))
-                self.port, self.client_port, *component_ports = _free_ports(2 + len(_COMPONENT_PORT_FLAGS))
-                self.component_ports = dict(zip(_COMPONENT_PORT_FLAGS, component_ports, strict=True))
-        raise AssertionError("unreachable")
+                self._choose_ports_and_temp_dir()
+        return self._start_once()
 
     def _start_once(self) -> LocalRayCluster:
         ports = {**self.component_ports, "--ray-client-server-port": self.client_port}
@@ -173,6 +171,7 @@ class LocalRayCluster:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 message = f"`ray start` exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}"
+                self.stop()  # its process group and temp dir (the log is in the message)
                 if any(sign in message for sign in _PORT_TAKEN_SIGNS):
                     raise _PortTaken(message)
                 raise RuntimeError(message)

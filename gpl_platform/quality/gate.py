@@ -36,15 +36,27 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK_ROWS = StreamingConfig().batch_candidates
 
 
+def day_rows(con, table: str, day: date) -> int:
+    (rows,) = con.execute(f"SELECT count(*) FROM {table} WHERE day = ?", [day]).fetchone()
+    return int(rows)
+
+
 def day_chunks(
-    con, table: str, columns: Sequence[str], day: date, chunk_rows: int, key: str = "request_id"
+    con,
+    table: str,
+    columns: Sequence[str],
+    day: date,
+    chunk_rows: int,
+    key: str = "request_id",
+    rows: int | None = None,
 ) -> Iterator[pd.DataFrame]:
     """``columns`` of ``table``'s rows of ``day``, about ``chunk_rows`` at a time: the rows are split by a hash of
     ``key`` into ceil(rows / chunk_rows) parts (rows sharing a key stay in one part), one query each (DuckDB
-    prunes to the day and reads only ``columns``; a part's size varies by a few percent around ``chunk_rows``)."""
+    prunes to the day and reads only ``columns``; a part's size varies by a few percent around ``chunk_rows``).
+    ``rows``: the day's row count, when the caller has it (else counted here)."""
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    (rows,) = con.execute(f"SELECT count(*) FROM {table} WHERE day = ?", [day]).fetchone()
+    rows = day_rows(con, table, day) if rows is None else rows
     parts = max(1, math.ceil(rows / chunk_rows))
     for part in range(parts):
         yield con.execute(
@@ -120,12 +132,12 @@ def warehouse_label_day(
     """One day of ``table``: the values suite over every row, ``chunk_rows`` at a time, and the distribution's
     rows: the whole day up to ``chunk_rows`` rows, beyond it a uniform sample of that many (the rows of the
     smallest hashes of their key, a bounded top-k in DuckDB, the same sample on every run)."""
-    (total,) = con.execute(f"SELECT count(*) FROM {table} WHERE day = ?", [day]).fetchone()
+    total = day_rows(con, table, day)
     columns = ("pseudo_label", "confidence")
-    values = check_pseudo_label_value_chunks(day_chunks(con, table, columns, day, chunk_rows), cfg)
+    values = check_pseudo_label_value_chunks(day_chunks(con, table, columns, day, chunk_rows, rows=total), cfg)
     sample = "" if total <= chunk_rows else f" ORDER BY hash(request_id, item_id) LIMIT {int(chunk_rows)}"
     rows = con.execute(f"SELECT pseudo_label, confidence FROM {table} WHERE day = ?{sample}", [day]).df()
-    return LabelDay(values, rows, int(total))
+    return LabelDay(values, rows, total)
 
 
 def check_label_days_in(
@@ -199,7 +211,10 @@ def failing_event_days(
 
 
 def check_anchor_embedding_days(
-    warehouse: Warehouse, days: Sequence[date], cfg: EmbeddingThresholds | None = None, chunk_rows: int = 8192
+    warehouse: Warehouse,
+    days: Sequence[date],
+    cfg: EmbeddingThresholds | None = None,
+    chunk_rows: int = StreamingConfig().encode_batch_texts,
 ) -> dict[date, QualityResult]:
     """The vector suite over each day of ``anchor_embeddings``, ``chunk_rows`` vectors at a time (pass
     ``streaming.encode_batch_texts``: the vectors the encoder makes at a time). Without a configured dimension,

@@ -345,6 +345,21 @@ def _vector_rule_columns(vectors: list) -> pd.DataFrame:
     return pd.DataFrame({"dim": dims, "norm": norms, "finite": finite})
 
 
+def _vector_rules(dim: int, tol: float) -> list[Rule]:
+    return [
+        Rule("dimension", "ExpectColumnValuesToBeInSet", {"column": "dim", "value_set": [dim]}, f"== {dim}"),
+        Rule(
+            "no_nan", "ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}, "no NaN/inf component"
+        ),
+        Rule(
+            "unit_norm",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol},
+            f"L2 norm in [{1 - tol:g}, {1 + tol:g}]",
+        ),
+    ]
+
+
 def check_embedding_chunks(
     chunks: Iterable[pd.DataFrame],
     cfg: EmbeddingThresholds | None = None,
@@ -361,32 +376,15 @@ def check_embedding_chunks(
     expected_dim = cfg.dim if cfg.dim is not None else dim
     per_chunk, rows, nan_rows, dims_seen = [], 0, 0, set()
     norm_min, norm_max = np.inf, -np.inf
+    rules = None
     for frame in chunks:
         if frame.empty:
             continue
         checked = _vector_rule_columns(frame[column].tolist())
-        if expected_dim is None:
-            expected_dim = int(checked["dim"].mode().iloc[0])
-        rules = [
-            Rule(
-                "dimension",
-                "ExpectColumnValuesToBeInSet",
-                {"column": "dim", "value_set": [expected_dim]},
-                f"== {expected_dim}",
-            ),
-            Rule(
-                "no_nan",
-                "ExpectColumnValuesToBeInSet",
-                {"column": "finite", "value_set": [True]},
-                "no NaN/inf component",
-            ),
-            Rule(
-                "unit_norm",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "norm", "min_value": 1 - tol, "max_value": 1 + tol},
-                f"L2 norm in [{1 - tol:g}, {1 + tol:g}]",
-            ),
-        ]
+        if rules is None:  # the expected dimension is known by the first chunk at the latest
+            if expected_dim is None:
+                expected_dim = int(checked["dim"].mode().iloc[0])
+            rules = _vector_rules(expected_dim, tol)
         per_chunk.append(validate_rules(suite, checked, rules))
         rows += len(checked)
         nan_rows += int((~checked["finite"]).sum())

@@ -269,10 +269,10 @@ def test_a_source_exports_as_a_daily_delivery_read_back_a_day_at_a_time(tmp_path
 
 
 def test_a_delivered_day_in_chunks_of_whole_requests_validates_like_the_whole_day(tmp_path):
-    """event_day_chunks: DuckDB reads the day's parquet files a chunk of whole requests at a time; the chunks
+    """delivered_event_chunks: DuckDB reads the day's parquet files a chunk of whole requests at a time; the chunks
     hold the day's rows, validated and normalized as read_contract_dir gives them, and a broken row in any
     chunk fails with the file named."""
-    from gpl_platform.data.delivery_chunks import event_day_chunks
+    from gpl_platform.data.delivery_chunks import delivered_event_chunks
     from gpl_platform.data.sources import load_source
     from gpl_platform.data.stats import export_contract_dir
 
@@ -281,7 +281,9 @@ def test_a_delivered_day_in_chunks_of_whole_requests_validates_like_the_whole_da
     export_contract_dir(world, out, by_day=True)
     day = sorted(set(world.events["day"]))[2]
     whole = read_contract_dir(out, days=[day]).events
-    chunks = list(event_day_chunks(out, day, chunk_rows=97))
+    ((read_day, day_chunks),) = delivered_event_chunks(out, [day], chunk_rows=97)
+    chunks = list(day_chunks)
+    assert read_day == day
     assert len(chunks) == -(-len(whole) // 97) > 3
     requests = [set(c["request_id"]) for c in chunks]
     assert sum(map(len, requests)) == len(set.union(*requests)) == whole["request_id"].nunique()  # whole requests
@@ -289,7 +291,8 @@ def test_a_delivered_day_in_chunks_of_whole_requests_validates_like_the_whole_da
     got = pd.concat(chunks, ignore_index=True).sort_values(keys, ignore_index=True)
     pd.testing.assert_frame_equal(got, whole.sort_values(keys, ignore_index=True), check_dtype=False)
     assert list(got.columns) == list(whole.columns) and str(got["clicked"].dtype) == str(whole["clicked"].dtype)
-    assert list(event_day_chunks(out, date(2030, 1, 1), 97)) == []  # no folder: no events
+    no_folder = date(2030, 1, 1)
+    assert [(d, list(c)) for d, c in delivered_event_chunks(out, [no_folder], 97)] == [(no_folder, [])]
 
     part = next((out / "events" / f"day={day.isoformat()}").glob("*.parquet"))
     broken = pd.read_parquet(part)
@@ -297,4 +300,4 @@ def test_a_delivered_day_in_chunks_of_whole_requests_validates_like_the_whole_da
     broken.loc[late, "item_id"] = "unknown-item"
     broken.to_parquet(part, index=False)
     with pytest.raises(ContractError, match=r"day=.*part-0\.parquet.*missing from the items table"):
-        list(event_day_chunks(out, day, chunk_rows=97))
+        [list(c) for _, c in delivered_event_chunks(out, [day], chunk_rows=97)]

@@ -75,9 +75,11 @@ def test_histories_refuse_missing_earlier_days(tmp_path):
         ingestion.build_user_histories(wh, [date(2024, 3, 2)], date(2024, 3, 1), max_len=10)
 
 
-def test_event_stats_cover_empty_days():
+def test_event_stats_cover_empty_days(tmp_path):
     ds = _dataset()
-    stats = ingestion.event_day_stats(ds.events, [date(2024, 3, 1), date(2024, 3, 5)])
+    stats = ingestion.ingest_event_days(Warehouse(tmp_path / "w.duckdb"), ds, [date(2024, 3, 1), date(2024, 3, 5)],
+                                        {"source": "tiny"})
+    assert stats.index.tolist() == [date(2024, 3, 1), date(2024, 3, 5)]
     assert stats.loc[date(2024, 3, 5), "events"] == 0
     assert stats.loc[date(2024, 3, 1), "exposure_rate"] == pytest.approx(2 / 3)
 

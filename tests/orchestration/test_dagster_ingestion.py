@@ -137,8 +137,12 @@ def test_a_daily_delivery_is_ingested_a_day_at_a_time_in_a_range_run(tmp_path, s
             yield frame
 
     monkeypatch.setattr(delivery_chunks, "_parquet_chunks", spy)
+    catalogs = []
+    read_catalog = delivery_chunks.contract_catalog
+    monkeypatch.setattr(delivery_chunks, "contract_catalog", lambda d: catalogs.append(d) or read_catalog(d))
     result = run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
     assert result.success and len(result.runs) == 2  # unpartitioned + one run for all 5 days
+    assert len(catalogs) == 1  # the catalog is validated once for the run's days, not once a day
     folders = [name for name, _ in chunks]
     assert sorted(set(folders)) == [f"day=2024-01-0{d}" for d in range(1, 6)] and folders == sorted(folders)
     day_rows = {f: sum(n for g, n in chunks if g == f) for f in set(folders)}

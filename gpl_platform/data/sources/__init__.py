@@ -68,14 +68,15 @@ def load_source(settings: Settings, allow_fetch: bool = True, days: Sequence[dat
     return _CACHE[key]
 
 
-def delivered_day_events(settings: Settings, day: date):
-    """The validated events of one delivered day of the contract directory (``events/day=YYYY-MM-DD/``),
-    ``streaming.batch_candidates`` rows of whole requests at a time (a day of any size in bounded memory)."""
-    from gpl_platform.data.delivery_chunks import event_day_chunks
+def delivered_day_events(settings: Settings, days: Sequence[date]):
+    """For each of ``days``: the day and the validated events of its folder in the contract directory
+    (``events/day=YYYY-MM-DD/``), ``streaming.batch_candidates`` rows of whole requests at a time (a day of any
+    size in bounded memory); the catalog is validated once for all of them."""
+    from gpl_platform.data.delivery_chunks import delivered_event_chunks
 
-    return event_day_chunks(
+    return delivered_event_chunks(
         _contract_path(settings),
-        day,
+        days,
         settings.streaming.batch_candidates,
         contract_time_window(settings),
         settings.streaming.duckdb_memory_limit,
