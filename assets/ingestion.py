@@ -1,6 +1,5 @@
 """Ingestion assets (group ``ingestion``): catalog, users, per-day candidate events, per-day user histories."""
 
-import pandas as pd
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -17,6 +16,7 @@ from assets.partitions import first_day, partition_days
 from assets.resources import GplSettings, WarehouseResource
 from gpl_platform.data import ingestion
 from gpl_platform.data.contract import event_day_folders
+from gpl_platform.data.delivery_chunks import delivered_item_ids
 from gpl_platform.data.sources import delivered_day_events, load_source
 
 GROUP = "ingestion"
@@ -32,7 +32,9 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         in one transaction."""
         settings = gpl.settings()
         dataset = load_source(settings, days=[])
-        stats = ingestion.ingest_catalog(warehouse.get(), dataset, settings.source_signature())
+        by_day = _by_day(settings)
+        delivered = delivered_item_ids(settings.contract.path, settings.streaming.duckdb_memory_limit) if by_day else ()
+        stats = ingestion.ingest_catalog(warehouse.get(), dataset, settings.source_signature(), delivered)
         context.log.info("catalog of %s: %d items, %d users", dataset.name, stats["n_items"], stats["n_users"])
         return MaterializeResult(
             metadata={
@@ -83,7 +85,7 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         settings = gpl.settings()
         wh = warehouse.get()
         days = partition_days(context.partition_keys)
-        by_day = settings.source == "contract" and event_day_folders(settings.contract.path) is not None
+        by_day = _by_day(settings)
         dataset = None if by_day else load_source(settings, days=days)
         delivered = _delivered_days(settings, dataset)
         vanished = sorted((set(days) - delivered) & ingestion.nonempty_event_days(wh)) if delivered is not None else []
@@ -98,11 +100,10 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         to_write = [d for d in days if d not in kept]
         signature = settings.source_signature()
         if by_day:  # a day folder holds only its day (validation refuses other rows): nothing lies outside
-            parts = [
-                ingestion.ingest_event_day_chunks(wh, d, chunks, signature, context.run_id)
-                for d, chunks in delivered_day_events(settings, to_write)
-            ]
-            stats = pd.concat(parts) if parts else pd.DataFrame(columns=["events", "requests"], dtype=int)
+            # every day validated before any is written: a day the contract refuses leaves the whole range as it was
+            stats = ingestion.ingest_delivered_days(
+                wh, lambda: delivered_day_events(settings, to_write), signature, context.run_id
+            )
             outside = []
         else:
             stats = ingestion.ingest_event_days(wh, dataset, to_write, signature, context.run_id)
@@ -164,6 +165,10 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         )
 
     return [item_catalog, users, candidate_events, user_histories]
+
+
+def _by_day(settings) -> bool:
+    return settings.source == "contract" and event_day_folders(settings.contract.path) is not None
 
 
 def _delivered_days(settings, dataset) -> set | None:

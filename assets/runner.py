@@ -6,7 +6,9 @@ partition-range run tags, and a console logger that prints each event on one lin
 event in full). The runs obey the same one-writer rule as the daemon's: every asset is in
 the ``duckdb_warehouse`` concurrency pool (dagster.yaml: one slot, op granularity), so a step waits
 while a queued or scheduled run writes, and the other way round. Before starting, runs whose process
-died are marked failed (assets/run_health.py) so their slots are free.
+died are marked failed (assets/run_health.py) so their slots are free. On Ctrl-C or SIGTERM, every run
+it created that had not finished is marked failed (Dagster does that only for a run it already executes,
+not for one it created and was still planning), and :class:`Interrupted` names them.
 
 Stages: the unpartitioned roots (catalog, item vectors, semantic IDs, Feast registry), then every
 partitioned asset once over the whole range of days (one run, one process, as a single-run backfill
@@ -15,10 +17,14 @@ would), then what consumes the days (training, evaluation, label audit).
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from dagster import AssetSelection, DagsterInstance, Definitions, Field, InitLoggerContext, define_asset_job, logger
@@ -26,14 +32,18 @@ from dagster import AssetSelection, DagsterInstance, Definitions, Field, InitLog
 from assets.definitions import build_definitions
 from assets.partitions import range_tags
 from assets.resources import GplSettings, gpl_resources
-from assets.run_health import fail_dead_runs
+from assets.run_health import HOST_TAG, PID_TAG, fail_dead_runs, fail_unfinished_runs
 from gpl_platform.config import Settings
 from gpl_platform.data.sources import contract_last_day
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
-RUN_TAGS = {"gpl/launched_by": "gpl run", "gpl/host": socket.gethostname()}
+RUN_TAGS = {"gpl/launched_by": "gpl run", HOST_TAG: socket.gethostname()}
 RUN_JOB = "gpl_run"
+#: the modules of the platform's own errors: their messages say what to do, a library's cause does not
+OWN_MODULES = ("gpl_platform.", "assets.")
+INTERRUPTS = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
+INTERRUPTED = "gpl run was interrupted (Ctrl-C or SIGTERM) before this run finished: marked failed by gpl run"
 
 
 class _FirstLine(logging.Formatter):
@@ -67,6 +77,15 @@ def one_line_console(init_context: InitLoggerContext) -> logging.Logger:
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the pipeline; ``runs``: the runs it created that had not finished, all
+    marked failed now (by Dagster, or by the runner when Dagster had not started them)."""
+
+    def __init__(self, runs: list[str]):
+        super().__init__(", ".join(runs))
+        self.runs = runs
+
+
 class PipelineError(RuntimeError):
     """A stage failed for another reason than a quality check: ``str()`` is one line, ``details`` the
     full error with its traceback."""
@@ -97,21 +116,58 @@ def default_range(defs_settings: Settings, keys: list[str]) -> tuple[str, str]:
     return keys[0], end
 
 
+def _chain(error) -> list:
+    """A Dagster error and its causes, outermost first."""
+    chain = [error]
+    while getattr(chain[-1], "cause", None) is not None:
+        chain.append(chain[-1].cause)
+    return chain
+
+
+def _own(error) -> bool:
+    # the message starts with the exception's qualified name ("gpl_platform.data.warehouse.WarehouseLockedError: ...")
+    return (error.message or "").lstrip().startswith(OWN_MODULES)
+
+
 def _error_line(error) -> str:
-    """The innermost cause of a Dagster step error, as ``ClassName: message`` on one line."""
-    while getattr(error, "cause", None) is not None:
-        error = error.cause
-    if error.cls_name == "DagsterExecutionInterruptedError":
-        return "interrupted (SIGTERM or Ctrl-C): the run is marked failed; re-run to finish"
+    """A Dagster step error as ``ClassName: message`` on one line: the outermost of the platform's own errors
+    in its causes (e.g. WarehouseLockedError, whose message says what to do, not the DuckDB IOException
+    under it), else the innermost cause (Dagster wraps the user's error)."""
+    chain = _chain(error)
+    error = next((e for e in chain if _own(e)), chain[-1])
     text = (error.message or "").strip().splitlines()
     line = text[0] if text else error.cls_name
     head, sep, rest = line.partition(": ")
     return f"{head.rsplit('.', 1)[-1]}: {rest}" if sep and " " not in head else line
 
 
-def _materialize(everything: list, selected, resources: dict, instance: DagsterInstance, tags: dict, debug: bool):
+def _interrupted(run) -> bool:
+    """Dagster caught a Ctrl-C or SIGTERM itself (in a step, or between steps) and failed the run."""
+    errors = [e.step_failure_data.error for e in run.get_step_failure_events()]
+    errors += [e.job_failure_data.error for e in run.all_events if e.is_run_failure]
+    return any(link.cls_name in INTERRUPTS for error in errors if error is not None for link in _chain(error))
+
+
+@contextmanager
+def _uninterruptible():
+    """A second Ctrl-C must not stop the cleanup of the first halfway (it takes a moment)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _materialize(
+    everything: list, selected, resources: dict, instance: DagsterInstance, tags: dict, debug: bool, run_id: str
+):
     """What ``dagster.materialize`` does (a job over the selection, executed in process), with the
-    one-line console logger unless ``debug`` (Dagster's own console, every event in full)."""
+    one-line console logger unless ``debug`` (Dagster's own console, every event in full). The run id is
+    chosen here, so the run is known even when an interrupt lands while Dagster creates it."""
     # A job's loggers apply only when the run config configures them; without, Dagster logs every event at DEBUG.
     loggers = {} if debug else {"console": one_line_console}
     defs = Definitions(
@@ -119,7 +175,7 @@ def _materialize(everything: list, selected, resources: dict, instance: DagsterI
     )
     run_config = None if debug else {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     return defs.resolve_job_def(RUN_JOB).execute_in_process(
-        run_config=run_config, instance=instance, tags=tags, raise_on_error=False
+        run_config=run_config, instance=instance, tags=tags, raise_on_error=False, run_id=run_id
     )
 
 
@@ -164,41 +220,54 @@ def run_pipeline(
         "partitioned": partitioned.resolve(assets),
         "final": (partitioned.downstream() - partitioned).resolve(assets),
     }
-    tags = {**RUN_TAGS, "gpl/pid": str(os.getpid())}
-    for name, keys_in_stage in stage_keys.items():
-        selected = chosen & keys_in_stage
-        if not selected:
-            continue
-        began = time.perf_counter()
-        # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream
-        # steps of the same run. A later stage goes on after a failed *check* (its consumers re-check every day
-        # and leave failing days out, e.g. training_set); any other failure stops the pipeline.
-        run = _materialize(
-            everything,
-            AssetSelection.assets(*selected),
-            resources,
-            instance,
-            {**tags, **(range_tags(start, end) if name == "partitioned" else {})},
-            debug,
-        )
-        result.seconds[name] = round(time.perf_counter() - began, 2)
-        result.runs.append(run.run_id)
-        log.info("%s stage: run %s in %.1fs", name, run.run_id, result.seconds[name])
-        _collect_failed_checks(run, result)
-        if run.success:
-            continue
-        errors = [event.step_failure_data.error for event in run.get_step_failure_events()]
-        if errors and all(error.cls_name == "DagsterAssetCheckFailedError" for error in errors):
-            log.warning(
-                "%s stage: blocking quality checks failed (the run is marked failed; consumers skip the failing days)",
-                name,
+    tags = {**RUN_TAGS, PID_TAG: str(os.getpid())}
+    created: list[str] = []  # the runs of this call, failed on an interrupt if they had not finished
+    try:
+        for name, keys_in_stage in stage_keys.items():
+            selected = chosen & keys_in_stage
+            if not selected:
+                continue
+            began = time.perf_counter()
+            created.append(str(uuid.uuid4()))
+            # The checks go along: Dagster runs those of the selected assets, and blocking ones stop downstream
+            # steps of the same run. A later stage goes on after a failed *check* (its consumers re-check every
+            # day and leave failing days out, e.g. training_set); any other failure stops the pipeline.
+            run = _materialize(
+                everything,
+                AssetSelection.assets(*selected),
+                resources,
+                instance,
+                {**tags, **(range_tags(start, end) if name == "partitioned" else {})},
+                debug,
+                created[-1],
             )
-            continue
-        result.success = False
-        lines = "; ".join(dict.fromkeys(_error_line(e) for e in errors)) or "the run failed (see its logs)"
-        raise PipelineError(
-            f"{name} stage failed (run {run.run_id}): {lines}", "\n\n".join(e.to_string() for e in errors)
-        )
+            result.seconds[name] = round(time.perf_counter() - began, 2)
+            result.runs.append(run.run_id)
+            log.info("%s stage: run %s in %.1fs", name, run.run_id, result.seconds[name])
+            if _interrupted(run):
+                raise Interrupted([run.run_id])
+            _collect_failed_checks(run, result)
+            if run.success:
+                continue
+            errors = [event.step_failure_data.error for event in run.get_step_failure_events()]
+            if errors and all(error.cls_name == "DagsterAssetCheckFailedError" for error in errors):
+                log.warning(
+                    "%s stage: blocking quality checks failed (the run is marked failed; consumers skip the "
+                    "failing days)",
+                    name,
+                )
+                continue
+            result.success = False
+            lines = "; ".join(dict.fromkeys(_error_line(e) for e in errors)) or "the run failed (see its logs)"
+            raise PipelineError(
+                f"{name} stage failed (run {run.run_id}): {lines}", "\n\n".join(e.to_string() for e in errors)
+            )
+    except KeyboardInterrupt as exc:
+        # Dagster fails a run it executes when interrupted; one it created but had not started (the interrupt
+        # landed while it planned or created the run) would stay NOT_STARTED, and hold the queue.
+        with _uninterruptible():
+            stopped = fail_unfinished_runs(instance, created, INTERRUPTED)
+        raise Interrupted([*getattr(exc, "runs", []), *stopped]) from exc
     return result
 
 

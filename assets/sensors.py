@@ -109,8 +109,9 @@ def build_sensors(daily_job, catalog_job, partitions: DailyPartitionsDefinition,
         default_status=DefaultSensorStatus.RUNNING,
     )  # a safety net: always on
     def dead_run_watchdog(context: SensorEvaluationContext):
-        """Marks failed every STARTED run whose process died (kill -9, OOM) and frees its pool slots, so
-        the run queue (max one run at a time) never blocks on it."""
+        """Marks failed every STARTED run whose process died (kill -9, OOM), and every NOT_STARTED run of a
+        `gpl run` killed while it planned, and frees their pool slots, so the run queue (max one run at a
+        time) never blocks on them."""
         failed = fail_dead_runs(context.instance)
         return SkipReason(f"marked failed: {', '.join(failed)}" if failed else "no run with a dead process")
 

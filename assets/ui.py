@@ -5,7 +5,8 @@ Why a proxy: the Dagster webserver has no CSRF defence; it executes GraphQL muta
 accepts any ``Origin``, so any web page open in the user's browser could act on the instance. The
 proxy (the only listener on the public port, 127.0.0.1) refuses requests whose ``Host`` is not this
 address (DNS rebinding), whose ``Origin`` is another origin, whose ``Sec-Fetch-Site`` is not
-same-origin (cross-site and same-site pages, other local ports included), and GraphQL over GET. The
+same-origin (cross-site and same-site pages, other local ports included), GraphQL over GET (the path
+checked as the webserver decodes it) and request paths that do not decode to one canonical path. The
 webserver itself listens on a random 127.0.0.1 port under a random path prefix that only the proxy
 knows, so a page that finds the port still cannot reach it. What remains is in docs/OPERATIONS.md.
 
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
 import psutil
 
@@ -47,6 +48,33 @@ def _response(status: str, text: str, extra: str = "") -> bytes:
     ).encode() + body
 
 
+def routed_path(target: str) -> str | None:
+    """The path the webserver routes for a request target, or None when that is ambiguous.
+
+    uvicorn percent-decodes the path once and Starlette routes the result as is: the checks run on that
+    decoded path, and the raw target is forwarded unchanged, so upstream it decodes to the very path
+    checked (``%67raphql`` is ``graphql`` to both). Anything whose decoded path is not canonical (double
+    encoding, backslashes, ``;``, control characters, dot or empty segments; a fragment; an absolute-form
+    target), which the UI never sends, is refused rather than normalised: one reading per request, and
+    no re-encoding that would have to agree with every layer behind the proxy.
+    """
+    if not target.startswith("/") or "#" in target or not all("!" <= c <= "~" for c in target):
+        return None
+    path = unquote(target.partition("?")[0])
+    if any(c in path for c in "%\\;") or not path.isprintable():
+        return None
+    segments = path.split("/")[1:]
+    if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
+        return None
+    return path
+
+
+def _is_websocket(headers: dict[str, str]) -> bool:
+    """A WebSocket handshake as uvicorn sees one (both headers), not just an ``Upgrade`` header."""
+    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    return headers.get("upgrade", "").lower() == "websocket" and "upgrade" in connection
+
+
 class OriginGuard:
     """Decides whether one HTTP request head may pass to the webserver, and rewrites it."""
 
@@ -65,20 +93,24 @@ class OriginGuard:
         site = headers.get("sec-fetch-site")
         if site is not None and site.lower() not in SAFE_FETCH_SITES:
             return _response("403 Forbidden", f"refused: request from another site (Sec-Fetch-Site: {site})")
-        path = urlsplit(target).path
-        if (
-            method.upper() == "GET"
-            and "/graphql" in path
-            and urlsplit(target).query
-            and headers.get("upgrade", "").lower() != "websocket"
-        ):
+        path = routed_path(target)
+        if path is None:
+            return _response(
+                "400 Bad Request",
+                "refused: ambiguous request target (double encoding, '\\', ';', control characters, dot or empty"
+                " segments, a fragment, or not /path?query)",
+            )
+        # Any query string on a GET to a graphql path, however its name is spelled (%71uery=): the webserver
+        # decodes it. GET without a query is the GraphiQL page; a real WebSocket handshake never reaches
+        # the HTTP endpoint (one with Upgrade but no Connection: upgrade does: uvicorn serves it as HTTP).
+        if method.upper() == "GET" and "/graphql" in path.lower() and "?" in target and not _is_websocket(headers):
             return _response("405 Method Not Allowed", "refused: GraphQL over GET (use POST)", "Allow: POST\r\n")
         if not (path == self.prefix or path.startswith(self.prefix + "/")):
-            return _response("302 Found", "", f"Location: {self.prefix}{target if target.startswith('/') else '/'}\r\n")
+            return _response("302 Found", "", f"Location: {self.prefix}{target}\r\n")
         return None
 
     def rewrite(self, method: str, target: str, version: str, headers: list[tuple[str, str]]) -> bytes:
-        websocket = any(k.lower() == "upgrade" and v.lower() == "websocket" for k, v in headers)
+        websocket = _is_websocket({k.lower(): v for k, v in headers})
         lines = [f"{method} {target} {version}"]
         for key, value in headers:
             if key.lower() == "host":

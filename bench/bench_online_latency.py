@@ -39,6 +39,8 @@ for path in (ROOT, ROOT / "bench"):
 from _timing import random_requests, write_json  # noqa: E402
 from _timing import time_calls as _time  # noqa: E402
 
+from gpl_platform.data.sql import quote_identifier  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -95,7 +97,7 @@ def _sqlite_floor(store, views_of):
             keys = [key(entity, i) for i in ids]
             for view in views_of[entity]:
                 con.execute(
-                    f'SELECT entity_key, feature_name, value FROM "{project}_{view}" '
+                    f"SELECT entity_key, feature_name, value FROM {quote_identifier(f'{project}_{view}')} "
                     f"WHERE entity_key IN ({','.join('?' * len(keys))})",
                     keys,
                 ).fetchall()

@@ -121,13 +121,15 @@ def _run_stage(stage: str) -> dict:
         out.update(candidates=len(dataset.events), files=len(written))
     elif stage == "ingestion":
         from gpl_platform.data import ingestion
+        from gpl_platform.data.delivery_chunks import delivered_item_ids
         from gpl_platform.data.sources import delivered_day_events, load_source
 
         signature = settings.source_signature()
-        ingestion.ingest_catalog(warehouse, load_source(settings, days=[]), signature)
-        # a day at a time and each day in chunks, as the candidate_events runs read the delivery
-        for day, chunks in delivered_day_events(settings, days):
-            ingestion.ingest_event_day_chunks(warehouse, day, chunks, signature)
+        delivered = delivered_item_ids(settings.contract.path, settings.streaming.duckdb_memory_limit)
+        ingestion.ingest_catalog(warehouse, load_source(settings, days=[]), signature, delivered)
+        # as the catalog and candidate_events runs do: every day validated first, then written a day at a time,
+        # each day in chunks
+        ingestion.ingest_delivered_days(warehouse, lambda: delivered_day_events(settings, days), signature)
         ingestion.build_user_histories(warehouse, days, first, settings.history_max_len)
         out["candidates"] = int(warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0])
         out["user_days"] = int(warehouse.query("SELECT count(*) AS n FROM user_histories")["n"].iloc[0])

@@ -156,14 +156,17 @@ class RunningServer:
     """A server subprocess (its own process group) that answers ``ready_url``; stopped with SIGTERM."""
 
     def __init__(self, args, ready_url: str, env: dict | None = None, timeout_s: float = 120):
+        import tempfile
         import time
         import urllib.request
 
+        # stderr to a file, not a pipe: a pipe nobody drains fills up and freezes a server that logs a lot
+        self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             args,
             env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
@@ -175,7 +178,8 @@ class RunningServer:
                 if getattr(exc, "code", None) is not None:  # an HTTP error status: it is up
                     return
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{args[0]} exited: {self.proc.stderr.read().decode()[-3000:]}") from None
+                    self.stderr.seek(0)
+                    raise RuntimeError(f"{args[0]} exited: {self.stderr.read().decode()[-3000:]}") from None
                 if time.monotonic() > deadline:
                     self.stop()
                     raise
@@ -185,6 +189,7 @@ class RunningServer:
         from tests.processes import stop_process_group
 
         stop_process_group(self.proc, grace_s=20)
+        self.stderr.close()
 
     def __enter__(self):
         return self
@@ -208,32 +213,41 @@ def post_json(url: str, body, timeout: float = 30) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"null")
 
 
+def exposed_training_rows(world, service: str = "prerank_v2"):
+    """A feature world's exposed candidates as training rows (their clicks, weight 1), with the feature
+    columns and the candidates."""
+    from gpl_platform.prerank.data import attach_features, load_candidates
+    from gpl_platform.prerank.train import TrainingRows
+
+    cands = load_candidates(world["warehouse"], world["days"])
+    cands = cands[cands["exposed"]].reset_index(drop=True)
+    matrix, columns = attach_features(world["store"], cands, service)
+    labels = cands["clicked"].to_numpy(np.float32)
+    rows = TrainingRows(
+        matrix,
+        labels,
+        np.ones(len(labels), np.float32),
+        np.zeros(len(labels), bool),
+        cands["user_id"].to_numpy(),
+        cands["item_id"].to_numpy(),
+    )
+    return rows, columns, cands
+
+
 def train_small_model(world, shape: str, seed: int = 0, out=None):
     """A pre-ranker of ``shape`` after two epochs on a feature world's exposed candidates (scores need
     not be good, only the same everywhere), saved under the world's models directory."""
-    from gpl_platform.prerank.data import attach_features, load_candidates
     from gpl_platform.prerank.model import ModelConfig
-    from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker
+    from gpl_platform.prerank.train import TrainConfig, train_preranker
 
-    store = world["store"]
-    cands = load_candidates(world["warehouse"], world["days"])
-    cands = cands[cands["exposed"]].reset_index(drop=True)
-    matrix, columns = attach_features(store, cands, "prerank_v2")
-    labels = cands["clicked"].to_numpy(np.float32)
+    rows, columns, cands = exposed_training_rows(world)
     users = world["dataset"].users["user_id"].tolist()
     items = world["dataset"].items["item_id"].tolist()
     model, _ = train_preranker(
-        TrainingRows(
-            matrix,
-            labels,
-            np.ones(len(labels), np.float32),
-            np.zeros(len(labels), bool),
-            cands["user_id"].to_numpy(),
-            cands["item_id"].to_numpy(),
-        ),
+        rows,
         columns,
-        matrix[:200],
-        labels[:200].astype(int),
+        rows.matrix[:200],
+        rows.labels[:200].astype(int),
         ModelConfig(shape=shape),
         TrainConfig(epochs=2, seed=seed),
         valid_user_ids=cands["user_id"][:200].to_numpy(),

@@ -91,6 +91,17 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _interrupted_message(exc: KeyboardInterrupt) -> str:
+    """What an interrupt left: the runner marks failed every run of this process that had not finished
+    and names them (``runs``); an interrupt before the runner began created no run."""
+    runs = getattr(exc, "runs", None)
+    if runs is None:
+        return "interrupted before any run was created; re-run to finish"
+    if not runs:
+        return "interrupted: no run of this process was left unfinished; re-run to finish"
+    return f"interrupted: run(s) {', '.join(runs)} marked failed in the Dagster instance; re-run to finish"
+
+
 def _error_message(exc: BaseException) -> str:
     # a failed pipeline stage already says it in one line (its details hold the traceback)
     return str(exc) if getattr(exc, "details", "") else _one_line(exc)
@@ -229,7 +240,8 @@ def run(
     """The main job: materialize the asset graph over a range of days, recorded in the Dagster instance.
 
     Exit codes: 0 success, 1 error (one line; --debug for the traceback), 3 blocking quality checks
-    refused days (their pseudo-labels are left out of training; --allow-failed-checks accepts them)."""
+    refused days (their pseudo-labels are left out of training; --allow-failed-checks accepts them), 130
+    interrupted (Ctrl-C or SIGTERM: the runs it had not finished are marked failed, and named)."""
     if source is not None and source not in SOURCES:
         _fail(f"--source must be one of {', '.join(SOURCES)}, not {source!r}", 2)
     _apply_env(source, data_dir, path)
@@ -244,8 +256,8 @@ def run(
         from assets.runner import run_pipeline  # Dagster only here: the library stays free of it
 
         result = run_pipeline(start, end, selection=select, debug=debug)
-    except KeyboardInterrupt:
-        _fail("interrupted: the current run is marked failed in the Dagster instance; re-run to finish", 130)
+    except KeyboardInterrupt as exc:
+        _fail(_interrupted_message(exc), 130)
     except Exception as exc:
         if debug:
             raise

@@ -8,6 +8,7 @@ See docs/DATA_CONTRACT.md for the user-facing description.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 import shutil
@@ -28,6 +29,8 @@ EVENT_OPTIONAL = ("oracle_label", "propensity")
 # `propensity` (the logging policy's probability of showing the candidate) is logged data, like `exposed`.
 EVENT_TRAINING_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity")
 ORIGIN = "__origin_file"  # per-row source file name, kept only while validating
+# Names the platform adds to a frame while reading it: a delivered column of that name would be overwritten.
+RESERVED_COLUMNS = (ORIGIN,)
 
 
 class ContractError(ValueError):
@@ -234,15 +237,46 @@ _CSV_DTYPES = {"item_id": str, "user_id": str, "request_id": str, "text": str}
 
 def _read_table_file(path: Path) -> pd.DataFrame:
     kind = _READERS.get(path.suffix.lower())
+    if kind is None:
+        raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
+    # The names as the file has them: pandas renames a repeated CSV header (`topic` -> `topic.1`).
+    check_column_names(file_column_names(path), str(path))
     try:
         if kind == "parquet":
             return pd.read_parquet(path)
-        if kind == "csv":
-            # Only an empty cell is missing: NA, None, null... are text (an id, a country code).
-            return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=False, na_values=[""])
+        # Only an empty cell is missing: NA, None, null... are text (an id, a country code).
+        return pd.read_csv(path, dtype=_CSV_DTYPES, keep_default_na=False, na_values=[""])
     except Exception as exc:  # unreadable file: say which one
         raise ContractError(str(path), None, None, f"cannot be read as {kind}: {exc}") from exc
-    raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
+
+
+def file_column_names(path: Path) -> list[str]:
+    """The column names a data file declares, read from its header or footer only (no rows)."""
+    kind = _READERS.get(path.suffix.lower())
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            return [n for n in names if not n.startswith("__index_level_")]  # pandas' saved index, not data
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return next(csv.reader(fh), [])
+    except Exception as exc:  # unreadable file: say which one
+        raise ContractError(str(path), None, None, f"cannot be read as {kind}: {exc}") from exc
+
+
+def check_column_names(names: Sequence[str], file: str) -> None:
+    """Refuse column names the platform cannot keep apart or would overwrite: a name given twice, a reserved
+    name, an empty name or one with control characters (they would break a log line or an error message)."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ContractError(file, str(name), None, "appears twice in the header: every column needs its own name")
+        seen.add(name)
+        if name in RESERVED_COLUMNS:
+            raise ContractError(file, str(name), None, "is a name the platform reserves for its own use: rename it")
+        if not str(name).strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in str(name)):
+            raise ContractError(file, repr(str(name)), None, "is an empty name or contains control characters")
 
 
 def contract_files(directory: Path, table: str, required: bool = True) -> list[Path]:
@@ -333,8 +367,12 @@ def _folder_day(folder: Path) -> date | None:
         return None
 
 
-def _data_files(folder: Path, what: str) -> list[Path]:
+def _data_files(folder: Path, what: str, root: Path) -> list[Path]:
+    """The data files directly in ``folder`` (a folder of the contract directory ``root``), each checked to lie
+    inside ``root``."""
+    _check_inside(root, [folder])
     entries = sorted(p for p in folder.iterdir() if _is_data_name(p))
+    _check_inside(root, entries)
     for path in entries:
         if path.is_dir():
             raise ContractError(str(path), None, None, f"is a folder inside {what}: nested folders are not read "
@@ -345,11 +383,13 @@ def _data_files(folder: Path, what: str) -> list[Path]:
 
 
 def table_folder_files(folder: Path, table: str) -> list[Path]:
-    """The data files of a ``<table>/`` folder: files directly in it, or (``events/`` only) the files of
-    its ``day=YYYY-MM-DD/`` folders. Anything else nested is refused, never skipped."""
+    """The data files of a ``<table>/`` folder of a contract directory: files directly in it, or (``events/``
+    only) the files of its ``day=YYYY-MM-DD/`` folders. Anything else nested is refused, never skipped."""
+    root = folder.parent.resolve()
+    _check_inside(root, [folder])
     day_folders = [p for p in sorted(folder.iterdir()) if p.is_dir() and _is_data_name(p)]
     if not day_folders or table != "events":
-        return _data_files(folder, f"{folder.name}/")
+        return _data_files(folder, f"{folder.name}/", root)
     for path in day_folders:
         if _folder_day(path) is None:
             raise ContractError(str(path), None, None, "is a folder in events/ that is not named day=YYYY-MM-DD "
@@ -358,22 +398,39 @@ def table_folder_files(folder: Path, table: str) -> list[Path]:
     if loose:
         raise ContractError(str(loose[0]), None, None, "is a file beside day=YYYY-MM-DD/ folders in events/: put "
                             "every events file in the folder of its day")
-    return [f for path in day_folders for f in _data_files(path, f"events/{path.name}/")]
+    return [f for path in day_folders for f in _data_files(path, f"events/{path.name}/", root)]
 
 
-def event_day_folders(directory: Path) -> dict[date, Path] | None:
-    """``{day: folder}`` when ``directory/events/`` holds ``day=YYYY-MM-DD/`` folders, else None (flat)."""
+def event_day_folders(directory: Path, window: tuple[datetime, datetime] | None = None) -> dict[date, Path] | None:
+    """``{day: folder}`` when ``directory/events/`` holds ``day=YYYY-MM-DD/`` folders, else None (flat).
+
+    ``window``: a folder whose day lies outside it (a clock error, ``day=1970-01-01``) is refused by name;
+    callers that plan partitions from the folders pass it, so a stray folder cannot plan thousands of days."""
     folder = Path(directory) / "events"
     if not folder.is_dir() or not any(p.is_dir() and _is_data_name(p) for p in folder.iterdir()):
         return None
-    table_folder_files(folder, "events")  # refuses badly named folders and loose files
-    return {_folder_day(p): p for p in sorted(folder.iterdir()) if p.is_dir() and _is_data_name(p)}
+    table_folder_files(folder, "events")  # refuses badly named folders, loose files and links out
+    folders = {_folder_day(p): p for p in sorted(folder.iterdir()) if p.is_dir() and _is_data_name(p)}
+    if window is not None:
+        start, end = (pd.Timestamp(t).tz_convert("UTC") for t in window)
+        for day, path in folders.items():
+            if not start <= pd.Timestamp(day).tz_localize("UTC") < end:  # the day's first instant
+                raise ContractError(str(path), None, None,
+                                    f"is a day outside the plausible window {start.date()} .. {end.date()}: a clock "
+                                    "error? Remove the folder (or set contract.earliest_event_time / "
+                                    "contract.max_future_days if its events are real)")
+    return folders
+
+
+def day_folder_files(directory: Path, folder: Path) -> list[Path]:
+    """The data files of one ``events/day=YYYY-MM-DD/`` folder of the contract directory ``directory``."""
+    return _data_files(folder, f"events/{folder.name}/", Path(directory).resolve())
 
 
 def _read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[date]) -> tuple[pd.DataFrame, str]:
     """The events of ``days`` only (a day without a folder has no events); same columns as a full read."""
     wanted = [folders[d] for d in sorted(set(days)) if d in folders]
-    files = [f for folder in wanted for f in _data_files(folder, f"events/{folder.name}/")]
+    files = [f for folder in wanted for f in day_folder_files(directory, folder)]
     frames = []
     for path in files:
         frame = _read_table_file(path)
@@ -382,7 +439,7 @@ def _read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[
     label = f"{directory / 'events'}/ ({len(files)} files of {len(wanted)} day folders)"
     if not frames:  # no delivery for these days: an empty frame with the columns of a delivered file
         for folder in folders.values():
-            for some in _data_files(folder, f"events/{folder.name}/"):
+            for some in day_folder_files(directory, folder):
                 try:
                     return _read_table_file(some).iloc[0:0].assign(**{ORIGIN: pd.Series(dtype="object")}), label
                 except ContractError:  # that day's own run reports it
@@ -430,11 +487,12 @@ def check_day_folders(events: pd.DataFrame, origins) -> None:
                             [str(t) for t in events.loc[bad, "event_time"].head(3)])
 
 
-def contract_day_span(directory: Path) -> tuple[date, date] | None:
+def contract_day_span(directory: Path, window: tuple[datetime, datetime] | None = None) -> tuple[date, date] | None:
     """The data's first and last UTC day without reading rows: the day folders' names, or the column
-    statistics of ``event_time`` in flat parquet files. None when neither is available (CSV files)."""
+    statistics of ``event_time`` in flat parquet files. None when neither is available (CSV files).
+    ``window``: day folders outside it are refused (:func:`event_day_folders`)."""
     directory = Path(directory).expanduser().resolve()
-    folders = event_day_folders(directory)
+    folders = event_day_folders(directory, window)
     if folders is not None:
         return (min(folders), max(folders)) if folders else None
     files = contract_files(directory, "events", required=False)
@@ -493,7 +551,7 @@ def delivery_fingerprints(directory: Path, known: dict[str, list] | None = None
     catalog = contract_files(directory, "items") + contract_files(directory, "users", required=False)
     digests = {"catalog": digest_of(catalog)}
     for day, folder in folders.items():
-        digests[day.isoformat()] = digest_of(_data_files(folder, f"events/{folder.name}/"))
+        digests[day.isoformat()] = digest_of(day_folder_files(directory, folder))
     return digests, table
 
 
@@ -563,11 +621,14 @@ def _with_event_users(users: pd.DataFrame | None, events: pd.DataFrame) -> tuple
 
 
 def _check_inside(directory: Path, paths: list[Path]) -> None:
-    """Files (or a table folder) that are symbolic links to somewhere outside the contract directory are
-    refused, not read: a contract directory holds its data."""
+    """A file or folder that resolves outside the contract directory (a symbolic link, itself or any folder
+    above it up to the directory) is refused, not read: a contract directory holds its data. Checked on
+    every read path, for every file and folder, before it is opened."""
     root = Path(directory).resolve()
     for path in paths:
-        if path.exists() and path.is_symlink() and not path.resolve().is_relative_to(root):
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            linked = next((p for p in [path, *path.parents] if p.is_symlink()), path)
             raise ContractError(str(path), None, None,
-                                f"is a symbolic link to {path.resolve()}, outside the contract directory: copy the "
-                                "file into the directory instead")
+                                f"is read through the symbolic link {linked} to {linked.resolve()}, outside the "
+                                "contract directory: copy the data into the directory instead")

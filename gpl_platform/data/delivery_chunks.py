@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 from gpl_platform.data.contract import (
     ORIGIN,
     ContractError,
-    _data_files,
     _read_event_days,
     check_day_folders,
+    check_column_names,
     check_event_times,
+    day_folder_files,
     event_day_folders,
     normalize_events_frame,
     plausible_time_window,
@@ -35,6 +36,11 @@ from gpl_platform.data.contract import (
     validate_items,
     validate_users,
 )
+from gpl_platform.data.sql import quote_identifier, quote_literal
+
+
+# A delivery is read once per pass: DuckDB's cache of file blocks (up to its memory limit) would only hold memory.
+_READER_CONFIG = {"enable_external_file_cache": False}
 
 
 def contract_catalog(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -73,7 +79,7 @@ def delivered_event_chunks(
 def _day_chunks(directory, folders, day, items, users, chunk_rows, window, memory_limit) -> Iterator[pd.DataFrame]:
     if day not in folders:
         return
-    files = _data_files(folders[day], f"events/{folders[day].name}/")
+    files = day_folder_files(directory, folders[day])
     label = f"{directory / 'events'}/ ({len(files)} files of 1 day folders)"
     if any(f.suffix.lower() == ".csv" for f in files):
         frames = [_read_event_days(directory, folders, [day])[0]]
@@ -99,7 +105,9 @@ def _parquet_chunks(
             metadata = pq.read_metadata(path)
         except Exception as exc:  # unreadable file: say which one, as a whole-day read does
             raise ContractError(str(path), None, None, f"cannot be read as parquet: {exc}") from exc
-        schemas.append(metadata.schema.to_arrow_schema())
+        schema = metadata.schema.to_arrow_schema()
+        check_column_names([n for n in schema.names if not n.startswith("__index_level_")], str(path))
+        schemas.append(schema)
         rows += metadata.num_rows
     if len({tuple(sorted(s.names)) for s in schemas}) > 1:
         raise ContractError(label, None, None, "files of one table have different columns")
@@ -108,18 +116,50 @@ def _parquet_chunks(
     parts = max(1, math.ceil(rows / chunk_rows)) if "request_id" in columns else 1
     paths = [str(f) for f in files]
     relative = {str(f): str(f.relative_to(directory)) for f in files}
-    select = ", ".join(f'"{c}"' for c in columns)
-    with duckdb.connect(config={"memory_limit": memory_limit}) as con:
+    # The column names come from the delivered files: quoted, never pasted (ORIGIN itself is a refused name).
+    select = ", ".join(map(quote_identifier, [*columns, ORIGIN]))
+    with duckdb.connect(config=_READER_CONFIG | {"memory_limit": memory_limit}) as con:
         for part in range(parts):
             where = f"WHERE hash(request_id) % {parts} = {part}" if parts > 1 else ""
             try:
                 table = con.sql(
-                    f"SELECT {select}, _gpl_file FROM read_parquet(?, filename = '_gpl_file', union_by_name = true) "
+                    f"SELECT {select} FROM read_parquet(?, filename = {quote_literal(ORIGIN)}, union_by_name = true) "
                     + where,
                     params=[paths],
                 ).to_arrow_table()
             except duckdb.Error as exc:  # a damaged page: the footer read, the data did not
                 raise ContractError(label, None, None, f"cannot be read as parquet: {exc}") from exc
             frame = table.replace_schema_metadata(schemas[0].metadata).to_pandas().reset_index(drop=True)
-            frame[ORIGIN] = frame.pop("_gpl_file").map(relative)
+            frame[ORIGIN] = frame[ORIGIN].map(relative)
             yield frame
+
+
+def delivered_item_ids(directory: Path, memory_limit: str = "1GB") -> set[str]:
+    """Every item id the events of a day-folder delivery name (all its days, the ``item_id`` column only), so
+    that a new catalog can be checked against them before it replaces the old one. A file that cannot be read
+    is left out: its own day's run refuses it."""
+    directory = Path(directory).expanduser().resolve()
+    folders = event_day_folders(directory) or {}
+    files = [f for folder in folders.values() for f in day_folder_files(directory, folder)]
+    ids: set[str] = set()
+    parquet = [f for f in files if f.suffix.lower() != ".csv"]
+    with duckdb.connect(config=_READER_CONFIG | {"memory_limit": memory_limit}) as con:
+        for group in ([parquet] if parquet else []) + [[f] for f in files if f.suffix.lower() == ".csv"]:
+            try:
+                ids.update(_item_ids(con, group))
+            except (duckdb.Error, ValueError, OSError):
+                if len(group) == 1:
+                    continue
+                for path in group:  # a bad file among many: read the others one by one
+                    try:
+                        ids.update(_item_ids(con, [path]))
+                    except (duckdb.Error, ValueError, OSError):
+                        continue
+    return ids
+
+
+def _item_ids(con, files: list[Path]) -> list[str]:
+    if files[0].suffix.lower() == ".csv":
+        return pd.read_csv(files[0], usecols=["item_id"], dtype=str, keep_default_na=False)["item_id"].tolist()
+    query = "SELECT DISTINCT CAST(item_id AS VARCHAR) FROM read_parquet(?, union_by_name = true)"
+    return [row[0] for row in con.execute(query, [[str(f) for f in files]]).fetchall()]

@@ -21,6 +21,8 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from gpl_platform.data.sql import quote_identifier, quote_literal
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -136,7 +138,7 @@ class Warehouse:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 con.execute("SET TimeZone = 'UTC'")
                 if self.memory_limit:
-                    con.execute(f"SET memory_limit = '{self.memory_limit}'")
+                    con.execute(f"SET memory_limit = {quote_literal(self.memory_limit)}")
                 return con
             except duckdb.IOException as exc:
                 if not _LOCK_PATTERNS.search(str(exc)):
@@ -194,7 +196,7 @@ class Warehouse:
                 return self.replace_table(name, frame, tx)
         con.register("_incoming", frame)
         try:
-            con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM _incoming')
+            con.execute(f'CREATE OR REPLACE TABLE {quote_identifier(name)} AS SELECT * FROM _incoming')
         finally:
             con.unregister("_incoming")
         return len(frame)
@@ -213,14 +215,14 @@ class Warehouse:
         frame_days = set(row_days)
         if not frame_days <= set(days):
             raise ValueError(f"{table}: rows for days {sorted(frame_days - set(days))[:3]} outside the partitions written")
-        columns = [r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()]
+        columns = [r[0] for r in con.execute(f'DESCRIBE {quote_identifier(table)}').fetchall()]
         incoming = frame.select(columns) if isinstance(frame, pa.Table) else frame[columns]
         counts = row_days.value_counts().to_dict()
         con.register("_days", pd.DataFrame({"day": pd.to_datetime(pd.Series(days, dtype="object"))}))
         con.register("_incoming", incoming)
         try:
-            con.execute(f'DELETE FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _days)')
-            con.execute(f'INSERT INTO "{table}" SELECT * FROM _incoming')
+            con.execute(f'DELETE FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _days)')
+            con.execute(f'INSERT INTO {quote_identifier(table)} SELECT * FROM _incoming')
             rows = pd.DataFrame({"table_name": table, "day": pd.to_datetime(pd.Series(days, dtype="object")),
                                  "n_rows": [int(counts.get(d, 0)) for d in days], "run_id": run_id})
             con.register("_parts", rows)
@@ -236,7 +238,7 @@ class Warehouse:
         batches and :meth:`record_partitions`, all inside one :meth:`transaction`)."""
         con.register("_clear_days", _days_frame(days))
         try:
-            con.execute(f'DELETE FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _clear_days)')
+            con.execute(f'DELETE FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _clear_days)')
         finally:
             con.unregister("_clear_days")
 
@@ -247,7 +249,7 @@ class Warehouse:
         con.register("_record_days", _days_frame(days))
         try:
             counts = dict(con.execute(
-                f'SELECT day, count(*) FROM "{table}" WHERE day IN (SELECT CAST(day AS DATE) FROM _record_days) '
+                f'SELECT day, count(*) FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _record_days) '
                 "GROUP BY day").fetchall())
             con.execute("INSERT OR REPLACE INTO partitions SELECT ?, CAST(day AS DATE), coalesce(c.n, 0), now(), ? "
                         "FROM _record_days LEFT JOIN (SELECT unnest(?::DATE[]) AS d, unnest(?::BIGINT[]) AS n) c "
@@ -265,7 +267,7 @@ class Warehouse:
             return {}
         copied = {}
         with self.connect() as con:
-            con.execute(f"ATTACH '{other}' AS _other (READ_ONLY)")
+            con.execute(f"ATTACH {quote_literal(str(other))} AS _other (READ_ONLY)")
             try:
                 con.execute("BEGIN TRANSACTION")
                 for table in tables:
@@ -277,9 +279,9 @@ class Warehouse:
                                        "current_database() AND table_name = ?", [table]).fetchall()[0][0]
                     if not here:  # the other's DDL, keys included, so that INSERT OR IGNORE can dedupe
                         con.execute(ddl[0][0])
-                    before = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
-                    con.execute(f'INSERT OR IGNORE INTO "{table}" SELECT * FROM _other."{table}"')
-                    copied[table] = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] - before
+                    before = con.execute(f'SELECT count(*) FROM {quote_identifier(table)}').fetchone()[0]
+                    con.execute(f'INSERT OR IGNORE INTO {quote_identifier(table)} SELECT * FROM _other.{quote_identifier(table)}')
+                    copied[table] = con.execute(f'SELECT count(*) FROM {quote_identifier(table)}').fetchone()[0] - before
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")

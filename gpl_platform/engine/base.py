@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 
 from gpl_platform.config import Settings, StreamingConfig
+from gpl_platform.data.sql import quote_literal
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Engine(ABC):
 
     def configure(self, con) -> None:
         """Bound DuckDB's own memory on the driver's connection while a stage streams."""
-        con.execute(f"SET memory_limit = '{self.streaming.duckdb_memory_limit}'")
+        con.execute(f"SET memory_limit = {quote_literal(self.streaming.duckdb_memory_limit)}")
 
     @abstractmethod
     def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[duckdb.DuckDBPyRelation]:
@@ -97,11 +98,6 @@ def insert_batch(relation: duckdb.DuckDBPyRelation, insert_sql: str) -> None:
     the connection: inside a transaction DuckDB keeps every registered object alive until the commit,
     so registering each batch would hold the whole range's outputs in memory."""
     relation.query(BATCH_OUTPUT, insert_sql)
-
-
-def sql_string(value: str) -> str:
-    """``value`` as a SQL string literal (for constants in :func:`insert_batch`, which takes no parameters)."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 _ENGINES: dict[tuple, Engine] = {}

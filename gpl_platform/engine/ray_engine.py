@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpl_platform.config import RayConfig, StreamingConfig
+from gpl_platform.data.sql import quote_literal
 from gpl_platform.engine.base import BatchJob, Engine, Shared
 
 if TYPE_CHECKING:
@@ -349,7 +350,7 @@ class RayEngine(Engine):
                 inputs = {}
                 for name, sql in job.inputs(batch).items():
                     path = str(stage / f"b{batch:06d}-{name}.parquet")
-                    con.execute(f"COPY ({sql}) TO '{_quoted(path)}' (FORMAT parquet)")
+                    con.execute(f"COPY ({sql}) TO {quote_literal(path)} (FORMAT parquet)")
                     inputs[name] = path
                 out = str(stage / f"b{batch:06d}-out.parquet")
                 pool.submit(lambda a, v: a.run_batch.remote(key, holder, *v), (inputs, out))
@@ -387,7 +388,3 @@ class RayEngine(Engine):
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
-
-
-def _quoted(path: str) -> str:
-    return path.replace("'", "''")

@@ -1,18 +1,18 @@
-"""`python -m gpl_platform.features paths|serve`: where the feature store lives, and feast serve on 127.0.0.1.
+"""`python -m gpl_platform.features paths|serve`: where the feature store lives, and Feast's feature server on
+127.0.0.1.
 
     python -m gpl_platform.features paths                 # JSON of the paths
     python -m gpl_platform.features paths --config        # the rendered feature_store.yaml (for feast -f)
-    python -m gpl_platform.features serve --port 6566     # feast -c feature_repo -f <config> serve -h 127.0.0.1
+    python -m gpl_platform.features serve --port 6566     # feast serve's app, malformed entity requests refused
 
 The online store and registry are the settings' (GPL_FEATURE_STORE__ONLINE_STORE=redis ...).
 """
 
 import argparse
 import json
-import os
-import sys
 
 from gpl_platform.config import load_settings
+from gpl_platform.features.feature_server import serve
 from gpl_platform.features.repo import REPO_DIR
 from gpl_platform.features.store import FeastStore, feast_dir
 
@@ -46,24 +46,7 @@ def main(argv=None) -> int:
                 )
             )
         return 0
-    feast = os.path.join(os.path.dirname(sys.executable), "feast")
-    os.execv(
-        feast,
-        [
-            feast,
-            "-c",
-            str(REPO_DIR),
-            "-f",
-            str(config),
-            "serve",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(args.port),
-            "--workers",
-            str(args.workers),
-        ],
-    )
+    serve(args.port, args.workers)
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.config import TrainingConfig
+from gpl_platform.data.sql import quote_literal
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine.base import BATCH_OUTPUT, PLAN_TABLE, insert_batch, plan_user_batches
 from gpl_platform.prerank.train import TrainingRows
@@ -308,7 +309,7 @@ def write_training_set(
             f"{method!r} is not built a batch of requests at a time (choose from {REQUEST_SEPARABLE_METHODS})"
         )
     if duckdb_memory_limit:
-        con.execute(f"SET memory_limit = '{duckdb_memory_limit}'")
+        con.execute(f"SET memory_limit = {quote_literal(duckdb_memory_limit)}")
     con.register("_training_days", pd.DataFrame({"day": sorted(set(train_days))}))
     con.register("_label_days", pd.DataFrame({"day": sorted(set(label_days) & set(train_days))}))
     n_batches = plan_user_batches(

@@ -5,6 +5,17 @@ serves training and online scoring). Every shape reads it through :class:`DenseI
 a signed log1p and a standardization fitted on the training rows (stored in the model); the user
 history embedding and the item content embedding are each linearly projected to a small space.
 
+Unknown ids: the feature contract gives an id the store does not have its defaults (zeros, and
+``u_known``/``i_known`` 0), values the training rows never hold for a catalog id (``u_known`` is 1
+in every row, so its training std is 0). :class:`DenseInputs` therefore replaces the inputs of an
+unknown user or item (known flag 0) by the training rows' mean: its standardized scalars and
+``ui_cosine`` become 0, its embedding the training rows' mean embedding (``InputLayout.*_emb_mean``).
+An unknown item then scores like an average training candidate and an unknown user's candidates
+are ranked by their item inputs. A scalar constant in training (std at the floor) enters as 0 whatever
+its value: the model learned nothing about other values, and dividing by the floor made any other
+value an input of about -7e5 that saturated the sigmoid. This runs inside the model, so training,
+``predict`` and the scoring service apply it alike.
+
 * ``mlp`` (default): the standardized scalars, both projections and their elementwise product in
   a 2-layer MLP. No per-id parameters. Why not a pure two-tower: at this scale the cross features
   (ui_cosine, user x item counts) carry much of the signal and a tiny MLP over them costs nothing
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +49,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 USER_EMBEDDING = "u_history_emb"
 ITEM_EMBEDDING = "i_content_emb"
 USER_PREFIX, ITEM_PREFIX = "u_", "i_"
 SHAPES = ("mlp", "two_tower", "cold")
+KNOWN_COLUMNS = {"user": "u_known", "item": "i_known"}  # 0: the feature store does not have the id
+MIN_SCALAR_STD = 1e-6  # the std floor of the standardization
+CONSTANT_SCALAR_STD = 1e-5  # a training std at or below this: the scalar was constant in training
 VOCABULARY_FILE = "vocabulary.json"
 ID_EMBEDDING_INIT_STD = 0.01  # small, so the row of an id no data has reached adds little to a score
 
@@ -64,6 +80,10 @@ class InputLayout:
     item_emb_idx: list[int]
     scalar_mean: list[float] = field(default_factory=list)
     scalar_std: list[float] = field(default_factory=list)
+    # the training rows' mean embeddings: an unknown user's history, an unknown item's content (empty
+    # in a model.json from before them: those ids keep the contract's zeros)
+    user_emb_mean: list[float] = field(default_factory=list)
+    item_emb_mean: list[float] = field(default_factory=list)
 
     @classmethod
     def from_columns(cls, columns: list[str]) -> InputLayout:
@@ -76,8 +96,24 @@ class InputLayout:
     def fit_scaling(self, matrix: np.ndarray) -> InputLayout:
         scalars = _signed_log1p(matrix[:, self.scalar_idx])
         self.scalar_mean = scalars.mean(axis=0).astype(float).tolist()
-        self.scalar_std = np.maximum(scalars.std(axis=0), 1e-6).astype(float).tolist()
+        self.scalar_std = np.maximum(scalars.std(axis=0), MIN_SCALAR_STD).astype(float).tolist()
+        for entity, idx in (("user", self.user_emb_idx), ("item", self.item_emb_idx)):
+            if idx:
+                rows = matrix[self._known_rows(matrix, entity)][:, idx]
+                setattr(self, f"{entity}_emb_mean", rows.mean(axis=0).astype(float).tolist())
         return self
+
+    def _known_rows(self, matrix: np.ndarray, entity: str) -> np.ndarray:
+        """Rows whose ``entity`` is known (all rows when the columns have no known flag, or none is 1)."""
+        if KNOWN_COLUMNS[entity] not in self.columns:
+            return np.ones(len(matrix), bool)
+        known = matrix[:, self.columns.index(KNOWN_COLUMNS[entity])] != 0
+        return known if known.any() else np.ones(len(matrix), bool)
+
+    def scalar_entity(self, position: int) -> str | None:
+        """``"user"``, ``"item"``, or None for a pair input (``ui_cosine``), of the scalar at ``position``."""
+        name = self.columns[self.scalar_idx[position]]
+        return "user" if name.startswith(USER_PREFIX) else "item" if name.startswith(ITEM_PREFIX) else None
 
     def scalar_positions(self, prefix: str) -> list[int]:
         """Positions among the scalars (not matrix columns) of the scalar columns named ``prefix*``."""
@@ -146,7 +182,7 @@ def _mlp(width: int, hidden: Sequence[int], out: int, dropout: float) -> nn.Sequ
 
 class DenseInputs(nn.Module):
     """The feature matrix as model inputs, shared by every shape: standardized scalars and the two
-    embedding projections."""
+    embedding projections; an unknown user's or item's inputs are the training mean (module docstring)."""
 
     def __init__(self, layout: InputLayout, projection_dim: int):
         super().__init__()
@@ -155,6 +191,24 @@ class DenseInputs(nn.Module):
         self.register_buffer("scalar_idx", torch.tensor(layout.scalar_idx, dtype=torch.long))
         self.register_buffer("user_emb_idx", torch.tensor(layout.user_emb_idx, dtype=torch.long))
         self.register_buffer("item_emb_idx", torch.tensor(layout.item_emb_idx, dtype=torch.long))
+        # unknown-id handling, all derived from model.json (not persistent: weights saved before it still load)
+        entity = [layout.scalar_entity(p) for p in range(len(layout.scalar_idx))]
+        self.flag_col = {  # entity -> the matrix column of its known flag
+            name: layout.columns.index(column)
+            for name, column in KNOWN_COLUMNS.items()
+            if column in layout.columns and layout.columns.index(column) in layout.scalar_idx
+        }
+        positions = [layout.scalar_idx.index(col) for col in self.flag_col.values()]
+        self.register_buffer("flag_positions", torch.tensor(positions, dtype=torch.long), persistent=False)
+        # per flag, the scalars an unknown user (item) sets to the mean: its own and the pair's (ui_cosine)
+        masks = torch.tensor([[e in (name, None) for e in entity] for name in self.flag_col], dtype=torch.bool)
+        self.register_buffer("unknown_masks", masks.reshape(len(positions), len(entity)), persistent=False)
+        means = {"user": layout.user_emb_mean, "item": layout.item_emb_mean}
+        widths = {"user": len(layout.user_emb_idx), "item": len(layout.item_emb_idx)}
+        for name in KNOWN_COLUMNS:
+            fill = torch.tensor(means[name], dtype=torch.float32) if means[name] else torch.zeros(widths[name])
+            self.register_buffer(f"{name}_emb_fill", fill, persistent=False)
+        self.legacy_embedding_fill = [n for n in KNOWN_COLUMNS if widths[n] and not means[n]]
         self.n_scalars = len(layout.scalar_idx)
         self.projection_dim = projection_dim
         self.user_history_proj = nn.Linear(len(layout.user_emb_idx), projection_dim) if layout.user_emb_idx else None
@@ -162,25 +216,38 @@ class DenseInputs(nn.Module):
 
     def scalars(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Signed log1p, then standardized; all scalars or those at ``positions`` among them."""
-        idx, mean, std = self.scalar_idx, self.scalar_mean, self.scalar_std
-        if positions is not None:
-            idx, mean, std = idx[positions], mean[positions], std[positions]
-        raw = x.index_select(1, idx)
-        return (torch.sign(raw) * torch.log1p(raw.abs()) - mean) / std
+        z = self.standardize(x.index_select(1, self.scalar_idx))  # all of them: the known flags decide the fill
+        return z if positions is None else z.index_select(1, positions)
 
     def standardize(self, raw: torch.Tensor) -> torch.Tensor:
         """:meth:`scalars` of raw scalar values already taken out of the matrix (all of them, in order)."""
-        return (torch.sign(raw) * torch.log1p(raw.abs()) - self.scalar_mean) / self.scalar_std
+        z = (torch.sign(raw) * torch.log1p(raw.abs()) - self.scalar_mean) / self.scalar_std
+        z = z.masked_fill(self.scalar_std <= CONSTANT_SCALAR_STD, 0.0)  # constant in training
+        if len(self.flag_positions):
+            unknown = raw.index_select(1, self.flag_positions) == 0  # (n, flags)
+            if unknown.any():  # the training mean: 0 once standardized
+                z = z.masked_fill((unknown[:, :, None] & self.unknown_masks).any(dim=1), 0.0)
+        return z
+
+    def unknown(self, x: torch.Tensor, entity: str) -> torch.Tensor | None:
+        """Rows of ``x`` whose user (item) is not in the feature store (known flag 0); None when there is
+        none or the columns have no known flag."""
+        if entity not in self.flag_col:
+            return None
+        unknown = x[:, self.flag_col[entity]] == 0
+        return unknown if unknown.any() else None
+
+    def _embedding(self, x: torch.Tensor, entity: str) -> torch.Tensor:
+        """The entity's embedding columns of ``x``, the training mean in rows of an unknown id."""
+        emb = x.index_select(1, getattr(self, f"{entity}_emb_idx"))
+        unknown = self.unknown(x, entity)
+        return emb if unknown is None else torch.where(unknown[:, None], getattr(self, f"{entity}_emb_fill"), emb)
 
     def user_history(self, x: torch.Tensor) -> torch.Tensor | None:
-        return (
-            self.user_history_proj(x.index_select(1, self.user_emb_idx)) if self.user_history_proj is not None else None
-        )
+        return self.user_history_proj(self._embedding(x, "user")) if self.user_history_proj is not None else None
 
     def item_content(self, x: torch.Tensor) -> torch.Tensor | None:
-        return (
-            self.item_content_proj(x.index_select(1, self.item_emb_idx)) if self.item_content_proj is not None else None
-        )
+        return self.item_content_proj(self._embedding(x, "item")) if self.item_content_proj is not None else None
 
     @property
     def width(self) -> int:
@@ -212,6 +279,8 @@ class PreRanker(nn.Module):
 
     shape: ClassVar[str]
     uses_ids: ClassVar[bool] = False
+    #: buffers set by :meth:`fit_unknown_ids`; weights saved before them load with their unfitted values
+    unknown_id_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -249,6 +318,13 @@ class PreRanker(nn.Module):
         _check_id_count(user_ids, n, "user")
         _check_id_count(item_ids, n, "item")
         return (torch.from_numpy(self.user_vocab.rows(user_ids)), torch.from_numpy(self.item_vocab.rows(item_ids)))
+
+    def fit_unknown_ids(
+        self, matrix: np.ndarray, user_rows: torch.Tensor | None, item_rows: torch.Tensor | None
+    ) -> PreRanker:
+        """What a shape keeps for unknown ids beyond the inputs' training means, from the training rows
+        once training ended (``two_tower``: the towers' mean outputs; the others: nothing)."""
+        return self
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Adam groups: id embeddings without weight decay (decay would move rows no data has reached;
@@ -333,9 +409,30 @@ class PreRanker(nn.Module):
         model = build_preranker(InputLayout(**meta["layout"]), config, user_vocab, item_vocab)
         state = torch.load(directory / "model.pt", weights_only=True)
         # only mlp weights can predate the shapes (and two_tower has real ``user_tower.*`` keys)
-        model.load_state_dict(_rename_legacy_keys(state) if config.shape == "mlp" else state)
+        state = _rename_legacy_keys(state) if config.shape == "mlp" else state
+        unfitted = [k for k in model.unknown_id_state if k not in state]
+        state = {**{k: v for k, v in model.state_dict().items() if k in unfitted}, **state}
+        model.load_state_dict(state)
         model.eval()
+        if unfitted:
+            log.warning(
+                "%s predates the %s unknown-id vectors: an unknown id goes through the towers with the "
+                "training mean inputs; retrain to store them",
+                directory,
+                model.shape,
+            )
+        if model.inputs.legacy_embedding_fill:
+            log.warning(
+                "%s predates the unknown-id embedding means: an unknown %s keeps the contract's zero "
+                "embedding (its scalars still get the training mean); retrain to store the means",
+                directory,
+                " or ".join(model.inputs.legacy_embedding_fill),
+            )
         return model, meta["lineage"]
+
+
+def _known(unknown: torch.Tensor | None, n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.bool) if unknown is None else ~unknown
 
 
 def _check_id_count(ids: Sequence[str], n: int, kind: str) -> None:
@@ -400,10 +497,16 @@ class ItemVectors:
 
 
 class TwoTowerPreRanker(PreRanker):
-    """logit = <user tower, item tower> + item bias + global bias; no cross features."""
+    """logit = <user tower, item tower> + item bias + global bias; no cross features.
+
+    An unknown user (item) gets the mean user (item) vector and logit offset of the training rows
+    (:meth:`fit_unknown_ids`), not the tower of the mean inputs: the towers are not linear, and in the
+    test world the item tower of the mean inputs scored above every catalog item for a third of the
+    users. So an unknown item's logit for a user is that user's mean logit over the training rows."""
 
     shape = "two_tower"
     uses_ids = True
+    unknown_id_state = ("unknown_fitted", "unknown_user_vector", "unknown_item_vector", "unknown_item_offset")
 
     def __init__(
         self,
@@ -427,16 +530,48 @@ class TwoTowerPreRanker(PreRanker):
         item_width = c.id_dim + len(self.item_scalar_pos) + (proj if self.inputs.item_content_proj is not None else 0)
         self.user_tower = _mlp(user_width, c.hidden[:-1], c.hidden[-1], c.dropout)
         self.item_tower = _mlp(item_width, c.hidden[:-1], c.hidden[-1], c.dropout)
+        # until fitted (during training, or weights saved before them) unknown ids go through the towers
+        self.register_buffer("unknown_fitted", torch.tensor(False))
+        self.register_buffer("unknown_user_vector", torch.zeros(c.hidden[-1]))
+        self.register_buffer("unknown_item_vector", torch.zeros(c.hidden[-1]))
+        self.register_buffer("unknown_item_offset", torch.zeros(()))
+
+    @torch.no_grad()
+    def fit_unknown_ids(self, matrix, user_rows, item_rows, batch_size: int = 65536) -> TwoTowerPreRanker:
+        """The mean user vector, item vector and item logit offset over the training rows of known ids."""
+        self.eval()
+        self.unknown_fitted.fill_(False)
+        sums = {"user": 0.0, "item": 0.0, "offset": 0.0}
+        counts = {"user": 0, "item": 0}
+        for k in range(0, len(matrix), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(matrix[k : k + batch_size], dtype=np.float32))
+            users = self.user_vectors(x, user_rows[k : k + batch_size])
+            items, offset = self._item_side(x, item_rows[k : k + batch_size])
+            known = {e: _known(self.inputs.unknown(x, e), len(x)) for e in ("user", "item")}
+            sums["user"] = sums["user"] + users[known["user"]].sum(dim=0)
+            sums["item"] = sums["item"] + items[known["item"]].sum(dim=0)
+            sums["offset"] += float(offset[known["item"]].sum())
+            counts["user"] += int(known["user"].sum())
+            counts["item"] += int(known["item"].sum())
+        if counts["user"]:
+            self.unknown_user_vector.copy_(sums["user"] / counts["user"])
+        if counts["item"]:
+            self.unknown_item_vector.copy_(sums["item"] / counts["item"])
+            self.unknown_item_offset.fill_(sums["offset"] / counts["item"])
+        self.unknown_fitted.fill_(True)
+        return self
 
     def _tower_inputs(self, ids: torch.Tensor, scalars: torch.Tensor, projection: torch.Tensor | None):
         return torch.cat([ids, scalars] + ([projection] if projection is not None else []), dim=1)
 
     def user_vectors(self, x: torch.Tensor, user_rows: torch.Tensor) -> torch.Tensor:
-        return self.user_tower(
+        vectors = self.user_tower(
             self._tower_inputs(
                 self.user_id_emb(user_rows), self.inputs.scalars(x, self.user_scalar_pos), self.inputs.user_history(x)
             )
         )
+        unknown = self.inputs.unknown(x, "user") if self.unknown_fitted else None
+        return vectors if unknown is None else torch.where(unknown[:, None], self.unknown_user_vector, vectors)
 
     def _item_side(self, x: torch.Tensor, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item vectors and logit offsets (item bias + global bias)."""
@@ -445,7 +580,12 @@ class TwoTowerPreRanker(PreRanker):
                 self.item_id_emb(item_rows), self.inputs.scalars(x, self.item_scalar_pos), self.inputs.item_content(x)
             )
         )
-        return vectors, self.item_bias(item_rows).squeeze(1) + self.global_bias
+        offset = self.item_bias(item_rows).squeeze(1) + self.global_bias
+        unknown = self.inputs.unknown(x, "item") if self.unknown_fitted else None
+        if unknown is not None:
+            vectors = torch.where(unknown[:, None], self.unknown_item_vector, vectors)
+            offset = torch.where(unknown, self.unknown_item_offset, offset)
+        return vectors, offset
 
     def forward(self, x, user_rows=None, item_rows=None):
         users = self.user_vectors(x, user_rows)

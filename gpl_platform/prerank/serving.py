@@ -19,7 +19,9 @@ rebuild, once per materialization).
 
 Unknown item ids get the contract's defaults (``i_known = 0``) and are reported; ids outside an
 id-shape model's vocabulary score through its out-of-vocabulary row and are reported too, never an
-error.
+error. The model reads an unknown user's or item's inputs as the training mean (``u_known``/``i_known``
+0: :mod:`gpl_platform.prerank.model`), so an unknown item scores inside the catalog's range for the
+user, not above or below every item, and an unknown user's candidates are ranked by their item inputs.
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def train_preranker(
         elif epoch - best["epoch"] >= config.patience:
             break
     model.load_state_dict(best["state"])
+    model.fit_unknown_ids(rows.matrix, user_rows, item_rows)
     model.eval()
     return model, {
         "epochs_run": len(history),

@@ -26,9 +26,10 @@ import pandas as pd
 
 from gpl_platform.config import CalibrationConfig, ConfidenceConfig
 from gpl_platform.data.errors import MissingUpstreamDays
+from gpl_platform.data.sql import quote_literal
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import BatchJob, Engine, LocalEngine
-from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch, plan_user_batches, sql_string
+from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch, plan_user_batches
 from gpl_platform.pseudo_labels.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator
 from gpl_platform.pseudo_labels.batches import (
     ANCHORS_TABLE,
@@ -123,7 +124,7 @@ def score_day_candidates(
                 INSERT INTO {tables.similarities} (day, request_id, user_id, item_id, exposed, similarity_max,
                                                    similarity_mean, anchor_id, encoder_id, anchor_signature)
                 SELECT day, request_id, user_id, item_id, exposed, similarity_max, similarity_mean, anchor_id,
-                       {sql_string(encoder_id)}, {sql_string(anchor_signature)}
+                       {quote_literal(encoder_id)}, {quote_literal(anchor_signature)}
                 FROM {BATCH_OUTPUT}""",
             )
         warehouse.record_partitions(tables.similarities, days, con, run_id)
@@ -284,7 +285,7 @@ def pseudo_label_days(
             "calibration_version",
             "calibration_version_mean_pool",
         ]
-        versions = f"{sql_string(generator.prompt_version or 'none')}, {sql_string(encoder_id)}"
+        versions = f"{quote_literal(generator.prompt_version or 'none')}, {quote_literal(encoder_id)}"
         for relation in progress_of(engine.run(con, job, range(n_batches)), n_batches, "pseudo-labels"):
             insert_batch(
                 relation,

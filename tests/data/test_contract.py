@@ -209,7 +209,7 @@ def test_a_file_linked_from_outside_the_directory_is_not_read(tmp_path):
     (outside / "secret.csv").write_text("root:x:0:0:root:/root:/bin/bash\n")
     contract = write_contract_dir(tmp_path / "contract", items, None, events)
     (contract / "users.csv").symlink_to(outside / "secret.csv")
-    with pytest.raises(ContractError, match="symbolic link to .*outside the contract directory") as info:
+    with pytest.raises(ContractError, match="symbolic link .* outside the contract directory") as info:
         read_contract_dir(contract)
     assert "root:x" not in str(info.value)
     (contract / "users.csv").unlink()

@@ -114,9 +114,9 @@ def test_range_tags_are_the_partition_range_of_a_run(tmp_path, dagster_defs):
 
 
 def test_a_daily_delivery_is_ingested_a_day_at_a_time_in_a_range_run(tmp_path, settings, monkeypatch):
-    """A run over five days of a day-folder delivery reads, validates and replaces one day at a time, each in
-    chunks of whole requests (its memory is a chunk's); a broken day fails the run in one line and leaves that
-    day's previous rows."""
+    """A run over five days of a day-folder delivery validates every day, then replaces one day at a time, each
+    read in chunks of whole requests (its memory is a chunk's); a broken day fails the run in one line and
+    leaves every day's previous rows."""
     from gpl_platform.data import delivery_chunks
     from gpl_platform.data.sources import load_source
 
@@ -142,7 +142,10 @@ def test_a_daily_delivery_is_ingested_a_day_at_a_time_in_a_range_run(tmp_path, s
     monkeypatch.setattr(delivery_chunks, "contract_catalog", lambda d: catalogs.append(d) or read_catalog(d))
     result = run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
     assert result.success and len(result.runs) == 2  # unpartitioned + one run for all 5 days
-    assert len(catalogs) == 1  # the catalog is validated once for the run's days, not once a day
+    # the run's days are read twice, validated first and then written: the catalog once each time, not once a day
+    assert len(catalogs) == 2
+    assert chunks[: len(chunks) // 2] == chunks[len(chunks) // 2 :]
+    chunks = chunks[: len(chunks) // 2]
     folders = [name for name, _ in chunks]
     assert sorted(set(folders)) == [f"day=2024-01-0{d}" for d in range(1, 6)] and folders == sorted(folders)
     day_rows = {f: sum(n for g, n in chunks if g == f) for f in set(folders)}
@@ -157,7 +160,43 @@ def test_a_daily_delivery_is_ingested_a_day_at_a_time_in_a_range_run(tmp_path, s
     events = pd.read_parquet(part)
     events.loc[events.index[-2:], "item_id"] = ["unknown-1", "unknown-2"]
     events.to_parquet(part, index=False)
-    with pytest.raises(Exception, match="missing from the items table") as failure:
+    # the catalog step sees the delivered events' unknown items first and refuses before anything is written
+    with pytest.raises(Exception, match="missing from the (items table|new catalog)") as failure:
         run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
     assert "\n" not in str(failure.value)
     pd.testing.assert_frame_equal(before, wh.query("SELECT * FROM events ORDER BY request_id, item_id"))
+
+
+def test_a_refused_catalog_and_a_refused_day_write_nothing(tmp_path, settings):
+    """A re-delivered catalog without an item that delivered events use is refused before it replaces the old
+    one; a run whose last day is refused leaves its earlier days as they were, re-delivered content included."""
+    from gpl_platform.data.sources import load_source
+
+    delivery = tmp_path / "contract"
+    world = load_source(settings)
+    export_contract_dir(world, delivery, by_day=True)
+    gpl = GplSettings(source="contract", contract_path=str(delivery), data_dir=str(tmp_path / "data"))
+    assert run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION).success
+    wh = gpl.warehouse()
+    items_before = wh.query("SELECT * FROM items ORDER BY item_id")
+    events_before = wh.query("SELECT * FROM events ORDER BY request_id, item_id")
+
+    used = world.events["item_id"].iloc[0]
+    world.items[world.items["item_id"] != used].to_parquet(delivery / "items.parquet", index=False)
+    with pytest.raises(Exception, match=rf"unpartitioned stage failed.*ContractError: items: column 'item_id'.*{used}"):
+        run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
+    pd.testing.assert_frame_equal(items_before, wh.query("SELECT * FROM items ORDER BY item_id"))
+
+    world.items.to_parquet(delivery / "items.parquet", index=False)
+    first = next((delivery / "events" / "day=2024-01-01").glob("*.parquet"))
+    changed = pd.read_parquet(first)
+    changed["clicked"] = 1 - changed["clicked"]  # a re-delivered first day...
+    changed.to_parquet(first, index=False)
+    last = next((delivery / "events" / "day=2024-01-05").glob("*.parquet"))
+    broken = pd.read_parquet(last)
+    broken["exposed"] = broken["exposed"].astype(object)
+    broken.loc[broken.index[-1], "exposed"] = None  # ...and a refused last day
+    broken.to_parquet(last, index=False)
+    with pytest.raises(Exception, match=r"partitioned stage failed.*day=2024-01-05"):
+        run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
+    pd.testing.assert_frame_equal(events_before, wh.query("SELECT * FROM events ORDER BY request_id, item_id"))

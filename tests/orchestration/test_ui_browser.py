@@ -198,15 +198,23 @@ def ui_env(home: Path, data: Path) -> dict:
     return env
 
 
-def test_ui_behind_the_proxy_shows_failing_days_refuses_foreign_origins_and_stops(tmp_path, monkeypatch):
-    home, data, shots = tmp_path / "dagster_home", tmp_path / "data", tmp_path / "screenshots"
-    for folder in (home / "tmp", data, shots):
+def launch_ui(tmp_path: Path):
+    """`python -m assets.ui` on a free port with a fresh Dagster home (the project's dagster.yaml) and data
+    directory: (home, data, url, log, process, marker) as :func:`start_ui` gives them."""
+    home, data = tmp_path / "dagster_home", tmp_path / "data"
+    for folder in (home / "tmp", data):
         folder.mkdir(parents=True)
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
     ui, marker = start_ui([sys.executable, "-m", "assets.ui", "--port", str(port)], ui_env(home, data), log)
+    return home, data, f"http://127.0.0.1:{port}", log, ui, marker
+
+
+def test_ui_behind_the_proxy_shows_failing_days_refuses_foreign_origins_and_stops(tmp_path, monkeypatch):
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    home, data, url, log, ui, marker = launch_ui(tmp_path)
     try:
         # The UI starts while this process materializes into the same instance.
         run_id = _materialize_into(home, data, monkeypatch)

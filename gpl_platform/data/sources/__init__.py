@@ -89,7 +89,7 @@ MOVIELENS_100K_SPAN = (date(1997, 9, 20), date(1998, 4, 22))
 
 def contract_last_day(settings: Settings) -> date | None:
     """The last delivered day of a contract directory, when known without reading rows."""
-    span = contract_day_span(_contract_path(settings))
+    span = contract_day_span(_contract_path(settings), contract_time_window(settings))
     return span[1] if span else None
 
 
@@ -108,13 +108,12 @@ def partition_span(settings: Settings, today: date | None = None) -> tuple[date,
         folder = _contract_path(settings)
         if not folder.is_dir():
             raise ContractError(str(folder), None, None, "is not a directory")
-        span = contract_day_span(folder)
+        span = contract_day_span(folder, contract_time_window(settings))  # a clock-error day folder is refused here
         if span is None:
             raise ContractError(str(folder), None, None,
                                 "has no day folders, and its events (CSV, parquet without statistics, or none "
                                 "yet) do not tell their first day without reading every row: set "
                                 "GPL_CONTRACT__START_DATE=YYYY-MM-DD or deliver events/day=YYYY-MM-DD/ folders")
-        # A clock error (1970, 2200) must not make thousands of partitions: validation names those rows.
         start = min(max(span[0], settings.contract.earliest_event_time), today)
     return start, None
 
