@@ -136,7 +136,11 @@ def training_assets(automation: Automation) -> list:
                 "version": result["version"],
                 "path": MetadataValue.path(result["path"]),
                 "best_valid_auc": result["training"]["best_valid_auc"],
+                "budget": result["training"].get("budget", "epochs"),
+                "steps": result["training"].get("steps", 0),
                 "epochs_run": result["training"]["epochs_run"],
+                "best_step": result["training"].get("best_step", 0),
+                "hit_cap": result["training"].get("hit_cap", False),
                 "rows": result["training"]["n_rows"],
                 "pseudo_rows": result["training"]["n_pseudo"],
                 "lineage": MetadataValue.json(result["lineage"]),
@@ -183,16 +187,10 @@ def training_assets(automation: Automation) -> list:
                     "label_audit": MetadataValue.json(report.get("label_audit") or {}),
                 }
             )
-        from gpl_platform.evaluation.offline import run_offline_evaluation, write_reports
+        from gpl_platform.evaluation.offline import write_reports
+        from gpl_platform.evaluation.tuning import evaluate_with_oracle
 
-        report = run_offline_evaluation(
-            wh,
-            feature_store.get(),
-            settings.training,
-            settings.source,
-            label_gate=gates.pseudo_labels,
-            evaluation=settings.evaluation,
-        )
+        report = evaluate_with_oracle(wh, feature_store.get(), settings, gates.pseudo_labels)
         paths = write_reports(report, settings.data_dir / "reports" / "offline_eval.json")
         return MaterializeResult(
             metadata={

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -42,6 +44,8 @@ def run(
     extra_overrides: dict | None = None,
     results_doc: Path | None = None,
     resume: bool = False,
+    worlds: list[int] | None = None,
+    tune: bool = True,
 ) -> dict:
     os.environ["GPL_SOURCE"] = source  # the definitions' partitions follow the configured source
     from assets.definitions import build_definitions
@@ -52,6 +56,7 @@ def run(
     from gpl_platform.data.stats import dataset_statistics
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation import bias_sweep
+    from gpl_platform.evaluation.offline import PreRankerSpec, method_comparisons, scores_path
 
     names = settings or list(bias_sweep.SWEEP_SETTINGS[source])
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
@@ -65,55 +70,70 @@ def run(
     began = time.perf_counter()
     sweep: dict = {"source": source, "seeds": seeds, "methods": methods, "prerankers": prerankers, "settings": {}}
     previous: Path | None = None
+    # the simulator draws a new world for each seed; MovieLens is one dataset (its protocol seeds vary the
+    # recall and exposure draws, which the world seeds then do)
+    worlds = list(worlds or DEFAULT_WORLDS[source])
     for name in names:
-        overrides = bias_sweep.setting_overrides(source, name, root / name, extra_overrides)
-        overrides = bias_sweep.deep_merge(overrides, {"evaluation": {"methods": methods, "prerankers": prerankers}})
-        if seeds:
-            overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
-        settings_obj = load_settings(overrides)
         started = time.perf_counter()
-        report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
-        report = finished_report(report_path, methods, prerankers, seeds) if resume else None
-        resumed, reused, failed_checks = report is not None, {}, None  # a resumed run's checks are not known here
-        if resumed:
-            log.info(
-                "setting %s: resumed from %s (written %s)",
-                name,
-                report_path,
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(report_path.stat().st_mtime)),
+        reports, frames, protocol = {}, {}, {}
+        for world in worlds:
+            data_dir = root / name / f"world-{world}"
+            overrides = bias_sweep.setting_overrides(source, name, data_dir, extra_overrides)
+            overrides = bias_sweep.deep_merge(
+                overrides,
+                {"seed": world, "evaluation": {"methods": methods, "prerankers": prerankers, "tune": tune}},
             )
-        else:
-            warehouse = Warehouse.for_settings(settings_obj)
-            reused = warehouse.import_caches(previous) if previous else {}
-            log.info(
-                "setting %s: running the asset graph into %s (reused from %s: %s)", name, root / name, previous, reused
+            if seeds:
+                overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
+            settings_obj = load_settings(overrides)
+            report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
+            report = finished_report(report_path, methods, prerankers, seeds) if resume else None
+            reused, failed_checks = {}, None  # a resumed run's checks are not known here
+            if report is None:
+                warehouse = Warehouse.for_settings(settings_obj)
+                reused = warehouse.import_caches(previous) if previous else {}
+                log.info("setting %s, world %s: the asset graph into %s (reused: %s)", name, world, data_dir, reused)
+                result = run_pipeline(
+                    resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
+                    ephemeral=True,
+                    selection=selection,
+                )
+                if not result.success or not report_path.exists():
+                    raise RuntimeError(f"setting {name}, world {world}: the pipeline did not produce {report_path}")
+                report = json.loads(report_path.read_text())
+                failed_checks = len(result.failed_checks)
+            reports[world] = report
+            scores = pd.read_parquet(scores_path(report_path))
+            frames[world] = scores
+            dataset = load_source(settings_obj)
+            protocol.setdefault(
+                "overrides", {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation", "seed")}
             )
-            result = run_pipeline(
-                resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
-                ephemeral=True,
-                selection=selection,
-            )
-            if not result.success or not report_path.exists():
-                raise RuntimeError(f"setting {name}: the pipeline did not produce {report_path}")
-            report = json.loads(report_path.read_text())
-            failed_checks = len(result.failed_checks)
-        dataset = load_source(settings_obj)
-        protocol = {
-            "overrides": {k: v for k, v in overrides.items() if k not in ("data_dir", "evaluation")},
-            "statistics": dataset_statistics(dataset),
-            "exposure_policy": dataset.info.get("exposure", {}),
-            "failed_checks": failed_checks,
-            "reused_work": reused,
-            "resumed": resumed,
-            "seconds": round(time.perf_counter() - started, 1),
+            protocol.setdefault("per_world", {})[str(world)] = {
+                "statistics": dataset_statistics(dataset),
+                "exposure_policy": dataset.info.get("exposure", {}),
+                "failed_checks": failed_checks,
+                "reused_work": reused,
+                "tuning": report.get("tuning"),
+            }
+            previous = settings_obj.warehouse
+        protocol["seconds"] = round(time.perf_counter() - started, 1)
+        protocol["tuned"] = tune
+        combined = bias_sweep.combine_worlds(reports)
+        comparisons = {
+            PreRankerSpec.parse(p).name: method_comparisons(None, PreRankerSpec.parse(p).name, frames)
+            for p in prerankers
         }
-        sweep["settings"][name] = bias_sweep.summarize_setting(report, protocol)
-        sweep["seeds"] = report.get("seeds")
-        previous = settings_obj.warehouse
+        sweep["settings"][name] = bias_sweep.summarize_setting(combined, protocol, comparisons, worlds)
+        sweep["seeds"] = combined.get("seeds")
     sweep["seconds"] = round(time.perf_counter() - began, 1)
     if out:
         write(sweep, Path(out), results_doc)
     return sweep
+
+
+#: world seeds of a setting: 3 simulator worlds; MovieLens is one dataset (more seeds vary its protocol's draws)
+DEFAULT_WORLDS = {"simulator": (42, 7, 13), "movielens-100k": (42,)}
 
 
 def finished_report(path: Path, methods: list[str], prerankers: list[str], seeds: list[int] | None) -> dict | None:

@@ -64,7 +64,7 @@ def _train(world, shape: str, seed: int, directory: Path) -> Path:
         matrix[:500],
         labels[:500].astype(int),
         ModelConfig(shape=shape),
-        TrainConfig(epochs=2, seed=seed),
+        TrainConfig(budget="epochs", epochs=2, seed=seed),
         valid_user_ids=ids["user_ids"][:500],
         valid_item_ids=ids["item_ids"][:500],
         user_vocab=world["dataset"].users["user_id"].tolist(),

@@ -404,6 +404,12 @@ class TrainingConfig(BaseModel):
     )
     negative_sample_rate: float = Field(0.3, gt=0, le=1, description="unexposed_negative: share of unexposed rows kept")
     ips_clip: float = Field(20.0, gt=1, description="largest inverse-propensity weight")
+    distill_weight: float = Field(
+        0.3,
+        ge=0,
+        description="ranker_distillation and ukd: weight of the teacher-labelled unexposed rows (its own knob, "
+        "tuned like lambda; it used to reuse lambda)",
+    )
     max_failing_label_days_share: float = Field(
         0.8,
         ge=0,
@@ -415,10 +421,29 @@ class TrainingConfig(BaseModel):
         "prerank_v2", description="Feast feature service the pre-ranker reads (feature_repo/definitions.py)"
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    epochs: int = Field(15, gt=0)
-    batch_size: int = Field(2048, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    patience: int = Field(2, gt=0)
+    # One budget for every method: counted in passes, a method with five times the rows got five
+    # times the optimizer steps, and small ones stopped while still improving.
+    budget: Literal["steps", "epochs"] = Field(
+        "steps",
+        description="steps: every method gets the same optimizer-step budget and validation schedule "
+        "(max_steps, eval_every_steps, patience_evals); epochs: the former schedule (epochs, patience)",
+    )
+    max_steps: int = Field(
+        4000, gt=0, description="budget=steps: the cap on optimizer steps (runs are meant to stop by patience first)"
+    )
+    # 20 x 25: small row sets peak within ~30 steps (a coarser schedule misses it) and noisy validation
+    # AUCs of large ones can stall ~350 steps before improving again; 4000 is >2x the longest run measured
+    eval_every_steps: int = Field(20, gt=0, description="budget=steps: validation every this many optimizer steps")
+    patience_evals: int = Field(
+        25, gt=0, description="budget=steps: stop after this many validations without a better score"
+    )
+    epochs: int = Field(15, gt=0, description="budget=epochs: the cap on passes over the training rows")
+    patience: int = Field(2, gt=0, description="budget=epochs: stop after this many passes without a better score")
+    batch_size: int = Field(2048, gt=0, description="rows per optimizer step")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(
+        1e-5, ge=0, description="Adam weight decay of the dense layers (id embeddings get none)"
+    )
     preranker: Literal["mlp", "two_tower", "cold"] = Field(
         "mlp",
         description="pre-ranker shape: mlp (dense features only), two_tower or cold (with user and "
@@ -435,6 +460,7 @@ class EvaluationConfig(BaseModel):
             "exposed_only",
             "unexposed_negative",
             "ranker_distillation",
+            "ukd",
             "ips",
             "gpl",
             "gpl_no_confidence",
@@ -442,8 +468,12 @@ class EvaluationConfig(BaseModel):
             "gpl_history_anchors",
             "gpl_sid",
             "pseudo_only",
+            "gpl_constant_label",
+            "gpl_user_mean_label",
+            "gpl_request_permuted",
         ],
-        description="methods trained side by side",
+        description="methods trained side by side (gpl_platform/prerank/methods.py: baselines, gpl, its ablations "
+        "and its controls)",
     )
     prerankers: list[str] = Field(
         default_factory=list,
@@ -455,6 +485,13 @@ class EvaluationConfig(BaseModel):
         5, ge=1, description="items exposed 1..N times in the training days are 'rarely exposed', more: 'often'"
     )
     long_history_min: int = Field(5, ge=1, description="users with at least N positives have a 'long' history")
+    tune: bool = Field(
+        False,
+        description="tune every method by one rule on validation days before the evaluation "
+        "(gpl_platform/evaluation/tuning.py; the bias sweep turns it on; it multiplies the evaluation's time by "
+        "about tuning_trials)",
+    )
+    tuning_trials: int = Field(8, ge=1, description="configurations tried per tuned method (the same for every method)")
 
 
 class AutomationConfig(BaseModel):

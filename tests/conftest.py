@@ -24,6 +24,9 @@ TEST_ENV = {
     "GPL_SID__GENERATOR__EPOCHS": "12",
     "GPL_SID__GENERATOR__RETRAIN_EVERY_DAYS": "2",
     "GPL_SID__GENERATOR__MIN_TRAINING_POSITIVES": "30",
+    # the step budget's validation schedule, shrunk for the tiny worlds (tests check behaviour, not convergence)
+    "GPL_TRAINING__EVAL_EVERY_STEPS": "5",
+    "GPL_TRAINING__PATIENCE_EVALS": "3",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "DAGSTER_DISABLE_TELEMETRY": "1",

@@ -249,7 +249,7 @@ def train_small_model(world, shape: str, seed: int = 0, out=None):
         rows.matrix[:200],
         rows.labels[:200].astype(int),
         ModelConfig(shape=shape),
-        TrainConfig(epochs=2, seed=seed),
+        TrainConfig(budget="epochs", epochs=2, seed=seed),
         valid_user_ids=cands["user_id"][:200].to_numpy(),
         valid_item_ids=cands["item_id"][:200].to_numpy(),
         user_vocab=users[:-3],

@@ -143,16 +143,36 @@ def bench_bias_sweep(
         help="read a setting's existing evaluation report (same methods, "
         "pre-rankers and seeds) instead of running it again",
     ),
+    world: list[int] | None = typer.Option(
+        None,
+        "--world",
+        help="world seeds of each setting (repeatable; default: 42, 7, 13 on the simulator, 42 on MovieLens)",
+    ),
+    tune: bool = typer.Option(
+        True,
+        help="tune every method on validation days first (docs/EVALUATION.md, 'Tuning'); --no-tune: settings as given",
+    ),
 ) -> None:
-    """Protocol settings from no selection bias to a logging policy's feedback loop: every method on each,
-    GPL's lift over exposed_only against the bias strength, and the pseudo-label ceiling."""
+    """Protocol settings from no selection bias to a logging policy's feedback loop: every method on each over
+    several worlds, tuned by one rule, gpl against every baseline and control with 95% intervals, and the
+    pseudo-label ceiling."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("dagster", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     sweep = _bench_module("bench_bias_sweep").run(
-        source, out, setting, seed, method, preranker, data_root, results_doc=results_doc, resume=resume
+        source,
+        out,
+        setting,
+        seed,
+        method,
+        preranker,
+        data_root,
+        results_doc=results_doc,
+        resume=resume,
+        worlds=world,
+        tune=tune,
     )
     typer.echo(
         json.dumps(

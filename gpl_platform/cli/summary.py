@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 #: the columns of the results table: report key -> header
-TABLE_METRICS = {"auc": "AUC", "unexposed_auc": "unexposed AUC", "hr@10": "HR@10"}
+TABLE_METRICS = {"unexposed_gauc": "unexposed GAUC", "auc": "AUC", "unexposed_auc": "unexposed AUC", "hr@10": "HR@10"}
 #: a failed check's line is cut to this many characters (the Dagster UI has the whole text)
 CHECK_LINE_CHARS = 160
 
@@ -27,7 +27,8 @@ def _cell(metrics: dict, key: str) -> str:
 
 
 def results_table(report: dict) -> list[str]:
-    """Lines of the headline pre-ranker's table, best unexposed AUC first, GPL's lift over exposed_only."""
+    """Lines of the headline pre-ranker's table, best per-request unexposed GAUC first, GPL's lift over
+    exposed_only."""
     methods: dict = report.get("methods") or {}
     if not methods:
         return []
@@ -44,20 +45,44 @@ def results_table(report: dict) -> list[str]:
     lines.append("  " + "method".ljust(width) + "".join(h.rjust(20) for h in TABLE_METRICS.values()))
 
     def order(item) -> float:
-        value = (item[1].get("unexposed_auc") or {}).get("mean")
+        value = (item[1].get("unexposed_gauc") or item[1].get("unexposed_auc") or {}).get("mean")
         return -(value if value is not None and value == value else float("-inf"))
 
     for method, metrics in sorted(methods.items(), key=order):
         lines.append("  " + method.ljust(width) + "".join(_cell(metrics, k).rjust(20) for k in TABLE_METRICS))
-    gpl, base = methods.get("gpl"), methods.get("exposed_only")
-    if gpl and base:
-        lift = {
-            k: (gpl.get(k) or {}).get("mean", float("nan")) - (base.get(k) or {}).get("mean", float("nan"))
-            for k in ("auc", "unexposed_auc")
-        }
-        spread = (base.get("unexposed_auc") or {}).get("std")
-        note = f" (exposed_only's spread over seeds: {spread:.4f})" if spread is not None else ""
-        lines.append(f"  gpl - exposed_only: AUC {lift['auc']:+.4f}, unexposed AUC {lift['unexposed_auc']:+.4f}" + note)
+    lines += comparison_lines(report)
+    return lines
+
+
+def _best(methods: dict, families: dict, family: str, metric: str = "unexposed_gauc") -> str | None:
+    """The method of ``family`` with the highest mean ``metric``."""
+    scored = [
+        (value, m)
+        for m, metrics in methods.items()
+        if families.get(m) == family
+        and (value := (metrics.get(metric) or {}).get("mean")) is not None
+        and value == value
+    ]
+    return max(scored)[1] if scored else None
+
+
+def comparison_lines(report: dict, metric: str = "unexposed_gauc") -> list[str]:
+    """GPL against the best baseline and the best control on per-request unexposed GAUC, each difference with
+    its 95% interval (bootstrap over test requests and seeds), and what the claim rule then says."""
+    methods, families = report.get("methods") or {}, report.get("method_families") or {}
+    found = {(c["against"], c["metric"]): c for c in report.get("comparisons") or [] if c.get("method") == "gpl"}
+    lines = []
+    for family in ("baseline", "control"):
+        best = _best(methods, families, family, metric)
+        entry = found.get((best, metric))
+        if entry is None:
+            continue
+        lo, hi = entry["ci95"]
+        interval = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None else "[n/a]"
+        verdict = "above 0" if lo is not None and lo > 0 else "below 0" if hi is not None and hi < 0 else "includes 0"
+        lines.append(
+            f"  gpl - best {family} ({best}): {metric} {entry['diff']:+.4f}, 95% interval {interval} ({verdict})"
+        )
     return lines
 
 

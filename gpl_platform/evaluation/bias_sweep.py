@@ -3,8 +3,9 @@
 ``bench/bench_bias_sweep.py`` (``gpl bench bias-sweep``) runs each setting through the asset
 graph and the offline evaluation; this module holds the grid (docs/EVALUATION.md, "The settings
 of the bias sweep") and turns the per-setting evaluation reports into the sweep's JSON
-``{"source", "settings": {name: {"protocol", "methods", "prerankers", "ceiling"}}}``, the lift plot and
-the markdown table.
+``{"source", "settings": {name: {"protocol", "methods", "comparisons", "prerankers", "ceiling"}}}``, the lift
+plot and the markdown table. The headline is the pre-ranker's own metric, per-request GAUC on unexposed
+candidates, as paired differences with 95% intervals (:mod:`gpl_platform.evaluation.uncertainty`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from gpl_platform.evaluation.uncertainty import helps
+from gpl_platform.prerank import methods as registry
 
 # Every setting names all its protocol values, so that the grid does not move when a default does.
 _FIRST_ML = {
@@ -59,18 +63,21 @@ SWEEP_SETTINGS: dict[str, dict[str, dict]] = {
 }
 #: the realistic reference setting of each source, where defaults are chosen
 REFERENCE_SETTING = {"movielens-100k": "logging_10", "simulator": "logging_10"}
+#: every baseline and control of the registry, gpl and its two anchor ablations (docs/EVALUATION.md)
 SWEEP_METHODS = (
-    "exposed_only",
-    "ips",
-    "ranker_distillation",
-    "unexposed_negative",
+    *registry.names("baseline"),
     "gpl",
+    *registry.names("control"),
     "gpl_history_anchors",
     "gpl_sid",
 )
-BASELINES = ("exposed_only", "ips", "ranker_distillation", "unexposed_negative")
+#: baselines and controls when a report does not name its methods' families (``method_families``)
+BASELINES = registry.names("baseline")
+CONTROLS = registry.names("control")
 #: the metric whose lift the plot shows, and what it is plotted against
 LIFT_METRIC = "unexposed_auc"
+#: the results table's headline: the pre-ranker's own job, ordering each request's unexposed candidates
+HEADLINE_METRIC = "unexposed_gauc"
 
 
 def setting_overrides(source: str, setting: str, data_dir: Path, extra: dict | None = None) -> dict:
@@ -98,7 +105,7 @@ def pooled_std(a: dict, b: dict) -> float:
 
 def gpl_lift(methods: dict, metric: str = LIFT_METRIC, method: str = "gpl", baseline: str = "exposed_only") -> dict:
     """GPL's lift over a baseline on one metric: difference of means, pooled std and their ratio."""
-    if method not in methods or baseline not in methods:
+    if metric not in methods.get(method, {}) or metric not in methods.get(baseline, {}):
         return {}
     a, b = methods[method][metric], methods[baseline][metric]
     spread = pooled_std(a, b)
@@ -106,19 +113,45 @@ def gpl_lift(methods: dict, metric: str = LIFT_METRIC, method: str = "gpl", base
     return {"lift": lift, "pooled_std": spread, "lift_in_pooled_std": lift / spread if spread > 0 else float("nan")}
 
 
-def summarize_setting(report: dict, protocol: dict) -> dict:
-    """One setting's entry of the sweep JSON, from its evaluation report."""
+def summarize_setting(
+    report: dict,
+    protocol: dict,
+    comparisons: list[dict] | dict[str, list[dict]] | None = None,
+    worlds: int | list | None = None,
+) -> dict:
+    """One setting's entry of the sweep JSON, from its evaluation report.
+
+    ``comparisons`` (default: the report's ``comparisons``, per pre-ranker its ``prerankers.<name>.comparisons``):
+    the list of :func:`gpl_platform.evaluation.uncertainty.comparisons` of the headline pre-ranker, or
+    ``{pre-ranker: list}``. ``worlds`` (default: the report's ``worlds``): how many simulator worlds (or
+    their list) the setting's numbers pool; recorded as ``protocol["worlds"]``."""
     shapes = report.get("prerankers") or {report.get("preranker", "mlp"): {"methods": report["methods"]}}
     default = report.get("preranker", next(iter(shapes)))
-    return {
+    if comparisons is None or isinstance(comparisons, list):
+        listed = comparisons if comparisons is not None else report.get("comparisons")
+        by_shape = {shape: entry.get("comparisons") for shape, entry in shapes.items()}
+        if listed is not None:
+            by_shape[default] = listed
+    else:
+        by_shape = dict(comparisons)
+    worlds = worlds if worlds is not None else report.get("worlds")
+    protocol = dict(protocol)
+    if worlds is not None:
+        protocol["worlds"] = len(worlds) if isinstance(worlds, list | tuple) else int(worlds)
+    families = report.get("method_families") or {}
+    summary = {
         "protocol": protocol,
         "methods": shapes[default]["methods"],
+        "comparisons": [dict(c) for c in by_shape.get(default) or []],
         "preranker": default,
         "prerankers": {
             shape: {
                 "methods": entry["methods"],
+                "comparisons": [dict(c) for c in by_shape.get(shape) or []],
+                "gpl_helps": gpl_helps(entry["methods"], by_shape.get(shape) or [], families),
                 "gpl_lift": {m: gpl_lift(entry["methods"], m) for m in ("unexposed_auc", "unexposed_hr@10", "auc")},
                 "train_serving_gap": train_serving_gap(entry["methods"]),
+                **training_budget(entry.get("runs") or {}),
             }
             for shape, entry in shapes.items()
         },
@@ -127,6 +160,95 @@ def summarize_setting(report: dict, protocol: dict) -> dict:
         "split": report.get("split"),
         "seeds": report.get("seeds"),
         "seconds": report.get("seconds"),
+    }
+    if families:
+        summary["method_families"] = families
+    return summary
+
+
+def combine_worlds(reports: dict) -> dict:
+    """One setting's evaluation reports of several worlds as one: every run tagged with its world, each method's
+    mean and std over all (world, seed) runs, the first world's other fields."""
+    first = next(iter(reports.values()))
+    combined = {k: v for k, v in first.items() if k not in ("methods", "runs", "prerankers")}
+    combined["worlds"] = list(reports)
+    combined["prerankers"] = {}
+    for shape in first.get("prerankers", {}):
+        runs: dict[str, list[dict]] = {}
+        for world, report in reports.items():
+            for method, entries in report["prerankers"][shape]["runs"].items():
+                runs.setdefault(method, []).extend({"world": world, **e} for e in entries)
+        metrics = [k for k, v in next(iter(runs.values()))[0].items() if isinstance(v, float)]
+        summary = {
+            m: {
+                k: {
+                    "mean": float(np.nanmean([e.get(k, np.nan) for e in rs])),
+                    "std": float(np.nanstd([e.get(k, np.nan) for e in rs])),
+                }
+                for k in metrics
+            }
+            for m, rs in runs.items()
+        }
+        combined["prerankers"][shape] = {"methods": summary, "runs": runs}
+    headline = first.get("preranker", next(iter(combined["prerankers"]), None))
+    if headline in combined["prerankers"]:
+        combined["methods"] = combined["prerankers"][headline]["methods"]
+        combined["runs"] = combined["prerankers"][headline]["runs"]
+    return combined
+
+
+#: what the sweep keeps of each run's training: the budget it used and whether it ended at the step cap
+RUN_BUDGET_KEYS = ("steps", "epochs_run", "best_step", "best_epoch", "hit_cap")
+
+
+def training_budget(runs: dict) -> dict:
+    """Per method, each run's world, seed and training budget (steps, epochs run, best epoch, whether it hit
+    the cap), and how many runs ended at the cap (the protocol's goal: none)."""
+    kept = {
+        method: [
+            {k: r[k] for k in ("world", "seed") if k in r} | {k: (r.get("train") or {}).get(k) for k in RUN_BUDGET_KEYS}
+            for r in entries
+        ]
+        for method, entries in runs.items()
+    }
+    at_cap = sum(bool(r["hit_cap"]) for entries in kept.values() for r in entries)
+    return {"runs": kept, "runs_at_cap": at_cap}
+
+
+def family_members(family: str, families: dict | None = None) -> tuple[str, ...]:
+    """The methods of a family ("baseline", "control") as the report names them, else the defaults here."""
+    if families:
+        return tuple(m for m, f in families.items() if f == family)
+    return {"baseline": BASELINES, "control": CONTROLS}.get(family, ())
+
+
+def best_method(methods: dict, candidates, metric: str) -> str | None:
+    """The candidate with the highest mean of ``metric`` (the best tuned one), None if none has it."""
+    scored = [
+        m
+        for m in candidates
+        if m in methods and metric in methods[m] and np.isfinite(methods[m][metric].get("mean") or np.nan)
+    ]
+    return max(scored, key=lambda m: methods[m][metric]["mean"], default=None)
+
+
+def find_comparison(comparisons: list[dict], against: str | None, metric: str, method: str = "gpl") -> dict | None:
+    for entry in comparisons or []:
+        if (entry["method"], entry["against"], entry["metric"]) == (method, against, metric):
+            return entry
+    return None
+
+
+def gpl_helps(methods: dict, comparisons: list[dict], families: dict | None = None) -> dict:
+    """The claim rule on the headline metric: GPL helps only where its intervals against the best baseline
+    and against the best control both lie above 0 (no claim without both comparisons)."""
+    best_baseline = best_method(methods, family_members("baseline", families), HEADLINE_METRIC)
+    best_control = best_method(methods, family_members("control", families), HEADLINE_METRIC)
+    return {
+        "metric": HEADLINE_METRIC,
+        "best_baseline": best_baseline,
+        "best_control": best_control,
+        "helps": helps(comparisons, best_baseline, best_control, HEADLINE_METRIC),
     }
 
 
@@ -140,28 +262,47 @@ def train_serving_gap(methods: dict, method: str = "exposed_only") -> float | No
 
 
 def lift_table(sweep: dict) -> pd.DataFrame:
-    """One row per (setting, pre-ranker): bias statistics and GPL's lift over exposed_only."""
+    """One row per (setting, pre-ranker): bias statistics; the headline, GPL minus the best baseline and
+    minus the best control on unexposed GAUC with 95% intervals and whether GPL helps; and the older
+    columns on unexposed AUC (lift over exposed_only in pooled stds over seeds)."""
     rows = []
     for name, entry in sweep["settings"].items():
-        stats = entry["protocol"].get("statistics", {})
+        protocol = entry["protocol"]
+        stats = protocol.get("statistics", {})
+        families = entry.get("method_families")
         for shape, result in entry["prerankers"].items():
             methods = result["methods"]
-            best_baseline = max(
-                (m for m in BASELINES if m in methods), key=lambda m: methods[m][LIFT_METRIC]["mean"], default=None
-            )
+            comparisons = result.get("comparisons") or []
+            # the headline decides the best baseline; a report from before it had unexposed GAUC, the old metric
+            ranking = HEADLINE_METRIC if best_method(methods, methods, HEADLINE_METRIC) else LIFT_METRIC
+            best_baseline = best_method(methods, family_members("baseline", families), ranking)
+            best_control = best_method(methods, family_members("control", families), ranking)
             row = {
                 "setting": name,
                 "preranker": shape,
+                "worlds": protocol.get("worlds"),
                 "exposure_rate": stats.get("exposure_rate"),
                 "never_exposed_items": stats.get("items_never_exposed_share"),
                 "train_serving_gap": result.get("train_serving_gap"),
                 "best_baseline": best_baseline,
+                "best_control": best_control,
             }
+            for role, against in (("baseline", best_baseline), ("control", best_control)):
+                found = find_comparison(comparisons, against, HEADLINE_METRIC) or {}
+                lo, hi = found.get("ci95") or (None, None)
+                diff = found.get("diff")
+                if diff is None and against and HEADLINE_METRIC in methods.get("gpl", {}):
+                    # no per-request results: the difference of means, without an interval
+                    diff = methods["gpl"][HEADLINE_METRIC]["mean"] - methods[against][HEADLINE_METRIC]["mean"]
+                row[f"gpl_minus_best_{role}_{HEADLINE_METRIC}"] = diff
+                row[f"gpl_minus_best_{role}_{HEADLINE_METRIC}_ci95_lo"] = lo
+                row[f"gpl_minus_best_{role}_{HEADLINE_METRIC}_ci95_hi"] = hi
+            row["gpl_helps"] = helps(comparisons, best_baseline, best_control, HEADLINE_METRIC)
             for metric in ("unexposed_auc", "unexposed_hr@10"):
                 lift = result["gpl_lift"].get(metric, {})
                 row[f"gpl_lift_{metric}"] = lift.get("lift")
                 row[f"gpl_lift_{metric}_in_std"] = lift.get("lift_in_pooled_std")
-            if best_baseline and "gpl" in methods:
+            if best_baseline and "gpl" in methods and LIFT_METRIC in methods[best_baseline]:
                 row["gpl_minus_best_baseline_unexposed_auc"] = (
                     methods["gpl"][LIFT_METRIC]["mean"] - methods[best_baseline][LIFT_METRIC]["mean"]
                 )
@@ -219,9 +360,19 @@ def plot_lift(sweep: dict, path: Path) -> Path:
 
 
 def _fmt(entry: dict | None) -> str:
+    if entry and entry.get("mean") is None and entry.get("note"):
+        # a segment too small to compare methods on: its size and why there is no number
+        return f"n/a ({entry['note']}, n={entry.get('n')})"
     if not entry or entry.get("mean") is None or not np.isfinite(entry["mean"]):
         return "n/a"
-    return f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+    text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+    return f"{text} (n={entry['n']})" if entry.get("n") is not None else text
+
+
+def _fmt_ci(entry: dict) -> str:
+    lo, hi = entry.get("ci95") or (None, None)
+    diff = "n/a" if entry.get("diff") is None else f"{entry['diff']:+.4f}"
+    return diff if lo is None else f"{diff} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def markdown(sweep: dict, command: str, commit: str, plot: str | None = None) -> str:
@@ -239,6 +390,7 @@ def markdown(sweep: dict, command: str, commit: str, plot: str | None = None) ->
         stats_rows.append(
             {
                 "setting": name,
+                "worlds": entry["protocol"].get("worlds"),
                 **{
                     k: stats.get(k)
                     for k in (
@@ -256,12 +408,26 @@ def markdown(sweep: dict, command: str, commit: str, plot: str | None = None) ->
     lift = lift_table(sweep)
     if not lift.empty:
         lines += [
-            "GPL against `exposed_only` (lift of the mean; in units of the pooled std over seeds):",
+            f"GPL against the best baseline and the best control on `{HEADLINE_METRIC}` (paired difference of "
+            "means and its 95% bootstrap interval over worlds, seeds and test requests; `gpl_helps` only where "
+            "both intervals lie above 0), then against `exposed_only` on unexposed AUC (lift of the mean; in units "
+            "of the pooled std over seeds):",
             "",
             lift.to_markdown(index=False, floatfmt=".4f"),
             "",
         ]
+    # the headline first, then its segments as the evaluation names them (e.g. never-exposed, long-tail items)
+    segments = [
+        k
+        for entry in sweep["settings"].values()
+        for result in entry["prerankers"].values()
+        for values in result["methods"].values()
+        for k in values
+        if k.endswith("_gauc") and k != HEADLINE_METRIC
+    ]
     metrics = (
+        HEADLINE_METRIC,
+        *dict.fromkeys(segments),
         "auc",
         "exposed_auc",
         "unexposed_auc",
@@ -274,6 +440,20 @@ def markdown(sweep: dict, command: str, commit: str, plot: str | None = None) ->
         for shape, result in entry["prerankers"].items():
             rows = [{"method": m, **{k: _fmt(v.get(k)) for k in metrics}} for m, v in result["methods"].items()]
             lines += [f"`{name}`, pre-ranker `{shape}`:", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+            if result.get("comparisons"):
+                table = pd.DataFrame(
+                    [
+                        {"against": c["against"], "metric": c["metric"], "gpl minus it [95% interval]": _fmt_ci(c)}
+                        for c in result["comparisons"]
+                    ]
+                )
+                lines += [
+                    f"`{name}`, pre-ranker `{shape}`, GPL against every baseline and control "
+                    f"({entry['protocol'].get('worlds', 1)} world(s), paired over seeds and test requests):",
+                    "",
+                    table.to_markdown(index=False),
+                    "",
+                ]
         ceiling = entry.get("ceiling", {})
         if ceiling.get("rows"):
             lines += [

@@ -21,17 +21,17 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.data.warehouse import Warehouse
-from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
-from gpl_platform.evaluation.offline import _ips_propensity, fit_method, gated_pseudo_labels, preranker_specs
-from gpl_platform.prerank.data import (
-    PSEUDO_VARIANT_OF_METHOD,
-    attach_features,
-    fit_teacher,
-    id_vocabularies,
-    load_candidates,
-    method_plan,
-    time_split,
+from gpl_platform.evaluation.method_runs import (
+    TrainingData,
+    gated_pseudo_labels,
+    item_categories,
+    train_methods,
+    with_propensity,
 )
+from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
+from gpl_platform.evaluation.offline import preranker_specs
+from gpl_platform.prerank import methods as registry
+from gpl_platform.prerank.data import attach_features, id_vocabularies, load_candidates, time_split
 from gpl_platform.prerank.model import ModelConfig
 from gpl_platform.quality.gate import failing_event_days
 
@@ -101,13 +101,6 @@ def logged_metrics(test: pd.DataFrame, scores: np.ndarray, propensity_known: boo
     return out
 
 
-def _pseudo_label_reason(refused_days: list[str]) -> str:
-    """Why a GPL method had no pseudo-labelled rows: the gate refused days, or no day had labels at all."""
-    if refused_days:
-        return f" (the blocking gate refused {len(refused_days)} training day(s) of pseudo-labels)"
-    return " (no training day has pseudo-labels, e.g. no calibration yet: too few exposed clicks before them)"
-
-
 def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress: bool = False) -> dict:
     """Every method that has training rows, under every seed, scored on logged test data."""
     cfg, evaluation = settings.training, settings.evaluation
@@ -142,40 +135,29 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
         )
     propensity_known = bool(test.loc[test["exposed"], "propensity"].notna().all())
     methods = list(evaluation.methods)
-    pseudo, refused = gated_pseudo_labels(warehouse, split, methods, gates.pseudo_labels)
-    train_pseudo = {name: frame[frame["day"].isin(set(split.train_days))] for name, frame in pseudo.items()}
+    pseudo, refused = gated_pseudo_labels(warehouse, split.train_days, split.valid_days, methods, gates.pseudo_labels)
     user_vocab, item_vocab = id_vocabularies(warehouse)
     spec = preranker_specs(cfg, evaluation)[0]
     matrix, columns = attach_features(store, cands, spec.service)
-    train_x, valid_x, test_x = (matrix[masks[n]] for n in ("train", "valid", "test"))
-    propensity, propensity_kind = _ips_propensity(train, train_x, columns) if "ips" in methods else (None, None)
-    model_config = ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim)
+    data = TrainingData(
+        train=train,
+        train_x=matrix[masks["train"]],
+        columns=columns,
+        valid=valid,
+        valid_x=matrix[masks["valid"]],
+        pseudo={name: frame[frame["day"].isin(set(split.train_days))] for name, frame in pseudo.items()},
+        cfg=cfg,
+        model_config=ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim),
+        user_vocab=user_vocab,
+        item_vocab=item_vocab,
+    )
+    data = with_propensity(data, methods)
+    data.item_categories = item_categories(warehouse) if any(registry.method(m).teacher for m in methods) else None
+    test_x = matrix[masks["test"]]
     runs: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
     for seed in cfg.seeds:
-        teacher_scores = None
-        if "ranker_distillation" in methods and train["exposed"].any():
-            exposed = train["exposed"].to_numpy(bool)
-            teacher = fit_teacher(train_x[exposed], train.loc[exposed, "clicked"].to_numpy(int), seed)
-            teacher_scores = teacher.predict_proba(train_x)[:, 1]
-        for method in methods:
-            if method in skipped:
-                continue
-            if method == "ranker_distillation" and teacher_scores is None:
-                skipped[method] = "no exposed training rows for the teacher"
-                continue
-            plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
-            if plan.empty or plan["label"].nunique() < 2:
-                skipped[method] = ("no training rows" if plan.empty else "training rows of one class only") + (
-                    _pseudo_label_reason(refused.get(PSEUDO_VARIANT_OF_METHOD.get(method, "main"), []))
-                    if method.startswith(("gpl", "pseudo"))
-                    else ""
-                )
-                log.warning("logged evaluation: %s skipped: %s", method, skipped[method])
-                continue
-            model, history = fit_method(
-                plan, train, train_x, columns, valid, valid_x, cfg, model_config, seed, user_vocab, item_vocab
-            )
+        for method, model, history in train_methods(data, methods, seed, skipped, refused):
             scores = model.predict(test_x, test["user_id"].to_numpy(), test["item_id"].to_numpy())
             metrics = logged_metrics(test, scores, propensity_known, cfg.ips_clip)
             runs.setdefault(method, []).append(
@@ -209,7 +191,7 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
         "n_test_exposed": int(test["exposed"].sum()),
         "n_test_candidates": int(len(test)),
         "propensities": "logged" if propensity_known else "none",
-        "ips_training_propensity": propensity_kind,
+        "ips_training_propensity": data.propensity_kind,
         "days_refused": {
             "events": sorted(map(str, bad_event_days)),
             **{f"pseudo_labels:{k}": v for k, v in refused.items()},

@@ -16,25 +16,26 @@ from tqdm.auto import tqdm
 
 from gpl_platform.config import ConfidenceConfig, EvaluationConfig, TrainingConfig
 from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.evaluation.method_runs import (
+    MethodConfig,
+    TrainingData,
+    gated_pseudo_labels,
+    item_categories,
+    train_methods,
+    with_confidence,
+    with_propensity,
+)
 from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
+from gpl_platform.prerank import methods as registry
 from gpl_platform.prerank.data import (
-    METHODS,
-    PSEUDO_VARIANT_OF_METHOD,
     TimeSplit,
     attach_features,
-    exposure_propensity,
-    fit_teacher,
     id_vocabularies,
     load_candidates,
-    load_pseudo_labels,
-    method_plan,
     pseudo_label_lineage,
-    rows_from_plan,
     time_split,
 )
 from gpl_platform.prerank.model import ModelConfig
-from gpl_platform.prerank.train import TrainConfig, train_preranker
-from gpl_platform.pseudo_labels.confidence import confidence_weights
 from gpl_platform.quality.gate import failing_label_days
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ METRICS = (
     "hr@3",
     "hr@5",
     "hr@10",
+    "unexposed_gauc",
     "unexposed_auc",
     "unexposed_hr@10",
     "longtail_hr@10",
@@ -54,6 +56,7 @@ METRICS = (
     "rarely_exposed_auc",
     "often_exposed_auc",
     "valid_auc",
+    "valid_unexposed_gauc",
     "valid_unexposed_auc",
     "valid_unexposed_hr@10",
 )
@@ -119,6 +122,8 @@ def candidate_set_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[
         "hr@3": hit_rate_at_k(req, y, scores, 3),
         "hr@5": hit_rate_at_k(req, y, scores, 5),
         "hr@10": hit_rate_at_k(req, y, scores, 10),
+        # the pre-ranker's own job: ordering the unexposed candidates of each request
+        "unexposed_gauc": gauc(req[unexp], y[unexp], scores[unexp]),
         "unexposed_auc": auc(y[unexp], scores[unexp]),
         "unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10),
         "longtail_hr@10": hit_rate_at_k(req[tail], y[tail], scores[tail], 10),
@@ -136,6 +141,7 @@ def validation_metrics(valid: pd.DataFrame, scores: np.ndarray) -> dict:
     req = valid["request_id"].to_numpy()
     return {
         "valid_auc": auc(y, scores),
+        "valid_unexposed_gauc": gauc(req[unexp], y[unexp], scores[unexp]),
         "valid_unexposed_auc": auc(y[unexp], scores[unexp]),
         "valid_unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10),
     }
@@ -167,15 +173,6 @@ def _item_vectors(warehouse: Warehouse) -> dict:
     return dict(zip(meta["item_id"], vectors))
 
 
-def _ips_propensity(train: pd.DataFrame, matrix: np.ndarray, columns: list[str]) -> tuple[np.ndarray, str]:
-    """The logging policy's propensities where the log has them for every exposed row; otherwise an
-    estimate from the logs (item popularity and request size)."""
-    logged = train["propensity"].to_numpy(float) if "propensity" in train else np.full(len(train), np.nan)
-    if np.isfinite(logged[train["exposed"].to_numpy(bool)]).all():
-        return logged, "logged"
-    return exposure_propensity(matrix, columns, train), "estimated"
-
-
 @dataclass
 class _Shared:
     """What every pre-ranker and method of one evaluation share."""
@@ -194,6 +191,7 @@ class _Shared:
     item_vectors: dict
     user_vocab: list[str]
     item_vocab: list[str]
+    item_categories: pd.Series | None = None
 
 
 def run_offline_evaluation(
@@ -208,33 +206,27 @@ def run_offline_evaluation(
     progress: bool = True,
     confidence: ConfidenceConfig | None = None,
     feature_cache: dict | None = None,
+    method_configs: dict[str, MethodConfig] | None = None,
+    selection: bool = False,
 ) -> dict:
     """Train every method with every pre-ranker under every seed; return the report (JSON-able but for
     ``_details``): per pre-ranker the metrics of each method, and the pseudo-label ceiling.
+
+    ``method_configs``: a method's own settings (a tuned configuration), else ``cfg``. ``selection``: a run that
+    chooses settings: the test days are not loaded at all, only validation metrics are reported.
 
     ``confidence``: recompute every pseudo-label's weight from its stored factors with these exponents
     (to compare confidence settings without re-materializing the labels). ``feature_cache``: a dict
     kept across calls on the same warehouse and split, so point-in-time features are retrieved once."""
     evaluation = evaluation or EvaluationConfig()
     methods = list(methods if methods is not None else evaluation.methods)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    for name in methods:
+        registry.method(name)  # an unknown name fails here, with the known ones
     seeds = list(seeds if seeds is not None else cfg.seeds)
     specs = preranker_specs(cfg, evaluation)
     began = time.perf_counter()
-    shared = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation)
-    if confidence is not None:
-        for frame in shared.pseudo.values():
-            frame["confidence"] = confidence_weights(
-                frame["c_coherence"],
-                frame["c_history"],
-                frame["c_generation"],
-                confidence.alpha,
-                confidence.beta,
-                confidence.gamma,
-                confidence.w_min,
-            )
+    shared = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation, with_test=not selection)
+    shared.pseudo = with_confidence(shared.pseudo, confidence)
     matrices: dict[str, tuple[np.ndarray, list[str]]] = feature_cache if feature_cache is not None else {}
     for service in dict.fromkeys(spec.service for spec in specs):
         if service not in matrices:
@@ -248,7 +240,7 @@ def run_offline_evaluation(
         for spec in specs:
             matrix, columns = matrices[spec.service]
             results[spec.name], exposed_only_models[spec.name] = _evaluate_preranker(
-                spec, matrix, columns, shared, cfg, methods, seeds, bar
+                spec, matrix, columns, shared, cfg, methods, seeds, bar, method_configs or {}
             )
     headline = specs[0].name
     pseudo_main = shared.pseudo.get("main", pd.DataFrame()).merge(
@@ -261,9 +253,16 @@ def run_offline_evaluation(
         "methods": results[headline]["methods"],
         "runs": results[headline]["runs"],
         "prerankers": {
-            name: {"methods": r["methods"], "runs": r["runs"], "ips_propensity": r["ips_propensity"]}
+            name: {
+                "methods": r["methods"],
+                "runs": r["runs"],
+                "skipped_methods": r["skipped_methods"],
+                "ips_propensity": r["ips_propensity"],
+            }
             for name, r in results.items()
         },
+        "skipped_methods": results[headline]["skipped_methods"],
+        "method_families": {m: registry.method(m).family for m in methods},
         "split": shared.split.describe(),
         "n_test_requests": int(shared.test["request_id"].nunique()),
         "n_test_candidates": int(len(shared.test)),
@@ -279,7 +278,20 @@ def run_offline_evaluation(
         "pseudo_label_days_in_training_window": len(shared.split.train_days),
         "_details": {"pseudo_main": pseudo_main[["pseudo_label", "confidence", "oracle_label"]]},
     }
-    if "exposed_only" in methods:
+    report["selection"] = selection
+    report["method_configs"] = {
+        m: {"training": c.training.model_dump(), "confidence": c.confidence and c.confidence.model_dump()}
+        for m, c in (method_configs or {}).items()
+    }
+    report["_details"]["test"] = shared.test
+    report["_details"]["scores"] = {name: r.pop("_scores") for name, r in results.items()}
+    if not selection:
+        scores = test_scores_frame(report)
+        for name in results:
+            found = method_comparisons(scores, name) if scores is not None else []
+            report["prerankers"][name]["comparisons"] = found
+        report["comparisons"] = report["prerankers"][headline]["comparisons"]
+    if "exposed_only" in methods and not selection:
         report["ceiling"] = pseudo_label_ceiling(warehouse, shared, exposed_only_models, matrices, evaluation)
     report["seconds"] = round(time.perf_counter() - began, 1)
     return report
@@ -313,21 +325,32 @@ def pseudo_label_day_status(warehouse: Warehouse, shared: _Shared, label_gate) -
 
 
 def _shared_inputs(
-    warehouse: Warehouse, cfg: TrainingConfig, methods: Sequence[str], label_gate, evaluation: EvaluationConfig
+    warehouse: Warehouse,
+    cfg: TrainingConfig,
+    methods: Sequence[str],
+    label_gate,
+    evaluation: EvaluationConfig,
+    with_test: bool = True,
 ) -> _Shared:
     split = time_split(warehouse, cfg.test_share, cfg.valid_share)
-    days = split.train_days + split.valid_days + split.test_days
+    # a selection run never reads the test days' candidates or labels
+    days = split.train_days + split.valid_days + (split.test_days if with_test else [])
     cands = load_candidates(warehouse, days)
     in_train = cands["day"].isin(set(split.train_days)).to_numpy()
     in_valid = cands["day"].isin(set(split.valid_days)).to_numpy()
     in_test = cands["day"].isin(set(split.test_days)).to_numpy()
     train = cands[in_train].reset_index(drop=True)
     exposures = train[train["exposed"]].groupby("item_id").size()
-    test = _with_oracle(cands[in_test].reset_index(drop=True), warehouse, split.test_days, "test")
+    test = (
+        _with_oracle(cands[in_test].reset_index(drop=True), warehouse, split.test_days, "test")
+        if with_test
+        else cands.iloc[0:0].assign(oracle_label=pd.Series(dtype="Int8"))
+    )
     test["item_segment"] = item_exposure_segments(test["item_id"], exposures, evaluation.rare_exposures_max)
     valid = _with_oracle(cands[in_valid].reset_index(drop=True), warehouse, split.valid_days, "validation")
-    pseudo, refused = gated_pseudo_labels(warehouse, split, methods, label_gate)
+    pseudo, refused = gated_pseudo_labels(warehouse, split.train_days, split.valid_days, methods, label_gate)
     user_vocab, item_vocab = id_vocabularies(warehouse)  # used by the id-embedding pre-ranker shapes
+    categories = item_categories(warehouse) if any(registry.method(m).teacher for m in methods) else None
     return _Shared(
         split,
         cands,
@@ -343,54 +366,7 @@ def _shared_inputs(
         _item_vectors(warehouse),
         user_vocab,
         item_vocab,
-    )
-
-
-def gated_pseudo_labels(
-    warehouse: Warehouse, split: TimeSplit, methods: Sequence[str], label_gate
-) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]]]:
-    """The pseudo-labels (main and the variants ``methods`` need) of the training and validation days, and
-    per variant the training days refused: the same quality gate as training_set, failing days are not
-    consumed."""
-    refused: dict[str, list[str]] = {}
-    pseudo = {}
-    variants = ["main"] + [PSEUDO_VARIANT_OF_METHOD[m] for m in methods if m in PSEUDO_VARIANT_OF_METHOD]
-    for name in dict.fromkeys(variants):
-        table = "pseudo_labels" if name == "main" else f"pseudo_labels__{name}"
-        failing = failing_label_days(warehouse, split.train_days + split.valid_days, label_gate, table=table)
-        refused[name] = sorted(str(d) for d in failing if d in set(split.train_days))
-        pseudo[name] = load_pseudo_labels(
-            warehouse, [d for d in split.train_days + split.valid_days if d not in failing], table
-        )
-    return pseudo, refused
-
-
-def fit_method(
-    plan: pd.DataFrame,
-    train: pd.DataFrame,
-    train_x: np.ndarray,
-    columns: list[str],
-    valid: pd.DataFrame,
-    valid_x: np.ndarray,
-    cfg: TrainingConfig,
-    model_config: ModelConfig,
-    seed: int,
-    user_vocab: list[str],
-    item_vocab: list[str],
-):
-    """Train one pre-ranker on ``plan``'s rows, early-stopped on the validation days' exposed clicks."""
-    valid_exposed = valid["exposed"].to_numpy(bool)
-    return train_preranker(
-        rows_from_plan(plan, train_x, train),
-        columns,
-        valid_x[valid_exposed],
-        valid.loc[valid_exposed, "clicked"].to_numpy(int),
-        model_config,
-        TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed),
-        valid_user_ids=valid.loc[valid_exposed, "user_id"].to_numpy(),
-        valid_item_ids=valid.loc[valid_exposed, "item_id"].to_numpy(),
-        user_vocab=user_vocab,
-        item_vocab=item_vocab,
+        categories,
     )
 
 
@@ -403,85 +379,90 @@ def _evaluate_preranker(
     methods: Sequence[str],
     seeds: Sequence[int],
     bar,
+    method_configs: dict[str, MethodConfig],
 ) -> tuple[dict, object]:
     """Every method under every seed with one pre-ranker; the seed-0 exposed_only model for the ceiling."""
-    train, train_x = shared.train, matrix[shared.in_train]
-    train_pseudo = {
-        name: frame[frame["day"].isin(set(shared.split.train_days))] for name, frame in shared.pseudo.items()
-    }
-    valid_x, test_x = matrix[shared.in_valid], matrix[shared.in_test]
-    propensity, propensity_kind = _ips_propensity(train, train_x, columns) if "ips" in methods else (None, None)
-    train_exposed = train["exposed"].to_numpy(bool)
-    model_config = ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim)
+    train_days = set(shared.split.train_days)
+    data = TrainingData(
+        train=shared.train,
+        train_x=matrix[shared.in_train],
+        columns=columns,
+        valid=shared.valid.drop(columns=["oracle_label"]),  # training stops on exposed clicks, never the oracle
+        valid_x=matrix[shared.in_valid],
+        pseudo={name: frame[frame["day"].isin(train_days)] for name, frame in shared.pseudo.items()},
+        cfg=cfg,
+        model_config=ModelConfig(shape=spec.shape, id_dim=cfg.id_embedding_dim),
+        user_vocab=shared.user_vocab,
+        item_vocab=shared.item_vocab,
+    )
+    data = with_propensity(data, methods)
+    data.item_categories = shared.item_categories
+    test_x = matrix[shared.in_test]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
+    skipped: dict[str, str] = {}
+    scores_of: dict[tuple[str, int], np.ndarray] = {}  # test scores of every run: uncertainty, oracle-free checks
     exposed_only_model = None
     for seed in seeds:
-        teacher_scores = None
-        if "ranker_distillation" in methods:
-            teacher = fit_teacher(train_x[train_exposed], train.loc[train_exposed, "clicked"].to_numpy(int), seed)
-            teacher_scores = teacher.predict_proba(train_x)[:, 1]
-        for method in methods:
+        for method, model, history in train_methods(data, methods, seed, skipped, shared.refused, method_configs):
             bar.set_postfix_str(f"{spec.shape} seed {seed} {method}", refresh=True)
-            plan = method_plan(method, train, train_pseudo, cfg, seed, teacher_scores, propensity)
-            if plan.empty:
-                raise ValueError(
-                    f"method {method}: no training rows over {shared.split.describe()['train_days']} "
-                    "(no pseudo-labels on the training days?)"
-                )
-            model, history = fit_method(
-                plan,
-                train,
-                train_x,
-                columns,
-                shared.valid,
-                valid_x,
-                cfg,
-                model_config,
-                seed,
-                shared.user_vocab,
-                shared.item_vocab,
-            )
-            scores = model.predict(test_x, shared.test["user_id"].to_numpy(), shared.test["item_id"].to_numpy())
             valid_scores = model.predict(
-                valid_x, shared.valid["user_id"].to_numpy(), shared.valid["item_id"].to_numpy()
+                data.valid_x, shared.valid["user_id"].to_numpy(), shared.valid["item_id"].to_numpy()
             )
-            metrics = {
-                **candidate_set_metrics(shared.test, scores, shared.longtail, shared.item_vectors),
-                **validation_metrics(shared.valid, valid_scores),
-            }
-            runs[method].append(
-                {
-                    "seed": seed,
-                    **metrics,
-                    "train": {
-                        k: history[k]
-                        for k in ("epochs_run", "best_epoch", "best_valid_auc", "n_rows", "n_pseudo", "seconds")
-                    },
-                }
-            )
+            metrics = validation_metrics(shared.valid, valid_scores)
+            if len(shared.test):
+                scores = model.predict(test_x, shared.test["user_id"].to_numpy(), shared.test["item_id"].to_numpy())
+                scores_of[(method, seed)] = scores
+                metrics |= candidate_set_metrics(shared.test, scores, shared.longtail, shared.item_vectors)
+            runs[method].append({"seed": seed, **metrics, "train": run_record(history)})
             if method == "exposed_only" and exposed_only_model is None:
                 exposed_only_model = model
             log.info(
-                "%s seed %d %-20s auc %.4f unexposed_auc %.4f hr@10 %.4f valid_unexposed_auc %.4f (%d rows, %.1fs)",
+                "%s seed %d %-20s unexposed_gauc %.4f valid_unexposed_gauc %.4f (%d rows, %.1fs)",
                 spec.name,
                 seed,
                 method,
-                metrics["auc"],
-                metrics["unexposed_auc"],
-                metrics["hr@10"],
-                metrics["valid_unexposed_auc"],
+                metrics.get("unexposed_gauc", float("nan")),
+                metrics["valid_unexposed_gauc"],
                 history["n_rows"],
                 history["seconds"],
             )
             bar.update(1)
+        bar.update(sum(1 for m in methods if m in skipped))  # a skipped method's models are not trained
+    runs = {m: rs for m, rs in runs.items() if rs}
     summary = {
         m: {
             k: {"mean": float(np.nanmean([r[k] for r in rs])), "std": float(np.nanstd([r[k] for r in rs]))}
             for k in METRICS
+            if k in rs[0]
         }
         for m, rs in runs.items()
     }
-    return {"methods": summary, "runs": runs, "ips_propensity": propensity_kind}, exposed_only_model
+    return {
+        "_scores": scores_of,
+        "methods": summary,
+        "runs": runs,
+        "skipped_methods": skipped,
+        "ips_propensity": data.propensity_kind,
+    }, exposed_only_model
+
+
+#: what every run records of its training (the budget: steps and epochs run, where the best model was, whether
+#: training stopped at the step cap instead of by early stopping)
+RUN_RECORD = (
+    "steps",
+    "epochs_run",
+    "best_step",
+    "best_epoch",
+    "hit_cap",
+    "best_valid_auc",
+    "n_rows",
+    "n_pseudo",
+    "seconds",
+)
+
+
+def run_record(history: dict) -> dict:
+    return {k: history[k] for k in RUN_RECORD if k in history}
 
 
 # ---- the pseudo-label ceiling -----------------------------------------------------------------
@@ -558,5 +539,83 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(public, indent=2, default=str) + "\n")
     os.replace(tmp, out)
+    scores = test_scores_frame(report)
+    if scores is not None:  # every run's test scores, for intervals over requests, seeds and worlds
+        path = scores_path(out)
+        scores.to_parquet(path.with_suffix(".parquet.tmp"), index=False)
+        os.replace(path.with_suffix(".parquet.tmp"), path)
     markdown = render_markdown(report, out.parent, stem=out.stem)
     return {"json": out, "markdown": markdown}
+
+
+def scores_path(report_json: Path) -> Path:
+    """Where :func:`write_reports` keeps every run's test scores beside a report."""
+    return Path(report_json).with_name(Path(report_json).stem + "_scores.parquet")
+
+
+def test_scores_frame(report: dict) -> pd.DataFrame | None:
+    """The test candidates (request, item, exposed, oracle label, item segment) with one column of scores per
+    run, named ``<pre-ranker>|<method>|<seed>``; None for a selection run (no test days)."""
+    details = report.get("_details") or {}
+    test, scores = details.get("test"), details.get("scores") or {}
+    if test is None or not len(test):
+        return None
+    keep = [
+        c for c in ("day", "request_id", "user_id", "item_id", "exposed", "oracle_label", "item_segment") if c in test
+    ]
+    frame = test[keep].reset_index(drop=True).copy()
+    frame["day"] = frame["day"].astype(str) if "day" in frame else None
+    runs = {
+        f"{preranker}|{method}|{seed}": values.astype(np.float32)
+        for preranker, by_run in scores.items()
+        for (method, seed), values in by_run.items()
+    }
+    return pd.concat([frame, pd.DataFrame(runs)], axis=1)
+
+
+def unexposed_request_frames(scores: pd.DataFrame, preranker: str, methods: Sequence[str] | None = None) -> dict:
+    """``{seed: paired per-request frame}`` of one pre-ranker's runs on the unexposed test candidates (the input
+    of :mod:`gpl_platform.evaluation.uncertainty`, metrics ``unexposed_gauc``, ``unexposed_auc``,
+    ``unexposed_hr@10``), from :func:`test_scores_frame`'s columns. Only seeds every method ran under."""
+    from gpl_platform.evaluation.metrics import request_metrics
+    from gpl_platform.evaluation.uncertainty import paired_frame
+
+    runs: dict[int, dict[str, str]] = {}
+    for column in scores.columns:
+        parts = column.split("|")
+        if len(parts) == 3 and parts[0] == preranker and (methods is None or parts[1] in methods):
+            runs.setdefault(int(parts[2]), {})[parts[1]] = column
+    names = set.intersection(*(set(by_method) for by_method in runs.values())) if runs else set()
+    unexposed = ~scores["exposed"].to_numpy(bool)
+    requests, labels = scores["request_id"].to_numpy(), scores["oracle_label"].to_numpy(int)
+    return {
+        seed: paired_frame(
+            {
+                m: request_metrics(requests, labels, scores[by_method[m]].to_numpy(float), unexposed)
+                for m in sorted(names)
+            }
+        )
+        for seed, by_method in sorted(runs.items())
+    }
+
+
+#: the metrics gpl is compared on against every other method, with intervals (unexposed test candidates)
+COMPARED_METRICS = ("unexposed_gauc", "unexposed_auc", "unexposed_hr@10")
+
+
+def method_comparisons(scores: pd.DataFrame, preranker: str, worlds: dict | None = None) -> list[dict]:
+    """``gpl`` against every other method of one pre-ranker, per compared metric, with the 95% interval of
+    the paired difference over test requests and seeds (and the ``worlds``: ``{world: scores frame}``, when
+    given, instead of ``scores`` alone); [] without gpl or another method."""
+    from gpl_platform.evaluation.uncertainty import comparisons, methods_of
+
+    frames = worlds or {0: scores}
+    per_request = {
+        (world, seed): frame
+        for world, world_scores in frames.items()
+        for seed, frame in unexposed_request_frames(world_scores, preranker).items()
+    }
+    present = methods_of(per_request) if per_request else []
+    if "gpl" not in present or len(present) < 2:
+        return []
+    return comparisons(per_request, "gpl", [m for m in present if m != "gpl"], COMPARED_METRICS)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 TABLE_METRICS = (
+    "unexposed_gauc",
     "auc",
     "gauc",
     "hr@3",
@@ -29,7 +30,7 @@ SEGMENT_METRICS = (
     "valid_auc",
     "valid_unexposed_auc",
 )
-BAR_METRICS = ("auc", "gauc", "hr@10", "unexposed_auc", "longtail_hr@10")
+BAR_METRICS = ("unexposed_gauc", "auc", "hr@10", "unexposed_auc", "longtail_hr@10")
 
 
 def results_table(report: dict, methods: dict | None = None, metrics: tuple[str, ...] = TABLE_METRICS) -> pd.DataFrame:
@@ -53,6 +54,17 @@ def _plt():
     return plt
 
 
+#: a plot colours a method by its family (gpl_platform/prerank/methods.py)
+FAMILY_COLORS = {"gpl": "#c44e52", "ablation": "#dd8452", "baseline": "#4c72b0", "control": "#8c8c8c", None: "#4c72b0"}
+
+
+def family_of(name: str) -> str | None:
+    """A method's family, or None for a name no longer registered (an old report)."""
+    from gpl_platform.prerank.methods import REGISTRY
+
+    return REGISTRY[name].family if name in REGISTRY else None
+
+
 def plot_metric_bars(report: dict, path: Path) -> Path:
     plt = _plt()
     methods = list(report["methods"])
@@ -60,7 +72,7 @@ def plot_metric_bars(report: dict, path: Path) -> Path:
     for ax, metric in zip(axes, BAR_METRICS):
         means = [report["methods"][m][metric]["mean"] for m in methods]
         stds = [report["methods"][m][metric]["std"] for m in methods]
-        colors = ["#c44e52" if m.startswith("gpl") else "#4c72b0" if m != "pseudo_only" else "#dd8452" for m in methods]
+        colors = [FAMILY_COLORS[family_of(m)] for m in methods]
         ax.barh(methods, means, xerr=stds, color=colors)
         finite = [v for v in means if np.isfinite(v)]
         if finite:

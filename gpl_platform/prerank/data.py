@@ -18,27 +18,13 @@ from gpl_platform.config import TrainingConfig
 from gpl_platform.data.sql import quote_literal
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine.base import BATCH_OUTPUT, PLAN_TABLE, insert_batch, plan_user_batches
+from gpl_platform.prerank import methods
 from gpl_platform.prerank.train import TrainingRows
 
 log = logging.getLogger(__name__)
 
-METHODS = (
-    "exposed_only",
-    "unexposed_negative",
-    "ranker_distillation",
-    "ips",
-    "gpl",
-    "gpl_no_confidence",
-    "gpl_mean_pool",
-    "gpl_max_pool",
-    "gpl_history_anchors",
-    "gpl_sid",
-    "gpl_shuffled_labels",
-    "pseudo_only",
-)
-
-#: methods that train on an ablation variant's pseudo-labels (``pseudo_labels__<variant>``) instead of the main ones
-PSEUDO_VARIANT_OF_METHOD = {"gpl_history_anchors": "history", "gpl_sid": "sid"}
+#: every registered training method (gpl_platform/prerank/methods.py)
+METHODS = methods.names()
 
 
 @dataclass
@@ -174,80 +160,14 @@ def method_plan(
     pseudo: dict[str, pd.DataFrame],
     cfg: TrainingConfig,
     seed: int,
-    teacher_scores: np.ndarray | None = None,
+    teachers: dict[str, methods.TeacherLabels] | None = None,
     propensity: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Which training candidates ``method`` learns from, with what label and weight:
-    a frame of (row into ``train``, label in [0, 1], weight, is_pseudo).
-
-    Exposed rows carry their click (weight 1, or an IPS weight); unexposed rows, depending on the
-    method, a sampled 0, the teacher's score, or a pseudo-label with weight lambda * confidence.
-    ``pseudo`` maps "main" and the variants of :data:`PSEUDO_VARIANT_OF_METHOD` to pseudo-label frames keyed
-    by (request_id, item_id).
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    exposed = train["exposed"].to_numpy(bool)
-    idx_exp = np.flatnonzero(exposed)
-    lam = cfg.pseudo_weight
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
-    if method != "pseudo_only":
-        weights = np.ones(len(idx_exp))
-        if method == "ips":
-            if propensity is None:
-                raise ValueError("ips needs propensities")
-            w = np.minimum(1.0 / np.maximum(propensity[idx_exp], 1e-6), cfg.ips_clip)
-            weights = w / w.mean()
-        parts.append((idx_exp, train["clicked"].to_numpy(float)[idx_exp], weights, False))
-    idx_unexp = np.flatnonzero(~exposed)
-    if method == "unexposed_negative":
-        rng = np.random.default_rng(seed)
-        keep = idx_unexp[rng.random(len(idx_unexp)) < cfg.negative_sample_rate]
-        parts.append((keep, np.zeros(len(keep)), np.ones(len(keep)), True))
-    elif method == "ranker_distillation":
-        if teacher_scores is None:
-            raise ValueError("ranker_distillation needs teacher scores")
-        parts.append((idx_unexp, teacher_scores[idx_unexp], np.full(len(idx_unexp), lam), True))
-    elif method.startswith("gpl") or method == "pseudo_only":
-        table = pseudo[PSEUDO_VARIANT_OF_METHOD.get(method, "main")]
-        keys = pd.MultiIndex.from_frame(train[["request_id", "item_id"]])
-        pos = pd.MultiIndex.from_frame(table[["request_id", "item_id"]]).get_indexer(keys)
-        rows = np.flatnonzero((~exposed) & (pos >= 0))
-        src = pos[rows]
-        pooling = {"gpl_mean_pool": "mean", "gpl_max_pool": "max"}.get(method, cfg.pseudo_label_pooling)
-        label_col = "pseudo_label_mean_pool" if pooling == "mean" else "pseudo_label"
-        conf = table["confidence"].to_numpy(float)[src]
-        if method == "gpl_no_confidence":
-            weight = np.full(len(rows), lam)
-        elif method == "pseudo_only":
-            weight = conf
-        else:
-            weight = lam * conf
-        labels = table[label_col].to_numpy(float)[src]
-        if method == "gpl_shuffled_labels":
-            labels = shuffled_within_days(labels, train["day"].to_numpy()[rows], seed)
-        parts.append((rows, labels, weight, True))
-    return pd.DataFrame(
-        {
-            "row": np.concatenate([p[0] for p in parts]).astype(np.int64),
-            "label": np.concatenate([p[1] for p in parts]).astype(np.float32),
-            "weight": np.concatenate([p[2] for p in parts]).astype(np.float32),
-            "is_pseudo": np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
-        }
-    )
-
-
-def shuffled_within_days(labels: np.ndarray, days: np.ndarray, seed: int) -> np.ndarray:
-    """``labels`` permuted among the rows of each day: the control that keeps each day's label
-    distribution (its level and spread) and the weights, but no candidate's own label. What GPL gains
-    over this control comes from which candidate gets which label, not from adding unexposed rows
-    with a lower mean label."""
-    rng = np.random.default_rng([seed, 97])
-    out = np.asarray(labels, dtype=float).copy()
-    for day in pd.unique(days):
-        rows = np.flatnonzero(days == day)
-        out[rows] = out[rng.permutation(rows)]
-    return out
+    """Which training candidates ``method`` learns from, with what label and weight: a frame of (row into
+    ``train``, label in [0, 1], weight, is_pseudo) (:mod:`gpl_platform.prerank.methods`). ``pseudo`` maps "main"
+    and the ablation variants to pseudo-label frames keyed by (request_id, item_id)."""
+    inputs = methods.PlanInputs(train, pseudo, cfg, seed, teachers or {}, propensity)
+    return methods.method(method).plan(inputs)
 
 
 def rows_from_plan(plan: pd.DataFrame, matrix: np.ndarray, train: pd.DataFrame | None = None) -> TrainingRows:
@@ -282,9 +202,9 @@ def plan_frame(plan: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([keys.reset_index(drop=True), plan.drop(columns=["row"]).reset_index(drop=True)], axis=1)
 
 
-#: methods whose rows of a request do not depend on other requests (no sampling, teacher, per-range
-#: normalisation or ablation table), so their training set can be built a batch of requests at a time
-REQUEST_SEPARABLE_METHODS = ("exposed_only", "gpl", "gpl_no_confidence", "gpl_mean_pool", "gpl_max_pool", "pseudo_only")
+#: methods whose rows of a request do not depend on other requests, so that their training set can be built a
+#: batch of requests at a time
+REQUEST_SEPARABLE_METHODS = tuple(n for n, m in methods.REGISTRY.items() if m.request_separable)
 _TRAINING_COLUMNS = "day, request_id, user_id, item_id, event_time, label, weight, is_pseudo"
 
 

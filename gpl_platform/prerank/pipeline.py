@@ -14,7 +14,7 @@ import numpy as np
 from gpl_platform.config import Settings
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.prerank.data import attach_features, id_vocabularies, load_candidates, time_split
-from gpl_platform.prerank.train import TrainConfig, TrainingRows, model_config_from, train_preranker
+from gpl_platform.prerank.train import TrainingRows, model_config_from, train_config_from, train_preranker
 
 
 def train_from_training_set(warehouse: Warehouse, store, settings: Settings) -> dict:
@@ -29,9 +29,7 @@ def train_from_training_set(warehouse: Warehouse, store, settings: Settings) -> 
     valid = load_candidates(warehouse, split.valid_days)
     valid = valid[valid["exposed"]].reset_index(drop=True)
     valid_x, _ = attach_features(store, valid, cfg.feature_service)
-    train_cfg = TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=settings.seed
-    )
+    train_cfg = train_config_from(cfg, settings.seed)
     model_cfg = model_config_from(cfg)
     user_vocab, item_vocab = id_vocabularies(warehouse)
     model, history = train_preranker(

@@ -13,19 +13,41 @@ def metric(mean, std):
     return {"mean": mean, "std": std}
 
 
+def compared(against, diff, lo, hi):
+    return {"method": "gpl", "against": against, "metric": "unexposed_gauc", "diff": diff, "ci95": [lo, hi]}
+
+
 REPORT = {
+    "method_families": {"exposed_only": "baseline", "ips": "baseline", "gpl": "gpl", "gpl_request_permuted": "control"},
+    "comparisons": [
+        compared("exposed_only", 0.02, 0.011, 0.029),
+        compared("ips", -0.03, -0.04, -0.02),
+        compared("gpl_request_permuted", 0.004, -0.002, 0.010),
+    ],
     "dataset": "movielens-100k",
     "preranker": "mlp:prerank_v2",
     "seeds": [0, 1],
     "split": {"test_days": ["1998-03-25", "1998-04-22", 29]},
     "methods": {
-        "exposed_only": {"auc": metric(0.70, 0.002), "unexposed_auc": metric(0.66, 0.003), "hr@10": metric(0.41, 0.01)},
-        "gpl": {"auc": metric(0.71, 0.001), "unexposed_auc": metric(0.68, 0.002), "hr@10": metric(0.43, 0.02)},
+        "exposed_only": {
+            "unexposed_gauc": metric(0.60, 0.01),
+            "auc": metric(0.70, 0.002),
+            "unexposed_auc": metric(0.66, 0.003),
+            "hr@10": metric(0.41, 0.01),
+        },
+        "gpl": {
+            "unexposed_gauc": metric(0.62, 0.01),
+            "auc": metric(0.71, 0.001),
+            "unexposed_auc": metric(0.68, 0.002),
+            "hr@10": metric(0.43, 0.02),
+        },
         "ips": {
+            "unexposed_gauc": metric(float("nan"), float("nan")),
             "auc": metric(0.69, 0.004),
             "unexposed_auc": metric(float("nan"), float("nan")),
             "hr@10": metric(0.40, 0.01),
         },
+        "gpl_request_permuted": {"unexposed_gauc": metric(0.615, 0.01)},
     },
 }
 
@@ -42,10 +64,14 @@ def test_summary_has_the_table_sorted_the_lift_the_report_the_ui_and_one_line_pe
     rows = [
         line for line in lines if line.startswith("  ") and line.split()[0] in REPORT["methods"] and " - " not in line
     ]
-    assert [r.split()[0] for r in rows] == ["gpl", "exposed_only", "ips"]  # best unexposed AUC first, NaN last
+    # best per-request unexposed GAUC first, NaN last
+    assert [r.split()[0] for r in rows] == ["gpl", "gpl_request_permuted", "exposed_only", "ips"]
     assert "0.6800 ± 0.0020" in text and "n/a" in text
-    assert "3 methods x 2 seed(s) [0, 1], test days 1998-03-25..1998-04-22 (29 days)" in text
-    assert "gpl - exposed_only: AUC +0.0100, unexposed AUC +0.0200" in text
+    assert "4 methods x 2 seed(s) [0, 1], test days 1998-03-25..1998-04-22 (29 days)" in text
+    # the best baseline by unexposed GAUC (ips has none), and the best control, each with its interval
+    baseline = "gpl - best baseline (exposed_only): unexposed_gauc +0.0200, 95% interval [+0.0110, +0.0290]"
+    control = "gpl - best control (gpl_request_permuted): unexposed_gauc +0.0040, 95% interval [-0.0020, +0.0100]"
+    assert baseline + " (above 0)" in text and control + " (includes 0)" in text
     assert f"Report: {tmp_path / 'offline_eval.md'}" in text and "offline_eval_metrics.png" in text
     assert "make ui -> http://127.0.0.1:3000" in text and "make evaluate" in text
     check_rows = [line for line in lines if line.startswith("  - ")]

@@ -83,8 +83,8 @@ def test_contract_shape_runs_through_ingestion_labels_and_features(tmp_path, sha
         assert set(profile) == {"user_known"} and item_profile == {"item_known", "item_content_emb",
                                                                    "item_has_content_emb"}
     elif shape == "no_users_table_mixed_item_attributes":
-        assert spec.item_attributes == {"item_cat_topic": ("topic", "String"), "item_num_quality": ("quality", "Float64"),
-                                        "item_num_popularity_prior": ("popularity_prior", "Float64"),
+        assert spec.item_attributes == {"item_cat_topic": ("topic", "String"),
+                                        "item_num_runtime_min": ("runtime_min", "Float64"),
                                         "item_num_year": ("year", "Float64"), "item_num_family": ("family", "Float64")}
     else:
         assert set(spec.user_attributes) == {"user_num_age", "user_cat_country"}

@@ -28,9 +28,9 @@ def _world_candidates(seed: int = 0):
     cands = Candidates(request=pd.factorize(ev["request_id"])[0], user=pd.factorize(ev["user_id"])[0],
                        item=pd.Index(items).get_indexer(ev["item_id"]),
                        day=(pd.to_datetime(ev["day"]) - pd.Timestamp("1970-01-01")).dt.days.to_numpy())
-    topics = ds.info["ground_truth"]["item_topic"]
-    return cands, ev["oracle_label"].astype(int).to_numpy(), ds.items["popularity_prior"].to_numpy(), \
-        np.eye(WORLD.n_topics)[topics]
+    truth = ds.info["item_truth"]
+    return cands, ev["oracle_label"].astype(int).to_numpy(), truth["popularity_prior"].to_numpy(), \
+        np.eye(WORLD.n_topics)[truth["topic_id"].to_numpy()]
 
 
 def _expose(policy: str, labels=None, share=0.1, **cfg):

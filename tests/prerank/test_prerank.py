@@ -9,6 +9,7 @@ import torch
 
 from gpl_platform.config import TrainingConfig
 from gpl_platform.prerank.data import METHODS, method_plan
+from gpl_platform.prerank.methods import TeacherLabels
 from gpl_platform.prerank.model import PreRanker
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, train_preranker, weighted_bce
 
@@ -37,6 +38,7 @@ def _train_frame():
         {
             "day": ["d1"] * 4 + ["d2"] * 4,
             "request_id": ["r1"] * 4 + ["r2"] * 4,
+            "user_id": ["u1"] * 8,
             "item_id": list("abcdabcd"),
             "exposed": [True, True, False, False, True, False, False, False],
             "clicked": [1, 0, None, None, 0, None, None, None],
@@ -56,21 +58,13 @@ def _train_frame():
     return train, {"main": pseudo, "history": history, "sid": sid}
 
 
-def test_shuffled_labels_are_a_permutation_within_each_day_that_moves_labels():
-    from gpl_platform.prerank.data import shuffled_within_days
-
-    labels = np.arange(200, dtype=float)
-    days = np.repeat(["a", "b"], 100)
-    out = shuffled_within_days(labels, days, seed=3)
-    assert sorted(out[:100]) == sorted(labels[:100]) and sorted(out[100:]) == sorted(labels[100:])
-    assert (out != labels).mean() > 0.9  # not the identity
-    assert np.array_equal(out, shuffled_within_days(labels, days, seed=3))
-    assert not np.array_equal(out, shuffled_within_days(labels, days, seed=4))
-
-
 def test_method_plans_use_the_right_labels_and_weights():
     train, pseudo = _train_frame()
-    cfg = TrainingConfig(pseudo_weight=0.5, negative_sample_rate=1.0, pseudo_label_pooling="max")
+    cfg = TrainingConfig(pseudo_weight=0.5, distill_weight=0.25, negative_sample_rate=1.0, pseudo_label_pooling="max")
+    teachers = {
+        "ranker": TeacherLabels(np.linspace(0, 1, 8)),
+        "ukd": TeacherLabels(np.linspace(1, 0, 8), weights=np.linspace(0.5, 1.5, 8)),
+    }
     plans = {
         m: method_plan(
             m,
@@ -78,7 +72,7 @@ def test_method_plans_use_the_right_labels_and_weights():
             pseudo,
             cfg,
             seed=0,
-            teacher_scores=np.linspace(0, 1, 8),
+            teachers=teachers,
             propensity=np.array([0.5, 0.1, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5]),
         )
         for m in METHODS
@@ -106,7 +100,9 @@ def test_method_plans_use_the_right_labels_and_weights():
     for day_rows in ([2, 3], [5, 6]):
         assert sorted(shuffled["label"][day_rows]) == pytest.approx(sorted(gpl["label"][day_rows]))
     distill = plans["ranker_distillation"].query("is_pseudo").set_index("row")
-    assert distill["label"][7] == pytest.approx(1.0) and distill["weight"].eq(0.5).all()
+    assert distill["label"][7] == pytest.approx(1.0) and distill["weight"].eq(0.25).all()  # its own weight
+    ukd = plans["ukd"].query("is_pseudo").set_index("row")
+    assert ukd["label"][7] == pytest.approx(0.0) and ukd["weight"][7] == pytest.approx(0.25 * 1.5)  # x certainty
     ips = plans["ips"].set_index("row")["weight"]
     assert ips.mean() == pytest.approx(1.0) and ips[1] > ips[0] > ips[4]  # rarer exposure, larger weight
     with pytest.raises(ValueError, match="unknown method"):
@@ -123,11 +119,15 @@ def _toy_rows(seed=0, n=600):
 def test_training_is_deterministic_under_a_seed_and_learns():
     x, y = _toy_rows()
     rows = TrainingRows(x[:400], y[:400], np.ones(400, np.float32), np.zeros(400, bool))
-    cfg = TrainConfig(epochs=6, batch_size=64, seed=3, patience=6)
+    cfg = TrainConfig(budget="epochs", epochs=6, batch_size=64, seed=3, patience=6)
     a, hist = train_preranker(rows, COLUMNS, x[400:], y[400:].astype(int), config=cfg)
     b, _ = train_preranker(rows, COLUMNS, x[400:], y[400:].astype(int), config=cfg)
     c, _ = train_preranker(
-        rows, COLUMNS, x[400:], y[400:].astype(int), config=TrainConfig(epochs=6, batch_size=64, seed=4, patience=6)
+        rows,
+        COLUMNS,
+        x[400:],
+        y[400:].astype(int),
+        config=TrainConfig(budget="epochs", epochs=6, batch_size=64, seed=4, patience=6),
     )
     np.testing.assert_array_equal(a.predict(x[400:]), b.predict(x[400:]))
     assert not np.array_equal(a.predict(x[400:]), c.predict(x[400:]))
@@ -147,7 +147,9 @@ def test_bad_training_rows_are_refused():
 def test_saved_model_scores_identically_and_keeps_its_lineage(tmp_path):
     x, y = _toy_rows()
     rows = TrainingRows(x, y, np.ones(len(x), np.float32), np.zeros(len(x), bool))
-    model, _ = train_preranker(rows, COLUMNS, x[:100], y[:100].astype(int), config=TrainConfig(epochs=2))
+    model, _ = train_preranker(
+        rows, COLUMNS, x[:100], y[:100].astype(int), config=TrainConfig(budget="epochs", epochs=2)
+    )
     lineage = {"partitions": ["2024-01-01", "2024-01-03"], "feature_service": "prerank_v2", "calibration": "abc"}
     model.save(tmp_path / "m", lineage)
     loaded, lineage_back = PreRanker.load(tmp_path / "m")

@@ -27,7 +27,7 @@ ID_SHAPES = ("two_tower", "cold")
 USERS = [f"u{k}" for k in range(30)]
 ITEMS = [f"i{k}" for k in range(45)]  # the catalog: i40..i44 never appear in any row
 EXPOSED_ITEMS, UNEXPOSED_ITEMS, CATALOG_ONLY = ITEMS[:30], ITEMS[30:40], ITEMS[40:]
-FAST = TrainConfig(epochs=4, batch_size=64, seed=3, patience=4)
+FAST = TrainConfig(budget="epochs", epochs=4, batch_size=64, seed=3, patience=4)
 
 
 def _features(user_ids, item_ids, seed=0):
@@ -129,7 +129,7 @@ def test_item_rows_move_only_when_rows_of_the_item_train_them(shape):
 @pytest.mark.parametrize("shape", ID_SHAPES)
 def test_unknown_ids_score_through_the_oov_bucket(shape):
     rows = _rows_by_item_identity(400, EXPOSED_ITEMS, seed=1)
-    model, _ = _train(rows, rows, shape, TrainConfig(epochs=2, batch_size=64, seed=0))
+    model, _ = _train(rows, rows, shape, TrainConfig(budget="epochs", epochs=2, batch_size=64, seed=0))
     x = rows.matrix[:20]
     unknown = model.predict(x, ["ghost-user"] * 20, ["ghost-item"] * 20)
     oov = torch.zeros(20, dtype=torch.long)
@@ -155,7 +155,7 @@ def test_id_shapes_are_deterministic_under_a_seed(shape):
     valid = _rows_by_item_identity(100, EXPOSED_ITEMS, seed=3)
     a, _ = _train(rows, valid, shape)
     b, _ = _train(rows, valid, shape)
-    c, _ = _train(rows, valid, shape, TrainConfig(epochs=4, batch_size=64, seed=4, patience=4))
+    c, _ = _train(rows, valid, shape, TrainConfig(budget="epochs", epochs=4, batch_size=64, seed=4, patience=4))
     scores = [m.predict(valid.matrix, valid.user_ids, valid.item_ids) for m in (a, b, c)]
     np.testing.assert_array_equal(scores[0], scores[1])
     assert not np.array_equal(scores[0], scores[2])
@@ -164,7 +164,7 @@ def test_id_shapes_are_deterministic_under_a_seed(shape):
 @pytest.mark.parametrize("shape", ("mlp", *ID_SHAPES))
 def test_saved_model_of_each_shape_scores_identically(tmp_path, shape):
     rows = _rows_by_item_identity(300, EXPOSED_ITEMS, seed=1)
-    model, _ = _train(rows, rows, shape, TrainConfig(epochs=2, batch_size=64))
+    model, _ = _train(rows, rows, shape, TrainConfig(budget="epochs", epochs=2, batch_size=64))
     model.save(tmp_path / "m", {"feature_service": "prerank_v2"})
     loaded, lineage = PreRanker.load(tmp_path / "m")
     assert type(loaded) is type(model) and lineage == {"feature_service": "prerank_v2"}
@@ -182,7 +182,7 @@ def test_saved_model_of_each_shape_scores_identically(tmp_path, shape):
 def test_mlp_weights_saved_before_the_shapes_still_load(tmp_path):
     """model.json without a shape and the old state-dict names (top-level buffers, user_tower/item_tower)."""
     rows = _rows_by_item_identity(300, EXPOSED_ITEMS, seed=1)
-    model, _ = _train(rows, rows, "mlp", TrainConfig(epochs=2, batch_size=64))
+    model, _ = _train(rows, rows, "mlp", TrainConfig(budget="epochs", epochs=2, batch_size=64))
     model.save(tmp_path / "m", {})
     old_names = {
         "inputs.scalar_mean": "mean",
@@ -209,7 +209,7 @@ def test_mlp_weights_saved_before_the_shapes_still_load(tmp_path):
 
 def test_two_tower_item_vectors_computed_once_give_the_forward_scores():
     rows = _rows_by_item_identity(400, EXPOSED_ITEMS, seed=1)
-    model, _ = _train(rows, rows, "two_tower", TrainConfig(epochs=2, batch_size=64))
+    model, _ = _train(rows, rows, "two_tower", TrainConfig(budget="epochs", epochs=2, batch_size=64))
     users, items = ["u0", "u3", "u7", "ghost-user"], ["i0", "i1", "i5", "i31", "i44", "ghost-item"]
     pairs_users = [u for u in users for _ in items]
     pairs_items = [i for _ in users for i in items]
@@ -233,7 +233,7 @@ def test_id_shapes_learn_item_identity_that_features_do_not_show(shape):
     rows = _rows_by_item_identity(2400, EXPOSED_ITEMS, seed=1)
     valid = _rows_by_item_identity(300, EXPOSED_ITEMS, seed=2)
     held_out = _rows_by_item_identity(600, EXPOSED_ITEMS, seed=3)
-    config = TrainConfig(epochs=10, batch_size=64, seed=0, patience=3)
+    config = TrainConfig(budget="epochs", epochs=10, batch_size=64, seed=0, patience=3)
     aucs = {}
     for name in (shape, "mlp"):
         model, _ = _train(rows, valid, name, config)

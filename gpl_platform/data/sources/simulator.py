@@ -11,6 +11,14 @@ logging model trained on earlier clicks, or self-selection) exposes a share of e
 records each candidate's propensity. The preference recall is vectorized over the whole timeline
 (1M+ events take a few seconds); the logged-click recall goes day by day, since each day's
 candidates depend on what earlier days exposed.
+
+The tables hold only what a real log would: items have their text, topic and runtime, users their age
+and country. What generates the clicks and the candidates is kept out of them, in ``Dataset.info``
+(every item column would become a model feature, and a real catalog has neither a click-logit term nor
+the recall's sampling weight): ``info["item_truth"]`` (item_id, topic_id, ``quality``: the item's term
+of the click logit, ``popularity_prior``: its weight in the popularity recall and exposure; row k is
+item ``i{k}``) and ``info["ground_truth"]["preference"]`` (users x topics; row k is user ``u{k}``).
+:func:`click_probability` recomputes the true click probability from them.
 """
 
 from __future__ import annotations
@@ -53,20 +61,31 @@ ADJECTIVES = ("The Last", "The Secret", "A Quiet", "The Great", "Midnight", "The
 
 
 def simulate(cfg: SimulatorConfig, seed: int) -> Dataset:
-    """Generate items, users and contract events; ground truth kept in ``Dataset.info``."""
+    """Generate items, users and contract events; ground truth kept in ``Dataset.info`` (not in the tables)."""
     if cfg.n_topics > len(TOPICS):
         raise ValueError(f"simulator.n_topics={cfg.n_topics}: at most {len(TOPICS)} topics have a vocabulary")
     rng = np.random.default_rng(seed)
-    items = _items(cfg, rng)
+    # the runtime has a stream of its own: the world's other draws stay those of earlier versions
+    items, item_truth = _items(cfg, rng, np.random.default_rng((seed, 1)))
     users, preference = _users(cfg, rng)
-    events = _events(cfg, rng, items, preference, seed)
-    info = {"ground_truth": {"preference": preference, "item_topic": items["topic_id"].to_numpy(),
-                             "item_quality": items["quality"].to_numpy()},
+    events = _events(cfg, rng, item_truth, preference, seed)
+    info = {"ground_truth": {"preference": preference}, "item_truth": item_truth,
             "exposure": events.attrs.pop("exposure", {})}
-    return Dataset("simulator", items.drop(columns=["topic_id"]), users, normalize_events_frame(events), info)
+    return Dataset("simulator", items, users, normalize_events_frame(events), info)
 
 
-def _items(cfg: SimulatorConfig, rng: np.random.Generator) -> pd.DataFrame:
+def click_probability(cfg: SimulatorConfig, preference: np.ndarray, item_truth: pd.DataFrame, users: np.ndarray,
+                      item_idx: np.ndarray) -> np.ndarray:
+    """The true click probability of user rows ``users`` for item rows ``item_idx`` (the oracle labels are
+    Bernoulli draws of it); ``preference`` and ``item_truth`` as in ``Dataset.info``."""
+    topic, quality = item_truth["topic_id"].to_numpy()[item_idx], item_truth["quality"].to_numpy()[item_idx]
+    logit = cfg.base_click_logit + cfg.preference_strength * np.sqrt(preference[users, topic]) + quality
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def _items(cfg: SimulatorConfig, rng: np.random.Generator,
+           runtime_rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The catalog (what a real one has) and the items' ground truth, row for row."""
     topic = rng.integers(0, cfg.n_topics, cfg.n_items)
     words = np.array([list(TOPICS[t][1]) for t in range(cfg.n_topics)], dtype=object)
     picks = np.argsort(rng.random((cfg.n_items, len(TOPICS[0][1]))), axis=1)[:, :3]  # 3 distinct words
@@ -77,11 +96,14 @@ def _items(cfg: SimulatorConfig, rng: np.random.Generator) -> pd.DataFrame:
         name, (a, b, c) = TOPICS[topic[i]][0], (w[picks[i, 0]], w[picks[i, 1]], w[picks[i, 2]])
         texts.append(f"{ADJECTIVES[adjective[i]]} {a.title()} #{i}. {name}: a story about {b} and {c}.")
     popularity = rng.lognormal(0.0, 1.2, cfg.n_items)
-    return pd.DataFrame({
-        "item_id": [f"i{i}" for i in range(cfg.n_items)], "text": texts, "topic": [TOPICS[t][0] for t in topic],
-        "topic_id": topic, "quality": rng.normal(0.0, 0.5, cfg.n_items).round(3),
-        "popularity_prior": popularity.round(4),
-    })
+    item_ids = [f"i{i}" for i in range(cfg.n_items)]
+    # topic: a genre, which a real catalog has (and the text names it); the runtime plays no part in clicks,
+    # like a real catalog's many uninformative numeric attributes
+    items = pd.DataFrame({"item_id": item_ids, "text": texts, "topic": [TOPICS[t][0] for t in topic],
+                          "runtime_min": runtime_rng.integers(70, 181, cfg.n_items)})
+    truth = pd.DataFrame({"item_id": item_ids, "topic_id": topic, "quality": rng.normal(0.0, 0.5, cfg.n_items).round(3),
+                          "popularity_prior": popularity.round(4)})
+    return items, truth
 
 
 def _users(cfg: SimulatorConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
@@ -94,7 +116,7 @@ def _users(cfg: SimulatorConfig, rng: np.random.Generator) -> tuple[pd.DataFrame
     return users, preference
 
 
-def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame, preference: np.ndarray,
+def _events(cfg: SimulatorConfig, rng: np.random.Generator, truth: pd.DataFrame, preference: np.ndarray,
             seed: int) -> pd.DataFrame:
     counts = rng.poisson(cfg.requests_per_user_per_day, (cfg.n_users, cfg.n_days))
     req_user, req_day = np.nonzero(counts)
@@ -106,17 +128,17 @@ def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame,
 
     day_zero = int((start - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1))
     if cfg.recall == "logged_clicks":
-        rows, item_idx, oracle, exposure = _serve_with_logged_click_recall(cfg, rng, items, preference, seed,
+        rows, item_idx, oracle, exposure = _serve_with_logged_click_recall(cfg, rng, truth, preference, seed,
                                                                           req_user, req_day, day_zero)
     else:
-        rows, item_idx, oracle, exposure = _serve_with_preference_recall(cfg, rng, items, preference, seed,
+        rows, item_idx, oracle, exposure = _serve_with_preference_recall(cfg, rng, truth, preference, seed,
                                                                         req_user, req_day, day_zero)
     exposed = exposure.exposed
     request_ids = np.array([f"r{r}" for r in range(n_req)], dtype=object)
     user_ids = np.array([f"u{u}" for u in range(cfg.n_users)], dtype=object)
     events = pd.DataFrame({
         "request_id": request_ids[rows], "user_id": user_ids[req_user[rows]],
-        "item_id": items["item_id"].to_numpy()[item_idx], "event_time": req_time[rows].astype("datetime64[us, UTC]"),
+        "item_id": truth["item_id"].to_numpy()[item_idx], "event_time": req_time[rows].astype("datetime64[us, UTC]"),
         "exposed": exposed, "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
         "oracle_label": pd.array(oracle, dtype="Int8"), "propensity": exposure.propensity,
     })
@@ -125,11 +147,9 @@ def _events(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame,
     return events
 
 
-def _true_labels(cfg: SimulatorConfig, rng: np.random.Generator, items: pd.DataFrame, preference: np.ndarray,
+def _true_labels(cfg: SimulatorConfig, rng: np.random.Generator, truth: pd.DataFrame, preference: np.ndarray,
                  users: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
-    logit = (cfg.base_click_logit + cfg.preference_strength
-             * np.sqrt(preference[users, items["topic_id"].to_numpy()[item_idx]]) + items["quality"].to_numpy()[item_idx])
-    return (rng.random(len(item_idx)) < 1.0 / (1.0 + np.exp(-logit))).astype("int8")
+    return (rng.random(len(item_idx)) < click_probability(cfg, preference, truth, users, item_idx)).astype("int8")
 
 
 def _unique_per_request(rows: np.ndarray, item_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,12 +158,12 @@ def _unique_per_request(rows: np.ndarray, item_idx: np.ndarray) -> tuple[np.ndar
     return rows[keep], item_idx[keep]
 
 
-def _serve_with_preference_recall(cfg, rng, items, preference, seed, req_user, req_day, day_zero):
+def _serve_with_preference_recall(cfg, rng, truth, preference, seed, req_user, req_day, day_zero):
     """The whole timeline at once: half of each request popularity-drawn, half from the user's topics."""
     n_items, k, n_req = cfg.n_items, cfg.candidates_per_request, len(req_user)
-    popularity = items["popularity_prior"].to_numpy()
+    popularity = truth["popularity_prior"].to_numpy()
     by_pop = rng.choice(n_items, size=(n_req, k // 2), p=popularity / popularity.sum())
-    topic_of_item = items["topic_id"].to_numpy()
+    topic_of_item = truth["topic_id"].to_numpy()
     order = np.argsort(topic_of_item, kind="stable")
     topic_start = np.searchsorted(topic_of_item[order], np.arange(cfg.n_topics))
     topic_size = np.bincount(topic_of_item, minlength=cfg.n_topics)
@@ -156,23 +176,24 @@ def _serve_with_preference_recall(cfg, rng, items, preference, seed, req_user, r
     cand = np.concatenate([by_pop, by_topic], axis=1)
 
     rows, item_idx = _unique_per_request(np.repeat(np.arange(n_req), k), cand.ravel())
-    oracle = _true_labels(cfg, rng, items, preference, req_user[rows], item_idx)
+    oracle = _true_labels(cfg, rng, truth, preference, req_user[rows], item_idx)
     exposure = expose(Candidates(request=rows, user=req_user[rows], item=item_idx, day=day_zero + req_day[rows]),
                       oracle, popularity, np.eye(cfg.n_topics)[topic_of_item], cfg.exposure_share,
                       cfg.exposure_popularity_power, cfg.exposure, seed, rng, popularity_offset=0.0)
     return rows, item_idx, oracle, exposure
 
 
-def _serve_with_logged_click_recall(cfg, rng, items, preference, seed, req_user, req_day, day_zero):
+def _serve_with_logged_click_recall(cfg, rng, truth, preference, seed, req_user, req_day, day_zero):
     """Day by day: half of each request popularity-drawn, half by a two-channel recall over the clicks
     the logging system saw on earlier days (item co-occurrence with the user's clicked items, and
     items of the categories the user clicked); then that day's exposure, whose clicks feed the next
     days' recall. A user without earlier clicks gets popularity draws in the recall half too."""
     n_items, k = cfg.n_items, cfg.candidates_per_request
-    popularity = items["popularity_prior"].to_numpy()
+    popularity = truth["popularity_prior"].to_numpy()
     pop_p = popularity / popularity.sum()
     pop_logw = popularity_log_weights(popularity, cfg.exposure_popularity_power, 0.0)
-    categories = np.eye(cfg.n_topics, dtype=np.float32)[items["topic_id"].to_numpy()]  # observable item metadata
+    # topic_id codes the catalog's `topic` column: observable item metadata, unlike the rest of the truth
+    categories = np.eye(cfg.n_topics, dtype=np.float32)[truth["topic_id"].to_numpy()]
     in_category = categories / np.maximum(categories.sum(axis=0), 1.0)  # an item's share of its category
     policy = DailyExposure(cfg.n_users, n_items, categories, cfg.exposure, seed)
     clicked = np.zeros((cfg.n_users, n_items), dtype=np.float32)  # what the logging system has seen clicked
@@ -192,8 +213,9 @@ def _serve_with_logged_click_recall(cfg, rng, items, preference, seed, req_user,
         score = (_row_normalized(profile @ similarity)
                  + _row_normalized((profile @ categories) @ in_category.T) + 1e-9 * pop_p)
         by_recall = sample_per_row_without(rng, score, excluded, k - k // 2)
-        rows, item_idx = _unique_per_request(np.repeat(requests, k), np.concatenate([by_pop, by_recall], axis=1).ravel())
-        oracle = _true_labels(cfg, rng, items, preference, req_user[rows], item_idx)
+        candidates = np.concatenate([by_pop, by_recall], axis=1).ravel()
+        rows, item_idx = _unique_per_request(np.repeat(requests, k), candidates)
+        oracle = _true_labels(cfg, rng, truth, preference, req_user[rows], item_idx)
         shown, propensity = policy.serve(day_zero + day, rows, req_user[rows], item_idx, oracle, pop_logw[item_idx],
                                          exposed_counts(rows, cfg.exposure_share, cfg.exposure.max_per_request))
         clicked[req_user[rows[shown]], item_idx[shown]] = np.maximum(
