@@ -249,7 +249,3 @@ def _build_checks(partitions: DailyPartitionsDefinition, automation: Automation)
         candidate_events_contract,
         item_embeddings_valid,
     ]
-
-
-#: the checks that gate what consumes their asset
-BLOCKING_CHECKS = ("pseudo_labels_valid", "pseudo_labels_distribution")

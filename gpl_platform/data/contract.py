@@ -14,7 +14,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,6 @@ ITEM_REQUIRED = ("item_id", "text")
 USER_REQUIRED = ("user_id",)
 EVENT_REQUIRED = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
 EVENT_OPTIONAL = ("oracle_label", "propensity")
-# Columns that feed training. `oracle_label` is deliberately absent: only evaluation reads it.
-# `propensity` (the logging policy's probability of showing the candidate) is logged data, like `exposed`.
-EVENT_TRAINING_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity")
 ORIGIN = "__origin_file"  # per-row source file name, kept only while validating
 # Names the platform adds to a frame while reading it: a delivered column of that name would be overwritten.
 RESERVED_COLUMNS = (ORIGIN,)
@@ -36,8 +33,7 @@ RESERVED_COLUMNS = (ORIGIN,)
 class ContractError(ValueError):
     """Input that breaks the data contract. Names the file, column and offending row count."""
 
-    def __init__(self, file: str, column: str | None, n_rows: int | None, problem: str,
-                 examples: list | None = None):
+    def __init__(self, file: str, column: str | None, n_rows: int | None, problem: str, examples: list | None = None):
         self.file, self.column, self.n_rows, self.problem = file, column, n_rows, problem
         where = f"{file}: column '{column}'" if column else f"{file}"
         count = f": {n_rows} row(s) {problem}" if n_rows is not None else f": {problem}"
@@ -82,15 +78,20 @@ def _fail(df, file, column, mask, problem):
 def _require_columns(df: pd.DataFrame, file: str, required: tuple[str, ...]) -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ContractError(file, missing[0], None,
-                            f"missing required column(s) {missing}; found {sorted(map(str, df.columns))}")
+        raise ContractError(
+            file, missing[0], None, f"missing required column(s) {missing}; found {sorted(map(str, df.columns))}"
+        )
 
 
 def _string_ids(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     col = df[column]
     if not (ptypes.is_string_dtype(col) or ptypes.is_object_dtype(col)):
-        raise ContractError(_origin(df, file), column, len(col),
-                            f"have type {col.dtype}, expected string ids (cast the column to string)")
+        raise ContractError(
+            _origin(df, file),
+            column,
+            len(col),
+            f"have type {col.dtype}, expected string ids (cast the column to string)",
+        )
     if ptypes.infer_dtype(col, skipna=True) != "string":  # a C-level scan; the per-value test only when it fails
         _fail(df, file, column, col.notna() & ~col.map(lambda v: isinstance(v, str)), "are not strings")
     _fail(df, file, column, col.isna() | (col.astype("string").str.strip() == ""), "have a null or empty id")
@@ -125,8 +126,12 @@ def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         return col.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
     if ptypes.is_datetime64_dtype(col):
-        raise ContractError(_origin(df, file), column, len(col),
-                            "are naive timestamps (no time zone); write them as UTC, e.g. 2024-01-31T12:00:00Z")
+        raise ContractError(
+            _origin(df, file),
+            column,
+            len(col),
+            "are naive timestamps (no time zone); write them as UTC, e.g. 2024-01-31T12:00:00Z",
+        )
     if ptypes.is_object_dtype(col) or ptypes.is_string_dtype(col):
         text = _uppercase_utc_suffix(col.astype(str))
         # An explicit offset or Z is required: a naive wall-clock time is ambiguous.
@@ -135,8 +140,7 @@ def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
         parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
         _fail(df, file, column, parsed.isna(), "are not parseable ISO-8601 timestamps")
         return parsed.astype("datetime64[us, UTC]")
-    raise ContractError(_origin(df, file), column, len(col),
-                        f"have type {col.dtype}, expected a UTC timestamp")
+    raise ContractError(_origin(df, file), column, len(col), f"have type {col.dtype}, expected a UTC timestamp")
 
 
 def _boolean(df: pd.DataFrame, file: str, column: str) -> pd.Series:
@@ -165,15 +169,26 @@ def _propensity(df: pd.DataFrame, file: str) -> pd.Series:
     col = df["propensity"]
     numeric = pd.to_numeric(col, errors="coerce")
     _fail(df, file, "propensity", col.notna() & numeric.isna(), "are not numbers (expected a probability or null)")
-    _fail(df, file, "propensity", numeric.notna() & ~((numeric > 0) & (numeric <= 1)),
-          "are not probabilities in (0, 1]")
-    _fail(df, file, "propensity", df["exposed"] & numeric.isna() & numeric.notna().any(),
-          "are exposed but have no propensity while other rows have one (give all exposed rows one, or none)")
+    _fail(
+        df, file, "propensity", numeric.notna() & ~((numeric > 0) & (numeric <= 1)), "are not probabilities in (0, 1]"
+    )
+    _fail(
+        df,
+        file,
+        "propensity",
+        df["exposed"] & numeric.isna() & numeric.notna().any(),
+        "are exposed but have no propensity while other rows have one (give all exposed rows one, or none)",
+    )
     return numeric.astype("float64")
 
 
-def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None = None,
-                    file: str = "events", require_rows: bool = True) -> pd.DataFrame:
+def validate_events(
+    events: pd.DataFrame,
+    items: pd.DataFrame,
+    users: pd.DataFrame | None = None,
+    file: str = "events",
+    require_rows: bool = True,
+) -> pd.DataFrame:
     """Validate and normalize events against the (already validated) items and users. ``require_rows``:
     a delivery without events is refused; a read of some day folders may have none (no delivery yet)."""
     _require_columns(events, file, EVENT_REQUIRED)
@@ -186,18 +201,29 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFra
     out["exposed"] = _boolean(out, file, "exposed")
     out["clicked"] = _binary_nullable(out, file, "clicked")
     _fail(out, file, "clicked", out["exposed"] & out["clicked"].isna(), "are exposed but have no click label")
-    _fail(out, file, "clicked", ~out["exposed"] & out["clicked"].notna(),
-          "are unexposed but carry a click label (must be null: nobody saw them)")
+    _fail(
+        out,
+        file,
+        "clicked",
+        ~out["exposed"] & out["clicked"].notna(),
+        "are unexposed but carry a click label (must be null: nobody saw them)",
+    )
     if "oracle_label" in out:
         out["oracle_label"] = _binary_nullable(out, file, "oracle_label")
     else:
         out["oracle_label"] = pd.array([pd.NA] * len(out), dtype="Int8")
     out["propensity"] = _propensity(out, file) if "propensity" in out else np.nan
-    _fail(out, file, "item_id", out.duplicated(["request_id", "item_id"], keep=False),
-          "repeat a (request_id, item_id) pair")
+    _fail(
+        out,
+        file,
+        "item_id",
+        out.duplicated(["request_id", "item_id"], keep=False),
+        "repeat a (request_id, item_id) pair",
+    )
     _fail(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
     per_request = out.groupby("request_id", sort=False).agg(
-        n_users=("user_id", "nunique"), n_times=("event_time", "nunique"))
+        n_users=("user_id", "nunique"), n_times=("event_time", "nunique")
+    )
     for column, agg, what in (("user_id", "n_users", "user"), ("event_time", "n_times", "event_time")):
         bad = out["request_id"].map(per_request[agg] > 1)
         _fail(out, file, column, bad, f"belong to a request that has more than one {what}")
@@ -206,16 +232,23 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFra
 
 def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
     """Column order and dtypes every consumer can rely on (adds the UTC `day`)."""
-    out = events.reindex(columns=["request_id", "user_id", "item_id", "event_time", "exposed", "clicked",
-                                  "oracle_label", "propensity"]).copy()
+    out = events.reindex(
+        columns=["request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "oracle_label", "propensity"]
+    ).copy()
     out["propensity"] = pd.to_numeric(out["propensity"], errors="coerce").astype("float64")
     out["day"] = out["event_time"].dt.tz_convert("UTC").dt.date
     return out
 
 
-def validate_dataset(name: str, items: pd.DataFrame, users: pd.DataFrame | None, events: pd.DataFrame,
-                     files: dict[str, str] | None = None, info: dict | None = None,
-                     require_rows: bool = True) -> Dataset:
+def validate_dataset(
+    name: str,
+    items: pd.DataFrame,
+    users: pd.DataFrame | None,
+    events: pd.DataFrame,
+    files: dict[str, str] | None = None,
+    info: dict | None = None,
+    require_rows: bool = True,
+) -> Dataset:
     """Validate all three tables; users default to the distinct users of the events."""
     files = files or {}
     items_v = validate_items(items, files.get("items", "items"))
@@ -288,15 +321,24 @@ def contract_files(directory: Path, table: str, required: bool = True) -> list[P
     found = direct + nested
     _check_inside(directory, [folder, *found])
     if len(direct) > 1:
-        raise ContractError(str(directory), None, None,
-                            f"has {' and '.join(p.name for p in direct)}: one table, one file format (remove the "
-                            "stale one, e.g. from an earlier export)")
+        raise ContractError(
+            str(directory),
+            None,
+            None,
+            f"has {' and '.join(p.name for p in direct)}: one table, one file format (remove the "
+            "stale one, e.g. from an earlier export)",
+        )
     if direct and nested:
-        raise ContractError(str(directory), None, None,
-                            f"has both {direct[0].name} and a {table}/ folder: keep one of them")
+        raise ContractError(
+            str(directory), None, None, f"has both {direct[0].name} and a {table}/ folder: keep one of them"
+        )
     if not found and required:
-        raise ContractError(str(directory), None, None,
-                            f"has no '{table}' table: expected {table}.parquet, {table}.csv or a {table}/ folder")
+        raise ContractError(
+            str(directory),
+            None,
+            None,
+            f"has no '{table}' table: expected {table}.parquet, {table}.csv or a {table}/ folder",
+        )
     return found
 
 
@@ -317,8 +359,9 @@ def read_contract_table(directory: Path, table: str, required: bool = True) -> t
     return pd.concat(frames, ignore_index=True), label
 
 
-def read_contract_dir(directory: Path, days: Sequence[date] | None = None,
-                      time_window: tuple[datetime, datetime] | None = None) -> Dataset:
+def read_contract_dir(
+    directory: Path, days: Sequence[date] | None = None, time_window: tuple[datetime, datetime] | None = None
+) -> Dataset:
     """Read and validate a contract directory.
 
     ``days``: with the day-folder layout, read only these days' folders (a daily run reads one day,
@@ -336,10 +379,15 @@ def read_contract_dir(directory: Path, days: Sequence[date] | None = None,
     else:
         events, events_file = read_contract_table(directory, "events")
     origins = events[ORIGIN].to_numpy() if ORIGIN in events else None
-    dataset = validate_dataset(f"contract:{directory}", items, users, events,
-                               files={"items": items_file, "users": users_file, "events": events_file},
-                               info={"path": str(directory), "layout": "day folders" if folders is not None else "flat"},
-                               require_rows=not some_days)
+    dataset = validate_dataset(
+        f"contract:{directory}",
+        items,
+        users,
+        events,
+        files={"items": items_file, "users": users_file, "events": events_file},
+        info={"path": str(directory), "layout": "day folders" if folders is not None else "flat"},
+        require_rows=not some_days,
+    )
     check_event_times(dataset.events, origins, time_window or plausible_time_window(), events_file)
     if folders is not None:
         check_day_folders(dataset.events, origins)
@@ -375,8 +423,13 @@ def _data_files(folder: Path, what: str, root: Path) -> list[Path]:
     _check_inside(root, entries)
     for path in entries:
         if path.is_dir():
-            raise ContractError(str(path), None, None, f"is a folder inside {what}: nested folders are not read "
-                                "(the only nested layout is events/day=YYYY-MM-DD/<files>)")
+            raise ContractError(
+                str(path),
+                None,
+                None,
+                f"is a folder inside {what}: nested folders are not read "
+                "(the only nested layout is events/day=YYYY-MM-DD/<files>)",
+            )
         if path.suffix.lower() not in _READERS:
             raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
     return entries
@@ -392,12 +445,21 @@ def table_folder_files(folder: Path, table: str) -> list[Path]:
         return _data_files(folder, f"{folder.name}/", root)
     for path in day_folders:
         if _folder_day(path) is None:
-            raise ContractError(str(path), None, None, "is a folder in events/ that is not named day=YYYY-MM-DD "
-                                "(a real date): nested folders are read only in that layout")
+            raise ContractError(
+                str(path),
+                None,
+                None,
+                "is a folder in events/ that is not named day=YYYY-MM-DD "
+                "(a real date): nested folders are read only in that layout",
+            )
     loose = [p for p in folder.iterdir() if p.is_file() and _is_data_name(p)]
     if loose:
-        raise ContractError(str(loose[0]), None, None, "is a file beside day=YYYY-MM-DD/ folders in events/: put "
-                            "every events file in the folder of its day")
+        raise ContractError(
+            str(loose[0]),
+            None,
+            None,
+            "is a file beside day=YYYY-MM-DD/ folders in events/: put every events file in the folder of its day",
+        )
     return [f for path in day_folders for f in _data_files(path, f"events/{path.name}/", root)]
 
 
@@ -415,10 +477,14 @@ def event_day_folders(directory: Path, window: tuple[datetime, datetime] | None 
         start, end = (pd.Timestamp(t).tz_convert("UTC") for t in window)
         for day, path in folders.items():
             if not start <= pd.Timestamp(day).tz_localize("UTC") < end:  # the day's first instant
-                raise ContractError(str(path), None, None,
-                                    f"is a day outside the plausible window {start.date()} .. {end.date()}: a clock "
-                                    "error? Remove the folder (or set contract.earliest_event_time / "
-                                    "contract.max_future_days if its events are real)")
+                raise ContractError(
+                    str(path),
+                    None,
+                    None,
+                    f"is a day outside the plausible window {start.date()} .. {end.date()}: a clock "
+                    "error? Remove the folder (or set contract.earliest_event_time / "
+                    "contract.max_future_days if its events are real)",
+                )
     return folders
 
 
@@ -450,12 +516,12 @@ def _read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[
     return pd.concat(frames, ignore_index=True), label
 
 
-def plausible_time_window(earliest: date = date(1990, 1, 1), max_future_days: int = 1,
-                          now: datetime | None = None) -> tuple[datetime, datetime]:
+def plausible_time_window(
+    earliest: date = date(1990, 1, 1), max_future_days: int = 1, now: datetime | None = None
+) -> tuple[datetime, datetime]:
     """[earliest 00:00 UTC, now + max_future_days): event times outside it are clock errors."""
-    now = now or datetime.now(timezone.utc)
-    return (datetime(earliest.year, earliest.month, earliest.day, tzinfo=timezone.utc),
-            now + timedelta(days=max_future_days))
+    now = now or datetime.now(UTC)
+    return (datetime(earliest.year, earliest.month, earliest.day, tzinfo=UTC), now + timedelta(days=max_future_days))
 
 
 def check_event_times(events: pd.DataFrame, origins, window: tuple[datetime, datetime], file: str) -> None:
@@ -465,11 +531,18 @@ def check_event_times(events: pd.DataFrame, origins, window: tuple[datetime, dat
     bad = ((times < start) | (times >= end)).to_numpy()
     if bad.any():
         frame = events.assign(**{ORIGIN: origins}) if origins is not None else events
-        examples = [f"{r} at {t.isoformat()}" for r, t in
-                    zip(events.loc[bad, "request_id"].head(3), events.loc[bad, "event_time"].head(3))]
-        raise ContractError(_origin(frame, file, bad), "event_time", int(bad.sum()),
-                            f"lie outside the plausible window {start.date()} .. {end.date()} (set "
-                            "contract.earliest_event_time / contract.max_future_days if they are real)", examples)
+        examples = [
+            f"{r} at {t.isoformat()}"
+            for r, t in zip(events.loc[bad, "request_id"].head(3), events.loc[bad, "event_time"].head(3))
+        ]
+        raise ContractError(
+            _origin(frame, file, bad),
+            "event_time",
+            int(bad.sum()),
+            f"lie outside the plausible window {start.date()} .. {end.date()} (set "
+            "contract.earliest_event_time / contract.max_future_days if they are real)",
+            examples,
+        )
 
 
 def check_day_folders(events: pd.DataFrame, origins) -> None:
@@ -482,9 +555,13 @@ def check_day_folders(events: pd.DataFrame, origins) -> None:
     bad = file_day[codes] != events["day"].to_numpy(dtype=object)  # (a code of -1, no origin, meets None)
     if bad.any():
         frame = events.assign(**{ORIGIN: origins})
-        raise ContractError(_origin(frame, "events", bad), "event_time", int(bad.sum()),
-                            "fall on another UTC day than their day=YYYY-MM-DD folder",
-                            [str(t) for t in events.loc[bad, "event_time"].head(3)])
+        raise ContractError(
+            _origin(frame, "events", bad),
+            "event_time",
+            int(bad.sum()),
+            "fall on another UTC day than their day=YYYY-MM-DD folder",
+            [str(t) for t in events.loc[bad, "event_time"].head(3)],
+        )
 
 
 def contract_day_span(directory: Path, window: tuple[datetime, datetime] | None = None) -> tuple[date, date] | None:
@@ -511,22 +588,27 @@ def contract_day_span(directory: Path, window: tuple[datetime, datetime] | None 
             stats = meta.row_group(group).column(column).statistics
             if stats is None or not stats.has_min_max or not isinstance(stats.min, datetime):
                 return None
-            bounds += [t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in (stats.min, stats.max)]
+            bounds += [t if t.tzinfo else t.replace(tzinfo=UTC) for t in (stats.min, stats.max)]
     if not bounds:
         return None
-    return min(bounds).astimezone(timezone.utc).date(), max(bounds).astimezone(timezone.utc).date()
+    return min(bounds).astimezone(UTC).date(), max(bounds).astimezone(UTC).date()
 
 
-def delivery_fingerprints(directory: Path, known: dict[str, list] | None = None
-                          ) -> tuple[dict[str, str], dict[str, list]]:
+def delivery_fingerprints(
+    directory: Path, known: dict[str, list] | None = None
+) -> tuple[dict[str, str], dict[str, list]]:
     """Content digests of a day-folder delivery: ``{"catalog": <items+users>, "<YYYY-MM-DD>": <that day's
     files>}`` (sha256 over names and bytes), and the file table ``{relative path: [size, mtime_ns,
     sha256]}``. A file whose size and mtime match ``known`` is not read again."""
     directory = Path(directory).expanduser().resolve()
     folders = event_day_folders(directory)
     if folders is None:
-        raise ContractError(str(directory / "events"), None, None,
-                            "is not a day-folder delivery (expected events/day=YYYY-MM-DD/ folders)")
+        raise ContractError(
+            str(directory / "events"),
+            None,
+            None,
+            "is not a day-folder delivery (expected events/day=YYYY-MM-DD/ folders)",
+        )
     known = known or {}
     table: dict[str, list] = {}
 
@@ -576,15 +658,19 @@ def write_event_day(directory: Path, day: date, events: pd.DataFrame, name: str 
 
 # ---- helpers of the checks above ----------------------------------------------------------
 
+
 def _example(value) -> str:
     """An offending value as an error message shows it (a missing one as <empty>, not nan)."""
-    return "<empty>" if value is None or (isinstance(value, float) and value != value) or value is pd.NA else repr(value)
+    return (
+        "<empty>" if value is None or (isinstance(value, float) and value != value) or value is pd.NA else repr(value)
+    )
 
 
 def _require_rows(frame: pd.DataFrame, file: str) -> None:
     if len(frame) == 0:
-        raise ContractError(_origin(frame, file), None, None,
-                            "has no rows: a contract directory needs at least one event")
+        raise ContractError(
+            _origin(frame, file), None, None, "has no rows: a contract directory needs at least one event"
+        )
 
 
 def _uppercase_utc_suffix(text: pd.Series) -> pd.Series:
@@ -602,9 +688,13 @@ def _check_attribute_names(frame: pd.DataFrame, file: str, keys: tuple[str, ...]
             continue
         name = attribute_feature_name(column)
         if name in seen:
-            raise ContractError(file, str(column), None,
-                                f"and column {seen[name]!r} both become the feature '{name}' (names are lower-cased, "
-                                "other characters become '_'): rename one of them")
+            raise ContractError(
+                file,
+                str(column),
+                None,
+                f"and column {seen[name]!r} both become the feature '{name}' (names are lower-cased, "
+                "other characters become '_'): rename one of them",
+            )
         seen[name] = str(column)
 
 
@@ -629,6 +719,10 @@ def _check_inside(directory: Path, paths: list[Path]) -> None:
         target = path.resolve()
         if not target.is_relative_to(root):
             linked = next((p for p in [path, *path.parents] if p.is_symlink()), path)
-            raise ContractError(str(path), None, None,
-                                f"is read through the symbolic link {linked} to {linked.resolve()}, outside the "
-                                "contract directory: copy the data into the directory instead")
+            raise ContractError(
+                str(path),
+                None,
+                None,
+                f"is read through the symbolic link {linked} to {linked.resolve()}, outside the "
+                "contract directory: copy the data into the directory instead",
+            )

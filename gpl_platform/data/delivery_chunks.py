@@ -24,8 +24,8 @@ from gpl_platform.data.contract import (
     ORIGIN,
     ContractError,
     _read_event_days,
-    check_day_folders,
     check_column_names,
+    check_day_folders,
     check_event_times,
     day_folder_files,
     event_day_folders,
@@ -37,7 +37,6 @@ from gpl_platform.data.contract import (
     validate_users,
 )
 from gpl_platform.data.sql import quote_identifier, quote_literal
-
 
 # A delivery is read once per pass: DuckDB's cache of file blocks (up to its memory limit) would only hold memory.
 _READER_CONFIG = {"enable_external_file_cache": False}

@@ -60,8 +60,8 @@ class Candidates:
 
 @dataclass
 class Exposure:
-    exposed: np.ndarray      # bool per candidate
-    propensity: np.ndarray   # P(exposed) under the policy that served the candidate's day
+    exposed: np.ndarray  # bool per candidate
+    propensity: np.ndarray  # P(exposed) under the policy that served the candidate's day
     info: dict = field(default_factory=dict)
 
 
@@ -72,8 +72,9 @@ def exposed_counts(groups: np.ndarray, share: float, max_per_request: int | None
     return np.minimum(n, max_per_request) if max_per_request else n
 
 
-def draw_top_n(rng: np.random.Generator, groups: np.ndarray, log_weights: np.ndarray, n_exposed: np.ndarray
-               ) -> np.ndarray:
+def draw_top_n(
+    rng: np.random.Generator, groups: np.ndarray, log_weights: np.ndarray, n_exposed: np.ndarray
+) -> np.ndarray:
     """One Plackett-Luce draw per group: the ``n_exposed`` rows with the largest log-weight + Gumbel."""
     if len(groups) == 0:
         return np.zeros(0, dtype=bool)
@@ -81,8 +82,9 @@ def draw_top_n(rng: np.random.Generator, groups: np.ndarray, log_weights: np.nda
     return rank < n_exposed
 
 
-def inclusion_probability(rng: np.random.Generator, groups: np.ndarray, log_weights: np.ndarray,
-                          n_exposed: np.ndarray, samples: int) -> np.ndarray:
+def inclusion_probability(
+    rng: np.random.Generator, groups: np.ndarray, log_weights: np.ndarray, n_exposed: np.ndarray, samples: int
+) -> np.ndarray:
     """P(row in its group's top-n) under Plackett-Luce with these log-weights, by ``samples`` draws.
 
     Rows are sorted by group once; each draw is then one argsort of ``group * span - key`` (groups
@@ -122,6 +124,7 @@ def popularity_log_weights(popularity: np.ndarray, power: float, offset: float =
 
 # ---- the logging model ------------------------------------------------------------------------
 
+
 class LoggedCounts:
     """What the logging system has seen so far: exposures and clicks per item, per user and per
     (user, category). Only exposed rows with their revealed clicks are ever added."""
@@ -155,8 +158,9 @@ class LoggedCounts:
         cat_clk = self.user_cat_clk.sum(axis=0)
         share = (cat_clk + 1.0) / (cat_clk.sum() + len(cat_clk))
         per_user = self.user_cat_clk[users]
-        lift = (np.log((per_user + CATEGORY_PRIOR * share) / (per_user.sum(axis=1, keepdims=True) + CATEGORY_PRIOR))
-                - np.log(share))
+        lift = np.log(
+            (per_user + CATEGORY_PRIOR * share) / (per_user.sum(axis=1, keepdims=True) + CATEGORY_PRIOR)
+        ) - np.log(share)
         affinity = np.einsum("ij,ij->i", lift, self.categories[items])
         return np.column_stack([_logit(item_ctr), np.log1p(self.item_exp[items]), affinity, _logit(user_ctr)])
 
@@ -181,7 +185,7 @@ class LoggingModel:
     n_rows: int
 
     @classmethod
-    def fit(cls, features: np.ndarray, clicks: np.ndarray, day: int) -> "LoggingModel":
+    def fit(cls, features: np.ndarray, clicks: np.ndarray, day: int) -> LoggingModel:
         from sklearn.linear_model import LogisticRegression
 
         mean, scale = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-6)
@@ -192,16 +196,29 @@ class LoggingModel:
         return ((features - self.mean) / self.scale) @ self.coef + self.intercept
 
     def describe(self) -> dict:
-        return {"day": str(np.datetime64(self.fitted_day, "D")), "rows": self.n_rows,
-                "coef": {n: round(float(c), 4) for n, c in zip(LOGGING_FEATURES, self.coef)},
-                "intercept": round(self.intercept, 4)}
+        return {
+            "day": str(np.datetime64(self.fitted_day, "D")),
+            "rows": self.n_rows,
+            "coef": {n: round(float(c), 4) for n, c in zip(LOGGING_FEATURES, self.coef)},
+            "intercept": round(self.intercept, 4),
+        }
 
 
 # ---- the policies ---------------------------------------------------------------------------
 
-def expose(candidates: Candidates, labels: np.ndarray, popularity: np.ndarray, categories: np.ndarray,
-           share: float, popularity_power: float, cfg: ExposurePolicyConfig, seed: int,
-           rng: np.random.Generator, popularity_offset: float = 1.0) -> Exposure:
+
+def expose(
+    candidates: Candidates,
+    labels: np.ndarray,
+    popularity: np.ndarray,
+    categories: np.ndarray,
+    share: float,
+    popularity_power: float,
+    cfg: ExposurePolicyConfig,
+    seed: int,
+    rng: np.random.Generator,
+    popularity_offset: float = 1.0,
+) -> Exposure:
     """Exposure and true propensity of every candidate under ``cfg.policy``.
 
     ``labels`` are the true labels: the policies reveal them only for exposed rows (as clicks), except
@@ -217,14 +234,27 @@ def expose(candidates: Candidates, labels: np.ndarray, popularity: np.ndarray, c
     n_exposed = exposed_counts(candidates.request, share, cfg.max_per_request)
     if cfg.policy == "popularity":
         exposed = draw_top_n(rng, candidates.request, pop_logw, n_exposed)
-        propensity = inclusion_probability(np.random.default_rng([seed, _PROPENSITY_SALT]), candidates.request,
-                                           pop_logw, n_exposed, cfg.propensity_samples)
+        propensity = inclusion_probability(
+            np.random.default_rng([seed, _PROPENSITY_SALT]),
+            candidates.request,
+            pop_logw,
+            n_exposed,
+            cfg.propensity_samples,
+        )
         return Exposure(exposed, propensity, {"policy": "popularity"})
     return _expose_day_by_day(candidates, labels, pop_logw, n_exposed, categories, len(popularity), cfg, seed)
 
 
-def _expose_day_by_day(candidates: Candidates, labels: np.ndarray, pop_logw: np.ndarray, n_exposed: np.ndarray,
-                       categories: np.ndarray, n_items: int, cfg: ExposurePolicyConfig, seed: int) -> Exposure:
+def _expose_day_by_day(
+    candidates: Candidates,
+    labels: np.ndarray,
+    pop_logw: np.ndarray,
+    n_exposed: np.ndarray,
+    categories: np.ndarray,
+    n_items: int,
+    cfg: ExposurePolicyConfig,
+    seed: int,
+) -> Exposure:
     n = len(labels)
     exposed, propensity = np.zeros(n, dtype=bool), np.zeros(n)
     n_users = int(candidates.user.max()) + 1 if n else 0
@@ -233,10 +263,16 @@ def _expose_day_by_day(candidates: Candidates, labels: np.ndarray, pop_logw: np.
     order = np.argsort(candidates.day, kind="stable")
     bounds = np.searchsorted(candidates.day[order], np.r_[days, days[-1] + 1 if len(days) else 0])
     for k, day in enumerate(days):
-        rows = order[bounds[k]:bounds[k + 1]]
+        rows = order[bounds[k] : bounds[k + 1]]
         exposed[rows], propensity[rows] = policy.serve(
-            int(day), candidates.request[rows], candidates.user[rows], candidates.item[rows], labels[rows],
-            pop_logw[rows], n_exposed[rows])
+            int(day),
+            candidates.request[rows],
+            candidates.user[rows],
+            candidates.item[rows],
+            labels[rows],
+            pop_logw[rows],
+            n_exposed[rows],
+        )
     return Exposure(exposed, propensity, policy.info())
 
 
@@ -257,8 +293,16 @@ class DailyExposure:
         self.last_day: int | None = None
         self.days = 0
 
-    def serve(self, day: int, requests: np.ndarray, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
-              pop_logw: np.ndarray, n_exposed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def serve(
+        self,
+        day: int,
+        requests: np.ndarray,
+        users: np.ndarray,
+        items: np.ndarray,
+        labels: np.ndarray,
+        pop_logw: np.ndarray,
+        n_exposed: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exposure and true propensity of one day's candidates; their clicks are revealed afterwards."""
         cfg = self.cfg
         if self.last_day is not None and day <= self.last_day:
@@ -283,8 +327,9 @@ class DailyExposure:
         else:
             logw = pop_logw
         shown = draw_top_n(np.random.default_rng([self.seed, _DRAW_SALT, day]), requests, logw, n_exposed)
-        propensity = inclusion_probability(np.random.default_rng([self.seed, _PROPENSITY_SALT, day]), requests,
-                                           logw, n_exposed, cfg.propensity_samples)
+        propensity = inclusion_probability(
+            np.random.default_rng([self.seed, _PROPENSITY_SALT, day]), requests, logw, n_exposed, cfg.propensity_samples
+        )
         clicks = labels[shown]  # the only labels the logging system ever sees
         self.counts.add(users[shown], items[shown], clicks)
         if features is not None:
@@ -295,11 +340,19 @@ class DailyExposure:
     def info(self) -> dict:
         info = {"policy": self.cfg.policy, "days": self.days}
         if self.cfg.policy == "logging":
-            info.update(cold_start_days=self.cold_days, refits=len(self.refits),
-                        last_model=self.refits[-1] if self.refits else None, temperature=self.cfg.temperature)
+            info.update(
+                cold_start_days=self.cold_days,
+                refits=len(self.refits),
+                last_model=self.refits[-1] if self.refits else None,
+                temperature=self.cfg.temperature,
+            )
             if self.refits:
-                log.info("logging policy: %d refits, %d cold-start day(s); last model %s", len(self.refits),
-                         self.cold_days, self.refits[-1])
+                log.info(
+                    "logging policy: %d refits, %d cold-start day(s); last model %s",
+                    len(self.refits),
+                    self.cold_days,
+                    self.refits[-1],
+                )
         return info
 
 
@@ -335,5 +388,17 @@ def day_ordinals(timestamps) -> np.ndarray:
     return ((values - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1)).to_numpy(np.int64)
 
 
-__all__ = ["Candidates", "DailyExposure", "Exposure", "LoggedCounts", "LoggingModel", "category_matrix", "day_ordinals",
-           "draw_top_n", "expose", "exposed_counts", "inclusion_probability", "popularity_log_weights"]
+__all__ = [
+    "Candidates",
+    "DailyExposure",
+    "Exposure",
+    "LoggedCounts",
+    "LoggingModel",
+    "category_matrix",
+    "day_ordinals",
+    "draw_top_n",
+    "expose",
+    "exposed_counts",
+    "inclusion_probability",
+    "popularity_log_weights",
+]

@@ -16,8 +16,9 @@ from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch
 log = logging.getLogger(__name__)
 
 
-def ingest_catalog(warehouse: Warehouse, dataset: Dataset, signature: dict,
-                   delivered_item_ids: Iterable[str] = ()) -> dict:
+def ingest_catalog(
+    warehouse: Warehouse, dataset: Dataset, signature: dict, delivered_item_ids: Iterable[str] = ()
+) -> dict:
     """Replace the `items` and `users` tables with the dataset's (one transaction). A catalog that lacks an
     item the warehouse's events or ``delivered_item_ids`` (events delivered, not yet ingested) name is refused
     before anything is written: it would leave events whose item is gone."""
@@ -27,33 +28,48 @@ def ingest_catalog(warehouse: Warehouse, dataset: Dataset, signature: dict,
         n_items = warehouse.replace_table("items", dataset.items, con)
         n_users = warehouse.replace_table("users", dataset.users, con)
     text_len = dataset.items["text"].str.len()
-    return {"n_items": n_items, "n_users": n_users, "text_chars_median": float(text_len.median()),
-            "item_columns": list(dataset.items.columns), "user_columns": list(dataset.users.columns)}
+    return {
+        "n_items": n_items,
+        "n_users": n_users,
+        "text_chars_median": float(text_len.median()),
+        "item_columns": list(dataset.items.columns),
+        "user_columns": list(dataset.users.columns),
+    }
 
 
 def _refuse_orphaned_events(con, catalog_ids: pd.Series, delivered_item_ids: Iterable[str]) -> None:
     catalog = pd.DataFrame({"item_id": catalog_ids.astype(str).unique()})
     con.register("_catalog_ids", catalog)
     try:
-        ingested = [r[0] for r in con.execute(
-            "SELECT DISTINCT item_id FROM events WHERE item_id NOT IN (SELECT item_id FROM _catalog_ids) "
-            "ORDER BY item_id").fetchall()]
+        ingested = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT item_id FROM events WHERE item_id NOT IN (SELECT item_id FROM _catalog_ids) "
+                "ORDER BY item_id"
+            ).fetchall()
+        ]
     finally:
         con.unregister("_catalog_ids")
     delivered = sorted(set(delivered_item_ids) - set(catalog["item_id"]))
     for missing, where in ((ingested, "ingested events"), (delivered, "delivered events")):
         if missing:
-            raise ContractError("items", "item_id", len(missing),
-                                f"named by {where} are missing from the new catalog: the catalog is not replaced "
-                                "(keep retired items in it)", missing[:3])
+            raise ContractError(
+                "items",
+                "item_id",
+                len(missing),
+                f"named by {where} are missing from the new catalog: the catalog is not replaced "
+                "(keep retired items in it)",
+                missing[:3],
+            )
 
 
 EVENT_COLUMNS = ["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity"]
 ORACLE_COLUMNS = ["day", "request_id", "item_id", "oracle_label"]
 
 
-def ingest_event_days(warehouse: Warehouse, dataset: Dataset, days: Sequence[date], signature: dict,
-                      run_id: str | None = None) -> pd.DataFrame:
+def ingest_event_days(
+    warehouse: Warehouse, dataset: Dataset, days: Sequence[date], signature: dict, run_id: str | None = None
+) -> pd.DataFrame:
     """Replace the events (and, apart, the oracle labels) of ``days``; returns per-day statistics
     (:func:`event_day_stats`)."""
     days = sorted(set(days))
@@ -65,8 +81,9 @@ def ingest_event_days(warehouse: Warehouse, dataset: Dataset, days: Sequence[dat
         return event_day_stats(con, days)
 
 
-def ingest_event_day_chunks(warehouse: Warehouse, day: date, chunks: Iterable[pd.DataFrame], signature: dict,
-                            run_id: str | None = None) -> pd.DataFrame:
+def ingest_event_day_chunks(
+    warehouse: Warehouse, day: date, chunks: Iterable[pd.DataFrame], signature: dict, run_id: str | None = None
+) -> pd.DataFrame:
     """Replace the events (and, apart, the oracle labels) of ``day`` with ``chunks``, validated events of that
     day (``Dataset.events`` columns), one chunk in memory at a time, all in one transaction: a chunk that fails
     validation leaves the day's previous rows. Returns the day's statistics (:func:`event_day_stats`)."""
@@ -87,8 +104,12 @@ def ingest_event_day_chunks(warehouse: Warehouse, day: date, chunks: Iterable[pd
         return event_day_stats(con, [day])
 
 
-def ingest_delivered_days(warehouse: Warehouse, read_days: Callable[[], Iterable[tuple[date, Iterable[pd.DataFrame]]]],
-                          signature: dict, run_id: str | None = None) -> pd.DataFrame:
+def ingest_delivered_days(
+    warehouse: Warehouse,
+    read_days: Callable[[], Iterable[tuple[date, Iterable[pd.DataFrame]]]],
+    signature: dict,
+    run_id: str | None = None,
+) -> pd.DataFrame:
     """Replace several delivered days: ``read_days()`` gives each day with its validated chunks
     (:func:`~gpl_platform.data.sources.delivered_day_events`). Every day is read and validated first, nothing
     kept, so a day the contract refuses refuses the whole range before anything is written; then each day is
@@ -115,7 +136,9 @@ def event_day_stats(con, days: Sequence[date]) -> pd.DataFrame:
         FROM events e LEFT JOIN oracle_labels o
           ON o.day = e.day AND o.request_id = e.request_id AND o.item_id = e.item_id
         WHERE e.day IN (SELECT unnest(?::DATE[])) GROUP BY e.day
-        """, [days]).df()
+        """,
+        [days],
+    ).df()
     stats["day"] = pd.to_datetime(stats["day"]).dt.date
     stats = stats.set_index("day").reindex(days)
     stats[["events", "requests", "users"]] = stats[["events", "requests", "users"]].fillna(0).astype(int)
@@ -123,8 +146,9 @@ def event_day_stats(con, days: Sequence[date]) -> pd.DataFrame:
     return stats
 
 
-def build_user_histories(warehouse: Warehouse, days: Sequence[date], first_day: date, max_len: int,
-                         run_id: str | None = None) -> pd.DataFrame:
+def build_user_histories(
+    warehouse: Warehouse, days: Sequence[date], first_day: date, max_len: int, run_id: str | None = None
+) -> pd.DataFrame:
     """Per day D, for each user with a request on D: their clicked items strictly before D (UTC), most
     recent first, at most ``max_len``, and a hash of that list (the anchor cache's key). Needs the events of
     every day in [first_day, D). One INSERT ... SELECT inside DuckDB (under its memory cap, spilling beyond):
@@ -138,7 +162,8 @@ def build_user_histories(warehouse: Warehouse, days: Sequence[date], first_day: 
         raise MissingUpstreamDays(
             f"user histories for {days[0]}..{days[-1]} need the events of every earlier day, but "
             f"{len(missing)} day(s) are not ingested (first: {missing[0]}, last: {missing[-1]}). "
-            "Materialize candidate_events for those partitions first.")
+            "Materialize candidate_events for those partitions first."
+        )
     with warehouse.transaction() as con:
         warehouse.clear_partitions("user_histories", days, con)
         con.execute(
@@ -166,14 +191,18 @@ def build_user_histories(warehouse: Warehouse, days: Sequence[date], first_day: 
             SELECT day, user_id, history_item_ids, n_positives, last_positive_time,
                    substr(sha256(array_to_string(history_item_ids, chr(31))), 1, 16) AS history_hash
             FROM histories ORDER BY day, user_id
-            """, [days, max_len])
+            """,
+            [days, max_len],
+        )
         warehouse.record_partitions("user_histories", days, con, run_id)
         stats = con.execute(
             """
             SELECT day, count(*) AS users, count(*) FILTER (WHERE n_positives = 0) AS cold_start_users,
                    median(n_positives) AS median_positives, median(least(n_positives, ?)) AS median_history_len
             FROM user_histories WHERE day IN (SELECT unnest(?::DATE[])) GROUP BY day
-            """, [max_len, days]).df()
+            """,
+            [max_len, days],
+        ).df()
     stats["day"] = pd.to_datetime(stats["day"]).dt.date
     stats = stats.set_index("day").reindex(days)
     stats[["users", "cold_start_users"]] = stats[["users", "cold_start_users"]].fillna(0).astype(int)

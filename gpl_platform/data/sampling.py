@@ -44,14 +44,6 @@ def rank_within_groups(groups: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray
     return rank, size
 
 
-def gumbel_top_share(rng: np.random.Generator, groups: np.ndarray, weights: np.ndarray, share: float) -> np.ndarray:
-    """Expose ceil(share * group size) rows per group, drawn Plackett-Luce by ``weights``."""
-    if len(groups) == 0:
-        return np.zeros(0, dtype=bool)
-    rank, size = rank_within_groups(groups, gumbel_keys(rng, np.asarray(weights, dtype=float)))
-    return rank < np.ceil(share * size)
-
-
 def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniques, codes = np.unique(values, return_inverse=True)
     return codes.ravel(), uniques

@@ -31,7 +31,9 @@ def dataset_statistics(dataset: Dataset) -> dict:
         "exposed_candidates": int(len(exposed)),
         "positive_rate_exposed (clicked)": round(float(exposed["clicked"].astype("Float64").mean()), 4),
         "positive_rate_exposed (oracle)": round(float(oracle_exp.mean()), 4) if oracle_exp.notna().any() else None,
-        "positive_rate_unexposed (oracle)": round(float(oracle_unexp.mean()), 4) if oracle_unexp.notna().any() else None,
+        "positive_rate_unexposed (oracle)": round(float(oracle_unexp.mean()), 4)
+        if oracle_unexp.notna().any()
+        else None,
         "items_ever_exposed": int(exposed["item_id"].nunique()),
         "items_ever_candidates": int(ev["item_id"].nunique()),
         "items_never_exposed_share": round(1 - exposed["item_id"].nunique() / max(ev["item_id"].nunique(), 1), 4),
@@ -53,11 +55,21 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False, by_day: 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("items", "users", "events"):
         if (out / name).is_dir():
-            raise ContractError(str(out / name), None, None, "is a table folder: export into another directory "
-                                "(a folder and a file of the same table would be read together)")
+            raise ContractError(
+                str(out / name),
+                None,
+                None,
+                "is a table folder: export into another directory "
+                "(a folder and a file of the same table would be read together)",
+            )
     if by_day and any((out / f"events{ext}").exists() for ext in _READERS):
-        raise ContractError(str(out), None, None, "has an events file: a by-day export needs a directory without "
-                            "events (the file and the day folders would be read together)")
+        raise ContractError(
+            str(out),
+            None,
+            None,
+            "has an events file: a by-day export needs a directory without "
+            "events (the file and the day folders would be read together)",
+        )
     written = []
     tables = [("items", dataset.items), ("users", dataset.users)]
     if not by_day:

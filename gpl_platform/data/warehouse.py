@@ -78,8 +78,9 @@ CREATE TABLE IF NOT EXISTS pseudo_labels (
 );
 """
 
-_LOCK_PATTERNS = re.compile(r"could not set lock|conflicting lock|lock on file|resource temporarily unavailable",
-                            re.IGNORECASE)
+_LOCK_PATTERNS = re.compile(
+    r"could not set lock|conflicting lock|lock on file|resource temporarily unavailable", re.IGNORECASE
+)
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -147,7 +148,8 @@ class Warehouse:
                     raise WarehouseLockedError(
                         f"{self.path} is locked by another process and stayed locked for "
                         f"{self.lock_timeout_s:.0f}s (DuckDB allows one writer). Wait for the other run "
-                        f"to finish, or raise GPL_WAREHOUSE_LOCK_TIMEOUT_S. DuckDB said: {exc}") from exc
+                        f"to finish, or raise GPL_WAREHOUSE_LOCK_TIMEOUT_S. DuckDB said: {exc}"
+                    ) from exc
                 log.info("warehouse %s is locked by another process; retrying in %.2fs", self.path, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -155,7 +157,9 @@ class Warehouse:
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.path.exists():
-            raise FileNotFoundError(f"{self.path}: the warehouse does not exist yet; materialize the ingestion assets first")
+            raise FileNotFoundError(
+                f"{self.path}: the warehouse does not exist yet; materialize the ingestion assets first"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._open(read_only)
         try:
@@ -196,13 +200,19 @@ class Warehouse:
                 return self.replace_table(name, frame, tx)
         con.register("_incoming", frame)
         try:
-            con.execute(f'CREATE OR REPLACE TABLE {quote_identifier(name)} AS SELECT * FROM _incoming')
+            con.execute(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS SELECT * FROM _incoming")
         finally:
             con.unregister("_incoming")
         return len(frame)
 
-    def replace_partitions(self, table: str, frame: pd.DataFrame | pa.Table, days: Sequence[date],
-                           con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> dict[date, int]:
+    def replace_partitions(
+        self,
+        table: str,
+        frame: pd.DataFrame | pa.Table,
+        days: Sequence[date],
+        con: duckdb.DuckDBPyConnection,
+        run_id: str | None = None,
+    ) -> dict[date, int]:
         """Replace the rows of ``days`` in ``table`` with ``frame`` (whose `day` must lie in ``days``)
         and record every day, empty ones too, in ``partitions``. Call inside :meth:`transaction`.
         ``frame`` may be an Arrow table (vector columns go in without a Python-object detour)."""
@@ -214,20 +224,30 @@ class Warehouse:
         row_days = pd.to_datetime(day_values).dt.date if len(day_values) else pd.Series([], dtype=object)
         frame_days = set(row_days)
         if not frame_days <= set(days):
-            raise ValueError(f"{table}: rows for days {sorted(frame_days - set(days))[:3]} outside the partitions written")
-        columns = [r[0] for r in con.execute(f'DESCRIBE {quote_identifier(table)}').fetchall()]
+            raise ValueError(
+                f"{table}: rows for days {sorted(frame_days - set(days))[:3]} outside the partitions written"
+            )
+        columns = [r[0] for r in con.execute(f"DESCRIBE {quote_identifier(table)}").fetchall()]
         incoming = frame.select(columns) if isinstance(frame, pa.Table) else frame[columns]
         counts = row_days.value_counts().to_dict()
         con.register("_days", pd.DataFrame({"day": pd.to_datetime(pd.Series(days, dtype="object"))}))
         con.register("_incoming", incoming)
         try:
-            con.execute(f'DELETE FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _days)')
-            con.execute(f'INSERT INTO {quote_identifier(table)} SELECT * FROM _incoming')
-            rows = pd.DataFrame({"table_name": table, "day": pd.to_datetime(pd.Series(days, dtype="object")),
-                                 "n_rows": [int(counts.get(d, 0)) for d in days], "run_id": run_id})
+            con.execute(f"DELETE FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _days)")
+            con.execute(f"INSERT INTO {quote_identifier(table)} SELECT * FROM _incoming")
+            rows = pd.DataFrame(
+                {
+                    "table_name": table,
+                    "day": pd.to_datetime(pd.Series(days, dtype="object")),
+                    "n_rows": [int(counts.get(d, 0)) for d in days],
+                    "run_id": run_id,
+                }
+            )
             con.register("_parts", rows)
-            con.execute("INSERT OR REPLACE INTO partitions SELECT table_name, CAST(day AS DATE), n_rows, now(), run_id "
-                        "FROM _parts")
+            con.execute(
+                "INSERT OR REPLACE INTO partitions SELECT table_name, CAST(day AS DATE), n_rows, now(), run_id "
+                "FROM _parts"
+            )
         finally:
             for view in ("_days", "_incoming", "_parts"):
                 con.unregister(view)
@@ -238,22 +258,31 @@ class Warehouse:
         batches and :meth:`record_partitions`, all inside one :meth:`transaction`)."""
         con.register("_clear_days", _days_frame(days))
         try:
-            con.execute(f'DELETE FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _clear_days)')
+            con.execute(
+                f"DELETE FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _clear_days)"
+            )
         finally:
             con.unregister("_clear_days")
 
-    def record_partitions(self, table: str, days: Sequence[date], con: duckdb.DuckDBPyConnection,
-                          run_id: str | None = None) -> dict[date, int]:
+    def record_partitions(
+        self, table: str, days: Sequence[date], con: duckdb.DuckDBPyConnection, run_id: str | None = None
+    ) -> dict[date, int]:
         """Record every day of ``days`` (empty ones too) in ``partitions`` with its row count in ``table``."""
         days = sorted(set(days))
         con.register("_record_days", _days_frame(days))
         try:
-            counts = dict(con.execute(
-                f'SELECT day, count(*) FROM {quote_identifier(table)} WHERE day IN (SELECT CAST(day AS DATE) FROM _record_days) '
-                "GROUP BY day").fetchall())
-            con.execute("INSERT OR REPLACE INTO partitions SELECT ?, CAST(day AS DATE), coalesce(c.n, 0), now(), ? "
-                        "FROM _record_days LEFT JOIN (SELECT unnest(?::DATE[]) AS d, unnest(?::BIGINT[]) AS n) c "
-                        "ON c.d = CAST(day AS DATE)", [table, run_id, list(counts), list(counts.values())])
+            counts = dict(
+                con.execute(
+                    f"SELECT day, count(*) FROM {quote_identifier(table)} "
+                    "WHERE day IN (SELECT CAST(day AS DATE) FROM _record_days) GROUP BY day"
+                ).fetchall()
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO partitions SELECT ?, CAST(day AS DATE), coalesce(c.n, 0), now(), ? "
+                "FROM _record_days LEFT JOIN (SELECT unnest(?::DATE[]) AS d, unnest(?::BIGINT[]) AS n) c "
+                "ON c.d = CAST(day AS DATE)",
+                [table, run_id, list(counts), list(counts.values())],
+            )
         finally:
             con.unregister("_record_days")
         return {d: int(counts.get(d, 0)) for d in days}
@@ -271,17 +300,26 @@ class Warehouse:
             try:
                 con.execute("BEGIN TRANSACTION")
                 for table in tables:
-                    ddl = con.execute("SELECT sql FROM duckdb_tables() WHERE database_name = '_other' "
-                                      "AND table_name = ?", [table]).fetchall()
+                    ddl = con.execute(
+                        "SELECT sql FROM duckdb_tables() WHERE database_name = '_other' AND table_name = ?", [table]
+                    ).fetchall()
                     if not ddl:
                         continue
-                    here = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = "
-                                       "current_database() AND table_name = ?", [table]).fetchall()[0][0]
+                    here = con.execute(
+                        "SELECT count(*) FROM duckdb_tables() WHERE database_name = "
+                        "current_database() AND table_name = ?",
+                        [table],
+                    ).fetchall()[0][0]
                     if not here:  # the other's DDL, keys included, so that INSERT OR IGNORE can dedupe
                         con.execute(ddl[0][0])
-                    before = con.execute(f'SELECT count(*) FROM {quote_identifier(table)}').fetchone()[0]
-                    con.execute(f'INSERT OR IGNORE INTO {quote_identifier(table)} SELECT * FROM _other.{quote_identifier(table)}')
-                    copied[table] = con.execute(f'SELECT count(*) FROM {quote_identifier(table)}').fetchone()[0] - before
+                    before = con.execute(f"SELECT count(*) FROM {quote_identifier(table)}").fetchone()[0]
+                    con.execute(
+                        f"INSERT OR IGNORE INTO {quote_identifier(table)} "
+                        f"SELECT * FROM _other.{quote_identifier(table)}"
+                    )
+                    copied[table] = (
+                        con.execute(f"SELECT count(*) FROM {quote_identifier(table)}").fetchone()[0] - before
+                    )
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -299,5 +337,6 @@ class Warehouse:
         if row and row[0] != wanted and has_events:
             raise WarehouseSourceMismatch(
                 f"{self.path} holds data of another source or protocol:\n  stored: {row[0]}\n  wanted: {wanted}\n"
-                "Use another data_dir (GPL_DATA_DIR) or remove the warehouse with `gpl reset`.")
+                "Use another data_dir (GPL_DATA_DIR) or remove the warehouse with `gpl reset`."
+            )
         con.execute("INSERT OR REPLACE INTO warehouse_meta VALUES ('source_signature', ?)", [wanted])

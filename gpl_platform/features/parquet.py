@@ -38,10 +38,6 @@ def view_dir(sources_dir: Path, view: str) -> Path:
     return Path(sources_dir) / view
 
 
-def view_glob(sources_dir: Path, view: str) -> str:
-    return str(view_dir(sources_dir, view) / "*.parquet")
-
-
 def arrow_schema(key: str, features: dict[str, str]) -> pa.Schema:
     fields = [
         pa.field(key, pa.string(), nullable=False),

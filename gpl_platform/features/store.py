@@ -36,7 +36,7 @@ import yaml
 from gpl_platform.features import parquet, repo
 from gpl_platform.features.compute import day_start
 from gpl_platform.features.repo import feast_dir, sources_dir, spec_path
-from gpl_platform.features.schema import ENTITY_KEYS, PROJECT, FeatureSpec
+from gpl_platform.features.schema import PROJECT, FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,3 @@ class FeastStore:
         from gpl_platform.features.serving import OnlineFeatureClient
 
         return OnlineFeatureClient(self, service)
-
-    @staticmethod
-    def entity_key(view_entity: str) -> str:
-        return ENTITY_KEYS[view_entity]

@@ -10,8 +10,17 @@ from tests.helpers import tiny_contract_tables, write_contract_dir
 def test_valid_tables_are_normalized():
     items, users, events = tiny_contract_tables()
     ds = validate_dataset("tiny", items, users, events)
-    assert list(ds.events.columns) == ["request_id", "user_id", "item_id", "event_time", "exposed", "clicked",
-                                       "oracle_label", "propensity", "day"]
+    assert list(ds.events.columns) == [
+        "request_id",
+        "user_id",
+        "item_id",
+        "event_time",
+        "exposed",
+        "clicked",
+        "oracle_label",
+        "propensity",
+        "day",
+    ]
     assert str(ds.events["event_time"].dtype) == "datetime64[us, UTC]"
     assert ds.events["clicked"].isna().tolist() == [False, False, True, False, True]
     # UTC day: 23:59:59 belongs to the 1st, 00:00:00 to the 2nd.
@@ -28,9 +37,13 @@ def test_non_utc_offsets_are_converted_to_utc():
 def _expect(problem_fragment, column, n_rows, items=None, users=None, events=None, file="events"):
     base_items, base_users, base_events = tiny_contract_tables()
     with pytest.raises(ContractError) as info:
-        validate_dataset("tiny", base_items if items is None else items, base_users if users is None else users,
-                         base_events if events is None else events,
-                         files={"items": "items.parquet", "users": "users.parquet", "events": "events.parquet"})
+        validate_dataset(
+            "tiny",
+            base_items if items is None else items,
+            base_users if users is None else users,
+            base_events if events is None else events,
+            files={"items": "items.parquet", "users": "users.parquet", "events": "events.parquet"},
+        )
     err = info.value
     assert err.column == column, str(err)
     assert err.n_rows == n_rows, str(err)

@@ -2,7 +2,7 @@
 window, the first day without reading rows, and the content digests the sensor keeps."""
 
 import os
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pandas as pd
 import pytest
@@ -106,15 +106,20 @@ def test_first_day_without_reading_rows(tmp_path):
     flat = write_contract_dir(tmp_path / "flat", items, users, events)
     assert contract_day_span(flat) == (date(2024, 3, 1), date(2024, 3, 2))  # parquet statistics
     assert contract_day_span(_day_delivery(tmp_path / "days")) == (date(2024, 3, 1), date(2024, 3, 2))  # names
-    csv = write_contract_dir(tmp_path / "csv", items, users, events.assign(
-        event_time=events["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")), fmt="csv")
+    csv = write_contract_dir(
+        tmp_path / "csv",
+        items,
+        users,
+        events.assign(event_time=events["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")),
+        fmt="csv",
+    )
     assert contract_day_span(csv) is None
     settings = load_settings({"source": "contract", "contract": {"path": str(csv)}})
     with pytest.raises(ContractError, match="GPL_CONTRACT__START_DATE"):
         partition_span(settings)
-    assert partition_span(load_settings({"source": "contract", "contract": {"path": str(csv),
-                                                                             "start_date": "2024-02-01"}})) == (
-        date(2024, 2, 1), None)
+    assert partition_span(
+        load_settings({"source": "contract", "contract": {"path": str(csv), "start_date": "2024-02-01"}})
+    ) == (date(2024, 2, 1), None)
     # A clock error in the statistics does not make 20,000 partitions: the start is clamped (validation names it).
     events.loc[0, "event_time"] = pd.Timestamp("1970-01-01T00:00:00Z")
     broken = write_contract_dir(tmp_path / "broken", items, users, events)
@@ -139,8 +144,9 @@ def test_delivery_digests_follow_content_not_file_times(tmp_path):
     write_event_day(directory, date(2024, 3, 2), changed)
     after, table = delivery_fingerprints(directory, files)
     assert after["2024-03-02"] != digests["2024-03-02"]
-    assert {k: v for k, v in after.items() if k != "2024-03-02"} == {k: v for k, v in digests.items()
-                                                                    if k != "2024-03-02"}
+    assert {k: v for k, v in after.items() if k != "2024-03-02"} == {
+        k: v for k, v in digests.items() if k != "2024-03-02"
+    }
     # A file whose size and mtime are known is not read again (its recorded sha is trusted).
     rel = "events/day=2024-03-01/part-0.parquet"
     trusted = {**table, rel: [table[rel][0], table[rel][1], "0" * 64]}
@@ -156,9 +162,9 @@ def test_flat_layout_is_not_a_delivery(tmp_path):
 
 
 def test_plausible_window_defaults():
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     start, end = plausible_time_window(now=now)
-    assert start == datetime(1990, 1, 1, tzinfo=timezone.utc) and end == datetime(2026, 1, 2, tzinfo=timezone.utc)
+    assert start == datetime(1990, 1, 1, tzinfo=UTC) and end == datetime(2026, 1, 2, tzinfo=UTC)
 
 
 def test_cli_validates_a_day_folder_delivery_in_one_line(tmp_path):
@@ -166,8 +172,9 @@ def test_cli_validates_a_day_folder_delivery_in_one_line(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["data", "validate", str(directory)])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("valid: 3 items, 2 users, 5 events in 2 requests over 2 days (2024-03-01 .. "
-                                    "2024-03-02)")
+    assert result.output.startswith(
+        "valid: 3 items, 2 users, 5 events in 2 requests over 2 days (2024-03-01 .. 2024-03-02)"
+    )
     (directory / "events" / "day=2024-03-02" / "late").mkdir()
     result = runner.invoke(app, ["data", "validate", str(directory)])
     assert result.exit_code == 1 and result.output.count("\n") == 1
@@ -182,7 +189,8 @@ def test_day_folders_of_csv_files(tmp_path):
         folder = directory / "events" / f"day={day}"
         folder.mkdir(parents=True)
         part.assign(event_time=part["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")).to_csv(
-            folder / "part-0.csv", index=False)
+            folder / "part-0.csv", index=False
+        )
     assert contract_day_span(directory) == (date(2024, 3, 1), date(2024, 3, 2))  # from the names, rows unread
     assert len(read_contract_dir(directory).events) == 5
     assert set(read_contract_dir(directory, days=[date(2024, 3, 1)]).events["request_id"]) == {"r1"}

@@ -15,9 +15,23 @@ from gpl_platform.config import load_settings
 from gpl_platform.data.sources import load_source
 from gpl_platform.features.store import FeastStore
 
-STAGES = ["item_catalog", "users", "candidate_events", "user_histories", "item_embeddings", "user_anchors",
-          "anchor_embeddings", "candidate_similarities", "similarity_calibration", "pseudo_labels",
-          "profile_features", "feast_registry", "user_features", "item_features", "online_features"]
+STAGES = [
+    "item_catalog",
+    "users",
+    "candidate_events",
+    "user_histories",
+    "item_embeddings",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+    "profile_features",
+    "feast_registry",
+    "user_features",
+    "item_features",
+    "online_features",
+]
 OVERRIDES = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 20}}
 
 
@@ -57,8 +71,9 @@ def _write(directory, items, users, events, fmt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["no_attributes_csv", "no_users_table_mixed_item_attributes",
-                                   "string_and_numeric_user_attributes"])
+@pytest.mark.parametrize(
+    "shape", ["no_attributes_csv", "no_users_table_mixed_item_attributes", "string_and_numeric_user_attributes"]
+)
 def test_contract_shape_runs_through_ingestion_labels_and_features(tmp_path, shape):
     simulated = load_source(load_settings())
     items, users, events, fmt = _shape(shape, simulated)
@@ -67,8 +82,12 @@ def test_contract_shape_runs_through_ingestion_labels_and_features(tmp_path, sha
     # does after reading it once; the range ends on the data's last day, not today
     days = pd.to_datetime(events["event_time"], utc=True).dt.date
     first, last = days.min().isoformat(), days.max().isoformat()
-    gpl = GplSettings(source="contract", contract_path=str(contract), data_dir=str(tmp_path / "data"),
-                      overrides_json=json.dumps({**OVERRIDES, "contract": {"start_date": first}}))
+    gpl = GplSettings(
+        source="contract",
+        contract_path=str(contract),
+        data_dir=str(tmp_path / "data"),
+        overrides_json=json.dumps({**OVERRIDES, "contract": {"start_date": first}}),
+    )
     assert run_pipeline(first, last, resources={"gpl": gpl}, ephemeral=True, selection=STAGES).success
 
     settings = gpl.settings()
@@ -80,12 +99,18 @@ def test_contract_shape_runs_through_ingestion_labels_and_features(tmp_path, sha
     profile = {f.name: f.dtype for f in store.store.get_feature_view("user_profile").features}
     item_profile = {f.name for f in store.store.get_feature_view("item_profile").features}
     if shape == "no_attributes_csv":
-        assert set(profile) == {"user_known"} and item_profile == {"item_known", "item_content_emb",
-                                                                   "item_has_content_emb"}
+        assert set(profile) == {"user_known"} and item_profile == {
+            "item_known",
+            "item_content_emb",
+            "item_has_content_emb",
+        }
     elif shape == "no_users_table_mixed_item_attributes":
-        assert spec.item_attributes == {"item_cat_topic": ("topic", "String"),
-                                        "item_num_runtime_min": ("runtime_min", "Float64"),
-                                        "item_num_year": ("year", "Float64"), "item_num_family": ("family", "Float64")}
+        assert spec.item_attributes == {
+            "item_cat_topic": ("topic", "String"),
+            "item_num_runtime_min": ("runtime_min", "Float64"),
+            "item_num_year": ("year", "Float64"),
+            "item_num_family": ("family", "Float64"),
+        }
     else:
         assert set(spec.user_attributes) == {"user_num_age", "user_cat_country"}
 

@@ -25,21 +25,43 @@ def _world_candidates(seed: int = 0):
     ds = simulate(WORLD, seed)
     ev = ds.events
     items = ds.items["item_id"].tolist()
-    cands = Candidates(request=pd.factorize(ev["request_id"])[0], user=pd.factorize(ev["user_id"])[0],
-                       item=pd.Index(items).get_indexer(ev["item_id"]),
-                       day=(pd.to_datetime(ev["day"]) - pd.Timestamp("1970-01-01")).dt.days.to_numpy())
+    cands = Candidates(
+        request=pd.factorize(ev["request_id"])[0],
+        user=pd.factorize(ev["user_id"])[0],
+        item=pd.Index(items).get_indexer(ev["item_id"]),
+        day=(pd.to_datetime(ev["day"]) - pd.Timestamp("1970-01-01")).dt.days.to_numpy(),
+    )
     truth = ds.info["item_truth"]
-    return cands, ev["oracle_label"].astype(int).to_numpy(), truth["popularity_prior"].to_numpy(), \
-        np.eye(WORLD.n_topics)[truth["topic_id"].to_numpy()]
+    return (
+        cands,
+        ev["oracle_label"].astype(int).to_numpy(),
+        truth["popularity_prior"].to_numpy(),
+        np.eye(WORLD.n_topics)[truth["topic_id"].to_numpy()],
+    )
 
 
 def _expose(policy: str, labels=None, share=0.1, **cfg):
     cands, truth, popularity, categories = _world_candidates()
     labels = truth if labels is None else labels
-    config = ExposurePolicyConfig(policy=policy, retrain_every_days=1, min_training_rows=100, propensity_samples=50,
-                                  **cfg)
-    return cands, truth, expose(cands, labels, popularity, categories, share, 1.0, config, seed=3,
-                                rng=np.random.default_rng(3), popularity_offset=0.0)
+    config = ExposurePolicyConfig(
+        policy=policy, retrain_every_days=1, min_training_rows=100, propensity_samples=50, **cfg
+    )
+    return (
+        cands,
+        truth,
+        expose(
+            cands,
+            labels,
+            popularity,
+            categories,
+            share,
+            1.0,
+            config,
+            seed=3,
+            rng=np.random.default_rng(3),
+            popularity_offset=0.0,
+        ),
+    )
 
 
 def test_logging_policy_exposes_relevant_candidates_more_than_popularity_does():
@@ -110,16 +132,26 @@ def test_inclusion_probabilities_match_empirical_frequencies():
 
 def test_recorded_propensities_are_calibrated_on_a_source():
     """A source's recorded propensities against its realized exposure, by propensity decile."""
-    settings = load_settings({"source": "simulator", "simulator": {
-        "n_users": 300, "n_items": 600, "n_days": 6, "exposure_share": 0.1,
-        "exposure": {"policy": "logging", "propensity_samples": 100}}})
+    settings = load_settings(
+        {
+            "source": "simulator",
+            "simulator": {
+                "n_users": 300,
+                "n_items": 600,
+                "n_days": 6,
+                "exposure_share": 0.1,
+                "exposure": {"policy": "logging", "propensity_samples": 100},
+            },
+        }
+    )
     from gpl_platform.data.sources import load_source
 
     ev = load_source(settings).events
     assert ev["propensity"].between(0, 1).all()
     bins = pd.qcut(ev["propensity"], 10, duplicates="drop")
-    table = ev.groupby(bins, observed=True).agg(expected=("propensity", "mean"), realized=("exposed", "mean"),
-                                                n=("exposed", "size"))
+    table = ev.groupby(bins, observed=True).agg(
+        expected=("propensity", "mean"), realized=("exposed", "mean"), n=("exposed", "size")
+    )
     assert len(ev) > 20000
     assert (table["expected"] - table["realized"]).abs().max() < 0.03, table
 
@@ -149,10 +181,24 @@ def test_serving_day_by_day_equals_the_whole_timeline_and_keeps_days_in_order():
     exposed, propensity = np.zeros(len(truth), bool), np.zeros(len(truth))
     for day in np.unique(cands.day):
         rows = np.flatnonzero(cands.day == day)
-        exposed[rows], propensity[rows] = policy.serve(int(day), cands.request[rows], cands.user[rows],
-                                                       cands.item[rows], truth[rows], pop_logw[rows], n_exposed[rows])
+        exposed[rows], propensity[rows] = policy.serve(
+            int(day),
+            cands.request[rows],
+            cands.user[rows],
+            cands.item[rows],
+            truth[rows],
+            pop_logw[rows],
+            n_exposed[rows],
+        )
     assert np.array_equal(exposed, whole.exposed) and np.array_equal(propensity, whole.propensity)
     assert policy.info() == whole.info
     with pytest.raises(ValueError, match="in order"):
-        policy.serve(int(cands.day.min()), cands.request[:1], cands.user[:1], cands.item[:1], truth[:1],
-                     pop_logw[:1], n_exposed[:1])
+        policy.serve(
+            int(cands.day.min()),
+            cands.request[:1],
+            cands.user[:1],
+            cands.item[:1],
+            truth[:1],
+            pop_logw[:1],
+            n_exposed[:1],
+        )

@@ -121,8 +121,9 @@ def test_first_protocol_reproduces_the_first_waves_events(ml100k_dir_module):
     wave measured (digest taken with that wave's code, commit 1f7f245)."""
     events = ml.load_movielens(ml100k_dir_module, MovieLensConfig(**FIRST_PROTOCOL), seed=42).events
     events = events.sort_values(["request_id", "item_id"])
-    digest = hashlib.sha256(events[["request_id", "item_id", "exposed", "oracle_label"]].to_csv(index=False)
-                            .encode()).hexdigest()
+    digest = hashlib.sha256(
+        events[["request_id", "item_id", "exposed", "oracle_label"]].to_csv(index=False).encode()
+    ).hexdigest()
     assert digest == "1b2c277bbf28e5937b7ddba3b6fd2e501eccf5cb7b12997ab27c1ce3dd3dbe7e"
 
 

@@ -51,8 +51,14 @@ def test_logged_click_recall_learns_from_earlier_logged_clicks():
     """With recall="logged_clicks" the non-popular half of a request comes from the user's earlier *logged*
     clicks (co-occurring items, clicked categories): on the first day (nothing logged) recall is popularity alone;
     later, candidates match the user's true taste much better."""
-    cfg = SimulatorConfig(n_users=300, n_items=800, n_days=8, recall="logged_clicks", exposure_share=0.1,
-                          exposure={"policy": "logging", "propensity_samples": 20})
+    cfg = SimulatorConfig(
+        n_users=300,
+        n_items=800,
+        n_days=8,
+        recall="logged_clicks",
+        exposure_share=0.1,
+        exposure={"policy": "logging", "propensity_samples": 20},
+    )
     ds = simulate(cfg, seed=2)
     ev = ds.events
     assert ds.info["exposure"]["recall"] == "logged_clicks" and ds.info["exposure"]["refits"] > 0
@@ -108,8 +114,10 @@ def test_feature_spec_of_an_ingested_world_has_no_ground_truth(settings):
     warehouse = Warehouse(settings.warehouse)
     ingestion.ingest_catalog(warehouse, load_source(settings), settings.source_signature())
     spec = warehouse_spec(warehouse)
-    assert spec.item_attributes == {"item_cat_topic": ("topic", "String"),
-                                    "item_num_runtime_min": ("runtime_min", "Float64")}
+    assert spec.item_attributes == {
+        "item_cat_topic": ("topic", "String"),
+        "item_num_runtime_min": ("runtime_min", "Float64"),
+    }
     assert set(spec.user_attributes) == {"user_num_age", "user_cat_country"}
     assert not [name for name in spec.feature_types() if "quality" in name or "popularity_prior" in name]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from gpl_platform.config import Settings
@@ -26,7 +26,9 @@ def _cache_key(settings: Settings, days: Sequence[date] | None) -> str:
     key = settings.source_signature()
     if settings.source == "contract":
         folder = _contract_path(settings)
-        key["files"] = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+        key["files"] = sorted(
+            (str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+        )
         key["days"] = sorted(map(str, days)) if days is not None else None
         key["window"] = [str(settings.contract.earliest_event_time), settings.contract.max_future_days]
     if settings.source == "movielens-100k":
@@ -36,8 +38,12 @@ def _cache_key(settings: Settings, days: Sequence[date] | None) -> str:
 
 def _contract_path(settings: Settings) -> Path:
     if settings.contract.path is None:
-        raise ContractError("<config>", "contract.path", None,
-                            "is not set: point GPL_CONTRACT__PATH (or --path) at a directory of items/users/events files")
+        raise ContractError(
+            "<config>",
+            "contract.path",
+            None,
+            "is not set: point GPL_CONTRACT__PATH (or --path) at a directory of items/users/events files",
+        )
     return Path(settings.contract.path).expanduser().resolve()
 
 
@@ -102,7 +108,7 @@ def partition_span(settings: Settings, today: date | None = None) -> tuple[date,
         return start, start + timedelta(days=settings.simulator.n_days - 1)
     if settings.source == "movielens-100k":
         return MOVIELENS_100K_SPAN
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     start = settings.contract.start_date
     if start is None:
         folder = _contract_path(settings)
@@ -110,13 +116,24 @@ def partition_span(settings: Settings, today: date | None = None) -> tuple[date,
             raise ContractError(str(folder), None, None, "is not a directory")
         span = contract_day_span(folder, contract_time_window(settings))  # a clock-error day folder is refused here
         if span is None:
-            raise ContractError(str(folder), None, None,
-                                "has no day folders, and its events (CSV, parquet without statistics, or none "
-                                "yet) do not tell their first day without reading every row: set "
-                                "GPL_CONTRACT__START_DATE=YYYY-MM-DD or deliver events/day=YYYY-MM-DD/ folders")
+            raise ContractError(
+                str(folder),
+                None,
+                None,
+                "has no day folders, and its events (CSV, parquet without statistics, or none "
+                "yet) do not tell their first day without reading every row: set "
+                "GPL_CONTRACT__START_DATE=YYYY-MM-DD or deliver events/day=YYYY-MM-DD/ folders",
+            )
         start = min(max(span[0], settings.contract.earliest_event_time), today)
     return start, None
 
 
-__all__ = ["load_source", "delivered_day_events", "partition_span", "contract_last_day", "contract_files", "contract_time_window",
-           "MOVIELENS_100K_SPAN"]
+__all__ = [
+    "load_source",
+    "delivered_day_events",
+    "partition_span",
+    "contract_last_day",
+    "contract_files",
+    "contract_time_window",
+    "MOVIELENS_100K_SPAN",
+]

