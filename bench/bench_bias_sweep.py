@@ -88,7 +88,7 @@ def run(
             settings_obj = load_settings(overrides)
             report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
             report = finished_report(report_path, methods, prerankers, seeds) if resume else None
-            reused, failed_checks = {}, None  # a resumed run's checks are not known here
+            reused, failed_checks, resumed = {}, None, report is not None  # a resumed run's checks are not known
             if report is None:
                 warehouse = Warehouse.for_settings(settings_obj)
                 reused = warehouse.import_caches(previous) if previous else {}
@@ -114,6 +114,7 @@ def run(
                 "exposure_policy": dataset.info.get("exposure", {}),
                 "failed_checks": failed_checks,
                 "reused_work": reused,
+                "resumed": resumed,
                 "tuning": report.get("tuning"),
             }
             previous = settings_obj.warehouse

@@ -150,87 +150,94 @@ def test_a_sweep_from_before_the_headline_still_reads():
 def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     out, doc = tmp_path / "sweep.json", tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nHand-written text stays.\n")
-    extra = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 30}, "training": {"epochs": 2}}
-    sweep = _bench().run(
-        "simulator",
-        out,
-        settings=["popularity_25", "logging_10"],
-        seeds=[0, 1],
-        methods=["exposed_only", "ips", "gpl"],
-        prerankers=["mlp", "two_tower"],
-        data_root=tmp_path / "root",
-        extra_overrides=extra,
-        results_doc=doc,
-    )
+    extra = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 30}}
+    args = {
+        "settings": ["popularity_25", "logging_10"],
+        "seeds": [0, 1],
+        "methods": ["exposed_only", "ips", "gpl"],
+        "prerankers": ["mlp"],
+        "data_root": tmp_path / "root",
+        "extra_overrides": extra,
+        "worlds": [42, 7],
+        "tune": False,  # tuning has its own tests; here it would multiply the run by its trials
+    }
+    sweep = _bench().run("simulator", out, results_doc=doc, **args)
     saved = json.loads(out.read_text())
     assert saved["source"] == "simulator" and list(saved["settings"]) == ["popularity_25", "logging_10"]
     for name, entry in saved["settings"].items():
-        assert entry["protocol"]["overrides"]["simulator"] == SWEEP_SETTINGS["simulator"][name]["simulator"]
-        stats = entry["protocol"]["statistics"]
+        protocol = entry["protocol"]
+        assert protocol["overrides"]["simulator"] == SWEEP_SETTINGS["simulator"][name]["simulator"]
+        assert protocol["worlds"] == 2 and set(protocol["per_world"]) == {"42", "7"}
+        stats = protocol["per_world"]["42"]["statistics"]
         assert 0 < stats["exposure_rate"] < 0.35 and "items_never_exposed_share" in stats
+        assert stats != protocol["per_world"]["7"]["statistics"]  # two different worlds
         assert set(entry["methods"]) == {"exposed_only", "ips", "gpl"}
         for metric in (
+            "unexposed_gauc",
             "auc",
             "unexposed_auc",
             "unexposed_hr@10",
             "exposed_auc",
-            "never_exposed_auc",
             "valid_unexposed_auc",
         ):
             assert {"mean", "std"} <= set(entry["methods"]["gpl"][metric]), metric
-        assert set(entry["prerankers"]) == {"mlp:prerank_v2", "two_tower:prerank_scalar_v2"}
-        # the lift and its pooled std, by hand from the setting's per-seed runs (std over seeds, ddof 0)
-        runs = json.loads((tmp_path / "root" / name / "reports" / "offline_eval.json").read_text())["prerankers"]
-        per_seed = {m: [r["unexposed_auc"] for r in runs["mlp:prerank_v2"]["runs"][m]] for m in ("gpl", "exposed_only")}
-        assert len(per_seed["gpl"]) == 2
-        lift = entry["prerankers"]["mlp:prerank_v2"]["gpl_lift"]["unexposed_auc"]
-        assert lift["lift"] == pytest.approx(np.mean(per_seed["gpl"]) - np.mean(per_seed["exposed_only"]))
+        assert set(entry["prerankers"]) == {"mlp:prerank_v2"}
+        # the lift and its pooled std, by hand from every (world, seed) run (std over runs, ddof 0)
+        per_run = {"gpl": [], "exposed_only": []}
+        for world in (42, 7):
+            report = json.loads(
+                (tmp_path / "root" / name / f"world-{world}" / "reports" / "offline_eval.json").read_text()
+            )
+            for method in per_run:
+                per_run[method] += [r["unexposed_auc"] for r in report["prerankers"]["mlp:prerank_v2"]["runs"][method]]
+        assert len(per_run["gpl"]) == 4
+        shape = entry["prerankers"]["mlp:prerank_v2"]
+        lift = shape["gpl_lift"]["unexposed_auc"]
+        assert lift["lift"] == pytest.approx(np.mean(per_run["gpl"]) - np.mean(per_run["exposed_only"]))
         assert lift["pooled_std"] == pytest.approx(
-            math.sqrt((np.std(per_seed["gpl"]) ** 2 + np.std(per_seed["exposed_only"]) ** 2) / 2)
+            math.sqrt((np.std(per_run["gpl"]) ** 2 + np.std(per_run["exposed_only"]) ** 2) / 2)
+        )
+        # gpl against each other method, with intervals over both worlds, their seeds and their requests
+        found = {(c["against"], c["metric"]): c for c in entry["comparisons"]}
+        assert set(found) == {
+            (m, k) for m in ("exposed_only", "ips") for k in ("unexposed_gauc", "unexposed_auc", "unexposed_hr@10")
+        }
+        for comparison in found.values():
+            lo, hi = comparison["ci95"]
+            assert comparison["n_worlds"] == 2 and lo <= comparison["diff"] <= hi
+        assert shape["runs_at_cap"] == 0 and len(shape["runs"]["gpl"]) == 4
+        assert {r["world"] for r in shape["runs"]["gpl"]} == {42, 7} and all(
+            r["steps"] > 0 for r in shape["runs"]["gpl"]
         )
         rows = entry["ceiling"]["rows"]
         assert {r["window"] for r in rows} == {"train", "valid"} and "exposed_only_auc[mlp:prerank_v2]" in rows[0]
-        days = entry["pseudo_label_days"]["timeline"]
-        assert (
-            days["days"] > 0 and days["with_labels"] + days["refused_by_gate"] + days["without_labels"] == days["days"]
-        )
     # the logging policy is recorded (its model was refitted on earlier days' exposed clicks), and ips reads
     # the logged propensities
     logging_10 = saved["settings"]["logging_10"]
-    assert logging_10["protocol"]["exposure_policy"]["policy"] == "logging"
-    assert logging_10["protocol"]["exposure_policy"]["refits"] > 0
+    policy = logging_10["protocol"]["per_world"]["42"]["exposure_policy"]
+    assert policy["policy"] == "logging" and policy["refits"] > 0
     assert logging_10["prerankers"]["mlp:prerank_v2"]["methods"]["ips"]
     # the logging setting shows a smaller share of each request than the popularity one
     assert (
-        logging_10["protocol"]["statistics"]["exposure_rate"]
-        < saved["settings"]["popularity_25"]["protocol"]["statistics"]["exposure_rate"]
+        logging_10["protocol"]["per_world"]["42"]["statistics"]["exposure_rate"]
+        < saved["settings"]["popularity_25"]["protocol"]["per_world"]["42"]["statistics"]["exposure_rate"]
     )
-    # the second setting reused the first one's item vectors and cached anchors
-    assert logging_10["protocol"]["reused_work"]["item_embeddings"] > 0
+    # a world reuses the item vectors and cached anchors of the one before
+    assert logging_10["protocol"]["per_world"]["42"]["reused_work"]["item_embeddings"] > 0
     assert (tmp_path / "sweep_lift.png").stat().st_size > 1000
     text = doc.read_text()
     assert "Hand-written text stays." in text and "bias-sweep:simulator:begin" in text and "logging_10" in text
     assert sweep["seconds"] > 0
     # resumed: the reports are read, not run again, and the same numbers come out; other seeds run again
     bench = _bench()
-    resumed = bench.run(
-        "simulator",
-        None,
-        settings=["popularity_25", "logging_10"],
-        seeds=[0, 1],
-        methods=["exposed_only", "ips", "gpl"],
-        prerankers=["mlp", "two_tower"],
-        data_root=tmp_path / "root",
-        extra_overrides=extra,
-        resume=True,
-    )
+    resumed = bench.run("simulator", None, resume=True, **args)
     for name, entry in resumed["settings"].items():
-        assert entry["protocol"]["resumed"] is True and entry["protocol"]["failed_checks"] is None
+        assert all(w["resumed"] and w["failed_checks"] is None for w in entry["protocol"]["per_world"].values())
         assert entry["methods"] == saved["settings"][name]["methods"]
-    report = tmp_path / "root" / "logging_10" / "reports" / "offline_eval.json"
-    assert bench.finished_report(report, ["exposed_only", "ips", "gpl"], ["mlp", "two_tower"], [0, 2]) is None
-    assert bench.finished_report(report, ["exposed_only", "gpl"], ["mlp", "two_tower"], [0, 1]) is None
-    assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["two_tower", "mlp:prerank_v2"], [0, 1])
+    report = tmp_path / "root" / "logging_10" / "world-42" / "reports" / "offline_eval.json"
+    assert bench.finished_report(report, ["exposed_only", "ips", "gpl"], ["mlp"], [0, 2]) is None
+    assert bench.finished_report(report, ["exposed_only", "gpl"], ["mlp"], [0, 1]) is None
+    assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["mlp:prerank_v2"], [0, 1])
 
 
 def test_worlds_combine_into_one_setting_with_every_runs_budget():
