@@ -23,6 +23,19 @@ from assets.sensors import build_sensors
 from assets.training import training_assets
 from gpl_platform.config import Settings, load_settings
 
+#: the assets from delivered events to pseudo-labels, in order: ingestion, then GPL's labelling chain
+LABELLING_ASSETS = (
+    "item_catalog",
+    "users",
+    "candidate_events",
+    "user_histories",
+    "item_embeddings",
+    "user_anchors",
+    "anchor_embeddings",
+    "candidate_similarities",
+    "similarity_calibration",
+    "pseudo_labels",
+)
 DAILY_JOB = "gpl_daily"
 CATALOG_JOB = "gpl_catalog"
 

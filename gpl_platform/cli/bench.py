@@ -60,20 +60,12 @@ def bench_pseudo_labels(
 
     settings = load_settings()
     if not skip_pipeline:
+        from assets.definitions import LABELLING_ASSETS
         from assets.runner import run_pipeline
 
         if not run_pipeline(
             selection=[
-                "item_catalog",
-                "users",
-                "candidate_events",
-                "user_histories",
-                "item_embeddings",
-                "user_anchors",
-                "anchor_embeddings",
-                "candidate_similarities",
-                "similarity_calibration",
-                "pseudo_labels",
+                *LABELLING_ASSETS,
                 "item_semantic_ids",
                 "sid_generator",
             ]

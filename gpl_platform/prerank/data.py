@@ -145,15 +145,6 @@ def exposure_propensity(matrix: np.ndarray, columns: list[str], candidates: pd.D
     return model.predict_proba(x)[:, 1]
 
 
-def fit_teacher(matrix: np.ndarray, labels: np.ndarray, seed: int):
-    """The "ranker" of the distillation baseline: a heavier model (gradient-boosted trees) on exposed data."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
-    return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.08, max_leaf_nodes=63, random_state=seed).fit(
-        matrix, labels
-    )
-
-
 def method_plan(
     method: str,
     train: pd.DataFrame,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from assets.definitions import LABELLING_ASSETS
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
 from gpl_platform.config import load_settings
@@ -16,16 +17,7 @@ from gpl_platform.data.sources import load_source
 from gpl_platform.features.store import FeastStore
 
 STAGES = [
-    "item_catalog",
-    "users",
-    "candidate_events",
-    "user_histories",
-    "item_embeddings",
-    "user_anchors",
-    "anchor_embeddings",
-    "candidate_similarities",
-    "similarity_calibration",
-    "pseudo_labels",
+    *LABELLING_ASSETS,
     "profile_features",
     "feast_registry",
     "user_features",

@@ -7,22 +7,12 @@ import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance
 
+from assets.definitions import LABELLING_ASSETS
 from assets.resources import GplSettings
 from assets.runner import run_pipeline
 from gpl_platform.data.stats import export_contract_dir
 
-GPL_ASSETS = [
-    "item_catalog",
-    "users",
-    "candidate_events",
-    "user_histories",
-    "item_embeddings",
-    "user_anchors",
-    "anchor_embeddings",
-    "candidate_similarities",
-    "similarity_calibration",
-    "pseudo_labels",
-]
+GPL_ASSETS = list(LABELLING_ASSETS)
 PSEUDO_LABEL_COLUMNS = {
     "request_id",
     "user_id",

@@ -150,7 +150,7 @@ def test_ranker_teacher_beats_the_old_teacher_where_click_rates_carry_the_signal
     train, train_x, valid, valid_x, columns, items = _planted_world()
     exposed, valid_exposed = train["exposed"].to_numpy(), valid["exposed"].to_numpy()
     valid_clicks = valid.loc[valid_exposed, "clicked"].astype(int)
-    # the old teacher: data.py's fit_teacher (trees on the student's own features) before this one replaced it;
+    # the old teacher (trees on the student's own features, as ranker_distillation used before this one);
     # one thread, as the new one, or shared cores make it crawl
     with threadpool_limits(limits=1):
         old = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.08, max_leaf_nodes=63, random_state=0)
