@@ -265,11 +265,12 @@ def test_online_client_matrix_and_flags(world):
     users, items = _serving_rows(world)
     got = client.get("ghost-user", [items[0], "ghost-item", items[0], "ghost-item"])
     assert got.unknown_user and got.unknown_items == ["ghost-item"]
-    assert got.matrix.dtype == np.float32 and got.matrix.shape == (4, len(got.columns)) == (4, 794)
+    # 2 x 384 embedding dimensions and the scalars of the simulator's observable attributes (no ground truth)
+    assert got.matrix.dtype == np.float32 and got.matrix.shape == (4, len(got.columns)) == (4, 793)
     np.testing.assert_array_equal(got.matrix[0], got.matrix[2])
     assert got.matrix[:, got.columns.index("i_known")].tolist() == [1, 0, 1, 0]
     assert not got.frame.loc[1, "i_content_emb"].any() and got.frame.loc[0, "i_content_emb"].any()
-    assert client.get(users[0], []).matrix.shape == (0, 794)
+    assert client.get(users[0], []).matrix.shape == (0, 793)
 
 
 def test_sql_registry_is_a_setting(world, tmp_path):
