@@ -122,8 +122,7 @@ def run(
         protocol["tuned"] = tune
         combined = bias_sweep.combine_worlds(reports)
         comparisons = {
-            PreRankerSpec.parse(p).name: method_comparisons(None, PreRankerSpec.parse(p).name, frames)
-            for p in prerankers
+            PreRankerSpec.parse(p).name: method_comparisons(frames, PreRankerSpec.parse(p).name) for p in prerankers
         }
         sweep["settings"][name] = bias_sweep.summarize_setting(combined, protocol, comparisons, worlds)
         sweep["seeds"] = combined.get("seeds")

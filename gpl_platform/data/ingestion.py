@@ -114,8 +114,8 @@ def ingest_delivered_days(
     (:func:`~gpl_platform.data.sources.delivered_day_events`). Every day is read and validated first, nothing
     kept, so a day the contract refuses refuses the whole range before anything is written; then each day is
     replaced in its own transaction (:func:`ingest_event_day_chunks`). Two reads instead of one transaction
-    over the range: the memory stays a chunk's (one transaction's grows with the range, measured: 0.6 -> 1.1 GB
-    at 7.5M events). Returns the days' statistics."""
+    over the range: the memory stays a chunk's (one transaction's grows with the range: 1.14 GB peak against
+    0.59 GB a day at a time, at 7.5M events). Returns the days' statistics."""
     for _day, chunks in read_days():
         for _chunk in chunks:  # reading a chunk validates it
             pass

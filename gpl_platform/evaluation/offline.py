@@ -3,6 +3,7 @@ whole candidate set against the oracle labels (docs/METHOD.md "Evaluation metric
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -217,7 +218,8 @@ def run_offline_evaluation(
 
     ``confidence``: recompute every pseudo-label's weight from its stored factors with these exponents
     (to compare confidence settings without re-materializing the labels). ``feature_cache``: a dict
-    kept across calls on the same warehouse and split, so point-in-time features are retrieved once."""
+    kept across calls on the same warehouse and split, so point-in-time features (and the split's inputs, per
+    set of methods) are retrieved once."""
     evaluation = evaluation or EvaluationConfig()
     methods = list(methods if methods is not None else evaluation.methods)
     for name in methods:
@@ -225,9 +227,14 @@ def run_offline_evaluation(
     seeds = list(seeds if seeds is not None else cfg.seeds)
     specs = preranker_specs(cfg, evaluation)
     began = time.perf_counter()
-    shared = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation, with_test=not selection)
+    matrices: dict = feature_cache if feature_cache is not None else {}
+    # the split's candidates, labels and pseudo-labels are read once per cache too (a tuning run's trials of
+    # one method share them); the confidence exponents apply to this call's copy only
+    inputs_key = ("inputs", not selection, tuple(sorted(methods)))
+    if inputs_key not in matrices:
+        matrices[inputs_key] = _shared_inputs(warehouse, cfg, methods, label_gate, evaluation, with_test=not selection)
+    shared = dataclasses.replace(matrices[inputs_key])
     shared.pseudo = with_confidence(shared.pseudo, confidence)
-    matrices: dict[str, tuple[np.ndarray, list[str]]] = feature_cache if feature_cache is not None else {}
     for service in dict.fromkeys(spec.service for spec in specs):
         if service not in matrices:
             log.info("retrieving point-in-time features (%s) for %d candidates", service, len(shared.cands))
@@ -285,11 +292,10 @@ def run_offline_evaluation(
     }
     report["_details"]["test"] = shared.test
     report["_details"]["scores"] = {name: r.pop("_scores") for name, r in results.items()}
-    if not selection:
-        scores = test_scores_frame(report)
+    scores = report["_details"]["scores_frame"] = test_scores_frame(report)
+    if scores is not None:
         for name in results:
-            found = method_comparisons(scores, name) if scores is not None else []
-            report["prerankers"][name]["comparisons"] = found
+            report["prerankers"][name]["comparisons"] = method_comparisons({0: scores}, name)
         report["comparisons"] = report["prerankers"][headline]["comparisons"]
     if "exposed_only" in methods and not selection:
         report["ceiling"] = pseudo_label_ceiling(warehouse, shared, exposed_only_models, matrices, evaluation)
@@ -539,7 +545,7 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(public, indent=2, default=str) + "\n")
     os.replace(tmp, out)
-    scores = test_scores_frame(report)
+    scores = report["_details"]["scores_frame"]
     if scores is not None:  # every run's test scores, for intervals over requests, seeds and worlds
         path = scores_path(out)
         scores.to_parquet(path.with_suffix(".parquet.tmp"), index=False)
@@ -564,7 +570,8 @@ def test_scores_frame(report: dict) -> pd.DataFrame | None:
         c for c in ("day", "request_id", "user_id", "item_id", "exposed", "oracle_label", "item_segment") if c in test
     ]
     frame = test[keep].reset_index(drop=True).copy()
-    frame["day"] = frame["day"].astype(str) if "day" in frame else None
+    if "day" in frame:
+        frame["day"] = frame["day"].astype(str)
     runs = {
         f"{preranker}|{method}|{seed}": values.astype(np.float32)
         for preranker, by_run in scores.items()
@@ -603,16 +610,15 @@ def unexposed_request_frames(scores: pd.DataFrame, preranker: str, methods: Sequ
 COMPARED_METRICS = ("unexposed_gauc", "unexposed_auc", "unexposed_hr@10")
 
 
-def method_comparisons(scores: pd.DataFrame, preranker: str, worlds: dict | None = None) -> list[dict]:
+def method_comparisons(worlds: dict, preranker: str) -> list[dict]:
     """``gpl`` against every other method of one pre-ranker, per compared metric, with the 95% interval of
-    the paired difference over test requests and seeds (and the ``worlds``: ``{world: scores frame}``, when
-    given, instead of ``scores`` alone); [] without gpl or another method."""
+    the paired difference over the ``worlds`` (``{world: test scores frame}``), their seeds and their test
+    requests; [] without gpl or another method."""
     from gpl_platform.evaluation.uncertainty import comparisons, methods_of
 
-    frames = worlds or {0: scores}
     per_request = {
         (world, seed): frame
-        for world, world_scores in frames.items()
+        for world, world_scores in worlds.items()
         for seed, frame in unexposed_request_frames(world_scores, preranker).items()
     }
     present = methods_of(per_request) if per_request else []

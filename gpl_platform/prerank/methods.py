@@ -275,7 +275,7 @@ class _Control(_PseudoLabelled):
         groups = inputs.train.iloc[rows][list(self.group_by)]
         codes = groups.groupby(list(self.group_by), sort=False).ngroup().to_numpy()
         rng = np.random.default_rng([inputs.seed, 97])
-        return type(self).transform(labels, codes, rng)
+        return self.transform(labels, codes, rng)
 
 
 def _group_mean(labels: np.ndarray, codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:

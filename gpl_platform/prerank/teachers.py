@@ -18,7 +18,8 @@ baselines here label the same rows with a model trained on exposed clicks instea
   the uncertainty inside the student; here it is the teacher's, so the student keeps its usual trainer.
 
 How the evaluation uses them (per seed): exposed rows keep their click with weight 1; unexposed rows
-get ``label = teacher.scores[row]`` and weight ``lambda`` (ranker) or ``lambda * ukd.weights[row]`` (UKD).
+get ``label = teacher.scores[row]`` and weight ``training.distill_weight`` (ranker), times ``ukd.weights[row]``
+(UKD).
 
 Nothing here reads oracle labels: only exposed clicks and the validation days' exposed clicks.
 """

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from assets.definitions import LABELLING_ASSETS
 from gpl_platform.config import RayConfig, StreamingConfig
 from gpl_platform.engine import BatchJob
 from gpl_platform.engine.base import close_engines
@@ -19,16 +20,7 @@ from gpl_platform.engine.ray_engine import LocalRayCluster, RayEngine
 pytestmark = pytest.mark.slow
 
 ASSETS = [
-    "item_catalog",
-    "users",
-    "candidate_events",
-    "user_histories",
-    "item_embeddings",
-    "user_anchors",
-    "anchor_embeddings",
-    "candidate_similarities",
-    "similarity_calibration",
-    "pseudo_labels",
+    *LABELLING_ASSETS,
     "item_semantic_ids",
     "sid_generator",
     "sid_anchor_pseudo_labels",

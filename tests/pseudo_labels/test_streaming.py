@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from assets.definitions import LABELLING_ASSETS
 from gpl_platform.config import StreamingConfig, load_settings
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
@@ -19,15 +20,7 @@ from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anc
 from gpl_platform.pseudo_labels.batches import GROUP_TABLE, StagedGroups
 from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
-UPSTREAM = [
-    "item_catalog",
-    "users",
-    "candidate_events",
-    "user_histories",
-    "item_embeddings",
-    "user_anchors",
-    "anchor_embeddings",
-]
+UPSTREAM = list(LABELLING_ASSETS[: LABELLING_ASSETS.index("anchor_embeddings") + 1])
 OVERRIDES = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}}
 KEYS = ["day", "request_id", "item_id"]
 # float32 similarities computed in another batch layout round differently in the last bits (BLAS tiles);
