@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from gpl_platform.cli import interrupts
 from gpl_platform.cli.bench import bench_app
 
 app = typer.Typer(
@@ -78,17 +79,6 @@ def _one_line(exc: BaseException) -> str:
         return "invalid settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     text = str(exc).strip().splitlines()
     return f"{exc.__class__.__name__}: {text[0] if text else ''}"
-
-
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM stops a run like Ctrl-C does: Dagster records the run as failed instead of leaving it
-    STARTED (which the watchdog would only clean up later)."""
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _interrupted_message(exc: KeyboardInterrupt) -> str:
@@ -250,7 +240,7 @@ def run(
     for noisy in ("dagster", "httpx", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     began = time.perf_counter()
-    _interrupt_on_sigterm()
+    interrupts.install()
     try:
         _contract_start_from_data()
         from assets.runner import run_pipeline  # Dagster only here: the library stays free of it
