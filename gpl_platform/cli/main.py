@@ -56,20 +56,19 @@ EXIT_CHECKS_FAILED = 3
 SOURCES = ("movielens-100k", "simulator", "contract")
 
 
-def _project_dagster_home() -> None:
-    """Runs are recorded in the project-local instance (``.dagster_home``, with the repository's
-    dagster.yaml) unless DAGSTER_HOME points elsewhere."""
-    if os.environ.get("DAGSTER_HOME"):
-        return
-    from gpl_platform.config import PROJECT_ROOT
+def _prepare_instance() -> None:
+    """The data directory's Dagster instance (gpl_platform/cli/instance.py); a mismatch is a one-line error."""
+    from gpl_platform.cli import instance
+    from gpl_platform.config import load_settings
 
-    home = PROJECT_ROOT / ".dagster_home"
-    home.mkdir(exist_ok=True)
-    (home / "tmp").mkdir(exist_ok=True)
-    source, target = PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml"
-    if source.exists() and (not target.exists() or target.stat().st_mtime < source.stat().st_mtime):
-        shutil.copy2(source, target)
-    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        settings = load_settings()
+        home = instance.prepare(settings.data_dir)
+    except instance.InstanceMismatchError as exc:
+        _fail(f"error: {exc}")
+    except Exception as exc:
+        _fail(f"error: {_error_message(exc)}")
+    typer.echo(f"data directory {settings.data_dir} (source {settings.source}); Dagster instance {home}", err=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -235,7 +234,7 @@ def run(
     if source is not None and source not in SOURCES:
         _fail(f"--source must be one of {', '.join(SOURCES)}, not {source!r}", 2)
     _apply_env(source, data_dir, path)
-    _project_dagster_home()
+    _prepare_instance()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("dagster", "httpx", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -318,7 +317,7 @@ def evaluate(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("dagster", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _project_dagster_home()
+    _prepare_instance()
     from gpl_platform.config import load_settings
 
     began = time.perf_counter()

@@ -131,6 +131,7 @@ def render_run_summary(
     ui_url: str = "http://127.0.0.1:3000",
     logged: dict | None = None,
     logged_path: Path | None = None,
+    ui_command: str = "make ui",
 ) -> list[str]:
     lines = ["", "=" * 30 + " summary " + "=" * 30]
     if logged is not None and logged_path is not None:
@@ -146,7 +147,7 @@ def render_run_summary(
             lines.append("This was the demo's evaluation; the full one (every method, seeds 0-2): make evaluate")
     elif logged is None:
         lines.append("No evaluation in this run (offline_evaluation was not selected).")
-    lines.append(f"Dagster UI (asset graph, runs, checks): make ui -> {ui_url}")
+    lines.append(f"Dagster UI (asset graph, runs, checks): {ui_command} -> {ui_url}")
     lines += check_lines(failed_checks)
     return lines
 
@@ -155,15 +156,25 @@ def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, e
     """Print the summary of a `gpl run` that started at ``began_perf_counter`` (``time.perf_counter()``)."""
     import os
 
-    from gpl_platform.config import load_settings
+    from gpl_platform.config import PROJECT_ROOT, load_settings
 
+    data_dir = load_settings().data_dir
     since = time.time() - (time.perf_counter() - began_perf_counter)
-    report_path = load_settings().data_dir / "reports" / "offline_eval.json"
+    report_path = data_dir / "reports" / "offline_eval.json"
     report = fresh_report(report_path, since)
     logged_path = report_path.with_name("logged_eval.json")
     logged = fresh_report(logged_path, since)
     demo = os.environ.get("GPL_DEMO") == "1"
+    # the UI shows the instance of one data directory (gpl_platform/cli/instance.py)
+    default = data_dir.resolve() == (PROJECT_ROOT / "data").resolve()
+    ui_command = "make ui" if default else f"GPL_DATA_DIR={data_dir} make ui"
     for line in render_run_summary(
-        failed_checks, report, report_path, full_evaluation_hint=demo, logged=logged, logged_path=logged_path
+        failed_checks,
+        report,
+        report_path,
+        full_evaluation_hint=demo,
+        logged=logged,
+        logged_path=logged_path,
+        ui_command=ui_command,
     ):
         echo(line)

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -175,26 +174,3 @@ def test_one_line_errors_and_exit_codes(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     debug = gpl("run", "--source", "contract", "--path", str(clock), "--debug")  # a step's error in full
     assert debug.returncode == 1 and "Stack Trace" in debug.stderr and "in check_event_times" in debug.stderr
-
-
-def test_the_cli_defaults_to_the_project_instance(tmp_path, monkeypatch):
-    """Without DAGSTER_HOME (`.venv/bin/gpl ...` outside make), runs go to the project's .dagster_home, with
-    the repository's dagster.yaml copied there (and refreshed when it changes)."""
-    from gpl_platform import config
-    from gpl_platform.cli import main as cli_main
-
-    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
-    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    cli_main._project_dagster_home()
-    home = tmp_path / ".dagster_home"
-    assert os.environ["DAGSTER_HOME"] == str(home)
-    assert (home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text() and (home / "tmp").is_dir()
-    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + "\n# changed\n")
-    os.utime(tmp_path / "dagster.yaml", (time.time() + 5, time.time() + 5))
-    monkeypatch.delenv("DAGSTER_HOME")
-    cli_main._project_dagster_home()
-    assert (home / "dagster.yaml").read_text().endswith("# changed\n")
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))  # an explicit DAGSTER_HOME wins
-    cli_main._project_dagster_home()
-    assert os.environ["DAGSTER_HOME"] == str(tmp_path / "elsewhere")
