@@ -87,7 +87,7 @@ def run(
                 overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
             settings_obj = load_settings(overrides)
             report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
-            report = finished_report(report_path, methods, prerankers, seeds) if resume else None
+            report = finished_report(report_path, methods, prerankers, seeds, tune) if resume else None
             reused, failed_checks, resumed = {}, None, report is not None  # a resumed run's checks are not known
             if report is None:
                 warehouse = Warehouse.for_settings(settings_obj)
@@ -136,8 +136,11 @@ def run(
 DEFAULT_WORLDS = {"simulator": (42, 7, 13), "movielens-100k": (42,)}
 
 
-def finished_report(path: Path, methods: list[str], prerankers: list[str], seeds: list[int] | None) -> dict | None:
-    """The setting's evaluation report when it covers exactly these methods, pre-rankers and seeds, else None."""
+def finished_report(
+    path: Path, methods: list[str], prerankers: list[str], seeds: list[int] | None, tune: bool = False
+) -> dict | None:
+    """The setting's evaluation report when it covers exactly these methods, pre-rankers and seeds, tuned or
+    not as asked, else None."""
     from gpl_platform.evaluation.offline import PreRankerSpec
 
     if not path.exists():
@@ -147,6 +150,9 @@ def finished_report(path: Path, methods: list[str], prerankers: list[str], seeds
     have = set(report.get("prerankers", {}))
     if set(report.get("methods", {})) != set(methods) or have != wanted or (seeds and report.get("seeds") != seeds):
         log.info("%s covers other methods, pre-rankers or seeds: the setting runs again", path)
+        return None
+    if bool(report.get("tuning")) != tune:
+        log.info("%s is %s: the setting runs again", path, "tuned" if report.get("tuning") else "untuned")
         return None
     return report
 

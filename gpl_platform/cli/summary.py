@@ -51,6 +51,24 @@ def results_table(report: dict) -> list[str]:
     for method, metrics in sorted(methods.items(), key=order):
         lines.append("  " + method.ljust(width) + "".join(_cell(metrics, k).rjust(20) for k in TABLE_METRICS))
     lines += comparison_lines(report)
+    lines += skipped_lines(report)
+    return lines
+
+
+def skipped_lines(report: dict) -> list[str]:
+    """The methods the evaluation skipped (nothing to learn from), one line per reason; when GPL is among
+    them, a line saying the run could not compare it (a small or young delivery)."""
+    skipped: dict[str, str] = report.get("skipped_methods") or {}
+    by_reason: dict[str, list[str]] = {}
+    for method, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(method)
+    lines = [f"  skipped {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+    if "gpl" in skipped:
+        lines.append(
+            "GPL was not compared: its training days have no pseudo-labels (a day is labelled once a calibration "
+            "fitted on earlier days' exposed clicks exists). Deliver more days, or move the split "
+            "(training.valid_share, training.test_share), and run again."
+        )
     return lines
 
 

@@ -223,6 +223,11 @@ def train_methods(
                     ("no training rows" if plan.empty else "training rows of one class only")
                     + (_why_no_labels(refused.get(method.pseudo_variant, [])) if method.pseudo_variant else "")
                 )
+            if method.pseudo_variant and not plan["is_pseudo"].any():
+                # without a pseudo-label it is exposed_only under another name: a tie that measures nothing
+                raise NothingToLearn(
+                    "no pseudo-labelled training rows" + _why_no_labels(refused.get(method.pseudo_variant, []))
+                )
         except NothingToLearn as exc:
             skipped[name] = str(exc)
             log.warning("%s skipped: %s", name, exc)

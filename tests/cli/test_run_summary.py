@@ -96,3 +96,22 @@ def test_a_report_left_by_an_earlier_run_is_not_shown(tmp_path):
     assert fresh_report(path, old - 1)["dataset"] == "movielens-100k"
     path.write_text("{not json")
     assert fresh_report(path, 0) is None
+
+
+def test_a_young_delivery_says_gpl_was_not_compared_and_why(tmp_path):
+    """A 3-day world: no training day has pseudo-labels, so GPL and its controls are skipped, not shown as a
+    tie with exposed_only; the summary names them, the reason, and what to do."""
+    why = "no pseudo-labelled training rows (no training day has pseudo-labels, e.g. no calibration yet)"
+    report = {
+        **REPORT,
+        "methods": {"exposed_only": REPORT["methods"]["exposed_only"]},
+        "comparisons": [],
+        "skipped_methods": {"gpl": why, "gpl_request_permuted": why, "pseudo_only": "no training rows"},
+    }
+    lines = render_run_summary([], report, tmp_path / "offline_eval.json", full_evaluation_hint=False)
+    assert f"  skipped gpl, gpl_request_permuted: {why}" in lines
+    assert "  skipped pseudo_only: no training rows" in lines
+    assert any(line.startswith("GPL was not compared: its training days have no pseudo-labels") for line in lines)
+    assert not any("gpl - best" in line for line in lines)
+    full = render_run_summary([], REPORT, tmp_path / "offline_eval.json", full_evaluation_hint=False)
+    assert not any("GPL was not compared" in line or "skipped" in line for line in full)

@@ -238,6 +238,8 @@ def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     assert bench.finished_report(report, ["exposed_only", "ips", "gpl"], ["mlp"], [0, 2]) is None
     assert bench.finished_report(report, ["exposed_only", "gpl"], ["mlp"], [0, 1]) is None
     assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["mlp:prerank_v2"], [0, 1])
+    # an untuned report does not stand in for a tuned run
+    assert bench.finished_report(report, ["gpl", "ips", "exposed_only"], ["mlp:prerank_v2"], [0, 1], tune=True) is None
 
 
 def test_worlds_combine_into_one_setting_with_every_runs_budget():

@@ -97,3 +97,34 @@ def test_controls_are_deterministic_per_seed():
     one, again = _plan("gpl_request_permuted", train, pseudo, 1), _plan("gpl_request_permuted", train, pseudo, 1)
     pd.testing.assert_frame_equal(one, again)
     assert not np.array_equal(one["label"], _plan("gpl_request_permuted", train, pseudo, 2)["label"])
+
+
+def test_a_gpl_method_without_pseudo_labelled_rows_is_skipped_not_trained_as_exposed_only():
+    """A young delivery: the training days have no pseudo-labels. GPL would be exposed_only under another
+    name (a tie that measures nothing): it and its controls are skipped with the reason."""
+    from gpl_platform.evaluation.method_runs import TrainingData, train_methods
+    from gpl_platform.prerank.model import ModelConfig
+
+    train, pseudo = _world()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(train), 4)).astype(np.float32)
+    exposed = train["exposed"].to_numpy(bool)
+    data = TrainingData(
+        train=train,
+        train_x=x,
+        columns=["a", "b", "c", "d"],
+        valid=train[exposed].reset_index(drop=True),
+        valid_x=x[exposed],
+        pseudo={"main": pseudo["main"].iloc[:0]},  # no labelled day
+        cfg=TrainingConfig(max_steps=20, eval_every_steps=5, patience_evals=2),
+        model_config=ModelConfig(),
+        user_vocab=sorted(train["user_id"].unique()),
+        item_vocab=sorted(train["item_id"].unique()),
+    )
+    skipped: dict[str, str] = {}
+    trained = [
+        name for name, _, _ in train_methods(data, ["exposed_only", "gpl", "gpl_request_permuted"], 0, skipped, {})
+    ]
+    assert trained == ["exposed_only"]
+    assert set(skipped) == {"gpl", "gpl_request_permuted"}
+    assert skipped["gpl"].startswith("no pseudo-labelled training rows (no training day has pseudo-labels")
