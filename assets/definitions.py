@@ -49,7 +49,7 @@ def build_definitions(settings: Settings | None = None, gpl: GplSettings | None 
     automation = build_automation(settings.automation)
     assets = [
         *ingestion_assets(partitions, automation),
-        *gpl_assets(partitions, automation),
+        *gpl_assets(partitions, automation, settings.calibration),
         *ablation_assets(partitions, automation),
         *feature_assets(partitions, automation),
         *training_assets(automation),
@@ -60,8 +60,7 @@ def build_definitions(settings: Settings | None = None, gpl: GplSettings | None 
     # duckdb_warehouse pool: one writer at a time, whoever starts the run).
     daily_job = define_asset_job(
         DAILY_JOB,
-        selection=partitioned,
-        partitions_def=partitions,
+        selection=partitioned,  # its partitions are the selected assets' (Dagster infers them)
         executor_def=in_process_executor,
         description="Every per-day asset of one day (or a range), with its checks.",
     )

@@ -18,8 +18,9 @@ from assets.ingestion import POOL
 from assets.metadata import histogram_md, span, table_md
 from assets.partitions import first_day, partition_days
 from assets.resources import AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings, WarehouseResource
+from gpl_platform.config import CalibrationConfig
 from gpl_platform.pseudo_labels.anchor_stages import anchor_summary, embed_anchors, generate_anchors
-from gpl_platform.pseudo_labels.day_calibration import calibration_for_day
+from gpl_platform.pseudo_labels.day_calibration import calibration_for_day, calibration_lookback_days
 from gpl_platform.pseudo_labels.encoder import update_item_embeddings
 from gpl_platform.pseudo_labels.pipeline import pseudo_label_days, score_day_candidates
 from gpl_platform.pseudo_labels.stages import POOLINGS
@@ -28,7 +29,7 @@ GROUP = "gpl"
 SAME_DAY = TimeWindowPartitionMapping(start_offset=0, end_offset=0)
 
 
-def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) -> list:
+def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, calibration: CalibrationConfig) -> list:
     per_day = {
         "partitions_def": partitions,
         "backfill_policy": BackfillPolicy.single_run(),
@@ -88,7 +89,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
             settings.anchors.k,
             settings.anchors.history_max_items,
             progress=True,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             engine=engine.get(),
         )
         context.log.info("anchor stats: %s", stats)
@@ -130,7 +131,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
             warehouse.get(),
             days,
             encoder.get(),
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             generator=anchor_generator.get(),
             engine=engine.get(),
         )
@@ -162,18 +163,22 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
             days,
             encoder.get().encoder_id,
             anchor_generator.get().lineage_signature(),
-            context.run_id,
+            context.run.run_id,
             engine=engine.get(),
         )
         return MaterializeResult(
             metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days), **stats}
         )
 
+    # a day's calibration reads the similarities of calibration.window_days before its refit day
+    lookback = calibration_lookback_days(calibration)
+
     @asset(
         kinds={"sklearn"},
         deps=[
             AssetDep(
-                "candidate_similarities", partition_mapping=TimeWindowPartitionMapping(start_offset=-28, end_offset=-1)
+                "candidate_similarities",
+                partition_mapping=TimeWindowPartitionMapping(start_offset=-lookback, end_offset=-1),
             )
         ],
         **per_day,
@@ -264,7 +269,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation) ->
             confidence_cfg=settings.confidence,
             history_max_items=settings.history_max_len,
             artifacts_dir=settings.artifacts_dir,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             no_history=settings.pseudo_labels.no_history,
             engine=engine.get(),
         )

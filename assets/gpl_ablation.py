@@ -65,13 +65,13 @@ def _variant_asset(
             settings.anchors.k,
             settings.anchors.history_max_items,
             progress=False,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             tables=tables,
             engine=batches,
         )
-        embed_anchors(wh, days, model, run_id=context.run_id, tables=tables, generator=generator, engine=batches)
+        embed_anchors(wh, days, model, run_id=context.run.run_id, tables=tables, generator=generator, engine=batches)
         score_day_candidates(
-            wh, days, model.encoder_id, generator.lineage_signature(), context.run_id, tables=tables, engine=batches
+            wh, days, model.encoder_id, generator.lineage_signature(), context.run.run_id, tables=tables, engine=batches
         )
         _, stats = pseudo_label_days(
             wh,
@@ -83,7 +83,7 @@ def _variant_asset(
             confidence_cfg=settings.confidence,
             history_max_items=settings.history_max_len,
             artifacts_dir=settings.artifacts_dir,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             tables=tables,
             no_history=settings.pseudo_labels.no_history,
             engine=batches,

@@ -102,11 +102,11 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         if by_day:  # a day folder holds only its day (validation refuses other rows): nothing lies outside
             # every day validated before any is written: a day the contract refuses leaves the whole range as it was
             stats = ingestion.ingest_delivered_days(
-                wh, lambda: delivered_day_events(settings, to_write), signature, context.run_id
+                wh, lambda: delivered_day_events(settings, to_write), signature, context.run.run_id
             )
             outside = []
         else:
-            stats = ingestion.ingest_event_days(wh, dataset, to_write, signature, context.run_id)
+            stats = ingestion.ingest_event_days(wh, dataset, to_write, signature, context.run.run_id)
             outside = sorted(d for d in set(dataset.events["day"]) if not partitions.has_partition_key(d.isoformat()))
         if outside:
             context.log.warning(
@@ -153,7 +153,7 @@ def ingestion_assets(partitions: DailyPartitionsDefinition, automation: Automati
         settings = gpl.settings()
         days = partition_days(context.partition_keys)
         stats = ingestion.build_user_histories(
-            warehouse.get(), days, first_day(partitions), settings.history_max_len, context.run_id
+            warehouse.get(), days, first_day(partitions), settings.history_max_len, context.run.run_id
         )
         return MaterializeResult(
             metadata={

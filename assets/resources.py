@@ -4,6 +4,7 @@ sentence encoder and the anchor generators. ``gpl_resources(settings)`` gives th
 """
 
 import json
+import warnings
 from typing import Any
 
 from dagster import ConfigurableResource, ResourceDependency
@@ -11,6 +12,22 @@ from pydantic import Field, PrivateAttr
 
 from gpl_platform.config import Settings, load_settings
 from gpl_platform.data.warehouse import Warehouse
+
+
+def ignore_dagster_internal_deprecations() -> None:
+    """Dagster 1.13 reads its own deprecated ``InitResourceContext.dagster_run`` when it initializes a nested
+    resource with config (every resource here depends on ``GplSettings``): the warning is Dagster's, raised from
+    its own module, and says nothing a user can act on. Ignored only when a ``dagster`` module raises it: a call of
+    ours would still warn (our code reads the run as ``context.run``)."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"InitResourceContext\.dagster_run is deprecated",
+        category=DeprecationWarning,
+        module="dagster",
+    )
+
+
+ignore_dagster_internal_deprecations()
 
 
 class GplSettings(ConfigurableResource):

@@ -12,7 +12,7 @@ from assets.resources import FeatureStoreResource, GplSettings, WarehouseResourc
 from gpl_platform.prerank import data
 from gpl_platform.quality.gate import failing_event_days, failing_label_days
 from gpl_platform.quality.results import QualityGateError
-from gpl_platform.quality.thresholds import quality_config
+from gpl_platform.thresholds import quality_config
 
 GROUP = "training"
 FEATURES = ["user_features", "item_features", "profile_features", "feast_registry"]

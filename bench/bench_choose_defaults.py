@@ -87,7 +87,7 @@ def run(
     from gpl_platform.evaluation import bias_sweep
     from gpl_platform.evaluation.offline import run_offline_evaluation
     from gpl_platform.features.store import FeastStore
-    from gpl_platform.quality.thresholds import quality_config
+    from gpl_platform.thresholds import quality_config
 
     began = time.perf_counter()
     setting = setting or bias_sweep.REFERENCE_SETTING[source]

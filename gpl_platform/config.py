@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpl_platform.quality.thresholds import QualityConfig
+from gpl_platform.thresholds import QualityConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_ML100K = PROJECT_ROOT.parent / "shared" / "datasets" / "ml-100k"

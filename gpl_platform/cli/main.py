@@ -71,6 +71,15 @@ def _prepare_instance() -> None:
     typer.echo(f"data directory {settings.data_dir} (source {settings.source}); Dagster instance {home}", err=True)
 
 
+#: libraries whose INFO lines are per-call chatter (Feast's registry refreshes, HTTP requests): warnings only
+NOISY_LOGGERS = ("dagster", "alembic", "feast", "httpx", "filelock")
+
+
+def _quiet_libraries() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _one_line(exc: BaseException) -> str:
     """A library error as the one line it already is (pydantic: every field error on one line)."""
     errors = getattr(exc, "errors", None)
@@ -236,8 +245,7 @@ def run(
     _apply_env(source, data_dir, path)
     _prepare_instance()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("dagster", "httpx", "filelock", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()
     began = time.perf_counter()
     interrupts.install()
     try:
@@ -315,8 +323,7 @@ def evaluate(
     if seeds:
         os.environ["GPL_TRAINING__SEEDS"] = json.dumps(list(seeds))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("dagster", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()
     _prepare_instance()
     from gpl_platform.config import load_settings
 
@@ -382,8 +389,7 @@ def serve(
     """The pre-rank scoring service: POST /score {user_id, item_ids} -> scores; GET /health."""
     _apply_env(data_dir=data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("feast", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()
     from gpl_platform.config import load_settings
     from gpl_platform.prerank.service import ModelNotFound
     from gpl_platform.prerank.service import serve as run_service

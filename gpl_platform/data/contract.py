@@ -263,13 +263,13 @@ def validate_dataset(
 
 # ---- reading a contract directory ---------------------------------------------------------
 
-_READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 # CSV ids stay strings (a leading zero or "007" is an id, not a number).
 _CSV_DTYPES = {"item_id": str, "user_id": str, "request_id": str, "text": str}
 
 
 def _read_table_file(path: Path) -> pd.DataFrame:
-    kind = _READERS.get(path.suffix.lower())
+    kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
     # The names as the file has them: pandas renames a repeated CSV header (`topic` -> `topic.1`).
@@ -285,7 +285,7 @@ def _read_table_file(path: Path) -> pd.DataFrame:
 
 def file_column_names(path: Path) -> list[str]:
     """The column names a data file declares, read from its header or footer only (no rows)."""
-    kind = _READERS.get(path.suffix.lower())
+    kind = READERS.get(path.suffix.lower())
     try:
         if kind == "parquet":
             import pyarrow.parquet as pq
@@ -315,7 +315,7 @@ def check_column_names(names: Sequence[str], file: str) -> None:
 def contract_files(directory: Path, table: str, required: bool = True) -> list[Path]:
     """``<table>.parquet|csv`` or a ``<table>/`` folder of such files (``events/`` also by day folders)."""
     directory = Path(directory)
-    direct = [directory / f"{table}{ext}" for ext in _READERS if (directory / f"{table}{ext}").is_file()]
+    direct = [directory / f"{table}{ext}" for ext in READERS if (directory / f"{table}{ext}").is_file()]
     folder = directory / table
     nested = table_folder_files(folder, table) if folder.is_dir() else []
     found = direct + nested
@@ -375,7 +375,7 @@ def read_contract_dir(
     folders = event_day_folders(directory)
     some_days = folders is not None and days is not None
     if some_days:
-        events, events_file = _read_event_days(directory, folders, days)
+        events, events_file = read_event_days(directory, folders, days)
     else:
         events, events_file = read_contract_table(directory, "events")
     origins = events[ORIGIN].to_numpy() if ORIGIN in events else None
@@ -430,7 +430,7 @@ def _data_files(folder: Path, what: str, root: Path) -> list[Path]:
                 f"is a folder inside {what}: nested folders are not read "
                 "(the only nested layout is events/day=YYYY-MM-DD/<files>)",
             )
-        if path.suffix.lower() not in _READERS:
+        if path.suffix.lower() not in READERS:
             raise ContractError(str(path), None, None, "has an unsupported extension (use .parquet or .csv)")
     return entries
 
@@ -493,7 +493,7 @@ def day_folder_files(directory: Path, folder: Path) -> list[Path]:
     return _data_files(folder, f"events/{folder.name}/", Path(directory).resolve())
 
 
-def _read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[date]) -> tuple[pd.DataFrame, str]:
+def read_event_days(directory: Path, folders: dict[date, Path], days: Sequence[date]) -> tuple[pd.DataFrame, str]:
     """The events of ``days`` only (a day without a folder has no events); same columns as a full read."""
     wanted = [folders[d] for d in sorted(set(days)) if d in folders]
     files = [f for folder in wanted for f in day_folder_files(directory, folder)]
@@ -678,10 +678,15 @@ def _uppercase_utc_suffix(text: pd.Series) -> pd.Series:
     return text.str.replace(r"z\s*$", "Z", regex=True)
 
 
+def attribute_feature_name(column: str) -> str:
+    """The part of a feature name an attribute column gives: lower case, other characters as ``_`` (the
+    contract refuses two columns that give the same part; the feature schema names features by it)."""
+    out = re.sub(r"[^0-9a-zA-Z_]", "_", str(column)).strip("_").lower()
+    return out or "col"
+
+
 def _check_attribute_names(frame: pd.DataFrame, file: str, keys: tuple[str, ...]) -> None:
     """Attribute columns whose feature names would collide (``Genre``/``genre``, ``gen re``/``gen-re``)."""
-    from gpl_platform.features.schema import attribute_feature_name
-
     seen: dict[str, str] = {}
     for column in frame.columns:
         if column in keys or column == ORIGIN:

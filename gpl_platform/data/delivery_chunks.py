@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from gpl_platform.data.contract import (
     ORIGIN,
     ContractError,
-    _read_event_days,
     check_column_names,
     check_day_folders,
     check_event_times,
@@ -32,6 +31,7 @@ from gpl_platform.data.contract import (
     normalize_events_frame,
     plausible_time_window,
     read_contract_table,
+    read_event_days,
     validate_events,
     validate_items,
     validate_users,
@@ -81,7 +81,7 @@ def _day_chunks(directory, folders, day, items, users, chunk_rows, window, memor
     files = day_folder_files(directory, folders[day])
     label = f"{directory / 'events'}/ ({len(files)} files of 1 day folders)"
     if any(f.suffix.lower() == ".csv" for f in files):
-        frames = [_read_event_days(directory, folders, [day])[0]]
+        frames = [read_event_days(directory, folders, [day])[0]]
     else:
         frames = _parquet_chunks(directory, files, chunk_rows, memory_limit, label)
     for frame in frames:

@@ -8,10 +8,10 @@ from datetime import date, timedelta
 
 import pandas as pd
 
+from gpl_platform.data.batches import BATCH_OUTPUT, insert_batch
 from gpl_platform.data.contract import ContractError, Dataset
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
-from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch
 
 log = logging.getLogger(__name__)
 

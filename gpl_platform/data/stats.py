@@ -47,7 +47,7 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False, by_day: 
     atomically), which ingestion reads one day at a time; into a directory without events only, parquet only.
     A table file of the other format from an earlier export is removed once the new one is in place
     (both would be read as one table); a ``<table>/`` folder is never touched: the export refuses."""
-    from gpl_platform.data.contract import _READERS, ContractError, write_event_day
+    from gpl_platform.data.contract import READERS, ContractError, write_event_day
 
     out = Path(out)
     if by_day and csv:
@@ -62,7 +62,7 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False, by_day: 
                 "is a table folder: export into another directory "
                 "(a folder and a file of the same table would be read together)",
             )
-    if by_day and any((out / f"events{ext}").exists() for ext in _READERS):
+    if by_day and any((out / f"events{ext}").exists() for ext in READERS):
         raise ContractError(
             str(out),
             None,
@@ -90,7 +90,7 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False, by_day: 
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        for ext in _READERS:
+        for ext in READERS:
             stale = out / f"{name}{ext}"
             if stale != target and stale.exists():
                 stale.unlink()

@@ -8,10 +8,12 @@
 - :meth:`Engine.map` work (anchor generation, text encoding): chunks of Python payloads through a
   model each worker loads once (:class:`Shared`).
 
-docs/SCALING.md has the measurements and the path to a real cluster.
+The engine knows no method: the anchor generator and encoder that hand their work to an engine live
+with the labelling stages (:mod:`gpl_platform.pseudo_labels.engine_proxies`). docs/SCALING.md has the
+measurements and the path to a real cluster.
 """
 
-from gpl_platform.engine.base import BatchJob, Engine, LocalEngine, Shared, make_engine
-from gpl_platform.engine.proxies import EngineAnchorGenerator, EngineEncoder
+from gpl_platform.engine.base import BatchJob, Engine, LocalEngine, Shared
+from gpl_platform.engine.factory import close_engines, make_engine
 
-__all__ = ["BatchJob", "Engine", "EngineAnchorGenerator", "EngineEncoder", "LocalEngine", "Shared", "make_engine"]
+__all__ = ["BatchJob", "Engine", "LocalEngine", "Shared", "close_engines", "make_engine"]

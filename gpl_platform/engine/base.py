@@ -1,4 +1,4 @@
-"""The engine interface, the in-process engine, and batch planning in DuckDB."""
+"""The engine interface and the in-process engine."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from gpl_platform.config import Settings, StreamingConfig
+from gpl_platform.config import StreamingConfig
 from gpl_platform.data.sql import quote_literal
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Engine(ABC):
     @abstractmethod
     def run(self, con, job: BatchJob, batches: Sequence[int]) -> Iterator[duckdb.DuckDBPyRelation]:
         """For each batch, in order: a relation on ``con`` over ``job.fn``'s output (valid until the next
-        item is requested; write it with :func:`insert_batch`)."""
+        item is requested; write it with :func:`gpl_platform.data.batches.insert_batch`)."""
 
     @abstractmethod
     def map(self, fn: Callable[[Any, Any], Any], shared: Shared, payloads: Sequence[Any]) -> list:
@@ -88,65 +88,3 @@ class LocalEngine(Engine):
             self._shared = {shared.key: shared.build()}  # one model at a time: the previous one is released
         obj = self._shared[shared.key]
         return [fn(obj, p) for p in payloads]
-
-
-BATCH_OUTPUT = "batch_output"
-
-
-def insert_batch(relation: duckdb.DuckDBPyRelation, insert_sql: str) -> None:
-    """Run ``insert_sql``, which reads the relation as ``batch_output``. The relation is not registered on
-    the connection: inside a transaction DuckDB keeps every registered object alive until the commit,
-    so registering each batch would hold the whole range's outputs in memory."""
-    relation.query(BATCH_OUTPUT, insert_sql)
-
-
-_ENGINES: dict[tuple, Engine] = {}
-
-
-def make_engine(settings: Settings) -> Engine:
-    """The engine the settings select, one per process and configuration (a Ray connection is reused)."""
-    key = (
-        settings.engine,
-        settings.streaming.model_dump_json(),
-        settings.ray.model_dump_json(),
-        str(settings.data_dir),
-    )
-    if key not in _ENGINES:
-        if settings.engine == "ray":
-            from gpl_platform.engine.ray_engine import RayEngine
-
-            staging = settings.ray.staging_dir or settings.data_dir / "staging"
-            _ENGINES[key] = RayEngine(settings.ray.model_copy(update={"staging_dir": staging}), settings.streaming)
-        else:
-            _ENGINES[key] = LocalEngine(settings.streaming)
-    return _ENGINES[key]
-
-
-def close_engines() -> None:
-    """Release what the engines of :func:`make_engine` hold (Ray actors keep their CPUs until then)."""
-    for engine in _ENGINES.values():
-        engine.close()
-    _ENGINES.clear()
-
-
-# ---- batch planning ----------------------------------------------------------------------------
-
-PLAN_TABLE = "_gpl_plan"
-
-
-def plan_user_batches(con, counts_sql: str, batch_rows: int, key: str = "user_id") -> int:
-    """Cut the (day, ``key``, n) rows of ``counts_sql`` into batches of about ``batch_rows`` rows, in
-    (day, ``key``) order, never splitting a (day, key) pair (a user's or a request's candidates of a day).
-    Creates the temp table ``_gpl_plan`` (day, key, n, user_code, batch): ``user_code`` numbers the pairs
-    0..U-1 in that order (the integer key every batch input joins on). Returns the number of batches."""
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE {PLAN_TABLE} AS
-        SELECT day, {key}, n, (row_number() OVER w - 1)::BIGINT AS user_code,
-               ((sum(n) OVER w - n) // {int(batch_rows)})::BIGINT AS batch
-        FROM ({counts_sql}) WINDOW w AS (ORDER BY day, {key} ROWS UNBOUNDED PRECEDING)""")
-    # batch numbers are increasing but may skip values (one user larger than a batch): renumber densely
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE {PLAN_TABLE} AS
-        SELECT day, {key}, n, user_code, (dense_rank() OVER (ORDER BY batch) - 1)::BIGINT AS batch
-        FROM {PLAN_TABLE}""")
-    return int(con.execute(f"SELECT coalesce(max(batch) + 1, 0) FROM {PLAN_TABLE}").fetchall()[0][0])

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpl_platform.data.contract import attribute_feature_name
+
 PROJECT = "gpl"
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2; the contract's embedding size
 STATIC_TIMESTAMP = "1970-01-01T00:00:00+00:00"
@@ -145,12 +147,6 @@ def default_value(stored: str, dtype: str, dim: int = EMBEDDING_DIM):
     if dtype == EMB:
         return np.zeros(dim, dtype=np.float32)
     return ""
-
-
-def attribute_feature_name(column: str) -> str:
-    """The part of a feature name an attribute column gives: lower case, other characters as ``_``."""
-    out = re.sub(r"[^0-9a-zA-Z_]", "_", str(column)).strip("_").lower()
-    return out or "col"
 
 
 def attribute_kind(duckdb_type: str) -> str:

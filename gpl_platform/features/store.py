@@ -18,6 +18,7 @@ same store. Paths (all under ``settings.data_dir``)::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -224,10 +225,15 @@ class FeastStore:
     # ---- materialize ---------------------------------------------------------------------
     def materialize(self, start: datetime, end: datetime, views: Sequence[str] | None = None) -> None:
         """Load the latest row per entity with ``start <= event_timestamp < end`` into the online store."""
-        with ibis_default_backend_closed(self.settings.streaming.duckdb_memory_limit):
+        # Feast prints a coloured banner per view to stdout (hundreds of lines over a range): one log line here,
+        # its text at DEBUG
+        printed = io.StringIO()
+        with ibis_default_backend_closed(self.settings.streaming.duckdb_memory_limit), redirect_stdout(printed):
             self.store.materialize(
                 start_date=start, end_date=end - _ONE_US, feature_views=list(views) if views is not None else None
             )
+        log.info("materialized %s into the online store, %s .. %s", ", ".join(views or ["every view"]), start, end)
+        log.debug("feast: %s", printed.getvalue())
         self._write_materialization_stamp()
 
     def materialize_days(self, days: Sequence[date]) -> dict:

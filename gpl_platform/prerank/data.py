@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.config import TrainingConfig
+from gpl_platform.data.batches import BATCH_OUTPUT, PLAN_TABLE, insert_batch, plan_user_batches
 from gpl_platform.data.sql import quote_literal
 from gpl_platform.data.warehouse import Warehouse
-from gpl_platform.engine.base import BATCH_OUTPUT, PLAN_TABLE, insert_batch, plan_user_batches
 from gpl_platform.prerank import methods
 from gpl_platform.prerank.train import TrainingRows
 

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from gpl_platform.data.batches import BATCH_OUTPUT, insert_batch
 from gpl_platform.data.warehouse import Warehouse, atomic
-from gpl_platform.engine import Engine, EngineAnchorGenerator, EngineEncoder, LocalEngine
-from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch
+from gpl_platform.engine import Engine, LocalEngine
 from gpl_platform.pseudo_labels.anchors.base import ANCHOR_COLUMNS, AnchorGenerator, UserHistory
 from gpl_platform.pseudo_labels.encoder import encode_deduplicated
+from gpl_platform.pseudo_labels.engine_proxies import EngineAnchorGenerator, EngineEncoder
 from gpl_platform.pseudo_labels.stages import MAIN, StageTables, as_date, days_param, require_days
 from gpl_platform.pseudo_labels.vectors import vector_column
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpl_platform.config import ConfidenceConfig
+from gpl_platform.data.batches import PLAN_TABLE
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import table_exists
-from gpl_platform.engine.base import PLAN_TABLE
 from gpl_platform.pseudo_labels.anchors.base import FALLBACK_EMPTY_HISTORY
 from gpl_platform.pseudo_labels.confidence import (
     anchor_coherence,

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl_platform.pseudo_labels.similarity import _as_index, score_candidates
+from gpl_platform.pseudo_labels.similarity import as_index, score_candidates
 
 _TOL = 1e-5
 
 
 def _user_index(a, name: str) -> np.ndarray:
-    arr = _as_index(a, name)
+    arr = as_index(a, name)
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name} must be non-negative user indices")
     return arr

@@ -26,6 +26,12 @@ def refit_day(day: date, first_day: date, cfg: CalibrationConfig) -> date:
     return first_day + timedelta(((day - first_day).days // cfg.refit_every_days) * cfg.refit_every_days)
 
 
+def calibration_lookback_days(cfg: CalibrationConfig) -> int:
+    """How many days before a day its calibration may read: the window before its refit day, which is up to
+    ``refit_every_days - 1`` days before it (the orchestrator's dependency window)."""
+    return cfg.window_days + cfg.refit_every_days - 1
+
+
 def calibration_for_day(
     warehouse: Warehouse,
     day: date,
@@ -189,6 +195,23 @@ def degenerate_reason(calibration: Calibration, n_labels: int, spread: float, mi
         return f"calibration {calibration.version} is constant (similarity does not order clicks in its window)"
     if n_labels and spread < min_label_std:
         return f"labels from calibration {calibration.version} are near-constant (std {spread:.4f} < {min_label_std})"
+    return None
+
+
+def day_degenerate_reason(
+    calibrations: dict[tuple[date, str, str], Calibration | None],
+    day: date,
+    spreads: dict[str, tuple[int, float]],
+    min_label_std: float,
+) -> str | None:
+    """Why ``day``'s personalized labels carry no ranking in either pooling (None when both do). Training reads
+    one pooling (``training.pseudo_label_pooling``, the ablations the other) and the quality gate judges both,
+    so a day is dropped when either is degenerate. ``spreads``: per pooling, the count and population standard
+    deviation of the day's labels of users with a history."""
+    for pooling in POOLINGS:
+        why = degenerate_reason(calibrations[(day, pooling, "history")], *spreads[pooling], min_label_std)
+        if why:
+            return f"{pooling}-pool {why}"
     return None
 
 

@@ -24,7 +24,7 @@ from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.pseudo_labels.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator
 from gpl_platform.pseudo_labels.batches import anchor_factors
 from gpl_platform.pseudo_labels.confidence import confidence_weights
-from gpl_platform.pseudo_labels.day_calibration import calibration_degenerate, day_calibrations
+from gpl_platform.pseudo_labels.day_calibration import day_calibrations, day_degenerate_reason
 from gpl_platform.pseudo_labels.encoder import load_item_embeddings
 from gpl_platform.pseudo_labels.pipeline import NO_HISTORY_RULES, no_history_counts
 from gpl_platform.pseudo_labels.similarity import score_candidates
@@ -161,8 +161,8 @@ def pseudo_label_days(
     Users without a positive history have nothing personal to match: by default (``no_history``
     "none") their candidates get no pseudo-labels; "population" labels them through a calibration
     of their own (fitted on exposed candidates of users without history). A day whose personalized
-    calibration carries no ranking (:func:`calibration_degenerate`) gets no labels, with the reason
-    in the returned stats, instead of constant labels."""
+    calibration carries no ranking in either pooling (:func:`day_degenerate_reason`) gets no labels, with the
+    reason in the returned stats, instead of constant labels."""
     if no_history not in NO_HISTORY_RULES:
         raise ValueError(f"no_history must be one of {NO_HISTORY_RULES}, not {no_history!r}")
     days = sorted(set(days))
@@ -241,11 +241,11 @@ def pseudo_label_days(
                 cands.loc[rows, label_col] = cal.predict(cands.loc[rows, f"similarity_{pooling}"].to_numpy(float))
                 cands.loc[rows, version_col] = cal.version
         personal = on_day & ~without_history
-        why = calibration_degenerate(
-            calibrations[(d, "max", "history")],
-            cands.loc[personal, "pseudo_label"].to_numpy(float),
-            calibration_cfg.min_label_std,
-        )
+        spreads = {
+            pooling: (int(personal.sum()), float(np.std(cands.loc[personal, column])) if personal.any() else 0.0)
+            for pooling, column in (("max", "pseudo_label"), ("mean", "pseudo_label_mean_pool"))
+        }
+        why = day_degenerate_reason(calibrations, d, spreads, calibration_cfg.min_label_std)
         if why:
             degenerate[str(d)] = why
             cands.loc[on_day, ["pseudo_label", "pseudo_label_mean_pool"]] = np.nan

@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 
 from gpl_platform.config import CalibrationConfig, ConfidenceConfig
+from gpl_platform.data.batches import BATCH_OUTPUT, insert_batch, plan_user_batches
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.sql import quote_literal
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import BatchJob, Engine, LocalEngine
-from gpl_platform.engine.base import BATCH_OUTPUT, insert_batch, plan_user_batches
 from gpl_platform.pseudo_labels.anchors.base import FALLBACK_EMPTY_HISTORY, AnchorGenerator
 from gpl_platform.pseudo_labels.batches import (
     ANCHORS_TABLE,
@@ -51,9 +51,9 @@ from gpl_platform.pseudo_labels.batches import (
     stage_anchors,
     stage_item_rows,
 )
-from gpl_platform.pseudo_labels.day_calibration import day_calibrations, degenerate_reason
+from gpl_platform.pseudo_labels.day_calibration import day_calibrations, day_degenerate_reason
 from gpl_platform.pseudo_labels.encoder import load_item_embeddings
-from gpl_platform.pseudo_labels.stages import IN_DAYS, MAIN, StageTables, days_param, require_days
+from gpl_platform.pseudo_labels.stages import IN_DAYS, MAIN, POOLINGS, StageTables, days_param, require_days
 
 log = logging.getLogger(__name__)
 NO_HISTORY_RULES = ("none", "population")
@@ -176,8 +176,8 @@ def pseudo_label_days(
     Users without a positive history have nothing personal to match: by default (``no_history``
     "none") their candidates get no pseudo-labels; "population" labels them through a calibration
     of their own (fitted on exposed candidates of users without history). A day whose personalized
-    calibration carries no ranking (:func:`calibration_degenerate`) gets no labels, with the reason
-    in the returned stats, instead of constant labels.
+    calibration carries no ranking in either pooling (:func:`day_degenerate_reason`) gets no labels, with the
+    reason in the returned stats, instead of constant labels.
 
     Returns a hash sample of at most ``sample_rows`` labels (``pseudo_label``, ``confidence``; for plots)
     and the stats, whose ``rows`` is the number of labels written and ``quantiles`` their quantiles."""
@@ -294,17 +294,19 @@ def pseudo_label_days(
             )
         personal = con.execute(
             f"""
-            SELECT p.day, count(*), stddev_pop(p.pseudo_label) FROM {tables.labels} p
-            JOIN {tables.anchors} a ON a.day = p.day AND a.anchor_id = p.anchor_id
+            SELECT p.day, count(*), stddev_pop(p.pseudo_label), stddev_pop(p.pseudo_label_mean_pool)
+            FROM {tables.labels} p JOIN {tables.anchors} a ON a.day = p.day AND a.anchor_id = p.anchor_id
             WHERE p.{IN_DAYS} AND a.fallback_reason IS DISTINCT FROM ? GROUP BY p.day""",
             [FALLBACK_EMPTY_HISTORY],
         ).fetchall()
-        spread = {pd.Timestamp(d).date(): (n, s or 0.0) for d, n, s in personal}
+        spreads = {
+            pd.Timestamp(d).date(): {"max": (n, s_max or 0.0), "mean": (n, s_mean or 0.0)}
+            for d, n, s_max, s_mean in personal
+        }
+        no_labels = {pooling: (0, 0.0) for pooling in POOLINGS}
         degenerate: dict[str, str] = {}
         for d in labelled_days:
-            why = degenerate_reason(
-                calibrations[(d, "max", "history")], *spread.get(d, (0, 0.0)), calibration_cfg.min_label_std
-            )
+            why = day_degenerate_reason(calibrations, d, spreads.get(d, no_labels), calibration_cfg.min_label_std)
             if why:
                 degenerate[str(d)] = why
                 con.execute(f"DELETE FROM {tables.labels} WHERE day = ?", [d])

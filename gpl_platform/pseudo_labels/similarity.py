@@ -55,7 +55,7 @@ class ScoreResult(NamedTuple):
         return self.argmax_anchor < 0
 
 
-def _as_index(a, name: str) -> np.ndarray:
+def as_index(a, name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-d, got shape {arr.shape}")
@@ -72,9 +72,9 @@ def _as_vectors(a, name: str) -> np.ndarray:
 
 
 def _validate(cand_user_idx, cand_item_idx, item_vectors, anchor_vectors, anchor_user_idx):
-    cu = _as_index(cand_user_idx, "cand_user_idx")
-    ci = _as_index(cand_item_idx, "cand_item_idx")
-    au = _as_index(anchor_user_idx, "anchor_user_idx")
+    cu = as_index(cand_user_idx, "cand_user_idx")
+    ci = as_index(cand_item_idx, "cand_item_idx")
+    au = as_index(anchor_user_idx, "anchor_user_idx")
     items = _as_vectors(item_vectors, "item_vectors")
     anchors = _as_vectors(anchor_vectors, "anchor_vectors")
     if cu.shape != ci.shape:

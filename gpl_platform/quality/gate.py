@@ -14,6 +14,7 @@ import pandas as pd
 from gpl_platform.config import StreamingConfig
 from gpl_platform.quality.results import QualityGateError, QualityResult
 from gpl_platform.quality.suites import (
+    POOLED_LABELS,
     check_anchors,
     check_embedding_chunks,
     check_event_chunks,
@@ -21,7 +22,7 @@ from gpl_platform.quality.suites import (
     check_pseudo_label_value_chunks,
     check_pseudo_label_values,
 )
-from gpl_platform.quality.thresholds import (
+from gpl_platform.thresholds import (
     AnchorThresholds,
     EmbeddingThresholds,
     EventThresholds,
@@ -71,7 +72,7 @@ class LabelDay:
     more (its statistics are then those of the sample; the metadata says so)."""
 
     values: QualityResult
-    rows: pd.DataFrame  # pseudo_label, confidence
+    rows: pd.DataFrame  # the pooled labels (both in the warehouse, or pseudo_label alone), confidence
     total: int
 
     @property
@@ -133,10 +134,10 @@ def warehouse_label_day(
     rows: the whole day up to ``chunk_rows`` rows, beyond it a uniform sample of that many (the rows of the
     smallest hashes of their key, a bounded top-k in DuckDB, the same sample on every run)."""
     total = day_rows(con, table, day)
-    columns = ("pseudo_label", "confidence")
+    columns = (*POOLED_LABELS, "confidence")  # both pooled labels: training reads either (the gate judges what trains)
     values = check_pseudo_label_value_chunks(day_chunks(con, table, columns, day, chunk_rows, rows=total), cfg)
     sample = "" if total <= chunk_rows else f" ORDER BY hash(request_id, item_id) LIMIT {int(chunk_rows)}"
-    rows = con.execute(f"SELECT pseudo_label, confidence FROM {table} WHERE day = ?{sample}", [day]).df()
+    rows = con.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE day = ?{sample}", [day]).df()
     return LabelDay(values, rows, total)
 
 
@@ -236,12 +237,17 @@ def check_anchor_days(
     warehouse: Warehouse, days: Sequence[date], cfg: AnchorThresholds | None = None
 ) -> dict[date, QualityResult]:
     """The anchors suite for each of ``days``: one day's anchors and histories in memory at a time (they are per
-    user, not per candidate)."""
+    user, not per candidate). The days before the first day with a generated (non-fallback) anchor are the
+    generator's warm-up (see :func:`~gpl_platform.quality.suites.check_anchors`)."""
     out = {}
     with warehouse.connect(read_only=True) as con:
         items = con.execute("SELECT item_id, text FROM items").df()
+        (first_generated,) = con.execute(
+            "SELECT min(day) FROM user_anchors WHERE NOT coalesce(is_fallback, false)"
+        ).fetchone()
         for d in sorted({pd.Timestamp(x).date() for x in days}):
             anchors = con.execute(f"SELECT {', '.join(ANCHOR_CHECK_COLUMNS)} FROM user_anchors WHERE day = ?", [d]).df()
             histories = con.execute("SELECT day, user_id, history_item_ids FROM user_histories WHERE day = ?", [d]).df()
-            out[d] = check_anchors(anchors, histories, items, cfg)
+            warm_up = first_generated is None or d < first_generated
+            out[d] = check_anchors(anchors, histories, items, cfg, warm_up=warm_up)
     return out

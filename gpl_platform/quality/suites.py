@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gpl_platform.pseudo_labels.anchors.base import FALLBACK_EMPTY_HISTORY, FALLBACK_NO_SID_MODEL
 from gpl_platform.quality.gx_validation import (
     Rule,
     custom_outcome,
@@ -33,7 +34,7 @@ from gpl_platform.quality.gx_validation import (
     validate_rules,
 )
 from gpl_platform.quality.results import QualityResult
-from gpl_platform.quality.thresholds import (
+from gpl_platform.thresholds import (
     AnchorThresholds,
     EmbeddingThresholds,
     EventThresholds,
@@ -60,23 +61,35 @@ def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray, smoothing: float =
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
-LABEL_VALUE_RULES = [
-    rule
-    for col in ("pseudo_label", "confidence")
-    for rule in (
-        Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
-        Rule(
-            f"{col}_in_0_1",
-            "ExpectColumnValuesToBeBetween",
-            {"column": col, "min_value": 0.0, "max_value": 1.0},
-            "every value in [0, 1]",
-        ),
-    )
-]
+#: the pooled pseudo-labels, each with the suffix of its rule names: training reads one of them
+#: (training.pseudo_label_pooling, mean by default; the ablations fix either), so the gate judges both
+POOLED_LABELS = {"pseudo_label": "", "pseudo_label_mean_pool": "_mean_pool"}
+
+
+def label_columns(frame: pd.DataFrame) -> list[str]:
+    """The pooled label columns ``frame`` holds (both in the warehouse; hand-made frames may hold the max pool
+    only)."""
+    return [col for col in POOLED_LABELS if col in frame.columns]
+
+
+def label_value_rules(columns: Iterable[str]) -> list[Rule]:
+    return [
+        rule
+        for col in columns
+        for rule in (
+            Rule(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", {"column": col}, "no nulls/NaN"),
+            Rule(
+                f"{col}_in_0_1",
+                "ExpectColumnValuesToBeBetween",
+                {"column": col, "min_value": 0.0, "max_value": 1.0},
+                "every value in [0, 1]",
+            ),
+        )
+    ]
 
 
 def check_pseudo_label_values(labels: pd.DataFrame, cfg: PseudoLabelThresholds | None = None) -> QualityResult:
-    """Row-level validity: pseudo_label and confidence present and in [0, 1]."""
+    """Row-level validity: the pooled labels (:data:`POOLED_LABELS`) and confidence present and in [0, 1]."""
     return check_pseudo_label_value_chunks([labels], cfg)
 
 
@@ -91,11 +104,42 @@ def check_pseudo_label_value_chunks(
     for labels in chunks:
         if labels.empty:
             continue
-        per_chunk.append(validate_rules(suite, labels[["pseudo_label", "confidence"]].astype(float), LABEL_VALUE_RULES))
+        columns = [*label_columns(labels), "confidence"]
+        per_chunk.append(validate_rules(suite, labels[columns].astype(float), label_value_rules(columns)))
         rows += len(labels)
     if not rows:
         return empty_result(suite, cfg.allow_empty)
     return suite_result(suite, merge_chunk_outcomes(per_chunk), {"rows": rows})
+
+
+def _label_distribution_rules(column: str, suffix: str, cfg: PseudoLabelThresholds) -> list[Rule]:
+    """Mean, spread and high-confidence-positive share of one pooled label (the frame holds
+    ``high_confidence_positive<suffix>``)."""
+    return [
+        Rule(
+            f"{column}_mean",
+            "ExpectColumnMeanToBeBetween",
+            {"column": column, "min_value": cfg.pseudo_label_mean_min, "max_value": cfg.pseudo_label_mean_max},
+            f"in [{cfg.pseudo_label_mean_min}, {cfg.pseudo_label_mean_max}]",
+        ),
+        Rule(
+            f"{column}_std",
+            "ExpectColumnStdevToBeBetween",
+            {"column": column, "min_value": cfg.pseudo_label_std_min},
+            f">= {cfg.pseudo_label_std_min} (not collapsed)",
+        ),
+        Rule(
+            f"high_confidence_positive{suffix}_share",
+            "ExpectColumnMeanToBeBetween",
+            {
+                "column": f"high_confidence_positive{suffix}",
+                "min_value": 0.0,
+                "max_value": cfg.high_confidence_positive_share_max,
+            },
+            f"<= {cfg.high_confidence_positive_share_max} ({column} >= {cfg.high_label}, "
+            f"confidence >= {cfg.high_confidence})",
+        ),
+    ]
 
 
 def check_pseudo_label_distribution(
@@ -104,30 +148,23 @@ def check_pseudo_label_distribution(
     cfg: PseudoLabelThresholds | None = None,
     kl_skip_reason: str | None = None,
 ) -> QualityResult:
-    """Distribution of one day: label mean/spread (collapse, saturation), confidence mean and
-    quantiles, share of high-confidence positives, KL of the confidence histogram vs ``previous``
+    """Distribution of one day: mean/spread (collapse, saturation) and share of high-confidence positives of
+    each pooled label present, confidence mean and quantiles, KL of the confidence histogram vs ``previous``
     (skipped with ``kl_skip_reason`` when the caller knows the previous day is no baseline)."""
     cfg = cfg or PseudoLabelThresholds()
     suite = "pseudo_label_distribution"
     if labels.empty:
         return empty_result(suite, cfg.allow_empty)
-    frame = labels[["pseudo_label", "confidence"]].astype(float).copy()
-    frame["high_confidence_positive"] = (
-        (frame["pseudo_label"] >= cfg.high_label) & (frame["confidence"] >= cfg.high_confidence)
-    ).astype(float)
-    rules = [
-        Rule(
-            "pseudo_label_mean",
-            "ExpectColumnMeanToBeBetween",
-            {"column": "pseudo_label", "min_value": cfg.pseudo_label_mean_min, "max_value": cfg.pseudo_label_mean_max},
-            f"in [{cfg.pseudo_label_mean_min}, {cfg.pseudo_label_mean_max}]",
-        ),
-        Rule(
-            "pseudo_label_std",
-            "ExpectColumnStdevToBeBetween",
-            {"column": "pseudo_label", "min_value": cfg.pseudo_label_std_min},
-            f">= {cfg.pseudo_label_std_min} (not collapsed)",
-        ),
+    pooled = label_columns(labels)
+    frame = labels[[*pooled, "confidence"]].astype(float).copy()
+    rules = []
+    for col in pooled:
+        suffix = POOLED_LABELS[col]
+        frame[f"high_confidence_positive{suffix}"] = (
+            (frame[col] >= cfg.high_label) & (frame["confidence"] >= cfg.high_confidence)
+        ).astype(float)
+        rules += _label_distribution_rules(col, suffix, cfg)
+    rules += [
         Rule(
             "confidence_mean",
             "ExpectColumnMeanToBeBetween",
@@ -148,17 +185,6 @@ def check_pseudo_label_distribution(
             + "/".join(f"{q:g}" for q in cfg.confidence_quantiles)
             + " in "
             + ", ".join(f"[{a:g}, {b:g}]" for a, b in cfg.confidence_quantile_ranges),
-        ),
-        Rule(
-            "high_confidence_positive_share",
-            "ExpectColumnMeanToBeBetween",
-            {
-                "column": "high_confidence_positive",
-                "min_value": 0.0,
-                "max_value": cfg.high_confidence_positive_share_max,
-            },
-            f"<= {cfg.high_confidence_positive_share_max} (label >= {cfg.high_label}, "
-            f"confidence >= {cfg.high_confidence})",
         ),
     ]
     kl_note = None
@@ -188,14 +214,18 @@ def check_pseudo_label_distribution(
         )
     outcomes = validate_rules(suite, frame, rules)
     conf = frame["confidence"]
-    meta: dict[str, Any] = {
-        "rows": len(frame),
-        "pseudo_label_mean": float(frame["pseudo_label"].mean()),
-        "pseudo_label_std": float(frame["pseudo_label"].std(ddof=0)),
-        "confidence_mean": float(conf.mean()),
-        **{f"confidence_q{int(q * 100):02d}": float(conf.quantile(q)) for q in cfg.confidence_quantiles},
-        "high_confidence_positive_share": float(frame["high_confidence_positive"].mean()),
-    }
+    meta: dict[str, Any] = {"rows": len(frame)}
+    for col in pooled:
+        meta.update({f"{col}_mean": float(frame[col].mean()), f"{col}_std": float(frame[col].std(ddof=0))})
+    meta.update(
+        {
+            "confidence_mean": float(conf.mean()),
+            **{f"confidence_q{int(q * 100):02d}": float(conf.quantile(q)) for q in cfg.confidence_quantiles},
+        }
+    )
+    for col in pooled:
+        share = f"high_confidence_positive{POOLED_LABELS[col]}"
+        meta[f"{share}_share"] = float(frame[share].mean())
     if prev_conf is not None and len(prev_conf):
         meta["confidence_kl_vs_previous"] = kl_divergence(
             confidence_histogram(conf, cfg.kl_bins), confidence_histogram(prev_conf, cfg.kl_bins), cfg.kl_smoothing
@@ -225,11 +255,16 @@ def check_anchors(
     histories: pd.DataFrame,
     items: pd.DataFrame | None = None,
     cfg: AnchorThresholds | None = None,
+    warm_up: bool = False,
 ) -> QualityResult:
     """One day of ``user_anchors`` against that day's ``user_histories``: every user with a
     history row has at least one anchor, the fallback rate (users with a history) is bounded, and
     generated anchors are mostly not verbatim history titles. ``items`` (item_id, text) is needed
-    for the verbatim rule."""
+    for the verbatim rule.
+
+    ``warm_up``: the day comes before the generator's first generated anchor. A day-bound generator (``sid``)
+    has no model before its first refit and serves history anchors by design (``no_sid_model``): those are set
+    apart like cold-start users' and the metadata says why; the other rules judge the day as usual."""
     cfg = cfg or AnchorThresholds()
     suite = "user_anchors"
     users = pd.DataFrame({"user_id": histories["user_id"].astype(str).unique()})
@@ -246,11 +281,12 @@ def check_anchors(
     outcomes = validate_rules(f"{suite}_users", users, rules) if len(users) else []
 
     reasons = anchors["fallback_reason"].astype(object)
-    cold = reasons.eq("empty_history")
-    warm = anchors[~cold.to_numpy()]
-    fallback_rate = float(warm["is_fallback"].astype(bool).mean()) if len(warm) else 0.0
-    if len(warm):
-        frame = pd.DataFrame({"is_fallback": warm["is_fallback"].astype(bool).astype(float).to_numpy()})
+    cold = reasons.eq(FALLBACK_EMPTY_HISTORY)
+    warming_up = reasons.eq(FALLBACK_NO_SID_MODEL) & warm_up
+    judged = anchors[~(cold | warming_up).to_numpy()]  # users with a history and a model to serve them
+    fallback_rate = float(judged["is_fallback"].astype(bool).mean()) if len(judged) else 0.0
+    if len(judged):
+        frame = pd.DataFrame({"is_fallback": judged["is_fallback"].astype(bool).astype(float).to_numpy()})
         outcomes += validate_rules(
             f"{suite}_fallback",
             frame,
@@ -284,11 +320,19 @@ def check_anchors(
                 )
             ],
         )
-    meta = {
+    meta: dict[str, Any] = {}
+    if warming_up.any():
+        warm_up_users = anchors.loc[warming_up.to_numpy(), "user_id"].nunique()
+        meta["warm_up"] = (
+            f"generator warm-up: no model before its first refit, {warm_up_users} users with a history get "
+            "history anchors by design (not counted in fallback_rate)"
+        )
+    meta |= {
         "anchors": len(anchors),
         "users_with_request": len(users),
         "users_without_anchor": int((users["n_anchors"] < cfg.min_anchors_per_user).sum()) if len(users) else 0,
-        "fallback_rate_with_history": fallback_rate,
+        "fallback_rate_with_history": fallback_rate if len(judged) else "n/a (no anchor to judge)",
+        "warm_up_anchor_share": float(warming_up.mean()) if len(anchors) else 0.0,
         "cold_start_anchor_share": float(cold.mean()) if len(anchors) else 0.0,
         "verbatim_copy_rate": copy_rate if copy_rate is not None else "n/a (no generated anchors)",
         "backends": ", ".join(backends) or "none",

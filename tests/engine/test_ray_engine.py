@@ -14,7 +14,7 @@ import pytest
 from assets.definitions import LABELLING_ASSETS
 from gpl_platform.config import RayConfig, StreamingConfig
 from gpl_platform.engine import BatchJob
-from gpl_platform.engine.base import close_engines
+from gpl_platform.engine.factory import close_engines
 from gpl_platform.engine.ray_engine import LocalRayCluster, RayEngine
 
 pytestmark = pytest.mark.slow

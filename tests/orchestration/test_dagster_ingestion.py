@@ -1,17 +1,21 @@
 """In-process Dagster materializations of the ingestion assets on simulator data."""
 
+import warnings
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance
 
 from assets.partitions import range_tags
-from assets.resources import GplSettings
+from assets.resources import GplSettings, ignore_dagster_internal_deprecations
 from assets.runner import run_pipeline
 from gpl_platform.data.stats import export_contract_dir
 from gpl_platform.data.warehouse import Warehouse
 from tests.helpers import run_assets
 
 INGESTION = ["item_catalog", "users", "candidate_events", "user_histories"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_definitions_load_with_partitions_from_the_source_span(dagster_defs):
@@ -200,3 +204,23 @@ def test_a_refused_catalog_and_a_refused_day_write_nothing(tmp_path, settings):
     with pytest.raises(Exception, match=r"partitioned stage failed.*day=2024-01-05"):
         run_pipeline(resources=_resources(gpl), ephemeral=True, selection=INGESTION)
     pd.testing.assert_frame_equal(events_before, wh.query("SELECT * FROM events ORDER BY request_id, item_id"))
+
+
+def test_a_run_raises_no_deprecation_warning_of_ours(tmp_path, dagster_defs):
+    """Our assets read the run as ``context.run`` (not the deprecated ``context.run_id``), and the deprecated
+    ``InitResourceContext.dagster_run`` that Dagster reads itself when it builds our nested resources is not shown."""
+    gpl = GplSettings(data_dir=str(tmp_path / "data"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)  # the test configuration ignores them
+        ignore_dagster_internal_deprecations()  # the project's own filter, in front again
+        assert run_assets(dagster_defs, gpl, ["item_catalog", "users"]).success
+        assert run_assets(dagster_defs, gpl, ["candidate_events", "user_histories"], partition_key="2024-01-01").success
+    deprecations = [
+        f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, DeprecationWarning)
+    ]
+    ours = [
+        d
+        for d in deprecations
+        if d.startswith((str(ROOT / "assets"), str(ROOT / "gpl_platform"))) or "dagster_run" in d
+    ]
+    assert not ours, ours

@@ -6,9 +6,11 @@ import re
 import subprocess
 import sys
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
+from dagster import AssetKey
 
 from assets.definitions import build_definitions
 from gpl_platform.config import load_settings
@@ -174,3 +176,25 @@ def test_code_location_loads_in_a_subprocess_with_a_contract_source(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(len(ASSETS))
     print(f"code location loaded in {time.monotonic() - began:.1f}s")
+
+
+@pytest.mark.parametrize("window_days, refit_every_days", [(7, 3), (40, 7)])
+def test_the_calibration_depends_on_the_window_its_settings_read(window_days, refit_every_days):
+    """similarity_calibration of a day depends on the similarities of every day its fit may read: the
+    calibration.window_days before its refit day, which is up to refit_every_days - 1 days before the day."""
+    settings = load_settings(
+        {
+            "simulator": {"n_days": 60},
+            "calibration": {"window_days": window_days, "refit_every_days": refit_every_days},
+        }
+    )
+    defs = build_definitions(settings)
+    calibration = next(a for a in defs.assets if AssetKey("similarity_calibration") in a.keys)
+    mapping = calibration.get_partition_mapping(AssetKey("candidate_similarities"))
+    partitions = calibration.partitions_def
+    day = date(2024, 2, 29)  # late enough that the whole window exists
+    upstream = mapping.get_upstream_mapped_partitions_result_for_partitions(
+        partitions.subset_with_partition_keys([day.isoformat()]), partitions, partitions
+    ).partitions_subset.get_partition_keys()
+    lookback = window_days + refit_every_days - 1
+    assert sorted(upstream) == [(day - timedelta(days=n)).isoformat() for n in range(lookback, 0, -1)]

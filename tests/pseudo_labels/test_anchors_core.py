@@ -146,6 +146,24 @@ def test_garbage_model_still_gives_every_user_an_anchor(caplog):
     assert any("fell back" in r.message for r in caplog.records)
 
 
+def test_fallbacks_are_one_counted_line_per_call_and_each_user_at_debug(caplog):
+    empty = [UserHistory(f"e{i}", (), ()) for i in range(50)]
+    broken = [hist(f"b{i}", 3) for i in range(20)]
+    gen = FakeLLM(outputs={h.user_id: "" for h in broken})
+    with caplog.at_level(logging.INFO, logger="gpl_platform.pseudo_labels.anchors.base"):
+        gen.generate([*empty, *broken, hist("ok", 3)], k=3, progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) <= 3, lines  # the empty-history count, the fallback summary, the stats
+    assert "fake: 50 users with an empty history: generic anchors" in lines
+    assert any("70 of 71 users fell back" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="gpl_platform.pseudo_labels.anchors.base"):
+        gen.generate([*empty, *broken], k=3, progress=False)
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert sum("has an empty history" in line for line in debug) == 50
+    assert sum("no usable anchor" in line for line in debug) == 20
+
+
 def test_pad_with_history_fills_up_to_k():
     gen = FakeLLM(default="- space opera")
     gen.pad_with_history = True

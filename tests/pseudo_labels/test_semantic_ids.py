@@ -342,13 +342,15 @@ def test_sid_anchors_beat_random_on_the_simulator_and_rerun_from_cache(sid_run):
 
 @pytest.mark.slow
 def test_sid_as_the_main_backend_gives_the_ablation_labels(sid_run):
-    """anchors.backend=sid runs the main GPL assets on semantic-ID anchors: the same labels as the ablation."""
+    """anchors.backend=sid runs the main GPL assets on semantic-ID anchors: the same labels as the ablation. The
+    anchors check passes on the generator's warm-up days (no model yet: history anchors by design), saying why."""
     from assets.resources import GplSettings
     from assets.runner import run_pipeline
+    from gpl_platform.quality.gate import check_anchor_days
 
     overrides = {**json.loads(sid_run.overrides_json), "anchors": {"backend": "sid"}}
     gpl = GplSettings(data_dir=sid_run.data_dir, overrides_json=json.dumps(overrides))
-    assert run_pipeline(
+    result = run_pipeline(
         resources={"gpl": gpl},
         ephemeral=True,
         selection=[
@@ -358,7 +360,17 @@ def test_sid_as_the_main_backend_gives_the_ablation_labels(sid_run):
             "similarity_calibration",
             "pseudo_labels",
         ],
-    ).success
+    )
+    assert result.success
+    assert not [c for c in result.failed_checks if "user_anchors_quality" in c], result.failed_checks
+    wh = sid_run.warehouse()
+    # the days before the first model whose users with a history got history anchors (day one has no histories)
+    warm_up = set(
+        wh.query("SELECT DISTINCT day FROM user_anchors WHERE fallback_reason = 'no_sid_model'")["day"].dt.date
+    )
+    assert warm_up
+    checked = check_anchor_days(wh, sorted(wh.written_days("user_anchors")))
+    assert {d for d, r in checked.items() if "warm_up" in r.metadata} == warm_up
     columns = "day, request_id, item_id, pseudo_label, confidence, llm_version"
     main = sid_run.warehouse().query(f"SELECT {columns} FROM pseudo_labels ORDER BY ALL")
     ablation = sid_run.warehouse().query(f"SELECT {columns} FROM pseudo_labels__sid ORDER BY ALL")

@@ -3,6 +3,7 @@ an atomic per-range replacement."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import duckdb
 import numpy as np
@@ -11,13 +12,14 @@ import pytest
 
 from assets.definitions import LABELLING_ASSETS
 from gpl_platform.config import StreamingConfig, load_settings
+from gpl_platform.data.batches import PLAN_TABLE, plan_user_batches
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import LocalEngine
-from gpl_platform.engine.base import PLAN_TABLE, plan_user_batches
 from gpl_platform.pseudo_labels import in_memory, pipeline
 from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
 from gpl_platform.pseudo_labels.batches import GROUP_TABLE, StagedGroups
+from gpl_platform.pseudo_labels.calibration import Calibration
 from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
 UPSTREAM = list(LABELLING_ASSETS[: LABELLING_ASSETS.index("anchor_embeddings") + 1])
@@ -314,3 +316,25 @@ def test_similarities_from_replaced_anchors_are_refused(world):
         con.execute("UPDATE user_anchors SET anchor_id = anchor_id || '-new'")
     with pytest.raises(MissingUpstreamDays, match="no longer exist"):
         _label(pipeline, world)
+
+
+@pytest.mark.parametrize("module", [in_memory, pipeline], ids=["whole_range", "streamed"])
+def test_a_constant_mean_pool_calibration_drops_the_day(world, module):
+    """Training reads the mean-pool labels by default: a day whose mean-pool calibration is constant gets no labels
+    (with the reason), even though its max-pool calibration ranks."""
+    settings, warehouse, *_ = world
+    _score(module, world)
+    _label(module, world)  # fits and stores the calibrations
+    labelled = set(warehouse.query("SELECT DISTINCT CAST(day AS VARCHAR) AS day FROM pseudo_labels")["day"])
+    assert labelled
+    stored = warehouse.query("SELECT fit_key, calibration_json FROM calibrations WHERE pooling = 'mean'")
+    with warehouse.transaction() as con:
+        for fit_key, text in stored.itertuples(index=False):
+            fitted = Calibration.from_json(text)
+            constant = replace(fitted, params={"a": 0.0, "b": fitted.b})  # what an anti-correlated fit is clamped to
+            con.execute("UPDATE calibrations SET calibration_json = ? WHERE fit_key = ?", [constant.to_json(), fit_key])
+    _, stats = _label(module, world)
+    degenerate = stats["days_with_degenerate_calibration"]
+    assert set(degenerate) == labelled
+    assert all(why.startswith("mean-pool calibration") and "constant" in why for why in degenerate.values())
+    assert warehouse.query("SELECT count(*) AS n FROM pseudo_labels")["n"].iloc[0] == 0

@@ -10,6 +10,7 @@ import pytest
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.pseudo_labels.audit import audit, expected_calibration_error, join_later_exposures
 from gpl_platform.quality.gate import (
+    check_anchor_days,
     check_anchor_embedding_days,
     check_event_days,
     check_label_days,
@@ -29,7 +30,7 @@ from gpl_platform.quality.suites import (
     confidence_histogram,
     kl_divergence,
 )
-from gpl_platform.quality.thresholds import (
+from gpl_platform.thresholds import (
     AnchorThresholds,
     EmbeddingThresholds,
     EventThresholds,
@@ -164,6 +165,65 @@ def test_anchor_checks():
     # the history backend copies titles by design: the verbatim rule does not apply
     hist_anchors, _, _ = _anchor_frames(backend="history")
     assert check_anchors(hist_anchors, histories, items).passed
+
+
+def _sid_anchors(day: date, reason: str | None) -> pd.DataFrame:
+    """The sid backend's anchors of one day of _anchor_frames' users: u1 and u2 (with a history) fall back with
+    ``reason``, or get generated semantic-ID anchors when it is None; u3 (empty history) the generic anchor."""
+    fallback = reason is not None
+    return pd.DataFrame(
+        {
+            "day": day,
+            "user_id": ["u1", "u2", "u3"],
+            "anchor_id": [f"{day}-{u}" for u in ("u1", "u2", "u3")],
+            "anchor_rank": 0,
+            "anchor_text": [
+                "Toy Story (1995)" if fallback else "sid 1-2 · Heat",
+                "Casino" if fallback else "sid 3-1 · Toy Story",
+                "popular movies",
+            ],
+            "is_fallback": [fallback, fallback, True],
+            "fallback_reason": [reason, reason, "empty_history"],
+            "backend": "sid",
+        }
+    )
+
+
+def test_the_generators_warm_up_passes_with_its_reason_and_later_fallbacks_fail(tmp_path):
+    """Before its first refit the sid generator has no model and serves history anchors by design: those days pass,
+    saying why; the same fallbacks after a model served a day fail, and warm-up days still fail other rules."""
+    _, histories, items = _anchor_frames()
+    warm_up, served, model_lost = date(2024, 1, 1), date(2024, 1, 2), date(2024, 1, 3)
+    anchors = pd.concat(
+        [_sid_anchors(warm_up, "no_sid_model"), _sid_anchors(served, None), _sid_anchors(model_lost, "no_sid_model")],
+        ignore_index=True,
+    )
+    days_histories = pd.concat([histories.assign(day=d) for d in (warm_up, served, model_lost)], ignore_index=True)
+    wh = Warehouse(tmp_path / "w.duckdb")
+    with wh.connect() as con:
+        con.register("_anchors", anchors)
+        con.register("_histories", days_histories)
+        con.register("_items", items)
+        con.execute(
+            "INSERT INTO user_anchors (day, user_id, anchor_id, anchor_rank, anchor_text, is_fallback, fallback_reason,"
+            " backend) SELECT day, user_id, anchor_id, anchor_rank, anchor_text, is_fallback, fallback_reason, backend"
+            " FROM _anchors"
+        )
+        con.execute(
+            "INSERT INTO user_histories SELECT day, user_id, history_item_ids, len(history_item_ids), NULL, 'h'"
+            " FROM _histories"
+        )
+        con.execute("CREATE TABLE items AS SELECT * FROM _items")
+    results = check_anchor_days(wh, [warm_up, served, model_lost])
+    assert results[warm_up].passed, results[warm_up].summary()
+    assert "warm-up" in results[warm_up].metadata["warm_up"] and "2 users" in results[warm_up].metadata["warm_up"]
+    assert results[served].passed and "warm_up" not in results[served].metadata
+    assert _failed(results[model_lost]) == {"fallback_rate"}  # a model served an earlier day: no warm-up
+    # what can be judged on a warm-up day still is: a user with a request and no anchor fails it
+    no_anchor = check_anchors(
+        _sid_anchors(warm_up, "no_sid_model").iloc[1:], histories.assign(day=warm_up), items, warm_up=True
+    )
+    assert _failed(no_anchor) == {"every_user_has_anchors"}
 
 
 def test_embedding_checks():
@@ -406,8 +466,11 @@ def test_a_broken_previous_day_is_no_kl_baseline():
 
 
 def _label_table(wh: Warehouse, frame: pd.DataFrame) -> None:
-    """``frame`` (day, pseudo_label, confidence) as rows of the real pseudo_labels table."""
+    """``frame`` (day, pseudo_label, confidence, optionally pseudo_label_mean_pool: else the max pool's values) as
+    rows of the real pseudo_labels table."""
     n = len(frame)
+    if "pseudo_label_mean_pool" not in frame:
+        frame = frame.assign(pseudo_label_mean_pool=frame["pseudo_label"])
     with wh.connect() as con:
         con.register(
             "_labels", frame.assign(request_id=[f"r{i // 10}" for i in range(n)], item_id=[f"i{i}" for i in range(n)])
@@ -415,7 +478,7 @@ def _label_table(wh: Warehouse, frame: pd.DataFrame) -> None:
         con.execute(
             # pandas hands NaN over as NULL: back to NaN, as a computed NaN is stored
             """INSERT INTO pseudo_labels SELECT day, request_id, 'u', item_id, TIMESTAMPTZ '2024-01-01 00:00:00+00',
-               0, 0, 'a', pseudo_label, pseudo_label, coalesce(confidence, 'nan'::DOUBLE), 1, 1, 1, false,
+               0, 0, 'a', pseudo_label, pseudo_label_mean_pool, coalesce(confidence, 'nan'::DOUBLE), 1, 1, 1, false,
                'l', 'p', 'e', 'c', 'c' FROM _labels"""
         )
 
@@ -427,7 +490,8 @@ def test_the_warehouse_label_gate_chunks_the_values_and_samples_a_large_day(tmp_
     frame = pd.concat([_labels(seed=1).assign(day=d1), _labels(seed=2).assign(day=d2), bad], ignore_index=True)
     wh = Warehouse(tmp_path / "w.duckdb")
     _label_table(wh, frame)
-    in_memory = check_label_days(frame, [d1, d2, d3])
+    # the warehouse holds both pooled labels (_label_table copies the max pool's)
+    in_memory = check_label_days(frame.assign(pseudo_label_mean_pool=frame["pseudo_label"]), [d1, d2, d3])
     whole = check_label_days_in(wh, [d1, d2, d3], chunk_rows=10**6)
     small = check_label_days_in(wh, [d1, d2, d3], chunk_rows=150)
     for d in (d1, d2, d3):
@@ -447,6 +511,29 @@ def test_the_warehouse_label_gate_chunks_the_values_and_samples_a_large_day(tmp_
     again = check_label_days_in(wh, [d2], chunk_rows=150)[d2][1]  # the same sample on every run
     assert [o.observed for o in again.expectations] == [o.observed for o in sampled.expectations]
     assert set(failing_label_days(wh, [d1, d2, d3], chunk_rows=150)) == {d3}
+
+
+def test_the_gate_judges_the_mean_pool_labels_training_reads(tmp_path):
+    """Training reads the mean-pool labels by default: a day whose max-pool labels are healthy but whose
+    mean-pool labels are collapsed or out of range is refused, in memory and in the warehouse."""
+    d1, d2, d3 = date(2024, 1, 1), date(2024, 1, 2), date(2024, 1, 3)
+    healthy = [_labels(seed=s).assign(pseudo_label_mean_pool=lambda f: f["pseudo_label"] * 0.9) for s in (1, 2, 3)]
+    collapsed = healthy[1].assign(pseudo_label_mean_pool=0.3)
+    out_of_range = healthy[2].copy()
+    out_of_range.loc[:4, "pseudo_label_mean_pool"] = 1.5
+    frame = pd.concat(
+        [healthy[0].assign(day=d1), collapsed.assign(day=d2), out_of_range.assign(day=d3)], ignore_index=True
+    )
+    results = check_label_days(frame, [d1, d2, d3])
+    assert results[d1][0].passed and results[d1][1].passed
+    assert _failed(results[d2][1]) == {"pseudo_label_mean_pool_std"}  # the max pool alone passes
+    assert _failed(results[d3][0]) == {"pseudo_label_mean_pool_in_0_1"}
+    assert results[d2][1].metadata["pseudo_label_mean_pool_std"] == pytest.approx(0.0, abs=1e-12)
+    wh = Warehouse(tmp_path / "w.duckdb")
+    _label_table(wh, frame)
+    failing = failing_label_days(wh, [d1, d2, d3], chunk_rows=150)
+    assert set(failing) == {d2, d3}
+    assert "pseudo_label_mean_pool_std" in failing[d2] and "pseudo_label_mean_pool_in_0_1" in failing[d3]
 
 
 def test_the_warehouse_anchor_embedding_gate_reads_vectors_in_chunks(tmp_path):

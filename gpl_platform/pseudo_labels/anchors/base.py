@@ -41,6 +41,8 @@ FALLBACK_EMPTY_HISTORY = "empty_history"
 FALLBACK_NO_USABLE_OUTPUT = "no_usable_output"
 FALLBACK_GENERATION_ERROR = "generation_error"
 FALLBACK_PAD = "pad_with_history"
+#: a day-bound generator (``sid``) with no model yet serves history anchors: its warm-up before the first refit
+FALLBACK_NO_SID_MODEL = "no_sid_model"
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,9 @@ class AnchorGenerator(ABC):
                     }
                 )
         df = frame_from_rows(rows)
+        n_empty = stats.get(f"fallback_{FALLBACK_EMPTY_HISTORY}", 0)
+        if n_empty:  # one line per call, not one per user (the users are at DEBUG)
+            logger.info("%s: %d users with an empty history: generic anchors", self.backend, n_empty)
         n_fb_users = stats.get("fallback_users", 0)
         if n_fb_users:
             logger.warning(
@@ -265,7 +270,7 @@ class AnchorGenerator(ABC):
         if not hist.item_texts:
             stats["fallback_users"] += 1
             stats[f"fallback_{FALLBACK_EMPTY_HISTORY}"] += 1
-            logger.info("user %s has an empty history: generic anchor", hist.user_id)
+            logger.debug("user %s has an empty history: generic anchor", hist.user_id)  # counted in generate()
             return [RawAnchor(GENERIC_ANCHOR_TEXT, 0.0, True, FALLBACK_EMPTY_HISTORY)]
 
         kept: list[RawAnchor] = []
@@ -289,7 +294,7 @@ class AnchorGenerator(ABC):
                 reason = FALLBACK_GENERATION_ERROR
             stats["fallback_users"] += 1
             stats[f"fallback_{reason}"] += 1
-            logger.info("user %s: no usable anchor (%s), falling back to history", hist.user_id, reason)
+            logger.debug("user %s: no usable anchor (%s), falling back to history", hist.user_id, reason)
             return [RawAnchor(t, 0.0, True, reason) for t in history_anchor_texts(hist, k)] or [
                 RawAnchor(GENERIC_ANCHOR_TEXT, 0.0, True, reason)
             ]

@@ -22,6 +22,7 @@ import numpy as np
 from gpl_platform.config import SidGeneratorConfig
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.pseudo_labels.anchors.base import (
+    FALLBACK_NO_SID_MODEL,
     AnchorGenerator,
     RawAnchor,
     UserHistory,
@@ -33,7 +34,6 @@ from gpl_platform.pseudo_labels.semantic_ids.generator import TrainedSidGenerato
 from gpl_platform.pseudo_labels.semantic_ids.store import SemanticIds, generator_for_day, refit_day, sid_string
 
 log = logging.getLogger(__name__)
-FALLBACK_NO_SID_MODEL = "no_sid_model"
 _SID_TEXT = re.compile(r"^sid (\d+(?:-\d+)*)\b")
 
 
