@@ -22,10 +22,10 @@ from gpl_platform.prerank.model import ModelConfig, PreRanker
 from gpl_platform.prerank.teachers import (
     catalog_item_categories,
     fit_ranker_teacher,
-    fit_ukd_teacher,
     ranker_features,
 )
 from gpl_platform.prerank.train import train_config_from, train_preranker
+from gpl_platform.prerank.ukd import fit_ukd_teacher
 from gpl_platform.pseudo_labels.confidence import confidence_weights
 from gpl_platform.quality.gate import failing_label_days
 

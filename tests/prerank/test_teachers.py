@@ -14,9 +14,9 @@ from gpl_platform.prerank.teachers import (
     RANKER_COLUMNS,
     catalog_item_categories,
     fit_ranker_teacher,
-    fit_ukd_teacher,
     ranker_features,
 )
+from gpl_platform.prerank.ukd import fit_ukd_teacher
 
 # ---- ranking features ------------------------------------------------------------------------
 
