@@ -15,7 +15,7 @@ from assets.metadata import span, table_md
 from assets.partitions import first_day, partition_days
 from assets.resources import GplSettings, WarehouseResource
 from gpl_platform.data import ingestion
-from gpl_platform.data.contract import event_day_folders
+from gpl_platform.data.delivery import event_day_folders
 from gpl_platform.data.delivery_chunks import delivered_item_ids
 from gpl_platform.data.sources import delivered_day_events, load_source
 

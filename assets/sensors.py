@@ -27,7 +27,8 @@ from dagster import (
 from assets.resources import GplSettings
 from assets.run_health import fail_dead_runs
 from gpl_platform.config import AutomationConfig
-from gpl_platform.data.contract import ContractError, delivery_fingerprints
+from gpl_platform.data.contract import ContractError
+from gpl_platform.data.delivery import delivery_fingerprints
 
 NEW_DAYS_SENSOR = "new_contract_days"
 WATCHDOG_SENSOR = "dead_run_watchdog"

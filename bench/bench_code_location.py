@@ -31,12 +31,12 @@ SIZES = {
     "large": {"n_users": 5000, "n_items": 5000, "n_days": 30},
 }
 LOAD = "import assets.definitions as d; assert d.defs.resolve_job_def('gpl_daily').partitions_def"
-READ = "import sys; from gpl_platform.data.contract import read_contract_dir; read_contract_dir(sys.argv[1])"
+READ = "import sys; from gpl_platform.data.delivery import read_contract_dir; read_contract_dir(sys.argv[1])"
 
 
 def _write_world(directory: Path, size: dict, by_day: bool) -> int:
     from gpl_platform.config import load_settings
-    from gpl_platform.data.contract import write_event_day
+    from gpl_platform.data.delivery import write_event_day
     from gpl_platform.data.sources import load_source
 
     settings = load_settings({"source": "simulator", "simulator": {**size, "exposure": {"propensity_samples": 0}}})

@@ -132,7 +132,8 @@ def _contract_start_from_data() -> None:
 def data_validate(directory: Path = typer.Argument(..., help="directory with items/users/events files")) -> None:
     """Check a contract directory: exit 0 and a summary line when valid, else the problem and exit 1."""
     from gpl_platform.config import load_settings
-    from gpl_platform.data.contract import ContractError, read_contract_dir
+    from gpl_platform.data.contract import ContractError
+    from gpl_platform.data.delivery import read_contract_dir
     from gpl_platform.data.sources import contract_time_window
 
     try:

@@ -1,6 +1,6 @@
 """A delivered day's events (``events/day=YYYY-MM-DD/``) read and validated a chunk of whole requests at a time.
 
-:func:`~gpl_platform.data.contract.read_contract_dir` validates a day as one pandas frame, so a day of a large
+:func:`~gpl_platform.data.delivery.read_contract_dir` validates a day as one pandas frame, so a day of a large
 traffic costs its size in memory (1.5 GB for 2.7M events). Here DuckDB reads the day's parquet files once per
 chunk and keeps the rows whose request id hashes to that chunk (a bounded scan), and each chunk goes through
 the same contract validation: every rule is about a row or about one request (one row per (request, item), one
@@ -23,18 +23,20 @@ import pyarrow.parquet as pq
 from gpl_platform.data.contract import (
     ORIGIN,
     ContractError,
+    normalize_events_frame,
+    validate_events,
+    validate_items,
+    validate_users,
+)
+from gpl_platform.data.delivery import (
     check_column_names,
     check_day_folders,
     check_event_times,
     day_folder_files,
     event_day_folders,
-    normalize_events_frame,
     plausible_time_window,
     read_contract_table,
     read_event_days,
-    validate_events,
-    validate_items,
-    validate_users,
 )
 from gpl_platform.data.sql import quote_identifier, quote_literal
 

@@ -47,7 +47,8 @@ def export_contract_dir(dataset: Dataset, out: Path, csv: bool = False, by_day: 
     atomically), which ingestion reads one day at a time; into a directory without events only, parquet only.
     A table file of the other format from an earlier export is removed once the new one is in place
     (both would be read as one table); a ``<table>/`` folder is never touched: the export refuses."""
-    from gpl_platform.data.contract import READERS, ContractError, write_event_day
+    from gpl_platform.data.contract import ContractError
+    from gpl_platform.data.delivery import READERS, write_event_day
 
     out = Path(out)
     if by_day and csv:

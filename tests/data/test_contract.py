@@ -3,7 +3,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gpl_platform.cli.main import app
-from gpl_platform.data.contract import ContractError, read_contract_dir, validate_dataset
+from gpl_platform.data.contract import ContractError, validate_dataset
+from gpl_platform.data.delivery import read_contract_dir
 from tests.helpers import tiny_contract_tables, write_contract_dir
 
 

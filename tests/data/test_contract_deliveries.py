@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from gpl_platform.cli.main import app
 from gpl_platform.config import load_settings
-from gpl_platform.data.contract import (
-    ContractError,
+from gpl_platform.data.contract import ContractError
+from gpl_platform.data.delivery import (
     contract_day_span,
     delivery_fingerprints,
     event_day_folders,

@@ -14,13 +14,8 @@ import pandas as pd
 import pytest
 
 from gpl_platform.data import ingestion
-from gpl_platform.data.contract import (
-    ContractError,
-    delivery_fingerprints,
-    event_day_folders,
-    read_contract_dir,
-    write_event_day,
-)
+from gpl_platform.data.contract import ContractError
+from gpl_platform.data.delivery import delivery_fingerprints, event_day_folders, read_contract_dir, write_event_day
 from gpl_platform.data.delivery_chunks import delivered_event_chunks, delivered_item_ids
 from gpl_platform.data.sql import quote_identifier, quote_literal
 from gpl_platform.data.warehouse import Warehouse

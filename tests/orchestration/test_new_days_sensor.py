@@ -12,7 +12,7 @@ from assets.definitions import build_definitions
 from assets.partitions import range_tags
 from assets.resources import GplSettings
 from assets.sensors import NEW_DAYS_SENSOR
-from gpl_platform.data.contract import write_event_day
+from gpl_platform.data.delivery import write_event_day
 from tests.helpers import run_assets, tiny_contract_tables, write_contract_dir
 
 

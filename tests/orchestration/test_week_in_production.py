@@ -22,7 +22,7 @@ import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
 from gpl_platform.config import load_settings
-from gpl_platform.data.contract import write_event_day
+from gpl_platform.data.delivery import write_event_day
 from gpl_platform.data.sources import load_source
 from tests.live import Daemon, finished, instance_home, live_env, materializations, run_status, runs, wait_for
 

@@ -9,14 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from gpl_platform.config import Settings
-from gpl_platform.data.contract import (
-    ContractError,
-    Dataset,
-    contract_day_span,
-    contract_files,
-    plausible_time_window,
-    read_contract_dir,
-)
+from gpl_platform.data.contract import ContractError, Dataset
+from gpl_platform.data.delivery import contract_day_span, contract_files, plausible_time_window, read_contract_dir
 
 log = logging.getLogger(__name__)
 _CACHE: dict[str, Dataset] = {}
