@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpl_platform.config import ExposurePolicyConfig
 from gpl_platform.data.sampling import rank_within_groups
+from gpl_platform.source_settings import ExposurePolicyConfig
 
 log = logging.getLogger(__name__)
 

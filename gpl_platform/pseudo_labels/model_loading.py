@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from gpl_platform.config import AnchorConfig, Settings
+from gpl_platform.anchor_settings import AnchorConfig
+from gpl_platform.config import Settings
 from gpl_platform.pseudo_labels.anchors import AnchorGenerator, make_anchor_generator
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform.config import ExposurePolicyConfig, SimulatorConfig, load_settings
+from gpl_platform.config import load_settings
 from gpl_platform.data.exposure import (
     Candidates,
     LoggedCounts,
@@ -16,6 +16,7 @@ from gpl_platform.data.exposure import (
     inclusion_probability,
 )
 from gpl_platform.data.sources.simulator import simulate
+from gpl_platform.source_settings import ExposurePolicyConfig, SimulatorConfig
 
 WORLD = SimulatorConfig(n_users=150, n_items=400, n_days=10, candidates_per_request=30, requests_per_user_per_day=0.8)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform.config import MovieLensConfig
 from gpl_platform.data.sources import movielens as ml
+from gpl_platform.source_settings import MovieLensConfig
 
 
 def _grouplens_copy(src, dest):

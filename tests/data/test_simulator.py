@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from gpl_platform.config import SimulatorConfig
 from gpl_platform.data.contract import validate_dataset
 from gpl_platform.data.sources.simulator import simulate
+from gpl_platform.source_settings import SimulatorConfig
 
 
 def test_simulator_output_satisfies_the_contract():

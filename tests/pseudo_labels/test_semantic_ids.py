@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpl_platform.config import SemanticIdConfig, SidGeneratorConfig
+from gpl_platform.anchor_settings import SemanticIdConfig, SidGeneratorConfig
 from gpl_platform.pseudo_labels.semantic_ids.generator import (
     SidTransformer,
     SidVocabulary,

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpl_platform.config import MovieLensConfig
 from gpl_platform.data.contract import Dataset, validate_dataset
 from gpl_platform.data.exposure import Candidates, category_matrix, day_ordinals, expose
 from gpl_platform.data.sampling import item_cooccurrence, sample_per_row_without
+from gpl_platform.source_settings import MovieLensConfig
 
 log = logging.getLogger(__name__)
 

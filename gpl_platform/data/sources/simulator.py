@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gpl_platform.config import SimulatorConfig
 from gpl_platform.data.contract import Dataset, normalize_events_frame
 from gpl_platform.data.exposure import (
     Candidates,
@@ -37,6 +36,7 @@ from gpl_platform.data.exposure import (
     popularity_log_weights,
 )
 from gpl_platform.data.sampling import item_cooccurrence, sample_per_row_without
+from gpl_platform.source_settings import SimulatorConfig
 
 TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Space Opera", ("starship", "galaxy", "alien", "planet", "orbit", "rocket", "nebula", "empire")),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl_platform.config import SidGeneratorConfig
+from gpl_platform.anchor_settings import SidGeneratorConfig
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.pseudo_labels.anchors.base import (
     FALLBACK_NO_SID_MODEL,

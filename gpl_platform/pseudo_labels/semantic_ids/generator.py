@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gpl_platform.config import SidGeneratorConfig
+from gpl_platform.anchor_settings import SidGeneratorConfig
 from gpl_platform.pseudo_labels.semantic_ids.rqvae import deterministic_torch
 
 log = logging.getLogger(__name__)

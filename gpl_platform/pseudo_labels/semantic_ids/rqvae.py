@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gpl_platform.config import SemanticIdConfig
+from gpl_platform.anchor_settings import SemanticIdConfig
 
 log = logging.getLogger(__name__)
 _REVIVE_EVERY = 50

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gpl_platform.config import SID_GENERATION_FIELDS, SemanticIdConfig, SidGeneratorConfig
+from gpl_platform.anchor_settings import SID_GENERATION_FIELDS, SemanticIdConfig, SidGeneratorConfig
 from gpl_platform.data.warehouse import Warehouse, table_exists
 from gpl_platform.pseudo_labels.encoder import load_item_embeddings
 from gpl_platform.pseudo_labels.semantic_ids.generator import (
