@@ -187,7 +187,7 @@ def training_assets(automation: Automation) -> list:
                     "label_audit": MetadataValue.json(report.get("label_audit") or {}),
                 }
             )
-        from gpl_platform.evaluation.offline import write_reports
+        from gpl_platform.evaluation.report import write_reports
         from gpl_platform.evaluation.tuning import evaluate_with_oracle
 
         report = evaluate_with_oracle(wh, feature_store.get(), settings, gates.pseudo_labels)

@@ -56,7 +56,8 @@ def run(
     from gpl_platform.data.stats import dataset_statistics
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation import bias_sweep
-    from gpl_platform.evaluation.offline import PreRankerSpec, method_comparisons, scores_path
+    from gpl_platform.evaluation.prerankers import PreRankerSpec
+    from gpl_platform.evaluation.scores import method_comparisons, scores_path
 
     names = settings or list(bias_sweep.SWEEP_SETTINGS[source])
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
@@ -141,7 +142,7 @@ def finished_report(
 ) -> dict | None:
     """The setting's evaluation report when it covers exactly these methods, pre-rankers and seeds, tuned or
     not as asked, else None."""
-    from gpl_platform.evaluation.offline import PreRankerSpec
+    from gpl_platform.evaluation.prerankers import PreRankerSpec
 
     if not path.exists():
         return None
@@ -151,22 +152,22 @@ def finished_report(
     if set(report.get("methods", {})) != set(methods) or have != wanted or (seeds and report.get("seeds") != seeds):
         log.info("%s covers other methods, pre-rankers or seeds: the setting runs again", path)
         return None
-    if bool(report.get("tuning")) != tune:
-        log.info("%s is %s: the setting runs again", path, "tuned" if report.get("tuning") else "untuned")
+    if bool((report.get("tuning") or {}).get("tuned")) != tune:
+        log.info("%s is %s: the setting runs again", path, "untuned" if tune else "tuned")
         return None
     return report
 
 
 def write(sweep: dict, out: Path, results_doc: Path | None = None) -> dict[str, Path]:
     """The JSON, the lift plot beside it, and (optionally) the markdown section of a results document."""
-    from gpl_platform.evaluation import bias_sweep
+    from gpl_platform.evaluation import bias_sweep_report
     from gpl_platform.evaluation.report import replace_generated_section
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(sweep, indent=2, default=str) + "\n")
     os.replace(tmp, out)
-    plot = bias_sweep.plot_lift(sweep, out.with_name(f"{out.stem}_lift.png"))
+    plot = bias_sweep_report.plot_lift(sweep, out.with_name(f"{out.stem}_lift.png"))
     paths = {"json": out, "plot": plot}
     if results_doc:
         results_doc = Path(results_doc)
@@ -181,14 +182,14 @@ def write(sweep: dict, out: Path, results_doc: Path | None = None) -> dict[str, 
         command = "gpl bench bias-sweep " + " ".join(
             sys.argv[3:] if sys.argv[1:3] == ["bench", "bias-sweep"] else sys.argv[1:]
         )
-        body = bias_sweep.markdown(sweep, command, commit, os.path.relpath(plot, results_doc.parent))
+        body = bias_sweep_report.markdown(sweep, command, commit, os.path.relpath(plot, results_doc.parent))
         paths["results_doc"] = replace_generated_section(results_doc, begin, end, f"{begin}\n\n{body}\n{end}")
     return paths
 
 
 def lift_summary(sweep: dict) -> list[dict]:
     """The lines a person reads first: per setting and pre-ranker, GPL's unexposed-AUC lift in pooled stds."""
-    from gpl_platform.evaluation.bias_sweep import lift_table
+    from gpl_platform.evaluation.bias_sweep_report import lift_table
 
     table = lift_table(sweep)
     keep = [

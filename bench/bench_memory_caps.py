@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scale  # noqa: E402
+import scale_stages  # noqa: E402
 
 # every platform stage but SID training, which the caps do not touch and which would only repeat its fit
-STAGES = [s for s in bench_scale.STAGES if s not in ("sid_training", *bench_scale.GENERATOR_STAGES)]
+STAGES = [s for s in scale_stages.STAGES if s not in ("sid_training", *scale_stages.GENERATOR_STAGES)]
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         sys.exit(f"{args.world}: no warehouse.duckdb (run gpl bench scale with that work dir first)")
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
     for cap in args.caps:
-        env = bench_scale.world_env(
+        env = scale_stages.world_env(
             args.candidates,
             args.days,
             args.candidates_per_request,

@@ -30,7 +30,8 @@ from gpl_platform.config import load_settings
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.pseudo_labels.anchor_stages import load_histories
 from gpl_platform.pseudo_labels.encoder import load_item_embeddings
-from gpl_platform.pseudo_labels.semantic_ids.generator import SidVocabulary, beam_search, train_sid_generator
+from gpl_platform.pseudo_labels.semantic_ids.generator import SidVocabulary, beam_search
+from gpl_platform.pseudo_labels.semantic_ids.generator_training import train_sid_generator
 from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids
 from gpl_platform.pseudo_labels.semantic_ids.store import refit_day, training_sequences
 

@@ -135,3 +135,24 @@ def test_the_checks_see_what_they_forbid(tmp_path):
     assert import_cycles(tmp_path) == [
         "gpl_platform.data.reader -> gpl_platform.data.writer -> gpl_platform.data.reader"
     ]
+
+
+#: the most lines a module of the product (library, orchestration, Feast repository, benchmarks) may have
+MAX_MODULE_LINES = 450
+
+
+def long_modules(root: Path) -> list[str]:
+    found = []
+    for folder in ("gpl_platform", "assets", "bench", "feature_repo"):
+        for path in sorted((root / folder).rglob("*.py")):
+            n = len(path.read_text().splitlines())
+            if n > MAX_MODULE_LINES:
+                found.append(f"{path.relative_to(root)}: {n} lines")
+    return found
+
+
+def test_no_module_is_longer_than_the_limit(tmp_path):
+    assert long_modules(ROOT) == []
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    assert long_modules(tmp_path) == [f"bench/long.py: {MAX_MODULE_LINES + 1} lines"]

@@ -29,7 +29,7 @@ from gpl_platform.evaluation.method_runs import (
     with_propensity,
 )
 from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
-from gpl_platform.evaluation.offline import preranker_specs
+from gpl_platform.evaluation.prerankers import preranker_specs
 from gpl_platform.prerank import methods as registry
 from gpl_platform.prerank.data import attach_features, id_vocabularies, load_candidates, time_split
 from gpl_platform.prerank.model import ModelConfig

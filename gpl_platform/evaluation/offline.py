@@ -9,7 +9,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,13 @@ from tqdm.auto import tqdm
 
 from gpl_platform.config import ConfidenceConfig, EvaluationConfig, TrainingConfig
 from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.evaluation.candidate_metrics import (
+    METRICS,
+    candidate_set_metrics,
+    item_exposure_segments,
+    long_tail_items,
+    validation_metrics,
+)
 from gpl_platform.evaluation.method_runs import (
     MethodConfig,
     TrainingData,
@@ -26,7 +32,9 @@ from gpl_platform.evaluation.method_runs import (
     with_confidence,
     with_propensity,
 )
-from gpl_platform.evaluation.metrics import auc, coverage_at_k, diversity_at_k, gauc, hit_rate_at_k
+from gpl_platform.evaluation.metrics import auc
+from gpl_platform.evaluation.prerankers import PreRankerSpec, preranker_specs
+from gpl_platform.evaluation.scores import method_comparisons, test_scores_frame
 from gpl_platform.prerank import methods as registry
 from gpl_platform.prerank.data import (
     TimeSplit,
@@ -40,112 +48,6 @@ from gpl_platform.prerank.model import ModelConfig
 from gpl_platform.quality.gate import failing_label_days
 
 log = logging.getLogger(__name__)
-METRICS = (
-    "auc",
-    "gauc",
-    "hr@3",
-    "hr@5",
-    "hr@10",
-    "unexposed_gauc",
-    "unexposed_auc",
-    "unexposed_hr@10",
-    "longtail_hr@10",
-    "coverage@10",
-    "diversity@10",
-    "exposed_auc",
-    "never_exposed_auc",
-    "rarely_exposed_auc",
-    "often_exposed_auc",
-    "valid_auc",
-    "valid_unexposed_gauc",
-    "valid_unexposed_auc",
-    "valid_unexposed_hr@10",
-)
-ITEM_SEGMENTS = ("never", "rarely", "often")
-#: the shape's own features when a pre-ranker is named without a feature service
-DEFAULT_SERVICE_OF_SHAPE = {"mlp": "prerank_v2", "two_tower": "prerank_scalar_v2", "cold": "prerank_scalar_v2"}
-
-
-@dataclass(frozen=True)
-class PreRankerSpec:
-    """A pre-ranker shape and the feature service it reads."""
-
-    shape: str
-    service: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.shape}:{self.service}"
-
-    @classmethod
-    def parse(cls, text: str) -> PreRankerSpec:
-        shape, _, service = text.partition(":")
-        if shape not in DEFAULT_SERVICE_OF_SHAPE:
-            raise ValueError(f"pre-ranker {text!r}: the shape must be one of {sorted(DEFAULT_SERVICE_OF_SHAPE)}")
-        return cls(shape, service or DEFAULT_SERVICE_OF_SHAPE[shape])
-
-
-def preranker_specs(cfg: TrainingConfig, evaluation: EvaluationConfig) -> list[PreRankerSpec]:
-    if evaluation.prerankers:
-        specs = [PreRankerSpec.parse(text) for text in evaluation.prerankers]
-    else:
-        specs = [PreRankerSpec(cfg.preranker, cfg.feature_service)]
-    if len({s.name for s in specs}) != len(specs):
-        raise ValueError(f"evaluation.prerankers names a pre-ranker twice: {[s.name for s in specs]}")
-    return specs
-
-
-def long_tail_items(train: pd.DataFrame, head_share: float = 0.8) -> set[str]:
-    """Items outside the smallest head set holding ``head_share`` of the training days' exposures."""
-    exposures = train[train["exposed"]].groupby("item_id").size().sort_values(ascending=False)
-    cum = exposures.cumsum() / exposures.sum()
-    head = set(exposures.index[: int(np.searchsorted(cum.to_numpy(), head_share)) + 1])
-    return set(train["item_id"].unique()) - head
-
-
-def item_exposure_segments(items: pd.Series, exposures: pd.Series, rare_max: int) -> np.ndarray:
-    """never / rarely (1..rare_max) / often: how often each item was exposed in the training days."""
-    count = items.map(exposures).fillna(0).to_numpy()
-    return np.where(count == 0, "never", np.where(count <= rare_max, "rarely", "often"))
-
-
-def candidate_set_metrics(test: pd.DataFrame, scores: np.ndarray, longtail: set[str], item_vectors: dict) -> dict:
-    """Test metrics over the whole candidate set (``test`` has ``oracle_label``, ``exposed`` and an
-    ``item_segment`` column from :func:`item_exposure_segments`)."""
-    y = test["oracle_label"].to_numpy(int)
-    req, users, items = test["request_id"].to_numpy(), test["user_id"].to_numpy(), test["item_id"].to_numpy()
-    unexp = ~test["exposed"].to_numpy(bool)
-    tail = test["item_id"].isin(longtail).to_numpy()
-    segment = test["item_segment"].to_numpy()
-    return {
-        "auc": auc(y, scores),
-        "gauc": gauc(users, y, scores),
-        "hr@3": hit_rate_at_k(req, y, scores, 3),
-        "hr@5": hit_rate_at_k(req, y, scores, 5),
-        "hr@10": hit_rate_at_k(req, y, scores, 10),
-        # the pre-ranker's own job: ordering the unexposed candidates of each request
-        "unexposed_gauc": gauc(req[unexp], y[unexp], scores[unexp]),
-        "unexposed_auc": auc(y[unexp], scores[unexp]),
-        "unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10),
-        "longtail_hr@10": hit_rate_at_k(req[tail], y[tail], scores[tail], 10),
-        "coverage@10": coverage_at_k(req, items, scores, 10),
-        "diversity@10": diversity_at_k(req, items, scores, item_vectors, 10),
-        "exposed_auc": auc(y[~unexp], scores[~unexp]),
-        **{f"{name}_exposed_auc": auc(y[segment == name], scores[segment == name]) for name in ITEM_SEGMENTS},
-    }
-
-
-def validation_metrics(valid: pd.DataFrame, scores: np.ndarray) -> dict:
-    """The metrics defaults are chosen on: validation days, every candidate, against the oracle."""
-    y = valid["oracle_label"].to_numpy(int)
-    unexp = ~valid["exposed"].to_numpy(bool)
-    req = valid["request_id"].to_numpy()
-    return {
-        "valid_auc": auc(y, scores),
-        "valid_unexposed_gauc": gauc(req[unexp], y[unexp], scores[unexp]),
-        "valid_unexposed_auc": auc(y[unexp], scores[unexp]),
-        "valid_unexposed_hr@10": hit_rate_at_k(req[unexp], y[unexp], scores[unexp], 10),
-    }
 
 
 def load_oracle(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
@@ -530,98 +432,3 @@ def pseudo_label_ceiling(
                 rows.append(row)
     coverage = {variant: int(len(labels)) for variant, labels in shared.pseudo.items()}
     return {"rows": rows, "labelled_candidates": coverage, "unexposed_candidates": int(len(frame))}
-
-
-def write_reports(report: dict, out: Path) -> dict[str, Path]:
-    """``out`` (JSON), and beside it a markdown report with plots (PNG)."""
-    import json
-    import os
-
-    from gpl_platform.evaluation.report import render_markdown
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(public, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
-    scores = report["_details"]["scores_frame"]
-    if scores is not None:  # every run's test scores, for intervals over requests, seeds and worlds
-        path = scores_path(out)
-        scores.to_parquet(path.with_suffix(".parquet.tmp"), index=False)
-        os.replace(path.with_suffix(".parquet.tmp"), path)
-    markdown = render_markdown(report, out.parent, stem=out.stem)
-    return {"json": out, "markdown": markdown}
-
-
-def scores_path(report_json: Path) -> Path:
-    """Where :func:`write_reports` keeps every run's test scores beside a report."""
-    return Path(report_json).with_name(Path(report_json).stem + "_scores.parquet")
-
-
-def test_scores_frame(report: dict) -> pd.DataFrame | None:
-    """The test candidates (request, item, exposed, oracle label, item segment) with one column of scores per
-    run, named ``<pre-ranker>|<method>|<seed>``; None for a selection run (no test days)."""
-    details = report.get("_details") or {}
-    test, scores = details.get("test"), details.get("scores") or {}
-    if test is None or not len(test):
-        return None
-    keep = [
-        c for c in ("day", "request_id", "user_id", "item_id", "exposed", "oracle_label", "item_segment") if c in test
-    ]
-    frame = test[keep].reset_index(drop=True).copy()
-    if "day" in frame:
-        frame["day"] = frame["day"].astype(str)
-    runs = {
-        f"{preranker}|{method}|{seed}": values.astype(np.float32)
-        for preranker, by_run in scores.items()
-        for (method, seed), values in by_run.items()
-    }
-    return pd.concat([frame, pd.DataFrame(runs)], axis=1)
-
-
-def unexposed_request_frames(scores: pd.DataFrame, preranker: str, methods: Sequence[str] | None = None) -> dict:
-    """``{seed: paired per-request frame}`` of one pre-ranker's runs on the unexposed test candidates (the input
-    of :mod:`gpl_platform.evaluation.uncertainty`, metrics ``unexposed_gauc``, ``unexposed_auc``,
-    ``unexposed_hr@10``), from :func:`test_scores_frame`'s columns. Only seeds every method ran under."""
-    from gpl_platform.evaluation.metrics import request_metrics
-    from gpl_platform.evaluation.uncertainty import paired_frame
-
-    runs: dict[int, dict[str, str]] = {}
-    for column in scores.columns:
-        parts = column.split("|")
-        if len(parts) == 3 and parts[0] == preranker and (methods is None or parts[1] in methods):
-            runs.setdefault(int(parts[2]), {})[parts[1]] = column
-    names = set.intersection(*(set(by_method) for by_method in runs.values())) if runs else set()
-    unexposed = ~scores["exposed"].to_numpy(bool)
-    requests, labels = scores["request_id"].to_numpy(), scores["oracle_label"].to_numpy(int)
-    return {
-        seed: paired_frame(
-            {
-                m: request_metrics(requests, labels, scores[by_method[m]].to_numpy(float), unexposed)
-                for m in sorted(names)
-            }
-        )
-        for seed, by_method in sorted(runs.items())
-    }
-
-
-#: the metrics gpl is compared on against every other method, with intervals (unexposed test candidates)
-COMPARED_METRICS = ("unexposed_gauc", "unexposed_auc", "unexposed_hr@10")
-
-
-def method_comparisons(worlds: dict, preranker: str) -> list[dict]:
-    """``gpl`` against every other method of one pre-ranker, per compared metric, with the 95% interval of
-    the paired difference over the ``worlds`` (``{world: test scores frame}``), their seeds and their test
-    requests; [] without gpl or another method."""
-    from gpl_platform.evaluation.uncertainty import comparisons, methods_of
-
-    per_request = {
-        (world, seed): frame
-        for world, world_scores in worlds.items()
-        for seed, frame in unexposed_request_frames(world_scores, preranker).items()
-    }
-    present = methods_of(per_request) if per_request else []
-    if "gpl" not in present or len(present) < 2:
-        return []
-    return comparisons(per_request, "gpl", [m for m in present if m != "gpl"], COMPARED_METRICS)

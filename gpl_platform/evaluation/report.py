@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from gpl_platform.evaluation.scores import scores_path
 
 TABLE_METRICS = (
     "unexposed_gauc",
@@ -215,3 +219,20 @@ def replace_generated_section(path: Path, begin: str, end: str, section: str) ->
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_reports(report: dict, out: Path) -> dict[str, Path]:
+    """``out`` (JSON), and beside it a markdown report with plots (PNG)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(public, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    scores = report["_details"]["scores_frame"]
+    if scores is not None:  # every run's test scores, for intervals over requests, seeds and worlds
+        path = scores_path(out)
+        scores.to_parquet(path.with_suffix(".parquet.tmp"), index=False)
+        os.replace(path.with_suffix(".parquet.tmp"), path)
+    markdown = render_markdown(report, out.parent, stem=out.stem)
+    return {"json": out, "markdown": markdown}

@@ -283,9 +283,10 @@ def paired_bootstrap(
 
 
 def methods_of(per_request: dict[tuple[Hashable, Hashable], pd.DataFrame]) -> list[str]:
-    """The methods whose columns the per-request frames carry, in column order."""
-    frame = next(iter(per_request.values()))
-    return list(dict.fromkeys(str(c).split(":", 1)[0] for c in frame.columns))
+    """The methods whose columns every per-request frame carries, in the first frame's column order (a method
+    skipped in one world or seed, e.g. GPL without pseudo-labels there, cannot be compared paired)."""
+    present = [list(dict.fromkeys(str(c).split(":", 1)[0] for c in frame.columns)) for frame in per_request.values()]
+    return [m for m in present[0] if all(m in other for other in present[1:])]
 
 
 def comparisons(

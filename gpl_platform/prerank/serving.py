@@ -20,7 +20,7 @@ rebuild, once per materialization).
 Unknown item ids get the contract's defaults (``i_known = 0``) and are reported; ids outside an
 id-shape model's vocabulary score through its out-of-vocabulary row and are reported too, never an
 error. The model reads an unknown user's or item's inputs as the training mean (``u_known``/``i_known``
-0: :mod:`gpl_platform.prerank.model`), so an unknown item scores inside the catalog's range for the
+0: :mod:`gpl_platform.prerank.inputs`), so an unknown item scores inside the catalog's range for the
 user, not above or below every item, and an unknown user's candidates are ranked by their item inputs.
 """
 
@@ -51,7 +51,8 @@ from gpl_platform.features.schema import (
     input_name,
 )
 from gpl_platform.features.serving import decode_values, matrix_columns
-from gpl_platform.prerank.model import IdVocabulary, ItemVectors, PreRanker, TwoTowerPreRanker
+from gpl_platform.prerank.inputs import IdVocabulary
+from gpl_platform.prerank.model import ItemVectors, PreRanker, TwoTowerPreRanker
 
 log = logging.getLogger(__name__)
 ITEM_VIEWS = ("item_activity", "item_profile")

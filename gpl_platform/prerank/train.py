@@ -34,7 +34,8 @@ from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F
 
 from gpl_platform.config import TrainingConfig
-from gpl_platform.prerank.model import IdVocabulary, InputLayout, ModelConfig, PreRanker, build_preranker
+from gpl_platform.prerank.inputs import IdVocabulary, InputLayout
+from gpl_platform.prerank.model import ModelConfig, PreRanker, build_preranker
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,14 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from gpl_platform.config import StreamingConfig
-from gpl_platform.quality.results import QualityGateError, QualityResult
-from gpl_platform.quality.suites import (
+from gpl_platform.quality.label_suites import (
     POOLED_LABELS,
-    check_anchors,
-    check_embedding_chunks,
-    check_event_chunks,
     check_pseudo_label_distribution,
     check_pseudo_label_value_chunks,
     check_pseudo_label_values,
 )
+from gpl_platform.quality.results import QualityGateError, QualityResult
+from gpl_platform.quality.suites import check_anchors, check_embedding_chunks, check_event_chunks
 from gpl_platform.thresholds import (
     AnchorThresholds,
     EmbeddingThresholds,

@@ -5,7 +5,7 @@ from datetime import date
 
 import pytest
 
-from bench.bench_scale import label_digest
+from bench.scale_stages import label_digest
 from gpl_platform.data.warehouse import Warehouse
 
 ROWS = [

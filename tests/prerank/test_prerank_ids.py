@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from gpl_platform.config import TrainingConfig
 from gpl_platform.prerank.data import rows_from_plan
-from gpl_platform.prerank.model import IdVocabulary, InputLayout, ModelConfig, PreRanker, build_preranker
+from gpl_platform.prerank.inputs import IdVocabulary, InputLayout
+from gpl_platform.prerank.model import ModelConfig, PreRanker, build_preranker
 from gpl_platform.prerank.train import TrainConfig, TrainingRows, model_config_from, train_preranker
 
 COLUMNS = (

@@ -12,7 +12,8 @@ import torch
 from scipy.stats import spearmanr
 
 from gpl_platform.config import TrainingConfig, load_settings
-from gpl_platform.prerank.model import InputLayout, ModelConfig, PreRanker
+from gpl_platform.prerank.inputs import InputLayout
+from gpl_platform.prerank.model import ModelConfig, PreRanker
 from gpl_platform.prerank.serving import PreRankScorer
 from gpl_platform.prerank.train import (
     TrainConfig,

@@ -7,13 +7,10 @@ import pytest
 import torch
 
 from gpl_platform.anchor_settings import SemanticIdConfig, SidGeneratorConfig
-from gpl_platform.pseudo_labels.semantic_ids.generator import (
-    SidTransformer,
-    SidVocabulary,
-    beam_search,
+from gpl_platform.pseudo_labels.semantic_ids.generator import SidTransformer, SidVocabulary, beam_search, max_tokens
+from gpl_platform.pseudo_labels.semantic_ids.generator_training import (
     count_training_targets,
     keep_probabilities,
-    max_tokens,
     packed_batch,
     target_log_probs,
     train_sid_generator,
@@ -396,7 +393,7 @@ def test_training_gives_the_same_result_in_another_process(fitted):
         torch.set_num_threads(int(sys.argv[1]))
         from tests.pseudo_labels.test_semantic_ids import (SMALL_GEN, SMALL_RQ, clustered_vectors, cyclic_sequences,
                                                            random_catalog)
-        from gpl_platform.pseudo_labels.semantic_ids.generator import train_sid_generator
+        from gpl_platform.pseudo_labels.semantic_ids.generator_training import train_sid_generator
         from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids
         ids, x, _ = clustered_vectors()
         fit = fit_semantic_ids(ids, x, SMALL_RQ, seed=3, encoder_id="enc@test")

@@ -20,16 +20,13 @@ from gpl_platform.quality.gate import (
     failing_label_days,
 )
 from gpl_platform.quality.gx_validation import merge_chunk_outcomes
-from gpl_platform.quality.suites import (
-    check_anchors,
-    check_embeddings,
-    check_event_chunks,
-    check_events,
+from gpl_platform.quality.label_suites import (
     check_pseudo_label_distribution,
     check_pseudo_label_values,
     confidence_histogram,
     kl_divergence,
 )
+from gpl_platform.quality.suites import check_anchors, check_embeddings, check_event_chunks, check_events
 from gpl_platform.thresholds import (
     AnchorThresholds,
     EmbeddingThresholds,

@@ -29,10 +29,9 @@ from gpl_platform.pseudo_labels.semantic_ids.generator import (
     SidTransformer,
     SidVocabulary,
     TrainedSidGenerator,
-    count_training_targets,
     max_tokens,
-    train_sid_generator,
 )
+from gpl_platform.pseudo_labels.semantic_ids.generator_training import count_training_targets, train_sid_generator
 from gpl_platform.pseudo_labels.semantic_ids.rqvae import fit_semantic_ids, semantic_id_version
 from gpl_platform.pseudo_labels.vectors import frame_with_vectors, read_vectors
 
