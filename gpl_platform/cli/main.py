@@ -68,7 +68,10 @@ def _prepare_instance() -> None:
         _fail(f"error: {exc}")
     except Exception as exc:
         _fail(f"error: {_error_message(exc)}")
-    typer.echo(f"data directory {settings.data_dir} (source {settings.source}); Dagster instance {home}", err=True)
+    # a log line like the run's others (stderr carries only log lines before an error)
+    logging.getLogger("gpl").info(
+        "data directory %s (source %s); Dagster instance %s", settings.data_dir, settings.source, home
+    )
 
 
 #: libraries whose INFO lines are per-call chatter (Feast's registry refreshes, HTTP requests): warnings only
@@ -244,8 +247,8 @@ def run(
     if source is not None and source not in SOURCES:
         _fail(f"--source must be one of {', '.join(SOURCES)}, not {source!r}", 2)
     _apply_env(source, data_dir, path)
-    _prepare_instance()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _prepare_instance()
     _quiet_libraries()
     began = time.perf_counter()
     interrupts.install()
