@@ -164,9 +164,14 @@ def test_a_week_in_production(tmp_path, monkeypatch):
             assert evaluation_meta["evaluation"].value.startswith("logged data only")
             report = json.loads((data / "reports" / "logged_eval.json").read_text())
             assert report["kind"] == "logged" and report["propensities"] == "logged"
-            assert {"exposed_only", "ips", "gpl"} <= set(report["methods"])
-            assert 0 < report["methods"]["gpl"]["exposed_auc"]["mean"] < 1
-            assert 0 < report["methods"]["gpl"]["ips_recall@10"]["mean"] <= 1
+            assert {"exposed_only", "ips"} <= set(report["methods"])
+            # GPL is compared when its training days have pseudo-labels; a week this young may have none before
+            # its first calibration, and then it is skipped with the reason (not trained as exposed_only twice)
+            if "gpl" in report["methods"]:
+                assert 0 < report["methods"]["gpl"]["exposed_auc"]["mean"] < 1
+                assert 0 < report["methods"]["gpl"]["ips_recall@10"]["mean"] <= 1
+            else:
+                assert report["skipped_methods"]["gpl"].startswith("no pseudo-labelled training rows"), report
             assert str(broken) in report["days_refused"]["events"]
             assert materializations(instance, "label_audit"), "the label audit runs on its cron"
             automation = [
