@@ -182,7 +182,7 @@ class Supervisor:
         self.known: set[psutil.Process] = set()
 
     def start(self) -> None:
-        home = instance.prepare(load_settings().data_dir)  # the instance of the data directory it shows
+        home = Path(os.environ["DAGSTER_HOME"])  # set by main() (instance.prepare)
         (home / "tmp").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(home / "tmp"), "DAGSTER_WEBSERVER_PATH_PREFIX": self.prefix}
         root = Path(__file__).resolve().parent.parent
@@ -291,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 3000)))
     parser.add_argument("--grace", type=float, default=6.0, help="seconds dagster dev gets to stop by itself")
     args = parser.parse_args(argv)
-    try:
-        return asyncio.run(serve(args.host, args.port, args.grace))
+    try:  # the instance of the data directory it shows, checked before anything is started
+        instance.prepare(load_settings().data_dir)
     except instance.InstanceMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return asyncio.run(serve(args.host, args.port, args.grace))
 
 
 if __name__ == "__main__":

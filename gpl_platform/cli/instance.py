@@ -19,12 +19,19 @@ class InstanceMismatchError(ValueError):
     """A run of one data directory in the Dagster instance of another."""
 
 
-def default_home(data_dir: Path) -> Path:
-    """The instance of a data directory when DAGSTER_HOME is not set: the project's ``.dagster_home`` for
-    the default data directory (the one `make ui` shows), else ``<data_dir>/.dagster_home``."""
+def is_default_data_dir(data_dir: Path) -> bool:
+    """The project's own ``data/``, whose instance `make ui` shows without GPL_DATA_DIR."""
     from gpl_platform.config import PROJECT_ROOT
 
-    if Path(data_dir).resolve() == (PROJECT_ROOT / "data").resolve():
+    return Path(data_dir).resolve() == (PROJECT_ROOT / "data").resolve()
+
+
+def default_home(data_dir: Path) -> Path:
+    """The instance of a data directory when DAGSTER_HOME is not set: the project's ``.dagster_home`` for
+    the default data directory, else ``<data_dir>/.dagster_home``."""
+    from gpl_platform.config import PROJECT_ROOT
+
+    if is_default_data_dir(data_dir):
         return PROJECT_ROOT / ".dagster_home"
     return Path(data_dir).resolve() / ".dagster_home"
 

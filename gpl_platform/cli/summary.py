@@ -174,7 +174,8 @@ def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, e
     """Print the summary of a `gpl run` that started at ``began_perf_counter`` (``time.perf_counter()``)."""
     import os
 
-    from gpl_platform.config import PROJECT_ROOT, load_settings
+    from gpl_platform.cli.instance import is_default_data_dir
+    from gpl_platform.config import load_settings
 
     data_dir = load_settings().data_dir
     since = time.time() - (time.perf_counter() - began_perf_counter)
@@ -183,9 +184,8 @@ def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, e
     logged_path = report_path.with_name("logged_eval.json")
     logged = fresh_report(logged_path, since)
     demo = os.environ.get("GPL_DEMO") == "1"
-    # the UI shows the instance of one data directory (gpl_platform/cli/instance.py)
-    default = data_dir.resolve() == (PROJECT_ROOT / "data").resolve()
-    ui_command = "make ui" if default else f"GPL_DATA_DIR={data_dir} make ui"
+    # the UI shows the instance of one data directory
+    ui_command = "make ui" if is_default_data_dir(data_dir) else f"GPL_DATA_DIR={data_dir} make ui"
     for line in render_run_summary(
         failed_checks,
         report,
