@@ -1,6 +1,8 @@
 """GPL assets (group ``gpl``, docs/METHOD.md steps 1-4): item vectors, anchors, anchor vectors,
 similarities, calibration, pseudo-labels, and the semantic IDs with their generator."""
 
+from dataclasses import asdict
+
 import pandas as pd
 from dagster import (
     AssetDep,
@@ -19,11 +21,11 @@ from assets.metadata import histogram_md, span, table_md
 from assets.partitions import first_day, partition_days
 from assets.resources import AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings, WarehouseResource
 from gpl_platform.config import CalibrationConfig
-from gpl_platform.pseudo_labels.anchor_stages import anchor_summary, embed_anchors, generate_anchors
-from gpl_platform.pseudo_labels.day_calibration import calibration_for_day, calibration_lookback_days
+from gpl_platform.pseudo_labels.chain import LabellingChain
+from gpl_platform.pseudo_labels.day_calibration import calibration_lookback_days
 from gpl_platform.pseudo_labels.encoder import update_item_embeddings
-from gpl_platform.pseudo_labels.pipeline import pseudo_label_days, score_day_candidates
-from gpl_platform.pseudo_labels.stages import POOLINGS
+from gpl_platform.pseudo_labels.stage_results import LabelGaps
+from gpl_platform.pseudo_labels.stages import MAIN, StageTables
 
 GROUP = "gpl"
 SAME_DAY = TimeWindowPartitionMapping(start_offset=0, end_offset=0)
@@ -73,43 +75,34 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
         context: AssetExecutionContext,
         gpl: GplSettings,
         warehouse: WarehouseResource,
+        encoder: EncoderResource,
         anchor_generator: AnchorGeneratorResource,
         engine: EngineResource,
     ) -> MaterializeResult:
         """K interest anchors per user with a request on the day, generated from the user's history before
         the day, with their generation log-probability; cached by history + model + prompt."""
-        settings = gpl.settings()
-        days = partition_days(context.partition_keys)
-        generator = anchor_generator.get()
+        chain = labelling_chain(context, partitions, gpl, warehouse, encoder, anchor_generator, engine)
+        days, generator = partition_days(context.partition_keys), chain.generator
         context.log.info("generating anchors with %s for %s", generator.backend, span(days))
-        stats = generate_anchors(
-            warehouse.get(),
-            days,
-            generator,
-            settings.anchors.k,
-            settings.anchors.history_max_items,
-            progress=True,
-            run_id=context.run.run_id,
-            engine=engine.get(),
-        )
-        context.log.info("anchor stats: %s", stats)
-        summary = anchor_summary(warehouse.get(), days)
+        stats = chain.anchors(days, progress=True)
+        context.log.info("anchor stats: %s", dict(stats.counters))
+        summary = chain.anchor_summary(days)
         return MaterializeResult(
             metadata={
-                "dagster/row_count": summary["rows"],
+                "dagster/row_count": summary.rows,
                 "partition_span": span(days),
                 "backend": generator.backend,
                 "model_id": generator.model_id,
                 "prompt_version": generator.prompt_version or "none",
-                "user_days": stats["user_days"],
-                "cache_hits": int(stats.get("cache_hits", 0)),
-                "cache_misses": int(stats.get("cache_misses", 0)),
-                "fallback_anchor_share": summary["fallback_share"],
-                "fallback_reasons": table_md(summary["fallback_reasons"])
-                if len(summary["fallback_reasons"])
-                else "none",
-                "counters": table_md(pd.Series(stats, name="value").rename_axis("counter").reset_index()),
-                "examples": table_md(summary["examples"]),
+                "user_days": stats.user_days,
+                "cache_hits": stats.cache_hits,
+                "cache_misses": stats.cache_misses,
+                "fallback_anchor_share": summary.fallback_share,
+                "fallback_reasons": table_md(summary.fallback_reasons) if len(summary.fallback_reasons) else "none",
+                "counters": table_md(
+                    pd.Series(dict(stats.counters), name="value").rename_axis("counter").reset_index()
+                ),
+                "examples": table_md(summary.examples),
             }
         )
 
@@ -120,23 +113,18 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
     )
     def anchor_embeddings(
         context: AssetExecutionContext,
+        gpl: GplSettings,
         warehouse: WarehouseResource,
         encoder: EncoderResource,
         anchor_generator: AnchorGeneratorResource,
         engine: EngineResource,
     ) -> MaterializeResult:
         """Anchor vectors from the same frozen encoder as the items."""
+        chain = labelling_chain(context, partitions, gpl, warehouse, encoder, anchor_generator, engine)
         days = partition_days(context.partition_keys)
-        stats = embed_anchors(
-            warehouse.get(),
-            days,
-            encoder.get(),
-            run_id=context.run.run_id,
-            generator=anchor_generator.get(),
-            engine=engine.get(),
-        )
+        stats = chain.embeddings(days)
         return MaterializeResult(
-            metadata={"dagster/row_count": stats["anchors"], "partition_span": span(days), **stats}
+            metadata={"dagster/row_count": stats.anchors, "partition_span": span(days), **asdict(stats)}
         )
 
     @asset(
@@ -150,6 +138,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
     )
     def candidate_similarities(
         context: AssetExecutionContext,
+        gpl: GplSettings,
         warehouse: WarehouseResource,
         encoder: EncoderResource,
         anchor_generator: AnchorGeneratorResource,
@@ -157,17 +146,11 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
     ) -> MaterializeResult:
         """For every candidate of the day: max and mean cosine over the user's anchors, and the arg-max
         anchor. Exposed rows feed calibration; unexposed rows get pseudo-labels."""
+        chain = labelling_chain(context, partitions, gpl, warehouse, encoder, anchor_generator, engine)
         days = partition_days(context.partition_keys)
-        stats = score_day_candidates(
-            warehouse.get(),
-            days,
-            encoder.get().encoder_id,
-            anchor_generator.get().lineage_signature(),
-            context.run.run_id,
-            engine=engine.get(),
-        )
+        stats = chain.similarities(days)
         return MaterializeResult(
-            metadata={"dagster/row_count": stats["candidates"], "partition_span": span(days), **stats}
+            metadata={"dagster/row_count": stats.candidates, "partition_span": span(days), **asdict(stats)}
         )
 
     # a day's calibration reads the similarities of calibration.window_days before its refit day
@@ -193,33 +176,9 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
     ) -> MaterializeResult:
         """Similarity -> probability calibration (Platt or isotonic) serving the day, fitted on exposed
         candidates of earlier days only; refit every N days, stored as a versioned JSON artifact."""
-        settings = gpl.settings()
+        chain = labelling_chain(context, partitions, gpl, warehouse, encoder, anchor_generator, engine)
         days = partition_days(context.partition_keys)
-        encoder_id = encoder.get().encoder_id
-        signature = anchor_generator.get().lineage_signature()
-        rows = []
-        for day in days:
-            for pooling in POOLINGS:
-                cal = calibration_for_day(
-                    warehouse.get(),
-                    day,
-                    first_day(partitions),
-                    settings.calibration,
-                    pooling,
-                    encoder_id,
-                    signature,
-                    settings.artifacts_dir,
-                )
-                rows.append(
-                    {
-                        "day": str(day),
-                        "pooling": pooling,
-                        "version": cal.version if cal else "none",
-                        "n_train": cal.n_train if cal else 0,
-                        "train_window": " .. ".join(cal.fitted_on.get("train_window", [])) if cal else "",
-                    }
-                )
-        table = pd.DataFrame(rows)
+        table = pd.DataFrame([{**asdict(cal), "day": str(cal.day)} for cal in chain.calibrations(days)])
         missing = table[table["version"] == "none"]["day"].nunique()
         if missing:
             context.log.warning(
@@ -230,7 +189,7 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
         return MaterializeResult(
             metadata={
                 "partition_span": span(days),
-                "method": settings.calibration.method,
+                "method": chain.settings.calibration.method,
                 "versions": ", ".join(sorted(set(table["version"]) - {"none"})) or "none",
                 "days_without_calibration": int(missing),
                 "calibrations": table_md(table.drop_duplicates(["version", "pooling"])),
@@ -256,34 +215,21 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
         """Pseudo-label and confidence weight for every unexposed candidate of the day (GPL steps 3-4), with
         the three confidence factors and the versions of LLM, prompt, encoder and calibration. Gated per
         day by the blocking checks pseudo_labels_valid and pseudo_labels_distribution."""
-        settings = gpl.settings()
+        chain = labelling_chain(context, partitions, gpl, warehouse, encoder, anchor_generator, engine)
         days = partition_days(context.partition_keys)
         # streamed in batches: a bounded sample comes back for the histograms, the statistics cover all rows
-        sample, stats = pseudo_label_days(
-            warehouse.get(),
-            days,
-            first_day(partitions),
-            encoder_id=encoder.get().encoder_id,
-            generator=anchor_generator.get(),
-            calibration_cfg=settings.calibration,
-            confidence_cfg=settings.confidence,
-            history_max_items=settings.history_max_len,
-            artifacts_dir=settings.artifacts_dir,
-            run_id=context.run.run_id,
-            no_history=settings.pseudo_labels.no_history,
-            engine=engine.get(),
-        )
-        quantiles = stats["quantiles"]
+        stats = chain.labels(days)
+        quantiles, sample = stats.distribution.quantiles, stats.distribution.sample
         return MaterializeResult(
             metadata={
-                "dagster/row_count": stats["rows"],
+                "dagster/row_count": stats.rows,
                 "partition_span": span(days),
-                "coverage": stats["coverage"],
-                "unexposed_candidates": stats["unexposed_candidates"],
-                **labelling_gaps_metadata(stats),
-                "calibration_versions": ", ".join(stats["calibration_versions"]) or "none",
-                "pseudo_label_mean": stats["pseudo_label_mean"],
-                "confidence_mean": stats["confidence_mean"],
+                "coverage": stats.coverage,
+                "unexposed_candidates": stats.unexposed_candidates,
+                **labelling_gaps_metadata(stats.gaps),
+                "calibration_versions": ", ".join(stats.calibration_versions) or "none",
+                "pseudo_label_mean": stats.distribution.pseudo_label_mean,
+                "confidence_mean": stats.distribution.confidence_mean,
                 "quantiles": table_md(quantiles.rename_axis("q").reset_index()) if quantiles is not None else "empty",
                 "histograms": histogram_md(
                     {"pseudo_label": sample["pseudo_label"].to_numpy(), "confidence": sample["confidence"].to_numpy()},
@@ -402,16 +348,41 @@ def gpl_assets(partitions: DailyPartitionsDefinition, automation: Automation, ca
     ]
 
 
-def labelling_gaps_metadata(stats: dict) -> dict:
+def labelling_chain(
+    context: AssetExecutionContext,
+    partitions: DailyPartitionsDefinition,
+    gpl: GplSettings,
+    warehouse: WarehouseResource,
+    encoder: EncoderResource,
+    anchor_generator: AnchorGeneratorResource,
+    engine: EngineResource,
+    backend: str | None = None,
+    tables: StageTables = MAIN,
+) -> LabellingChain:
+    """The labelling chain of a run's resources (``backend``: another anchor backend than the configured one,
+    written to ``tables``), its partitions recorded with the run's id."""
+    return LabellingChain.build(
+        gpl.settings(),
+        warehouse.get(),
+        engine.get(),
+        anchor_generator.get(backend),
+        encoder.get(),
+        first_day(partitions),
+        tables=tables,
+        run_id=context.run.run_id,
+    )
+
+
+def labelling_gaps_metadata(gaps: LabelGaps) -> dict:
     """Who got no pseudo-labels and why: users without history (by the no-history rule), days without
     a calibration yet, days whose calibration carries no ranking."""
-    degenerate = stats["days_with_degenerate_calibration"]
+    degenerate = gaps.days_with_degenerate_calibration
     return {
-        "no_history_rule": stats["no_history_rule"],
-        "no_history_candidates": stats["no_history_candidates"],
-        "no_history_user_days": stats["no_history_user_days"],
-        "no_history_labelled": stats["no_history_labelled"],
-        "days_without_calibration": len(stats["days_without_calibration"]),
+        "no_history_rule": gaps.no_history_rule,
+        "no_history_candidates": gaps.no_history_candidates,
+        "no_history_user_days": gaps.no_history_user_days,
+        "no_history_labelled": gaps.no_history_labelled,
+        "days_without_calibration": len(gaps.days_without_calibration),
         "days_with_degenerate_calibration": len(degenerate),
         "degenerate_days": table_md(pd.DataFrame({"day": list(degenerate), "reason": list(degenerate.values())}))
         if degenerate

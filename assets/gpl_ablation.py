@@ -12,13 +12,11 @@ from dagster import (
 )
 
 from assets.automation import Automation
-from assets.gpl import SAME_DAY, labelling_gaps_metadata
+from assets.gpl import SAME_DAY, labelling_chain, labelling_gaps_metadata
 from assets.ingestion import POOL
 from assets.metadata import span
-from assets.partitions import first_day, partition_days
+from assets.partitions import partition_days
 from assets.resources import AnchorGeneratorResource, EncoderResource, EngineResource, GplSettings, WarehouseResource
-from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
-from gpl_platform.pseudo_labels.pipeline import pseudo_label_days, score_day_candidates
 from gpl_platform.pseudo_labels.stages import StageTables
 
 GROUP = "gpl_ablation"
@@ -54,54 +52,25 @@ def _variant_asset(
         anchor_generator: AnchorGeneratorResource,
         engine: EngineResource,
     ) -> MaterializeResult:
-        settings = gpl.settings()
         days = partition_days(context.partition_keys)
-        wh, model, batches = warehouse.get(), encoder.get(), engine.get()
-        generator = anchor_generator.get(backend)
-        anchor_stats = generate_anchors(
-            wh,
-            days,
-            generator,
-            settings.anchors.k,
-            settings.anchors.history_max_items,
-            progress=False,
-            run_id=context.run.run_id,
-            tables=tables,
-            engine=batches,
+        chain = labelling_chain(
+            context, partitions, gpl, warehouse, encoder, anchor_generator, engine, backend=backend, tables=tables
         )
-        embed_anchors(wh, days, model, run_id=context.run.run_id, tables=tables, generator=generator, engine=batches)
-        score_day_candidates(
-            wh, days, model.encoder_id, generator.lineage_signature(), context.run.run_id, tables=tables, engine=batches
-        )
-        _, stats = pseudo_label_days(
-            wh,
-            days,
-            first_day(partitions),
-            encoder_id=model.encoder_id,
-            generator=generator,
-            calibration_cfg=settings.calibration,
-            confidence_cfg=settings.confidence,
-            history_max_items=settings.history_max_len,
-            artifacts_dir=settings.artifacts_dir,
-            run_id=context.run.run_id,
-            tables=tables,
-            no_history=settings.pseudo_labels.no_history,
-            engine=batches,
-        )
-        fallback = {k: v for k, v in anchor_stats.items() if k.startswith("fallback_")}
+        done = chain.run(days)
+        anchors, labels = done.anchors, done.labels
         return MaterializeResult(
             metadata={
-                "dagster/row_count": stats["rows"],
+                "dagster/row_count": labels.rows,
                 "partition_span": span(days),
                 "table": tables.labels,
                 "backend": backend,
-                "anchors": anchor_stats["anchors"],
-                "coverage": stats["coverage"],
-                "fallbacks": MetadataValue.json(fallback),
-                "serving_models": anchor_stats.get("serving_models", 1),
-                **labelling_gaps_metadata(stats),
-                "pseudo_label_mean": stats["pseudo_label_mean"],
-                "confidence_mean": stats["confidence_mean"],
+                "anchors": anchors.anchors,
+                "coverage": labels.coverage,
+                "fallbacks": MetadataValue.json(anchors.fallbacks),
+                "serving_models": anchors.serving_models,
+                **labelling_gaps_metadata(labels.gaps),
+                "pseudo_label_mean": labels.distribution.pseudo_label_mean,
+                "confidence_mean": labels.distribution.confidence_mean,
             }
         )
 

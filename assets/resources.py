@@ -8,7 +8,7 @@ import warnings
 from typing import Any
 
 from dagster import ConfigurableResource, ResourceDependency
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, SecretStr
 
 from gpl_platform.config import Settings, load_settings
 from gpl_platform.data.warehouse import Warehouse
@@ -44,6 +44,24 @@ class GplSettings(ConfigurableResource):
     contract_path: str | None = None
     overrides_json: str = Field("{}", description="nested Settings overrides as JSON")
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "GplSettings":
+        """The resource whose ``settings()`` are ``settings`` (a command's, passed as a value): what differs
+        from the environment's settings goes in ``overrides_json``, so a run's config shows what the command
+        changed. Secrets are not copied into it: the resource reads them from the environment, as the
+        command did (settings whose secret differs from the environment's are refused)."""
+        try:
+            environment = load_settings().model_dump()
+        except ValueError:  # the environment alone may be invalid (a command's option mends it): every value
+            environment = {}
+        changed = _changes(environment, settings.model_dump(), settings.model_dump(mode="json"))
+        gpl = cls(overrides_json=json.dumps(changed))
+        if gpl.settings() != settings:
+            raise ValueError(
+                "these settings differ from the environment's in a secret, which a run's config does not carry"
+            )
+        return gpl
+
     def settings(self) -> Settings:
         overrides: dict[str, Any] = json.loads(self.overrides_json or "{}")
         for key in ("source", "data_dir", "warehouse_path", "seed"):
@@ -56,6 +74,20 @@ class GplSettings(ConfigurableResource):
     def warehouse(self) -> Warehouse:
         settings = self.settings()
         return Warehouse.for_settings(settings)
+
+
+def _changes(base: dict, new: dict, new_json: dict) -> dict:
+    """The entries of ``new`` that differ from ``base`` (nested dicts key by key), as their JSON values;
+    secrets left out."""
+    out = {}
+    for key, value in new.items():
+        old = base.get(key)
+        if value == old or isinstance(value, SecretStr):
+            continue
+        out[key] = (
+            _changes(old, value, new_json[key]) if isinstance(value, dict) and isinstance(old, dict) else new_json[key]
+        )
+    return out
 
 
 class WarehouseResource(ConfigurableResource):

@@ -1,5 +1,11 @@
 """`gpl run`: the asset graph over a range of days, in process, recorded in the Dagster instance.
 
+The orchestration the `gpl` command drives (`gpl run`, `gpl evaluate`, `gpl bench pseudo-labels`): the
+library's CLI does not import this module, it loads it through the entry point ``runner`` of the group
+``gpl_platform.orchestration`` (pyproject.toml; gpl_platform/cli/orchestration.py), and passes the
+settings as a value (``run_pipeline(settings=...)``). What a run wrote comes back in the result
+(``PipelineResult.reports``), not from the files' times.
+
 Public Dagster APIs only (what ``dagster.materialize`` does: a job ``gpl_run`` over each stage's
 selection, ``execute_in_process`` against ``DagsterInstance.get()``, with Dagster's documented
 partition-range run tags, and a console logger that prints each event on one line; ``--debug``: every
@@ -26,10 +32,12 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dagster import AssetSelection, DagsterInstance, Definitions, Field, InitLoggerContext, define_asset_job, logger
 
-from assets.definitions import build_definitions
+from assets.graph import LABELLING_ASSETS as LABELLING_ASSETS  # what `gpl bench pseudo-labels` selects
+from assets.graph import build_definitions
 from assets.partitions import range_tags
 from assets.resources import GplSettings, gpl_resources
 from assets.run_health import HOST_TAG, PID_TAG, fail_dead_runs, fail_unfinished_runs
@@ -105,6 +113,9 @@ class PipelineResult:
     failed_checks: list[str] = field(default_factory=list)
     #: (check, day) of every failed per-day evaluation of a blocking check
     refused_days: list[tuple[str, str]] = field(default_factory=list)
+    #: asset key -> the JSON report its materialization wrote (its ``report_json`` metadata), e.g.
+    #: ``offline_evaluation`` -> <data_dir>/reports/offline_eval.json (logged_eval.json without oracle labels)
+    reports: dict[str, Path] = field(default_factory=dict)
 
 
 def default_range(defs_settings: Settings, keys: list[str]) -> tuple[str, str]:
@@ -188,11 +199,16 @@ def run_pipeline(
     ephemeral: bool = False,
     defs: Definitions | None = None,
     debug: bool = False,
+    settings: Settings | None = None,
 ) -> PipelineResult:
-    """Materialize the asset graph (optionally a key selection) over partitions [start, end]. Dagster's
-    events go to stderr one line each (``debug``: in full, from DEBUG up)."""
-    gpl = (resources or {}).get("gpl") or GplSettings()
-    settings = gpl.settings()
+    """Materialize the asset graph (optionally a key selection) over partitions [start, end] with
+    ``settings`` (or the ``gpl`` resource of ``resources``; neither: the environment's). Dagster's events go
+    to stderr one line each (``debug``: in full, from DEBUG up)."""
+    gpl = (resources or {}).get("gpl")
+    if gpl is not None and settings is not None:
+        raise ValueError("pass the settings or a gpl resource, not both")
+    gpl = gpl or (GplSettings.from_settings(settings) if settings is not None else GplSettings())
+    settings = settings or gpl.settings()
     defs = defs or build_definitions(settings, gpl)
     resources = {**gpl_resources(gpl), **(resources or {})}
     assets = list(defs.assets)
@@ -249,6 +265,7 @@ def run_pipeline(
             if _interrupted(run):
                 raise Interrupted([run.run_id])
             _collect_failed_checks(run, result)
+            result.reports.update(_reports(run))
             if run.success:
                 continue
             errors = [event.step_failure_data.error for event in run.get_step_failure_events()]
@@ -271,6 +288,16 @@ def run_pipeline(
             stopped = fail_unfinished_runs(instance, created, INTERRUPTED)
         raise Interrupted([*getattr(exc, "runs", []), *stopped]) from exc
     return result
+
+
+def _reports(run) -> dict[str, Path]:
+    """The JSON reports the run's materializations wrote, by asset key (their ``report_json`` metadata)."""
+    found = {}
+    for event in run.get_asset_materialization_events():
+        materialization = event.materialization
+        if "report_json" in materialization.metadata:
+            found[materialization.asset_key.to_user_string()] = Path(materialization.metadata["report_json"].value)
+    return found
 
 
 def _collect_failed_checks(run, result: PipelineResult) -> None:

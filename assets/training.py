@@ -9,6 +9,7 @@ from assets.automation import Automation
 from assets.ingestion import POOL
 from assets.metadata import table_md
 from assets.resources import FeatureStoreResource, GplSettings, WarehouseResource
+from gpl_platform.data.policies import held_out_of_training
 from gpl_platform.prerank import data
 from gpl_platform.quality.gate import failing_event_days, failing_label_days
 from gpl_platform.quality.results import QualityGateError
@@ -68,6 +69,7 @@ def training_assets(automation: Automation) -> list:
                 settings.seed,
                 batch_candidates=settings.streaming.batch_candidates,
                 duckdb_memory_limit=settings.streaming.duckdb_memory_limit,
+                held_out_policies=held_out_of_training(settings.evaluation),
             )
             if not stats["rows"]:
                 raise ValueError(

@@ -47,9 +47,7 @@ def run(
     worlds: list[int] | None = None,
     tune: bool = True,
 ) -> dict:
-    os.environ["GPL_SOURCE"] = source  # the definitions' partitions follow the configured source
-    from assets.definitions import build_definitions
-    from assets.resources import GplSettings
+    from assets.graph import build_definitions
     from assets.runner import run_pipeline
     from gpl_platform.config import PROJECT_ROOT, load_settings
     from gpl_platform.data.sources import load_source
@@ -65,7 +63,7 @@ def run(
     prerankers = list(prerankers or DEFAULT_PRERANKERS)
     selection = [
         k.to_user_string()
-        for k in build_definitions().resolve_all_asset_keys()
+        for k in build_definitions(load_settings({"source": source})).resolve_all_asset_keys()
         if k.to_user_string() not in SKIPPED_ASSETS
     ]
     began = time.perf_counter()
@@ -94,12 +92,9 @@ def run(
                 warehouse = Warehouse.for_settings(settings_obj)
                 reused = warehouse.import_caches(previous) if previous else {}
                 log.info("setting %s, world %s: the asset graph into %s (reused: %s)", name, world, data_dir, reused)
-                result = run_pipeline(
-                    resources={"gpl": GplSettings(overrides_json=json.dumps(overrides))},
-                    ephemeral=True,
-                    selection=selection,
-                )
-                if not result.success or not report_path.exists():
+                # the setting's settings as a value: its partitions, resources and runs all follow them
+                result = run_pipeline(settings=settings_obj, ephemeral=True, selection=selection)
+                if not result.success or result.reports.get("offline_evaluation") != report_path:
                     raise RuntimeError(f"setting {name}, world {world}: the pipeline did not produce {report_path}")
                 report = json.loads(report_path.read_text())
                 failed_checks = len(result.failed_checks)

@@ -81,7 +81,6 @@ def _pick(results: dict, metric: str, cost) -> tuple[str, dict]:
 def run(
     source: str, selection: Path, out: Path | None = None, setting: str | None = None, data_root: Path | None = None
 ) -> dict:
-    os.environ["GPL_SOURCE"] = source
     from gpl_platform.config import PROJECT_ROOT, ConfidenceConfig, load_settings
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation import bias_sweep

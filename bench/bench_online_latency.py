@@ -45,6 +45,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from _support import RunningServer, build_feature_world, free_port  # noqa: E402
 from _timing import random_requests, write_json  # noqa: E402
 from _timing import time_calls as _time  # noqa: E402
 
@@ -56,8 +57,6 @@ def _start_redis():
     if exe is None:
         return None, None
     import redis
-
-    from tests.helpers import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -168,8 +167,6 @@ def _http_client(url: str, user_refs: list[str] | None = None, pair_refs: list[s
 
 def _feature_server(store):
     """The platform's feature server (Feast's app) on ``store``'s settings, in a subprocess."""
-    from tests.helpers import RunningServer, free_port
-
     cfg = store.settings.feature_store
     port = free_port()
     env = {
@@ -216,10 +213,8 @@ def run(
     """Measure every path of every store for each item count in ``n_items``; returns
     ``{"sizes": {"100": {"sqlite": {p50_ms, p99_ms, ...}, "sqlite_http": ..., "floor_sqlite": ...,
     "loadavg_before": [...], ...}, ...}, ...}`` and writes it as JSON to ``out`` when given."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl_platform.config import load_settings
     from gpl_platform.features.store import FeastStore
-    from tests.helpers import build_feature_world
 
     sizes = [n_items] if isinstance(n_items, int) else list(n_items)
     tmp = None
@@ -301,6 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON output file")
     parser.add_argument("--requests", type=int, default=None, help="timed requests per store")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this process's libraries: no model hub (`gpl` sets it too)
     results = run(args.items or (100, 1000), args.out, args.requests)
     print(json.dumps(results, indent=2))
     return 0

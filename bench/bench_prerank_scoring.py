@@ -37,15 +37,8 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from _support import build_feature_world, free_port  # noqa: E402
 from _timing import latency_stats, random_requests, time_calls, write_json  # noqa: E402
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(world, shape: str, seed: int, directory: Path) -> Path:
@@ -159,12 +152,10 @@ def run(
     clients: int = 8,
     seconds: float = 30.0,
 ) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from gpl_platform.config import load_settings
     from gpl_platform.prerank.serving import PreRankScorer
-    from tests.helpers import build_feature_world
 
     loadavg_before = os.getloadavg()
     samples, sampling = [], threading.Event()
@@ -203,7 +194,7 @@ def run(
             shape: time_calls(PreRankScorer(models[shape], store).score, requests) for shape in ("two_tower", "cold")
         }
 
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "GPL_SOURCE": "simulator",
@@ -266,6 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="load test duration")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this process's libraries: no model hub (`gpl` sets it too)
     print(json.dumps(run(args.items, args.out, args.requests, clients=args.clients, seconds=args.seconds), indent=2))
     return 0
 

@@ -6,11 +6,18 @@ with N; a fixed catalog of ``items``; popularity exposure without Monte-Carlo pr
 through every stage, each in a fresh process (its peak RSS is that process's VmHWM): ingestion,
 item embeddings, anchors / embeddings / similarities / pseudo-labels with the ``history`` backend
 (the main tables) and with the ``sid`` backend (the ``__sid`` tables, after training its semantic
-IDs and generator), features, Feast materialization, the training set. At ``baseline_at`` the
-whole-range code (gpl_platform/pseudo_labels/in_memory.py) runs the similarities and pseudo-labels
-first, as the baseline of the same run, and the streaming labels are compared with it. At
-``ray_at`` a local Ray cluster of 2 CPUs (started here) runs the parallel stages with 1 and with 2
-workers on a copy of the warehouse; its labels are compared with the local engine's.
+IDs and generator), features, Feast materialization, the training set. The labelling stages run
+through :class:`~gpl_platform.pseudo_labels.chain.LabellingChain`, as the Dagster assets do.
+
+The baselines, measured in the same run: each stage's time at the first (smallest) size of the command
+(the growth table gives every stage's time as a multiple of it, the plot a linear line through that size's
+total; sizes kept by ``--resume`` come from an earlier run), and at ``ray_at`` the local engine's
+run of the parallel stages, against which a local Ray cluster of 2 CPUs (started here) runs them with 1
+and with 2 workers on a copy of the warehouse (times side by side, labels compared by digest). The
+whole-range code (tests/pseudo_labels/reference_labels.py) is no longer a baseline here: benchmarks
+import nothing from ``tests/``, and tests/pseudo_labels/test_streaming.py checks the streaming labels
+against it. The ``baseline`` entry and the ``*_in_memory`` stages of the 1M run in reports/scale/scale.json
+are historical (docs/SCALING.md says how to reproduce them).
 
 The world and the stages themselves are in ``bench/scale_stages.py``; this module runs each stage in its own
 process, measures it, and writes the report.
@@ -35,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.scale_stages import BASELINE_STAGES, GENERATOR_STAGES, STAGES, world_env  # noqa: E402
+from bench.scale_stages import GENERATOR_STAGES, STAGES, world_env  # noqa: E402
 
 #: the script one stage runs in (``python bench/scale_stages.py --stage <stage> --result <json>``)
 STAGE_SCRIPT = Path(__file__).resolve().with_name("scale_stages.py")
@@ -107,8 +114,9 @@ def _write(report: dict, out: Path) -> None:
 
 
 def platform_seconds(run: dict) -> float:
-    """Seconds of the platform's stages of one size: neither the generator nor the baseline."""
-    return sum(x["seconds"] for k, x in run["stages"].items() if k not in (*BASELINE_STAGES, *GENERATOR_STAGES))
+    """Seconds of the platform's stages of one size: not the generator (nor the whole-range stages an older
+    report, kept by ``--resume``, may hold)."""
+    return sum(x["seconds"] for k, x in run["stages"].items() if k in STAGES and k not in GENERATOR_STAGES)
 
 
 def markdown(report: dict) -> str:
@@ -118,8 +126,7 @@ def markdown(report: dict) -> str:
         return ""
     head = "| stage | " + " | ".join(f"{r['candidates']:,} candidates" for r in runs) + " |"
     lines = [head, "|" + " --- |" * (len(runs) + 1)]
-    at = STAGES.index("anchors_history")
-    names = [s for s in [*STAGES[:at], *BASELINE_STAGES, *STAGES[at:]] if any(s in r["stages"] for r in runs)]
+    names = [s for s in STAGES if any(s in r["stages"] for r in runs)]
     for stage in names:
         cells = []
         for r in runs:
@@ -171,7 +178,6 @@ def run(
     days: int = 7,
     per_request: int = 100,
     items: int = 2000,
-    baseline_at: int | None = 1_000_000,
     ray_at: int | None = 1_000_000,
     work_dir: Path | None = None,
     batch_candidates: int = 250_000,
@@ -181,6 +187,7 @@ def run(
     skip: Sequence[str] = (),
     profile: bool = False,
 ) -> dict:
+    """Every stage at each of ``sizes``, the Ray comparison at ``ray_at``."""
     report = json.loads(out.read_text()) if resume and out.exists() else {"runs": [], "ray": {}}
     report["protocol"] = {
         "days": days,
@@ -207,39 +214,17 @@ def run(
         report["runs"].append(entry)
         order = [s for s in STAGES if s not in skip]
         entry["skipped"] = [s for s in STAGES if s in skip]
-        if size == baseline_at:  # the baseline first, so the streaming stages rewrite what it wrote
-            i = order.index("similarities_history")
-            order[i:i] = BASELINE_STAGES
         for stage in order:
             entry["stages"][stage] = run_stage(stage, env, logs, profile)
             if stage == "ingestion":
                 entry["candidates"] = entry["stages"][stage]["candidates"]
             _write(report, out)
-        if size == baseline_at:
-            base, streamed = entry["stages"]["pseudo_labels_in_memory"], entry["stages"]["pseudo_labels_history"]
-            entry["baseline"] = {
-                "identical_labels": base["digest"] == streamed["digest"],
-                "note": "label digests rounded to 1e-9; in batches the float32 similarities round differently in "
-                "their last bits (BLAS tiles), so equality is not expected at that precision",
-                **_baseline_table(entry),
-            }
         if size == ray_at:
             report["ray"] = ray_comparison(entry, data_dir, env, logs)
         _write(report, out)
         if not keep:
             shutil.rmtree(data_dir / "feast", ignore_errors=True)
     return report
-
-
-def _baseline_table(entry: dict) -> dict:
-    rows = {}
-    for stage in ("similarities", "pseudo_labels"):
-        base, new = entry["stages"][f"{stage}_in_memory"], entry["stages"][f"{stage}_history"]
-        rows[stage] = {
-            "in_memory": {"seconds": base["seconds"], "peak_rss_mb": base["peak_rss_mb"]},
-            "streaming": {"seconds": new["seconds"], "peak_rss_mb": new["peak_rss_mb"]},
-        }
-    return rows
 
 
 def ray_comparison(entry: dict, data_dir: Path, env: dict, logs: Path) -> dict:

@@ -2,9 +2,10 @@
 
 :func:`world_env` is the settings of a simulator world of about N candidates, read by the platform as a daily
 contract delivery (the ``simulate`` stage writes it). ``python bench/scale_stages.py --stage <stage> --result
-<json>`` runs one stage of :data:`STAGES` (or :data:`BASELINE_STAGES`) in the process
-``bench/bench_scale.py``'s ``run_stage`` starts and measures, and writes what the stage did, its seconds,
-CPU seconds and peak RSS, and for a pseudo-label stage the labels' digest (:func:`label_digest`).
+<json>`` runs one stage of :data:`STAGES` in the process ``bench/bench_scale.py``'s ``run_stage`` starts and
+measures, and writes what the stage did, its seconds, CPU seconds and peak RSS, and for a pseudo-label stage the
+labels' digest (:func:`label_digest`). The labelling stages run through
+:class:`~gpl_platform.pseudo_labels.chain.LabellingChain`, as the Dagster assets do.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ STAGES = [
     "materialization",
     "training_set",
 ]
-BASELINE_STAGES = ["similarities_in_memory", "pseudo_labels_in_memory"]
 
 
 # ---- the world and its settings ---------------------------------------------------------------
@@ -70,14 +70,13 @@ def world_env(candidates: int, days: int, per_request: int, items: int, data_dir
 
 
 def _run_stage(stage: str) -> dict:
+    from dataclasses import asdict
     from datetime import timedelta
 
     from gpl_platform.config import load_settings
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.engine import make_engine
-    from gpl_platform.pseudo_labels import in_memory
-    from gpl_platform.pseudo_labels import pipeline as label_pipeline
-    from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
+    from gpl_platform.pseudo_labels.chain import LabellingChain
     from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
     from gpl_platform.pseudo_labels.stages import StageTables
 
@@ -96,6 +95,9 @@ def _run_stage(stage: str) -> dict:
 
     def generator():
         return anchor_generator(settings, backend)
+
+    def chain() -> LabellingChain:
+        return LabellingChain.build(settings, warehouse, engine, generator(), encoder, first, tables=tables)
 
     if stage == "simulate":
         from gpl_platform.data.sources import load_source
@@ -133,47 +135,15 @@ def _run_stage(stage: str) -> dict:
         family = anchor_generator(settings, "sid")
         out["models"] = sorted({family.for_day(d).model_id for d in days})
     elif stage.startswith("anchors_"):
-        stats = generate_anchors(
-            warehouse,
-            days,
-            generator(),
-            settings.anchors.k,
-            settings.anchors.history_max_items,
-            progress=False,
-            tables=tables,
-            engine=engine,
-        )
-        out.update(
-            anchors=stats["anchors"], cache_hits=stats.get("cache_hits", 0), cache_misses=stats.get("cache_misses", 0)
-        )
+        anchors = chain().anchors(days)
+        out.update(anchors=anchors.anchors, cache_hits=anchors.cache_hits, cache_misses=anchors.cache_misses)
     elif stage.startswith("embeddings_"):
-        out.update(embed_anchors(warehouse, days, encoder, tables=tables, generator=generator(), engine=engine))
+        out.update(asdict(chain().embeddings(days)))
     elif stage.startswith("similarities_"):
-        module = in_memory if stage.endswith("in_memory") else label_pipeline
-        kwargs = {} if module is in_memory else {"engine": engine}
-        out.update(
-            module.score_day_candidates(
-                warehouse, days, encoder.encoder_id, generator().lineage_signature(), tables=tables, **kwargs
-            )
-        )
+        out.update(asdict(chain().similarities(days)))
     elif stage.startswith("pseudo_labels_"):
-        module = in_memory if stage.endswith("in_memory") else label_pipeline
-        kwargs = {} if module is in_memory else {"engine": engine}
-        _, stats = module.pseudo_label_days(
-            warehouse,
-            days,
-            first,
-            encoder_id=encoder.encoder_id,
-            generator=generator(),
-            calibration_cfg=settings.calibration,
-            confidence_cfg=settings.confidence,
-            history_max_items=settings.history_max_len,
-            artifacts_dir=settings.artifacts_dir,
-            tables=tables,
-            no_history=settings.pseudo_labels.no_history,
-            **kwargs,
-        )
-        out.update(rows=stats["rows"], batches=stats.get("batches", 1), digest_table=tables.labels)
+        labels = chain().labels(days)
+        out.update(rows=labels.rows, batches=labels.batches, digest_table=tables.labels)
     elif stage == "features":
         from gpl_platform.features import pipeline
 
@@ -188,10 +158,9 @@ def _run_stage(stage: str) -> dict:
         store.apply_if_changed(pipeline.warehouse_spec(warehouse))
         store.materialize_days(days)
     elif stage == "training_set":
-        from assets.resources import GplSettings
         from assets.runner import run_pipeline
 
-        result = run_pipeline(resources={"gpl": GplSettings()}, selection=["training_set"], ephemeral=True)
+        result = run_pipeline(settings=settings, selection=["training_set"], ephemeral=True)
         if not result.success:
             raise RuntimeError("training_set failed")
         out["rows"] = int(warehouse.query("SELECT count(*) AS n FROM training_set")["n"].iloc[0])

@@ -221,6 +221,32 @@ class EvaluationConfig(BaseModel):
         "about tuning_trials)",
     )
     tuning_trials: int = Field(8, ge=1, description="configurations tried per tuned method (the same for every method)")
+    exploration_policies: list[str] = Field(
+        default_factory=lambda: ["uniform_random"],
+        description="logging policies whose rows form the exploration slice (events' logging_policy; "
+        "docs/DATA_CONTRACT.md): the unbiased test set of real logs, held out of training",
+    )
+    production_policies: list[str] = Field(
+        default_factory=lambda: ["production"],
+        description="other logging policies a log may name (a row without one is 'production'); a name in "
+        "neither list is refused",
+    )
+    uniform_policies: list[str] = Field(
+        default_factory=lambda: ["uniform_random"],
+        description="exploration policies that show a uniformly random subset of each request's candidates: "
+        "a missing propensity is the request's shown share",
+    )
+    exploration_trains: bool = Field(
+        False,
+        description="the exploration slice trains like any other row (and then is not the test set); "
+        "false: held out of every training set",
+    )
+    min_exploration_requests: int = Field(
+        200,
+        ge=1,
+        description="below this many exploration test requests the report warns that the slice's intervals "
+        "are too wide to rank methods",
+    )
 
 
 class AutomationConfig(BaseModel):

@@ -11,6 +11,20 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+def _exploration_share(source: str):
+    """The exploration slice's setting of a benchmark source (one definition for both). Left out of the
+    settings' dump at 0, so that the source signatures of the data ingested before it existed still match."""
+    return Field(
+        0.0,
+        ge=0,
+        lt=1,
+        exclude_if=lambda share: share == 0,
+        description=f"share of each day's {source} requests (chosen at random) served by the uniform-random "
+        "exploration policy instead of the exposure policy: as many candidates shown as the policy would show, "
+        "drawn uniformly (propensity k/n), logging_policy 'uniform_random'; 0: no exploration slice",
+    )
+
+
 class ExposurePolicyConfig(BaseModel):
     """Which of a request's recalled candidates the simulated logging system shows (docs/EVALUATION.md).
 
@@ -102,6 +116,7 @@ class MovieLensConfig(BaseModel):
     # the realistic reference setting (logging_10 of docs/EVALUATION.md); the first protocol is
     # exposure.policy=popularity, exposure_share=0.3, recall_cooccurrence_share=0
     exposure: MovieLensExposurePolicyConfig = Field(default_factory=lambda: MovieLensExposurePolicyConfig())
+    exploration_share: float = _exploration_share("MovieLens")
 
 
 class SimulatorConfig(BaseModel):
@@ -128,6 +143,7 @@ class SimulatorConfig(BaseModel):
     exposure_share: float = Field(0.25, gt=0, le=1)
     exposure_popularity_power: float = Field(1.0, ge=0)
     exposure: SimulatorExposurePolicyConfig = Field(default_factory=lambda: SimulatorExposurePolicyConfig())
+    exploration_share: float = _exploration_share("simulated")
     preference_strength: float = Field(4.0, ge=0, description="logit weight of user-topic affinity")
     base_click_logit: float = Field(-2.5)
 

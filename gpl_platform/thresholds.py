@@ -72,6 +72,17 @@ class EventThresholds(BaseModel):
         "(a day that shows 7 items can click 6 of them without anything being wrong)",
     )
     allow_empty: bool = Field(True, description="a day without events passes (written as an empty partition)")
+    # The exploration slice shows what a policy chose at random, not what the production policy would:
+    # its rates are judged apart, against bounds of their own (docs/DATA_CONTRACT.md).
+    exploration_exposure_rate_min: float = Field(0.0, ge=0, le=1)
+    exploration_exposure_rate_max: float = Field(1.0, ge=0, le=1)
+    exploration_positive_rate_min: float = Field(0.0, ge=0, le=1)
+    exploration_positive_rate_max: float = Field(1.0, ge=0, le=1)
+    exploration_policies: list[str] = Field(
+        default_factory=lambda: ["uniform_random"],
+        description="the policies whose rows are judged by the exploration bounds (quality_config sets it from "
+        "evaluation.exploration_policies)",
+    )
 
 
 class QualityConfig(BaseModel):
@@ -87,9 +98,15 @@ def quality_config(settings: Any) -> QualityConfig:
     """``settings.quality`` if Settings has it, else the defaults."""
     cfg = getattr(settings, "quality", None)
     if cfg is None:
-        return QualityConfig()
-    return (
-        cfg
-        if isinstance(cfg, QualityConfig)
-        else QualityConfig.model_validate(cfg.model_dump() if hasattr(cfg, "model_dump") else cfg)
-    )
+        out = QualityConfig()
+    else:
+        out = (
+            cfg
+            if isinstance(cfg, QualityConfig)
+            else QualityConfig.model_validate(cfg.model_dump() if hasattr(cfg, "model_dump") else cfg)
+        )
+    evaluation = getattr(settings, "evaluation", None)
+    if evaluation is not None:
+        events = out.events.model_copy(update={"exploration_policies": list(evaluation.exploration_policies)})
+        out = out.model_copy(update={"events": events})
+    return out

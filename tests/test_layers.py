@@ -1,6 +1,7 @@
 """The library's imports point down its layers (docs/ARCHITECTURE.md, "Layers"): an upward import, an
-import cycle (even inside a function), a private name imported from another module, or Dagster in the
-library fails here. Read from the source (AST): nothing is imported to check it."""
+import cycle (even inside a function), a private name imported from another module, Dagster or the
+orchestration layer in the library, or a write to the process environment outside a process's entry point
+fails here. Read from the source (AST): nothing is imported to check it."""
 
 import ast
 from collections import defaultdict
@@ -10,13 +11,18 @@ ROOT = Path(__file__).resolve().parent.parent
 #: bottom to top; a package may import its own modules and those of the packages before it. The
 #: top-level modules (config.py, the settings) are the bottom layer.
 LAYERS = ["config", "data", "engine", "pseudo_labels", "quality", "features", "prerank", "evaluation", "cli"]
-#: the imports of the orchestration layer the library's CLI still makes (issue 33, "settings as values":
-#: `gpl run`, `gpl evaluate` and `gpl bench pseudo-labels` drive the asset graph); the list may only shrink
-CLI_IMPORTS_OF_ASSETS = {
-    ("gpl_platform.cli.main", "assets.runner"),
-    ("gpl_platform.cli.bench", "assets.definitions"),
-    ("gpl_platform.cli.bench", "assets.runner"),
+#: where the library and the orchestration write the process environment (``os.environ``, ``putenv``):
+#: (file, function) -> why. Settings travel as values (issue 33); what is left is process-level state of
+#: the libraries they drive, set where a process starts or for a third-party library that reads only its
+#: environment. The list may only shrink.
+ENVIRONMENT_WRITES = {
+    ("gpl_platform/cli/main.py", "_offline"): "HF_HUB_OFFLINE for transformers/huggingface_hub, as `gpl` starts",
+    ("gpl_platform/cli/instance.py", "prepare"): "DAGSTER_HOME, the process's Dagster instance (gpl run, make ui)",
+    ("gpl_platform/engine/ray_engine.py", "_connect"): "Ray's driver variables for the cluster it joins",
+    ("gpl_platform/pseudo_labels/encoder.py", "model"): "HF_HUB_OFFLINE before sentence-transformers loads",
 }
+#: the methods of ``os.environ`` that change it
+ENVIRON_WRITERS = {"setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__"}
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -106,15 +112,68 @@ def test_no_import_cycle_between_library_modules():
     assert import_cycles(ROOT) == []
 
 
-def test_the_library_imports_no_dagster_and_no_tests_and_only_the_listed_assets():
-    found = set()
-    for module, path in library(ROOT).items():
+def test_the_library_imports_no_dagster_no_orchestration_and_no_tests():
+    """The CLI reaches the orchestration through its entry point (gpl_platform/cli/orchestration.py)."""
+    found = []
+    for path in library(ROOT).values():
         for target, _, line in _imports(ROOT, path):
-            top = target.split(".")[0]
-            assert top not in {"dagster", "dagster_webserver", "tests", "bench"}, f"{path}:{line} imports {target}"
-            if top == "assets":
-                found.add((module, target))
-    assert found <= CLI_IMPORTS_OF_ASSETS, sorted(found - CLI_IMPORTS_OF_ASSETS)
+            if target.split(".")[0] in {"dagster", "dagster_webserver", "assets", "tests", "bench"}:
+                found.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert found == []
+
+
+def _is_environ(node: ast.AST) -> bool:
+    """``os.environ`` or a bare ``environ`` (``from os import environ``)."""
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+        isinstance(node, ast.Name) and node.id == "environ"
+    )
+
+
+def environment_writes(root: Path, folders: tuple[str, ...] = ("gpl_platform", "assets")) -> dict[tuple, list]:
+    """(file, enclosing function or "<module>") -> the lines that write the process environment."""
+    found: dict[tuple, list] = defaultdict(list)
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            where = path.relative_to(root).as_posix()
+
+            def visit(node: ast.AST, function: str) -> None:
+                for child in ast.iter_child_nodes(node):
+                    name = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+                    targets = child.targets if isinstance(child, ast.Assign | ast.Delete) else []
+                    targets += [child.target] if isinstance(child, ast.AugAssign | ast.AnnAssign) else []
+                    written = any(isinstance(t, ast.Subscript) and _is_environ(t.value) for t in targets)
+                    if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                        method, owner = child.func.attr, child.func.value
+                        written |= _is_environ(owner) and method in ENVIRON_WRITERS
+                        written |= isinstance(owner, ast.Name) and owner.id == "os" and method in ("putenv", "unsetenv")
+                    if written:
+                        found[(where, function)].append(child.lineno)
+                    visit(child, name)
+
+            visit(ast.parse(path.read_text()), "<module>")
+    return dict(found)
+
+
+def test_settings_are_values_not_environment_writes():
+    """Commands build a Settings value and pass it (issue 33): the library and the orchestration write the
+    process environment only in the listed places."""
+    found = environment_writes(ROOT)
+    assert set(found) <= set(ENVIRONMENT_WRITES), {k: v for k, v in found.items() if k not in ENVIRONMENT_WRITES}
+
+
+def test_the_environment_check_sees_every_kind_of_write(tmp_path):
+    (tmp_path / "gpl_platform").mkdir()
+    (tmp_path / "gpl_platform" / "m.py").write_text(
+        "import os\nfrom os import environ\n"
+        "os.environ['A'] = '1'\n"
+        "def f():\n    os.environ.setdefault('B', '1')\n    del os.environ['A']\n"
+        "def g():\n    environ.update(C='1')\n    os.putenv('D', '1')\n    x = os.environ.get('E')\n"
+    )
+    assert environment_writes(tmp_path, ("gpl_platform",)) == {
+        ("gpl_platform/m.py", "<module>"): [3],
+        ("gpl_platform/m.py", "f"): [5, 6],
+        ("gpl_platform/m.py", "g"): [8, 9],
+    }
 
 
 def test_the_checks_see_what_they_forbid(tmp_path):

@@ -52,24 +52,21 @@ def bench_pseudo_labels(
 ) -> None:
     """AUC of pseudo-labels against oracle labels of unexposed candidates: LLM vs history vs semantic-ID anchors
     vs random, max vs mean pooling, and how confidence tracks correctness."""
-    os.environ["GPL_SOURCE"] = source
     from gpl_platform.config import load_settings
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation.pseudo_label_quality import pseudo_label_quality
     from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
 
-    settings = load_settings()
-    if not skip_pipeline:
-        from assets.definitions import LABELLING_ASSETS
-        from assets.runner import run_pipeline
+    def with_source(overrides: dict):  # the environment's settings, the source of --source and ``overrides``
+        return load_settings({"source": source, **overrides})
 
-        if not run_pipeline(
-            selection=[
-                *LABELLING_ASSETS,
-                "item_semantic_ids",
-                "sid_generator",
-            ]
-        ).success:
+    settings = with_source({})
+    if not skip_pipeline:
+        from gpl_platform.cli.orchestration import runner
+
+        orchestration = runner()
+        selection = [*orchestration.LABELLING_ASSETS, "item_semantic_ids", "sid_generator"]
+        if not orchestration.run_pipeline(selection=selection, settings=settings).success:
             raise typer.Exit(1)
     warehouse = Warehouse.for_settings(settings)
     days = sorted(warehouse.written_days("user_histories"))
@@ -83,12 +80,12 @@ def bench_pseudo_labels(
     # "mean of the items under the codes" and "RQ-VAE decoding of the codes" works better is measured here.
     mode = settings.sid.generator.anchor_vector
     other = "codebook" if mode == "items" else "items"
-    other_settings = load_settings({"sid": {"generator": {"anchor_vector": other}}})
+    other_settings = with_source({"sid": {"generator": {"anchor_vector": other}}})
     # "llm" is SmolLM2 whatever the default backend is (the default, sid, has its own rows)
     llm = {"llm": anchor_generator(settings, "smollm")}
     if llm_engines:
         llm = {
-            f"llm_{engine}": anchor_generator(load_settings({"anchors": {"smollm_engine": engine}}), "smollm")
+            f"llm_{engine}": anchor_generator(with_source({"anchors": {"smollm_engine": engine}}), "smollm")
             for engine in ("ctranslate2", "transformers")
         }
     generators = {
@@ -222,7 +219,6 @@ def bench_scale(
     days: int = typer.Option(7, help="days of each world"),
     candidates_per_request: int = typer.Option(100),
     items: int = typer.Option(2000, help="catalog size (fixed across sizes)"),
-    baseline_at: int = typer.Option(1_000_000, help="size at which the whole-range code runs as the baseline"),
     ray_at: int = typer.Option(1_000_000, help="size at which Ray runs with 1 and 2 workers (0: never)"),
     batch_candidates: int = typer.Option(250_000, help="streaming batch size"),
     sid_epochs: int = typer.Option(2, help="epochs of the SID generator (training cost grows with the positives)"),
@@ -245,8 +241,8 @@ def bench_scale(
         "logs/<stage>.pyspy.txt; needs `pip install py-spy`)",
     ),
 ) -> None:
-    """CPU time, wall time and peak memory of every stage at growing sizes, the whole-range baseline, Ray 1 vs 2
-    workers."""
+    """CPU time, wall time and peak memory of every stage at growing sizes (the smallest is the baseline), Ray 1
+    vs 2 workers."""
     if out is None:
         from gpl_platform.config import load_settings
 
@@ -257,7 +253,6 @@ def bench_scale(
         days=days,
         per_request=candidates_per_request,
         items=items,
-        baseline_at=baseline_at,
         ray_at=ray_at or None,
         work_dir=work_dir,
         batch_candidates=batch_candidates,

@@ -38,7 +38,11 @@ def default_home(data_dir: Path) -> Path:
 
 def prepare(data_dir: Path) -> Path:
     """DAGSTER_HOME for a command on ``data_dir`` (set to :func:`default_home` when unset, with the
-    repository's dagster.yaml copied there and refreshed when it changes), claimed for ``data_dir``."""
+    repository's dagster.yaml copied there and refreshed when it changes), claimed for ``data_dir``.
+
+    The instance is the process's (dagster.yaml places its storage under DAGSTER_HOME, and Dagster reads it
+    from the environment), so this is called where a process starts: `gpl run` and `gpl evaluate` before
+    they create a run, `make ui`'s main (assets/ui.py) before it starts `dagster dev`."""
     from gpl_platform.config import PROJECT_ROOT
 
     explicit = os.environ.get("DAGSTER_HOME")

@@ -1,4 +1,12 @@
-"""`gpl`: the operations a person runs by hand."""
+"""`gpl`: the operations a person runs by hand.
+
+Settings are values: a command builds its :class:`~gpl_platform.config.Settings` from the environment
+(``GPL_*``) with its options on top and passes them on; nothing here writes a setting into the process
+environment. The process-level variables a `gpl` process sets for the libraries it drives are set where it
+starts: ``HF_HUB_OFFLINE`` (:func:`_offline`, before any command) and ``DAGSTER_HOME`` (the Dagster instance,
+:func:`_prepare_instance` through ``instance.prepare``, before a command creates a run). The commands that
+drive the asset graph reach it through gpl_platform/cli/orchestration.py, not by importing it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import typer
 
 from gpl_platform.cli import interrupts
 from gpl_platform.cli.bench import bench_app
+from gpl_platform.config import Settings
 
 app = typer.Typer(
     help="gpl-platform: Generative Pseudo-Labeling for pre-rankers.",
@@ -28,22 +37,25 @@ app.add_typer(bench_app, name="bench")
 @app.callback()
 def _offline() -> None:
     """Every command runs offline: the models are local files, and no transformers / huggingface_hub
-    call may reach a hub (the Makefile and the tests export the same; `gpl ...` run by hand gets it here)."""
+    call may reach a hub (the Makefile and the tests export the same; `gpl ...` run by hand gets it here,
+    where its process starts)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 SOURCE_HELP = "movielens-100k | simulator | contract (default: GPL_SOURCE or movielens-100k)"
 
 
-def _apply_env(source: str | None = None, data_dir: Path | None = None, path: Path | None = None) -> None:
-    """CLI options become env vars, so the Dagster code location (loaded after) sees them too."""
-    if source:
-        os.environ["GPL_SOURCE"] = source
-    if data_dir:
-        os.environ["GPL_DATA_DIR"] = str(data_dir.resolve())
+def _settings(source: str | None = None, data_dir: Path | None = None, path: Path | None = None, **more) -> Settings:
+    """The command's settings: the environment's (``GPL_*``) with its options on top (``path``: the
+    contract's or MovieLens's directory, whichever the source is; ``more``: nested overrides)."""
+    from gpl_platform.config import load_settings
+
+    overrides = {"source": source, "data_dir": data_dir.resolve() if data_dir else None, **more}
+    settings = load_settings(overrides)
     if path:
-        key = "GPL_CONTRACT__PATH" if (source or os.environ.get("GPL_SOURCE")) == "contract" else "GPL_MOVIELENS__PATH"
-        os.environ[key] = str(path.resolve())
+        overrides["contract" if settings.source == "contract" else "movielens"] = {"path": path.resolve()}
+        settings = load_settings(overrides)
+    return settings
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -56,13 +68,14 @@ EXIT_CHECKS_FAILED = 3
 SOURCES = ("movielens-100k", "simulator", "contract")
 
 
-def _prepare_instance() -> None:
-    """The data directory's Dagster instance (gpl_platform/cli/instance.py); a mismatch is a one-line error."""
+def _prepare_instance(**options) -> Settings:
+    """The command's settings (:func:`_settings` of ``options``) and its data directory's Dagster instance
+    (gpl_platform/cli/instance.py: DAGSTER_HOME, set for this process); an invalid setting or an instance
+    of another data directory is a one-line error."""
     from gpl_platform.cli import instance
-    from gpl_platform.config import load_settings
 
     try:
-        settings = load_settings()
+        settings = _settings(**options)
         home = instance.prepare(settings.data_dir)
     except instance.InstanceMismatchError as exc:
         _fail(f"error: {exc}")
@@ -72,6 +85,7 @@ def _prepare_instance() -> None:
     logging.getLogger("gpl").info(
         "data directory %s (source %s); Dagster instance %s", settings.data_dir, settings.source, home
     )
+    return settings
 
 
 #: libraries whose INFO lines are per-call chatter (Feast's registry refreshes, HTTP requests): warnings only
@@ -108,27 +122,26 @@ def _error_message(exc: BaseException) -> str:
     return str(exc) if getattr(exc, "details", "") else _one_line(exc)
 
 
-def _contract_start_from_data() -> None:
+def _contract_start_from_data(settings: Settings) -> Settings:
     """A flat CSV contract has no cheap first day: the CLI (about to ingest it anyway) reads it once
-    and sets contract.start_date for this process."""
-    from gpl_platform.config import load_settings
+    and returns the settings with contract.start_date set."""
     from gpl_platform.data.contract import ContractError
     from gpl_platform.data.sources import load_source, partition_span
 
-    settings = load_settings()
     if settings.source != "contract" or settings.contract.start_date is not None:
-        return
+        return settings
     try:
         partition_span(settings)
     except ContractError as exc:
         if "first day" not in str(exc):
             raise
         first = min(load_source(settings).events["day"])
-        os.environ["GPL_CONTRACT__START_DATE"] = first.isoformat()
         typer.echo(
             f"contract.start_date = {first} (the data's first day; set GPL_CONTRACT__START_DATE to skip "
             "this read, or deliver events/day=YYYY-MM-DD/ folders)"
         )
+        return settings.model_copy(update={"contract": settings.contract.model_copy(update={"start_date": first})})
+    return settings
 
 
 @data_app.command("validate")
@@ -137,11 +150,14 @@ def data_validate(directory: Path = typer.Argument(..., help="directory with ite
     from gpl_platform.config import load_settings
     from gpl_platform.data.contract import ContractError
     from gpl_platform.data.delivery import read_contract_dir
+    from gpl_platform.data.policies import LoggingPolicies, describe_slice, slice_summary
     from gpl_platform.data.sources import contract_time_window
 
+    settings = load_settings()
     try:
-        dataset = read_contract_dir(directory, time_window=contract_time_window(load_settings()))
-    except ContractError as exc:
+        policies = LoggingPolicies.from_settings(settings.evaluation)
+        dataset = read_contract_dir(directory, time_window=contract_time_window(settings), policies=policies)
+    except (ContractError, ValueError) as exc:
         _fail(f"invalid: {exc}")
     ev = dataset.events
     typer.echo(
@@ -155,6 +171,7 @@ def data_validate(directory: Path = typer.Argument(..., help="directory with ite
             else ""
         )
     )
+    typer.echo(describe_slice(slice_summary(ev, policies)))
 
 
 @data_app.command("fetch")
@@ -195,12 +212,10 @@ def data_stats(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Statistics of a source as ingested: requests, candidates, exposure and positive rates."""
-    _apply_env(source, path=path)
-    from gpl_platform.config import load_settings
     from gpl_platform.data.sources import load_source
     from gpl_platform.data.stats import dataset_statistics
 
-    stats = dataset_statistics(load_source(load_settings()))
+    stats = dataset_statistics(load_source(_settings(source, path=path)))
     typer.echo(json.dumps(stats, indent=2) if as_json else "\n".join(f"{k:>38}: {v}" for k, v in stats.items()))
 
 
@@ -214,12 +229,10 @@ def data_export(
     ),
 ) -> None:
     """Write a source as a contract directory (an example to start from, or to move data)."""
-    _apply_env(source)
-    from gpl_platform.config import load_settings
     from gpl_platform.data.sources import load_source
     from gpl_platform.data.stats import export_contract_dir
 
-    written = export_contract_dir(load_source(load_settings()), out, csv=csv, by_day=by_day)
+    written = export_contract_dir(load_source(_settings(source)), out, csv=csv, by_day=by_day)
     shown = written if len(written) <= 4 else [*written[:3], f"... {len(written) - 3} more"]
     typer.echo(f"wrote {', '.join(str(p) for p in shown)}")
 
@@ -246,17 +259,16 @@ def run(
     interrupted (Ctrl-C or SIGTERM: the runs it had not finished are marked failed, and named)."""
     if source is not None and source not in SOURCES:
         _fail(f"--source must be one of {', '.join(SOURCES)}, not {source!r}", 2)
-    _apply_env(source, data_dir, path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _prepare_instance()
+    settings = _prepare_instance(source=source, data_dir=data_dir, path=path)
     _quiet_libraries()
     began = time.perf_counter()
     interrupts.install()
     try:
-        _contract_start_from_data()
-        from assets.runner import run_pipeline  # Dagster only here: the library stays free of it
+        settings = _contract_start_from_data(settings)
+        from gpl_platform.cli.orchestration import runner
 
-        result = run_pipeline(start, end, selection=select, debug=debug)
+        result = runner().run_pipeline(start, end, selection=select, debug=debug, settings=settings)
     except KeyboardInterrupt as exc:
         _fail(_interrupted_message(exc), 130)
     except Exception as exc:
@@ -272,7 +284,7 @@ def run(
     )
     from gpl_platform.cli.summary import print_run_summary
 
-    print_run_summary(result.failed_checks, began, echo=typer.echo)
+    print_run_summary(result.failed_checks, settings, result.reports.get("offline_evaluation"), echo=typer.echo)
     if not result.success:
         raise typer.Exit(1)
     refused = sorted({day for _, day in result.refused_days})
@@ -323,41 +335,36 @@ def evaluate(
 
         name = source if source != "contract" or path is None else f"contract-{path.resolve().name}"
         data_dir = PROJECT_ROOT / "data" / name
-    _apply_env(source, data_dir, path)
-    if seeds:
-        os.environ["GPL_TRAINING__SEEDS"] = json.dumps(list(seeds))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    _prepare_instance()
-    from gpl_platform.config import load_settings
-
+    more = {"training": {"seeds": list(seeds)}} if seeds else {}
+    settings = _prepare_instance(source=source, data_dir=data_dir, path=path, **more)
     began = time.perf_counter()
     try:
-        _contract_start_from_data()
-        from assets.runner import run_pipeline
+        settings = _contract_start_from_data(settings)
+        from gpl_platform.cli.orchestration import runner
 
-        result = run_pipeline(selection=["offline_evaluation"] if only_evaluation else None, debug=debug)
+        selection = ["offline_evaluation"] if only_evaluation else None
+        result = runner().run_pipeline(selection=selection, debug=debug, settings=settings)
     except Exception as exc:
         if debug:
             raise
         _fail(f"error: {_error_message(exc)}  (--debug: the full traceback)")
     if not result.success:
         _fail("pipeline failed; see the Dagster run logs")
-    reports = load_settings().data_dir / "reports"
+    produced = result.reports.get("offline_evaluation")
+    if produced is None:
+        _fail("error: the evaluation wrote no report")
     # Without oracle labels (real logs) the evaluation writes the logged-data report instead.
-    stem = (
-        "offline_eval"
-        if (reports / "offline_eval.json").exists()
-        and (reports / "offline_eval.json").stat().st_mtime >= time.time() - (time.perf_counter() - began)
-        else "logged_eval"
-    )
-    produced = reports / f"{stem}.json"
+    stem = produced.stem
     out = (out or produced).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     if produced.resolve() != out:
         for sibling in produced.parent.glob(f"{stem}*"):
             shutil.copy2(sibling, out.parent / sibling.name.replace(stem, out.stem, 1))
-    if results_doc and stem == "logged_eval":
+    from gpl_platform.cli.summary import is_logged_report
+
+    if results_doc and is_logged_report(produced):
         _fail("--results-doc needs oracle labels (a benchmark source); this source has none", 2)
     if results_doc:
         import subprocess
@@ -391,15 +398,14 @@ def serve(
     data_dir: Path | None = typer.Option(None, help="where the warehouse, features and models live"),
 ) -> None:
     """The pre-rank scoring service: POST /score {user_id, item_ids} -> scores; GET /health."""
-    _apply_env(data_dir=data_dir)
+    settings = _settings(data_dir=data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    from gpl_platform.config import load_settings
     from gpl_platform.prerank.service import ModelNotFound
     from gpl_platform.prerank.service import serve as run_service
 
     try:
-        run_service(load_settings(), host, port, model, refresh_interval)
+        run_service(settings, host, port, model, refresh_interval)
     except (ModelNotFound, FileNotFoundError, ValueError) as exc:
         _fail(f"gpl serve: {exc}")
 

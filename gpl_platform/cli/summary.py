@@ -1,21 +1,26 @@
 """The end of `gpl run`: a summary a person reads in ten seconds.
 
 The results table (method, AUC, unexposed AUC, HR@10 as mean ± std over seeds, when this run
-produced an evaluation), where the report and plots are, how to open the UI, how to run the full
-evaluation when the run was the demo's smaller one, and one short line per failed quality check.
+produced an evaluation: the report the run says it wrote), where the report and plots are, how to open
+the UI, how to run the full evaluation when the run was the demo's smaller one, and one short line per
+failed quality check.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from gpl_platform.config import Settings
 
 #: the columns of the results table: report key -> header
 TABLE_METRICS = {"unexposed_gauc": "unexposed GAUC", "auc": "AUC", "unexposed_auc": "unexposed AUC", "hr@10": "HR@10"}
 #: a failed check's line is cut to this many characters (the Dagster UI has the whole text)
 CHECK_LINE_CHARS = 160
+#: the name of the report of an evaluation without oracle labels (gpl_platform/evaluation/logged.py)
+LOGGED_REPORT_STEM = "logged_eval"
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -120,9 +125,14 @@ def check_lines(failed_checks: Sequence[str]) -> list[str]:
     return lines
 
 
-def fresh_report(report_path: Path, since_epoch: float) -> dict | None:
-    """The evaluation report if this run wrote it (not one left by an earlier run)."""
-    if not report_path.exists() or report_path.stat().st_mtime < since_epoch:
+def is_logged_report(report_path: Path) -> bool:
+    """The report of an evaluation of real logs (no oracle labels), not the benchmark's."""
+    return report_path.stem == LOGGED_REPORT_STEM
+
+
+def read_report(report_path: Path | None) -> dict | None:
+    """The report a run wrote (the path it returned; None: it wrote none), None if unreadable."""
+    if report_path is None:
         return None
     try:
         return json.loads(report_path.read_text())
@@ -144,7 +154,7 @@ def logged_table(report: dict, report_path: Path) -> list[str]:
 def render_run_summary(
     failed_checks: Sequence[str],
     report: dict | None,
-    report_path: Path,
+    report_path: Path | None,
     full_evaluation_hint: bool,
     ui_url: str = "http://127.0.0.1:3000",
     logged: dict | None = None,
@@ -170,29 +180,24 @@ def render_run_summary(
     return lines
 
 
-def print_run_summary(failed_checks: Sequence[str], began_perf_counter: float, echo=print) -> None:
-    """Print the summary of a `gpl run` that started at ``began_perf_counter`` (``time.perf_counter()``)."""
-    import os
-
+def print_run_summary(failed_checks: Sequence[str], settings: Settings, report_path: Path | None, echo=print) -> None:
+    """Print the summary of a `gpl run` with ``settings`` whose evaluation wrote ``report_path`` (None: the
+    run evaluated nothing)."""
     from gpl_platform.cli.instance import is_default_data_dir
-    from gpl_platform.config import load_settings
 
-    data_dir = load_settings().data_dir
-    since = time.time() - (time.perf_counter() - began_perf_counter)
-    report_path = data_dir / "reports" / "offline_eval.json"
-    report = fresh_report(report_path, since)
-    logged_path = report_path.with_name("logged_eval.json")
-    logged = fresh_report(logged_path, since)
+    data_dir = settings.data_dir
+    logged = report_path is not None and is_logged_report(report_path)
+    report = read_report(report_path)
     demo = os.environ.get("GPL_DEMO") == "1"
     # the UI shows the instance of one data directory
     ui_command = "make ui" if is_default_data_dir(data_dir) else f"GPL_DATA_DIR={data_dir} make ui"
     for line in render_run_summary(
         failed_checks,
-        report,
+        None if logged else report,
         report_path,
         full_evaluation_hint=demo,
-        logged=logged,
-        logged_path=logged_path,
+        logged=report if logged else None,
+        logged_path=report_path if logged else None,
         ui_command=ui_command,
     ):
         echo(line)

@@ -15,24 +15,22 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
+from gpl_platform.data.contract_errors import ORIGIN, ContractError, fail_rows, origin_file
+from gpl_platform.data.policies import (
+    DEFAULT_POLICIES,
+    POLICY_COLUMN,
+    PRODUCTION_POLICY,
+    LoggingPolicies,
+    checked_propensities,
+    validated_policies,
+)
+
 ITEM_REQUIRED = ("item_id", "text")
 USER_REQUIRED = ("user_id",)
 EVENT_REQUIRED = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
-EVENT_OPTIONAL = ("oracle_label", "propensity")
-ORIGIN = "__origin_file"  # per-row source file name, kept only while validating
+EVENT_OPTIONAL = ("oracle_label", "propensity", POLICY_COLUMN)
 # Names the platform adds to a frame while reading it: a delivered column of that name would be overwritten.
 RESERVED_COLUMNS = (ORIGIN,)
-
-
-class ContractError(ValueError):
-    """Input that breaks the data contract. Names the file, column and offending row count."""
-
-    def __init__(self, file: str, column: str | None, n_rows: int | None, problem: str, examples: list | None = None):
-        self.file, self.column, self.n_rows, self.problem = file, column, n_rows, problem
-        where = f"{file}: column '{column}'" if column else f"{file}"
-        count = f": {n_rows} row(s) {problem}" if n_rows is not None else f": {problem}"
-        ex = f" (e.g. {', '.join(map(_example, examples[:3]))})" if examples else ""
-        super().__init__(where + count + ex)
 
 
 @dataclass
@@ -48,25 +46,6 @@ class Dataset:
     @property
     def has_oracle(self) -> bool:
         return "oracle_label" in self.events and self.events["oracle_label"].notna().any()
-
-
-def origin_file(df: pd.DataFrame, default: str, mask: pd.Series | np.ndarray | None = None) -> str:
-    """The file(s) the offending rows came from, for error messages."""
-    if ORIGIN not in df:
-        return default
-    files = df.loc[mask, ORIGIN] if mask is not None else df[ORIGIN]
-    names = sorted(set(files.dropna().astype(str)))
-    if not names:
-        return default
-    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more files)"
-
-
-def _fail(df, file, column, mask, problem):
-    mask = np.asarray(mask, dtype=bool)
-    n = int(mask.sum())
-    if n:
-        examples = df.loc[mask, column].head(3).tolist() if column in df else None
-        raise ContractError(origin_file(df, file, mask), column, n, problem, examples)
 
 
 def _require_columns(df: pd.DataFrame, file: str, required: tuple[str, ...]) -> None:
@@ -87,8 +66,8 @@ def _string_ids(df: pd.DataFrame, file: str, column: str) -> pd.Series:
             f"have type {col.dtype}, expected string ids (cast the column to string)",
         )
     if ptypes.infer_dtype(col, skipna=True) != "string":  # a C-level scan; the per-value test only when it fails
-        _fail(df, file, column, col.notna() & ~col.map(lambda v: isinstance(v, str)), "are not strings")
-    _fail(df, file, column, col.isna() | (col.astype("string").str.strip() == ""), "have a null or empty id")
+        fail_rows(df, file, column, col.notna() & ~col.map(lambda v: isinstance(v, str)), "are not strings")
+    fail_rows(df, file, column, col.isna() | (col.astype("string").str.strip() == ""), "have a null or empty id")
     return col.astype(str)
 
 
@@ -97,10 +76,10 @@ def validate_items(items: pd.DataFrame, file: str = "items") -> pd.DataFrame:
     out = items.copy()
     out["item_id"] = _string_ids(out, file, "item_id")
     text = out["text"]
-    _fail(out, file, "text", text.isna(), "have null text")
-    _fail(out, file, "text", ~text.map(lambda v: isinstance(v, str)), "have non-string text")
-    _fail(out, file, "text", text.str.strip() == "", "have empty text")
-    _fail(out, file, "item_id", out["item_id"].duplicated(keep=False), "have a duplicate item_id")
+    fail_rows(out, file, "text", text.isna(), "have null text")
+    fail_rows(out, file, "text", ~text.map(lambda v: isinstance(v, str)), "have non-string text")
+    fail_rows(out, file, "text", text.str.strip() == "", "have empty text")
+    fail_rows(out, file, "item_id", out["item_id"].duplicated(keep=False), "have a duplicate item_id")
     _check_attribute_names(out, file, ("item_id", "text"))
     return out.reset_index(drop=True)
 
@@ -109,14 +88,14 @@ def validate_users(users: pd.DataFrame, file: str = "users") -> pd.DataFrame:
     _require_columns(users, file, USER_REQUIRED)
     out = users.copy()
     out["user_id"] = _string_ids(out, file, "user_id")
-    _fail(out, file, "user_id", out["user_id"].duplicated(keep=False), "have a duplicate user_id")
+    fail_rows(out, file, "user_id", out["user_id"].duplicated(keep=False), "have a duplicate user_id")
     _check_attribute_names(out, file, ("user_id",))
     return out.reset_index(drop=True)
 
 
 def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     col = df[column]
-    _fail(df, file, column, col.isna(), "have a null timestamp")
+    fail_rows(df, file, column, col.isna(), "have a null timestamp")
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         return col.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
     if ptypes.is_datetime64_dtype(col):
@@ -130,21 +109,21 @@ def _utc_timestamps(df: pd.DataFrame, file: str, column: str) -> pd.Series:
         text = _uppercase_utc_suffix(col.astype(str))
         # An explicit offset or Z is required: a naive wall-clock time is ambiguous.
         has_tz = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})\s*$", regex=True)
-        _fail(df, file, column, ~has_tz, "are naive timestamps (no time zone offset); append Z or +00:00")
+        fail_rows(df, file, column, ~has_tz, "are naive timestamps (no time zone offset); append Z or +00:00")
         parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
-        _fail(df, file, column, parsed.isna(), "are not parseable ISO-8601 timestamps")
+        fail_rows(df, file, column, parsed.isna(), "are not parseable ISO-8601 timestamps")
         return parsed.astype("datetime64[us, UTC]")
     raise ContractError(origin_file(df, file), column, len(col), f"have type {col.dtype}, expected a UTC timestamp")
 
 
 def _boolean(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     col = df[column]
-    _fail(df, file, column, col.isna(), "are null (expected true/false)")
+    fail_rows(df, file, column, col.isna(), "are null (expected true/false)")
     if ptypes.is_bool_dtype(col):
         return col.astype(bool)
     mapping = {"true": True, "false": False, "1": True, "0": False, "t": True, "f": False}
     as_text = col.astype(str).str.strip().str.lower()
-    _fail(df, file, column, ~as_text.isin(mapping), "are not booleans (true/false or 1/0)")
+    fail_rows(df, file, column, ~as_text.isin(mapping), "are not booleans (true/false or 1/0)")
     return as_text.map(mapping).astype(bool)
 
 
@@ -153,25 +132,19 @@ def _binary_nullable(df: pd.DataFrame, file: str, column: str) -> pd.Series:
     if ptypes.is_bool_dtype(col):
         return col.astype("Int8")
     numeric = pd.to_numeric(col, errors="coerce")
-    _fail(df, file, column, col.notna() & numeric.isna(), "are not numbers (expected 0, 1 or null)")
-    _fail(df, file, column, numeric.notna() & ~numeric.isin([0, 1]), "are not 0, 1 or null")
+    fail_rows(df, file, column, col.notna() & numeric.isna(), "are not numbers (expected 0, 1 or null)")
+    fail_rows(df, file, column, numeric.notna() & ~numeric.isin([0, 1]), "are not 0, 1 or null")
     return numeric.astype("Int8")
 
 
 def _propensity(df: pd.DataFrame, file: str) -> pd.Series:
-    """Optional logging propensities: P(exposed) under the logging policy, in (0, 1], null when unknown."""
+    """Optional logging propensities: P(exposed) under the logging policy, in (0, 1], null when unknown
+    (which rows need one depends on their policy: :func:`checked_propensities`)."""
     col = df["propensity"]
     numeric = pd.to_numeric(col, errors="coerce")
-    _fail(df, file, "propensity", col.notna() & numeric.isna(), "are not numbers (expected a probability or null)")
-    _fail(
+    fail_rows(df, file, "propensity", col.notna() & numeric.isna(), "are not numbers (expected a probability or null)")
+    fail_rows(
         df, file, "propensity", numeric.notna() & ~((numeric > 0) & (numeric <= 1)), "are not probabilities in (0, 1]"
-    )
-    _fail(
-        df,
-        file,
-        "propensity",
-        df["exposed"] & numeric.isna() & numeric.notna().any(),
-        "are exposed but have no propensity while other rows have one (give all exposed rows one, or none)",
     )
     return numeric.astype("float64")
 
@@ -182,9 +155,11 @@ def validate_events(
     users: pd.DataFrame | None = None,
     file: str = "events",
     require_rows: bool = True,
+    policies: LoggingPolicies = DEFAULT_POLICIES,
 ) -> pd.DataFrame:
     """Validate and normalize events against the (already validated) items and users. ``require_rows``:
-    a delivery without events is refused; a read of some day folders may have none (no delivery yet)."""
+    a delivery without events is refused; a read of some day folders may have none (no delivery yet).
+    ``policies``: the logging-policy names the log may use (:mod:`gpl_platform.data.policies`)."""
     _require_columns(events, file, EVENT_REQUIRED)
     if require_rows:
         _require_rows(events, file)
@@ -194,8 +169,8 @@ def validate_events(
     out["event_time"] = _utc_timestamps(out, file, "event_time")
     out["exposed"] = _boolean(out, file, "exposed")
     out["clicked"] = _binary_nullable(out, file, "clicked")
-    _fail(out, file, "clicked", out["exposed"] & out["clicked"].isna(), "are exposed but have no click label")
-    _fail(
+    fail_rows(out, file, "clicked", out["exposed"] & out["clicked"].isna(), "are exposed but have no click label")
+    fail_rows(
         out,
         file,
         "clicked",
@@ -206,30 +181,31 @@ def validate_events(
         out["oracle_label"] = _binary_nullable(out, file, "oracle_label")
     else:
         out["oracle_label"] = pd.array([pd.NA] * len(out), dtype="Int8")
+    out[POLICY_COLUMN] = validated_policies(out, file, policies)
     out["propensity"] = _propensity(out, file) if "propensity" in out else np.nan
-    _fail(
+    out["propensity"] = checked_propensities(out, file, policies)
+    fail_rows(
         out,
         file,
         "item_id",
         out.duplicated(["request_id", "item_id"], keep=False),
         "repeat a (request_id, item_id) pair",
     )
-    _fail(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
+    fail_rows(out, file, "item_id", ~out["item_id"].isin(items["item_id"]), "name items missing from the items table")
     per_request = out.groupby("request_id", sort=False).agg(
         n_users=("user_id", "nunique"), n_times=("event_time", "nunique")
     )
     for column, agg, what in (("user_id", "n_users", "user"), ("event_time", "n_times", "event_time")):
         bad = out["request_id"].map(per_request[agg] > 1)
-        _fail(out, file, column, bad, f"belong to a request that has more than one {what}")
+        fail_rows(out, file, column, bad, f"belong to a request that has more than one {what}")
     return out.reset_index(drop=True)
 
 
 def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
     """Column order and dtypes every consumer can rely on (adds the UTC `day`)."""
-    out = events.reindex(
-        columns=["request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "oracle_label", "propensity"]
-    ).copy()
+    out = events.reindex(columns=[*EVENT_REQUIRED, "oracle_label", "propensity", POLICY_COLUMN]).copy()
     out["propensity"] = pd.to_numeric(out["propensity"], errors="coerce").astype("float64")
+    out[POLICY_COLUMN] = out[POLICY_COLUMN].where(out[POLICY_COLUMN].notna(), PRODUCTION_POLICY).astype(object)
     out["day"] = out["event_time"].dt.tz_convert("UTC").dt.date
     return out
 
@@ -242,12 +218,13 @@ def validate_dataset(
     files: dict[str, str] | None = None,
     info: dict | None = None,
     require_rows: bool = True,
+    policies: LoggingPolicies = DEFAULT_POLICIES,
 ) -> Dataset:
     """Validate all three tables; users default to the distinct users of the events."""
     files = files or {}
     items_v = validate_items(items, files.get("items", "items"))
     users_v = validate_users(users, files.get("users", "users")) if users is not None else None
-    events_v = validate_events(events, items_v, users_v, files.get("events", "events"), require_rows)
+    events_v = validate_events(events, items_v, users_v, files.get("events", "events"), require_rows, policies)
     info = dict(info or {})
     users_v, info["users_only_in_events"] = _with_event_users(users_v, events_v)
     for frame in (items_v, users_v, events_v):
@@ -256,13 +233,6 @@ def validate_dataset(
 
 
 # ---- helpers of the checks above ----------------------------------------------------------
-
-
-def _example(value) -> str:
-    """An offending value as an error message shows it (a missing one as <empty>, not nan)."""
-    return (
-        "<empty>" if value is None or (isinstance(value, float) and value != value) or value is pd.NA else repr(value)
-    )
 
 
 def _require_rows(frame: pd.DataFrame, file: str) -> None:

@@ -26,6 +26,7 @@ from gpl_platform.data.contract import (
     origin_file,
     validate_dataset,
 )
+from gpl_platform.data.policies import DEFAULT_POLICIES, LoggingPolicies
 
 READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 # CSV ids stay strings (a leading zero or "007" is an id, not a number).
@@ -124,13 +125,17 @@ def read_contract_table(directory: Path, table: str, required: bool = True) -> t
 
 
 def read_contract_dir(
-    directory: Path, days: Sequence[date] | None = None, time_window: tuple[datetime, datetime] | None = None
+    directory: Path,
+    days: Sequence[date] | None = None,
+    time_window: tuple[datetime, datetime] | None = None,
+    policies: LoggingPolicies = DEFAULT_POLICIES,
 ) -> Dataset:
     """Read and validate a contract directory.
 
     ``days``: with the day-folder layout, read only these days' folders (a daily run reads one day,
     not the whole history); ignored for the flat layout. ``time_window``: event times outside
-    [start, end) are refused with the offending rows named (default: :func:`plausible_time_window`)."""
+    [start, end) are refused with the offending rows named (default: :func:`plausible_time_window`).
+    ``policies``: the logging-policy names the events may use."""
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise ContractError(str(directory), None, None, "is not a directory")
@@ -151,6 +156,7 @@ def read_contract_dir(
         files={"items": items_file, "users": users_file, "events": events_file},
         info={"path": str(directory), "layout": "day folders" if folders is not None else "flat"},
         require_rows=not some_days,
+        policies=policies,
     )
     check_event_times(dataset.events, origins, time_window or plausible_time_window(), events_file)
     if folders is not None:

@@ -38,6 +38,7 @@ from gpl_platform.data.delivery import (
     read_contract_table,
     read_event_days,
 )
+from gpl_platform.data.policies import DEFAULT_POLICIES, LoggingPolicies
 from gpl_platform.data.sql import quote_identifier, quote_literal
 
 # A delivery is read once per pass: DuckDB's cache of file blocks (up to its memory limit) would only hold memory.
@@ -60,6 +61,7 @@ def delivered_event_chunks(
     chunk_rows: int,
     time_window: tuple[datetime, datetime] | None = None,
     memory_limit: str = "1GB",
+    policies: LoggingPolicies = DEFAULT_POLICIES,
 ) -> Iterator[tuple[date, Iterator[pd.DataFrame]]]:
     """For each of the delivered ``days`` in order: the day and its validated, normalized events (columns of
     ``Dataset.events``), about ``chunk_rows`` rows at a time, each chunk whole requests (nothing when the day has
@@ -74,10 +76,12 @@ def delivered_event_chunks(
     items, users = contract_catalog(directory)
     window = time_window or plausible_time_window()
     for day in days:
-        yield day, _day_chunks(directory, folders, day, items, users, chunk_rows, window, memory_limit)
+        yield day, _day_chunks(directory, folders, day, items, users, chunk_rows, window, memory_limit, policies)
 
 
-def _day_chunks(directory, folders, day, items, users, chunk_rows, window, memory_limit) -> Iterator[pd.DataFrame]:
+def _day_chunks(
+    directory, folders, day, items, users, chunk_rows, window, memory_limit, policies
+) -> Iterator[pd.DataFrame]:
     if day not in folders:
         return
     files = day_folder_files(directory, folders[day])
@@ -87,7 +91,7 @@ def _day_chunks(directory, folders, day, items, users, chunk_rows, window, memor
     else:
         frames = _parquet_chunks(directory, files, chunk_rows, memory_limit, label)
     for frame in frames:
-        events = validate_events(frame, items, users, label, require_rows=False)
+        events = validate_events(frame, items, users, label, require_rows=False, policies=policies)
         origins = events.pop(ORIGIN).to_numpy()
         events = normalize_events_frame(events)
         check_event_times(events, origins, window, label)

@@ -17,7 +17,8 @@ labels exist. Three policies (``ExposurePolicyConfig``, docs/EVALUATION.md):
   true label is 1 (the classic missing-not-at-random setup).
 
 Every candidate gets its true exposure probability under the policy that served its day
-(``propensity``), estimated by drawing the same Plackett-Luce top-k many times.
+(``propensity``), estimated by drawing the same Plackett-Luce top-k many times. A source's exploration
+slice (``exploration_share``) is served by the uniform-random policy instead (gpl_platform/data/exploration_draw.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpl_platform.data.exploration_draw import serve_uniformly
 from gpl_platform.data.sampling import rank_within_groups
 from gpl_platform.source_settings import ExposurePolicyConfig
 
@@ -218,6 +220,7 @@ def expose(
     seed: int,
     rng: np.random.Generator,
     popularity_offset: float = 1.0,
+    explore: np.ndarray | None = None,
 ) -> Exposure:
     """Exposure and true propensity of every candidate under ``cfg.policy``.
 
@@ -226,7 +229,9 @@ def expose(
     the logging system knows of popularity); ``categories`` is (items x categories) with rows
     summing to 1 (or 0 for an item without one). ``rng`` is the source's stream, used only by the
     ``popularity`` policy (so the first protocol's draws stay the same); the others draw from
-    per-day streams of ``seed``. Popularity weights are ``(popularity + popularity_offset)^power``."""
+    per-day streams of ``seed``. Popularity weights are ``(popularity + popularity_offset)^power``.
+    ``explore``: the rows of the requests the uniform-random policy serves instead (the exploration
+    slice, :mod:`gpl_platform.data.exploration_draw`)."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(candidates.request):
         raise ValueError(f"{len(labels)} labels for {len(candidates.request)} candidates")
@@ -241,8 +246,9 @@ def expose(
             n_exposed,
             cfg.propensity_samples,
         )
+        serve_uniformly(exposed, propensity, candidates.request, candidates.day, n_exposed, explore, seed)
         return Exposure(exposed, propensity, {"policy": "popularity"})
-    return _expose_day_by_day(candidates, labels, pop_logw, n_exposed, categories, len(popularity), cfg, seed)
+    return _expose_day_by_day(candidates, labels, pop_logw, n_exposed, categories, len(popularity), cfg, seed, explore)
 
 
 def _expose_day_by_day(
@@ -254,6 +260,7 @@ def _expose_day_by_day(
     n_items: int,
     cfg: ExposurePolicyConfig,
     seed: int,
+    explore: np.ndarray | None = None,
 ) -> Exposure:
     n = len(labels)
     exposed, propensity = np.zeros(n, dtype=bool), np.zeros(n)
@@ -272,6 +279,7 @@ def _expose_day_by_day(
             labels[rows],
             pop_logw[rows],
             n_exposed[rows],
+            None if explore is None else explore[rows],
         )
     return Exposure(exposed, propensity, policy.info())
 
@@ -302,8 +310,10 @@ class DailyExposure:
         labels: np.ndarray,
         pop_logw: np.ndarray,
         n_exposed: np.ndarray,
+        explore: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exposure and true propensity of one day's candidates; their clicks are revealed afterwards."""
+        """Exposure and true propensity of one day's candidates; their clicks are revealed afterwards.
+        ``explore``: the rows the uniform-random policy serves instead (:func:`serve_uniformly`)."""
         cfg = self.cfg
         if self.last_day is not None and day <= self.last_day:
             raise ValueError(f"days must be served in order: day {day} after {self.last_day}")
@@ -330,10 +340,14 @@ class DailyExposure:
         propensity = inclusion_probability(
             np.random.default_rng([self.seed, _PROPENSITY_SALT, day]), requests, logw, n_exposed, cfg.propensity_samples
         )
+        serve_uniformly(shown, propensity, requests, np.full(len(requests), day), n_exposed, explore, seed=self.seed)
         clicks = labels[shown]  # the only labels the logging system ever sees
         self.counts.add(users[shown], items[shown], clicks)
         if features is not None:
-            self.logged.append((day, features[shown], clicks))
+            # the logging model refits on production-served rows only (the exploration slice's clicks
+            # still enter the counts its features are made of: they are logged clicks like any other)
+            production = shown if explore is None else shown & ~explore
+            self.logged.append((day, features[production], labels[production]))
         self.last_day, self.days = day, self.days + 1
         return shown, propensity
 

@@ -9,8 +9,9 @@ from datetime import date, timedelta
 import pandas as pd
 
 from gpl_platform.data.batches import BATCH_OUTPUT, insert_batch
-from gpl_platform.data.contract import ContractError, Dataset
+from gpl_platform.data.contract import EVENT_REQUIRED, ContractError, Dataset
 from gpl_platform.data.errors import MissingUpstreamDays
+from gpl_platform.data.policies import POLICY_COLUMN
 from gpl_platform.data.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def _refuse_orphaned_events(con, catalog_ids: pd.Series, delivered_item_ids: Ite
             )
 
 
-EVENT_COLUMNS = ["day", "request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "propensity"]
+# the order of the warehouse's events table (ingestion inserts by position)
+EVENT_COLUMNS = ["day", *EVENT_REQUIRED, "propensity", POLICY_COLUMN]
 ORACLE_COLUMNS = ["day", "request_id", "item_id", "oracle_label"]
 
 

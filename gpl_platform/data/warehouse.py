@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     day DATE NOT NULL, request_id VARCHAR NOT NULL, user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL,
-    event_time TIMESTAMPTZ NOT NULL, exposed BOOLEAN NOT NULL, clicked TINYINT, propensity DOUBLE
+    event_time TIMESTAMPTZ NOT NULL, exposed BOOLEAN NOT NULL, clicked TINYINT, propensity DOUBLE,
+    logging_policy VARCHAR
 );
--- warehouses written before logging propensities existed
+-- warehouses written before logging propensities and policies existed (a null policy is production's)
 ALTER TABLE events ADD COLUMN IF NOT EXISTS propensity DOUBLE;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS logging_policy VARCHAR;
 -- Kept apart from `events` so nothing that builds training data can read it by accident:
 -- only evaluation code joins it back (tests/test_oracle_isolation.py enforces this).
 CREATE TABLE IF NOT EXISTS oracle_labels (

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.evaluation.exploration import SLICE_METRICS, slice_request_metrics, slice_summary
 from gpl_platform.evaluation.method_runs import (
     TrainingData,
     gated_pseudo_labels,
@@ -30,6 +31,7 @@ from gpl_platform.evaluation.method_runs import (
 )
 from gpl_platform.evaluation.metrics import auc, gauc, hit_rate_at_k
 from gpl_platform.evaluation.prerankers import preranker_specs
+from gpl_platform.evaluation.slice_audit import slice_label_audit
 from gpl_platform.prerank import methods as registry
 from gpl_platform.prerank.data import attach_features, id_vocabularies, load_candidates, time_split
 from gpl_platform.prerank.model import ModelConfig
@@ -123,17 +125,32 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
             ) from None
     days = split.train_days + split.valid_days + split.test_days
     cands = load_candidates(warehouse, days)
+    # The exploration slice never trains by default; it is then the test set (and the rest of the test days'
+    # traffic gives the biased exposed-only metrics beside it).
+    exploring = cands["logging_policy"].isin(set(evaluation.exploration_policies)).to_numpy()
+    slice_is_test = not evaluation.exploration_trains
+    trains = ~exploring if slice_is_test else np.ones(len(cands), bool)
     masks = {
-        name: cands["day"].isin(set(part)).to_numpy()
-        for name, part in (("train", split.train_days), ("valid", split.valid_days), ("test", split.test_days))
+        "train": cands["day"].isin(set(split.train_days)).to_numpy() & trains,
+        "valid": cands["day"].isin(set(split.valid_days)).to_numpy() & trains,
+        "test": cands["day"].isin(set(split.test_days)).to_numpy(),
     }
     train, valid, test = (cands[masks[n]].reset_index(drop=True) for n in ("train", "valid", "test"))
-    if not test["exposed"].any() or test.loc[test["exposed"], "clicked"].nunique() < 2:
+    if train.empty and exploring.any():
+        raise ValueError(
+            "every candidate of the training days was served by an exploration policy, and the exploration slice "
+            "is held out as the test set: set evaluation.exploration_trains=true to train on it (there is then no "
+            "unbiased test set), or deliver production traffic"
+        )
+    test_slice = exploring[masks["test"]] & slice_is_test
+    production = test[~test_slice]
+    judged = [part for part in (production, test[test_slice]) if part.loc[part["exposed"], "clicked"].nunique() == 2]
+    if not judged:
         raise ValueError(
             f"the test days {split.describe()['test_days']} need exposed candidates with both clicks and "
             "non-clicks to measure anything: deliver more days (or raise training.test_share)"
         )
-    propensity_known = bool(test.loc[test["exposed"], "propensity"].notna().all())
+    propensity_known = bool(len(production)) and bool(production.loc[production["exposed"], "propensity"].notna().all())
     methods = list(evaluation.methods)
     pseudo, refused = gated_pseudo_labels(warehouse, split.train_days, split.valid_days, methods, gates.pseudo_labels)
     user_vocab, item_vocab = id_vocabularies(warehouse)
@@ -156,10 +173,18 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
     test_x = matrix[masks["test"]]
     runs: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
+    slice_rows = test[test_slice].reset_index(drop=True)
+    per_seed: dict[int, dict] = {}
     for seed in cfg.seeds:
         for method, model, history in train_methods(data, methods, seed, skipped, refused):
             scores = model.predict(test_x, test["user_id"].to_numpy(), test["item_id"].to_numpy())
-            metrics = logged_metrics(test, scores, propensity_known, cfg.ips_clip)
+            metrics = logged_metrics(
+                production.reset_index(drop=True), scores[~test_slice], propensity_known, cfg.ips_clip
+            )
+            if len(slice_rows):
+                per_seed.setdefault(seed, {})[method] = slice_request_metrics(
+                    slice_rows, scores[test_slice], cfg.ips_clip
+                )
             runs.setdefault(method, []).append(
                 {"seed": seed, **metrics, "rows": history["n_rows"], "pseudo_rows": history["n_pseudo"]}
             )
@@ -180,8 +205,9 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
         "dataset": settings.source,
         "seeds": list(cfg.seeds),
         "preranker": spec.name,
-        "what": "no oracle labels: metrics on the exposed test candidates' clicks; ips_recall@10 estimates recall "
-        "over every candidate from exposed clicks weighted by 1/propensity"
+        "what": "no oracle labels: the exploration slice's clicks judge how a model orders every candidate "
+        "('exploration'); beside it, biased, the production traffic's exposed test candidates' clicks; "
+        "ips_recall@10 estimates recall over every candidate from exposed clicks weighted by 1/propensity"
         + ("" if propensity_known else " (not available: the log has no propensities)"),
         "methods": summary,
         "runs": runs,
@@ -197,8 +223,34 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
             **{f"pseudo_labels:{k}": v for k, v in refused.items()},
         },
         "label_audit": label_audit_summary(warehouse),
+        "exploration": exploration_section(warehouse, per_seed, evaluation, slice_rows, exploring, masks),
         "seconds": round(time.perf_counter() - began, 1),
     }
+
+
+def exploration_section(
+    warehouse: Warehouse, per_seed: dict, evaluation, slice_rows: pd.DataFrame, exploring: np.ndarray, masks: dict
+) -> dict:
+    """The report's ``exploration`` entry: the slice's metrics per method (the headline of a real log), what
+    the slice holds, and its check of the pseudo-labels (:func:`slice_label_audit`)."""
+    base = {
+        "policies": list(evaluation.exploration_policies),
+        "rows": int(len(slice_rows)),
+        "shown": int(slice_rows["exposed"].sum()) if len(slice_rows) else 0,
+        "training_rows_held_out": int((exploring & ~masks["test"]).sum()) if not evaluation.exploration_trains else 0,
+        "label_audit": slice_label_audit(warehouse, evaluation.exploration_policies),
+    }
+    if evaluation.exploration_trains:
+        return {
+            **base,
+            "requests": 0,
+            "methods": {},
+            "note": "evaluation.exploration_trains: the slice trained, so it is not a test set",
+        }
+    if not per_seed:
+        return {**base, "requests": 0, "methods": {}, "note": "the test days have no exploration traffic"}
+    families = {m: registry.method(m).family for m in next(iter(per_seed.values()))}
+    return {**base, **slice_summary(per_seed, families, evaluation.min_exploration_requests)}
 
 
 def label_audit_summary(warehouse: Warehouse) -> dict:
@@ -230,6 +282,44 @@ def results_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def exploration_table(section: dict) -> pd.DataFrame:
+    """One row per method: the slice's metrics with their 95% intervals."""
+
+    def cell(entry: dict) -> str:
+        lo, hi = entry.get("ci95") or [None, None]
+        interval = f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else ""
+        return f"{entry['mean']:.4f}{interval}"
+
+    return pd.DataFrame(
+        [{"method": m, **{k: cell(v[k]) for k in SLICE_METRICS}} for m, v in section.get("methods", {}).items()]
+    )
+
+
+def exploration_lines(section: dict) -> list[str]:
+    """The markdown of the exploration slice: the headline of a real log's evaluation."""
+    lines = ["## The exploration slice (unbiased: what was shown did not depend on the production system)", ""]
+    if not section.get("methods"):
+        return [*lines, f"- {section.get('note', 'no exploration traffic')}", ""]
+    lines += [
+        f"{section['requests']} exploration test requests, {section['shown']} shown candidates of {section['rows']} "
+        f"(policies {', '.join(section['policies'])}); seeds' mean with a 95% interval over requests and seeds.",
+        "",
+        exploration_table(section).to_markdown(index=False),
+        "",
+    ]
+    if "warning" in section:
+        lines += [f"**Warning:** {section['warning']}.", ""]
+    claim = section.get("gpl_helps")
+    if claim:
+        verdict = "helps" if claim["helps"] else "does not help"
+        lines += [
+            f"By the claim rule on the slice's GAUC, gpl {verdict} (best baseline {claim['best_baseline']}, "
+            f"best control {claim['best_control']}).",
+            "",
+        ]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     audit = report.get("label_audit") or {}
     lines = [
@@ -240,6 +330,9 @@ def render_markdown(report: dict) -> str:
         f"Pre-ranker {report['preranker']}, seeds {report['seeds']}, split {json.dumps(report['split'])}; "
         f"{report['n_test_requests']} test requests, {report['n_test_exposed']} exposed test candidates of "
         f"{report['n_test_candidates']}.",
+        "",
+        *exploration_lines(report.get("exploration") or {}),
+        "## Exposed test candidates of the production traffic (biased: only what the system chose to show)",
         "",
         results_table(report).to_markdown(index=False),
         "",

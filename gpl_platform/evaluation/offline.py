@@ -15,6 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gpl_platform.config import ConfidenceConfig, EvaluationConfig, TrainingConfig
+from gpl_platform.data.policies import held_out_of_training
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.evaluation.candidate_metrics import (
     METRICS,
@@ -244,8 +245,9 @@ def _shared_inputs(
     # a selection run never reads the test days' candidates or labels
     days = split.train_days + split.valid_days + (split.test_days if with_test else [])
     cands = load_candidates(warehouse, days)
-    in_train = cands["day"].isin(set(split.train_days)).to_numpy()
-    in_valid = cands["day"].isin(set(split.valid_days)).to_numpy()
+    trains = ~cands["logging_policy"].isin(set(held_out_of_training(evaluation))).to_numpy()  # the slice: test only
+    in_train = cands["day"].isin(set(split.train_days)).to_numpy() & trains
+    in_valid = cands["day"].isin(set(split.valid_days)).to_numpy() & trains
     in_test = cands["day"].isin(set(split.test_days)).to_numpy()
     train = cands[in_train].reset_index(drop=True)
     exposures = train[train["exposed"]].groupby("item_id").size()

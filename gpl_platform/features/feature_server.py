@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from gpl_platform.config import load_settings
+from gpl_platform.features.feast_import import import_feast
 from gpl_platform.features.store import FeastStore
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class EntityCheck:
 
 def create_app():
     """uvicorn's app factory (every worker process builds its own) for the settings of the environment."""
+    import_feast()
     from feast.feature_server import get_app
     from feast.permissions.server.utils import (
         ServerType,

@@ -26,6 +26,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from gpl_platform.config import PROJECT_ROOT, Settings, load_settings
+from gpl_platform.features.feast_import import import_feast
 from gpl_platform.features.schema import EMB, FLOAT, INT, KNOWN_FLAGS, STR, VIEWS, FeatureSpec, input_name
 
 REPO_DIR = PROJECT_ROOT / "feature_repo"
@@ -61,6 +62,7 @@ def repo_spec() -> FeatureSpec:
 
 
 def feast_type(dtype: str):
+    import_feast()
     from feast.types import Array, Float32, Float64, Int64, String
 
     return {INT: Int64, FLOAT: Float64, STR: String, EMB: Array(Float32)}[dtype]
@@ -121,6 +123,7 @@ def active(settings: Settings) -> Iterator[None]:
 
 def repo_files() -> list[Path]:
     """The .py files ``feast apply`` would import (honoring ``.feastignore``)."""
+    import_feast()
     from feast.repo_operations import get_repo_files
 
     return sorted(get_repo_files(REPO_DIR))
@@ -130,6 +133,7 @@ def load_objects(settings: Settings) -> list:
     """Every Feast object the repository declares, for ``settings`` (what ``feast apply`` collects).
 
     Each call executes the files afresh (a module import would be cached for the first settings)."""
+    import_feast()
     from feast import Entity, FeatureService, FeatureView, OnDemandFeatureView
     from feast.data_source import DataSource
 

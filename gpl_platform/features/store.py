@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import uuid
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from datetime import UTC, date, datetime, timedelta
@@ -36,6 +35,7 @@ import yaml
 
 from gpl_platform.features import parquet, repo
 from gpl_platform.features.compute import day_start
+from gpl_platform.features.feast_import import import_feast
 from gpl_platform.features.repo import feast_dir, sources_dir, spec_path
 from gpl_platform.features.schema import PROJECT, FeatureSpec
 
@@ -124,11 +124,6 @@ def render_config(settings) -> dict:
     }
 
 
-def _quiet_feast() -> None:
-    warnings.filterwarnings("ignore", message=".*On demand feature view is an experimental feature.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(feast|ibis)\..*")
-
-
 class FeastStore:
     """One Feast feature store (registry + online store) over the parquet sources of ``settings``."""
 
@@ -163,7 +158,7 @@ class FeastStore:
     @cached_property
     def store(self):
         """The ``feast.FeatureStore`` (imports Feast on first use)."""
-        _quiet_feast()
+        import_feast()
         from feast import FeatureStore
 
         return FeatureStore(repo_path=str(self.config_path.parent), fs_yaml_file=self.write_config())

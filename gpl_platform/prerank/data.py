@@ -16,6 +16,7 @@ import pandas as pd
 
 from gpl_platform.config import TrainingConfig
 from gpl_platform.data.batches import BATCH_OUTPUT, PLAN_TABLE, insert_batch, plan_user_batches
+from gpl_platform.data.policies import PRODUCTION_POLICY, not_served_by
 from gpl_platform.data.sql import quote_literal
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.prerank import methods
@@ -70,9 +71,10 @@ def time_split(
 
 
 def load_candidates(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
-    """Every candidate of ``days`` in (day, request_id, item_id) order."""
+    """Every candidate of ``days`` in (day, request_id, item_id) order, with the policy that served it."""
     frame = warehouse.query(
-        "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked, propensity FROM events "
+        "SELECT day, request_id, user_id, item_id, event_time, exposed, clicked, propensity, "
+        f"coalesce(logging_policy, {quote_literal(PRODUCTION_POLICY)}) AS logging_policy FROM events "
         "WHERE day BETWEEN ? AND ? ORDER BY day, request_id, item_id",
         [min(days), max(days)],
     )
@@ -208,10 +210,12 @@ def write_training_set(
     seed: int,
     batch_candidates: int = 250_000,
     duckdb_memory_limit: str | None = None,
+    held_out_policies: Sequence[str] = (),
 ) -> dict:
     """Replace the table ``training_set`` with ``method``'s rows over ``train_days`` (pseudo-labels only
     from ``label_days``), inside ``con``'s open transaction. pandas holds one batch of about
-    ``batch_candidates`` candidates (whole requests) at a time; the table keeps the order of the
+    ``batch_candidates`` candidates (whole requests) at a time (requests of ``held_out_policies``, the
+    exploration slice, never); the table keeps the order of the
     whole-range plan (actual rows, then pseudo rows, each in (day, request_id, item_id) order), so what
     trains on it is the same. DuckDB, which stages the rows and sorts them, spills beyond
     ``duckdb_memory_limit``. Returns row counts and label means."""
@@ -226,7 +230,8 @@ def write_training_set(
     n_batches = plan_user_batches(
         con,
         "SELECT day, request_id, count(*) AS n FROM events "
-        "WHERE day IN (SELECT CAST(day AS DATE) FROM _training_days) GROUP BY day, request_id",
+        f"WHERE day IN (SELECT CAST(day AS DATE) FROM _training_days) {not_served_by(held_out_policies)} "
+        "GROUP BY day, request_id",
         batch_candidates,
         key="request_id",
     )

@@ -8,8 +8,11 @@
    similarity -> probability, fitted per refit day by ``day_calibration``;
 4. ``confidence`` the three confidence factors and the weight.
 
-``pipeline`` runs steps 3-4 over a range of days in streamed batches of users (``batches``: what one
-batch computes; ``stages``: the tables a variant writes); ``in_memory`` is the whole-range reference;
-``audit`` compares pseudo-labels with later real clicks; ``model_loading`` builds the anchor generator
-and the encoder from the settings, once per process.
+``chain`` (:class:`~gpl_platform.pseudo_labels.chain.LabellingChain`) runs the stages over a range of days, one
+method per stage, each returning a frozen result (``stage_results``); ``pipeline`` runs steps 3-4 in streamed
+batches of users (``batches``: what one batch computes; ``label_report``: the degenerate-day rule and the
+statistics of the labels; ``stages``: the tables a variant writes and the settings the stages read); ``audit``
+compares pseudo-labels with later real clicks; ``model_loading`` builds the anchor generator and the encoder
+from the settings, once per process. The whole-range reference the streaming stages are tested against is
+tests/pseudo_labels/reference_labels.py.
 """

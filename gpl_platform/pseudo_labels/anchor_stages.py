@@ -17,6 +17,7 @@ from gpl_platform.engine import Engine, LocalEngine
 from gpl_platform.pseudo_labels.anchors.base import ANCHOR_COLUMNS, AnchorGenerator, UserHistory
 from gpl_platform.pseudo_labels.encoder import encode_deduplicated
 from gpl_platform.pseudo_labels.engine_proxies import EngineAnchorGenerator, EngineEncoder
+from gpl_platform.pseudo_labels.stage_results import AnchorsResult, AnchorSummary, EmbeddingsResult
 from gpl_platform.pseudo_labels.stages import MAIN, StageTables, as_date, days_param, require_days
 from gpl_platform.pseudo_labels.vectors import vector_column
 
@@ -93,7 +94,7 @@ def generate_anchors(
     run_id: str | None = None,
     tables: StageTables = MAIN,
     engine: Engine | None = None,
-) -> dict:
+) -> AnchorsResult:
     """Anchors for every (day, user) with a request, written to the anchors table of ``tables``; returns
     the stats. Streamed: the histories are read ``streaming.anchor_stage_users`` at a time, their misses
     generated and committed to the anchor cache chunk by chunk (a failed run keeps what it generated),
@@ -170,7 +171,13 @@ def generate_anchors(
         anchors=int(sum(written.values())),
         serving_models=int(models),
     )
-    return out
+    return AnchorsResult(
+        user_days=out["user_days"],
+        distinct_histories=out["distinct_histories"],
+        anchors=out["anchors"],
+        serving_models=out["serving_models"],
+        counters=out,
+    )
 
 
 def _days_by_model(days: Sequence[date], serving: dict) -> list[tuple[AnchorGenerator, list[date]]]:
@@ -206,7 +213,9 @@ def _with_histories(frame: pd.DataFrame, texts: dict, max_items: int) -> pd.Data
     return frame.drop(columns=["history_item_ids"])
 
 
-def anchor_summary(warehouse: Warehouse, days: Sequence[date], tables: StageTables = MAIN, examples: int = 5) -> dict:
+def anchor_summary(
+    warehouse: Warehouse, days: Sequence[date], tables: StageTables = MAIN, examples: int = 5
+) -> AnchorSummary:
     """What the anchors of ``days`` look like, for the asset's metadata: row count, fallback share and
     reasons, and the anchors of the first ``examples`` users."""
     with warehouse.connect(read_only=True) as con:
@@ -225,12 +234,12 @@ def anchor_summary(warehouse: Warehouse, days: Sequence[date], tables: StageTabl
                 ORDER BY user_id, day, anchor_rank LIMIT ?""",
             [list(days), list(days), examples, examples * 20],
         ).df()
-    return {
-        "rows": int(rows),
-        "fallback_share": float(fallback / rows) if rows else 0.0,
-        "fallback_reasons": reasons,
-        "examples": sample,
-    }
+    return AnchorSummary(
+        rows=int(rows),
+        fallback_share=float(fallback / rows) if rows else 0.0,
+        fallback_reasons=reasons,
+        examples=sample,
+    )
 
 
 # ---- step 2: anchor embeddings ----------------------------------------------------------------
@@ -245,7 +254,7 @@ def embed_anchors(
     tables: StageTables = MAIN,
     generator: AnchorGenerator | None = None,
     engine: Engine | None = None,
-) -> dict:
+) -> EmbeddingsResult:
     """Anchor vectors in the encoder's space: encoded texts, or, when ``generator`` says how
     (semantic-ID anchors), vectors it derives from what the anchor names. Each distinct text of the
     range is embedded once (by ``engine``, in chunks); DuckDB fans the vectors out to the anchors."""
@@ -281,9 +290,6 @@ def embed_anchors(
         )
         con.unregister("_text_vectors")
         warehouse.record_partitions(tables.embeddings, days, con, run_id)
-    return {
-        "anchors": int(n_anchors),
-        "distinct_texts": len(texts),
-        "encoder_id": encoder.encoder_id,
-        "dim": int(encoder.dim),
-    }
+    return EmbeddingsResult(
+        anchors=int(n_anchors), distinct_texts=len(texts), encoder_id=encoder.encoder_id, dim=int(encoder.dim)
+    )

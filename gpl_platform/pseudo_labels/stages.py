@@ -1,14 +1,17 @@
 """What every per-day GPL stage shares: where a variant of the stages writes (:class:`StageTables`), the
-days as a DuckDB parameter, and the check that upstream partitions exist."""
+settings the stages read (:class:`StageSettings`), the days as a DuckDB parameter, and the check that upstream
+partitions exist."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 import pandas as pd
 
+from gpl_platform.config import CalibrationConfig, ConfidenceConfig, Settings
 from gpl_platform.data.errors import MissingUpstreamDays
 from gpl_platform.data.warehouse import Warehouse
 
@@ -57,6 +60,44 @@ class StageTables:
 
 
 MAIN = StageTables()
+NO_HISTORY_RULES = ("none", "population")
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the labelling stages read from the settings, and ``first_day``, the first day of the timeline
+    (where calibration windows start)."""
+
+    first_day: date
+    anchors_k: int  # anchors.k
+    anchor_history_items: int  # anchors.history_max_items: what the generator reads
+    label_history_items: int  # history_max_len: what the history-consistency factor reads
+    calibration: CalibrationConfig
+    confidence: ConfidenceConfig
+    artifacts_dir: Path
+    no_history: str = "none"  # pseudo_labels.no_history: "none" or "population"
+
+    def __post_init__(self) -> None:
+        if self.no_history not in NO_HISTORY_RULES:
+            raise ValueError(f"no_history must be one of {NO_HISTORY_RULES}, not {self.no_history!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, first_day: date) -> StageSettings:
+        return cls(
+            first_day=first_day,
+            anchors_k=settings.anchors.k,
+            anchor_history_items=settings.anchors.history_max_items,
+            label_history_items=settings.history_max_len,
+            calibration=settings.calibration,
+            confidence=settings.confidence,
+            artifacts_dir=settings.artifacts_dir,
+            no_history=settings.pseudo_labels.no_history,
+        )
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The calibration segments the labels use: users with a history, and without one under "population"."""
+        return ("history", "no_history") if self.no_history == "population" else ("history",)
 
 
 def days_param(days: Sequence[date]) -> pd.DataFrame:

@@ -179,7 +179,7 @@ def require_label_days(warehouse: Warehouse, days: Sequence[date], cfg: PseudoLa
         )
 
 
-EVENT_CHECK_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
+EVENT_CHECK_COLUMNS = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked", "logging_policy")
 
 
 def event_day_chunks(con, day: date, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:

@@ -277,23 +277,27 @@ EVENT_ROW_RULES = [
 ]
 
 
-def _event_rate_rules(cfg: EventThresholds, n_exposed: int) -> list[Rule]:
-    """The day's rates: judged once, on the day's totals (a one-row frame whose column means are the rates)."""
+def _event_rate_rules(cfg: EventThresholds, n_exposed: int, slice_: str = "") -> list[Rule]:
+    """The day's rates: judged once, on the day's totals (a one-row frame whose column means are the rates).
+    ``slice_``: "" for the production traffic, "exploration" for the exploration slice's own bounds."""
+    prefix = f"{slice_}_" if slice_ else ""
+    exposure = (getattr(cfg, f"{prefix}exposure_rate_min"), getattr(cfg, f"{prefix}exposure_rate_max"))
+    positive = (getattr(cfg, f"{prefix}positive_rate_min"), getattr(cfg, f"{prefix}positive_rate_max"))
     rules = [
         Rule(
-            "exposure_rate",
+            f"{prefix}exposure_rate",
             "ExpectColumnMeanToBeBetween",
-            {"column": "exposed", "min_value": cfg.exposure_rate_min, "max_value": cfg.exposure_rate_max},
-            f"in [{cfg.exposure_rate_min}, {cfg.exposure_rate_max}]",
+            {"column": f"{prefix}exposed", "min_value": exposure[0], "max_value": exposure[1]},
+            f"in [{exposure[0]}, {exposure[1]}]",
         )
     ]
     if n_exposed >= cfg.positive_rate_min_exposed:
         rules.append(
             Rule(
-                "positive_rate",
+                f"{prefix}positive_rate",
                 "ExpectColumnMeanToBeBetween",
-                {"column": "clicked_exposed", "min_value": cfg.positive_rate_min, "max_value": cfg.positive_rate_max},
-                f"clicks/exposed in [{cfg.positive_rate_min}, {cfg.positive_rate_max}]",
+                {"column": f"{prefix}clicked_exposed", "min_value": positive[0], "max_value": positive[1]},
+                f"clicks/exposed in [{positive[0]}, {positive[1]}]",
             )
         )
     return rules
@@ -329,7 +333,8 @@ def check_event_chunks(chunks: Iterable[pd.DataFrame], cfg: EventThresholds | No
     suite = "candidate_events"
     per_chunk: list = []
     rows = requests = 0
-    exposed_sum = exposed_count = clicks_sum = clicks_count = 0.0
+    # [rows, exposed, clicks] of the production traffic and of the exploration slice, judged apart
+    sums = {"": np.zeros(3), "exploration": np.zeros(3)}
     for events in chunks:
         if events.empty:
             continue
@@ -337,18 +342,31 @@ def check_event_chunks(chunks: Iterable[pd.DataFrame], cfg: EventThresholds | No
         per_chunk.append(validate_rules(suite, frame, EVENT_ROW_RULES))
         rows += len(frame)
         requests += int(events["request_id"].nunique())
-        exposed_sum, exposed_count = exposed_sum + frame["exposed"].sum(), exposed_count + frame["exposed"].count()
-        clicks_sum = clicks_sum + frame["clicked_exposed"].sum()
-        clicks_count = clicks_count + frame["clicked_exposed"].count()
+        exploring = (
+            events["logging_policy"].isin(cfg.exploration_policies).to_numpy(bool)
+            if "logging_policy" in events
+            else np.zeros(len(events), bool)
+        )
+        for name, mask in (("", ~exploring), ("exploration", exploring)):
+            part = frame[mask]
+            sums[name] += (part["exposed"].count(), part["exposed"].sum(), part["clicked_exposed"].sum())
     if not rows:
         return empty_result(suite, cfg.allow_empty)
-    n_exposed = int(exposed_sum)
-    exposure_rate = exposed_sum / exposed_count if exposed_count else float("nan")
-    positive_rate = clicks_sum / clicks_count if clicks_count else float("nan")
-    totals = pd.DataFrame({"exposed": [exposure_rate], "clicked_exposed": [positive_rate]})
-    outcomes = merge_chunk_outcomes(per_chunk) + validate_rules(
-        f"{suite}_rates", totals, _event_rate_rules(cfg, n_exposed)
-    )
+    outcomes = merge_chunk_outcomes(per_chunk)
+    rates: dict[str, float] = {}
+    for name, (n_rows, n_exposed, n_clicks) in sums.items():
+        if not n_rows:
+            continue  # a day of one kind of traffic only: the other's bounds have nothing to judge
+        prefix = f"{name}_" if name else ""
+        rates[f"{prefix}exposure_rate"] = float(n_exposed / n_rows)
+        rates[f"{prefix}positive_rate"] = float(n_clicks / n_exposed) if n_exposed else float("nan")
+        totals = pd.DataFrame(
+            {
+                f"{prefix}exposed": [rates[f"{prefix}exposure_rate"]],
+                f"{prefix}clicked_exposed": [rates[f"{prefix}positive_rate"]],
+            }
+        )
+        outcomes += validate_rules(f"{suite}_rates", totals, _event_rate_rules(cfg, int(n_exposed), name))
     return suite_result(
         suite,
         outcomes,
@@ -356,7 +374,7 @@ def check_event_chunks(chunks: Iterable[pd.DataFrame], cfg: EventThresholds | No
             "rows": rows,
             "requests": requests,
             "chunks": len(per_chunk),
-            "exposure_rate": float(n_exposed / rows),
-            "positive_rate": float(positive_rate) if n_exposed else float("nan"),
+            "exploration_rows": int(sums["exploration"][0]),
+            **rates,
         },
     )

@@ -1,5 +1,5 @@
-"""The label digest `gpl bench scale` compares engines and the whole-range baseline with: computed in
-DuckDB, independent of row order, blind below its rounding (1e-9) and sensitive above it."""
+"""The label digest `gpl bench scale` compares engines with: computed in DuckDB, independent of row order,
+blind below its rounding (1e-9) and sensitive above it."""
 
 from datetime import date
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 
-from gpl_platform.cli.summary import CHECK_LINE_CHARS, check_lines, fresh_report, render_run_summary
+from gpl_platform.cli.summary import CHECK_LINE_CHARS, check_lines, is_logged_report, read_report, render_run_summary
 
 
 def metric(mean, std):
@@ -87,15 +85,16 @@ def test_no_checks_no_check_section_and_no_evaluation_said_so(tmp_path):
     assert not any("make evaluate" in line for line in lines)
 
 
-def test_a_report_left_by_an_earlier_run_is_not_shown(tmp_path):
+def test_the_summary_reads_the_report_the_run_returned(tmp_path):
+    """The run says which report it wrote (PipelineResult.reports): none, the summary shows none, whatever
+    an earlier run left in the folder; the logged-data report is told apart by its name."""
     path = tmp_path / "offline_eval.json"
     path.write_text(json.dumps(REPORT))
-    old = time.time() - 3600
-    os.utime(path, (old, old))
-    assert fresh_report(path, time.time() - 60) is None
-    assert fresh_report(path, old - 1)["dataset"] == "movielens-100k"
+    assert read_report(None) is None
+    assert read_report(path)["dataset"] == "movielens-100k"
     path.write_text("{not json")
-    assert fresh_report(path, 0) is None
+    assert read_report(path) is None
+    assert is_logged_report(tmp_path / "logged_eval.json") and not is_logged_report(path)
 
 
 def test_a_young_delivery_says_gpl_was_not_compared_and_why(tmp_path):

@@ -20,6 +20,7 @@ def test_valid_tables_are_normalized():
         "clicked",
         "oracle_label",
         "propensity",
+        "logging_policy",
         "day",
     ]
     assert str(ds.events["event_time"].dtype) == "datetime64[us, UTC]"

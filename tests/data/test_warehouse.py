@@ -20,6 +20,7 @@ def _events(day: str, n: int, tag: str = "x") -> pd.DataFrame:
             "exposed": True,
             "clicked": pd.array([1] * n, dtype="Int8"),
             "propensity": 0.5,
+            "logging_policy": "production",
         }
     )
 

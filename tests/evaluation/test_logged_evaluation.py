@@ -71,12 +71,18 @@ def test_logged_metrics_use_only_what_logs_have():
 
 @pytest.mark.slow
 def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
-    """Real logs: no oracle_label column. `gpl run` exits 0 and the evaluation says what it measured."""
+    """Real logs: no oracle_label column, a fifth of the requests served uniformly at random (the exploration
+    slice, named in logging_policy). `gpl run` exits 0, the evaluation says what it measured, judges the
+    methods on the slice and trains on none of it."""
     from gpl_platform.data.sources import load_source
     from gpl_platform.data.stats import export_contract_dir
+    from gpl_platform.data.warehouse import Warehouse
 
     contract = tmp_path / "logs"
-    export_contract_dir(load_source(settings), contract)
+    exploring = settings.model_copy(
+        update={"simulator": settings.simulator.model_copy(update={"exploration_share": 0.2})}
+    )
+    export_contract_dir(load_source(exploring), contract)
     events = pd.read_parquet(contract / "events.parquet").drop(columns=["oracle_label"])
     events.to_parquet(contract / "events.parquet", index=False)
     home = tmp_path / "dagster_home"
@@ -121,6 +127,26 @@ def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
         assert 0 <= metrics["exposed_auc"]["mean"] <= 1, method
         assert 0 <= metrics["ips_recall@10"]["mean"] <= 1, method
     assert "pairs" in report["label_audit"]  # next to the label audit
+    slice_ = report["exploration"]
+    assert slice_["requests"] > 0 and slice_["shown"] > 0 and slice_["training_rows_held_out"] > 0
+    for method, metrics in slice_["methods"].items():
+        for name in ("gauc", "auc", "hr@10"):
+            entry = metrics[name]
+            assert 0 <= entry["mean"] <= 1 and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1], (method, name)
+    assert {c["against"] for c in slice_["comparisons"]} >= {"exposed_only", "ips"}
+    assert slice_["label_audit"]["rows"] > 0 and 0 <= slice_["label_audit"]["mean_pool_auc"] <= 1
+    assert 0 < slice_["label_audit"]["mean_pool_mean_label"] < 1
+    assert (
+        "The exploration slice" in out.stdout
+        or "exploration" in (tmp_path / "data" / "reports" / "logged_eval.md").read_text()
+    )
+    with Warehouse(tmp_path / "data" / "warehouse.duckdb").connect(read_only=True) as con:
+        trained_on_slice = con.execute(
+            "SELECT count(*) FROM training_set t JOIN events e USING (day, request_id, item_id) "
+            "WHERE e.logging_policy = 'uniform_random'"
+        ).fetchone()[0]
+        slice_rows = con.execute("SELECT count(*) FROM events WHERE logging_policy = 'uniform_random'").fetchone()[0]
+    assert slice_rows > 0 and trained_on_slice == 0
     assert not (tmp_path / "data" / "reports" / "offline_eval.json").exists()  # no oracle, no oracle report
 
 

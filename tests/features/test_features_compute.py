@@ -23,6 +23,7 @@ def _events(rows):
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True, format="ISO8601").astype("datetime64[us, UTC]")
     frame["clicked"] = frame["clicked"].astype("Int8")
     frame["propensity"] = float("nan")  # no logging propensities in these hand-written logs
+    frame["logging_policy"] = "production"
     return frame
 
 

@@ -1,76 +1,53 @@
 """The streaming labelling stages: batches of whole users, the same labels as the whole-range code, and
 an atomic per-range replacement."""
 
-import json
-import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 
-from assets.definitions import LABELLING_ASSETS
-from gpl_platform.config import StreamingConfig, load_settings
+from gpl_platform.config import StreamingConfig
 from gpl_platform.data.batches import PLAN_TABLE, plan_user_batches
 from gpl_platform.data.errors import MissingUpstreamDays
-from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.engine import LocalEngine
-from gpl_platform.pseudo_labels import in_memory, pipeline
-from gpl_platform.pseudo_labels.anchor_stages import embed_anchors, generate_anchors
 from gpl_platform.pseudo_labels.batches import GROUP_TABLE, StagedGroups
 from gpl_platform.pseudo_labels.calibration import Calibration
-from gpl_platform.pseudo_labels.model_loading import anchor_generator, sentence_encoder
+from tests.pseudo_labels import reference_labels
 
-UPSTREAM = list(LABELLING_ASSETS[: LABELLING_ASSETS.index("anchor_embeddings") + 1])
-OVERRIDES = {"anchors": {"backend": "history"}, "calibration": {"min_samples": 50}}
 KEYS = ["day", "request_id", "item_id"]
 # float32 similarities computed in another batch layout round differently in the last bits (BLAS tiles);
 # everything derived from them inherits it
 FLOAT_TOLERANCE = 1e-6
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """A warehouse with events, histories, history anchors and their vectors (no similarities yet)."""
-    from assets.resources import GplSettings
-    from assets.runner import run_pipeline
-
-    data_dir = tmp_path_factory.mktemp("streaming") / "data"
-    gpl = GplSettings(data_dir=str(data_dir), overrides_json=json.dumps(OVERRIDES))
-    assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=UPSTREAM).success
-    return data_dir
+def _reference_scores(world):
+    """The whole-range reference's similarities (tests/pseudo_labels/reference_labels.py)."""
+    return reference_labels.score_day_candidates(
+        world.warehouse, world.days, world.encoder.encoder_id, world.generator.lineage_signature()
+    )
 
 
-@pytest.fixture
-def world(upstream, tmp_path):
-    """A private copy of the upstream warehouse, and what the labelling stages need."""
-    data_dir = tmp_path / "data"
-    shutil.copytree(upstream, data_dir)
-    settings = load_settings({"data_dir": str(data_dir), **OVERRIDES})
-    warehouse = Warehouse(settings.warehouse)
-    return settings, warehouse, sorted(warehouse.written_days("events")), anchor_generator(settings), sentence_encoder()
-
-
-def _score(module, world, **kwargs):
-    settings, warehouse, days, generator, encoder = world
-    return module.score_day_candidates(warehouse, days, encoder.encoder_id, generator.lineage_signature(), **kwargs)
-
-
-def _label(module, world, **kwargs):
-    settings, warehouse, days, generator, encoder = world
-    return module.pseudo_label_days(
-        warehouse,
-        days,
-        days[0],
-        encoder_id=encoder.encoder_id,
-        generator=generator,
+def _reference_labels(world):
+    """The whole-range reference's labels (a frame of them all) and statistics (a dict)."""
+    settings = world.settings
+    return reference_labels.pseudo_label_days(
+        world.warehouse,
+        world.days,
+        world.days[0],
+        encoder_id=world.encoder.encoder_id,
+        generator=world.generator,
         calibration_cfg=settings.calibration,
         confidence_cfg=settings.confidence,
         history_max_items=settings.history_max_len,
         artifacts_dir=settings.artifacts_dir,
-        **kwargs,
     )
+
+
+def _streamed(world, engine):
+    """The chain of ``world`` on another engine."""
+    return replace(world.chain, engine=engine)
 
 
 def _table(warehouse, name):
@@ -87,46 +64,46 @@ def _assert_same_rows(expected, actual, exact_columns):
 
 
 def test_one_batch_scores_exactly_like_the_whole_range_code(world):
-    _, warehouse, *_ = world
-    _score(in_memory, world)
+    warehouse = world.warehouse
+    _reference_scores(world)
     reference = _table(warehouse, "candidate_similarities")
-    stats = _score(pipeline, world, engine=LocalEngine(StreamingConfig(batch_candidates=10**9)))
-    assert stats["batches"] == 1
+    stats = _streamed(world, LocalEngine(StreamingConfig(batch_candidates=10**9))).similarities(world.days)
+    assert stats.batches == 1
     pd.testing.assert_frame_equal(reference, _table(warehouse, "candidate_similarities"), check_exact=True)
 
 
 def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
-    settings, warehouse, days, *_ = world
-    _score(in_memory, world)
-    reference_labels, reference_stats = _label(in_memory, world)
+    warehouse, days = world.warehouse, world.days
+    _reference_scores(world)
+    reference_frame, reference_stats = _reference_labels(world)
     reference = _table(warehouse, "pseudo_labels")
     assert len(reference) > 0
 
     # batches of 300 candidates, staged three batches at a time
-    engine = LocalEngine(StreamingConfig(batch_candidates=300, stage_candidates=900))
-    scored = _score(pipeline, world, engine=engine)
+    chain = _streamed(world, LocalEngine(StreamingConfig(batch_candidates=300, stage_candidates=900)))
+    scored = chain.similarities(days)
     n_candidates = warehouse.query("SELECT count(*) AS n FROM events")["n"].iloc[0]
-    assert scored["batches"] >= n_candidates // 300 > 3
-    assert scored["staged_groups"] == -(-scored["batches"] // 3)
-    sample, stats = _label(pipeline, world, engine=engine, sample_rows=100)
-    assert stats["batches"] > 3 and stats["staged_groups"] == -(-stats["batches"] // 3)
+    assert scored.batches >= n_candidates // 300 > 3
+    assert scored.staged_groups == -(-scored.batches // 3)
+    stats = chain.labels(days, sample_rows=100)
+    assert stats.batches > 3 and stats.staged_groups == -(-stats.batches // 3)
     labels = _table(warehouse, "pseudo_labels")
     # same rows, same arg-max anchors and versions (the calibrations were stored by the reference run)
     _assert_same_rows(reference, labels, exact_columns={"anchor_id", "calibration_version", "llm_version"})
-    for key in (
-        "rows",
-        "unexposed_candidates",
-        "no_history_labelled",
-        "days_without_calibration",
-        "days_with_degenerate_calibration",
-        "calibration_versions",
-    ):
-        expected = len(reference_labels) if key == "rows" else reference_stats[key]
-        assert stats[key] == expected, key
-    assert stats["pseudo_label_mean"] == pytest.approx(reference_stats["pseudo_label_mean"], abs=1e-6)
+    assert (stats.rows, stats.unexposed_candidates) == (len(reference_frame), reference_stats["unexposed_candidates"])
+    assert stats.coverage == reference_stats["coverage"]
+    gaps = {**asdict(stats.gaps), "days_without_calibration": list(stats.gaps.days_without_calibration)}
+    assert gaps == {key: reference_stats[key] for key in gaps}
+    assert list(stats.calibration_versions) == reference_stats["calibration_versions"]
+    distribution = stats.distribution
+    assert distribution.pseudo_label_mean == pytest.approx(reference_stats["pseudo_label_mean"], abs=1e-6)
+    assert distribution.confidence_mean == pytest.approx(reference_stats["confidence_mean"], abs=1e-6)
     # what the asset plots and tabulates: a bounded sample, exact quantiles
+    sample = distribution.sample
     assert len(sample) == 100 and sample["pseudo_label"].between(0, 1).all()
-    assert stats["quantiles"].loc[0.5, "pseudo_label"] == pytest.approx(reference["pseudo_label"].median(), abs=1e-6)
+    assert distribution.quantiles.loc[0.5, "pseudo_label"] == pytest.approx(
+        reference["pseudo_label"].median(), abs=1e-6
+    )
     recorded = warehouse.query("SELECT day, n_rows FROM partitions WHERE table_name = 'pseudo_labels' ORDER BY day")
     per_day = labels.groupby("day").size()
     assert len(recorded) == len(days)
@@ -134,13 +111,11 @@ def test_batches_of_users_give_the_labels_of_the_whole_range_code(world):
 
 
 def test_streamed_embeddings_match_and_chunked_encoding_changes_nothing(world):
-    settings, warehouse, days, generator, encoder = world
+    warehouse = world.warehouse
     before = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
-    stats = embed_anchors(
-        warehouse, days, encoder, generator=generator, engine=LocalEngine(StreamingConfig(encode_batch_texts=7))
-    )
+    stats = _streamed(world, LocalEngine(StreamingConfig(encode_batch_texts=7))).embeddings(world.days)
     after = warehouse.query("SELECT * FROM anchor_embeddings ORDER BY day, anchor_id")
-    assert stats["anchors"] == len(before) == len(after) and stats["distinct_texts"] > 7
+    assert stats.anchors == len(before) == len(after) and stats.distinct_texts > 7
     pd.testing.assert_frame_equal(before.drop(columns="vector"), after.drop(columns="vector"))
     np.testing.assert_allclose(np.stack(after["vector"]), np.stack(before["vector"]), atol=FLOAT_TOLERANCE)
 
@@ -169,57 +144,37 @@ def _anchors(warehouse):
 
 
 def test_anchors_in_small_chunks_are_the_anchors_of_one_chunk(world):
-    settings, warehouse, days, generator, _ = world
+    warehouse, days = world.warehouse, world.days
     before = _anchors(warehouse)
     with warehouse.connect() as con:
         con.execute("DELETE FROM anchor_cache")
-    run = dict(k=settings.anchors.k, history_max_items=settings.anchors.history_max_items, progress=False)
-    stats = generate_anchors(
-        warehouse, days, generator, **run, engine=LocalEngine(StreamingConfig(anchor_stage_users=7))
-    )
+    chain = _streamed(world, LocalEngine(StreamingConfig(anchor_stage_users=7)))
+    stats = chain.anchors(days)
     after = _anchors(warehouse)
     pd.testing.assert_frame_equal(before, after, check_exact=True)
     # every distinct history generated once, even when it recurs in a later chunk
-    assert stats["cache_misses"] == stats["distinct_histories"] == after["cache_key"].nunique()
-    assert stats["cache_hits"] == 0 and stats["user_days"] == len(after[["day", "user_id"]].drop_duplicates()) > 7
-    again = generate_anchors(
-        warehouse, days, generator, **run, engine=LocalEngine(StreamingConfig(anchor_stage_users=7))
-    )
-    assert again["cache_hits"] == stats["distinct_histories"] and again.get("cache_misses", 0) == 0
+    assert stats.cache_misses == stats.distinct_histories == after["cache_key"].nunique()
+    assert stats.cache_hits == 0 and stats.user_days == len(after[["day", "user_id"]].drop_duplicates()) > 7
+    again = chain.anchors(days)
+    assert again.cache_hits == stats.distinct_histories and again.cache_misses == 0
 
 
 def test_a_generator_failing_mid_range_leaves_the_anchors_and_keeps_what_it_generated(world):
-    settings, warehouse, days, generator, _ = world
+    warehouse, days = world.warehouse, world.days
     before = _anchors(warehouse)
     parts = warehouse.query("SELECT * FROM partitions WHERE table_name = 'user_anchors'")
     with warehouse.connect() as con:
         con.execute("DELETE FROM anchor_cache")
-    engine = LocalEngine(StreamingConfig(anchor_stage_users=7))
+    chain = _streamed(world, LocalEngine(StreamingConfig(anchor_stage_users=7)))
     with pytest.raises(RuntimeError, match="generator lost"):
-        generate_anchors(
-            warehouse,
-            days,
-            FailingAfter(generator, calls=2),
-            settings.anchors.k,
-            settings.anchors.history_max_items,
-            progress=False,
-            engine=engine,
-        )
+        replace(chain, generator=FailingAfter(world.generator, calls=2)).anchors(days)
     pd.testing.assert_frame_equal(before, _anchors(warehouse))
     pd.testing.assert_frame_equal(parts, warehouse.query("SELECT * FROM partitions WHERE table_name = 'user_anchors'"))
     # the two chunks generated before the failure are in the cache: a re-run reuses them
     cached = warehouse.query("SELECT count(DISTINCT cache_key) AS n FROM anchor_cache")["n"].iloc[0]
     assert 0 < cached <= 14
-    stats = generate_anchors(
-        warehouse,
-        days,
-        generator,
-        settings.anchors.k,
-        settings.anchors.history_max_items,
-        progress=False,
-        engine=engine,
-    )
-    assert stats["cache_hits"] == cached
+    stats = chain.anchors(days)
+    assert stats.cache_hits == cached
     pd.testing.assert_frame_equal(before, _anchors(warehouse), check_exact=True)
 
 
@@ -287,44 +242,56 @@ class FailingEngine(LocalEngine):
 
 
 def test_a_failed_batch_leaves_the_previous_labels(world):
-    settings, warehouse, *_ = world
-    engine = LocalEngine(StreamingConfig(batch_candidates=300))
-    _score(pipeline, world, engine=engine)
-    _label(pipeline, world, engine=engine)
+    warehouse, days = world.warehouse, world.days
+    chain = _streamed(world, LocalEngine(StreamingConfig(batch_candidates=300)))
+    chain.similarities(days)
+    chain.labels(days)
     before = _table(warehouse, "pseudo_labels")
     parts = warehouse.query("SELECT * FROM partitions WHERE table_name IN ('pseudo_labels', 'candidate_similarities')")
+    failing = _streamed(world, FailingEngine(StreamingConfig(batch_candidates=300)))
     with pytest.raises(RuntimeError, match="worker lost"):
-        _label(pipeline, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
+        failing.labels(days)
     with pytest.raises(RuntimeError, match="worker lost"):
-        _score(pipeline, world, engine=FailingEngine(StreamingConfig(batch_candidates=300)))
+        failing.similarities(days)
     pd.testing.assert_frame_equal(before, _table(warehouse, "pseudo_labels"))
     pd.testing.assert_frame_equal(
         parts,
         warehouse.query("SELECT * FROM partitions WHERE table_name IN ('pseudo_labels', 'candidate_similarities')"),
     )
     # and a re-run replaces the range: no duplicates
-    _label(pipeline, world, engine=engine)
+    chain.labels(days)
     pd.testing.assert_frame_equal(before, _table(warehouse, "pseudo_labels"))
 
 
 def test_similarities_from_replaced_anchors_are_refused(world):
-    settings, warehouse, days, generator, encoder = world
-    _score(pipeline, world)
-    _label(pipeline, world)  # fits and stores the calibrations
+    warehouse, chain = world.warehouse, world.chain
+    chain.similarities(world.days)
+    chain.labels(world.days)  # fits and stores the calibrations
     with warehouse.transaction() as con:  # anchors re-made since the similarities were computed
         con.execute("UPDATE anchor_embeddings SET anchor_id = anchor_id || '-new'")
         con.execute("UPDATE user_anchors SET anchor_id = anchor_id || '-new'")
     with pytest.raises(MissingUpstreamDays, match="no longer exist"):
-        _label(pipeline, world)
+        chain.labels(world.days)
 
 
-@pytest.mark.parametrize("module", [in_memory, pipeline], ids=["whole_range", "streamed"])
-def test_a_constant_mean_pool_calibration_drops_the_day(world, module):
+def _degenerate_days_of_reference(world) -> dict:
+    _reference_scores(world)
+    return _reference_labels(world)[1]["days_with_degenerate_calibration"]
+
+
+def _degenerate_days_of_chain(world) -> dict:
+    world.chain.similarities(world.days)
+    return dict(world.chain.labels(world.days).gaps.days_with_degenerate_calibration)
+
+
+@pytest.mark.parametrize(
+    "label", [_degenerate_days_of_reference, _degenerate_days_of_chain], ids=["whole_range", "streamed"]
+)
+def test_a_constant_mean_pool_calibration_drops_the_day(world, label):
     """Training reads the mean-pool labels by default: a day whose mean-pool calibration is constant gets no labels
     (with the reason), even though its max-pool calibration ranks."""
-    settings, warehouse, *_ = world
-    _score(module, world)
-    _label(module, world)  # fits and stores the calibrations
+    warehouse = world.warehouse
+    label(world)  # fits and stores the calibrations
     labelled = set(warehouse.query("SELECT DISTINCT CAST(day AS VARCHAR) AS day FROM pseudo_labels")["day"])
     assert labelled
     stored = warehouse.query("SELECT fit_key, calibration_json FROM calibrations WHERE pooling = 'mean'")
@@ -333,8 +300,7 @@ def test_a_constant_mean_pool_calibration_drops_the_day(world, module):
             fitted = Calibration.from_json(text)
             constant = replace(fitted, params={"a": 0.0, "b": fitted.b})  # what an anti-correlated fit is clamped to
             con.execute("UPDATE calibrations SET calibration_json = ? WHERE fit_key = ?", [constant.to_json(), fit_key])
-    _, stats = _label(module, world)
-    degenerate = stats["days_with_degenerate_calibration"]
+    degenerate = label(world)
     assert set(degenerate) == labelled
     assert all(why.startswith("mean-pool calibration") and "constant" in why for why in degenerate.values())
     assert warehouse.query("SELECT count(*) AS n FROM pseudo_labels")["n"].iloc[0] == 0

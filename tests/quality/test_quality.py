@@ -342,7 +342,9 @@ def test_the_warehouse_events_gate_reads_a_day_in_chunks_with_the_whole_day_resu
     events = pd.concat([good, broken], ignore_index=True)
     events["clicked"] = events["clicked"].astype("Int8")
     with warehouse.transaction() as con:
-        warehouse.replace_partitions("events", events.assign(propensity=np.nan), sorted(set(events["day"])), con)
+        warehouse.replace_partitions(
+            "events", events.assign(propensity=np.nan, logging_policy=None), sorted(set(events["day"])), con
+        )
     whole = check_event_days(warehouse, [date(2024, 1, 1), date(2024, 1, 2)], chunk_rows=10**6)
     small = check_event_days(warehouse, [date(2024, 1, 1), date(2024, 1, 2)], chunk_rows=90)
     assert [r.metadata["chunks"] for r in whole.values()] == [1, 1]

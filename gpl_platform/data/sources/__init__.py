@@ -11,6 +11,7 @@ from pathlib import Path
 from gpl_platform.config import Settings
 from gpl_platform.data.contract import ContractError, Dataset
 from gpl_platform.data.delivery import contract_day_span, contract_files, plausible_time_window, read_contract_dir
+from gpl_platform.data.policies import LoggingPolicies
 
 log = logging.getLogger(__name__)
 _CACHE: dict[str, Dataset] = {}
@@ -63,7 +64,12 @@ def load_source(settings: Settings, allow_fetch: bool = True, days: Sequence[dat
 
             dataset = simulate(settings.simulator, settings.seed)
         else:
-            dataset = read_contract_dir(_contract_path(settings), days=days, time_window=contract_time_window(settings))
+            dataset = read_contract_dir(
+                _contract_path(settings),
+                days=days,
+                time_window=contract_time_window(settings),
+                policies=LoggingPolicies.from_settings(settings.evaluation),
+            )
         _CACHE[key] = dataset
     return _CACHE[key]
 
@@ -80,6 +86,7 @@ def delivered_day_events(settings: Settings, days: Sequence[date]):
         settings.streaming.batch_candidates,
         contract_time_window(settings),
         settings.streaming.duckdb_memory_limit,
+        LoggingPolicies.from_settings(settings.evaluation),
     )
 
 

@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.data.contract import Dataset, validate_dataset
+from gpl_platform.data.exploration_draw import exploration_rows, policy_names
 from gpl_platform.data.exposure import Candidates, category_matrix, day_ordinals, expose
+from gpl_platform.data.policies import DEFAULT_POLICIES, POLICY_COLUMN, slice_summary
 from gpl_platform.data.sampling import item_cooccurrence, sample_per_row_without
 from gpl_platform.source_settings import MovieLensConfig
 
@@ -260,6 +262,7 @@ def build_requests(
         item=events["item_id"].map(item_index).to_numpy(),
         day=day_ordinals(events["event_time"]),
     )
+    explore = exploration_rows(candidates.request, candidates.day, cfg.exploration_share, seed)
     exposure = expose(
         candidates,
         events["oracle_label"].to_numpy(),
@@ -270,10 +273,12 @@ def build_requests(
         cfg.exposure,
         seed,
         rng,
+        explore=explore,
     )
     events["exposed"] = exposure.exposed
     events["propensity"] = exposure.propensity
     events["clicked"] = events["oracle_label"].astype("Int8").where(events["exposed"], pd.NA)
+    events[POLICY_COLUMN] = policy_names(explore)
     events.attrs["exposure"] = exposure.info
     return events
 
@@ -333,7 +338,7 @@ def load_movielens(directory: Path, cfg: MovieLensConfig, seed: int) -> Dataset:
     categories = category_matrix([g.split("|") if g else [] for g in items["genres"]])
     events = build_requests(ratings, items["item_id"].to_numpy(), cfg, seed, categories)
     exposure_info = events.attrs.pop("exposure", {})
-    return validate_dataset(
+    dataset = validate_dataset(
         "movielens-100k",
         items,
         users,
@@ -346,6 +351,8 @@ def load_movielens(directory: Path, cfg: MovieLensConfig, seed: int) -> Dataset:
             "exposure": exposure_info,
         },
     )
+    dataset.info["exploration"] = slice_summary(dataset.events, DEFAULT_POLICIES)
+    return dataset
 
 
 # ---- fetching ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.data.contract import Dataset, normalize_events_frame
+from gpl_platform.data.exploration_draw import exploration_rows, policy_names
 from gpl_platform.data.exposure import (
     Candidates,
     DailyExposure,
@@ -35,6 +36,7 @@ from gpl_platform.data.exposure import (
     exposed_counts,
     popularity_log_weights,
 )
+from gpl_platform.data.policies import DEFAULT_POLICIES, POLICY_COLUMN, slice_summary
 from gpl_platform.data.sampling import item_cooccurrence, sample_per_row_without
 from gpl_platform.source_settings import SimulatorConfig
 
@@ -86,7 +88,9 @@ def simulate(cfg: SimulatorConfig, seed: int) -> Dataset:
         "item_truth": item_truth,
         "exposure": events.attrs.pop("exposure", {}),
     }
-    return Dataset("simulator", items, users, normalize_events_frame(events), info)
+    events = normalize_events_frame(events)
+    info["exploration"] = slice_summary(events, DEFAULT_POLICIES)
+    return Dataset("simulator", items, users, events, info)
 
 
 def click_probability(
@@ -159,14 +163,10 @@ def _events(
     req_time = start + pd.to_timedelta(seconds, unit="s")
 
     day_zero = int((start - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(days=1))
-    if cfg.recall == "logged_clicks":
-        rows, item_idx, oracle, exposure = _serve_with_logged_click_recall(
-            cfg, rng, truth, preference, seed, req_user, req_day, day_zero
-        )
-    else:
-        rows, item_idx, oracle, exposure = _serve_with_preference_recall(
-            cfg, rng, truth, preference, seed, req_user, req_day, day_zero
-        )
+    # per request: served by the uniform-random exploration policy (a stream of its own)
+    explored = exploration_rows(np.arange(n_req), day_zero + req_day, cfg.exploration_share, seed)
+    serve = _serve_with_logged_click_recall if cfg.recall == "logged_clicks" else _serve_with_preference_recall
+    rows, item_idx, oracle, exposure = serve(cfg, rng, truth, preference, seed, req_user, req_day, day_zero, explored)
     exposed = exposure.exposed
     request_ids = np.array([f"r{r}" for r in range(n_req)], dtype=object)
     user_ids = np.array([f"u{u}" for u in range(cfg.n_users)], dtype=object)
@@ -180,6 +180,7 @@ def _events(
             "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
             "oracle_label": pd.array(oracle, dtype="Int8"),
             "propensity": exposure.propensity,
+            POLICY_COLUMN: policy_names(explored[rows]),
         }
     )
     events.loc[~exposed, "clicked"] = pd.NA
@@ -204,7 +205,7 @@ def _unique_per_request(rows: np.ndarray, item_idx: np.ndarray) -> tuple[np.ndar
     return rows[keep], item_idx[keep]
 
 
-def _serve_with_preference_recall(cfg, rng, truth, preference, seed, req_user, req_day, day_zero):
+def _serve_with_preference_recall(cfg, rng, truth, preference, seed, req_user, req_day, day_zero, explored):
     """The whole timeline at once: half of each request popularity-drawn, half from the user's topics."""
     n_items, k, n_req = cfg.n_items, cfg.candidates_per_request, len(req_user)
     popularity = truth["popularity_prior"].to_numpy()
@@ -234,11 +235,12 @@ def _serve_with_preference_recall(cfg, rng, truth, preference, seed, req_user, r
         seed,
         rng,
         popularity_offset=0.0,
+        explore=explored[rows],
     )
     return rows, item_idx, oracle, exposure
 
 
-def _serve_with_logged_click_recall(cfg, rng, truth, preference, seed, req_user, req_day, day_zero):
+def _serve_with_logged_click_recall(cfg, rng, truth, preference, seed, req_user, req_day, day_zero, explored):
     """Day by day: half of each request popularity-drawn, half by a two-channel recall over the clicks
     the logging system saw on earlier days (item co-occurrence with the user's clicked items, and
     items of the categories the user clicked); then that day's exposure, whose clicks feed the next
@@ -282,6 +284,7 @@ def _serve_with_logged_click_recall(cfg, rng, truth, preference, seed, req_user,
             oracle,
             pop_logw[item_idx],
             exposed_counts(rows, cfg.exposure_share, cfg.exposure.max_per_request),
+            explored[rows],
         )
         clicked[req_user[rows[shown]], item_idx[shown]] = np.maximum(
             clicked[req_user[rows[shown]], item_idx[shown]], oracle[shown]

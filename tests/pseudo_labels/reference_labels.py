@@ -1,10 +1,9 @@
 """The labelling stages as they were before streaming: a whole range of days as one pandas frame.
 
-Kept for two reasons: it is the baseline of ``gpl bench scale`` (how time and memory grew before
-:mod:`gpl_platform.pseudo_labels.pipeline` streamed batches of users), and the reference the streaming stages are
-tested against (tests/pseudo_labels/test_streaming.py: same similarities, confidences and labels). Nothing in the
-pipeline calls it. Same arguments and outputs as the streaming functions (``pseudo_label_days`` here
-returns every label as a frame).
+The oracle the streaming stages (:class:`gpl_platform.pseudo_labels.chain.LabellingChain`) are tested against
+(tests/pseudo_labels/test_streaming.py: same similarities, confidences and labels); production never calls it.
+The arguments and statistics of the streaming functions before they returned typed results (``pseudo_label_days``
+here returns every label as a frame and the statistics as a dict).
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from gpl_platform.pseudo_labels.batches import anchor_factors
 from gpl_platform.pseudo_labels.confidence import confidence_weights
 from gpl_platform.pseudo_labels.day_calibration import day_calibrations, day_degenerate_reason
 from gpl_platform.pseudo_labels.encoder import load_item_embeddings
-from gpl_platform.pseudo_labels.pipeline import NO_HISTORY_RULES, no_history_counts
+from gpl_platform.pseudo_labels.label_report import no_history_counts
 from gpl_platform.pseudo_labels.similarity import score_candidates
-from gpl_platform.pseudo_labels.stages import MAIN, StageTables, as_date, days_param, require_days
+from gpl_platform.pseudo_labels.stages import MAIN, NO_HISTORY_RULES, StageTables, as_date, days_param, require_days
 from gpl_platform.pseudo_labels.vectors import read_vectors
 
 log = logging.getLogger(__name__)
@@ -260,12 +259,13 @@ def pseudo_label_days(
     cands["encoder_version"] = encoder_id
     with warehouse.transaction() as con:
         warehouse.replace_partitions(tables.labels, cands, days, con, run_id)
+    with warehouse.connect(read_only=True) as con:
+        gap_counts = {"no_history_rule": no_history, **no_history_counts(con, days)}
     stats = {
         "rows": len(cands),
         "unexposed_candidates": int(n_unexposed),
         "coverage": float(len(cands) / n_unexposed) if n_unexposed else 0.0,
-        "no_history_rule": no_history,
-        **no_history_counts(warehouse, days),
+        **gap_counts,
         "no_history_labelled": int(cands["no_history"].sum()),
         "days_with_degenerate_calibration": degenerate,
         "days_without_calibration": [str(d) for d in days if d not in labelled_days],
