@@ -104,6 +104,22 @@ def run_assets(defs, gpl, selection, instance=None, **kwargs):
     )
 
 
+def labelled_world(data_dir: Path, overrides: dict):
+    """A simulator world with ``overrides`` materialized up to the pseudo-labels and features (no training or
+    evaluation asset), ephemeral Dagster instance: returns its settings (the evaluations run on it in tests)."""
+    import json
+
+    from assets.graph import build_definitions
+    from assets.resources import GplSettings
+    from assets.runner import run_pipeline
+
+    gpl = GplSettings(data_dir=str(data_dir), overrides_json=json.dumps(overrides))
+    skip = {"offline_evaluation", "prerank_model", "training_set", "label_audit"}
+    keys = [k.to_user_string() for k in build_definitions().resolve_all_asset_keys()]
+    assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=[k for k in keys if k not in skip]).success
+    return gpl.settings()
+
+
 def post_json(url: str, body, timeout: float = 30) -> tuple[int, dict]:
     """POST a JSON body (or raw bytes); returns (status, parsed JSON answer) for 2xx and 4xx/5xx alike."""
     import json

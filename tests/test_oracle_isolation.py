@@ -1,7 +1,8 @@
-"""`oracle_label` is evaluation data: nothing that feeds training may read it.
+"""`oracle_label` and `oracle_probability` (the true click probability it is drawn from) are evaluation
+data: nothing that feeds training may read them.
 
-Two guards: a static one (only allow-listed modules mention it) and a behavioural one (the
-pipeline's outputs are identical when every oracle label is flipped).
+Two guards: a static one (only allow-listed modules mention them) and a behavioural one (the
+pipeline's outputs are identical when every oracle label and probability is flipped).
 """
 
 import hashlib
@@ -27,6 +28,7 @@ ALLOWED = {
     "gpl_platform/cli/main.py",
 }
 ALLOWED_PREFIXES = ("gpl_platform/evaluation", "bench/")
+ORACLE_COLUMNS = ("oracle_label", "oracle_probability")
 # Inside the evaluation, the code that trains the compared models is training code: never allowed.
 TRAINING_PATH = ("gpl_platform/evaluation/method_runs.py", "gpl_platform/evaluation/tuning.py")
 # Where a file was written and when are not content; a calibration's content is its version (hash of params + window).
@@ -49,7 +51,7 @@ def test_only_allowed_modules_mention_oracle_labels():
         rel = path.relative_to(ROOT).as_posix()
         if (rel in ALLOWED or rel.startswith(ALLOWED_PREFIXES)) and rel not in TRAINING_PATH:
             continue
-        if re.search(r"oracle_label", path.read_text()):
+        if re.search("|".join(ORACLE_COLUMNS), path.read_text()):
             offenders.append(rel)
     assert not offenders, f"modules outside the allow-list read oracle labels: {offenders}"
 
@@ -62,7 +64,10 @@ def test_events_table_has_no_oracle_column(settings):
     ds = load_source(settings)
     wh = Warehouse(settings.warehouse)
     ingestion.ingest_event_days(wh, ds, sorted(set(ds.events["day"]))[:1], settings.source_signature())
-    assert "oracle_label" not in wh.query("SELECT * FROM events LIMIT 0").columns
+    assert not set(ORACLE_COLUMNS) & set(wh.query("SELECT * FROM events LIMIT 0").columns)
+    assert ds.events["oracle_probability"].notna().all()  # the simulator has it: ingestion stored it apart
+    stored = wh.query("SELECT oracle_label, oracle_probability FROM oracle_labels")
+    assert len(stored) and stored["oracle_probability"].between(0, 1).all()
 
 
 def _training_inputs() -> list[str]:
@@ -93,7 +98,7 @@ def _table_digests(warehouse_path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_pipeline_outputs_do_not_depend_on_oracle_labels(tmp_path, settings):
-    """Materialize everything twice, the second time with every oracle label flipped."""
+    """Materialize everything twice, the second time with every oracle label (and probability) flipped."""
     from assets.resources import GplSettings
     from assets.runner import run_pipeline
     from gpl_platform.data.sources import load_source
@@ -103,6 +108,7 @@ def test_pipeline_outputs_do_not_depend_on_oracle_labels(tmp_path, settings):
     ds = load_source(settings)
     flipped = ds.events.copy()
     flipped["oracle_label"] = 1 - flipped["oracle_label"]
+    flipped["oracle_probability"] = 1 - flipped["oracle_probability"]
     real_dir, flipped_dir = tmp_path / "real", tmp_path / "flipped"
     export_contract_dir(ds, real_dir)
     export_contract_dir(type(ds)(ds.name, ds.items, ds.users, flipped), flipped_dir)

@@ -28,7 +28,9 @@ from gpl_platform.data.policies import (
 ITEM_REQUIRED = ("item_id", "text")
 USER_REQUIRED = ("user_id",)
 EVENT_REQUIRED = ("request_id", "user_id", "item_id", "event_time", "exposed", "clicked")
-EVENT_OPTIONAL = ("oracle_label", "propensity", POLICY_COLUMN)
+EVENT_OPTIONAL = ("oracle_label", "oracle_probability", "propensity", POLICY_COLUMN)
+#: benchmark-only columns: what a simulator knows of the truth, stored apart from the events (`oracle_labels`)
+ORACLE_EVENT_COLUMNS = ("oracle_label", "oracle_probability")
 # Names the platform adds to a frame while reading it: a delivered column of that name would be overwritten.
 RESERVED_COLUMNS = (ORIGIN,)
 
@@ -140,13 +142,22 @@ def _binary_nullable(df: pd.DataFrame, file: str, column: str) -> pd.Series:
 def _propensity(df: pd.DataFrame, file: str) -> pd.Series:
     """Optional logging propensities: P(exposed) under the logging policy, in (0, 1], null when unknown
     (which rows need one depends on their policy: :func:`checked_propensities`)."""
-    col = df["propensity"]
+    return _probability(df, file, "propensity", lambda p: (p > 0) & (p <= 1), "(0, 1]")
+
+
+def _probability(df: pd.DataFrame, file: str, column: str, valid, interval: str) -> pd.Series:
+    """A nullable probability column: numbers where not null, each ``valid`` (in ``interval``)."""
+    col = df[column]
     numeric = pd.to_numeric(col, errors="coerce")
-    fail_rows(df, file, "propensity", col.notna() & numeric.isna(), "are not numbers (expected a probability or null)")
-    fail_rows(
-        df, file, "propensity", numeric.notna() & ~((numeric > 0) & (numeric <= 1)), "are not probabilities in (0, 1]"
-    )
+    fail_rows(df, file, column, col.notna() & numeric.isna(), "are not numbers (expected a probability or null)")
+    fail_rows(df, file, column, numeric.notna() & ~valid(numeric), f"are not probabilities in {interval}")
     return numeric.astype("float64")
+
+
+def _oracle_probability(df: pd.DataFrame, file: str) -> pd.Series:
+    """Optional true click probabilities (a simulator's, which its oracle labels are drawn from): in [0, 1],
+    null when unknown."""
+    return _probability(df, file, "oracle_probability", lambda p: p.between(0, 1), "[0, 1]")
 
 
 def validate_events(
@@ -181,6 +192,7 @@ def validate_events(
         out["oracle_label"] = _binary_nullable(out, file, "oracle_label")
     else:
         out["oracle_label"] = pd.array([pd.NA] * len(out), dtype="Int8")
+    out["oracle_probability"] = _oracle_probability(out, file) if "oracle_probability" in out else np.nan
     out[POLICY_COLUMN] = validated_policies(out, file, policies)
     out["propensity"] = _propensity(out, file) if "propensity" in out else np.nan
     out["propensity"] = checked_propensities(out, file, policies)
@@ -203,7 +215,8 @@ def validate_events(
 
 def normalize_events_frame(events: pd.DataFrame) -> pd.DataFrame:
     """Column order and dtypes every consumer can rely on (adds the UTC `day`)."""
-    out = events.reindex(columns=[*EVENT_REQUIRED, "oracle_label", "propensity", POLICY_COLUMN]).copy()
+    out = events.reindex(columns=[*EVENT_REQUIRED, *ORACLE_EVENT_COLUMNS, "propensity", POLICY_COLUMN]).copy()
+    out["oracle_probability"] = pd.to_numeric(out["oracle_probability"], errors="coerce").astype("float64")
     out["propensity"] = pd.to_numeric(out["propensity"], errors="coerce").astype("float64")
     out[POLICY_COLUMN] = out[POLICY_COLUMN].where(out[POLICY_COLUMN].notna(), PRODUCTION_POLICY).astype(object)
     out["day"] = out["event_time"].dt.tz_convert("UTC").dt.date

@@ -66,7 +66,7 @@ def _refuse_orphaned_events(con, catalog_ids: pd.Series, delivered_item_ids: Ite
 
 # the order of the warehouse's events table (ingestion inserts by position)
 EVENT_COLUMNS = ["day", *EVENT_REQUIRED, "propensity", POLICY_COLUMN]
-ORACLE_COLUMNS = ["day", "request_id", "item_id", "oracle_label"]
+ORACLE_COLUMNS = ["day", "request_id", "item_id", "oracle_label", "oracle_probability"]  # `oracle_labels`' order
 
 
 def ingest_event_days(

@@ -37,8 +37,11 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS logging_policy VARCHAR;
 -- Kept apart from `events` so nothing that builds training data can read it by accident:
 -- only evaluation code joins it back (tests/test_oracle_isolation.py enforces this).
 CREATE TABLE IF NOT EXISTS oracle_labels (
-    day DATE NOT NULL, request_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, oracle_label TINYINT
+    day DATE NOT NULL, request_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, oracle_label TINYINT,
+    oracle_probability DOUBLE
 );
+-- the true click probability the oracle label was drawn from (a simulator's; null elsewhere and in older warehouses)
+ALTER TABLE oracle_labels ADD COLUMN IF NOT EXISTS oracle_probability DOUBLE;
 CREATE TABLE IF NOT EXISTS user_histories (
     day DATE NOT NULL, user_id VARCHAR NOT NULL, history_item_ids VARCHAR[] NOT NULL,
     n_positives INTEGER NOT NULL, last_positive_time TIMESTAMPTZ, history_hash VARCHAR NOT NULL

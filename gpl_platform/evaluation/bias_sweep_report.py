@@ -217,7 +217,8 @@ def markdown(sweep: dict, command: str, commit: str, plot: str | None = None) ->
         if ceiling.get("rows"):
             lines += [
                 f"`{name}`, pseudo-label ceiling (AUC against the oracle on unexposed candidates; "
-                "`exposed_only` on the same candidates):",
+                "`exposed_only` on the same candidates; `bayes_auc`: the true click probability as the score, "
+                "the best any label could do):",
                 "",
                 pd.DataFrame(ceiling["rows"]).to_markdown(index=False, floatfmt=".4f"),
                 "",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gpl_platform.evaluation.metrics import from_request_metrics
+from gpl_platform.evaluation.metrics import from_request_metrics, request_metrics
 from gpl_platform.evaluation.uncertainty import comparisons, helps, methods_of, paired_frame
 
 SLICE_METRICS = ("gauc", "auc", "hr@10")
@@ -163,3 +163,47 @@ def _gpl_helps(section: dict, families: dict[str, str]) -> dict:
         "helps": helps(section["comparisons"], baseline, control, metric="gauc"),
         "metric": "gauc",
     }
+
+
+def interval_cell(entry: dict) -> str:
+    """``mean [lo, hi]`` of a metric entry for a table (the mean alone where there is no interval)."""
+    lo, hi = entry.get("ci95") or [None, None]
+    interval = f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else ""
+    return f"{entry['mean']:.4f}{interval}"
+
+
+def oracle_metric(per_request: pd.DataFrame, metric: str) -> float:
+    """The oracle's counterpart of :func:`slice_metric` over every candidate of the slice's requests
+    (``per_request`` from :func:`~gpl_platform.evaluation.metrics.request_metrics` with the oracle labels):
+    hr@K as pooled recall@K, the others as the metrics module reads them."""
+    if metric.startswith("hr@"):
+        pos = per_request["pos"].sum()
+        return float(per_request[f"hits@{metric[3:]}"].sum() / pos) if pos > 0 else float("nan")
+    return from_request_metrics(per_request, metric)
+
+
+def slice_against_oracle(
+    test: pd.DataFrame,
+    truth: np.ndarray,
+    scores: dict[tuple[str, int], np.ndarray],
+    evaluation,
+    families: dict[str, str],
+    clip: float,
+) -> dict | None:
+    """On a benchmark source whose log has an exploration slice: the slice's estimates (as a real log would
+    report them, from the shown rows' clicks) next to the truth over every candidate of the same requests
+    (``truth``: the oracle label of every ``test`` row), so the two can be compared. None without a slice."""
+    mask = test["logging_policy"].isin(set(evaluation.exploration_policies)).to_numpy()
+    if evaluation.exploration_trains or not mask.any():
+        return None
+    rows = test[mask].reset_index(drop=True)
+    per_seed: dict[int, dict[str, pd.DataFrame]] = {}
+    oracle: dict[str, dict[str, list[float]]] = {}
+    for (method, seed), values in scores.items():
+        per_seed.setdefault(seed, {})[method] = slice_request_metrics(rows, values[mask], clip)
+        full = request_metrics(rows["request_id"].to_numpy(), truth[mask], values[mask])
+        for metric in SLICE_METRICS:
+            oracle.setdefault(method, {}).setdefault(metric, []).append(oracle_metric(full, metric))
+    section = slice_summary(per_seed, families, evaluation.min_exploration_requests)
+    section["oracle"] = {m: {k: float(np.nanmean(v)) for k, v in by.items()} for m, by in oracle.items()}
+    return section

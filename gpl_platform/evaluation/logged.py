@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from gpl_platform.data.warehouse import Warehouse
-from gpl_platform.evaluation.exploration import SLICE_METRICS, slice_request_metrics, slice_summary
+from gpl_platform.evaluation.exploration import SLICE_METRICS, interval_cell, slice_request_metrics, slice_summary
 from gpl_platform.evaluation.method_runs import (
     TrainingData,
     gated_pseudo_labels,
@@ -284,14 +284,11 @@ def results_table(report: dict) -> pd.DataFrame:
 
 def exploration_table(section: dict) -> pd.DataFrame:
     """One row per method: the slice's metrics with their 95% intervals."""
-
-    def cell(entry: dict) -> str:
-        lo, hi = entry.get("ci95") or [None, None]
-        interval = f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else ""
-        return f"{entry['mean']:.4f}{interval}"
-
     return pd.DataFrame(
-        [{"method": m, **{k: cell(v[k]) for k in SLICE_METRICS}} for m, v in section.get("methods", {}).items()]
+        [
+            {"method": m, **{k: interval_cell(v[k]) for k in SLICE_METRICS}}
+            for m, v in section.get("methods", {}).items()
+        ]
     )
 
 

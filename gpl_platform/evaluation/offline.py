@@ -24,6 +24,8 @@ from gpl_platform.evaluation.candidate_metrics import (
     long_tail_items,
     validation_metrics,
 )
+from gpl_platform.evaluation.ceiling import pseudo_label_ceiling
+from gpl_platform.evaluation.exploration import slice_against_oracle
 from gpl_platform.evaluation.method_runs import (
     MethodConfig,
     TrainingData,
@@ -33,7 +35,6 @@ from gpl_platform.evaluation.method_runs import (
     with_confidence,
     with_propensity,
 )
-from gpl_platform.evaluation.metrics import auc
 from gpl_platform.evaluation.prerankers import PreRankerSpec, preranker_specs
 from gpl_platform.evaluation.scores import method_comparisons, test_scores_frame
 from gpl_platform.prerank import methods as registry
@@ -200,6 +201,13 @@ def run_offline_evaluation(
         for name in results:
             report["prerankers"][name]["comparisons"] = method_comparisons({0: scores}, name)
         report["comparisons"] = report["prerankers"][headline]["comparisons"]
+    if not selection and len(shared.test):
+        check = slice_against_oracle(
+            shared.test, shared.test["oracle_label"].to_numpy(int), report["_details"]["scores"][headline],
+            evaluation, report["method_families"], cfg.ips_clip,
+        )  # fmt: skip
+        if check:
+            report["exploration"] = check
     if "exposed_only" in methods and not selection:
         report["ceiling"] = pseudo_label_ceiling(warehouse, shared, exposed_only_models, matrices, evaluation)
     report["seconds"] = round(time.perf_counter() - began, 1)
@@ -373,64 +381,3 @@ RUN_RECORD = (
 
 def run_record(history: dict) -> dict:
     return {k: history[k] for k in RUN_RECORD if k in history}
-
-
-# ---- the pseudo-label ceiling -----------------------------------------------------------------
-
-CEILING_SEGMENTS = ("all", "never_exposed_items", "long_tail_items", "long_history_users", "short_history_users")
-
-
-def pseudo_label_ceiling(
-    warehouse: Warehouse, shared: _Shared, exposed_only_models: dict, matrices: dict, evaluation: EvaluationConfig
-) -> dict:
-    """Pseudo-label AUC against the oracle on unexposed candidates, next to exposed_only's AUC on the
-    same candidates, per window (training days, where labels are consumed; validation days, where
-    defaults are chosen), anchor kind, pooling and segment. GPL can only add information where its
-    labels rank better than the model's own extrapolation."""
-    days = shared.split.train_days + shared.split.valid_days
-    window_of = {d: "train" for d in shared.split.train_days} | {d: "valid" for d in shared.split.valid_days}
-    in_window = shared.in_train | shared.in_valid
-    unexposed = in_window & ~shared.cands["exposed"].to_numpy(bool)
-    frame = shared.cands[unexposed][["day", "request_id", "user_id", "item_id"]].reset_index(drop=True)
-    frame["window"] = frame["day"].map(window_of)
-    frame = frame.merge(load_oracle(warehouse, days), on=["request_id", "item_id"], how="left")
-    exposures = shared.train[shared.train["exposed"]].groupby("item_id").size()
-    frame["never_exposed_items"] = frame["item_id"].map(exposures).fillna(0).to_numpy() == 0
-    frame["long_tail_items"] = frame["item_id"].isin(shared.longtail)
-    histories = warehouse.query(
-        "SELECT day, user_id, n_positives FROM user_histories WHERE day BETWEEN ? AND ?", [min(days), max(days)]
-    )
-    histories["day"] = pd.to_datetime(histories["day"]).dt.date
-    n_pos = frame.merge(histories, on=["day", "user_id"], how="left")["n_positives"].fillna(0).to_numpy()
-    frame["long_history_users"] = n_pos >= evaluation.long_history_min
-    frame["short_history_users"] = (n_pos > 0) & (n_pos < evaluation.long_history_min)
-    frame["all"] = True
-    model_scores = {}
-    for name, model in exposed_only_models.items():
-        if model is None:
-            continue
-        matrix = matrices[PreRankerSpec.parse(name).service][0][unexposed]
-        model_scores[name] = model.predict(matrix, frame["user_id"].to_numpy(), frame["item_id"].to_numpy())
-    rows = []
-    for variant, labels in shared.pseudo.items():
-        joined = frame.reset_index().merge(
-            labels[["request_id", "item_id", "pseudo_label", "pseudo_label_mean_pool"]], on=["request_id", "item_id"]
-        )
-        for window in ("train", "valid"):
-            for segment in CEILING_SEGMENTS:
-                part = joined[(joined["window"] == window) & joined[segment]]
-                y = part["oracle_label"].to_numpy(int)
-                row = {
-                    "window": window,
-                    "anchors": variant,
-                    "segment": segment,
-                    "n": len(part),
-                    "positive_rate": float(y.mean()) if len(y) else float("nan"),
-                    "pseudo_label_auc_max": auc(y, part["pseudo_label"].to_numpy()),
-                    "pseudo_label_auc_mean": auc(y, part["pseudo_label_mean_pool"].to_numpy()),
-                }
-                for name, scores in model_scores.items():
-                    row[f"exposed_only_auc[{name}]"] = auc(y, scores[part["index"].to_numpy()])
-                rows.append(row)
-    coverage = {variant: int(len(labels)) for variant, labels in shared.pseudo.items()}
-    return {"rows": rows, "labelled_candidates": coverage, "unexposed_candidates": int(len(frame))}

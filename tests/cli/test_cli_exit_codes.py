@@ -92,7 +92,7 @@ def _logged_contract(directory: Path, n_days: int) -> Path:
     from gpl_platform.data.stats import export_contract_dir
 
     export_contract_dir(load_source(load_settings({"simulator": {"n_days": n_days}})), directory)
-    events = pd.read_parquet(directory / "events.parquet").drop(columns=["oracle_label"])
+    events = pd.read_parquet(directory / "events.parquet").drop(columns=["oracle_label", "oracle_probability"])
     events.to_parquet(directory / "events.parquet", index=False)
     return directory
 

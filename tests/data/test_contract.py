@@ -19,6 +19,7 @@ def test_valid_tables_are_normalized():
         "exposed",
         "clicked",
         "oracle_label",
+        "oracle_probability",
         "propensity",
         "logging_policy",
         "day",

@@ -83,3 +83,19 @@ def test_a_small_slice_warns():
     section = slice_summary(per_seed, {}, min_requests=200, n_boot=50)
     assert "only 30 exploration requests" in section["warning"]
     assert "comparisons" not in section  # one method: nothing to compare
+
+
+def test_the_reports_show_the_slice_with_its_intervals_and_the_oracle_beside_it():
+    from gpl_platform.evaluation.logged import exploration_lines
+    from gpl_platform.evaluation.report import exploration_check_lines
+
+    frame, relevance = _world(250, 20, 5, seed=8)
+    per_seed = {0: {"gpl": slice_request_metrics(frame, relevance, 20.0)}}
+    section = slice_summary(per_seed, {}, min_requests=200, n_boot=50)
+    section["oracle"] = {"gpl": {m: _oracle(frame, relevance, m) for m in ("gauc", "auc", "hr@10")}}
+    mean, (lo, hi) = section["methods"]["gpl"]["gauc"]["mean"], section["methods"]["gpl"]["gauc"]["ci95"]
+    check = "\n".join(exploration_check_lines(section))
+    assert f"{mean:.4f} [{lo:.4f}, {hi:.4f}]" in check and f"{section['oracle']['gpl']['gauc']:.4f}" in check
+    logged = "\n".join(exploration_lines({**section, "policies": ["uniform_random"], "shown": 1250, "rows": 5000}))
+    assert "250 exploration test requests, 1250 shown candidates of 5000" in logged
+    assert f"{mean:.4f} [{lo:.4f}, {hi:.4f}]" in logged

@@ -2,15 +2,12 @@
 controls on gpl's rows and weights, gpl compared with every other method with intervals, every run's budget
 recorded, and a selection run that never reads the test days."""
 
-import json
-
 import numpy as np
 import pytest
 
-from assets.resources import GplSettings
-from assets.runner import run_pipeline
 from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.features.store import FeastStore
+from tests.helpers import labelled_world
 
 OVERRIDES = {
     "anchors": {"backend": "history"},
@@ -30,13 +27,7 @@ METHODS = [
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from assets.definitions import build_definitions
-
-    gpl = GplSettings(data_dir=str(tmp_path_factory.mktemp("fair") / "data"), overrides_json=json.dumps(OVERRIDES))
-    skip = {"offline_evaluation", "prerank_model", "training_set", "label_audit"}
-    keys = [k.to_user_string() for k in build_definitions().resolve_all_asset_keys()]
-    assert run_pipeline(resources={"gpl": gpl}, ephemeral=True, selection=[k for k in keys if k not in skip]).success
-    settings = gpl.settings()
+    settings = labelled_world(tmp_path_factory.mktemp("fair") / "data", OVERRIDES)
     return settings, Warehouse(settings.warehouse), FeastStore(settings)
 
 

@@ -83,7 +83,7 @@ def test_a_contract_without_oracle_labels_runs_end_to_end(tmp_path, settings):
         update={"simulator": settings.simulator.model_copy(update={"exploration_share": 0.2})}
     )
     export_contract_dir(load_source(exploring), contract)
-    events = pd.read_parquet(contract / "events.parquet").drop(columns=["oracle_label"])
+    events = pd.read_parquet(contract / "events.parquet").drop(columns=["oracle_label", "oracle_probability"])
     events.to_parquet(contract / "events.parquet", index=False)
     home = tmp_path / "dagster_home"
     env = {

@@ -46,7 +46,7 @@ def _logs(days):
     """Eight days of simulator logs ending today, without oracle labels; the fifth day's labels broken."""
     settings = load_settings({"simulator": {"n_days": len(days), "start_date": days[0].isoformat()}})
     dataset = load_source(settings)
-    events = dataset.events.drop(columns=["oracle_label"])
+    events = dataset.events.drop(columns=["oracle_label", "oracle_probability"])
     broken = days[BACKLOG + 1]
     exposed_on_broken = (events["day"] == broken) & events["exposed"]
     events.loc[exposed_on_broken, "clicked"] = 1  # a logging bug: every shown candidate "clicked"

@@ -18,7 +18,8 @@ and country. What generates the clicks and the candidates is kept out of them, i
 the recall's sampling weight): ``info["item_truth"]`` (item_id, topic_id, ``quality``: the item's term
 of the click logit, ``popularity_prior``: its weight in the popularity recall and exposure; row k is
 item ``i{k}``) and ``info["ground_truth"]["preference"]`` (users x topics; row k is user ``u{k}``).
-:func:`click_probability` recomputes the true click probability from them.
+:func:`click_probability` recomputes the true click probability from them; the events carry it per
+candidate as the benchmark-only ``oracle_probability`` (stored with the oracle labels, never a feature).
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def _events(
             "exposed": exposed,
             "clicked": pd.array(np.where(exposed, oracle, 0), dtype="Int8"),
             "oracle_label": pd.array(oracle, dtype="Int8"),
+            # the probability the oracle label was drawn from (recomputed: no random number is drawn for it)
+            "oracle_probability": click_probability(cfg, preference, truth, req_user[rows], item_idx),
             "propensity": exposure.propensity,
             POLICY_COLUMN: policy_names(explored[rows]),
         }
