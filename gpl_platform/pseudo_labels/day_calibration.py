@@ -122,7 +122,7 @@ def _calibration_at(
             [*params, cfg.max_samples],
         ).df()
     if len(train) < cfg.min_samples or train["clicked"].nunique() < 2:
-        log.info(
+        log.debug(  # per refit day: the asset's warning counts the days without one
             "no %s-pool %s calibration at refit day %s: %d labelled exposed candidates in %s..%s (< %d or one class)",
             pooling,
             segment,
@@ -168,7 +168,7 @@ def _calibration_at(
                 calibration.to_json(),
             ],
         )
-    log.info(
+    log.debug(  # per refit day: the calibrations table and the asset's metadata keep them
         "fitted %s-pool %s calibration %s on %d exposed candidates of %s..%s",
         pooling,
         cfg.method,

@@ -262,7 +262,7 @@ class AnchorGenerator(ABC):
                 len(histories),
                 {k_: v for k_, v in stats.items() if k_.startswith("fallback_")},
             )
-        logger.info("%s: %d anchors for %d users, stats=%s", self.backend, len(df), len(histories), dict(stats))
+        logger.debug("%s: %d anchors for %d users, stats=%s", self.backend, len(df), len(histories), dict(stats))
         return AnchorResult(anchors=df, stats={k_: int(v) for k_, v in stats.items()})
 
     # ------------------------------------------------------------------ helpers
