@@ -53,8 +53,12 @@ class LoggingPolicies:
         )
 
     @property
+    def production_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((PRODUCTION_POLICY, *self.production)))
+
+    @property
     def known(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((PRODUCTION_POLICY, *self.production, *self.exploration)))
+        return (*self.production_names, *self.exploration)
 
 
 DEFAULT_POLICIES = LoggingPolicies()
@@ -93,7 +97,7 @@ def validated_policies(events: pd.DataFrame, file: str, policies: LoggingPolicie
             POLICY_COLUMN,
             int(unknown.sum()),
             f"name logging policies that are not configured: {', '.join(map(repr, listed[:5]))} (production: "
-            f"{', '.join(policies.known[: len(policies.known) - len(policies.exploration)])}; exploration: "
+            f"{', '.join(policies.production_names)}; exploration: "
             f"{', '.join(policies.exploration) or 'none'}; list them in evaluation.production_policies or "
             "evaluation.exploration_policies)",
         )

@@ -19,13 +19,16 @@ from gpl_platform.evaluation.prerankers import PreRankerSpec
 CEILING_SEGMENTS = ("all", "never_exposed_items", "long_tail_items", "long_history_users", "short_history_users")
 
 
-def load_oracle_truth(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
-    """The oracle label and the true click probability (null where the source has none) of ``days``' candidates."""
+def load_oracle(warehouse: Warehouse, days: Sequence[date], probability: bool = False) -> pd.DataFrame:
+    """The oracle label of ``days``' candidates by (request_id, item_id); with ``probability`` also the true click
+    probability (null where the source has none: only the ceiling reads it, never a training or test frame)."""
+    columns = "oracle_label, oracle_probability" if probability else "oracle_label"
     frame = warehouse.query(
-        "SELECT request_id, item_id, oracle_label, oracle_probability FROM oracle_labels WHERE day BETWEEN ? AND ?",
+        f"SELECT request_id, item_id, {columns} FROM oracle_labels WHERE day BETWEEN ? AND ?",
         [min(days), max(days)],
     )
-    frame["oracle_probability"] = frame["oracle_probability"].astype("float64")
+    if probability:
+        frame["oracle_probability"] = frame["oracle_probability"].astype("float64")
     return frame
 
 
@@ -69,7 +72,7 @@ def pseudo_label_ceiling(
     unexposed = in_window & ~shared.cands["exposed"].to_numpy(bool)
     frame = shared.cands[unexposed][["day", "request_id", "user_id", "item_id"]].reset_index(drop=True)
     frame["window"] = frame["day"].map(window_of)
-    frame = frame.merge(load_oracle_truth(warehouse, days), on=["request_id", "item_id"], how="left")
+    frame = frame.merge(load_oracle(warehouse, days, probability=True), on=["request_id", "item_id"], how="left")
     exposures = shared.train[shared.train["exposed"]].groupby("item_id").size()
     frame["never_exposed_items"] = frame["item_id"].map(exposures).fillna(0).to_numpy() == 0
     frame["long_tail_items"] = frame["item_id"].isin(shared.longtail)

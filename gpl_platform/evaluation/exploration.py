@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from gpl_platform.data.policies import LoggingPolicies, exploration_mask
 from gpl_platform.evaluation.metrics import from_request_metrics, request_metrics
 from gpl_platform.evaluation.uncertainty import comparisons, helps, methods_of, paired_frame
 
@@ -107,7 +108,7 @@ def _interval(frames: list[pd.DataFrame], metric: str, n_boot: int, seed: int) -
     return [float(lo), float(hi)]
 
 
-def slice_summary(
+def slice_section(
     per_seed: dict[int, dict[str, pd.DataFrame]],
     families: dict[str, str],
     min_requests: int,
@@ -193,7 +194,7 @@ def slice_against_oracle(
     """On a benchmark source whose log has an exploration slice: the slice's estimates (as a real log would
     report them, from the shown rows' clicks) next to the truth over every candidate of the same requests
     (``truth``: the oracle label of every ``test`` row), so the two can be compared. None without a slice."""
-    mask = test["logging_policy"].isin(set(evaluation.exploration_policies)).to_numpy()
+    mask = exploration_mask(test, LoggingPolicies.from_settings(evaluation))
     if evaluation.exploration_trains or not mask.any():
         return None
     rows = test[mask].reset_index(drop=True)
@@ -204,6 +205,6 @@ def slice_against_oracle(
         full = request_metrics(rows["request_id"].to_numpy(), truth[mask], values[mask])
         for metric in SLICE_METRICS:
             oracle.setdefault(method, {}).setdefault(metric, []).append(oracle_metric(full, metric))
-    section = slice_summary(per_seed, families, evaluation.min_exploration_requests)
+    section = slice_section(per_seed, families, evaluation.min_exploration_requests)
     section["oracle"] = {m: {k: float(np.nanmean(v)) for k, v in by.items()} for m, by in oracle.items()}
     return section

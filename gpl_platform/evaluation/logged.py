@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpl_platform.data.policies import LoggingPolicies, exploration_mask
 from gpl_platform.data.warehouse import Warehouse
-from gpl_platform.evaluation.exploration import SLICE_METRICS, interval_cell, slice_request_metrics, slice_summary
+from gpl_platform.evaluation.exploration import SLICE_METRICS, interval_cell, slice_request_metrics, slice_section
 from gpl_platform.evaluation.method_runs import (
     TrainingData,
     gated_pseudo_labels,
@@ -127,7 +128,7 @@ def run_logged_evaluation(warehouse: Warehouse, store, settings, gates, progress
     cands = load_candidates(warehouse, days)
     # The exploration slice never trains by default; it is then the test set (and the rest of the test days'
     # traffic gives the biased exposed-only metrics beside it).
-    exploring = cands["logging_policy"].isin(set(evaluation.exploration_policies)).to_numpy()
+    exploring = exploration_mask(cands, LoggingPolicies.from_settings(evaluation))
     slice_is_test = not evaluation.exploration_trains
     trains = ~exploring if slice_is_test else np.ones(len(cands), bool)
     masks = {
@@ -250,7 +251,7 @@ def exploration_section(
     if not per_seed:
         return {**base, "requests": 0, "methods": {}, "note": "the test days have no exploration traffic"}
     families = {m: registry.method(m).family for m in next(iter(per_seed.values()))}
-    return {**base, **slice_summary(per_seed, families, evaluation.min_exploration_requests)}
+    return {**base, **slice_section(per_seed, families, evaluation.min_exploration_requests)}
 
 
 def label_audit_summary(warehouse: Warehouse) -> dict:

@@ -24,7 +24,7 @@ from gpl_platform.evaluation.candidate_metrics import (
     long_tail_items,
     validation_metrics,
 )
-from gpl_platform.evaluation.ceiling import pseudo_label_ceiling
+from gpl_platform.evaluation.ceiling import load_oracle, pseudo_label_ceiling
 from gpl_platform.evaluation.exploration import slice_against_oracle
 from gpl_platform.evaluation.method_runs import (
     MethodConfig,
@@ -50,14 +50,6 @@ from gpl_platform.prerank.model import ModelConfig
 from gpl_platform.quality.gate import failing_label_days
 
 log = logging.getLogger(__name__)
-
-
-def load_oracle(warehouse: Warehouse, days: Sequence[date]) -> pd.DataFrame:
-    frame = warehouse.query(
-        "SELECT day, request_id, item_id, oracle_label FROM oracle_labels WHERE day BETWEEN ? AND ?",
-        [min(days), max(days)],
-    )
-    return frame.drop(columns=["day"])
 
 
 def _with_oracle(frame: pd.DataFrame, warehouse: Warehouse, days: Sequence[date], what: str) -> pd.DataFrame:
@@ -203,9 +195,13 @@ def run_offline_evaluation(
         report["comparisons"] = report["prerankers"][headline]["comparisons"]
     if not selection and len(shared.test):
         check = slice_against_oracle(
-            shared.test, shared.test["oracle_label"].to_numpy(int), report["_details"]["scores"][headline],
-            evaluation, report["method_families"], cfg.ips_clip,
-        )  # fmt: skip
+            shared.test,
+            shared.test["oracle_label"].to_numpy(int),
+            report["_details"]["scores"][headline],
+            evaluation,
+            report["method_families"],
+            cfg.ips_clip,
+        )
         if check:
             report["exploration"] = check
     if "exposed_only" in methods and not selection:

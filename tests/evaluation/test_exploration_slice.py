@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpl_platform.evaluation.exploration import slice_metric, slice_request_metrics, slice_summary
+from gpl_platform.evaluation.exploration import slice_metric, slice_request_metrics, slice_section
 from gpl_platform.evaluation.metrics import from_request_metrics, request_metrics
 
 
@@ -64,7 +64,7 @@ def test_on_a_planted_world_the_slice_estimates_the_oracle_and_ranks_methods_as_
         "exposed_only": relevance + rng.normal(scale=2.5, size=len(frame)),
     }  # worse
     per_seed = {0: {name: slice_request_metrics(frame, scores, clip=20.0) for name, scores in models.items()}}
-    section = slice_summary(per_seed, {"exposed_only": "baseline"}, min_requests=200, n_boot=300)
+    section = slice_section(per_seed, {"exposed_only": "baseline"}, min_requests=200, n_boot=300)
     assert section["requests"] == 800 and "warning" not in section
     for name, scores in models.items():
         for metric in ("gauc", "auc", "hr@10"):
@@ -80,7 +80,7 @@ def test_on_a_planted_world_the_slice_estimates_the_oracle_and_ranks_methods_as_
 def test_a_small_slice_warns():
     frame, relevance = _world(30, 10, 4, seed=7)
     per_seed = {s: {"gpl": slice_request_metrics(frame, relevance + s, clip=20.0)} for s in (0, 1)}
-    section = slice_summary(per_seed, {}, min_requests=200, n_boot=50)
+    section = slice_section(per_seed, {}, min_requests=200, n_boot=50)
     assert "only 30 exploration requests" in section["warning"]
     assert "comparisons" not in section  # one method: nothing to compare
 
@@ -91,7 +91,7 @@ def test_the_reports_show_the_slice_with_its_intervals_and_the_oracle_beside_it(
 
     frame, relevance = _world(250, 20, 5, seed=8)
     per_seed = {0: {"gpl": slice_request_metrics(frame, relevance, 20.0)}}
-    section = slice_summary(per_seed, {}, min_requests=200, n_boot=50)
+    section = slice_section(per_seed, {}, min_requests=200, n_boot=50)
     section["oracle"] = {"gpl": {m: _oracle(frame, relevance, m) for m in ("gauc", "auc", "hr@10")}}
     mean, (lo, hi) = section["methods"]["gpl"]["gauc"]["mean"], section["methods"]["gpl"]["gauc"]["ci95"]
     check = "\n".join(exploration_check_lines(section))
