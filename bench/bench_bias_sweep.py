@@ -47,25 +47,17 @@ def run(
     worlds: list[int] | None = None,
     tune: bool = True,
 ) -> dict:
-    from assets.graph import build_definitions
-    from assets.runner import run_pipeline
     from gpl_platform.config import PROJECT_ROOT, load_settings
     from gpl_platform.data.sources import load_source
     from gpl_platform.data.stats import dataset_statistics
-    from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation import bias_sweep
-    from gpl_platform.evaluation.prerankers import PreRankerSpec
-    from gpl_platform.evaluation.scores import method_comparisons, scores_path
+    from gpl_platform.evaluation.scores import scores_path
 
     names = settings or list(bias_sweep.SWEEP_SETTINGS[source])
     root = Path(data_root or PROJECT_ROOT / "data" / "bias_sweep" / source).resolve()
     methods = list(methods or bias_sweep.SWEEP_METHODS)
     prerankers = list(prerankers or DEFAULT_PRERANKERS)
-    selection = [
-        k.to_user_string()
-        for k in build_definitions(load_settings({"source": source})).resolve_all_asset_keys()
-        if k.to_user_string() not in SKIPPED_ASSETS
-    ]
+    selection = sweep_selection(source)
     began = time.perf_counter()
     sweep: dict = {"source": source, "seeds": seeds, "methods": methods, "prerankers": prerankers, "settings": {}}
     previous: Path | None = None
@@ -77,27 +69,19 @@ def run(
         reports, frames, protocol = {}, {}, {}
         for world in worlds:
             data_dir = root / name / f"world-{world}"
-            overrides = bias_sweep.setting_overrides(source, name, data_dir, extra_overrides)
-            overrides = bias_sweep.deep_merge(
-                overrides,
-                {"seed": world, "evaluation": {"methods": methods, "prerankers": prerankers, "tune": tune}},
+            overrides = world_overrides(
+                source, name, world, data_dir, methods, prerankers, seeds, extra_overrides, tune
             )
-            if seeds:
-                overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
             settings_obj = load_settings(overrides)
             report_path = settings_obj.data_dir / "reports" / "offline_eval.json"
             report = finished_report(report_path, methods, prerankers, seeds, tune) if resume else None
             reused, failed_checks, resumed = {}, None, report is not None  # a resumed run's checks are not known
             if report is None:
-                warehouse = Warehouse.for_settings(settings_obj)
-                reused = warehouse.import_caches(previous) if previous else {}
-                log.info("setting %s, world %s: the asset graph into %s (reused: %s)", name, world, data_dir, reused)
-                # the setting's settings as a value: its partitions, resources and runs all follow them
-                result = run_pipeline(settings=settings_obj, ephemeral=True, selection=selection)
-                if not result.success or result.reports.get("offline_evaluation") != report_path:
+                done = run_world(settings_obj, {"pipeline": selection}, previous, f"setting {name}, world {world}")
+                if done["reports"].get("offline_evaluation") != report_path:
                     raise RuntimeError(f"setting {name}, world {world}: the pipeline did not produce {report_path}")
                 report = json.loads(report_path.read_text())
-                failed_checks = len(result.failed_checks)
+                reused, failed_checks = done["reused"], done["failed_checks"]
             reports[world] = report
             scores = pd.read_parquet(scores_path(report_path))
             frames[world] = scores
@@ -116,12 +100,8 @@ def run(
             previous = settings_obj.warehouse
         protocol["seconds"] = round(time.perf_counter() - started, 1)
         protocol["tuned"] = tune
-        combined = bias_sweep.combine_worlds(reports)
-        comparisons = {
-            PreRankerSpec.parse(p).name: method_comparisons(frames, PreRankerSpec.parse(p).name) for p in prerankers
-        }
-        sweep["settings"][name] = bias_sweep.summarize_setting(combined, protocol, comparisons, worlds)
-        sweep["seeds"] = combined.get("seeds")
+        sweep["settings"][name] = summarize_worlds(reports, frames, prerankers, protocol, worlds)
+        sweep["seeds"] = sweep["settings"][name]["seeds"]
     sweep["seconds"] = round(time.perf_counter() - began, 1)
     if out:
         write(sweep, Path(out), results_doc)
@@ -130,6 +110,102 @@ def run(
 
 #: world seeds of a setting: 3 simulator worlds; MovieLens is one dataset (more seeds vary its protocol's draws)
 DEFAULT_WORLDS = {"simulator": (42, 7, 13), "movielens-100k": (42,)}
+
+
+def sweep_selection(source: str) -> list[str]:
+    """The asset keys a setting materializes: the whole graph but :data:`SKIPPED_ASSETS`."""
+    from assets.graph import build_definitions
+    from gpl_platform.config import load_settings
+
+    return [
+        k.to_user_string()
+        for k in build_definitions(load_settings({"source": source})).resolve_all_asset_keys()
+        if k.to_user_string() not in SKIPPED_ASSETS
+    ]
+
+
+def world_overrides(
+    source: str,
+    setting: str,
+    world: int,
+    data_dir: Path,
+    methods: list[str],
+    prerankers: list[str],
+    seeds: list[int] | None = None,
+    extra_overrides: dict | None = None,
+    tune: bool = True,
+) -> dict:
+    """The settings overrides of one world of a setting: the grid's (with ``extra_overrides``), its own data
+    directory, the world seed, the evaluation's methods, pre-rankers and tuning, and the training seeds."""
+    from gpl_platform.evaluation import bias_sweep
+
+    overrides = bias_sweep.setting_overrides(source, setting, data_dir, extra_overrides)
+    overrides = bias_sweep.deep_merge(
+        overrides, {"seed": world, "evaluation": {"methods": methods, "prerankers": prerankers, "tune": tune}}
+    )
+    if seeds:
+        overrides = bias_sweep.deep_merge(overrides, {"training": {"seeds": seeds}})
+    return overrides
+
+
+#: work another world already did that does not depend on its events (Warehouse.import_caches)
+CACHE_TABLES = ("anchor_cache", "item_embeddings")
+
+
+def cpu_seconds() -> float:
+    """user + sys CPU seconds of this process, all its threads (the runs execute in process)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def run_world(
+    settings_obj,
+    stages: dict[str, list[str]],
+    previous: Path | None,
+    label: str,
+    cache_tables: tuple[str, ...] = CACHE_TABLES,
+) -> dict:
+    """Materialize one world: copy ``cache_tables`` from the ``previous`` world's warehouse, then each stage's
+    asset selection in order, in an ephemeral Dagster instance, each timed. Returns ``{"reused": rows copied
+    per table, "failed_checks": count, "stages": {stage: {"seconds", "cpu_seconds"}}, "reports": {asset: JSON
+    report path}}``; a failed stage raises (a failed quality check does not: its consumers skip the day)."""
+    from assets.runner import run_pipeline
+    from gpl_platform.data.warehouse import Warehouse
+
+    warehouse = Warehouse.for_settings(settings_obj)
+    reused = warehouse.import_caches(previous, cache_tables) if previous else {}
+    log.info("%s: the asset graph into %s (reused: %s)", label, settings_obj.data_dir, reused)
+    done: dict = {"reused": reused, "failed_checks": 0, "stages": {}, "reports": {}}
+    for stage, selection in stages.items():
+        began, cpu = time.perf_counter(), cpu_seconds()
+        # the world's settings as a value: its partitions, resources and runs all follow them
+        result = run_pipeline(settings=settings_obj, ephemeral=True, selection=selection)
+        if not result.success:
+            raise RuntimeError(f"{label}: stage {stage} of the pipeline failed")
+        done["stages"][stage] = {
+            "seconds": round(time.perf_counter() - began, 2),
+            "cpu_seconds": round(cpu_seconds() - cpu, 2),
+        }
+        done["failed_checks"] += len(result.failed_checks)
+        done["reports"].update(result.reports)
+        log.info("%s: stage %s done in %.1fs", label, stage, done["stages"][stage]["seconds"])
+    return done
+
+
+def summarize_worlds(reports: dict, frames: dict, prerankers: list[str], protocol: dict, worlds: list) -> dict:
+    """One setting's entry of the sweep JSON from its worlds' evaluation reports and test scores (``{world: ...}``):
+    every run pooled, gpl against every other method per pre-ranker with intervals over the worlds."""
+    from gpl_platform.evaluation import bias_sweep
+    from gpl_platform.evaluation.prerankers import PreRankerSpec
+    from gpl_platform.evaluation.scores import method_comparisons
+
+    combined = bias_sweep.combine_worlds(reports)
+    comparisons = {
+        PreRankerSpec.parse(p).name: method_comparisons(frames, PreRankerSpec.parse(p).name) for p in prerankers
+    }
+    return bias_sweep.summarize_setting(combined, protocol, comparisons, worlds)
 
 
 def finished_report(

@@ -74,6 +74,9 @@ class SemanticIdConfig(BaseModel):
     epochs: int = Field(600, gt=0, description="full-batch steps with quantization")
     lr: float = Field(2e-3, gt=0)
     commitment_beta: float = Field(0.25, ge=0)
+    torch_threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads while the RQ-VAE trains (null: torch's default; see training)"
+    )
 
 
 class SidGeneratorConfig(BaseModel):
@@ -129,6 +132,11 @@ class SidGeneratorConfig(BaseModel):
         "items",
         description="anchor vector of a generated ID: mean embedding of the items under its codes, or the "
         "RQ-VAE decoding of its codebook vectors",
+    )
+    torch_threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch intra-op threads while the generator trains or generates (null: torch default)",
     )
 
 

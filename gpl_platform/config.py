@@ -179,6 +179,12 @@ class TrainingConfig(BaseModel):
         "item id embeddings; docs/MODEL.md)",
     )
     id_embedding_dim: int = Field(16, gt=0, description="user-id and item-id embedding size of the id shapes")
+    torch_threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch intra-op threads while the pre-ranker or the UKD teacher trains (null: torch's "
+        "default, one per core); 1: a small model gains little from more and loses much when the cores are shared",
+    )
 
 
 class EvaluationConfig(BaseModel):

@@ -19,6 +19,7 @@ from bench._support import RandomEncoder, RunningServer, build_feature_world, fr
 __all__ = [
     "RandomEncoder",
     "RunningServer",
+    "bench_module",
     "build_feature_world",
     "exposed_training_rows",
     "free_port",
@@ -26,6 +27,7 @@ __all__ = [
     "post_json",
     "run_assets",
     "tiny_contract_tables",
+    "tiny_sweep_overrides",
     "train_small_model",
     "write_contract_dir",
 ]
@@ -102,6 +104,28 @@ def run_assets(defs, gpl, selection, instance=None, **kwargs):
         instance=instance or DagsterInstance.ephemeral(),
         **kwargs,
     )
+
+
+def bench_module(name: str):
+    """A benchmark script of bench/ loaded as a module (as `gpl bench` loads it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_sweep_overrides() -> dict:
+    """Settings that let a bias-sweep setting run end to end in the tests' 5-day world (a new dict each call):
+    history anchors (no LLM or generator to train), a calibration from day 2 on at 10% exposure, and the gate's
+    confidence quantile ranges opened. A 5-day world's confidences sit at the edge of those ranges: a refused
+    day would leave GPL no pseudo-labelled training day (skipped, not compared); the gate has its own tests."""
+    return {
+        "anchors": {"backend": "history"},
+        "calibration": {"min_samples": 8},
+        "quality": {"pseudo_labels": {"confidence_quantile_ranges": [[0, 1], [0, 1], [0, 1]]}},
+    }
 
 
 def labelled_world(data_dir: Path, overrides: dict):

@@ -176,6 +176,49 @@ def bench_bias_sweep(
     )
 
 
+@bench_app.command("learning-curve")
+def bench_learning_curve(
+    size: list[str] = typer.Option(
+        ..., "--size", help="a world size USERSxDAYS of the simulator (repeatable), e.g. --size 500x14 --size 5000x60"
+    ),
+    out: Path = typer.Option(..., help="the curve's JSON; the plot is written beside it (<stem>.png)"),
+    setting: str = typer.Option("logging_10", help="the bias-sweep setting every size runs"),
+    world: list[int] | None = typer.Option(None, "--world", help="world seeds (repeatable; default 42)"),
+    seed: list[int] | None = typer.Option(None, "--seed", help="training seeds (repeatable; default 0)"),
+    preranker: str = typer.Option("mlp:prerank_v2", help="the pre-ranker as shape[:feature_service]"),
+    data_root: Path | None = typer.Option(
+        None, help="where the sizes' worlds go (default: data/learning_curve/simulator)"
+    ),
+    resume: bool = typer.Option(False, help="reuse what a size's world already recorded; run only what is missing"),
+    content: bool = typer.Option(
+        True, "--content/--no-content", help="--no-content: label quality and cost only, no pre-ranker is trained"
+    ),
+) -> None:
+    """Label quality and GPL's content share as the simulator's world grows, with the generator's cost beside
+    them (docs/EVALUATION.md, "Learning curve")."""
+    import logging
+
+    from gpl_platform.evaluation.bias_sweep import SWEEP_SETTINGS
+    from gpl_platform.evaluation.learning_curve import parse_sizes
+
+    try:
+        parse_sizes(size)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--size") from None
+    if setting not in SWEEP_SETTINGS["simulator"]:
+        known = ", ".join(SWEEP_SETTINGS["simulator"])
+        raise typer.BadParameter(f"unknown setting {setting!r} (the simulator's: {known})", param_hint="--setting")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("dagster", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    curve = _bench_module("bench_learning_curve").run(
+        size, out, setting, world, seed, preranker, data_root, resume=resume, content=content
+    )
+    typer.echo(
+        json.dumps({"out": str(out), "seconds": curve["seconds"], "reading": curve["reading"]}, indent=2, default=str)
+    )
+
+
 @bench_app.command("choose-defaults")
 def bench_choose_defaults(
     source: str = typer.Option(..., help="movielens-100k | simulator"),

@@ -110,6 +110,7 @@ def ukd_teacher(data: TrainingData, seed: int) -> registry.TeacherLabels:
         encoder.transform(data.valid[valid_exposed], data.valid_x[valid_exposed]),
         data.valid.loc[valid_exposed, "clicked"].to_numpy(int),
         seed,
+        threads=data.cfg.torch_threads,
     )
     info = {"valid_auc": teacher.valid_auc, "discriminator_auc": teacher.discriminator_auc}
     return registry.TeacherLabels(teacher.scores, teacher.weights, info)

@@ -34,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F
 
 from gpl_platform.config import TrainingConfig
+from gpl_platform.engine.threads import torch_threads
 from gpl_platform.prerank.inputs import IdVocabulary, InputLayout
 from gpl_platform.prerank.model import ModelConfig, PreRanker, build_preranker
 
@@ -57,6 +58,7 @@ class TrainConfig:
     max_steps: int = 4000
     eval_every_steps: int = 20
     patience_evals: int = 25
+    torch_threads: int | None = 1  # engine/threads.py says why 1
 
     def __post_init__(self) -> None:
         if self.budget not in ("steps", "epochs"):
@@ -80,6 +82,7 @@ def train_config_from(cfg: TrainingConfig, seed: int) -> TrainConfig:
         max_steps=cfg.max_steps,
         eval_every_steps=cfg.eval_every_steps,
         patience_evals=cfg.patience_evals,
+        torch_threads=cfg.torch_threads,
     )
 
 
@@ -155,10 +158,38 @@ def train_preranker(
     the restored weights and their score ``best_valid_auc`` (validation AUC, or -training loss when
     the validation labels have one class); ``hit_cap``: stopped by ``max_steps`` (or ``epochs``) while
     still within patience, i.e. possibly not converged; ``history``: one entry per evaluation (step,
-    epochs_run so far, training loss since the previous evaluation, validation AUC).
+    epochs_run so far, training loss since the previous evaluation, validation AUC). torch uses
+    ``config.torch_threads`` intra-op threads meanwhile.
     """
     config = config or TrainConfig()
-    model_config = model_config or ModelConfig()
+    with torch_threads(config.torch_threads):
+        return _train_preranker(
+            rows,
+            columns,
+            valid_matrix,
+            valid_labels,
+            model_config or ModelConfig(),
+            config,
+            valid_user_ids=valid_user_ids,
+            valid_item_ids=valid_item_ids,
+            user_vocab=user_vocab,
+            item_vocab=item_vocab,
+        )
+
+
+def _train_preranker(
+    rows: TrainingRows,
+    columns: list[str],
+    valid_matrix: np.ndarray,
+    valid_labels: np.ndarray,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    *,
+    valid_user_ids: Sequence[str] | None = None,
+    valid_item_ids: Sequence[str] | None = None,
+    user_vocab: Sequence[str] | None = None,
+    item_vocab: Sequence[str] | None = None,
+) -> tuple[PreRanker, dict]:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     layout = InputLayout.from_columns(columns).fit_scaling(rows.matrix)

@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.nn import functional as F
 
+from gpl_platform.engine.threads import torch_threads
 from gpl_platform.prerank.teachers import auc_or_nan
 
 log = logging.getLogger(__name__)
@@ -196,15 +197,9 @@ def fit_ukd_teacher(
     if np.isnan(labels).any():
         raise ValueError("every exposed row needs a click (0/1)")
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            result = _fit_ukd(train_x, exposed, labels, valid_x, np.asarray(valid_clicked, int), seed, settings)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        result = _fit_ukd(train_x, exposed, labels, valid_x, np.asarray(valid_clicked, int), seed, settings)
     result.seconds = time.perf_counter() - started
     log.info(
         "UKD teacher: step %d/%d, valid AUC %.4f, exposure probe AUC %.4f (adv_weight %.2f, %.1fs)",

@@ -1,7 +1,6 @@
 """The bias sweep end to end on the tests' tiny simulator world: two settings through the asset graph and
 the evaluation, the JSON of the issue, the plot, the results section, work shared between settings."""
 
-import importlib.util
 import json
 import math
 
@@ -11,13 +10,11 @@ import pytest
 from gpl_platform.config import PROJECT_ROOT
 from gpl_platform.evaluation.bias_sweep import BASELINES, SWEEP_SETTINGS, gpl_lift, setting_overrides, summarize_setting
 from gpl_platform.evaluation.bias_sweep_report import lift_table, markdown
+from tests.helpers import bench_module, tiny_sweep_overrides
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_bias_sweep", PROJECT_ROOT / "bench" / "bench_bias_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("bench_bias_sweep")
 
 
 def test_settings_grid_and_lift_arithmetic(tmp_path):
@@ -143,13 +140,7 @@ def test_a_sweep_from_before_the_headline_still_reads():
 def test_bias_sweep_end_to_end_on_a_tiny_world(tmp_path):
     out, doc = tmp_path / "sweep.json", tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nHand-written text stays.\n")
-    # a 5-day world's confidences sit at the edge of the gate's quantile ranges: a refused day would leave GPL
-    # no pseudo-labelled training day (skipped, not compared); the gate has its own tests
-    extra = {
-        "anchors": {"backend": "history"},
-        "calibration": {"min_samples": 8},  # 10% exposure of a 5-day world: a calibration from day 2 on
-        "quality": {"pseudo_labels": {"confidence_quantile_ranges": [[0, 1], [0, 1], [0, 1]]}},
-    }
+    extra = tiny_sweep_overrides()  # history anchors, an early calibration, the gate's quantile ranges opened
     args = {
         "settings": ["popularity_25", "logging_10"],
         "seeds": [0, 1],

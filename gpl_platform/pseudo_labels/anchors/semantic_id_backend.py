@@ -21,6 +21,7 @@ import numpy as np
 
 from gpl_platform.anchor_settings import SidGeneratorConfig
 from gpl_platform.data.warehouse import Warehouse
+from gpl_platform.engine.threads import torch_threads
 from gpl_platform.pseudo_labels.anchors.base import (
     FALLBACK_NO_SID_MODEL,
     AnchorGenerator,
@@ -128,9 +129,15 @@ class SidAnchorGenerator(AnchorGenerator):
             prompts.append(np.array(rows[: self.cfg.max_history_items][::-1], dtype=np.int64))  # oldest first
             exclude.append(set(rows) if self.cfg.exclude_history else set())
         known = [n for n, p in enumerate(prompts) if len(p)]
-        found = beam_search(
-            self.trained.model, vocab, [prompts[n] for n in known], k, self.cfg.beam_size, [exclude[n] for n in known]
-        )
+        with torch_threads(self.cfg.torch_threads):
+            found = beam_search(
+                self.trained.model,
+                vocab,
+                [prompts[n] for n in known],
+                k,
+                self.cfg.beam_size,
+                [exclude[n] for n in known],
+            )
         out: list[list[RawAnchor]] = [[] for _ in histories]
         for n, items in zip(known, found):
             out[n] = [RawAnchor(self.anchor_text(row), score) for row, score in items]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gpl_platform.anchor_settings import SidGeneratorConfig
+from gpl_platform.engine.threads import torch_threads
 from gpl_platform.pseudo_labels.semantic_ids.generator import (
     PAD,
     SidTransformer,
@@ -194,7 +195,7 @@ def train_sid_generator(
     ``targets_per_row`` = 1 repeats the prompt for every target (the unpacked baseline of `gpl bench sid`)."""
     if targets_per_row < 1:
         raise ValueError(f"targets_per_row must be >= 1, got {targets_per_row}")
-    with deterministic_torch():
+    with deterministic_torch(), torch_threads(cfg.torch_threads):
         return _train_sid_generator(vocab, user_sequences, cfg, seed, version, progress, user_sessions, targets_per_row)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gpl_platform.anchor_settings import SemanticIdConfig
+from gpl_platform.engine.threads import torch_threads
 
 log = logging.getLogger(__name__)
 _REVIVE_EVERY = 50
@@ -137,7 +138,7 @@ def fit_semantic_ids(
     item_ids, vectors: np.ndarray, cfg: SemanticIdConfig, seed: int, encoder_id: str, progress: bool = False
 ) -> SemanticIdFit:
     """Train the RQ-VAE on ``vectors`` (one row per item id) and return collision-free IDs."""
-    with deterministic_torch():
+    with deterministic_torch(), torch_threads(cfg.torch_threads):
         return _fit_semantic_ids(item_ids, vectors, cfg, seed, encoder_id, progress)
 
 
