@@ -298,6 +298,14 @@ class FeatureStoreConfig(BaseModel):
         description="entities written to the online store per batch when materializing (Feast's "
         "online_write_batch_size): the rows turned into protobufs at a time",
     )
+    # Feast's point-in-time frame holds the vector features as Python lists, about 90 KB per prerank_v2 row:
+    # the demo's 150k candidates in one call peaked at 15 GB; the float32 matrix itself is 3 KB a row
+    historical_chunk_rows: int = Field(
+        20_000,
+        gt=0,
+        description="candidate rows per point-in-time retrieval call when building a training or "
+        "evaluation matrix (each chunk becomes float32 before the next is read)",
+    )
 
 
 class ServingConfig(BaseModel):

@@ -120,13 +120,25 @@ def pseudo_label_lineage(warehouse: Warehouse, days: Sequence[date], table: str 
     }
 
 
-def attach_features(store, candidates: pd.DataFrame, service: str) -> tuple[np.ndarray, list[str]]:
-    """Point-in-time Feast features of every candidate row, as the model's float32 matrix."""
-    from gpl_platform.features.serving import feature_matrix
+def attach_features(
+    store, candidates: pd.DataFrame, service: str, chunk_rows: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Point-in-time Feast features of every candidate row, as the model's float32 matrix. Read
+    ``chunk_rows`` rows at a time (default ``feature_store.historical_chunk_rows``), each chunk turned into
+    float32 before the next: every row's retrieval is independent of the others, so the matrix is the same,
+    and memory follows the chunk, not the candidates."""
+    from gpl_platform.features.serving import feature_matrix, matrix_columns
 
+    chunk_rows = chunk_rows or store.settings.feature_store.historical_chunk_rows
     entity = candidates[["user_id", "item_id", "event_time"]]
-    frame = store.historical_features(entity, service=service)
-    return feature_matrix(frame, store.service_features(service))
+    features = store.service_features(service)
+    columns = matrix_columns(features)
+    parts = [np.zeros((0, len(columns)), np.float32)]
+    for start in range(0, len(entity), chunk_rows):
+        frame = store.historical_features(entity.iloc[start : start + chunk_rows], service=service)
+        parts.append(feature_matrix(frame, features)[0])
+        del frame
+    return (parts[-1] if len(parts) <= 2 else np.concatenate(parts)), columns
 
 
 # ---- per-method training rows -----------------------------------------------------------------

@@ -433,3 +433,16 @@ def test_a_request_never_mixes_rows_of_two_materializations(tmp_path):
     user_columns = [k for k, c in enumerate(after.columns) if c.startswith("u_")]
     assert not np.array_equal(before.matrix[:, user_columns], after.matrix[:, user_columns])  # ...the user's too
     np.testing.assert_array_equal(got.matrix, after.matrix)  # ...and the request read the new day only
+
+
+def test_the_training_matrix_read_in_chunks_is_the_matrix_read_at_once(world):
+    from gpl_platform.prerank.data import attach_features, load_candidates
+
+    cands = load_candidates(world["warehouse"], world["days"]).head(300)
+    whole, columns = attach_features(world["store"], cands, "prerank_v2", chunk_rows=10_000)
+    chunked, chunked_columns = attach_features(world["store"], cands, "prerank_v2", chunk_rows=7)  # 43 chunks
+    assert chunked_columns == columns and whole.shape == (300, len(columns))
+    np.testing.assert_array_equal(chunked, whole)  # same rows, same order
+    assert not np.array_equal(whole[:150], whole[150:])  # the rows differ, so a shifted chunk would show
+    empty, _ = attach_features(world["store"], cands.head(0), "prerank_v2", chunk_rows=7)
+    assert empty.shape == (0, len(columns))
