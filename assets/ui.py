@@ -296,7 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     except instance.InstanceMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    create_instance_storage()
     return asyncio.run(serve(args.host, args.port, args.grace))
+
+
+def create_instance_storage() -> None:
+    """Create the instance's SQLite stores (runs, event-log index, schedules) here, once, before `dagster dev`
+    starts its webserver, daemon and code server: on a fresh instance all three create and stamp the same
+    database at the same moment, and a double stamp ("more than one head present") stopped the code server
+    (seen once under load, in the browser test)."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get():  # the SQLite storage creates its databases when it is built
+        pass
 
 
 if __name__ == "__main__":

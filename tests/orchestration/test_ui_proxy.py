@@ -152,3 +152,23 @@ def test_encoded_graphql_mutations_over_get_do_not_reach_the_webserver(tmp_path)
     finally:
         if ui.poll() is None:  # SIGTERM to the proxy stops dagster dev (its own session) too; SIGKILL would orphan it
             stop_and_wait(ui, marker, signal.SIGTERM)
+
+
+def test_make_ui_creates_the_instance_storage_before_it_starts_dagster_dev(tmp_path, monkeypatch):
+    import sqlite3
+
+    from assets.ui import create_instance_storage
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("storage:\n  sqlite:\n    base_dir:\n      env: DAGSTER_HOME\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    create_instance_storage()
+    databases = [
+        home / "history" / "runs.db",
+        home / "history" / "runs" / "index.db",
+        home / "schedules" / "schedules.db",
+    ]
+    for database in databases:  # each created and stamped once, so the three services only read the stamp
+        with sqlite3.connect(database) as con:
+            assert len(con.execute("SELECT version_num FROM alembic_version").fetchall()) == 1, database
