@@ -232,12 +232,9 @@ def finished_report(
 def write(sweep: dict, out: Path, results_doc: Path | None = None) -> dict[str, Path]:
     """The JSON, the lift plot beside it, and (optionally) the markdown section of a results document."""
     from gpl_platform.evaluation import bias_sweep_report
-    from gpl_platform.evaluation.report import replace_generated_section
+    from gpl_platform.evaluation.report import replace_generated_section, write_json
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(sweep, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    out = write_json(sweep, out)
     plot = bias_sweep_report.plot_lift(sweep, out.with_name(f"{out.stem}_lift.png"))
     paths = {"json": out, "plot": plot}
     if results_doc:

@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -80,13 +79,6 @@ def _labels_key(overrides: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def world_facts(warehouse) -> dict:
     """Users, days, items, requests and candidates of a world, read from its warehouse."""
     one = warehouse.query(
@@ -119,6 +111,7 @@ def run_size_world(settings, overrides: dict, label: str, content: bool, resume:
 
     from gpl_platform.data.warehouse import Warehouse
     from gpl_platform.evaluation.learning_curve import validation_label_quality
+    from gpl_platform.evaluation.report import write_json
     from gpl_platform.thresholds import quality_config
 
     data_dir = Path(settings.data_dir)
@@ -152,7 +145,7 @@ def run_size_world(settings, overrides: dict, label: str, content: bool, resume:
             "reused_work": done["reused"],
             "label_quality": quality,
         }
-        _write_json(record, record_path)
+        write_json(record, record_path)
     report = None
     if content:
         report = sweep.finished_report(report_path, spec["methods"], [spec["preranker"]], spec["seeds"], tune=False)
@@ -164,7 +157,7 @@ def run_size_world(settings, overrides: dict, label: str, content: bool, resume:
             report = json.loads(report_path.read_text())
             record["stages"]["training"] = done["stages"]["training"]
             record["failed_checks"] += done["failed_checks"]
-            _write_json(record, record_path)
+            write_json(record, record_path)
     if not content:  # a resumed world's evaluation is not part of a labels-only curve
         record = {**record, "stages": {k: v for k, v in record["stages"].items() if k != "training"}}
     return {**record, "resumed": resumed}, pd.read_parquet(requests_path), report
@@ -340,6 +333,7 @@ def protocol(settings, overrides: dict) -> dict:
 def write(curve: dict, out: Path) -> dict[str, Path]:
     """The JSON (atomically) and the plot beside it (``<stem>.png``)."""
     from gpl_platform.evaluation.learning_curve import plot_curve
+    from gpl_platform.evaluation.report import write_json
 
-    _write_json(curve, out)
+    write_json(curve, out)
     return {"json": out, "plot": plot_curve(curve, out.with_suffix(".png"))}

@@ -17,6 +17,7 @@ from gpl_platform.evaluation.bias_sweep import (
     family_members,
     find_comparison,
 )
+from gpl_platform.evaluation.report import save_figure
 from gpl_platform.evaluation.uncertainty import helps
 
 
@@ -111,11 +112,7 @@ def plot_lift(sweep: dict, path: Path) -> Path:
     ax.set_title(f"{sweep['source']}: GPL's lift against selection bias (mean over seeds {sweep.get('seeds')})")
     ax.legend(title="pre-ranker", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(entry: dict | None) -> str:

@@ -23,6 +23,7 @@ from gpl_platform.data.warehouse import Warehouse
 from gpl_platform.evaluation.bias_sweep import HEADLINE_METRIC, find_comparison
 from gpl_platform.evaluation.ceiling import ceiling_row, load_oracle
 from gpl_platform.evaluation.metrics import gauc, request_metrics
+from gpl_platform.evaluation.report import save_figure
 from gpl_platform.evaluation.uncertainty import paired_bootstrap, paired_frame
 from gpl_platform.prerank import methods as registry
 from gpl_platform.prerank.data import load_candidates, load_pseudo_labels, time_split
@@ -283,8 +284,4 @@ def plot_curve(curve: dict, path: Path) -> Path:
         f"{curve['source']} {curve['setting']}: learning curve (worlds {curve['worlds']}, seeds {curve['seeds']})"
     )
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

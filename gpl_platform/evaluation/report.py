@@ -12,6 +12,28 @@ import pandas as pd
 from gpl_platform.evaluation.exploration import SLICE_METRICS, interval_cell
 from gpl_platform.evaluation.scores import scores_path
 
+
+def save_figure(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path`` (90 dpi, its folder created), then closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_json(data: dict, path: Path) -> Path:
+    """``data`` as indented JSON at ``path``, atomically: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 TABLE_METRICS = (
     "unexposed_gauc",
     "auc",
@@ -87,9 +109,7 @@ def plot_metric_bars(report: dict, path: Path) -> Path:
         ax.invert_yaxis()
     fig.suptitle(f"{report['dataset']}: test metrics, mean ± std over seeds {report['seeds']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_calibration(pseudo: pd.DataFrame, path: Path, bins: int = 10) -> Path:
@@ -108,9 +128,7 @@ def plot_calibration(pseudo: pd.DataFrame, path: Path, bins: int = 10) -> Path:
     ax.set_ylabel("oracle positive rate")
     ax.set_title("pseudo-label calibration (unexposed, train days)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_longtail_lift(report: dict, path: Path, baseline: str = "exposed_only") -> Path:
@@ -124,9 +142,7 @@ def plot_longtail_lift(report: dict, path: Path, baseline: str = "exposed_only")
     ax.set_xlabel(f"long-tail HR@10 relative to {baseline}")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_markdown(report: dict, directory: Path, stem: str = "offline_eval") -> Path:
@@ -252,12 +268,7 @@ def replace_generated_section(path: Path, begin: str, end: str, section: str) ->
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
     """``out`` (JSON), and beside it a markdown report with plots (PNG)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(public, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    out = write_json({k: v for k, v in report.items() if not k.startswith("_")}, out)
     scores = report["_details"]["scores_frame"]
     if scores is not None:  # every run's test scores, for intervals over requests, seeds and worlds
         path = scores_path(out)

@@ -133,12 +133,14 @@ def attach_features(
     entity = candidates[["user_id", "item_id", "event_time"]]
     features = store.service_features(service)
     columns = matrix_columns(features)
-    parts = [np.zeros((0, len(columns)), np.float32)]
+    parts = []
     for start in range(0, len(entity), chunk_rows):
         frame = store.historical_features(entity.iloc[start : start + chunk_rows], service=service)
         parts.append(feature_matrix(frame, features)[0])
-        del frame
-    return (parts[-1] if len(parts) <= 2 else np.concatenate(parts)), columns
+        del frame  # freed before the next chunk's frame is built, not after
+    if not parts:
+        return np.zeros((0, len(columns)), np.float32), columns
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), columns
 
 
 # ---- per-method training rows -----------------------------------------------------------------
